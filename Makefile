@@ -1,0 +1,35 @@
+# Everyday commands. Each creates the virtual environment (.venv) it needs on first use.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+
+.DEFAULT_GOAL := help
+.PHONY: help install install-dev run test demo bench clean
+
+help: ## List the commands
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.runtime: requirements.txt | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
+	touch $@
+
+$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $(VENV)/.runtime $@
+
+install: $(VENV)/.runtime ## Install the runtime dependencies into .venv
+
+install-dev: $(VENV)/.dev ## Install runtime and test dependencies into .venv
+
+run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:8000)
+	$(BIN)/python main.py
+
+test: $(VENV)/.dev ## Run the test suite
+	$(BIN)/python -m pytest
+
+clean: ## Remove the virtual environment and caches (keeps data and batch files)
+	rm -rf $(VENV) .pytest_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

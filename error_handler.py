@@ -1,0 +1,158 @@
+"""The project's exceptions, and the one error body the edges send.
+
+Modules raise these typed exceptions (always ``raise ... from e`` when wrapping);
+only the edges convert them: the FastAPI handlers (``status_code`` + the body of
+:func:`error_body`), the batch item loop (a retry-queue entry with the error's
+``code``) and the CLIs (an exit code). ``transient`` says whether trying the same
+thing again later may succeed; the retry policies in ``utils.retry_utils`` use it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ClassifierError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    code = "error"
+    status_code = 500
+    transient = False
+
+    def __init__(self, message: str, *, hint: str | None = None, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.details = details
+
+    def __str__(self) -> str:
+        return f"{self.message} {self.hint}" if self.hint else self.message
+
+
+class ConfigError(ClassifierError):
+    """A setting or configuration file is invalid; fix the configuration and restart."""
+
+    code = "config_error"
+
+
+class InputError(ClassifierError):
+    """A conversation is invalid: missing or malformed fields. ``field`` names the culprit."""
+
+    code = "invalid_input"
+    status_code = 422
+
+    def __init__(self, message: str, *, field: str | None = None, status_code: int = 422, **details: Any) -> None:
+        super().__init__(message, **({"field": field} if field else {}), **details)
+        self.field = field
+        self.status_code = status_code
+
+
+class PayloadTooLargeError(InputError):
+    """The request body is above the configured limit."""
+
+    code = "payload_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"Request body is larger than the limit of {limit} bytes.",
+            status_code=413,
+            limit_bytes=limit,
+        )
+
+
+class LLMError(ClassifierError):
+    """Base of every failure of the classification call to Ollama."""
+
+    code = "llm_error"
+    status_code = 502
+
+
+class LLMUnavailableError(LLMError):
+    """Ollama cannot be reached at the configured endpoint."""
+
+    code = "llm_unavailable"
+    status_code = 503
+    transient = True
+
+
+class ModelNotFoundError(LLMError):
+    """The configured model is not pulled on the Ollama server."""
+
+    code = "model_not_found"
+    status_code = 503
+
+    def __init__(self, model: str, endpoint: str) -> None:
+        super().__init__(
+            f"Model '{model}' is not available on the Ollama server at {endpoint}.",
+            hint=f"Run `ollama pull {model}` there, or set OLLAMA_MODEL to a model it has.",
+            model=model,
+        )
+        self.model = model
+
+
+class LLMBusyError(LLMError):
+    """Ollama answered 503: its request queue is full. Try again later."""
+
+    code = "llm_busy"
+    status_code = 503
+    transient = True
+    retry_after_seconds = 5
+
+
+class LLMTimeoutError(LLMError):
+    """Ollama did not answer within OLLAMA_TIMEOUT."""
+
+    code = "llm_timeout"
+    status_code = 504
+    transient = True
+
+
+class LLMServerError(LLMError):
+    """Ollama failed while answering (a 5xx such as a crashed runner, or a dropped connection)."""
+
+    code = "llm_server_error"
+    status_code = 502
+    transient = True
+
+
+class LLMRequestRejectedError(LLMError):
+    """Ollama refused the request itself (a 4xx other than a missing model)."""
+
+    code = "llm_request_rejected"
+    status_code = 502
+
+
+class LLMOutputError(LLMError):
+    """Ollama answered, but the answer is not a usable classification."""
+
+    code = "llm_bad_output"
+    status_code = 502
+
+
+class StorageError(ClassifierError):
+    """A MongoDB operation failed. ``transient`` is set from the driver's error."""
+
+    code = "storage_error"
+    status_code = 503
+
+    def __init__(self, message: str, *, transient: bool = False, **details: Any) -> None:
+        super().__init__(message, **details)
+        self.transient = transient
+
+
+class StorageUnavailableError(StorageError):
+    """MongoDB cannot be reached."""
+
+    code = "storage_unavailable"
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message, transient=True, **details)
+
+
+def error_body(error: ClassifierError) -> dict[str, Any]:
+    """The JSON body every failing HTTP answer carries: ``{"error": {"type", "message", ...}}``."""
+    body: dict[str, Any] = {"type": error.code, "message": error.message}
+    if error.hint:
+        body["hint"] = error.hint
+    body.update(error.details)
+    return {"error": body}

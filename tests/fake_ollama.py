@@ -1,0 +1,402 @@
+"""A fake Ollama HTTP server on loopback, for tests and benchmarks.
+
+It speaks Ollama's real shapes (docs/api.md of ollama/ollama):
+
+* ``GET /api/tags`` -> ``{"models": [{"name": "llama3:latest", ...}]}``
+* ``POST /api/chat`` -> ``{"model", "created_at", "message": {"role", "content"}, "done",
+  "done_reason", "total_duration", "load_duration", "prompt_eval_count",
+  "prompt_eval_duration", "eval_count", "eval_duration"}``; streamed as NDJSON unless
+  ``"stream": false`` (as Ollama does);
+* failures as ``{"error": "..."}``: 404 ``model 'x' not found, try pulling it first``
+  for a model it does not have, and whatever a test scripts (500 runner errors,
+  503 ``server busy``, malformed or truncated output, dropped connections, delays).
+
+By default a chat is answered with a valid classification chosen deterministically
+from the enums of the request's ``format`` schema (a hash of the conversation), after
+``latency`` seconds. Tests script other answers with :meth:`FakeOllama.enqueue` (next
+requests, in order) or :attr:`FakeOllama.responder` (a function of the request).
+``prompt_eval_count`` simulates Ollama's prompt cache: only the part of the prompt
+that differs from the previous request is counted (about 4 characters a token).
+
+Run standalone (benchmarks): ``python -m tests.fake_ollama --port 11434 --latency 0.5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import signal
+import socket
+import threading
+import time
+import zlib
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import Any
+
+from aiohttp import web
+
+CHARS_PER_TOKEN = 4
+
+
+@dataclass
+class Reply:
+    """A 200 chat answer. ``content`` None means: a valid classification for the request."""
+
+    content: str | None = None
+    done: bool = True
+    done_reason: str = "stop"
+    delay: float | None = None  # None: the server's latency
+
+
+@dataclass
+class ErrorReply:
+    """An Ollama error: ``{"error": message}`` with ``status``."""
+
+    status: int
+    message: str
+    delay: float | None = None
+
+
+@dataclass
+class RawReply:
+    """Any status and body, e.g. a proxy's HTML page or a 200 that is not JSON."""
+
+    status: int
+    body: bytes
+    content_type: str = "text/plain"
+    delay: float | None = None
+
+
+@dataclass
+class Disconnect:
+    """Close the connection without answering."""
+
+    delay: float | None = None
+
+
+Behavior = Reply | ErrorReply | RawReply | Disconnect
+Responder = Callable[[dict[str, Any]], Behavior | None]
+
+BUSY = ErrorReply(503, "server busy, please try again.  maximum pending requests exceeded")
+RUNNER_CRASHED = ErrorReply(500, "llama runner process has terminated: exit status 2")
+
+
+def _with_latest(name: str) -> str:
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+def last_user_content(request: dict[str, Any]) -> str:
+    """The last user message of a chat request (the conversation, in this project's prompts)."""
+    for message in reversed(request.get("messages") or []):
+        if message.get("role") == "user":
+            return str(message.get("content", ""))
+    return ""
+
+
+def default_classification(request: dict[str, Any]) -> dict[str, str]:
+    """A valid answer for the request's schema, chosen by a hash of its last user message."""
+    schema = request.get("format") if isinstance(request.get("format"), dict) else {}
+    properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    digest = zlib.crc32(last_user_content(request).encode())
+    answer = {"categorization": "Customer contacts support about their issue"}
+    for i, key in enumerate(("intent", "topic", "sentiment")):
+        enum = properties.get(key, {}).get("enum") or ["Other" if key != "sentiment" else "Neutral"]
+        answer[key] = enum[(digest >> (8 * i)) % len(enum)]
+    return answer
+
+
+@dataclass
+class ChatRecord:
+    """What one chat request looked like, as the fake saw it."""
+
+    body: dict[str, Any]
+    prompt_chars: int
+    cached_chars: int
+    prompt_eval_count: int
+    received_at: float = field(default_factory=time.monotonic)
+
+
+class FakeOllama:
+    """The fake server. ``with FakeOllama() as fake: ... fake.url ...`` or start()/stop()."""
+
+    def __init__(
+        self,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        models: tuple[str, ...] | list[str] = ("llama3:latest",),
+        latency: float = 0.0,
+    ) -> None:
+        self.host = host
+        self.port = port
+        self.models = [_with_latest(m) for m in models]
+        self.latency = latency
+        self.responder: Responder | None = None
+        self._script: deque[Behavior] = deque()
+        self._records: list[ChatRecord] = []
+        self._lock = threading.Lock()
+        self._previous_messages: list[dict[str, Any]] = []
+        self._in_flight = 0
+        self.max_in_flight = 0
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._runner: web.AppRunner | None = None
+        self._socket: socket.socket | None = None
+
+    # --- scripting ----------------------------------------------------------------------
+    def enqueue(self, *behaviors: Behavior) -> None:
+        """Answer the next chat requests with ``behaviors``, in order."""
+        with self._lock:
+            self._script.extend(behaviors)
+
+    def reset(self) -> None:
+        """Forget recorded requests, scripted answers and the responder."""
+        with self._lock:
+            self._script.clear()
+            self._records.clear()
+            self._previous_messages = []
+            self.responder = None
+            self.max_in_flight = 0
+
+    @property
+    def chat_records(self) -> list[ChatRecord]:
+        with self._lock:
+            return list(self._records)
+
+    @property
+    def chat_requests(self) -> list[dict[str, Any]]:
+        """The JSON bodies of every ``/api/chat`` request received, oldest first."""
+        return [record.body for record in self.chat_records]
+
+    @property
+    def chat_count(self) -> int:
+        with self._lock:
+            return len(self._records)
+
+    def wait_for_chats(self, count: int, timeout: float = 10.0) -> bool:
+        """Block until ``count`` chat requests arrived (True) or ``timeout`` passed (False)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.chat_count >= count:
+                return True
+            time.sleep(0.01)
+        return self.chat_count >= count
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    # --- HTTP handlers ------------------------------------------------------------------
+    def build_app(self) -> web.Application:
+        app = web.Application(client_max_size=64 * 1024 * 1024)
+        app.router.add_get("/", self._root)
+        app.router.add_get("/api/version", self._version)
+        app.router.add_get("/api/tags", self._tags)
+        app.router.add_post("/api/chat", self._chat)
+        return app
+
+    async def _root(self, request: web.Request) -> web.Response:
+        return web.Response(text="Ollama is running")
+
+    async def _version(self, request: web.Request) -> web.Response:
+        return web.json_response({"version": "0.12.6"})
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        models = [
+            {
+                "name": name,
+                "model": name,
+                "modified_at": "2025-09-24T10:30:00.000000Z",
+                "size": 4661224676,
+                "digest": f"{zlib.crc32(name.encode()):08x}" * 8,
+                "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B", "quantization_level": "Q4_0"},
+            }
+            for name in self.models
+        ]
+        return web.json_response({"models": models})
+
+    def _record(self, body: dict[str, Any]) -> ChatRecord:
+        messages = body.get("messages") or []
+        with self._lock:
+            shared = 0
+            for mine, previous in zip(messages, self._previous_messages):
+                if mine != previous:
+                    break
+                shared += 1
+            self._previous_messages = messages
+            prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
+            cached_chars = sum(len(str(m.get("content", ""))) for m in messages[:shared])
+            uncached = prompt_chars - cached_chars
+            record = ChatRecord(body, prompt_chars, cached_chars, max(1, math.ceil(uncached / CHARS_PER_TOKEN)))
+            self._records.append(record)
+            return record
+
+    def _next_behavior(self, body: dict[str, Any]) -> Behavior:
+        with self._lock:
+            if self._script:
+                return self._script.popleft()
+        if self.responder is not None:
+            chosen = self.responder(body)
+            if chosen is not None:
+                return chosen
+        return Reply()
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "invalid character in request body"}, status=400)
+        if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
+            return web.json_response({"error": "messages is required"}, status=400)
+        model = _with_latest(str(body.get("model", "")))
+        if model not in self.models:
+            return web.json_response({"error": f"model '{body.get('model')}' not found, try pulling it first"}, status=404)
+
+        record = self._record(body)
+        behavior = self._next_behavior(body)
+        self._in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self._in_flight)
+        try:
+            delay = self.latency if behavior.delay is None else behavior.delay
+            if delay > 0:
+                await asyncio.sleep(delay)
+            return await self._answer(request, body, record, behavior, delay)
+        finally:
+            self._in_flight -= 1
+
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], record: ChatRecord, behavior: Behavior, delay: float
+    ) -> web.StreamResponse:
+        if isinstance(behavior, ErrorReply):
+            return web.json_response({"error": behavior.message}, status=behavior.status)
+        if isinstance(behavior, RawReply):
+            return web.Response(status=behavior.status, body=behavior.body, content_type=behavior.content_type)
+        if isinstance(behavior, Disconnect):
+            if request.transport is not None:
+                request.transport.abort()
+            raise asyncio.CancelledError  # nothing is sent: the client sees a dropped connection
+
+        content = behavior.content
+        if content is None:
+            content = json.dumps(default_classification(body))
+        eval_count = max(1, math.ceil(len(content) / CHARS_PER_TOKEN))
+        now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        duration_ns = int(delay * 1e9)
+        final = {
+            "model": body.get("model"),
+            "created_at": now,
+            "message": {"role": "assistant", "content": content},
+            "done_reason": behavior.done_reason,
+            "done": behavior.done,
+            "total_duration": duration_ns + 1_000_000,
+            "load_duration": 1_000_000,
+            "prompt_eval_count": record.prompt_eval_count,
+            "prompt_eval_duration": duration_ns // 4,
+            "eval_count": eval_count,
+            "eval_duration": duration_ns - duration_ns // 4,
+        }
+        if body.get("stream", True) is False:
+            return web.json_response(final)
+        # Ollama streams NDJSON by default: content pieces, then the statistics.
+        response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await response.prepare(request)
+        for start in range(0, len(content), 8):
+            piece = {"model": body.get("model"), "created_at": now,
+                     "message": {"role": "assistant", "content": content[start : start + 8]}, "done": False}
+            await response.write((json.dumps(piece) + "\n").encode())
+        await response.write((json.dumps({**final, "message": {"role": "assistant", "content": ""}}) + "\n").encode())
+        await response.write_eof()
+        return response
+
+    # --- lifecycle ----------------------------------------------------------------------
+    async def _start_site(self) -> None:
+        self._runner = web.AppRunner(self.build_app(), shutdown_timeout=0.2, handler_cancellation=True,
+                                     access_log=None)
+        await self._runner.setup()
+        await web.SockSite(self._runner, self._socket).start()
+
+    def start(self) -> FakeOllama:
+        """Serve in a background thread; returns once the port accepts connections."""
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._socket.bind((self.host, self.port))
+        self._socket.listen(512)
+        self.port = self._socket.getsockname()[1]
+        self._loop = asyncio.new_event_loop()
+        ready = threading.Event()
+
+        def serve() -> None:
+            assert self._loop is not None
+            asyncio.set_event_loop(self._loop)
+            self._loop.run_until_complete(self._start_site())
+            ready.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=serve, name="fake-ollama", daemon=True)
+        self._thread.start()
+        if not ready.wait(10):
+            raise RuntimeError("fake Ollama did not start")
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and release the port and the thread."""
+        if self._loop is None:
+            return
+        loop = self._loop
+        if self._runner is not None:
+            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        if self._thread is not None:
+            self._thread.join(10)
+        loop.close()
+        if self._socket is not None:
+            self._socket.close()
+        self._loop = None
+        self._thread = None
+
+    def __enter__(self) -> FakeOllama:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+async def _serve_forever(fake: FakeOllama) -> None:
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((fake.host, fake.port))
+    sock.listen(1024)
+    fake.port = sock.getsockname()[1]
+    fake._socket = sock
+    await fake._start_site()
+    print(f"fake Ollama listening on {fake.url} (latency {fake.latency:g} s, models {', '.join(fake.models)})",
+          flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    assert fake._runner is not None
+    await fake._runner.cleanup()
+    sock.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fake Ollama server for tests and benchmarks (loopback).")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    parser.add_argument("--port", type=int, default=0, help="port, 0 for any free one (default: %(default)s)")
+    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each chat answer (default: %(default)s)")
+    parser.add_argument("--model", action="append", default=None, help="model to offer (repeatable; default: llama3)")
+    args = parser.parse_args(argv)
+    fake = FakeOllama(host=args.host, port=args.port, models=args.model or ["llama3"], latency=args.latency)
+    asyncio.run(_serve_forever(fake))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
