@@ -149,6 +149,12 @@ class StorageUnavailableError(StorageError):
         super().__init__(message, transient=True, **details)
 
 
+class BatchFileError(ClassifierError):
+    """A local batch file cannot be read or written, or its folder is in use by another processor."""
+
+    code = "batch_file_error"
+
+
 def error_body(error: ClassifierError) -> dict[str, Any]:
     """The JSON body every failing HTTP answer carries: ``{"error": {"type", "message", ...}}``."""
     body: dict[str, Any] = {"type": error.code, "message": error.message}

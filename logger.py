@@ -25,6 +25,17 @@ def redact_uri(uri: str) -> str:
     return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri)
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is at the time, so a live progress bar that redirects
+    stderr (rich) prints log lines above itself instead of being torn by them."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+
 def configure_logging(level: str = "INFO", *, stream: TextIO | None = None) -> None:
     """Send log records to ``stream`` (stderr) in the project's structured line format.
 
@@ -34,7 +45,7 @@ def configure_logging(level: str = "INFO", *, stream: TextIO | None = None) -> N
     for handler in list(root.handlers):
         if getattr(handler, "_classifier_handler", False):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or sys.stderr)
+    handler = logging.StreamHandler(stream or _CurrentStderr())
     handler.setFormatter(logging.Formatter(LOG_FORMAT))
     handler._classifier_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)

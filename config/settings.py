@@ -77,7 +77,10 @@ class Settings(BaseModel):
     embedded_db_path: Path = Field(Path("data/db"), description="Data folder of the embedded database.")
 
     # --- Batch processor ----------------------------------------------------------------
-    batch_processor_mode: Literal["batch", "continuous"] = Field("batch", description="Processing mode.")
+    batch_processor_mode: Literal["batch", "continuous"] = Field(
+        "batch",
+        description="batch: classify every pending conversation, then exit; continuous: keep polling for new ones.",
+    )
     batch_max_concurrent: int = Field(5, ge=1, le=256, description="Conversations classified at once.")
     batch_files_dir: Path = Field(Path("batch_files"), description="Folder for batch, queue and progress files.")
     batch_poll_interval: float = Field(30.0, gt=0, description="Continuous mode: seconds between polls.")

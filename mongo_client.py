@@ -1,0 +1,255 @@
+"""MongoDB access of the batch processor, over PyMongo's native asyncio client.
+
+One ``AsyncMongoClient`` (one connection pool) per process, opened and closed by
+:meth:`MongoStore.connect`. Driver errors are raised as :class:`StorageError` whose
+``transient`` flag drives the retries (``utils.retry_utils``).
+
+Source documents move ``pending`` (or no status) -> ``processing`` -> ``processed`` |
+``failed``. Results are upserted on ``source_conversation_id`` behind a unique index:
+no run, crash or retry creates a second result for a conversation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import Any
+
+import pymongo
+from bson import ObjectId
+from pymongo import ASCENDING, AsyncMongoClient
+from pymongo.errors import OperationFailure, PyMongoError
+
+from config import Settings
+from error_handler import StorageError, StorageUnavailableError
+from logger import redact_uri
+from utils.embedded_db import embedded_database
+from utils.retry_utils import storage_error
+
+logger = logging.getLogger(__name__)
+
+STATUS_PENDING = "pending"
+STATUS_PROCESSING = "processing"
+STATUS_PROCESSED = "processed"
+STATUS_FAILED = "failed"
+
+#: Seconds the start-up check waits for MongoDB before giving up.
+PING_TIMEOUT_SECONDS = 10.0
+
+SOURCE_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+    ([("status", ASCENDING)], {}),
+    ([("conversation_number", ASCENDING)], {"unique": True}),
+    ([("last_processed_at", ASCENDING)], {}),
+    # Serves the batch reader's query: status filter, then ObjectId order from the checkpoint.
+    ([("status", ASCENDING), ("_id", ASCENDING)], {}),
+]
+RESULT_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
+    ([("conversation_number", ASCENDING)], {}),
+    ([("source_conversation_id", ASCENDING)], {"unique": True}),
+    ([("processing_metadata.batch_job_id", ASCENDING)], {}),
+    ([("processing_metadata.processed_at", ASCENDING)], {}),
+    ([("classification.intent", ASCENDING)], {}),
+    ([("classification.topic", ASCENDING)], {}),
+    ([("classification.sentiment", ASCENDING)], {}),
+]
+
+
+def unprocessed_filter(include_failed: bool) -> dict[str, Any]:
+    """Documents waiting for classification: status pending or absent (and failed, when asked)."""
+    statuses: list[Any] = [STATUS_PENDING, None]
+    if include_failed:
+        statuses.append(STATUS_FAILED)
+    return {"status": {"$in": statuses}}
+
+
+class MongoStore:
+    """The source and results collections of one database."""
+
+    def __init__(self, client: AsyncMongoClient[dict[str, Any]], settings: Settings, *, uri: str) -> None:
+        self.client = client
+        self.settings = settings
+        self.uri = uri
+        database = client[settings.mongodb_database_name]
+        self.source = database[settings.mongodb_source_collection]
+        self.results = database[settings.mongodb_results_collection]
+
+    @classmethod
+    @asynccontextmanager
+    async def connect(cls, settings: Settings) -> AsyncIterator[MongoStore]:
+        """Open the client (starting the embedded database when configured); close it on exit."""
+        if settings.uses_embedded_database:
+            with embedded_database(settings) as uri:
+                async with cls._open(settings, uri) as store:
+                    yield store
+        else:
+            async with cls._open(settings, settings.mongodb_connection_string) as store:
+                yield store
+
+    @classmethod
+    @asynccontextmanager
+    async def _open(cls, settings: Settings, uri: str) -> AsyncIterator[MongoStore]:
+        try:
+            client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+                uri,
+                maxPoolSize=max(20, 2 * settings.batch_max_concurrent),
+                maxIdleTimeMS=30000,
+                serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
+                connectTimeoutMS=min(settings.mongodb_timeout_ms, 20000),
+                socketTimeoutMS=settings.mongodb_timeout_ms,
+                appname="support-classifier-batch",
+                tz_aware=True,
+            )
+        except (PyMongoError, ValueError, TypeError) as e:
+            raise StorageUnavailableError(
+                f"Invalid MongoDB connection string {redact_uri(uri)!r}: {e}",
+                hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
+            ) from e
+        try:
+            yield cls(client, settings, uri=uri)
+        finally:
+            await client.close()
+
+    @property
+    def description(self) -> str:
+        """Where the data lives, for logs (password redacted)."""
+        return (
+            f"{redact_uri(self.uri)} database {self.settings.mongodb_database_name} "
+            f"({self.settings.mongodb_source_collection} -> {self.settings.mongodb_results_collection})"
+        )
+
+    async def ping(self) -> None:
+        """Raise :class:`StorageUnavailableError` unless MongoDB answers within a few seconds."""
+        try:
+            with pymongo.timeout(min(PING_TIMEOUT_SECONDS, self.settings.mongodb_timeout_ms / 1000)):
+                await self.client.admin.command("ping")
+        except PyMongoError as e:
+            first_line = str(e).split(",")[0].split("\n")[0]
+            raise StorageUnavailableError(
+                f"Cannot reach MongoDB at {redact_uri(self.uri)}: {first_line}",
+                hint="Start MongoDB, or set MONGODB_CONNECTION_STRING ('embedded' for a local development database).",
+            ) from e
+
+    async def ensure_indexes(self) -> None:
+        """Create the indexes of the design's section 8 (idempotent)."""
+        for collection, indexes in ((self.source, SOURCE_INDEXES), (self.results, RESULT_INDEXES)):
+            for keys, options in indexes:
+                try:
+                    await collection.create_index(keys, **options)
+                except OperationFailure as e:
+                    if collection is self.source and options.get("unique"):
+                        # Dirty source data must not stop classification; results stay unique.
+                        logger.warning(
+                            "cannot create the unique index on %s.conversation_number (%s); "
+                            "duplicate conversation numbers exist in the source collection",
+                            collection.name, e.details.get("errmsg") if e.details else e,
+                        )
+                        continue
+                    raise storage_error(e, f"index creation on {collection.name}") from e
+                except PyMongoError as e:
+                    raise storage_error(e, f"index creation on {collection.name}") from e
+
+    async def count_unprocessed(self, *, include_failed: bool = False) -> int:
+        try:
+            return await self.source.count_documents(unprocessed_filter(include_failed))
+        except PyMongoError as e:
+            raise storage_error(e, "count of unprocessed conversations") from e
+
+    async def fetch_unprocessed(
+        self, after: ObjectId | None, limit: int, *, include_failed: bool = False
+    ) -> list[dict[str, Any]]:
+        """Up to ``limit`` unprocessed documents with ``_id > after``, in ``_id`` order."""
+        query = unprocessed_filter(include_failed)
+        if after is not None:
+            query["_id"] = {"$gt": after}
+        try:
+            cursor = self.source.find(query).sort("_id", ASCENDING).limit(limit)
+            return await cursor.to_list(length=limit)
+        except PyMongoError as e:
+            raise storage_error(e, "read of unprocessed conversations") from e
+
+    async def has_unprocessed_before(self, position: ObjectId, *, include_failed: bool = False) -> bool:
+        """True when an unprocessed document sits at or below ``position`` (inserted behind the reader)."""
+        query = {**unprocessed_filter(include_failed), "_id": {"$lte": position}}
+        try:
+            return await self.source.find_one(query, projection={"_id": 1}) is not None
+        except PyMongoError as e:
+            raise storage_error(e, "read of unprocessed conversations") from e
+
+    async def find_by_status(self, status: str, exclude: Iterable[ObjectId], limit: int) -> list[dict[str, Any]]:
+        query: dict[str, Any] = {"status": status}
+        excluded = list(exclude)
+        if excluded:
+            query["_id"] = {"$nin": excluded}
+        try:
+            return await self.source.find(query).sort("_id", ASCENDING).limit(limit).to_list(length=limit)
+        except PyMongoError as e:
+            raise storage_error(e, f"read of '{status}' conversations") from e
+
+    async def mark_processing(self, ids: list[ObjectId], now: datetime) -> None:
+        try:
+            await self.source.update_many(
+                {"_id": {"$in": ids}}, {"$set": {"status": STATUS_PROCESSING, "last_processed_at": now}}
+            )
+        except PyMongoError as e:
+            raise storage_error(e, "status update to processing") from e
+
+    async def ids_with_results(self, ids: list[ObjectId]) -> set[ObjectId]:
+        """Which of ``ids`` already have a result document."""
+        if not ids:
+            return set()
+        try:
+            cursor = self.results.find({"source_conversation_id": {"$in": ids}}, projection={"source_conversation_id": 1})
+            return {doc["source_conversation_id"] async for doc in cursor}
+        except PyMongoError as e:
+            raise storage_error(e, "read of existing results") from e
+
+    async def upsert_result(self, result: dict[str, Any], created_at: datetime) -> None:
+        """Insert or replace the result of ``result['source_conversation_id']`` (never a second one)."""
+        try:
+            await self.results.update_one(
+                {"source_conversation_id": result["source_conversation_id"]},
+                {"$set": result, "$setOnInsert": {"created_at": created_at}},
+                upsert=True,
+            )
+        except PyMongoError as e:
+            raise storage_error(e, "result write") from e
+
+    async def mark_processed(self, source_id: ObjectId, now: datetime) -> None:
+        await self._set_status(
+            source_id,
+            {"$set": {"status": STATUS_PROCESSED, "last_processed_at": now},
+             "$unset": {"failure_reason": "", "failure_type": ""}},
+        )
+
+    async def mark_processed_many(self, ids: list[ObjectId], now: datetime) -> None:
+        if not ids:
+            return
+        try:
+            await self.source.update_many(
+                {"_id": {"$in": ids}},
+                {"$set": {"status": STATUS_PROCESSED, "last_processed_at": now},
+                 "$unset": {"failure_reason": "", "failure_type": ""}},
+            )
+        except PyMongoError as e:
+            raise storage_error(e, "status update to processed") from e
+
+    async def mark_failed(self, source_id: ObjectId, reason: str, error_type: str, now: datetime) -> None:
+        await self._set_status(
+            source_id,
+            {"$set": {"status": STATUS_FAILED, "last_processed_at": now,
+                      "failure_reason": reason[:1000], "failure_type": error_type}},
+        )
+
+    async def _set_status(self, source_id: ObjectId, update: dict[str, Any]) -> None:
+        try:
+            await self.source.update_one({"_id": source_id}, update)
+        except PyMongoError as e:
+            raise storage_error(e, f"status update of {source_id}") from e
+
+
+__all__ = [
+    "MongoStore", "StorageError", "STATUS_FAILED", "STATUS_PENDING", "STATUS_PROCESSED", "STATUS_PROCESSING",
+    "unprocessed_filter",
+]

@@ -1,0 +1,1 @@
+"""Helpers of the batch processor: retries, batch files, progress reporting, the embedded database."""
