@@ -12,14 +12,16 @@ no run, crash or retry creates a second result for a conversation.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterable
-from contextlib import asynccontextmanager
+import re
+from collections.abc import AsyncIterator, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from typing import Any
 
 import pymongo
 from bson import ObjectId
-from pymongo import ASCENDING, AsyncMongoClient
+from pymongo import ASCENDING, AsyncMongoClient, MongoClient
+from pymongo.database import Database
 from pymongo.errors import OperationFailure, PyMongoError
 
 from config import Settings
@@ -62,6 +64,52 @@ def unprocessed_filter(include_failed: bool) -> dict[str, Any]:
     if include_failed:
         statuses.append(STATUS_FAILED)
     return {"status": {"$in": statuses}}
+
+
+def _unreachable(uri: str, error: PyMongoError) -> StorageUnavailableError:
+    # The driver's message goes on with timeouts and a topology dump: keep its first clause.
+    first_line = re.split(r", Timeout: | \(configured timeouts|\n", str(error))[0]
+    return StorageUnavailableError(
+        f"Cannot reach MongoDB at {redact_uri(uri)}: {first_line}",
+        hint="Start MongoDB, or set MONGODB_CONNECTION_STRING ('embedded' for a local development database).",
+    )
+
+
+@contextmanager
+def sync_database(settings: Settings, *, appname: str = "support-classifier-tools") -> Iterator[Database[Any]]:
+    """The configured database over a synchronous client, for the scripts (import, report).
+
+    Starts the embedded database when configured, checks MongoDB answers (raising
+    :class:`StorageUnavailableError` with a clear message otherwise) and closes the client.
+    """
+    if settings.uses_embedded_database:
+        with embedded_database(settings) as uri, _sync_client(settings, uri, appname) as database:
+            yield database
+    else:
+        with _sync_client(settings, settings.mongodb_connection_string, appname) as database:
+            yield database
+
+
+@contextmanager
+def _sync_client(settings: Settings, uri: str, appname: str) -> Iterator[Database[Any]]:
+    try:
+        client: MongoClient[dict[str, Any]] = MongoClient(
+            uri, serverSelectionTimeoutMS=settings.mongodb_timeout_ms, appname=appname, tz_aware=True
+        )
+    except (PyMongoError, ValueError, TypeError) as e:
+        raise StorageUnavailableError(
+            f"Invalid MongoDB connection string {redact_uri(uri)!r}: {e}",
+            hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
+        ) from e
+    try:
+        try:
+            with pymongo.timeout(min(PING_TIMEOUT_SECONDS, settings.mongodb_timeout_ms / 1000)):
+                client.admin.command("ping")
+        except PyMongoError as e:
+            raise _unreachable(uri, e) from e
+        yield client[settings.mongodb_database_name]
+    finally:
+        client.close()
 
 
 class MongoStore:
@@ -125,11 +173,7 @@ class MongoStore:
             with pymongo.timeout(min(PING_TIMEOUT_SECONDS, self.settings.mongodb_timeout_ms / 1000)):
                 await self.client.admin.command("ping")
         except PyMongoError as e:
-            first_line = str(e).split(",")[0].split("\n")[0]
-            raise StorageUnavailableError(
-                f"Cannot reach MongoDB at {redact_uri(self.uri)}: {first_line}",
-                hint="Start MongoDB, or set MONGODB_CONNECTION_STRING ('embedded' for a local development database).",
-            ) from e
+            raise _unreachable(self.uri, e) from e
 
     async def ensure_indexes(self) -> None:
         """Create the indexes of the design's section 8 (idempotent)."""
@@ -250,6 +294,6 @@ class MongoStore:
 
 
 __all__ = [
-    "MongoStore", "StorageError", "STATUS_FAILED", "STATUS_PENDING", "STATUS_PROCESSED", "STATUS_PROCESSING",
+    "MongoStore", "StorageError", "sync_database", "STATUS_FAILED", "STATUS_PENDING", "STATUS_PROCESSED", "STATUS_PROCESSING",
     "unprocessed_filter",
 ]
