@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -55,7 +56,7 @@ class Tweet(BaseModel):
     tweet_id: int | str = Field(description="Tweet id.")
     author_id: str = Field(description="Author handle or id.")
     inbound: bool = Field(description="True when the customer wrote it, false for the company.")
-    created_at: str = Field(description="When it was posted, e.g. 'Tue Oct 31 21:45:10 +0000 2017'.")
+    created_at: str | datetime = Field(description="When it was posted, e.g. 'Tue Oct 31 21:45:10 +0000 2017'.")
     text: str = Field(description="Tweet text.")
     role: Role | None = Field(None, description="Optional explicit speaker; overrides inbound.")
 
@@ -194,7 +195,8 @@ def build_transcript(turns: list[Turn], char_budget: int, *, conversation_number
             break
     tail.reverse()
     omitted = len(lines) - 1 - len(tail)
-    kept = [first] + ([f"[... {omitted} turns omitted ...]"] if omitted else []) + tail
+    marker = f"[... {omitted} turn{'s' if omitted != 1 else ''} omitted ...]"
+    kept = [first] + ([marker] if omitted else []) + tail
     text = "\n".join(kept)
     logger.info(
         "conversation %s: transcript cut from %d to %d characters (%d of %d turns omitted)",

@@ -8,6 +8,7 @@ DESIGN.md section 2 with an ``{"error": {"type", "message", ...}}`` body.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -210,6 +211,28 @@ def _input_error_from_validation(exc: RequestValidationError, content_type: str)
     return InputError(f"Invalid conversation: {field}: {message}{more}", field=field)
 
 
+def _reject_constant(name: str) -> Any:
+    raise InputError(f"The body is not valid JSON: {name} is not a JSON value.", field="body", status_code=400)
+
+
+def _body_to_echo(body: bytes) -> dict[str, Any]:
+    """The request body as received, for the answer; a 400 if JSON cannot carry it back.
+
+    Python's json module reads NaN, Infinity and unpaired surrogate escapes (``"\\ud800"``), which
+    the answer could not be encoded with: they fail here, before the LLM call, not as a 500 after it.
+    """
+    raw = json.loads(body, parse_constant=_reject_constant)
+    try:
+        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(
+            "The body is not valid JSON text: it holds an unpaired surrogate escape such as \\ud800.",
+            field="body",
+            status_code=400,
+        ) from e
+    return raw
+
+
 def _error_response(error: ClassifierError) -> JSONResponse:
     headers = {"Retry-After": str(LLMBusyError.retry_after_seconds)} if isinstance(error, LLMBusyError) else None
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
@@ -229,6 +252,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and exc.__cause__ is not None:
+            # FastAPI could not read the body at all (not UTF-8, nested too deeply, a huge integer).
+            error = InputError(f"The body is not valid JSON: {exc.__cause__}", field="body", status_code=400)
+            logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.message)
+            return _error_response(error)
         error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return JSONResponse(
             {"error": {"type": error_type, "message": f"{request.method} {request.url.path}: {exc.detail}"}},
@@ -301,7 +329,7 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
         ),
     ) -> JSONResponse:
         started = time.perf_counter()
-        raw = await request.json()  # the body as received, echoed unchanged
+        raw = _body_to_echo(await request.body())  # the body as received, echoed unchanged
         outcome = await run_in_threadpool(
             request.app.state.classifier.classify, conversation, request.app.state.ollama
         )

@@ -75,7 +75,7 @@ def extract_json_object(content: str) -> dict[str, Any]:
         position = text.find("{", end)
     if first_object is not None:
         return first_object
-    raise LLMOutputError(f"The model's answer holds no JSON object: {_preview(content)!r}")
+    raise LLMOutputError("The model's answer holds no JSON object.", answer=_preview(content))
 
 
 def parse_classification(content: str, taxonomy: Taxonomy, *, conversation_number: str = "?") -> Classification:

@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", dest="api_host", default=None, help=field_help("api_host"))
     parser.add_argument("--port", dest="api_port", type=int, default=None, help=field_help("api_port"))
     parser.add_argument(
-        "--log-level", dest="log_level", default=None, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        "--log-level", dest="log_level", default=None, type=str.upper, choices=["DEBUG", "INFO", "WARNING", "ERROR"],
         help=field_help("log_level"),
     )
     return parser

@@ -205,4 +205,5 @@ class PromptBuilder:
 
     def build_messages(self, transcript_text: str) -> list[dict[str, str]]:
         """The full chat: the shared prefix, then the conversation as the last user message."""
-        return [*self.prefix, {"role": "user", "content": CONVERSATION_HEADER + transcript_text}]
+        # Copies: a caller changing a message must not change the prefix of every later request.
+        return [*(dict(m) for m in self.prefix), {"role": "user", "content": CONVERSATION_HEADER + transcript_text}]

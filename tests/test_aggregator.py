@@ -1,0 +1,259 @@
+"""Aggregator: validation of messages/tweets, role-labelled rendering, the character budget."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import pytest
+
+from aggregator import Turn, build_transcript, validate_conversation
+from error_handler import InputError
+
+MARKER = re.compile(r"^\[\.\.\. (\d+) turns? omitted \.\.\.\]$")
+
+
+def messages(*pairs: tuple[str, str]) -> list[dict[str, str]]:
+    return [{"sender": sender, "text": text} for sender, text in pairs]
+
+
+def tweet(tweet_id: int, inbound: bool, text: str, **extra: object) -> dict[str, object]:
+    return {
+        "tweet_id": tweet_id,
+        "author_id": "someone" if inbound else "Support",
+        "inbound": inbound,
+        "created_at": "Tue Oct 31 21:45:10 +0000 2017",
+        "text": text,
+        **extra,
+    }
+
+
+def input_error(data: object) -> InputError:
+    with pytest.raises(InputError) as info:
+        validate_conversation(data)
+    return info.value
+
+
+# --- normalisation --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("customer, agent", [("customer", "agent"), ("CUSTOMER", "Agent"), (" Customer ", "aGeNt")])
+def test_message_senders_any_case_become_roles(customer: str, agent: str) -> None:
+    conversation = validate_conversation(
+        {"conversation_number": "c1", "messages": messages((customer, "Where is it?"), (agent, "Checking."))}
+    )
+    assert conversation.source_field == "messages"
+    assert conversation.turns() == [Turn("customer", "Where is it?"), Turn("agent", "Checking.")]
+
+
+def test_tweets_inbound_true_is_the_customer() -> None:
+    conversation = validate_conversation(
+        {"conversation_number": "t1", "tweets": [tweet(1, True, "help"), tweet(2, False, "DM us")]}
+    )
+    assert conversation.source_field == "tweets"
+    assert conversation.turns() == [Turn("customer", "help"), Turn("agent", "DM us")]
+
+
+def test_tweets_explicit_role_wins_over_inbound() -> None:
+    conversation = validate_conversation(
+        {
+            "conversation_number": "t2",
+            "tweets": [tweet(1, False, "I wrote this", role="Customer"), tweet(2, True, "we did", role="AGENT")],
+        }
+    )
+    assert [turn.role for turn in conversation.turns()] == ["customer", "agent"]
+
+
+def test_tweet_numeric_author_id_is_accepted_as_string() -> None:
+    conversation = validate_conversation(
+        {"conversation_number": "t3", "tweets": [tweet(1, True, "hi", author_id=115712)]}
+    )
+    assert conversation.tweets is not None
+    assert conversation.tweets[0].author_id == "115712"
+
+
+@pytest.mark.parametrize("number, expected", [(12345, "12345"), ("  77 ", "77"), ("abc-1", "abc-1")])
+def test_conversation_number_is_a_string(number: object, expected: str) -> None:
+    conversation = validate_conversation({"conversation_number": number, "messages": messages(("customer", "hi"))})
+    assert conversation.conversation_number == expected
+
+
+@pytest.mark.parametrize("number", [True, 1.5, None, "", "   ", ["1"]])
+def test_bad_conversation_numbers_are_rejected(number: object) -> None:
+    error = input_error({"conversation_number": number, "messages": messages(("customer", "hi"))})
+    assert error.field == "conversation_number"
+    assert "conversation_number" in error.message
+
+
+def test_extra_fields_are_kept_on_messages_and_ignored_on_the_conversation() -> None:
+    conversation = validate_conversation(
+        {
+            "conversation_number": "x",
+            "messages": [{"sender": "customer", "text": "hi", "channel": "chat"}],
+            "expected": {"intent": "Other"},
+        }
+    )
+    assert conversation.messages is not None
+    assert conversation.messages[0].model_dump()["channel"] == "chat"
+
+
+# --- invalid input --------------------------------------------------------------------------
+
+
+def test_not_an_object_is_a_400_on_the_body() -> None:
+    error = input_error([{"conversation_number": "1"}])
+    assert (error.status_code, error.field) == (400, "body")
+
+
+def test_neither_messages_nor_tweets() -> None:
+    error = input_error({"conversation_number": "1"})
+    assert error.status_code == 422
+    assert "either 'messages' or 'tweets'" in error.message
+
+
+def test_both_messages_and_tweets() -> None:
+    error = input_error(
+        {"conversation_number": "1", "messages": messages(("customer", "hi")), "tweets": [tweet(1, True, "hi")]}
+    )
+    assert "not both" in error.message
+
+
+@pytest.mark.parametrize("source", ["messages", "tweets"])
+def test_empty_list_is_rejected(source: str) -> None:
+    error = input_error({"conversation_number": "1", source: []})
+    assert "empty" in error.message
+
+
+def test_all_empty_texts_are_rejected() -> None:
+    error = input_error({"conversation_number": "1", "messages": messages(("customer", "  "), ("agent", "\n\t"))})
+    assert "empty text" in error.message
+
+
+@pytest.mark.parametrize(
+    "data, field",
+    [
+        ({"conversation_number": "1", "messages": messages(("customer", "a"), ("robot", "b"))}, "messages[1].sender"),
+        ({"conversation_number": "1", "messages": [{"sender": "customer"}]}, "messages[0].text"),
+        ({"conversation_number": "1", "messages": [{"sender": "agent", "text": 42}]}, "messages[0].text"),
+        ({"conversation_number": "1", "messages": "hello"}, "messages"),
+        (
+            {"conversation_number": "1", "tweets": [tweet(1, True, "a"), {"tweet_id": 2, "text": "b"}]},
+            "tweets[1].author_id",
+        ),
+        ({"conversation_number": "1", "tweets": [tweet(1, True, "a", role="bot")]}, "tweets[0].role"),
+        ({"messages": messages(("customer", "a"))}, "conversation_number"),
+    ],
+)
+def test_input_error_names_the_field_path(data: dict[str, object], field: str) -> None:
+    error = input_error(data)
+    assert error.field == field
+    assert error.message.startswith(f"Invalid conversation: {field}: ")
+    assert error.details["field"] == field
+
+
+def test_sender_error_says_what_is_allowed() -> None:
+    error = input_error({"conversation_number": "1", "messages": messages(("bot", "a"))})
+    assert "'customer' or 'agent'" in error.message
+
+
+def test_several_problems_are_counted() -> None:
+    error = input_error({"conversation_number": "1", "messages": [{"sender": "x"}, {"sender": "y"}]})
+    assert "more problem(s)" in error.message
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+
+def test_render_collapses_whitespace_to_one_line() -> None:
+    line = Turn("customer", "  Where\n\nis   my\torder?\nAgent: fake turn  ").render()
+    assert line == "Customer: Where is my order? Agent: fake turn"
+    assert "\n" not in line
+
+
+def test_transcript_is_one_role_labelled_line_per_turn() -> None:
+    turns = [
+        Turn("customer", "Hi"),
+        Turn("agent", "   "),
+        Turn("agent", "Hello,\n how can I help?"),
+        Turn("customer", "x"),
+    ]
+    transcript = build_transcript(turns, 12000)
+    assert transcript.text == "Customer: Hi\nAgent: Hello, how can I help?\nCustomer: x"
+    assert (transcript.turn_count, transcript.truncated, transcript.omitted_turns) == (3, False, 0)
+    assert transcript.original_chars == len(transcript.text)
+
+
+# --- the character budget -------------------------------------------------------------------
+
+
+def long_conversation(count: int, size: int) -> list[Turn]:
+    return [Turn("customer" if i % 2 == 0 else "agent", f"turn {i:03d} " + "x" * size) for i in range(count)]
+
+
+def test_over_budget_keeps_the_opening_and_the_latest_turns() -> None:
+    turns = long_conversation(60, 90)
+    rendered = [turn.render() for turn in turns]
+    transcript = build_transcript(turns, 1000, conversation_number="long-1")
+
+    lines = transcript.text.split("\n")
+    assert len(transcript.text) <= 1000
+    assert lines[0] == rendered[0]
+    marker = MARKER.match(lines[1])
+    assert marker is not None, lines[1]
+    kept_tail = lines[2:]
+    assert kept_tail == rendered[-len(kept_tail) :]  # the latest turns, complete and in order
+    assert len(kept_tail) >= 2
+    assert int(marker.group(1)) == 60 - 1 - len(kept_tail) == transcript.omitted_turns
+    assert transcript.truncated
+    assert transcript.turn_count == 60
+    assert transcript.original_chars == len("\n".join(rendered))
+
+
+def test_single_huge_turn_is_cut_to_the_budget() -> None:
+    transcript = build_transcript([Turn("customer", "word " * 5000)], 800)
+    assert len(transcript.text) <= 800
+    assert transcript.text.startswith("Customer: word word")
+    assert transcript.truncated
+    assert transcript.omitted_turns == 0
+
+
+def test_huge_last_turn_is_clipped_but_kept() -> None:
+    turns = [Turn("customer", "My router is broken."), Turn("agent", "Details? " + "y" * 5000)]
+    transcript = build_transcript(turns, 600)
+    lines = transcript.text.split("\n")
+    assert len(transcript.text) <= 600
+    assert lines[0] == "Customer: My router is broken."
+    assert lines[1].startswith("Agent: Details? yyy")
+    assert transcript.omitted_turns == 0
+
+
+@pytest.mark.parametrize("budget", [500, 777, 1200, 5000])
+@pytest.mark.parametrize("count, size", [(1, 10_000), (2, 3000), (3, 400), (40, 150), (500, 5), (7, 2000)])
+def test_result_never_exceeds_the_budget(budget: int, count: int, size: int) -> None:
+    turns = long_conversation(count, size)
+    transcript = build_transcript(turns, budget)
+    assert len(transcript.text) <= budget
+    assert transcript.text.startswith(turns[0].render()[:20])
+    full = "\n".join(turn.render() for turn in turns)
+    assert transcript.truncated == (len(full) > budget)
+
+
+def test_cut_is_logged_at_info_without_conversation_text(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="aggregator")
+    turns = [Turn("customer", "SECRET-CUSTOMER-TEXT " * 20)] + long_conversation(50, 100)
+    build_transcript(turns, 1000, conversation_number="conv-77")
+
+    records = [r for r in caplog.records if r.name == "aggregator"]
+    assert len(records) == 1
+    record = records[0]
+    assert record.levelno == logging.INFO
+    message = record.getMessage()
+    assert "conv-77" in message and "cut" in message
+    assert "SECRET-CUSTOMER-TEXT" not in message
+    assert "x" * 20 not in message
+
+
+def test_no_log_when_within_budget(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="aggregator")
+    build_transcript(long_conversation(3, 10), 1000, conversation_number="short")
+    assert [r for r in caplog.records if r.name == "aggregator"] == []

@@ -1,0 +1,641 @@
+"""The real-time API over real HTTP (uvicorn on loopback) against the fake Ollama server.
+
+Every row of the error table of DESIGN.md section 2 has a test here; every failing answer
+is checked to be JSON ``{"error": {"type", "message", ...}}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.client import HTTPConnection
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from config import Settings
+from tests.conftest import RunningAPI
+from tests.fake_ollama import BUSY, RUNNER_CRASHED, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
+from tests.net_helpers import closed_port_url
+
+SettingsFactory = Callable[..., Settings]
+StartAPI = Callable[[Settings], RunningAPI]
+
+ROOT = Path(__file__).resolve().parents[1]
+TAXONOMY = json.loads((ROOT / "config" / "taxonomy.json").read_text(encoding="utf-8"))
+LABELS = {kind: {entry["name"] for entry in TAXONOMY[kind + "s"]} for kind in ("intent", "topic", "sentiment")}
+SAMPLES = json.loads((ROOT / "data" / "sample_conversations.json").read_text(encoding="utf-8"))
+
+CONVERSATION = {
+    "conversation_number": "12345",
+    "messages": [
+        {"sender": "customer", "text": "Where is my order? It was due on Monday.", "timestamp": "2025-09-24T10:00:00Z"},
+        {"sender": "agent", "text": "Let me check for you.", "timestamp": "2025-09-24T10:01:00Z"},
+    ],
+}
+GOOD_ANSWER = {
+    "categorization": "Customer asks where a late order is",
+    "intent": "Order Status",
+    "topic": "Shipping/Delivery",
+    "sentiment": "Negative",
+}
+
+
+@pytest.fixture
+def http() -> Iterator[requests.Session]:
+    with requests.Session() as session:
+        yield session
+
+
+def post(http: requests.Session, api: RunningAPI, body: Any = None, **kwargs: Any) -> requests.Response:
+    if body is not None:
+        kwargs["json"] = body
+    return http.post(f"{api.url}/classify", timeout=30, **kwargs)
+
+
+def error_of(response: requests.Response, status: int) -> dict[str, Any]:
+    """The error object of a failing answer, after checking the status and the body's shape."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error["type"], str) and error["type"]
+    assert isinstance(error["message"], str) and error["message"]
+    return error
+
+
+def text_of(error: dict[str, Any]) -> str:
+    return f"{error['message']} {error.get('hint', '')}"
+
+
+# --- 200 ------------------------------------------------------------------------------------
+
+
+def test_classify_echoes_messages_exactly_and_labels_are_canonical(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    messages = [
+        {
+            "sender": "CUSTOMER",
+            "text": "Where is   my order?",
+            "timestamp": 1727172000,
+            "channel": "chat",
+            "meta": {"a": [1, None]},
+        },
+        {"sender": "Agent", "text": "Checking now.", "timestamp": None},
+        {"sender": "customer", "text": "Thanks", "ünïcode": "✓"},
+    ]
+    fake_ollama.enqueue(
+        Reply(
+            content=json.dumps(
+                {
+                    "categorization": "  Customer   asks where\nthe order is ",
+                    "intent": "  order status ",
+                    "topic": "SHIPPING / DELIVERY",
+                    "sentiment": "neutral",
+                }
+            )
+        )
+    )
+    response = post(http, api_server, {"conversation_number": 42, "messages": messages, "expected": "ignored"})
+
+    assert response.status_code == 200, response.text
+    assert response.json() == {
+        "conversation_number": "42",
+        "messages": messages,
+        "classification": {
+            "categorization": "Customer asks where the order is",
+            "intent": "Order Status",
+            "topic": "Shipping/Delivery",
+            "sentiment": "Neutral",
+        },
+    }
+    [request] = fake_ollama.chat_requests
+    assert request["messages"][-1]["content"] == (
+        "Conversation:\nCustomer: Where is my order?\nAgent: Checking now.\nCustomer: Thanks"
+    )
+
+
+def test_default_answer_labels_are_taxonomy_values(http: requests.Session, api_server: RunningAPI) -> None:
+    body = post(http, api_server, CONVERSATION).json()
+    classification = body["classification"]
+    assert set(classification) == {"categorization", "intent", "topic", "sentiment"}
+    for kind in ("intent", "topic", "sentiment"):
+        assert classification[kind] in LABELS[kind]
+    assert body["conversation_number"] == "12345"
+    assert body["messages"] == CONVERSATION["messages"]
+    assert "tweets" not in body
+
+
+def test_tweets_input_is_classified_and_echoed(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    document = SAMPLES[0]  # a source-collection document, with extra keys (status, expected)
+    fake_ollama.enqueue(Reply(content=json.dumps(GOOD_ANSWER)))
+    response = post(http, api_server, document)
+
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"conversation_number", "tweets", "classification"}
+    assert body["conversation_number"] == document["conversation_number"]
+    assert body["tweets"] == document["tweets"]
+    assert body["classification"] == GOOD_ANSWER
+    lines = fake_ollama.chat_requests[0]["messages"][-1]["content"].split("\n")
+    assert lines[0] == "Conversation:"
+    speakers = [line.split(":")[0] for line in lines[1:]]
+    assert speakers == ["Customer" if t["inbound"] else "Agent" for t in document["tweets"]]
+
+
+def test_unknown_intent_becomes_other(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="classifier")
+    fake_ollama.enqueue(Reply(content=json.dumps({**GOOD_ANSWER, "intent": "Weather", "topic": "Astrology"})))
+    response = post(http, api_server, CONVERSATION)
+    assert response.status_code == 200
+    classification = response.json()["classification"]
+    assert (classification["intent"], classification["topic"]) == ("Other", "Other")
+    assert any("'Weather' is not in the taxonomy" in r.getMessage() for r in caplog.records)
+
+
+def test_model_prose_and_fences_are_tolerated(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    wrapped = json.dumps({"classification": GOOD_ANSWER})
+    fake_ollama.enqueue(Reply(content=f"<think>hmm</think>Here you go:\n```json\n{wrapped}\n```"))
+    response = post(http, api_server, CONVERSATION)
+    assert response.status_code == 200
+    assert response.json()["classification"] == GOOD_ANSWER
+
+
+def test_concurrent_requests_get_their_own_answers(api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
+    fake_ollama.latency = 0.05
+
+    def classify(i: int) -> dict[str, Any]:
+        body = {"conversation_number": f"n-{i}", "messages": [{"sender": "customer", "text": f"question {i}"}]}
+        with requests.Session() as session:
+            response = session.post(f"{api_server.url}/classify", json=body, timeout=30)
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(classify, range(16)))
+    assert [a["conversation_number"] for a in answers] == [f"n-{i}" for i in range(16)]
+    assert [a["messages"][0]["text"] for a in answers] == [f"question {i}" for i in range(16)]
+    assert fake_ollama.chat_count == 16
+
+
+# --- 400 / 422: invalid input ---------------------------------------------------------------
+
+INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str]] = {
+    # name: (request kwargs, allowed statuses, field, fragment of the message)
+    "malformed JSON": (
+        {"data": b'{"conversation_number": "1", "messages": [', "headers": {"Content-Type": "application/json"}},
+        (400,),
+        "body",
+        "not valid JSON",
+    ),
+    "empty body": ({"data": b"", "headers": {"Content-Type": "application/json"}}, (400,), "body", "empty"),
+    "not an object": ({"json": [CONVERSATION]}, (400, 422), "body", "object"),
+    "a string": ({"json": "hello"}, (400, 422), "body", "object"),
+    "wrong sender": (
+        {
+            "json": {
+                "conversation_number": "1",
+                "messages": [{"sender": "customer", "text": "a"}, {"sender": "bot", "text": "b"}],
+            }
+        },
+        (422,),
+        "messages[1].sender",
+        "'customer' or 'agent'",
+    ),
+    "missing text": (
+        {"json": {"conversation_number": "1", "messages": [{"sender": "customer"}]}},
+        (422,),
+        "messages[0].text",
+        "messages[0].text",
+    ),
+    "missing conversation_number": (
+        {"json": {"messages": CONVERSATION["messages"]}},
+        (422,),
+        "conversation_number",
+        "conversation_number",
+    ),
+    "boolean conversation_number": (
+        {"json": {"conversation_number": True, "messages": CONVERSATION["messages"]}},
+        (422,),
+        "conversation_number",
+        "conversation_number",
+    ),
+    "both messages and tweets": (
+        {"json": {**CONVERSATION, "tweets": SAMPLES[0]["tweets"]}},
+        (422,),
+        "body",
+        "not both",
+    ),
+    "neither messages nor tweets": ({"json": {"conversation_number": "1"}}, (422,), "body", "'messages' or 'tweets'"),
+    "empty messages": ({"json": {"conversation_number": "1", "messages": []}}, (422,), "body", "empty"),
+    "only blank texts": (
+        {"json": {"conversation_number": "1", "messages": [{"sender": "customer", "text": "  "}]}},
+        (422,),
+        "body",
+        "empty text",
+    ),
+    "tweet without inbound": (
+        {
+            "json": {
+                "conversation_number": "1",
+                "tweets": [{k: v for k, v in SAMPLES[0]["tweets"][0].items() if k != "inbound"}],
+            }
+        },
+        (422,),
+        "tweets[0].inbound",
+        "tweets[0].inbound",
+    ),
+    "form-encoded body": (
+        {"data": {"conversation_number": "1", "messages": "hi"}},
+        (400,),
+        "body",
+        "Content-Type: application/json",
+    ),
+    "JSON sent as text/plain": (
+        {"data": json.dumps(CONVERSATION), "headers": {"Content-Type": "text/plain"}},
+        (400,),
+        "body",
+        "Content-Type",
+    ),
+    "NaN in an echoed field": (
+        {
+            "data": b'{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi", "score": NaN}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "NaN",
+    ),
+    "Infinity as a timestamp": (
+        {
+            "data": b'{"conversation_number": "1", '
+            b'"messages": [{"sender": "customer", "text": "hi", "timestamp": Infinity}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "Infinity",
+    ),
+    "unpaired surrogate in a text": (
+        {
+            "data": b'{"conversation_number": "1", '
+            b'"messages": [{"sender": "customer", "text": "broken \\ud800 emoji"}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "surrogate",
+    ),
+    "unpaired surrogate in an extra field": (
+        {
+            "data": b'{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi", "x": "\\udfff"}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "surrogate",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(INVALID_INPUTS.values()), ids=list(INVALID_INPUTS))
+def test_invalid_input(
+    http: requests.Session,
+    api_server: RunningAPI,
+    fake_ollama: FakeOllama,
+    case: tuple[dict[str, Any], tuple[int, ...], str | None, str],
+) -> None:
+    kwargs, statuses, field, fragment = case
+    response = post(http, api_server, **kwargs)
+    assert response.status_code in statuses, response.text
+    error = error_of(response, response.status_code)
+    assert error["type"] == "invalid_input"
+    assert error["field"] == field
+    assert fragment in error["message"]
+    assert fake_ollama.chat_count == 0  # invalid input never reaches the model
+
+
+def test_json_without_content_type_is_accepted(http: requests.Session, api_server: RunningAPI) -> None:
+    # Some clients send a JSON body with no Content-Type at all.
+    request = requests.Request("POST", f"{api_server.url}/classify", data=json.dumps(CONVERSATION).encode()).prepare()
+    assert "Content-Type" not in request.headers
+    response = http.send(request, timeout=30)
+    assert response.status_code == 200, response.text
+
+
+def test_body_that_is_not_utf8(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
+    body = json.dumps({**CONVERSATION, "messages": [{"sender": "customer", "text": "caf\u00e9"}]}, ensure_ascii=False)
+    response = post(http, api_server, data=body.encode("latin-1"), headers={"Content-Type": "application/json"})
+    error = error_of(response, 400)
+    assert (error["type"], error["field"]) == ("invalid_input", "body")
+    assert "not valid JSON" in error["message"] and "utf-8" in error["message"]
+    assert fake_ollama.chat_count == 0
+
+
+def test_body_nested_too_deeply(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
+    nested = "[" * 100_000 + "]" * 100_000
+    body = '{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi", "x": ' + nested + "}]}"
+    error = error_of(post(http, api_server, data=body, headers={"Content-Type": "application/json"}), 400)
+    assert (error["type"], error["field"]) == ("invalid_input", "body")
+    assert "recursion" in error["message"]
+    assert fake_ollama.chat_count == 0
+
+
+# --- 413: body too large --------------------------------------------------------------------
+
+
+def test_body_over_the_default_limit_with_content_length(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    assert api_server.settings.api_max_body_bytes == 1_000_000
+    big = {**CONVERSATION, "messages": [{"sender": "customer", "text": "x" * 1_000_001}]}
+    response = post(http, api_server, big)
+    error = error_of(response, 413)
+    assert error["type"] == "payload_too_large"
+    assert "1000000 bytes" in error["message"]
+    assert error["limit_bytes"] == 1_000_000
+    assert fake_ollama.chat_count == 0
+
+
+def test_declared_oversize_body_is_refused_before_it_is_sent(api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
+    # Only the headers go out: the 413 must come from Content-Length alone, without waiting for 50 MB.
+    host, port = api_server.url.removeprefix("http://").split(":")
+    connection = HTTPConnection(host, int(port), timeout=10)
+    try:
+        connection.putrequest("POST", "/classify")
+        connection.putheader("Content-Type", "application/json")
+        connection.putheader("Content-Length", str(50_000_000))
+        connection.endheaders()
+        response = connection.getresponse()
+        status, body = response.status, json.loads(response.read())
+    finally:
+        connection.close()
+    assert status == 413
+    assert body["error"]["type"] == "payload_too_large"
+    assert fake_ollama.chat_count == 0
+
+
+def test_chunked_body_over_the_limit(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
+    def chunks() -> Iterator[bytes]:
+        yield b'{"conversation_number": "1", "messages": [{"sender": "customer", "text": "'
+        for _ in range(25):
+            yield b"y" * 50_000
+        yield b'"}]}'
+
+    response = post(http, api_server, data=chunks(), headers={"Content-Type": "application/json"})
+    assert "content-length" not in {k.lower() for k in response.request.headers}
+    assert response.request.headers["Transfer-Encoding"] == "chunked"
+    error = error_of(response, 413)
+    assert "1000000 bytes" in error["message"]
+    assert fake_ollama.chat_count == 0
+
+
+def test_chunked_body_under_the_limit_is_classified(http: requests.Session, api_server: RunningAPI) -> None:
+    encoded = json.dumps(CONVERSATION).encode()
+    response = post(
+        http,
+        api_server,
+        data=iter([encoded[:10], encoded[10:50], encoded[50:]]),
+        headers={"Content-Type": "application/json"},
+    )
+    assert response.request.headers["Transfer-Encoding"] == "chunked"
+    assert response.status_code == 200, response.text
+    assert response.json()["messages"] == CONVERSATION["messages"]
+
+
+def test_custom_small_limit(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings(api_max_body_bytes=2048))
+    small = {"conversation_number": "1", "messages": [{"sender": "customer", "text": "a" * 1500}]}
+    assert len(json.dumps(small)) < 2048
+    assert post(http, api, small).status_code == 200
+
+    big = {"conversation_number": "1", "messages": [{"sender": "customer", "text": "a" * 2100}]}
+    error = error_of(post(http, api, big), 413)
+    assert "2048 bytes" in error["message"]
+    assert error["limit_bytes"] == 2048
+
+    chunked = iter([json.dumps(big).encode()[:1000], json.dumps(big).encode()[1000:]])
+    error = error_of(post(http, api, data=chunked, headers={"Content-Type": "application/json"}), 413)
+    assert "2048 bytes" in error["message"]
+    assert fake_ollama.chat_count == 1
+
+
+# --- 503: Ollama unreachable, model not pulled, Ollama busy ---------------------------------
+
+
+def test_ollama_unreachable(http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI) -> None:
+    endpoint = closed_port_url()
+    api = start_api(make_settings(ollama_endpoint=endpoint))
+    error = error_of(post(http, api, CONVERSATION), 503)
+    assert error["type"] == "llm_unavailable"
+    assert endpoint in error["message"]
+    assert "ollama serve" in error["hint"]
+    assert error["endpoint"] == endpoint
+
+
+def test_model_not_pulled(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
+    fake_ollama.models = ["mistral:latest"]
+    error = error_of(post(http, api_server, CONVERSATION), 503)
+    assert error["type"] == "model_not_found"
+    assert "'llama3'" in error["message"]
+    assert "ollama pull llama3" in error["hint"]
+    assert error["model"] == "llama3"
+
+
+def test_ollama_busy_has_retry_after(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
+    fake_ollama.enqueue(BUSY)
+    response = post(http, api_server, CONVERSATION)
+    error = error_of(response, 503)
+    assert error["type"] == "llm_busy"
+    assert "busy" in error["message"]
+    assert "Retry later" in error["hint"]
+    assert int(response.headers["Retry-After"]) > 0
+    # and the next request, once Ollama has room again, succeeds
+    assert post(http, api_server, CONVERSATION).status_code == 200
+
+
+# --- 504: timeout ---------------------------------------------------------------------------
+
+
+def test_llm_timeout(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings(ollama_timeout=1))
+    fake_ollama.enqueue(Reply(delay=3))
+    error = error_of(post(http, api, CONVERSATION), 504)
+    assert error["type"] == "llm_timeout"
+    assert "within 1 s" in error["message"]
+    assert "OLLAMA_TIMEOUT" in error["hint"]
+    assert error["timeout_seconds"] == 1
+
+
+# --- 502: unusable output, Ollama 5xx -------------------------------------------------------
+
+BAD_GATEWAY = {
+    "runner crashed (500)": (RUNNER_CRASHED, "llm_server_error", "llama runner process has terminated"),
+    "proxy page (502)": (RawReply(502, b"<html>Bad Gateway</html>", "text/html"), "llm_server_error", "HTTP 502"),
+    "dropped connection": (Disconnect(), "llm_server_error", "closed the connection"),
+    "request rejected (400)": (ErrorReply(400, "invalid options"), "llm_request_rejected", "invalid options"),
+    "200 that is not JSON": (RawReply(200, b"<html>hello</html>", "text/html"), "llm_bad_output", "not JSON"),
+    "no JSON in the answer": (Reply(content="I am not able to classify that."), "llm_bad_output", "no JSON object"),
+    "missing key": (
+        Reply(content=json.dumps({k: v for k, v in GOOD_ANSWER.items() if k != "sentiment"})),
+        "llm_bad_output",
+        "'sentiment' is missing",
+    ),
+    "unknown sentiment": (Reply(content=json.dumps({**GOOD_ANSWER, "sentiment": "Meh"})), "llm_bad_output", "'Meh'"),
+    "truncated (length)": (Reply(done_reason="length"), "llm_bad_output", "cut off"),
+    "truncated (done false)": (Reply(done=False), "llm_bad_output", "cut off"),
+    "empty content": (Reply(content=""), "llm_bad_output", "empty content"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_GATEWAY.values()), ids=list(BAD_GATEWAY))
+def test_bad_gateway(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama, case: tuple[Any, str, str]
+) -> None:
+    behavior, error_type, fragment = case
+    fake_ollama.enqueue(behavior)
+    error = error_of(post(http, api_server, CONVERSATION), 502)
+    assert error["type"] == error_type
+    assert fragment in error["message"]
+    # The service recovers: the next conversation is classified.
+    assert post(http, api_server, CONVERSATION).status_code == 200
+
+
+def test_truncated_answer_says_how_to_fix_it(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.enqueue(Reply(done_reason="length"))
+    error = error_of(post(http, api_server, CONVERSATION), 502)
+    assert "OLLAMA_NUM_PREDICT" in error["hint"]
+
+
+# --- health, readiness, docs, unknown paths -------------------------------------------------
+
+
+def test_health_makes_no_llm_call(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
+    response = http.get(f"{api_server.url}/health", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+    assert fake_ollama.chat_count == 0
+
+
+def test_health_is_ok_even_without_ollama(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI
+) -> None:
+    api = start_api(make_settings(ollama_endpoint=closed_port_url()))
+    assert http.get(f"{api.url}/health", timeout=10).status_code == 200
+
+
+def test_ready(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
+    response = http.get(f"{api_server.url}/ready", timeout=10)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready", "model": "llama3", "endpoint": fake_ollama.url}
+    assert fake_ollama.chat_count == 0
+
+
+def test_ready_503_when_the_model_is_not_pulled(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    fake_ollama.models = ["other:latest"]
+    error = error_of(http.get(f"{api_server.url}/ready", timeout=10), 503)
+    assert error["type"] == "model_not_found"
+    assert "'llama3'" in error["message"]
+    assert "ollama pull llama3" in error["hint"]
+
+
+def test_ready_503_when_ollama_is_unreachable(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI
+) -> None:
+    endpoint = closed_port_url()
+    api = start_api(make_settings(ollama_endpoint=endpoint))
+    error = error_of(http.get(f"{api.url}/ready", timeout=10), 503)
+    assert error["type"] == "llm_unavailable"
+    assert endpoint in error["message"]
+    assert "ollama serve" in error["hint"]
+
+
+def test_docs_are_served(http: requests.Session, api_server: RunningAPI) -> None:
+    response = http.get(f"{api_server.url}/docs", timeout=10)
+    assert response.status_code == 200
+    assert "text/html" in response.headers["content-type"]
+    assert "swagger" in response.text.lower()
+
+
+def test_openapi_has_examples_and_error_responses(http: requests.Session, api_server: RunningAPI) -> None:
+    document = http.get(f"{api_server.url}/openapi.json", timeout=10).json()
+    classify = document["paths"]["/classify"]["post"]
+    examples = classify["requestBody"]["content"]["application/json"]["examples"]
+    assert set(examples) >= {"messages", "tweets"}
+    assert "messages" in examples["messages"]["value"]
+    assert "tweets" in examples["tweets"]["value"]
+    responses = classify["responses"]
+    assert set(responses) >= {"200", "400", "413", "422", "502", "503", "504"}
+    for status in ("400", "413", "422", "502", "503", "504"):
+        content = responses[status]["content"]["application/json"]
+        assert content["schema"]["$ref"].endswith("/ErrorResponse")
+        assert content["example"]["error"]["type"]
+    schemas = document["components"]["schemas"]
+    assert schemas["ClassifyResponse"]["examples"][0]["classification"]["intent"] == "Order Status"
+    assert "503" in document["paths"]["/ready"]["get"]["responses"]
+    assert "/health" in document["paths"]
+
+
+def test_unknown_path_is_a_json_404(http: requests.Session, api_server: RunningAPI) -> None:
+    error = error_of(http.get(f"{api_server.url}/nope", timeout=10), 404)
+    assert error["type"] == "not_found"
+    assert "/nope" in error["message"]
+
+
+def test_wrong_method_is_a_json_405(http: requests.Session, api_server: RunningAPI) -> None:
+    error = error_of(http.get(f"{api_server.url}/classify", timeout=10), 405)
+    assert error["type"] == "method_not_allowed"
+
+
+# --- long conversations ---------------------------------------------------------------------
+
+
+def test_long_conversation_is_cut_before_the_llm_and_logged(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    start_api: StartAPI,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO)
+    api = start_api(make_settings(conversation_char_budget=1000))
+    messages = [
+        {"sender": "customer" if i % 2 == 0 else "agent", "text": f"turn {i:02d} PRIVATE-TEXT " + "z" * 80}
+        for i in range(60)
+    ]
+    response = post(http, api, {"conversation_number": "long-9", "messages": messages})
+
+    assert response.status_code == 200, response.text
+    assert response.json()["messages"] == messages  # the answer still echoes everything
+    content = fake_ollama.chat_requests[0]["messages"][-1]["content"]
+    transcript = content.removeprefix("Conversation:\n")
+    assert len(transcript) <= 1000
+    lines = transcript.split("\n")
+    assert lines[0].startswith("Customer: turn 00 ")
+    assert lines[1].startswith("[... ") and "omitted ...]" in lines[1]
+    assert lines[-1].startswith("Agent: turn 59 ")
+    cut = [r for r in caplog.records if r.name == "aggregator" and "long-9" in r.getMessage()]
+    assert len(cut) == 1 and cut[0].levelno == logging.INFO
+    assert "cut" in cut[0].getMessage()
+    # Conversation text stays out of INFO-and-above log lines.
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO and "PRIVATE-TEXT" in r.getMessage()]

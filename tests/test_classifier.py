@@ -1,0 +1,236 @@
+"""Classifier: parsing what models really answer, label normalisation, and the shared pipeline."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from aggregator import validate_conversation
+from async_llm_wrapper import AsyncOllamaClient
+from classifier import Classification, ConversationClassifier, extract_json_object, parse_classification
+from config import CONFIG_DIR, Settings
+from error_handler import ConfigError, LLMOutputError
+from llm_wrapper import OllamaClient
+from prompt_builder import Taxonomy, load_taxonomy
+from tests.fake_ollama import FakeOllama, Reply
+
+TAXONOMY = load_taxonomy(CONFIG_DIR / "taxonomy.json")
+GOOD = {
+    "categorization": "Customer asks where the order is",
+    "intent": "Order Status",
+    "topic": "Shipping/Delivery",
+    "sentiment": "Neutral",
+}
+EXPECTED = Classification(**GOOD)
+
+
+def parse(content: str, taxonomy: Taxonomy = TAXONOMY) -> Classification:
+    return parse_classification(content, taxonomy, conversation_number="c-1")
+
+
+def unusable(content: str) -> LLMOutputError:
+    with pytest.raises(LLMOutputError) as info:
+        parse(content)
+    return info.value
+
+
+# --- tolerated shapes -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        json.dumps(GOOD),
+        json.dumps(GOOD, indent=2),
+        "```json\n" + json.dumps(GOOD) + "\n```",
+        "```\n" + json.dumps(GOOD) + "\n```",
+        "<think>The customer asks about {an order}. Maybe {\"intent\": \"Complaint\"}?</think>\n" + json.dumps(GOOD),
+        "<THINK>\nreasoning\n</THINK>" + json.dumps(GOOD),
+        "Here is the classification:\n" + json.dumps(GOOD) + "\nLet me know if you need more.",
+        "Sure! {not json} " + json.dumps(GOOD),
+        json.dumps({"classification": GOOD}),
+        "Result: " + json.dumps({"Classification": GOOD}) + " done",
+        json.dumps({"meta": {"model": "x"}}) + " and then " + json.dumps(GOOD),
+    ],
+)
+def test_tolerated_answer_shapes(content: str) -> None:
+    assert parse(content) == EXPECTED
+
+
+def test_keys_in_odd_case_and_labels_in_odd_case_and_spacing() -> None:
+    content = json.dumps(
+        {
+            "Categorization": "Customer asks where the order is",
+            "INTENT": "  order status ",
+            " Topic ": "SHIPPING / DELIVERY",
+            "sentiment": "neutral",
+        }
+    )
+    assert parse(content) == EXPECTED
+
+
+def test_single_element_lists_are_unwrapped() -> None:
+    content = json.dumps({**GOOD, "intent": ["order status"]})
+    assert parse(content).intent == "Order Status"
+
+
+def test_categorization_whitespace_is_collapsed() -> None:
+    content = json.dumps({**GOOD, "categorization": "  Customer\n asks   where\tthe order is  "})
+    assert parse(content).categorization == "Customer asks where the order is"
+
+
+def test_very_long_categorization_is_bounded() -> None:
+    content = json.dumps({**GOOD, "categorization": "word " * 500})
+    categorization = parse(content).categorization
+    assert len(categorization) <= 300
+    assert categorization.endswith("…")
+
+
+@pytest.mark.parametrize("kind", ["intent", "topic"])
+def test_unknown_intent_or_topic_becomes_other_with_a_warning(kind: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="classifier")
+    result = parse(json.dumps({**GOOD, kind: "Weather Forecast"}))
+    assert getattr(result, kind) == "Other"
+    warnings = [r for r in caplog.records if r.name == "classifier" and r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    message = warnings[0].getMessage()
+    assert "c-1" in message and "Weather Forecast" in message and "Other" in message
+
+
+def test_known_labels_log_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="classifier")
+    parse(json.dumps(GOOD))
+    assert [r for r in caplog.records if r.name == "classifier"] == []
+
+
+def test_fallback_uses_the_taxonomy_spelling_of_other(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(
+        json.dumps({"intents": ["Refund", "OTHER"], "topics": ["Billing", "other"], "sentiments": ["Good", "Bad"]}),
+        encoding="utf-8",
+    )
+    answer = {"categorization": "x", "intent": "nope", "topic": "nope", "sentiment": "bad"}
+    result = parse(json.dumps(answer), load_taxonomy(path))
+    assert (result.intent, result.topic, result.sentiment) == ("OTHER", "other", "Bad")
+
+
+# --- unusable answers -----------------------------------------------------------------------
+
+
+def test_unknown_sentiment_is_unusable() -> None:
+    error = unusable(json.dumps({**GOOD, "sentiment": "Furious"}))
+    assert "sentiment 'Furious'" in error.message
+    assert "Positive" in error.message  # says what was allowed
+
+
+@pytest.mark.parametrize("key", ["categorization", "intent", "topic", "sentiment"])
+def test_missing_key_is_unusable(key: str) -> None:
+    answer = {k: v for k, v in GOOD.items() if k != key}
+    error = unusable(json.dumps(answer))
+    assert f"'{key}' is missing" in error.message
+    assert error.status_code == 502
+
+
+@pytest.mark.parametrize("value", ["", "   ", 3, None, ["a", "b"], {"name": "Order Status"}])
+def test_non_string_or_empty_label_is_unusable(value: object) -> None:
+    error = unusable(json.dumps({**GOOD, "intent": value}))
+    assert "'intent'" in error.message
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        "I cannot classify this conversation.",
+        "",
+        "[1, 2, 3]",
+        "<think>{\"intent\": \"Order Status\"}</think> no answer after thinking",
+        "{\"intent\": \"Order Status\", \"topic\": ",  # cut off
+    ],
+)
+def test_no_json_object_is_unusable(content: str) -> None:
+    with pytest.raises(LLMOutputError) as info:
+        extract_json_object(content)
+    assert "no JSON object" in info.value.message
+
+
+def test_wrapper_without_the_keys_is_unusable() -> None:
+    error = unusable(json.dumps({"classification": {"label": "Order Status"}}))
+    assert "is missing" in error.message
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["My card 4111 was charged twice, says the customer.", '{"intent": "Order Status", "note": "card 4111"}'],
+)
+def test_the_answer_stays_out_of_the_message_that_gets_logged(content: str) -> None:
+    # The model may quote the conversation; conversation text is only logged at DEBUG.
+    with pytest.raises(LLMOutputError) as info:
+        parse_classification(content, TAXONOMY)
+    assert "4111" not in info.value.message and "4111" not in str(info.value)
+    assert "4111" in info.value.details["answer"]
+
+
+def test_error_carries_a_preview_of_the_answer() -> None:
+    answer = {"sentiment": "Furious", **{k: v for k, v in GOOD.items() if k != "sentiment"}}
+    error = unusable(json.dumps(answer) + " " + "z" * 1000)
+    assert "Furious" in error.details["answer"]
+    assert len(error.details["answer"]) < 200
+
+
+# --- the shared pipeline --------------------------------------------------------------------
+
+CONVERSATION = {
+    "conversation_number": 501,
+    "messages": [
+        {"sender": "Customer", "text": "My parcel   never arrived."},
+        {"sender": "AGENT", "text": "Sorry, let me check."},
+    ],
+}
+
+
+def test_from_settings_missing_taxonomy_is_a_config_error(
+    make_settings: Callable[..., Settings], tmp_path: Path
+) -> None:
+    with pytest.raises(ConfigError):
+        ConversationClassifier.from_settings(make_settings(taxonomy_file=tmp_path / "none.json"))
+
+
+def test_classify_with_the_sync_client(make_settings: Callable[..., Settings], fake_ollama: FakeOllama) -> None:
+    settings = make_settings()
+    classifier = ConversationClassifier.from_settings(settings)
+    fake_ollama.enqueue(Reply(content="```json\n" + json.dumps({**GOOD, "intent": "ORDER status"}) + "\n```"))
+    with OllamaClient(settings) as client:
+        outcome = classifier.classify(validate_conversation(CONVERSATION), client)
+    assert outcome.classification == EXPECTED
+    assert outcome.transcript.text == "Customer: My parcel never arrived.\nAgent: Sorry, let me check."
+    assert outcome.chat.prompt_eval_count is not None and outcome.chat.eval_count is not None
+    [request] = fake_ollama.chat_requests
+    assert request["messages"][-1]["content"] == "Conversation:\n" + outcome.transcript.text
+    assert request["format"] == classifier.schema
+
+
+async def test_classify_async_with_the_async_client(
+    make_settings: Callable[..., Settings], fake_ollama: FakeOllama
+) -> None:
+    settings = make_settings()
+    classifier = ConversationClassifier.from_settings(settings)
+    fake_ollama.enqueue(Reply(content=json.dumps({"classification": GOOD})))
+    async with AsyncOllamaClient(settings) as client:
+        outcome = await classifier.classify_async(validate_conversation(CONVERSATION), client)
+    assert outcome.classification == EXPECTED
+    assert fake_ollama.chat_count == 1
+
+
+def test_prepare_keeps_the_prefix_for_every_conversation(make_settings: Callable[..., Settings]) -> None:
+    classifier = ConversationClassifier.from_settings(make_settings())
+    one = classifier.prepare(validate_conversation(CONVERSATION))
+    two = classifier.prepare(
+        validate_conversation({"conversation_number": "2", "messages": [{"sender": "customer", "text": "Refund me"}]})
+    )
+    assert json.dumps(one.messages[:-1]) == json.dumps(two.messages[:-1])
+    assert one.messages[-1] != two.messages[-1]
+    assert (one.conversation_number, two.conversation_number) == ("501", "2")

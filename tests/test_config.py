@@ -1,0 +1,171 @@
+"""Settings: precedence, validation with the variable's name, normalisation, help texts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from config import CONFIG_DIR, EMBEDDED_DATABASE, Settings, env_name, field_help, load_settings
+from error_handler import ConfigError
+
+
+def load(
+    overrides: dict[str, object] | None = None,
+    environ: dict[str, str] | None = None,
+    env_file: Path | None = None,
+) -> Settings:
+    return load_settings(overrides, environ=environ or {}, env_file=env_file)
+
+
+def write_env(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / ".env"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def test_defaults() -> None:
+    settings = load()
+    assert settings.ollama_endpoint == "http://localhost:11434"
+    assert settings.ollama_model == "llama3"
+    assert settings.ollama_timeout == 120
+    assert settings.ollama_keep_alive == "5m"
+    assert settings.api_max_body_bytes == 1_000_000
+    assert settings.api_port == 8000
+    assert settings.taxonomy_file == CONFIG_DIR / "taxonomy.json"
+    assert settings.few_shots_file == CONFIG_DIR / "few_shots.json"
+    assert settings.taxonomy_file.is_file() and settings.few_shots_file.is_file()
+
+
+def test_precedence_overrides_then_environment_then_env_file_then_defaults(tmp_path: Path) -> None:
+    env_file = write_env(
+        tmp_path,
+        "# comment\nOLLAMA_MODEL=from-file\nOLLAMA_TIMEOUT=7\nOLLAMA_KEEP_ALIVE=1h\nAPI_PORT=9001\n",
+    )
+    settings = load(
+        overrides={"ollama_model": "from-override", "api_port": None},  # None: flag not given
+        environ={"OLLAMA_MODEL": "from-environ", "OLLAMA_TIMEOUT": "9", "UNRELATED": "x"},
+        env_file=env_file,
+    )
+    assert settings.ollama_model == "from-override"  # override > environ > file
+    assert settings.ollama_timeout == 9  # environ > file
+    assert settings.ollama_keep_alive == "1h"  # file > default
+    assert settings.api_port == 9001  # an unset override does not hide the file
+    assert settings.ollama_num_predict == 256  # default
+
+
+def test_env_file_is_read_only_when_asked(tmp_path: Path) -> None:
+    env_file = write_env(tmp_path, "OLLAMA_MODEL=from-file\n")
+    assert load(env_file=env_file).ollama_model == "from-file"
+    assert load(env_file=None).ollama_model == "llama3"
+    assert load(env_file=tmp_path / "missing.env").ollama_model == "llama3"
+
+
+def test_empty_value_in_env_file_without_equals_is_ignored(tmp_path: Path) -> None:
+    env_file = write_env(tmp_path, "OLLAMA_MODEL\nOLLAMA_TIMEOUT=3\n")
+    settings = load(env_file=env_file)
+    assert settings.ollama_model == "llama3"
+    assert settings.ollama_timeout == 3
+
+
+def test_default_environ_is_the_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("OLLAMA_MODEL", "from-process")
+    assert load_settings(env_file=None).ollama_model == "from-process"
+
+
+@pytest.mark.parametrize(
+    "variable, value, fragment",
+    [
+        ("OLLAMA_TIMEOUT", "abc", "OLLAMA_TIMEOUT='abc'"),
+        ("OLLAMA_TIMEOUT", "0", "OLLAMA_TIMEOUT='0'"),
+        ("OLLAMA_NUM_PREDICT", "8", "OLLAMA_NUM_PREDICT='8'"),
+        ("API_PORT", "70000", "API_PORT='70000'"),
+        ("API_MAX_BODY_BYTES", "10", "API_MAX_BODY_BYTES='10'"),
+        ("CONVERSATION_CHAR_BUDGET", "100", "CONVERSATION_CHAR_BUDGET='100'"),
+        ("LOG_LEVEL", "verbose", "LOG_LEVEL='verbose'"),
+        ("OLLAMA_ENDPOINT", "localhost:11434", "http://"),
+        ("OLLAMA_MODEL", "", "OLLAMA_MODEL=''"),
+    ],
+)
+def test_invalid_environment_value_names_the_variable(variable: str, value: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(environ={variable: value})
+    message = str(info.value)
+    assert message.startswith("Invalid configuration: ")
+    assert variable in message
+    assert fragment in message
+    assert "\n" not in message
+
+
+def test_invalid_value_from_the_env_file_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="OLLAMA_TIMEOUT='soon'"):
+        load(env_file=write_env(tmp_path, "OLLAMA_TIMEOUT=soon\n"))
+
+
+def test_invalid_override_says_command_line() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(overrides={"api_port": -1})
+    assert "command line=-1" in str(info.value)
+
+
+def test_several_problems_are_all_reported() -> None:
+    with pytest.raises(ConfigError) as info:
+        load(environ={"OLLAMA_TIMEOUT": "x", "API_PORT": "y"})
+    assert "OLLAMA_TIMEOUT" in str(info.value) and "API_PORT" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [
+        ("http://ollama:11434/", "http://ollama:11434"),
+        ("  https://gpu.example.com/ollama//  ", "https://gpu.example.com/ollama"),
+        ("http://127.0.0.1:11434", "http://127.0.0.1:11434"),
+    ],
+)
+def test_endpoint_is_normalised(value: str, expected: str) -> None:
+    assert load(environ={"OLLAMA_ENDPOINT": value}).ollama_endpoint == expected
+
+
+@pytest.mark.parametrize("value", ["ftp://host", "localhost:11434", "", "ws://host:11434"])
+def test_non_http_endpoint_is_rejected(value: str) -> None:
+    with pytest.raises(ConfigError, match="OLLAMA_ENDPOINT"):
+        load(environ={"OLLAMA_ENDPOINT": value})
+
+
+def test_log_level_any_case() -> None:
+    assert load(environ={"LOG_LEVEL": "debug"}).log_level == "DEBUG"
+
+
+@pytest.mark.parametrize(
+    "uri, embedded",
+    [
+        ("embedded", True),
+        (" Embedded ", True),
+        ("EMBEDDED", True),
+        ("mongodb://localhost:27017", False),
+        ("mongodb://embedded:27017", False),
+    ],
+)
+def test_embedded_database_detection(uri: str, embedded: bool) -> None:
+    assert load(environ={"MONGODB_CONNECTION_STRING": uri}).uses_embedded_database is embedded
+    assert EMBEDDED_DATABASE == "embedded"
+
+
+def test_settings_are_frozen_and_reject_unknown_fields() -> None:
+    settings = load()
+    with pytest.raises(ValidationError, match="frozen"):
+        settings.ollama_model = "other"  # type: ignore[misc]
+    with pytest.raises(ConfigError):
+        load(overrides={"no_such_setting": 1})
+
+
+def test_every_field_has_an_env_name_and_help() -> None:
+    for name in Settings.model_fields:
+        assert env_name(name) == name.upper()
+        text = field_help(name)
+        assert f"[env {name.upper()}; default: " in text
+        assert Settings.model_fields[name].description
+    # Paths inside the project are shown relative to it, not as this machine's absolute path.
+    assert "default: config/taxonomy.json]" in field_help("taxonomy_file")
+    assert "%" not in field_help("batch_monitoring_mode").replace("%%", "")

@@ -1,0 +1,83 @@
+"""Logging: URI redaction and the one handler configure_logging installs."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+
+import pytest
+
+from logger import LOG_FORMAT, configure_logging, redact_uri
+
+
+@pytest.mark.parametrize(
+    "uri, expected",
+    [
+        ("mongodb://user:secret@host:27017/db", "mongodb://user:***@host:27017/db"),
+        (
+            "mongodb+srv://admin:p%40ss@cluster0.example.net/?retryWrites=true",
+            "mongodb+srv://admin:***@cluster0.example.net/?retryWrites=true",
+        ),
+        ("connecting to mongodb://u:pw@a:1,b:2/x failed", "connecting to mongodb://u:***@a:1,b:2/x failed"),
+        ("http://bob:hunter2@proxy:3128", "http://bob:***@proxy:3128"),
+        ("mongodb://user:@host", "mongodb://user:***@host"),
+    ],
+)
+def test_redact_uri_hides_passwords(uri: str, expected: str) -> None:
+    redacted = redact_uri(uri)
+    assert redacted == expected
+    assert "secret" not in redacted and "hunter2" not in redacted
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "mongodb://localhost:27017",
+        "mongodb://host:27017/db?authSource=admin",
+        "mongodb://user@host:27017",
+        "http://localhost:11434",
+        "embedded",
+        "",
+    ],
+)
+def test_redact_uri_leaves_uris_without_credentials_unchanged(uri: str) -> None:
+    assert redact_uri(uri) == uri
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quiet = {name: logging.getLogger(name).level for name in ("urllib3", "pymongo", "uvicorn.access")}
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, old in quiet.items():
+        logging.getLogger(name).setLevel(old)
+
+
+def test_configure_logging_installs_one_formatted_handler(restore_logging: None) -> None:
+    first, second = io.StringIO(), io.StringIO()
+    configure_logging("info", stream=first)
+    configure_logging("INFO", stream=second)  # called again: replaces, does not add
+    ours = [h for h in logging.getLogger().handlers if getattr(h, "_classifier_handler", False)]
+    assert len(ours) == 1
+    assert logging.getLogger().level == logging.INFO
+
+    logging.getLogger("tests.some_module").info("classified conversation %s", "c-1")
+    logging.getLogger("tests.some_module").debug("conversation text at debug only")
+    assert first.getvalue() == ""
+    line = second.getvalue().strip()
+    assert line.endswith(" - INFO - tests.some_module - classified conversation c-1")
+    assert "debug only" not in second.getvalue()
+    assert "%(name)s" in LOG_FORMAT
+
+
+def test_libraries_are_quiet_unless_debug(restore_logging: None) -> None:
+    configure_logging("INFO", stream=io.StringIO())
+    assert logging.getLogger("urllib3").level == logging.WARNING
+    configure_logging("DEBUG", stream=io.StringIO())
+    assert logging.getLogger("urllib3").level == logging.DEBUG

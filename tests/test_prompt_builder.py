@@ -1,0 +1,284 @@
+"""Prompt builder: taxonomy loading, output schema, system prompt, few-shots and the fixed prefix."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from aggregator import build_transcript, validate_conversation
+from config import CONFIG_DIR
+from error_handler import ConfigError
+from prompt_builder import (
+    CONVERSATION_HEADER,
+    INSTRUCTIONS,
+    OUTPUT_KEYS,
+    PromptBuilder,
+    Taxonomy,
+    label_key,
+    load_few_shots,
+    load_taxonomy,
+    output_schema,
+    system_prompt,
+)
+
+TAXONOMY_FILE = CONFIG_DIR / "taxonomy.json"
+FEW_SHOTS_FILE = CONFIG_DIR / "few_shots.json"
+RAW_TAXONOMY = json.loads(TAXONOMY_FILE.read_text(encoding="utf-8"))
+RAW_FEW_SHOTS = json.loads(FEW_SHOTS_FILE.read_text(encoding="utf-8"))
+
+
+@pytest.fixture(scope="module")
+def taxonomy() -> Taxonomy:
+    return load_taxonomy(TAXONOMY_FILE)
+
+
+@pytest.fixture(scope="module")
+def builder(taxonomy: Taxonomy) -> PromptBuilder:
+    return PromptBuilder(taxonomy, load_few_shots(FEW_SHOTS_FILE, taxonomy), 12000)
+
+
+def write_json(path: Path, data: Any) -> Path:
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+def small_taxonomy(**changes: Any) -> dict[str, Any]:
+    data = {
+        "intents": [{"name": "Order Status", "description": "Where is my order"}, {"name": "Other"}],
+        "topics": ["Shipping/Delivery", "Other"],
+        "sentiments": ["Positive", "Neutral", "Negative"],
+    }
+    data.update(changes)
+    return data
+
+
+# --- taxonomy -------------------------------------------------------------------------------
+
+
+def test_default_taxonomy_matches_the_file(taxonomy: Taxonomy) -> None:
+    for kind, key in (("intent", "intents"), ("topic", "topics"), ("sentiment", "sentiments")):
+        assert taxonomy.names(kind) == [entry["name"] for entry in RAW_TAXONOMY[key]]
+    assert "Other" in taxonomy.names("intent") and "Other" in taxonomy.names("topic")
+    assert taxonomy.names("sentiment") == ["Positive", "Neutral", "Negative"]
+    # The design document's own labels are there.
+    assert {"Order Status", "Complaint"} <= set(taxonomy.names("intent"))
+    assert {"Shipping/Delivery", "Account/Billing", "Service Quality"} <= set(taxonomy.names("topic"))
+
+
+@pytest.mark.parametrize(
+    "kind, raw, expected",
+    [
+        ("intent", "  order status ", "Order Status"),
+        ("topic", "SHIPPING / DELIVERY", "Shipping/Delivery"),
+        ("topic", "shipping-delivery", "Shipping/Delivery"),
+        ("sentiment", "NEGATIVE.", "Negative"),
+        ("intent", "Order Statuses", None),
+    ],
+)
+def test_canonical_ignores_case_spacing_and_punctuation(
+    taxonomy: Taxonomy, kind: str, raw: str, expected: str | None
+) -> None:
+    assert taxonomy.canonical(kind, raw) == expected
+
+
+def test_label_key() -> None:
+    assert label_key("Shipping / Delivery") == label_key("shipping_delivery") == "shippingdelivery"
+
+
+def test_plain_string_labels_are_accepted(tmp_path: Path) -> None:
+    taxonomy = load_taxonomy(write_json(tmp_path / "t.json", small_taxonomy()))
+    assert taxonomy.names("topic") == ["Shipping/Delivery", "Other"]
+    assert taxonomy.labels("intent")[0].description == "Where is my order"
+
+
+def test_missing_taxonomy_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_taxonomy(tmp_path / "nope.json")
+    assert "not found" in info.value.message and "nope.json" in info.value.message
+    assert "TAXONOMY_FILE" in str(info.value)
+
+
+def test_taxonomy_file_that_is_not_json(tmp_path: Path) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text("{intents: [", encoding="utf-8")
+    with pytest.raises(ConfigError) as info:
+        load_taxonomy(path)
+    assert "not readable JSON" in info.value.message and "bad.json" in info.value.message
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        (["Order Status"], "must hold a JSON object"),
+        (small_taxonomy(intents=[{"name": "Order Status"}]), "must include 'Other'"),
+        (small_taxonomy(topics=["Shipping/Delivery"]), "topics must include 'Other'"),
+        (small_taxonomy(intents=["Order Status", "order  status", "Other"]), "'intents' has duplicate labels"),
+        (small_taxonomy(sentiments=[]), "'sentiments' must be a non-empty list"),
+        ({"intents": ["Other"], "topics": ["Other"]}, "'sentiments' must be a non-empty list"),
+        (small_taxonomy(topics=[{"description": "no name"}, "Other"]), "topics[0] needs a 'name'"),
+    ],
+)
+def test_invalid_taxonomy_raises_config_error(tmp_path: Path, data: Any, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_taxonomy(write_json(tmp_path / "t.json", data))
+    assert expected in info.value.message
+
+
+# --- output schema --------------------------------------------------------------------------
+
+
+def test_schema_enums_are_the_taxonomy_names(taxonomy: Taxonomy) -> None:
+    schema = output_schema(taxonomy)
+    assert schema["type"] == "object"
+    assert schema["required"] == ["categorization", "intent", "topic", "sentiment"]
+    assert set(schema["properties"]) == set(OUTPUT_KEYS)
+    assert schema["properties"]["categorization"] == {"type": "string"}
+    for kind in ("intent", "topic", "sentiment"):
+        assert schema["properties"][kind] == {"type": "string", "enum": taxonomy.names(kind)}
+    assert schema["additionalProperties"] is False
+    json.dumps(schema)  # serialisable as Ollama's "format"
+
+
+# --- system prompt --------------------------------------------------------------------------
+
+
+def test_system_prompt_states_the_instructions_of_section_8(taxonomy: Taxonomy) -> None:
+    prompt = system_prompt(taxonomy)
+    assert prompt.startswith(INSTRUCTIONS)
+    for sentence in (
+        "Classify the following customer support conversation by intent, topic, and sentiment.",
+        "Use the entire conversation context for classification.",
+        "Sentiment must be judged ONLY from the customer's messages. Ignore agent tone.",
+        "Return a SINGLE JSON object with only the required keys: categorization, intent, topic, sentiment.",
+        "No extra keys, no explanations, no commentary.",
+    ):
+        assert sentence in prompt
+
+
+def test_system_prompt_lists_every_label_with_its_description(taxonomy: Taxonomy) -> None:
+    prompt = system_prompt(taxonomy)
+    lines = prompt.splitlines()
+    for key in ("intents", "topics", "sentiments"):
+        for entry in RAW_TAXONOMY[key]:
+            assert f"- {entry['name']}: {entry['description']}" in lines
+
+
+# --- few-shots and the prefix ---------------------------------------------------------------
+
+
+def test_all_default_few_shots_are_used(taxonomy: Taxonomy) -> None:
+    examples = load_few_shots(FEW_SHOTS_FILE, taxonomy)
+    assert len(examples) == len(RAW_FEW_SHOTS) >= 3
+
+
+def test_prefix_is_system_then_multi_turn_user_assistant_pairs(builder: PromptBuilder, taxonomy: Taxonomy) -> None:
+    prefix = builder.prefix
+    assert prefix[0] == {"role": "system", "content": system_prompt(taxonomy)}
+    pairs = prefix[1:]
+    assert len(pairs) == 2 * len(RAW_FEW_SHOTS)
+    for i, raw in enumerate(RAW_FEW_SHOTS):
+        user, assistant = pairs[2 * i], pairs[2 * i + 1]
+        assert (user["role"], assistant["role"]) == ("user", "assistant")
+        # Rendered exactly like a real conversation: same header, one role-labelled line per turn.
+        conversation = validate_conversation({"conversation_number": "x", **raw})
+        expected = CONVERSATION_HEADER + build_transcript(conversation.turns(), 12000).text
+        assert user["content"] == expected
+        body = user["content"].removeprefix(CONVERSATION_HEADER).split("\n")
+        assert len(body) >= 3  # multi-turn
+        assert all(line.startswith(("Customer: ", "Agent: ")) for line in body)
+        assert {line.split(":")[0] for line in body} == {"Customer", "Agent"}
+        answer = json.loads(assistant["content"])
+        assert list(answer) == list(OUTPUT_KEYS)
+        assert answer == raw["classification"]
+
+
+def test_the_conversation_is_rendered_like_the_few_shots(builder: PromptBuilder) -> None:
+    conversation = validate_conversation(
+        {
+            "conversation_number": "9",
+            "messages": [{"sender": "CUSTOMER", "text": "Hi  there"}, {"sender": "agent", "text": "Hello"}],
+        }
+    )
+    messages = builder.build_messages(build_transcript(conversation.turns(), 12000).text)
+    assert messages[-1] == {"role": "user", "content": "Conversation:\nCustomer: Hi there\nAgent: Hello"}
+
+
+def test_prefix_is_byte_identical_and_the_conversation_comes_last(builder: PromptBuilder) -> None:
+    first = builder.build_messages("Customer: my parcel is late")
+    second = builder.build_messages("Customer: I was charged twice\nAgent: Sorry")
+    assert json.dumps(first[:-1]) == json.dumps(second[:-1]) == json.dumps(list(builder.prefix))
+    assert first[-1] != second[-1]
+    assert second[-1] == {"role": "user", "content": "Conversation:\nCustomer: I was charged twice\nAgent: Sorry"}
+    assert builder.prefix_chars == sum(len(m["content"]) for m in builder.prefix)
+
+
+def test_each_chat_is_a_new_list(builder: PromptBuilder) -> None:
+    first = builder.build_messages("Customer: x")
+    first.append({"role": "user", "content": "more"})
+    assert len(builder.build_messages("Customer: y")) == len(builder.prefix) + 1
+
+
+def test_few_shots_outside_a_custom_taxonomy_are_skipped_with_a_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    taxonomy = load_taxonomy(write_json(tmp_path / "t.json", small_taxonomy()))
+    with caplog.at_level(logging.WARNING, logger="prompt_builder"):
+        examples = load_few_shots(FEW_SHOTS_FILE, taxonomy)
+    # Only the first default example (Order Status / Shipping/Delivery) fits this taxonomy.
+    assert [e.output["intent"] for e in examples] == ["Order Status"]
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and r.name == "prompt_builder"]
+    assert len(warnings) == len(RAW_FEW_SHOTS) - 1
+    assert all("skipped" in r.getMessage() and "FEW_SHOTS_FILE" in r.getMessage() for r in warnings)
+    assert "intent='Billing Question'" in warnings[0].getMessage()
+
+
+def test_few_shot_labels_are_canonicalised(tmp_path: Path, taxonomy: Taxonomy) -> None:
+    path = write_json(
+        tmp_path / "shots.json",
+        [
+            {
+                "tweets": [
+                    {"tweet_id": 1, "author_id": "a", "inbound": True, "created_at": "now", "text": "where is it"},
+                    {"tweet_id": 2, "author_id": "b", "inbound": False, "created_at": "now", "text": "on its way"},
+                ],
+                "classification": {
+                    "categorization": "Asks for the parcel",
+                    "intent": "order STATUS",
+                    "topic": "shipping / delivery",
+                    "sentiment": "neutral",
+                },
+            }
+        ],
+    )
+    [example] = load_few_shots(path, taxonomy)
+    assert example.output == {
+        "categorization": "Asks for the parcel",
+        "intent": "Order Status",
+        "topic": "Shipping/Delivery",
+        "sentiment": "Neutral",
+    }
+    assert [turn.role for turn in example.turns] == ["customer", "agent"]
+
+
+@pytest.mark.parametrize(
+    "data, expected",
+    [
+        ({"messages": []}, "must hold a JSON list"),
+        ([{"messages": [{"sender": "customer", "text": "x"}]}], "example 0 needs 'messages' and 'classification'"),
+        ([{"messages": [{"sender": "bot", "text": "x"}], "classification": {}}], "example 0: Invalid conversation"),
+    ],
+)
+def test_invalid_few_shot_file(tmp_path: Path, taxonomy: Taxonomy, data: Any, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_few_shots(write_json(tmp_path / "shots.json", data), taxonomy)
+    assert expected in info.value.message
+
+
+def test_missing_few_shot_file(tmp_path: Path, taxonomy: Taxonomy) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_few_shots(tmp_path / "missing.json", taxonomy)
+    assert "FEW_SHOTS_FILE" in str(info.value)
