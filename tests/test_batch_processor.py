@@ -22,6 +22,7 @@ from bson import ObjectId
 import cli
 from config import Settings, env_name
 from tests.fake_ollama import ErrorReply, FakeOllama, Reply, last_user_content
+from tests.net_helpers import free_port
 from utils.batch_file_manager import BatchFileManager
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -338,16 +339,8 @@ def test_progress_files_follow_the_design_schema(batch_env, files_dir, mongo_db,
 # --- start-up failures ---------------------------------------------------------------------
 
 
-def _closed_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_unreachable_mongodb_is_a_one_line_error(batch_env, monkeypatch, capsys):
-    port = _closed_port()
+    port = free_port()
     monkeypatch.setenv("MONGODB_CONNECTION_STRING", f"mongodb://app:s3cret@127.0.0.1:{port}/")
     monkeypatch.setenv("MONGODB_TIMEOUT_MS", "500")
     assert cli.main([]) == cli.EXIT_UNAVAILABLE
@@ -358,7 +351,7 @@ def test_unreachable_mongodb_is_a_one_line_error(batch_env, monkeypatch, capsys)
 
 
 def test_unreachable_ollama_is_a_one_line_error(batch_env, monkeypatch, mongo_db, capsys):
-    port = _closed_port()
+    port = free_port()
     monkeypatch.setenv("OLLAMA_ENDPOINT", f"http://127.0.0.1:{port}")
     assert cli.main([]) == cli.EXIT_UNAVAILABLE
     err = capsys.readouterr().err

@@ -1,0 +1,30 @@
+# One image, two commands: the API (default) and the batch processor
+#   docker run IMAGE                                         -> python main.py (API on :8000)
+#   docker run IMAGE python batch_processor.py --mode continuous
+# Configuration comes from the environment at run time (--env-file .env); nothing secret is baked in.
+FROM python:3.11-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    API_HOST=0.0.0.0 \
+    API_PORT=8000 \
+    BATCH_FILES_DIR=/app/batch_files
+
+WORKDIR /app
+
+# Dependencies first: this layer is rebuilt only when requirements.txt changes.
+COPY requirements.txt .
+RUN pip install -r requirements.txt
+
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
+COPY --chown=app:app . .
+# Batch files must survive restarts: mount a volume here (docker-compose.yml does).
+RUN mkdir -p /app/batch_files && chown app:app /app/batch_files
+USER app
+
+EXPOSE 8000
+HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
+    CMD ["python", "scripts/healthcheck.py"]
+CMD ["python", "main.py"]

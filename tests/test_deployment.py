@@ -1,0 +1,119 @@
+"""Deployment files: .env.example, Dockerfile, docker-compose.yml, the container health check.
+
+No Docker engine runs on our machines, so this checks what can be checked without one:
+the files parse, every command they run exists and accepts its arguments, the settings
+they set are real settings, and the health check works against a real API.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from dotenv import dotenv_values
+
+import cli
+from config import Settings, env_name, load_settings
+
+ROOT = Path(__file__).resolve().parents[1]
+SETTING_NAMES = {env_name(name) for name in Settings.model_fields}
+
+
+def test_env_example_names_only_real_settings_and_loads():
+    text = (ROOT / ".env.example").read_text()
+    named = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", text, flags=re.MULTILINE))
+    assert named, "no settings found in .env.example"
+    assert named <= SETTING_NAMES, f"unknown settings: {named - SETTING_NAMES}"
+    settings = load_settings(environ={}, env_file=ROOT / ".env.example")
+    assert settings == load_settings(environ={}, env_file=None)  # it documents the defaults
+
+
+def test_env_example_holds_no_credentials():
+    values = dotenv_values(ROOT / ".env.example")
+    for key, value in values.items():
+        assert not re.search(r"://[^/@\s]+:[^/@\s]+@", value or ""), f"{key} carries credentials"
+
+
+def test_env_is_ignored_by_git_and_docker():
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+    assert ".env" in (ROOT / ".dockerignore").read_text().splitlines()
+
+
+def _dockerfile_instructions() -> list[tuple[str, str]]:
+    text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1] if " " in line else "") for line in lines]
+
+
+def test_dockerfile_runs_as_a_non_root_user_with_a_health_check():
+    instructions = _dockerfile_instructions()
+    kinds = [kind for kind, _ in instructions]
+    assert instructions[0][0] == "FROM" and "slim" in instructions[0][1]
+    user = [arg for kind, arg in instructions if kind == "USER"]
+    assert user and user[-1] not in ("root", "0")
+    assert kinds.index("USER") < kinds.index("CMD")
+    [healthcheck] = [arg for kind, arg in instructions if kind == "HEALTHCHECK"]
+    assert "scripts/healthcheck.py" in healthcheck
+    [cmd] = [arg for kind, arg in instructions if kind == "CMD"]
+    assert cmd == '["python", "main.py"]'
+    for kind, arg in instructions:
+        if kind in ("ENV", "ARG"):
+            assert not re.search(r"PASSWORD|SECRET|TOKEN|://[^/@\s]+:[^/@\s]+@", arg, flags=re.IGNORECASE), arg
+
+
+def test_compose_file_parses_and_wires_the_services():
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"mongodb", "ollama", "ollama-pull", "api", "batch-processor"}
+    for name in ("api", "batch-processor"):
+        service = services[name]
+        assert service["build"] == "."
+        assert set(service["environment"]) <= SETTING_NAMES
+        assert service["environment"]["OLLAMA_ENDPOINT"] == "http://ollama:11434"
+        assert service["environment"]["MONGODB_CONNECTION_STRING"].startswith("mongodb://mongodb:")
+        assert service["depends_on"]["ollama-pull"]["condition"] == "service_completed_successfully"
+    assert services["api"]["command"] == ["python", "main.py"]
+    assert services["ollama-pull"]["entrypoint"][:2] == ["ollama", "pull"]
+
+    processor = services["batch-processor"]
+    command = processor["command"]
+    assert command[:2] == ["python", "batch_processor.py"]
+    args = cli.build_parser().parse_args(command[2:])  # the flags exist and parse
+    assert args.batch_processor_mode == "continuous"
+    files_dir = processor["environment"]["BATCH_FILES_DIR"]
+    assert any(volume.endswith(":" + files_dir) for volume in processor["volumes"])
+
+
+@pytest.mark.parametrize("script", ["main.py", "batch_processor.py"])
+def test_the_images_commands_run_outside_docker(script, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    result = subprocess.run([sys.executable, str(ROOT / script), "--help"], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "usage:" in result.stdout
+
+
+def _healthcheck(port: int, tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if k not in SETTING_NAMES}
+    env["API_PORT"] = str(port)
+    return subprocess.run([sys.executable, str(ROOT / "scripts" / "healthcheck.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_healthcheck_passes_against_a_running_api(api_server, tmp_path):
+    port = int(api_server.url.rsplit(":", 1)[1])
+    result = _healthcheck(port, tmp_path)
+    assert result.returncode == 0, result.stderr
+
+
+def test_healthcheck_fails_when_nothing_answers(tmp_path):
+    from tests.net_helpers import free_port
+
+    result = _healthcheck(free_port(), tmp_path)
+    assert result.returncode == 1
+    assert "unhealthy" in result.stderr
