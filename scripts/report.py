@@ -1,0 +1,540 @@
+"""Report on the classifications: counts by intent, topic and sentiment, and their crossings.
+
+    python scripts/report.py [--format table|csv|json] [--chart FILE.png] [--job BATCH_JOB_ID]
+
+Reads the results collection of the batch processor with its MongoDB settings
+(MONGODB_CONNECTION_STRING, 'embedded' included, MONGODB_DATABASE_NAME,
+MONGODB_RESULTS_COLLECTION; environment, then ``.env``) and the taxonomy (TAXONOMY_FILE).
+
+Counting
+--------
+MongoDB does the counting: one aggregation pipeline groups the results by
+(intent, topic, sentiment) - at most intents x topics x sentiments rows, whatever the
+number of results - and every count and crossing of the report is a sum over those rows.
+No result document is loaded into Python. The same pipeline takes the first and last
+``processing_metadata.processed_at`` (a date as the batch processor writes it, or an
+ISO-8601 string as in the design document's example).
+
+Labels are listed in taxonomy order, each taxonomy label even with no results (zeros
+keep every report the same shape and the crossing tables rectangular). Labels found in
+the data but not in the taxonomy (an old taxonomy, a hand-edited result) follow the
+known ones, most frequent first; a missing or empty label is counted as ``(missing)``.
+Labels are compared exactly: the classifier stores the taxonomy's spelling.
+
+Formats
+-------
+* ``table`` (default): rich tables for intents and topics (results, share of all
+  results, and the split by sentiment) and sentiments, with totals; a header line
+  gives the number of results, database.collection and the processed_at range.
+* ``json``: one object: ``total``, ``database``, ``collection``, ``batch_job_id``,
+  ``processed_at`` ({"first", "last"}, ISO 8601 UTC or null), ``by_intent``,
+  ``by_topic``, ``by_sentiment`` ({label: count}), ``intent_by_sentiment``,
+  ``topic_by_sentiment``, ``intent_by_topic`` ({row label: {column label: count}}) and
+  ``unknown_labels`` ({"intent"|"topic"|"sentiment": [labels outside the taxonomy]}).
+* ``csv``: one long table with the header ``section,row,column,count``; ``section`` is
+  a key of the JSON report: ``total`` (row and column empty), ``by_intent``,
+  ``by_topic``, ``by_sentiment`` (column empty), ``intent_by_sentiment``,
+  ``topic_by_sentiment``, ``intent_by_topic``. Every section sums to the total.
+
+``--chart FILE.png`` also writes bar charts (intents and topics stacked by sentiment,
+and sentiments) with matplotlib's Agg renderer: no display needed.
+
+An empty report (no results yet, or none for ``--job``) is not an error: it exits 0,
+prints the report with zero counts and says why on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+# Run as `python scripts/report.py` from the project root (or anywhere): the project's
+# modules (config, mongo_client, ...) live in the parent folder of scripts/, which Python
+# does not put on sys.path by itself.
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from pymongo.collection import Collection  # noqa: E402
+from pymongo.errors import PyMongoError  # noqa: E402
+
+from config import Settings, load_settings  # noqa: E402
+from error_handler import ClassifierError, ConfigError, StorageError, StorageUnavailableError  # noqa: E402
+from logger import configure_logging  # noqa: E402
+from mongo_client import sync_database  # noqa: E402
+from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
+from utils.retry_utils import storage_error  # noqa: E402
+
+logger = logging.getLogger("report")
+
+EXIT_OK = 0  # report printed (also when it is empty: no results yet, or none for --job)
+EXIT_FAILURE = 1  # a MongoDB query failed after the connection check (e.g. not authorized)
+EXIT_USAGE = 2  # bad command line, or the chart file cannot be written
+EXIT_CONFIG = 3  # invalid settings or taxonomy file
+EXIT_UNAVAILABLE = 4  # MongoDB unreachable
+EXIT_INTERRUPTED = 130
+
+KINDS = ("intent", "topic", "sentiment")
+MISSING_LABEL = "(missing)"
+CSV_HEADER = ("section", "row", "column", "count")
+#: The crossings of the report: (key, row kind, column kind).
+CROSSINGS = (
+    ("intent_by_sentiment", "intent", "sentiment"),
+    ("topic_by_sentiment", "topic", "sentiment"),
+    ("intent_by_topic", "intent", "topic"),
+)
+NO_RESULTS_HINT = "run python batch_processor.py first"
+APP_NAME = "support-classifier-report"  # the client's name in MongoDB's logs and currentOp
+LATEST_JOBS_SHOWN = 5
+
+EPILOG = f"""\
+settings (environment or .env, as for the batch processor):
+  MONGODB_CONNECTION_STRING   MongoDB URI, or 'embedded' for a local SecantusDB in ./data/db
+  MONGODB_DATABASE_NAME       database (default customer_support)
+  MONGODB_RESULTS_COLLECTION  the classifications (default sentimental_analysis)
+  MONGODB_TIMEOUT_MS          server selection timeout (default 30000)
+  TAXONOMY_FILE               label order (default config/taxonomy.json)
+
+labels are listed in taxonomy order, zeros included; labels found in the results but not
+in the taxonomy follow, most frequent first.
+
+csv: one long table, header {",".join(CSV_HEADER)}; section is total, by_intent, by_topic,
+by_sentiment (column empty), intent_by_sentiment, topic_by_sentiment or intent_by_topic
+(row label x column label). Each section sums to the total. json: the same sections as keys
+of one object, plus database, collection, batch_job_id, processed_at and unknown_labels.
+The intent x topic crossing is in json and csv only (too wide for a table).
+
+exit codes:
+  {EXIT_OK} report printed; also an empty one (no results yet, or none for --job): the reason goes to stderr
+  {EXIT_FAILURE} a MongoDB query failed     {EXIT_USAGE} bad command line, or the chart cannot be written
+  {EXIT_CONFIG} invalid configuration or taxonomy   {EXIT_UNAVAILABLE} MongoDB unavailable
+"""
+
+
+class UsageError(ClassifierError):
+    """The command line asks for something impossible (an unwritable chart file)."""
+
+    code = "usage_error"
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def _png_path(text: str) -> Path:
+    path = Path(text)
+    if path.suffix.lower() != ".png":
+        raise argparse.ArgumentTypeError(f"must be a .png file name, got {text!r}")
+    if not path.parent.is_dir():
+        raise argparse.ArgumentTypeError(f"folder {str(path.parent)!r} does not exist")
+    return path
+
+
+def _job_id(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("must not be empty")
+    return text.strip()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python scripts/report.py",
+        description="Count the classifications of the results collection by intent, topic and sentiment, "
+        "and cross them (intent x sentiment, topic x sentiment, intent x topic). MongoDB does the counting.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--format", choices=["table", "csv", "json"], default="table",
+                        help="table: rich tables with totals and percentages; csv: one long table "
+                        "(section,row,column,count); json: one object [default: table]")
+    parser.add_argument("--chart", type=_png_path, metavar="FILE.png",
+                        help="also write bar charts (intents and topics stacked by sentiment, sentiments) "
+                        "to this PNG file, replacing it [default: no chart]")
+    parser.add_argument("--job", type=_job_id, metavar="BATCH_JOB_ID",
+                        help="only the results of this batch job (processing_metadata.batch_job_id, e.g. "
+                        "batch_20250924_103000, as printed by the batch processor) [default: all results]")
+    parser.add_argument("--verbose", action="store_true",
+                        help="log each step at LOG_LEVEL (default INFO) on stderr [default: warnings only]")
+    return parser
+
+
+# --- counting -----------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    """The counts of one report, labels in display order (taxonomy first, then the others)."""
+
+    database: str
+    collection: str
+    job: str | None
+    total: int = 0
+    first: datetime | None = None
+    last: datetime | None = None
+    labels: dict[str, list[str]] = field(default_factory=dict)
+    unknown: dict[str, list[str]] = field(default_factory=dict)
+    counts: dict[str, Counter[str]] = field(default_factory=dict)
+    crossings: dict[tuple[str, str], Counter[tuple[str, str]]] = field(default_factory=dict)
+
+    def crossing(self, row_kind: str, column_kind: str) -> dict[str, dict[str, int]]:
+        cells = self.crossings[row_kind, column_kind]
+        return {row: {column: cells[row, column] for column in self.labels[column_kind]}
+                for row in self.labels[row_kind]}
+
+
+def _label(value: Any) -> str:
+    if value is None:
+        return MISSING_LABEL
+    text = str(value).strip()
+    return text or MISSING_LABEL
+
+
+def _as_utc(value: Any) -> datetime | None:
+    """A processed_at value (a BSON date, or an ISO-8601 string as in the design document) in UTC."""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value.strip())
+        except ValueError:
+            return None
+    if not isinstance(value, datetime):
+        return None
+    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+
+
+def _match(job: str | None) -> dict[str, Any]:
+    return {"processing_metadata.batch_job_id": job} if job is not None else {}
+
+
+def _typed(path: str, bson_type: str) -> dict[str, Any]:
+    """``path`` when its value has ``bson_type``, else null ($min and $max skip nulls)."""
+    return {"$cond": [{"$eq": [{"$type": path}, bson_type]}, path, None]}
+
+
+def counts_pipeline(job: str | None) -> list[dict[str, Any]]:
+    """One group per (intent, topic, sentiment) present, with its count and processed_at range.
+
+    Dates and strings are ranged apart: BSON orders every string before every date. Strings
+    compare as text, which is time order for ISO-8601 strings written alike (all in UTC, "Z").
+    """
+    at = "$processing_metadata.processed_at"
+    return [
+        {"$match": _match(job)},
+        {"$group": {
+            "_id": {kind: f"$classification.{kind}" for kind in KINDS},
+            "count": {"$sum": 1},
+            "first_date": {"$min": _typed(at, "date")},
+            "last_date": {"$max": _typed(at, "date")},
+            "first_text": {"$min": _typed(at, "string")},
+            "last_text": {"$max": _typed(at, "string")},
+        }},
+    ]
+
+
+def _ordered(known: list[str], found: Counter[str]) -> tuple[list[str], list[str]]:
+    """Taxonomy labels in their order, then the labels only the data has, most frequent first."""
+    known_set = set(known)
+    extra = sorted((label for label in found if label not in known_set), key=lambda label: (-found[label], label))
+    return known + extra, extra
+
+
+def build_report(collection: Collection[Any], taxonomy: Taxonomy, *, database: str, job: str | None) -> Report:
+    report = Report(database=database, collection=collection.name, job=job)
+    counts: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
+    crossings: dict[tuple[str, str], Counter[tuple[str, str]]] = {(r, c): Counter() for _, r, c in CROSSINGS}
+    moments: list[datetime] = []
+    started = time.monotonic()
+    try:
+        groups = list(collection.aggregate(counts_pipeline(job)))
+    except PyMongoError as e:
+        raise storage_error(e, f"aggregation on {database}.{collection.name}") from e
+    for group in groups:
+        key = group["_id"] if isinstance(group.get("_id"), dict) else {}
+        labels = {kind: _label(key.get(kind)) for kind in KINDS}
+        n = int(group["count"])
+        report.total += n
+        for kind in KINDS:
+            counts[kind][labels[kind]] += n
+        for _, row_kind, column_kind in CROSSINGS:
+            crossings[row_kind, column_kind][labels[row_kind], labels[column_kind]] += n
+        for name in ("first_date", "last_date", "first_text", "last_text"):
+            moment = _as_utc(group.get(name))
+            if moment is not None:
+                moments.append(moment)
+    for kind in KINDS:
+        report.labels[kind], report.unknown[kind] = _ordered(taxonomy.names(kind), counts[kind])
+    report.counts = counts
+    report.crossings = crossings
+    if moments:
+        report.first, report.last = min(moments), max(moments)
+    logger.info("counted %d results of %s.%s (%d label groups) in %d ms", report.total, database, collection.name,
+                len(groups), (time.monotonic() - started) * 1000)
+    return report
+
+
+def latest_jobs(collection: Collection[Any], limit: int = LATEST_JOBS_SHOWN) -> list[str]:
+    """The batch jobs with results, most recently processed first (for the --job hint)."""
+    pipeline = [
+        {"$match": {"processing_metadata.batch_job_id": {"$type": "string"}}},
+        {"$group": {"_id": "$processing_metadata.batch_job_id", "last": {"$max": "$processing_metadata.processed_at"}}},
+        {"$sort": {"last": -1, "_id": -1}},
+        {"$limit": limit},
+    ]
+    try:
+        return [str(group["_id"]) for group in collection.aggregate(pipeline)]
+    except PyMongoError as e:
+        raise storage_error(e, f"aggregation on {collection.full_name}") from e
+
+
+# --- output -------------------------------------------------------------------------------
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat(timespec="seconds").replace("+00:00", "Z") if moment else None
+
+
+def as_dict(report: Report) -> dict[str, Any]:
+    """The JSON report (keys in the order of the module docstring)."""
+    data: dict[str, Any] = {
+        "total": report.total,
+        "database": report.database,
+        "collection": report.collection,
+        "batch_job_id": report.job,
+        "processed_at": {"first": _iso(report.first), "last": _iso(report.last)},
+    }
+    for kind in KINDS:
+        data[f"by_{kind}"] = {label: report.counts[kind][label] for label in report.labels[kind]}
+    for key, row_kind, column_kind in CROSSINGS:
+        data[key] = report.crossing(row_kind, column_kind)
+    data["unknown_labels"] = {kind: report.unknown[kind] for kind in KINDS}
+    return data
+
+
+def csv_rows(report: Report) -> list[tuple[str, str, str, int]]:
+    rows: list[tuple[str, str, str, int]] = [("total", "", "", report.total)]
+    for kind in KINDS:
+        rows += [(f"by_{kind}", label, "", report.counts[kind][label]) for label in report.labels[kind]]
+    for key, row_kind, column_kind in CROSSINGS:
+        for row, columns in report.crossing(row_kind, column_kind).items():
+            rows += [(key, row, column, count) for column, count in columns.items()]
+    return rows
+
+
+def write_csv(report: Report) -> None:
+    writer = csv.writer(sys.stdout, lineterminator="\n")
+    writer.writerow(CSV_HEADER)
+    writer.writerows(csv_rows(report))
+
+
+def _marked(report: Report, kind: str, label: str) -> str:
+    """``label``, with a star when it is not in the taxonomy (explained under the tables and the chart)."""
+    return f"{label} *" if label in report.unknown[kind] else label
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "-"
+
+
+def header_line(report: Report) -> str:
+    noun = "result" if report.total == 1 else "results"
+    line = f"{report.total} {noun} in {report.database}.{report.collection}"
+    if report.job is not None:
+        line += f", batch job {report.job}"
+    if report.first and report.last:
+        line += f", processed {report.first:%Y-%m-%d %H:%M:%S} to {report.last:%Y-%m-%d %H:%M:%S} UTC"
+    return line
+
+
+def print_tables(report: Report) -> None:
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(file=sys.stdout, highlight=False)
+    if not console.is_terminal:
+        console.width = max(console.width, 120)  # a file or a pipe: do not squeeze long labels into 80 columns
+    console.print(header_line(report), style="bold")
+    if report.total == 0:
+        return  # tables of zeros say nothing; the reason is on stderr (json and csv keep their shape)
+    sentiments = report.labels["sentiment"]
+    for kind, title in (("intent", "Intents"), ("topic", "Topics")):
+        table = Table(title=f"{title} by sentiment", box=box.SIMPLE_HEAD, show_footer=True, title_justify="left")
+        table.add_column(kind.capitalize(), footer="Total")
+        table.add_column("Results", justify="right", footer=str(report.total))
+        table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
+        cells = report.crossings[kind, "sentiment"]
+        for sentiment in sentiments:
+            table.add_column(sentiment, justify="right", footer=str(report.counts["sentiment"][sentiment]))
+        for label in report.labels[kind]:
+            n = report.counts[kind][label]
+            table.add_row(
+                _marked(report, kind, label), str(n), _percent(n, report.total),
+                *(str(cells[label, sentiment]) for sentiment in sentiments),
+                style="dim" if n == 0 else None,
+            )
+        console.print(table)
+    table = Table(title="Sentiments", box=box.SIMPLE_HEAD, show_footer=True, title_justify="left")
+    table.add_column("Sentiment", footer="Total")
+    table.add_column("Results", justify="right", footer=str(report.total))
+    table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
+    for label in sentiments:
+        n = report.counts["sentiment"][label]
+        table.add_row(_marked(report, "sentiment", label), str(n), _percent(n, report.total),
+                      style="dim" if n == 0 else None)
+    console.print(table)
+    if any(report.unknown.values()):
+        console.print("* not in the taxonomy (TAXONOMY_FILE)")
+
+
+# --- chart --------------------------------------------------------------------------------
+
+# Colours of the usual sentiments; other labels take the next colours of the tab10 cycle.
+SENTIMENT_COLOURS = {"positive": "#2e9e57", "neutral": "#9aa0a6", "negative": "#d1453b"}
+OTHER_COLOURS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
+
+
+def _sentiment_colours(sentiments: list[str]) -> dict[str, str]:
+    colours: dict[str, str] = {}
+    others = iter(OTHER_COLOURS * (len(sentiments) // len(OTHER_COLOURS) + 1))
+    for label in sentiments:
+        colours[label] = SENTIMENT_COLOURS.get(label.casefold()) or next(others)
+    return colours
+
+
+def write_chart(report: Report, path: Path) -> None:
+    """Bar charts of the report as a PNG, drawn by the Agg renderer (no display, no pyplot state)."""
+    # Imported here: matplotlib takes a while to import, and only --chart needs it.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    sentiments = report.labels["sentiment"]
+    colours = _sentiment_colours(sentiments)
+    rows = {kind: len(report.labels[kind]) for kind in ("intent", "topic")}
+    height = 1.6 + 0.32 * (rows["intent"] + rows["topic"]) + 2.2
+    figure = Figure(figsize=(11, height), layout="constrained")
+    FigureCanvasAgg(figure)
+    grid = figure.add_gridspec(3, 1, height_ratios=[rows["intent"] + 1.5, rows["topic"] + 1.5, 5.5])
+    title = f"{report.total} classified conversations - {report.database}.{report.collection}"
+    if report.job is not None:
+        title += f" - batch job {report.job}"
+    if report.total == 0:
+        title += "\nno results yet" if report.job is None else "\nno results for this batch job"
+    elif report.first and report.last:
+        title += f"\nprocessed {report.first:%Y-%m-%d %H:%M} to {report.last:%Y-%m-%d %H:%M} UTC"
+    figure.suptitle(title, fontsize=12)
+
+    for position, (kind, heading) in enumerate((("intent", "Intents"), ("topic", "Topics"))):
+        axes = figure.add_subplot(grid[position])
+        labels = report.labels[kind]
+        cells = report.crossings[kind, "sentiment"]
+        left = [0] * len(labels)
+        for sentiment in sentiments:
+            widths = [cells[label, sentiment] for label in labels]
+            axes.barh(labels, widths, left=left, color=colours[sentiment], label=sentiment, height=0.7)
+            left = [a + b for a, b in zip(left, widths)]
+        for y, total in enumerate(left):
+            axes.annotate(str(total), (total, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+        axes.invert_yaxis()  # taxonomy order from the top
+        axes.set_title(f"{heading} (stacked by sentiment)", loc="left", fontsize=11)
+        axes.set_xlabel("results")
+        axes.set_xlim(0, max(left + [1]) * 1.08)
+        axes.xaxis.get_major_locator().set_params(integer=True)
+        axes.grid(axis="x", alpha=0.3)
+        axes.set_axisbelow(True)
+        axes.spines[["top", "right"]].set_visible(False)
+        axes.set_yticks(range(len(labels)), [_marked(report, kind, label) for label in labels])
+        if position == 0:  # above the plot, right of its title: it never hides a bar
+            axes.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=len(sentiments), fontsize=8, frameon=False)
+
+    axes = figure.add_subplot(grid[2])
+    values = [report.counts["sentiment"][label] for label in sentiments]
+    bars = axes.bar([_marked(report, "sentiment", label) for label in sentiments], values, color=[colours[label] for label in sentiments], width=0.6)
+    axes.bar_label(bars, labels=[f"{v} ({_percent(v, report.total)})" for v in values], fontsize=8, padding=2)
+    axes.set_title("Sentiments", loc="left", fontsize=11)
+    axes.set_ylabel("results")
+    axes.set_ylim(0, max(values + [1]) * 1.2)
+    axes.yaxis.get_major_locator().set_params(integer=True)
+    axes.grid(axis="y", alpha=0.3)
+    axes.set_axisbelow(True)
+    axes.spines[["top", "right"]].set_visible(False)
+
+    if any(report.unknown.values()):
+        # supxlabel, not figure.text: the constrained layout makes room for it.
+        figure.supxlabel("* not in the taxonomy (TAXONOMY_FILE)", x=0.01, ha="left", fontsize=8)
+    try:
+        figure.savefig(path, format="png", dpi=110)
+    except OSError as e:
+        raise UsageError(f"cannot write the chart {path}: {e.strerror or e}",
+                         hint="Choose a writable file with --chart.") from e
+
+
+# --- main ---------------------------------------------------------------------------------
+
+
+def run(args: argparse.Namespace, settings: Settings) -> int:
+    taxonomy = load_taxonomy(settings.taxonomy_file)  # a bad taxonomy fails before any connection
+    with sync_database(settings, appname=APP_NAME) as database:
+        collection = database[settings.mongodb_results_collection]
+        report = build_report(collection, taxonomy, database=database.name, job=args.job)
+        note = None
+        if report.total == 0:
+            where = f"{database.name}.{collection.name}"
+            if args.job is None:
+                note = f"no results yet in {where}: {NO_RESULTS_HINT}"
+            else:
+                jobs = latest_jobs(collection)
+                known = (f"latest jobs: {', '.join(jobs)}" if jobs
+                         else f"the collection holds no results yet: {NO_RESULTS_HINT}")
+                note = f"no results for batch job {args.job!r} in {where} ({known})"
+    if args.chart is not None:  # first: a chart that cannot be written fails the run before any output
+        write_chart(report, args.chart)
+        print(f"chart written to {args.chart}", file=sys.stderr, flush=True)
+    if args.format == "json":
+        print(json.dumps(as_dict(report), indent=2, ensure_ascii=False))
+    elif args.format == "csv":
+        write_csv(report)
+    else:
+        print_tables(report)
+    sys.stdout.flush()
+    if note:
+        print(note, file=sys.stderr, flush=True)
+    return EXIT_OK
+
+
+def _fail(error: ClassifierError, code: int) -> int:
+    print(f"error: {error.message}" + (f"\n  {error.hint}" if error.hint else ""), file=sys.stderr, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, report, and turn the outcome into an exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+    except ConfigError as e:
+        return _fail(e, EXIT_CONFIG)
+    configure_logging(settings.log_level if args.verbose else "WARNING")
+    try:
+        return run(args, settings)
+    except UsageError as e:
+        return _fail(e, EXIT_USAGE)
+    except ConfigError as e:
+        return _fail(e, EXIT_CONFIG)
+    except StorageUnavailableError as e:
+        return _fail(e, EXIT_UNAVAILABLE)
+    except StorageError as e:
+        return _fail(e, EXIT_FAILURE)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
