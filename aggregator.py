@@ -162,7 +162,8 @@ def validate_conversation(data: Any) -> ConversationIn:
         field = _field_path(tuple(first["loc"]))
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-        raise InputError(f"Invalid conversation: {field}: {message}{more}", field=field) from e
+        where = "" if field == "body" else f"{field}: "  # a problem of the whole conversation names no field
+        raise InputError(f"Invalid conversation: {where}{message}{more}", field=field) from e
 
 
 def build_transcript(turns: list[Turn], char_budget: int, *, conversation_number: str = "?") -> Transcript:

@@ -94,7 +94,12 @@ def sync_database(settings: Settings, *, appname: str = "support-classifier-tool
 def _sync_client(settings: Settings, uri: str, appname: str) -> Iterator[Database[Any]]:
     try:
         client: MongoClient[dict[str, Any]] = MongoClient(
-            uri, serverSelectionTimeoutMS=settings.mongodb_timeout_ms, appname=appname, tz_aware=True
+            uri,
+            serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
+            connectTimeoutMS=min(settings.mongodb_timeout_ms, 20000),
+            socketTimeoutMS=settings.mongodb_timeout_ms,  # a server that stops answering must not hang a script
+            appname=appname,
+            tz_aware=True,
         )
     except (PyMongoError, ValueError, TypeError) as e:
         raise StorageUnavailableError(
