@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
+# make demo uses the embedded development database unless MONGODB_CONNECTION_STRING is set.
+MONGODB_CONNECTION_STRING ?= embedded
+
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev run test demo bench clean
 
@@ -29,6 +32,12 @@ run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:800
 
 test: $(VENV)/.dev ## Run the test suite
 	$(BIN)/python -m pytest
+
+demo: $(VENV)/.dev ## Import 32 sample conversations, classify them with Ollama, print the report
+	MONGODB_CONNECTION_STRING="$(MONGODB_CONNECTION_STRING)" $(BIN)/python scripts/demo.py
+
+bench: $(VENV)/.dev ## Run the benchmarks (fast preset) and write docs/benchmarks.md
+	$(BIN)/python scripts/benchmark.py
 
 clean: ## Remove the virtual environment and caches (keeps data and batch files)
 	rm -rf $(VENV) .pytest_cache

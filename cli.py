@@ -18,7 +18,7 @@ from classifier import ConversationClassifier
 from config import Settings, field_help, load_settings
 from error_handler import BatchFileError, ClassifierError, ConfigError, LLMError, StorageError, StorageUnavailableError
 from logger import configure_logging
-from mongo_client import MongoStore
+from mongo_client import MongoStore, data_identity
 from utils.batch_file_manager import BatchFileManager
 from utils.progress import ProgressTracker, build_progress, monitoring_components
 
@@ -132,6 +132,7 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     files = BatchFileManager(settings.batch_files_dir)
     files.lock()
     try:
+        files.claim(data_identity(settings))
         async with MongoStore.connect(settings) as store, AsyncOllamaClient(settings) as llm:
             await store.ping()
             await llm.check_ready()

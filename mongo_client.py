@@ -16,6 +16,7 @@ import re
 from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 import pymongo
@@ -115,6 +116,18 @@ def _sync_client(settings: Settings, uri: str, appname: str) -> Iterator[Databas
         yield client[settings.mongodb_database_name]
     finally:
         client.close()
+
+
+def data_identity(settings: Settings) -> str:
+    """A stable name for the source and results collections (no password), to tie batch files to them."""
+    if settings.uses_embedded_database:
+        where = f"embedded:{Path(settings.embedded_db_path).resolve()}"
+    else:
+        where = redact_uri(settings.mongodb_connection_string.strip())
+    return (
+        f"{where} {settings.mongodb_database_name}."
+        f"{settings.mongodb_source_collection} -> {settings.mongodb_results_collection}"
+    )
 
 
 class MongoStore:

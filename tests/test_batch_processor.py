@@ -506,3 +506,15 @@ def test_sigint_mid_batch_leaves_the_rest_recoverable(start_processor, files_dir
     output, _ = final.communicate(timeout=60)
     assert final.returncode == cli.EXIT_OK, output
     assert results_per_source(mongo_db) == {i: 1 for i in ids}
+
+
+def test_a_batch_files_folder_of_another_database_is_refused(batch_env, files_dir, monkeypatch, mongo_db, capsys):
+    insert(mongo_db, [make_conversation(1)])
+    assert cli.main([]) == cli.EXIT_OK
+    assert "target.json" in {p.name for p in files_dir.iterdir()}
+    # The same folder, now pointed at another database: its ObjectIds mean nothing there.
+    monkeypatch.setenv("MONGODB_DATABASE_NAME", mongo_db.name + "_other")
+    assert cli.main([]) == cli.EXIT_FAILURE
+    err = capsys.readouterr().err
+    assert f"holds the batch files of mongodb://" in err and f"{mongo_db.name}.conversation_set" in err
+    assert "--batch-files-dir" in err

@@ -187,6 +187,7 @@ class BatchFileManager:
 
     CHECKPOINT = "checkpoint.json"
     LOCK = ".lock"
+    TARGET = "target.json"
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
@@ -219,6 +220,24 @@ class BatchFileManager:
         os.ftruncate(fd, 0)
         os.write(fd, str(os.getpid()).encode())
         self._lock_fd = fd
+
+    def claim(self, target: str) -> None:
+        """Tie the folder to one database and collections; refuse a folder that belongs to another.
+
+        Pending batches and queues hold ObjectIds of one source collection: recovering them
+        against another database would write results for documents that are not there.
+        """
+        path = self.directory / self.TARGET
+        if path.exists():
+            owner = read_json(path).get("target")
+            if owner != target:
+                raise BatchFileError(
+                    f"{self.directory} holds the batch files of {owner}, not of {target}.",
+                    hint=f"Give this database its own --batch-files-dir; or, if it is the same database under "
+                    f"another address, delete {path}.",
+                )
+            return
+        atomic_write_json(path, {"target": target, "claimed_at": iso_now()})
 
     def unlock(self) -> None:
         if self._lock_fd is not None:
