@@ -117,3 +117,15 @@ def test_healthcheck_fails_when_nothing_answers(tmp_path):
     result = _healthcheck(free_port(), tmp_path)
     assert result.returncode == 1
     assert "unhealthy" in result.stderr
+
+
+def test_readme_documents_every_setting():
+    readme = (ROOT / "README.md").read_text()
+    missing = sorted(name for name in SETTING_NAMES if f"`{name}`" not in readme)
+    assert not missing, f"settings missing from README.md: {missing}"
+
+
+def test_readme_gives_the_test_command_that_ci_runs():
+    assert "make test" in (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert ci.strip().splitlines()[-1] == "make test"
