@@ -16,7 +16,7 @@ from async_llm_wrapper import AsyncOllamaClient
 from batch_processor import BatchProcessor, RunOptions, RunSummary, new_job_id
 from classifier import ConversationClassifier
 from config import Settings, field_help, load_settings
-from error_handler import BatchFileError, ClassifierError, ConfigError, LLMError, StorageError, StorageUnavailableError
+from error_handler import BatchFileError, ConfigError, LLMError, StorageError, StorageUnavailableError, fail
 from logger import configure_logging
 from mongo_client import MongoStore, data_identity
 from utils.batch_file_manager import BatchFileManager
@@ -153,18 +153,13 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     return EXIT_OK if summary.all_succeeded else EXIT_INCOMPLETE
 
 
-def _fail(error: ClassifierError, code: int) -> int:
-    print(f"error: {error.message}" + (f"\n  {error.hint}" if error.hint else ""), file=sys.stderr, flush=True)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run, and turn the outcome into an exit code."""
     args = build_parser().parse_args(argv)
     try:
         settings = settings_from_args(args)
     except ConfigError as e:
-        return _fail(e, EXIT_CONFIG)
+        return fail(e, EXIT_CONFIG)
     components = monitoring_components(
         settings.batch_monitoring_mode, console=args.console, logs=args.logs, files=args.progress_files
     )
@@ -174,14 +169,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return asyncio.run(run(settings, options, components))
     except ConfigError as e:
-        return _fail(e, EXIT_CONFIG)
+        return fail(e, EXIT_CONFIG)
     except (StorageUnavailableError, LLMError) as e:
         # Ollama errors only escape at start-up (check_ready); mid-run they go to the retry queue.
-        return _fail(e, EXIT_UNAVAILABLE)
+        return fail(e, EXIT_UNAVAILABLE)
     except StorageError as e:
-        return _fail(e, EXIT_FAILURE)
+        return fail(e, EXIT_FAILURE)
     except BatchFileError as e:
-        return _fail(e, EXIT_FAILURE)
+        return fail(e, EXIT_FAILURE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -9,6 +9,7 @@ thing again later may succeed; the retry policies in ``utils.retry_utils`` use i
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 
@@ -153,6 +154,14 @@ class BatchFileError(ClassifierError):
     """A local batch file cannot be read or written, or its folder is in use by another processor."""
 
     code = "batch_file_error"
+
+
+def fail(error: ClassifierError, exit_code: int, *, extra_hint: str | None = None) -> int:
+    """The command-line edge: print ``error: <message>`` and its hint on stderr, no traceback;
+    return ``exit_code`` for ``main()`` to return."""
+    lines = [f"error: {error.message}"] + [f"  {hint}" for hint in (error.hint, extra_hint) if hint]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    return exit_code
 
 
 def error_body(error: ClassifierError) -> dict[str, Any]:

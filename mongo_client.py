@@ -38,6 +38,8 @@ STATUS_PROCESSING = "processing"
 STATUS_PROCESSED = "processed"
 STATUS_FAILED = "failed"
 
+#: The batch processor's application name (server logs; failpoints in tests target it).
+BATCH_APPNAME = "support-classifier-batch"
 #: Seconds the start-up check waits for MongoDB before giving up.
 PING_TIMEOUT_SECONDS = 10.0
 
@@ -76,6 +78,25 @@ def _unreachable(uri: str, error: PyMongoError) -> StorageUnavailableError:
     )
 
 
+def _client_options(settings: Settings, appname: str) -> dict[str, Any]:
+    """Options of every client: timeouts from MONGODB_TIMEOUT_MS (a server that stops answering
+    must not hang anything), an application name (server logs, failpoints), aware datetimes."""
+    return {
+        "serverSelectionTimeoutMS": settings.mongodb_timeout_ms,
+        "connectTimeoutMS": min(settings.mongodb_timeout_ms, 20000),
+        "socketTimeoutMS": settings.mongodb_timeout_ms,
+        "appname": appname,
+        "tz_aware": True,
+    }
+
+
+def _invalid_uri(uri: str, error: Exception) -> StorageUnavailableError:
+    return StorageUnavailableError(
+        f"Invalid MongoDB connection string {redact_uri(uri)!r}: {error}",
+        hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
+    )
+
+
 @contextmanager
 def sync_database(settings: Settings, *, appname: str = "support-classifier-tools") -> Iterator[Database[Any]]:
     """The configured database over a synchronous client, for the scripts (import, report).
@@ -94,19 +115,9 @@ def sync_database(settings: Settings, *, appname: str = "support-classifier-tool
 @contextmanager
 def _sync_client(settings: Settings, uri: str, appname: str) -> Iterator[Database[Any]]:
     try:
-        client: MongoClient[dict[str, Any]] = MongoClient(
-            uri,
-            serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
-            connectTimeoutMS=min(settings.mongodb_timeout_ms, 20000),
-            socketTimeoutMS=settings.mongodb_timeout_ms,  # a server that stops answering must not hang a script
-            appname=appname,
-            tz_aware=True,
-        )
+        client: MongoClient[dict[str, Any]] = MongoClient(uri, **_client_options(settings, appname))
     except (PyMongoError, ValueError, TypeError) as e:
-        raise StorageUnavailableError(
-            f"Invalid MongoDB connection string {redact_uri(uri)!r}: {e}",
-            hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
-        ) from e
+        raise _invalid_uri(uri, e) from e
     try:
         try:
             with pymongo.timeout(min(PING_TIMEOUT_SECONDS, settings.mongodb_timeout_ms / 1000)):
@@ -161,17 +172,10 @@ class MongoStore:
                 uri,
                 maxPoolSize=max(20, 2 * settings.batch_max_concurrent),
                 maxIdleTimeMS=30000,
-                serverSelectionTimeoutMS=settings.mongodb_timeout_ms,
-                connectTimeoutMS=min(settings.mongodb_timeout_ms, 20000),
-                socketTimeoutMS=settings.mongodb_timeout_ms,
-                appname="support-classifier-batch",
-                tz_aware=True,
+                **_client_options(settings, BATCH_APPNAME),
             )
         except (PyMongoError, ValueError, TypeError) as e:
-            raise StorageUnavailableError(
-                f"Invalid MongoDB connection string {redact_uri(uri)!r}: {e}",
-                hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
-            ) from e
+            raise _invalid_uri(uri, e) from e
         try:
             yield cls(client, settings, uri=uri)
         finally:

@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import load_settings  # noqa: E402
-from error_handler import ClassifierError, ConfigError, LLMError  # noqa: E402
+from error_handler import ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import OllamaClient  # noqa: E402
 from logger import configure_logging  # noqa: E402
 
@@ -39,11 +39,6 @@ EXIT_UNAVAILABLE = 4  # Ollama unreachable or the model not pulled
 SAMPLE = ROOT / "data" / "sample_conversations.json"
 # The demo's database is its own, so are its batch files (never mixed with a real database's).
 DEMO_BATCH_FILES = ROOT / "data" / "demo_batch_files"
-
-
-def _fail(error: ClassifierError, code: int, extra: str = "") -> int:
-    print(f"error: {error.message}" + (f"\n  {error.hint}" if error.hint else "") + extra, file=sys.stderr)
-    return code
 
 
 def run_step(title: str, command: list[str], batch_files: Path, *, ok_codes: tuple[int, ...] = (0,)) -> int:
@@ -72,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as e:
-        return _fail(e, EXIT_CONFIG)
+        return fail(e, EXIT_CONFIG)
     configure_logging("WARNING")
 
     print(f"Checking Ollama at {settings.ollama_endpoint} (model {settings.ollama_model}) ...", flush=True)
@@ -80,9 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         with OllamaClient(settings) as ollama:
             ollama.check_ready()
     except LLMError as e:
-        return _fail(e, EXIT_UNAVAILABLE,
-                     f"\n  The demo classifies with a real model: start Ollama, run `ollama pull "
-                     f"{settings.ollama_model}`, then `make demo` again.")
+        return fail(e, EXIT_UNAVAILABLE, extra_hint=f"The demo classifies with a real model: start Ollama, run "
+                    f"`ollama pull {settings.ollama_model}`, then `make demo` again.")
 
     chart = Path(args.chart).resolve()
     batch_files = Path(args.batch_files_dir).resolve()

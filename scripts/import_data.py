@@ -115,6 +115,7 @@ from error_handler import (  # noqa: E402
     InputError,
     StorageError,
     StorageUnavailableError,
+    fail,
 )
 from logger import configure_logging  # noqa: E402
 from mongo_client import STATUS_PENDING, sync_database  # noqa: E402
@@ -818,32 +819,27 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_BAD_ROWS if bad.count else EXIT_OK
 
 
-def _fail(error: ClassifierError, code: int) -> int:
-    print(f"error: {error.message}" + (f"\n  {error.hint}" if error.hint else ""), file=sys.stderr, flush=True)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, import, and turn the outcome into an exit code."""
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
     except ConfigError as e:
-        return _fail(e, EXIT_CONFIG)
+        return fail(e, EXIT_CONFIG)
     # Quiet by default (the summary says it all); --verbose logs each step at LOG_LEVEL (default INFO).
     configure_logging(settings.log_level if args.verbose else "WARNING")
     try:
         return run(args, settings)
     except UsageError as e:
-        return _fail(e, EXIT_USAGE)
+        return fail(e, EXIT_USAGE)
     except ConfigError as e:
-        return _fail(e, EXIT_CONFIG)
+        return fail(e, EXIT_CONFIG)
     except StorageUnavailableError as e:
-        return _fail(e, EXIT_UNAVAILABLE)
+        return fail(e, EXIT_UNAVAILABLE)
     except StorageError as e:
-        return _fail(e, EXIT_FAILURE)
+        return fail(e, EXIT_FAILURE)
     except (sqlite3.Error, OSError) as e:
-        return _fail(UsageError(
+        return fail(UsageError(
             f"the temporary database failed: {e}",
             hint="It needs free disk space of about 1.2x the CSV; choose another folder with --temp-dir.",
         ), EXIT_FAILURE)

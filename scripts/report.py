@@ -68,7 +68,7 @@ from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
 from config import Settings, load_settings  # noqa: E402
-from error_handler import ClassifierError, ConfigError, StorageError, StorageUnavailableError  # noqa: E402
+from error_handler import ClassifierError, ConfigError, StorageError, StorageUnavailableError, fail  # noqa: E402
 from logger import configure_logging  # noqa: E402
 from mongo_client import sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
@@ -508,29 +508,24 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_OK
 
 
-def _fail(error: ClassifierError, code: int) -> int:
-    print(f"error: {error.message}" + (f"\n  {error.hint}" if error.hint else ""), file=sys.stderr, flush=True)
-    return code
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, report, and turn the outcome into an exit code."""
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
     except ConfigError as e:
-        return _fail(e, EXIT_CONFIG)
+        return fail(e, EXIT_CONFIG)
     configure_logging(settings.log_level if args.verbose else "WARNING")
     try:
         return run(args, settings)
     except UsageError as e:
-        return _fail(e, EXIT_USAGE)
+        return fail(e, EXIT_USAGE)
     except ConfigError as e:
-        return _fail(e, EXIT_CONFIG)
+        return fail(e, EXIT_CONFIG)
     except StorageUnavailableError as e:
-        return _fail(e, EXIT_UNAVAILABLE)
+        return fail(e, EXIT_UNAVAILABLE)
     except StorageError as e:
-        return _fail(e, EXIT_FAILURE)
+        return fail(e, EXIT_FAILURE)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED
