@@ -49,10 +49,14 @@ def iso_now() -> str:
 
 def atomic_write_json(path: Path, data: Any) -> None:
     """Write ``data`` to ``path`` so that readers see the old or the new file, never half of one."""
+    try:
+        text = json_util.dumps(data, json_options=_JSON_OPTIONS, indent=1)
+    except (TypeError, ValueError) as e:  # serialize before touching the disk: no temp file left behind
+        raise BatchFileError(f"Cannot write {path}: the data is not JSON-serializable: {e}") from e
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json_util.dumps(data, json_options=_JSON_OPTIONS, indent=1))
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -114,7 +114,7 @@ def storage_error(error: PyMongoError, operation: str) -> StorageError:
 
 
 class wait_exponential_jitter(wait_base):  # noqa: N801 (tenacity's naming style)
-    """``base * 2**(attempt-1)`` seconds, times a random factor in [1-jitter, 1+jitter], capped."""
+    """``base * 2**(attempt-1)`` seconds, times a random factor in [1-jitter, 1+jitter], capped at ``maximum``."""
 
     def __init__(self, base: float, *, jitter: float = 0.5, maximum: float = MAX_RETRY_DELAY_SECONDS) -> None:
         self.base = base
@@ -123,7 +123,8 @@ class wait_exponential_jitter(wait_base):  # noqa: N801 (tenacity's naming style
 
     def __call__(self, retry_state: RetryCallState) -> float:
         delay = min(self.maximum, self.base * 2 ** (retry_state.attempt_number - 1))
-        return max(0.0, delay * random.uniform(1 - self.jitter, 1 + self.jitter))
+        # Cap after the jitter too: the design's delays range from 2 s to 60 s, never above.
+        return min(self.maximum, max(0.0, delay * random.uniform(1 - self.jitter, 1 + self.jitter)))
 
 
 def retrying(

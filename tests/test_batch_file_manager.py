@@ -1,0 +1,379 @@
+"""Unit tests of utils/batch_file_manager.py: atomic writes, batch files, retry queues, checkpoint, lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from bson import ObjectId
+
+from error_handler import BatchFileError
+from utils.batch_file_manager import (
+    BatchConversation,
+    BatchFileManager,
+    Checkpoint,
+    PendingBatch,
+    RetryEntry,
+    atomic_write_json,
+    read_json,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# BSON dates (and so Extended JSON) keep milliseconds: test values are millisecond-precise.
+PROCESSED_AT = datetime(2025, 9, 24, 10, 30, 0, 123000, tzinfo=timezone.utc)
+
+
+def _temp_files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+def _conversation(oid: str, number: int) -> BatchConversation:
+    return BatchConversation(
+        oid,
+        {"conversation_number": str(number), "tweets": [{"tweet_id": number, "inbound": True, "text": "hi"}]},
+        created_at="2025-09-24T10:30:00Z",
+    )
+
+
+# --- atomic_write_json / read_json ------------------------------------------------------------
+
+
+def test_atomic_write_round_trips_and_leaves_no_temp_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    data = {"a": 1, "b": [1, 2, {"c": "é"}], "d": None}
+    atomic_write_json(path, data)
+    assert read_json(path) == data
+    assert json.loads(path.read_text(encoding="utf-8")) == data  # plain JSON for plain data
+    atomic_write_json(path, {"replaced": True})
+    assert read_json(path) == {"replaced": True}
+    assert _temp_files(tmp_path) == []
+
+
+def test_atomic_write_of_unserializable_data_keeps_the_old_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.json"
+    atomic_write_json(path, {"version": 1})
+    before = path.read_bytes()
+    with pytest.raises(BatchFileError) as raised:
+        atomic_write_json(path, {"version": 2, "bad": object()})
+    assert str(path) in raised.value.message
+    assert path.read_bytes() == before
+    assert _temp_files(tmp_path) == []
+
+
+def test_atomic_write_that_cannot_replace_the_target_cleans_up(tmp_path: Path) -> None:
+    # The target is a non-empty directory: the temporary file is written, os.replace fails.
+    # (Works as root too, unlike a read-only folder.)
+    target = tmp_path / "batch_001_pending.json"
+    target.mkdir()
+    (target / "keep.txt").write_text("old")
+    with pytest.raises(BatchFileError) as raised:
+        atomic_write_json(target, {"new": True})
+    assert raised.value.hint
+    assert (target / "keep.txt").read_text() == "old"
+    assert _temp_files(tmp_path) == []
+
+
+
+def test_objectid_and_datetime_round_trip_as_extended_json(tmp_path: Path) -> None:
+    path = tmp_path / "ext.json"
+    oid = ObjectId()
+    data = {"_id": oid, "nested": {"when": PROCESSED_AT, "ids": [oid]}}
+    atomic_write_json(path, data)
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    assert raw["_id"] == {"$oid": str(oid)}
+    assert "$date" in raw["nested"]["when"]
+    loaded = read_json(path)
+    assert loaded == data
+    assert isinstance(loaded["_id"], ObjectId)
+    assert loaded["nested"]["when"].tzinfo is not None
+
+
+def test_read_json_of_a_missing_file_is_a_batch_file_error(tmp_path: Path) -> None:
+    with pytest.raises(BatchFileError) as raised:
+        read_json(tmp_path / "nope.json")
+    assert "nope.json" in raised.value.message
+
+
+# --- pending batches --------------------------------------------------------------------------
+
+
+def test_pending_batch_round_trip_and_file_layout(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path / "batch_files")
+    files.prepare()
+    first, middle, last = (str(ObjectId()) for _ in range(3))
+    batch = PendingBatch(1, "batch_20250924_103000", [_conversation(first, 1), _conversation(middle, 2),
+                                                       _conversation(last, 3)])
+    path = files.write_pending(batch)
+
+    assert path == tmp_path / "batch_files" / "batch_001_pending.json"
+    raw = json.loads(path.read_text(encoding="utf-8"))
+    # Design section 3.2.
+    assert {"batch_id", "created_at", "first_object_id", "last_object_id", "conversation_count",
+            "conversations"} <= raw.keys()
+    assert raw["batch_id"] == "batch_001"
+    assert raw["first_object_id"] == first
+    assert raw["last_object_id"] == last
+    assert raw["conversation_count"] == 3
+    assert datetime.fromisoformat(raw["created_at"].replace("Z", "+00:00"))
+    assert [set(c) for c in raw["conversations"]] == [{"_id", "conversation_data", "created_at"}] * 3
+    assert raw["conversations"][0]["_id"] == first
+    assert raw["conversations"][0]["conversation_data"]["conversation_number"] == "1"
+
+    loaded = files.load_pending(1)
+    assert loaded == batch
+    assert loaded.batch_id == "batch_001"
+    assert loaded.first_object_id == first
+
+
+def test_next_batch_number_continues_after_any_kind_of_batch_file(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    assert files.next_batch_number() == 1
+    (tmp_path / "batch_001_completed.json").write_text("{}")
+    assert files.next_batch_number() == 2
+    (tmp_path / "batch_007_retry_queue.json").write_text("[]")
+    assert files.next_batch_number() == 8
+    (tmp_path / "batch_999_pending.json").write_text("{}")
+    assert files.next_batch_number() == 1000
+    # Names that are not batch files are ignored.
+    (tmp_path / "batch_5000_notes.json").write_text("{}")
+    (tmp_path / "batch_abc_pending.json").write_text("{}")
+    (tmp_path / "checkpoint.json").write_text("{}")
+    assert files.next_batch_number() == 1000
+
+
+def test_batch_numbers_go_past_999_and_sort_numerically(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    for number in (1000, 999, 10, 2):
+        files.write_pending(PendingBatch(number, "job", [_conversation(str(ObjectId()), number)]))
+    assert (tmp_path / "batch_1000_pending.json").exists()
+    assert files.pending_numbers() == [2, 10, 999, 1000]
+    assert files.next_batch_number() == 1001
+    assert files.load_pending(1000).batch_id == "batch_1000"
+
+
+def test_mark_completed_writes_the_marker_and_removes_the_pending_file(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.write_pending(PendingBatch(3, "job", [_conversation(str(ObjectId()), 1)]))
+    files.mark_completed(3, {"successful": 1, "failed": 0})
+    assert not (tmp_path / "batch_003_pending.json").exists()
+    marker = json.loads((tmp_path / "batch_003_completed.json").read_text(encoding="utf-8"))
+    assert marker["batch_id"] == "batch_003"
+    assert marker["successful"] == 1
+    assert "completed_at" in marker
+    assert files.pending_numbers() == []
+    assert files.next_batch_number() == 4
+
+
+def test_pending_numbers_removes_pending_files_that_have_a_completed_marker(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    for number in (1, 2, 12):
+        files.write_pending(PendingBatch(number, "job", [_conversation(str(ObjectId()), number)]))
+    # A crash between writing the marker of batch 2 and removing its pending file.
+    atomic_write_json(files.path(2, "completed"), {"batch_id": "batch_002"})
+    assert files.pending_numbers() == [1, 12]
+    assert not files.path(2, "pending").exists()
+    assert files.path(2, "completed").exists()
+    assert files.path(1, "pending").exists()
+
+
+def test_corrupted_pending_file_raises_batch_file_error_with_a_hint(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    path = files.write_pending(PendingBatch(1, "job", [_conversation(str(ObjectId()), 1)]))
+    text = path.read_text(encoding="utf-8")
+    path.write_text(text[: len(text) // 2], encoding="utf-8")  # truncated
+    with pytest.raises(BatchFileError) as raised:
+        files.load_pending(1)
+    assert "batch_001_pending.json" in raised.value.message
+    assert raised.value.hint is not None
+    assert "Move the file" in raised.value.hint
+
+
+def test_pending_file_without_conversations_is_a_batch_file_error(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    atomic_write_json(files.path(1, "pending"), {"batch_id": "batch_001"})
+    with pytest.raises(BatchFileError) as raised:
+        files.load_pending(1)
+    assert "batch_001_pending.json" in raised.value.message
+
+
+# --- retry queues -----------------------------------------------------------------------------
+
+
+def _llm_failed(conversation_id: str) -> RetryEntry:
+    return RetryEntry(
+        conversation_id=conversation_id,
+        status="llm_failed",
+        conversation_data={"conversation_number": "1", "tweets": [{"text": "help"}]},
+        reason="Ollama did not answer within 120 s",
+        error_type="llm_timeout",
+        retry_count=1,
+    )
+
+
+def _write_failed(conversation_id: str) -> RetryEntry:
+    return RetryEntry(
+        conversation_id=conversation_id,
+        status="write_failed",
+        conversation_data={"conversation_number": "2", "tweets": [{"text": "refund"}]},
+        reason="MongoDB result write failed",
+        error_type="storage_unavailable",
+        classification_result={"intent": "Complaint", "topic": "Service Quality", "sentiment": "Negative",
+                               "categorization": "refund request"},
+        processing_metadata={"processed_at": PROCESSED_AT, "model_used": "llama3",
+                             "processing_duration_ms": 45000, "batch_job_id": "batch_20250924_103000"},
+    )
+
+
+def test_retry_queue_round_trip_with_both_states(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    entries = [_llm_failed(str(ObjectId())), _write_failed(str(ObjectId()))]
+    files.save_retry_queue(4, entries)
+
+    raw = json.loads((tmp_path / "batch_004_retry_queue.json").read_text(encoding="utf-8"))
+    assert isinstance(raw, list)
+    assert raw[0]["status"] == "llm_failed"
+    assert raw[0]["classification_result"] is None
+    assert raw[1]["status"] == "write_failed"
+    assert raw[1]["classification_result"]["intent"] == "Complaint"
+    for entry in raw:
+        assert {"conversation_id", "status", "classification_result", "conversation_data", "retry_count",
+                "failed_at"} <= entry.keys()
+
+    loaded = files.load_retry_queue(4)
+    assert loaded == entries
+    assert loaded[0].classification_result is None
+    assert loaded[1].processing_metadata is not None
+    assert loaded[1].processing_metadata["processed_at"] == PROCESSED_AT
+    assert isinstance(loaded[1].processing_metadata["processed_at"], datetime)
+
+
+def test_saving_an_empty_retry_queue_deletes_the_file(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.save_retry_queue(1, [_llm_failed("a")])
+    assert files.path(1, "retry_queue").exists()
+    files.save_retry_queue(1, [])
+    assert not files.path(1, "retry_queue").exists()
+    assert files.load_retry_queue(1) == []
+    files.save_retry_queue(2, [])  # nothing to delete: no error
+    assert files.retry_queue_numbers() == []
+
+
+def test_retry_queue_numbers_and_queued_conversation_ids(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.save_retry_queue(12, [_write_failed("c")])
+    files.save_retry_queue(3, [_llm_failed("a"), _write_failed("b")])
+    files.write_pending(PendingBatch(5, "job", [_conversation("d", 1)]))
+    assert files.retry_queue_numbers() == [3, 12]
+    assert files.queued_conversation_ids() == {"a", "b", "c"}
+
+
+def test_retry_queue_that_is_not_a_list_is_a_batch_file_error(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    atomic_write_json(files.path(1, "retry_queue"), {"conversation_id": "a"})
+    with pytest.raises(BatchFileError) as raised:
+        files.load_retry_queue(1)
+    assert "batch_001_retry_queue.json" in raised.value.message
+
+
+# --- checkpoint -------------------------------------------------------------------------------
+
+
+def test_checkpoint_save_and_load(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    assert files.load_checkpoint() is None
+    oid = str(ObjectId())
+    checkpoint = Checkpoint(last_object_id=oid, job_id="batch_20250924_103000", conversations_resolved=50,
+                            updated_at="")
+    files.save_checkpoint(checkpoint)
+    loaded = files.load_checkpoint()
+    assert loaded is not None
+    assert loaded.last_object_id == oid
+    assert loaded.job_id == "batch_20250924_103000"
+    assert loaded.conversations_resolved == 50
+    assert loaded.updated_at  # stamped on save
+    assert loaded == checkpoint
+
+
+# --- folder: prepare and lock -----------------------------------------------------------------
+
+
+def test_prepare_creates_the_folder_and_removes_leftover_temp_files(tmp_path: Path) -> None:
+    folder = tmp_path / "deep" / "batch_files"
+    files = BatchFileManager(folder)
+    files.prepare()
+    assert folder.is_dir()
+    (folder / ".batch_001_pending.json.4242.tmp").write_text("{ half")
+    (folder / ".checkpoint.json.17.tmp").write_text("")
+    (folder / "batch_001_pending.json").write_text("{}")
+    (folder / "notes.tmp").write_text("not ours")
+    files.prepare()
+    assert sorted(p.name for p in folder.iterdir()) == ["batch_001_pending.json", "notes.tmp"]
+
+
+def test_a_second_manager_cannot_lock_the_same_folder_until_unlocked(tmp_path: Path) -> None:
+    # flock locks belong to an open file description: two managers in one process do conflict.
+    first = BatchFileManager(tmp_path / "batch_files")
+    second = BatchFileManager(tmp_path / "batch_files")
+    first.lock()
+    try:
+        with pytest.raises(BatchFileError) as raised:
+            second.lock()
+        assert f"pid {os.getpid()}" in raised.value.message
+        assert raised.value.hint is not None
+    finally:
+        first.unlock()
+    second.lock()
+    try:
+        third = BatchFileManager(tmp_path / "batch_files")
+        with pytest.raises(BatchFileError):
+            third.lock()
+    finally:
+        second.unlock()
+
+
+def test_lock_held_by_another_process_names_its_pid(tmp_path: Path) -> None:
+    folder = tmp_path / "batch_files"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys; sys.path.insert(0, sys.argv[2]);"
+         "from pathlib import Path; from utils.batch_file_manager import BatchFileManager;"
+         "m = BatchFileManager(Path(sys.argv[1])); m.lock(); print('locked', flush=True);"
+         "sys.stdin.readline(); m.unlock()",
+         str(folder), str(ROOT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdin is not None
+        assert holder.stdout.readline().strip() == "locked"
+        files = BatchFileManager(folder)
+        with pytest.raises(BatchFileError) as raised:
+            files.lock()
+        assert f"pid {holder.pid}" in raised.value.message
+        holder.stdin.write("\n")
+        holder.stdin.flush()
+        assert holder.wait(10) == 0
+        files.lock()  # released by the other process
+        files.unlock()
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+            holder.wait()
+        for stream in (holder.stdin, holder.stdout):
+            if stream is not None:
+                stream.close()

@@ -1,0 +1,498 @@
+"""Unit tests of utils/retry_utils.py: error classification, backoff, the retry policy, the circuit breaker.
+
+Pure logic: real exception objects (our own and PyMongo's, constructed directly), tenacity's
+own RetryCallState, and a fake clock for the circuit breaker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import time
+
+import pytest
+from pymongo.errors import (
+    AutoReconnect,
+    DuplicateKeyError,
+    NetworkTimeout,
+    OperationFailure,
+    PyMongoError,
+    ServerSelectionTimeoutError,
+    WriteError,
+)
+from tenacity import AsyncRetrying, RetryCallState
+
+from error_handler import (
+    InputError,
+    LLMBusyError,
+    LLMOutputError,
+    LLMRequestRejectedError,
+    LLMServerError,
+    LLMTimeoutError,
+    LLMUnavailableError,
+    ModelNotFoundError,
+    StorageError,
+    StorageUnavailableError,
+)
+from utils.retry_utils import (
+    CircuitBreaker,
+    CircuitState,
+    ErrorKind,
+    classify_error,
+    counts_against_ollama,
+    is_retryable,
+    retrying,
+    storage_error,
+    wait_exponential_jitter,
+)
+
+# --- classify_error / is_retryable ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (LLMUnavailableError("Ollama is not reachable"), ErrorKind.TRANSIENT),
+        (LLMTimeoutError("Ollama did not answer within 120 s"), ErrorKind.TRANSIENT),
+        (LLMBusyError("Ollama is busy"), ErrorKind.TRANSIENT),
+        (LLMServerError("Ollama answered 500"), ErrorKind.TRANSIENT),
+        (LLMOutputError("not JSON"), ErrorKind.PERMANENT),
+        (ModelNotFoundError("llama3", "http://localhost:11434"), ErrorKind.PERMANENT),
+        (InputError("no turns", field="tweets"), ErrorKind.PERMANENT),
+        (StorageError("write failed", transient=True), ErrorKind.TRANSIENT),
+        (StorageError("write failed", transient=False), ErrorKind.PERMANENT),
+        (StorageUnavailableError("MongoDB down"), ErrorKind.TRANSIENT),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else value.value,
+)
+def test_classify_error_follows_the_transient_flag_of_our_errors(error: BaseException, kind: ErrorKind) -> None:
+    assert classify_error(error) is kind
+
+
+def test_our_permanent_errors_are_not_rescued_by_a_transient_looking_message() -> None:
+    # The transient flag decides for our own errors, not the words in the message.
+    assert classify_error(LLMOutputError("connection timeout while parsing")) is ErrorKind.PERMANENT
+    assert classify_error(StorageError("network error", transient=False)) is ErrorKind.PERMANENT
+
+
+@pytest.mark.parametrize(
+    ("error", "kind"),
+    [
+        (AutoReconnect("connection closed"), ErrorKind.TRANSIENT),
+        (NetworkTimeout("timed out"), ErrorKind.TRANSIENT),
+        (ServerSelectionTimeoutError("No servers found yet"), ErrorKind.TRANSIENT),
+        (OperationFailure("interrupted at shutdown", code=91), ErrorKind.TRANSIENT),  # ShutdownInProgress
+        (OperationFailure("node is recovering", code=11600), ErrorKind.TRANSIENT),  # InterruptedAtShutdown
+        (OperationFailure("primary stepped down", code=189), ErrorKind.TRANSIENT),  # PrimarySteppedDown
+        (
+            OperationFailure("write failed", code=2, details={"errorLabels": ["RetryableWriteError"]}),
+            ErrorKind.TRANSIENT,
+        ),
+        (OperationFailure("write failed", code=2), ErrorKind.PERMANENT),  # same failure without the label
+        (WriteError("Document failed validation", code=121), ErrorKind.PERMANENT),
+        (DuplicateKeyError("E11000 duplicate key error", code=11000), ErrorKind.PERMANENT),
+        (OperationFailure("out of disk space", code=14031), ErrorKind.RESOURCE),
+    ],
+    ids=[
+        "AutoReconnect", "NetworkTimeout", "ServerSelectionTimeout", "code91", "code11600", "code189",
+        "RetryableWriteError-label", "same-code-without-label", "WriteError121", "DuplicateKey", "code14031",
+    ],
+)
+def test_classify_error_for_real_pymongo_exceptions(error: PyMongoError, kind: ErrorKind) -> None:
+    assert classify_error(error) is kind
+
+
+@pytest.mark.parametrize(
+    ("message", "kind"),
+    [
+        ("Rate limit exceeded, slow down", ErrorKind.TRANSIENT),
+        ("upstream: network error", ErrorKind.TRANSIENT),
+        ("CUDA error: out of memory", ErrorKind.RESOURCE),
+        ("write to journal: disk full", ErrorKind.RESOURCE),
+        ("429 Too Many Requests", ErrorKind.RESOURCE),
+        ("Authentication failed for user 'batch'", ErrorKind.PERMANENT),
+        ("something nobody has seen before", ErrorKind.PERMANENT),
+    ],
+)
+def test_classify_error_uses_the_message_patterns_of_the_design_matrix(message: str, kind: ErrorKind) -> None:
+    assert classify_error(RuntimeError(message)) is kind
+    # A driver error without a code is classified by its message as well.
+    assert classify_error(PyMongoError(message)) is kind
+
+
+def test_resource_errors_of_the_machine() -> None:
+    assert classify_error(MemoryError()) is ErrorKind.RESOURCE
+    assert classify_error(OSError(errno.ENOSPC, "No space left on device")) is ErrorKind.RESOURCE
+    # Other OS errors are not resource errors.
+    assert classify_error(OSError(errno.EACCES, "Permission denied")) is ErrorKind.PERMANENT
+
+
+def test_unknown_errors_are_permanent() -> None:
+    assert classify_error(ValueError("bad value")) is ErrorKind.PERMANENT
+    assert classify_error(KeyError("conversation_number")) is ErrorKind.PERMANENT
+
+
+def test_builtin_connection_and_timeout_errors_are_transient() -> None:
+    assert classify_error(ConnectionResetError()) is ErrorKind.TRANSIENT
+    assert classify_error(TimeoutError()) is ErrorKind.TRANSIENT
+
+
+@pytest.mark.parametrize(
+    ("error", "retryable"),
+    [
+        (LLMTimeoutError("slow"), True),
+        (OperationFailure("out of disk space", code=14031), True),  # resource: retried, later
+        (MemoryError(), True),
+        (LLMOutputError("not JSON"), False),
+        (DuplicateKeyError("E11000", code=11000), False),
+        (ValueError("unknown"), False),
+    ],
+)
+def test_is_retryable(error: BaseException, retryable: bool) -> None:
+    assert is_retryable(error) is retryable
+
+
+# --- storage_error ----------------------------------------------------------------------------
+
+
+def test_storage_error_for_a_lost_connection_is_storage_unavailable() -> None:
+    wrapped = storage_error(ServerSelectionTimeoutError("localhost:27017: connection refused"), "result write")
+    assert isinstance(wrapped, StorageUnavailableError)
+    assert wrapped.transient is True
+    assert "result write" in wrapped.message
+    assert "connection refused" in wrapped.message
+
+
+def test_storage_error_for_a_transient_server_error() -> None:
+    wrapped = storage_error(OperationFailure("primary stepped down", code=189), "status update to processed")
+    assert type(wrapped) is StorageError
+    assert wrapped.transient is True
+    assert "status update to processed" in wrapped.message
+
+
+def test_storage_error_for_a_resource_error_is_retryable() -> None:
+    wrapped = storage_error(OperationFailure("out of disk space", code=14031), "insert into db.results")
+    assert type(wrapped) is StorageError
+    assert wrapped.transient is True
+
+
+def test_storage_error_for_a_permanent_server_error() -> None:
+    wrapped = storage_error(WriteError("Document failed validation", code=121), "result write")
+    assert type(wrapped) is StorageError
+    assert wrapped.transient is False
+    assert "result write" in wrapped.message
+    assert "Document failed validation" in wrapped.message
+    assert is_retryable(wrapped) is False
+
+
+# --- wait_exponential_jitter -------------------------------------------------------------------
+
+
+def _retry_state(attempt_number: int) -> RetryCallState:
+    """A RetryCallState built the way tenacity builds one, at the given attempt."""
+    state = RetryCallState(retry_object=AsyncRetrying(), fn=None, args=(), kwargs={})
+    state.attempt_number = attempt_number
+    return state
+
+
+@pytest.mark.parametrize("attempt", [1, 2, 3])
+def test_jittered_delay_stays_within_half_and_one_and_a_half_of_the_nominal(attempt: int) -> None:
+    wait = wait_exponential_jitter(2.0)
+    nominal = 2.0 * 2 ** (attempt - 1)
+    delays = [wait(_retry_state(attempt)) for _ in range(300)]
+    assert all(0.5 * nominal <= d <= 1.5 * nominal for d in delays)
+    # The jitter is really applied: both sides of the nominal delay occur.
+    assert min(delays) < nominal < max(delays)
+
+
+def test_without_jitter_the_llm_delays_are_2_4_8_and_the_mongodb_delays_1_2_4() -> None:
+    llm = wait_exponential_jitter(2.0, jitter=0)
+    mongo = wait_exponential_jitter(1.0, jitter=0)
+    assert [llm(_retry_state(n)) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]
+    assert [mongo(_retry_state(n)) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
+
+
+def test_delay_is_capped_at_the_maximum() -> None:
+    assert wait_exponential_jitter(2.0, jitter=0, maximum=60.0)(_retry_state(10)) == 60.0
+    # With jitter too: the design's range is 2 s - 60 s, so no delay may exceed the maximum.
+    wait = wait_exponential_jitter(2.0, maximum=60.0)
+    delays = [wait(_retry_state(10)) for _ in range(300)]
+    assert max(delays) <= 60.0
+    assert min(delays) >= 30.0
+
+
+# --- retrying() -------------------------------------------------------------------------------
+
+
+class Flaky:
+    """An async operation that fails with the given errors, then returns ``"ok"``."""
+
+    def __init__(self, *errors: BaseException) -> None:
+        self.errors = list(errors)
+        self.calls = 0
+
+    async def __call__(self) -> str:
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+async def _run(policy: AsyncRetrying, operation: Flaky) -> str:
+    # The way batch_processor.py drives a policy.
+    async for attempt in policy:
+        with attempt:
+            return await operation()
+    raise AssertionError("unreachable")
+
+
+async def test_transient_failures_are_retried_until_success(caplog: pytest.LogCaptureFixture) -> None:
+    operation = Flaky(LLMTimeoutError("slow"), LLMUnavailableError("down"))
+    with caplog.at_level(logging.WARNING, logger="utils.retry_utils"):
+        result = await _run(retrying("LLM call for conversation 7", max_retries=3, base_delay=0), operation)
+    assert result == "ok"
+    assert operation.calls == 3
+    warnings = [r for r in caplog.records if r.name == "utils.retry_utils" and r.levelno == logging.WARNING]
+    assert len(warnings) == 2  # one before each retry
+    assert "LLM call for conversation 7" in warnings[0].getMessage()
+    assert "attempt 1 of 4" in warnings[0].getMessage()
+    assert "attempt 2 of 4" in warnings[1].getMessage()
+    assert "slow" in warnings[0].getMessage()
+
+
+async def test_a_permanent_error_is_raised_after_one_call(caplog: pytest.LogCaptureFixture) -> None:
+    error = LLMOutputError("not a classification")
+    operation = Flaky(error)
+    with caplog.at_level(logging.WARNING, logger="utils.retry_utils"):
+        with pytest.raises(LLMOutputError) as raised:
+            await _run(retrying("LLM call", max_retries=3, base_delay=0), operation)
+    assert raised.value is error
+    assert operation.calls == 1
+    assert not [r for r in caplog.records if r.name == "utils.retry_utils"]
+
+
+async def test_retries_are_bounded_and_the_original_error_is_reraised(caplog: pytest.LogCaptureFixture) -> None:
+    errors = [StorageError(f"write failed {i}", transient=True) for i in range(10)]
+    operation = Flaky(*errors)
+    with caplog.at_level(logging.WARNING, logger="utils.retry_utils"):
+        with pytest.raises(StorageError) as raised:
+            await _run(retrying("result write", max_retries=2, base_delay=0), operation)
+    assert operation.calls == 3
+    assert raised.value is errors[2]  # the last error itself, not a tenacity RetryError
+    assert len([r for r in caplog.records if r.name == "utils.retry_utils"]) == 2
+
+
+async def test_retry_on_can_narrow_what_is_retried() -> None:
+    operation = Flaky(LLMTimeoutError("slow"))
+    with pytest.raises(LLMTimeoutError):
+        await _run(retrying("x", max_retries=3, base_delay=0, retry_on=lambda e: False), operation)
+    assert operation.calls == 1
+
+
+# --- CircuitBreaker ---------------------------------------------------------------------------
+
+
+class FakeClock:
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+async def _still_waiting(awaitable_task: asyncio.Task[None], seconds: float = 0.15) -> bool:
+    await asyncio.sleep(seconds)
+    return not awaitable_task.done()
+
+
+async def _until(predicate, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _open(breaker: CircuitBreaker) -> None:
+    for _ in range(breaker.failure_threshold):
+        breaker.record_failure(LLMUnavailableError("down"))
+    assert breaker.state is CircuitState.OPEN
+
+
+async def test_closed_circuit_lets_calls_through() -> None:
+    breaker = CircuitBreaker(3, 300, clock=FakeClock())
+    for _ in range(5):
+        await asyncio.wait_for(breaker.before_call(), timeout=1)
+    assert breaker.state is CircuitState.CLOSED
+
+
+async def test_circuit_opens_after_threshold_consecutive_failures_not_before() -> None:
+    breaker = CircuitBreaker(3, 300, clock=FakeClock())
+    breaker.record_failure(LLMTimeoutError("slow"))
+    breaker.record_failure(LLMTimeoutError("slow"))
+    assert breaker.state is CircuitState.CLOSED
+    await asyncio.wait_for(breaker.before_call(), timeout=1)
+    breaker.record_failure(LLMTimeoutError("slow"))
+    assert breaker.state is CircuitState.OPEN
+    assert breaker.times_opened == 1
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(breaker.before_call(), timeout=0.1)
+
+
+async def test_a_success_in_between_resets_the_failure_count() -> None:
+    breaker = CircuitBreaker(3, 300, clock=FakeClock())
+    breaker.record_failure()
+    breaker.record_failure()
+    breaker.record_success()
+    assert breaker.consecutive_failures == 0
+    breaker.record_failure()
+    breaker.record_failure()
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.times_opened == 0
+    breaker.record_failure()
+    assert breaker.state is CircuitState.OPEN
+
+
+async def test_open_circuit_holds_callers_until_the_recovery_timeout_of_its_clock() -> None:
+    clock = FakeClock()
+    # 0.05 s of recovery: waiters re-check every 0.05 s of real time; only the fake clock lets them pass.
+    breaker = CircuitBreaker(2, 0.05, clock=clock)
+    _open(breaker)
+    waiters = [asyncio.create_task(breaker.before_call()) for _ in range(3)]
+    try:
+        clock.now += 0.04
+        await asyncio.sleep(0.2)  # several real recovery periods
+        assert not any(w.done() for w in waiters)
+        assert breaker.state is CircuitState.OPEN
+
+        clock.now += 0.01  # now the recovery timeout has passed
+        await _until(lambda: any(w.done() for w in waiters))
+        await asyncio.sleep(0.1)
+        assert sum(w.done() for w in waiters) == 1  # exactly one probe
+        assert breaker.state is CircuitState.HALF_OPEN
+    finally:
+        await _cancel(waiters)
+
+
+async def test_probe_success_closes_the_circuit_and_releases_every_waiter() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(2, 300, clock=clock)
+    _open(breaker)
+    clock.now += 300
+    await asyncio.wait_for(breaker.before_call(), timeout=1)  # the probe
+    assert breaker.state is CircuitState.HALF_OPEN
+    waiters = [asyncio.create_task(breaker.before_call()) for _ in range(3)]
+    try:
+        assert await _still_waiting(waiters[0])
+        assert not any(w.done() for w in waiters)
+        breaker.record_success()
+        await asyncio.wait_for(asyncio.gather(*waiters), timeout=1)
+        assert breaker.state is CircuitState.CLOSED
+        assert breaker.consecutive_failures == 0
+    finally:
+        await _cancel(waiters)
+
+
+async def test_probe_failure_reopens_the_circuit() -> None:
+    clock = FakeClock()
+    # Waiting is real (re-checked every 0.05 s); the fake clock decides when the pause is over.
+    breaker = CircuitBreaker(2, 0.05, clock=clock)
+    _open(breaker)
+    clock.now += 0.05
+    await asyncio.wait_for(breaker.before_call(), timeout=1)  # the probe
+    waiters = [asyncio.create_task(breaker.before_call()) for _ in range(2)]
+    try:
+        await asyncio.sleep(0.05)
+        breaker.record_failure(LLMTimeoutError("still slow"))  # one failure is enough in half-open
+        assert breaker.state is CircuitState.OPEN
+        assert breaker.times_opened == 2
+        assert await _still_waiting(waiters[0])
+        assert not waiters[1].done()
+
+        clock.now += 0.05  # another pause later, another single probe
+        await _until(lambda: any(w.done() for w in waiters))
+        await asyncio.sleep(0.05)
+        assert sum(w.done() for w in waiters) == 1
+        assert breaker.state is CircuitState.HALF_OPEN
+    finally:
+        await _cancel(waiters)
+
+
+async def test_cancel_probe_lets_the_next_caller_probe_at_once() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(2, 300, clock=clock)
+    _open(breaker)
+    clock.now += 300
+    await asyncio.wait_for(breaker.before_call(), timeout=1)  # the probe, cancelled below
+    waiters = [asyncio.create_task(breaker.before_call()) for _ in range(3)]
+    try:
+        assert await _still_waiting(waiters[0], 0.05)
+        breaker.cancel_probe()  # the clock has not moved: no new pause
+        await _until(lambda: any(w.done() for w in waiters), timeout=1)
+        await asyncio.sleep(0.05)
+        assert sum(w.done() for w in waiters) == 1
+        assert breaker.state is CircuitState.HALF_OPEN
+        assert breaker.times_opened == 1  # a cancelled probe is not a failure
+    finally:
+        await _cancel(waiters)
+
+
+async def test_cancel_probe_outside_half_open_changes_nothing() -> None:
+    breaker = CircuitBreaker(2, 300, clock=FakeClock())
+    breaker.cancel_probe()
+    assert breaker.state is CircuitState.CLOSED
+    _open(breaker)
+    breaker.cancel_probe()
+    assert breaker.state is CircuitState.OPEN
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(breaker.before_call(), timeout=0.1)
+
+
+async def test_times_opened_counts_each_opening() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(1, 10, clock=clock)
+    assert breaker.times_opened == 0
+    for round_number in range(1, 4):
+        breaker.record_failure()
+        assert breaker.times_opened == round_number
+        clock.now += 10
+        await asyncio.wait_for(breaker.before_call(), timeout=1)  # probe
+        breaker.record_success()
+    assert breaker.state is CircuitState.CLOSED
+    assert breaker.times_opened == 3
+
+
+async def test_recovery_with_the_real_clock_waits_at_least_the_recovery_timeout() -> None:
+    breaker = CircuitBreaker(1, 0.05)
+    breaker.record_failure(LLMUnavailableError("down"))
+    started = time.monotonic()
+    await asyncio.wait_for(breaker.before_call(), timeout=2)
+    assert time.monotonic() - started >= 0.04
+    assert breaker.state is CircuitState.HALF_OPEN
+
+
+@pytest.mark.parametrize(
+    ("error", "counts"),
+    [
+        (LLMUnavailableError("down"), True),
+        (LLMTimeoutError("slow"), True),
+        (LLMServerError("500"), True),
+        (LLMBusyError("busy"), True),
+        (ModelNotFoundError("llama3", "http://localhost:11434"), True),
+        (LLMRequestRejectedError("400"), True),
+        (LLMOutputError("not JSON"), False),
+        (StorageUnavailableError("MongoDB down"), False),
+        (InputError("bad"), False),
+        (TimeoutError(), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_counts_against_ollama(error: BaseException, counts: bool) -> None:
+    assert counts_against_ollama(error) is counts
