@@ -57,6 +57,8 @@ from utils.retry_utils import CircuitBreaker, counts_against_ollama, retrying
 logger = logging.getLogger(__name__)
 
 PROCESSOR_VERSION = "1.0.0"
+#: error_type of a failure that is a bug rather than a known failure (logged with its traceback).
+UNEXPECTED_ERROR = "internal_error"
 CHECKPOINT_INTERVAL = 50
 #: Batches in flight at once: the next one is read and queued while the current one finishes.
 BATCH_LOOKAHEAD = 2
@@ -389,34 +391,43 @@ class BatchProcessor:
         return task
 
     async def _process_conversation(self, state: BatchState, item: BatchConversation) -> None:
+        """The batch item loop's edge: every outcome, expected or not, ends recorded somewhere."""
         async with self._semaphore:
             if self.stopping:
                 return  # not started: stays in the pending file for the next run
             number = str(item.conversation_data.get("conversation_number", item.object_id))
             try:
-                conversation = validate_conversation(item.conversation_data)
-            except InputError as e:
-                await self._give_up(state, item.object_id, number, e)
-                return
-            try:
-                outcome = await self._classify(conversation)
-            except LLMError as e:
-                self._enqueue(state, RetryEntry(item.object_id, "llm_failed", item.conversation_data, str(e), e.code))
-                return
-            result, metadata = self._result_document(item.object_id, number, outcome)
-            try:
-                await self._store(result)
-            except StorageError as e:
-                self._enqueue(
-                    state,
-                    RetryEntry(item.object_id, "write_failed", item.conversation_data, str(e), e.code,
-                               classification_result=result["classification"], processing_metadata=metadata),
-                )
-                return
-            logger.info("processed conversation %s successfully in %d ms", number, outcome.duration_ms)
-            state.successful += 1
-            self._resolved(state, item.object_id)
-            self.tracker.record_success()
+                await self._classify_and_store(state, item, number)
+            except Exception as e:  # a bug, not a known failure: say so loudly, keep the conversation
+                logger.exception("conversation %s failed unexpectedly", number)
+                self._enqueue(state, RetryEntry(item.object_id, "llm_failed", item.conversation_data,
+                                                f"unexpected {type(e).__name__}: {e}", UNEXPECTED_ERROR))
+
+    async def _classify_and_store(self, state: BatchState, item: BatchConversation, number: str) -> None:
+        try:
+            conversation = validate_conversation(item.conversation_data)
+        except InputError as e:
+            await self._give_up(state, item.object_id, number, e)
+            return
+        try:
+            outcome = await self._classify(conversation)
+        except LLMError as e:
+            self._enqueue(state, RetryEntry(item.object_id, "llm_failed", item.conversation_data, str(e), e.code))
+            return
+        result, metadata = self._result_document(item.object_id, number, outcome)
+        try:
+            await self._store(result)
+        except StorageError as e:
+            self._enqueue(
+                state,
+                RetryEntry(item.object_id, "write_failed", item.conversation_data, str(e), e.code,
+                           classification_result=result["classification"], processing_metadata=metadata),
+            )
+            return
+        logger.info("processed conversation %s successfully in %d ms", number, outcome.duration_ms)
+        state.successful += 1
+        self._resolved(state, item.object_id)
+        self.tracker.record_success()
 
     def _result_document(
         self, object_id: str, number: str, outcome: ClassificationOutcome
@@ -445,7 +456,7 @@ class BatchProcessor:
         )
         async for attempt in policy:
             with attempt:
-                await self.breaker.before_call()
+                probe = await self.breaker.before_call()
                 try:
                     outcome = await self.classifier.classify_async(conversation, self.llm)
                 except LLMOutputError:
@@ -455,8 +466,10 @@ class BatchProcessor:
                     if counts_against_ollama(e):
                         self.breaker.record_failure(e)
                     raise
-                except asyncio.CancelledError:
-                    self.breaker.cancel_probe()
+                except BaseException:
+                    # Cancelled, or a bug: no verdict on Ollama, but a probe must not keep the others waiting.
+                    if probe:
+                        self.breaker.cancel_probe()
                     raise
                 self.breaker.record_success()
         return outcome
@@ -568,9 +581,14 @@ class BatchProcessor:
             except InputError as e:
                 await self._finish_entry(state, entry, succeeded=False, counted=counted, error=e)
                 return
-            except (LLMError, StorageError) as e:
+            except Exception as e:  # LLM or storage failures, and bugs (logged with their traceback)
+                known = isinstance(e, (LLMError, StorageError))
+                if not known:
+                    logger.exception("queued conversation %s failed unexpectedly", number)
                 entry.retry_count += 1
-                entry.reason, entry.error_type, entry.failed_at = str(e), e.code, iso_now()
+                entry.reason = str(e) if known else f"unexpected {type(e).__name__}: {e}"
+                entry.error_type = getattr(e, "code", UNEXPECTED_ERROR)
+                entry.failed_at = iso_now()
                 if entry.retry_count >= self.settings.batch_retry_queue_attempts:
                     await self._finish_entry(state, entry, succeeded=False, counted=counted, error=e)
                 else:

@@ -518,3 +518,35 @@ def test_a_batch_files_folder_of_another_database_is_refused(batch_env, files_di
     err = capsys.readouterr().err
     assert f"holds the batch files of mongodb://" in err and f"{mongo_db.name}.conversation_set" in err
     assert "--batch-files-dir" in err
+
+
+@pytest.mark.timeout(60)
+def test_an_unexpected_error_on_the_probe_neither_hangs_the_run_nor_loses_the_conversation(
+    batch_env, files_dir, monkeypatch, mongo_db, fake_ollama, caplog
+):
+    # A bug stands in as a RuntimeError from our own pipeline, raised on the circuit breaker's probe.
+    from classifier import ConversationClassifier
+
+    monkeypatch.setenv("CIRCUIT_BREAKER_FAILURE_THRESHOLD", "2")
+    monkeypatch.setenv("OLLAMA_MAX_RETRIES", "3")
+    fake_ollama.enqueue(ErrorReply(500, "llama runner process has terminated"),
+                        ErrorReply(500, "llama runner process has terminated"))
+    original = ConversationClassifier.classify_async
+    calls = {"n": 0}
+
+    async def classify_with_a_bug(self, conversation, client):
+        calls["n"] += 1
+        if calls["n"] == 3:  # after two failures opened the circuit: the probe
+            raise RuntimeError("a bug in the pipeline")
+        return await original(self, conversation, client)
+
+    monkeypatch.setattr(ConversationClassifier, "classify_async", classify_with_a_bug)
+    ids = insert(mongo_db, [make_conversation(i) for i in range(3)])
+
+    assert cli.main(["--max-concurrent", "1"]) == cli.EXIT_OK  # the failed conversation's retry pass succeeds
+
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+    unexpected = [r for r in caplog.records if "failed unexpectedly" in r.message]
+    assert unexpected and unexpected[0].exc_info and "a bug in the pipeline" in str(unexpected[0].exc_info[1])
+    assert any("queued for retry (llm_failed): unexpected RuntimeError: a bug in the pipeline" in r.message
+               for r in caplog.records)

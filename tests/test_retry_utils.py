@@ -496,3 +496,19 @@ async def test_recovery_with_the_real_clock_waits_at_least_the_recovery_timeout(
 )
 def test_counts_against_ollama(error: BaseException, counts: bool) -> None:
     assert counts_against_ollama(error) is counts
+
+
+async def test_before_call_tells_the_probe_apart() -> None:
+    clock = FakeClock()
+    breaker = CircuitBreaker(2, 300, clock=clock)
+    assert await asyncio.wait_for(breaker.before_call(), timeout=1) is False  # closed: not a probe
+    _open(breaker)
+    clock.now += 300
+    assert await asyncio.wait_for(breaker.before_call(), timeout=1) is True  # the one probe
+    waiter = asyncio.create_task(breaker.before_call())
+    try:
+        assert await _still_waiting(waiter)
+        breaker.record_success()
+        assert await asyncio.wait_for(waiter, timeout=1) is False  # released by the probe: not a probe
+    finally:
+        await _cancel([waiter])

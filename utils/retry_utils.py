@@ -203,18 +203,23 @@ class CircuitBreaker:
         self._changed.set()
         self._changed = asyncio.Event()
 
-    async def before_call(self) -> None:
-        """Return when a call may be made: at once while closed; after the pause while open."""
+    async def before_call(self) -> bool:
+        """Return when a call may be made: at once while closed; after the pause while open.
+
+        Returns True for the probe: the one caller let through when the pause ends. The probe
+        must end in :meth:`record_success`, :meth:`record_failure` or :meth:`cancel_probe`,
+        or the other callers wait for it forever.
+        """
         while True:
             if self._state is CircuitState.CLOSED:
-                return
+                return False
             changed = self._changed
             if self._state is CircuitState.OPEN:
                 remaining = self._opened_at + self.recovery_timeout - self._clock()
                 if remaining <= 0:
                     logger.info("circuit %s half-open: sending one probe request", self.name)
                     self._transition(CircuitState.HALF_OPEN)
-                    return  # this caller is the probe
+                    return True
                 try:
                     await asyncio.wait_for(changed.wait(), timeout=remaining)
                 except TimeoutError:
@@ -229,7 +234,8 @@ class CircuitBreaker:
         self._consecutive_failures = 0
 
     def cancel_probe(self) -> None:
-        """The probe was cancelled without an answer: let the next caller probe at once."""
+        """The probe ended without an answer (cancelled, or an error unrelated to Ollama):
+        let the next caller probe at once."""
         if self._state is CircuitState.HALF_OPEN:
             self._opened_at = self._clock() - self.recovery_timeout
             self._transition(CircuitState.OPEN)
