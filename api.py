@@ -9,6 +9,7 @@ DESIGN.md section 2 with an ``{"error": {"type", "message", ...}}`` body.
 from __future__ import annotations
 
 import json
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +27,7 @@ from starlette.types import ASGIApp, Message as ASGIMessage, Receive, Scope, Sen
 from aggregator import ConversationIn, Message, Tweet
 from classifier import Classification, ConversationClassifier
 from config import Settings, load_settings
-from error_handler import ClassifierError, InputError, LLMBusyError, PayloadTooLargeError, error_body
+from error_handler import ClassifierError, InputError, LLMBusyError, LLMError, PayloadTooLargeError, error_body
 from llm_wrapper import OllamaClient
 from logger import configure_logging
 
@@ -273,6 +274,16 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
+async def _report_ollama_readiness(ollama: OllamaClient) -> None:
+    """Log whether Ollama answers and has the model; /classify answers 503 until it does."""
+    try:
+        await run_in_threadpool(ollama.check_ready)
+    except LLMError as e:
+        logger.warning("Ollama is not ready: %s /classify answers 503 until it is.", e)
+    else:
+        logger.info("Ollama at %s is ready with model %s", ollama.settings.ollama_endpoint, ollama.settings.ollama_model)
+
+
 def create_app(settings: Settings | None = None, *, classifier: ConversationClassifier | None = None) -> FastAPI:
     """The FastAPI application. Without ``settings`` the lifespan loads them (``uvicorn main:app``)."""
 
@@ -296,7 +307,10 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
                 len(pipeline.taxonomy.topics),
                 pipeline.prompt_builder.prefix_chars,
             )
+            # Say at once whether Ollama is there, without holding up start-up.
+            startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
             yield
+            startup_check.cancel()
 
     app = FastAPI(
         title="Customer Support Conversation Classifier",

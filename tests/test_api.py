@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.client import HTTPConnection
@@ -639,3 +640,13 @@ def test_long_conversation_is_cut_before_the_llm_and_logged(
     assert "cut" in cut[0].getMessage()
     # Conversation text stays out of INFO-and-above log lines.
     assert not [r for r in caplog.records if r.levelno >= logging.INFO and "PRIVATE-TEXT" in r.getMessage()]
+
+
+def test_start_up_says_whether_ollama_is_ready(make_settings, start_api, fake_ollama, caplog):
+    caplog.set_level(logging.INFO, logger="api")
+    start_api(make_settings())
+    deadline = time.monotonic() + 5
+    while not any("is ready with model llama3" in r.message for r in caplog.records):
+        assert time.monotonic() < deadline, [r.message for r in caplog.records]
+        time.sleep(0.02)
+    assert fake_ollama.chat_count == 0  # the check lists models; it runs no inference

@@ -134,6 +134,7 @@ def test_serves_and_reports_unreachable_ollama(served_without_ollama: tuple[str,
 
     text = log.read_text()
     assert " - INFO - api - API ready: model llama3 at " + endpoint in text
+    assert f" - WARNING - api - Ollama is not ready: Cannot reach Ollama at {endpoint}" in text  # said at start-up
     assert "-> 503 llm_unavailable" in text
     assert "Traceback" not in text
 
