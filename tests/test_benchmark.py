@@ -1,0 +1,179 @@
+"""scripts/benchmark.py in its smoke preset: tiny sizes, every section, real subprocesses.
+
+Proves the harness still runs end to end (the real batch processor and API against the fake
+Ollama and SecantusDB) and writes a complete report; the numbers themselves mean nothing at
+these sizes, so no target is asserted here: the targets live in the benchmark's output.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "scripts" / "benchmark.py"
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+NUMBER = re.compile(r"^[+-]?[\d,]+(\.\d+)?( %)?$")
+
+
+def load_script() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+benchmark = load_script()
+
+
+def child_pids() -> set[int]:
+    """Processes whose parent is this one (Linux /proc)."""
+    children = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == os.getpid():
+            children.add(int(stat.parent.name))
+    return children
+
+
+def port_accepts(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def table_after(text: str, heading: str) -> list[list[str]]:
+    """The rows (header excluded) of the first markdown table after ``heading``."""
+    section = text.split(heading, 1)[1]
+    rows = []
+    for line in section.splitlines():
+        if line.startswith("|"):
+            rows.append([cell.strip() for cell in line.strip("|").split("|")])
+        elif rows:
+            break
+    assert len(rows) >= 3, f"no table under {heading!r}"
+    return rows[2:]  # skip the header and the |---| line
+
+
+def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
+    output, chart = tmp_path / "b.md", tmp_path / "b.png"
+    before = child_pids()
+
+    code = benchmark.main(["--smoke", "--output", str(output), "--chart", str(chart)])
+
+    assert code == benchmark.EXIT_OK
+    text = output.read_text(encoding="utf-8")
+    assert text.count("## Run: smoke (") == 1
+    assert "python scripts/benchmark.py --smoke" in text
+    for key in ("CPU:", "cores:", "RAM:", "OS:", "Python:", "git commit:", "date:"):
+        assert key in text
+
+    # Every section's table, with numbers where numbers belong.
+    concurrency = table_after(text, "### 1. Concurrency scaling")
+    assert [row[0] for row in concurrency] == ["1", "5", "10", "20"]
+    for row in concurrency:
+        assert all(NUMBER.match(cell) for cell in row[1:6]), row
+        assert float(row[3].replace(",", "")) > 0
+    overhead = table_after(text, "### 2. Pipeline overhead")
+    assert len(overhead) == 3
+    for row in overhead:
+        assert NUMBER.match(row[3]) and float(row[3].replace(",", "")) > 0, row
+    memory = table_after(text, "### 3. Memory")
+    assert [row[0] for row in memory[:2]] == ["10", "20"]
+    for row in memory[:2]:
+        assert all(NUMBER.match(cell) for cell in row[:4]), row
+        assert float(row[1].replace(",", "")) > 10  # MiB: a Python process is never smaller
+    assert NUMBER.match(memory[2][1])
+    api = table_after(text, "### 4. API latency")
+    assert [row[0] for row in api] == ["1", "1", "10", "10", "50", "50"]
+    for row in api:
+        assert all(NUMBER.match(cell) for cell in row[2:8]), row
+    assert all(NUMBER.match(row[8]) for row in api if "/classify" in row[1])
+    prompt = table_after(text, "### 5. Prompt size")
+    assert len(prompt) == 4
+    for row in prompt:
+        assert all(NUMBER.match(cell) for cell in row[1:8]), row
+    assert prompt[-1][8].startswith("yes")  # the synthetic conversation is cut to the budget
+
+    targets = table_after(text, "**Targets**")
+    assert len(targets) == 5 and all(row[2] in ("PASS", "MISS") for row in targets)
+
+    assert chart.read_bytes()[:8] == PNG_SIGNATURE
+
+    # Every subprocess was stopped and reaped; every port it listened on is closed.
+    started = benchmark.STARTED_PROCESSES
+    assert {name for name, _, _ in started} >= {"SecantusDB", "fake Ollama", "API", "batch processor"}
+    assert child_pids() <= before
+    for name, pid, port in started:
+        assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) is still there"
+        if port is not None:
+            assert not port_accepts(port), f"{name} still listens on {port}"
+
+
+def test_a_second_run_is_written_above_the_first(tmp_path):
+    output = tmp_path / "b.md"
+    first = benchmark.render_run("before", "2026-01-01 10:00 UTC", "python scripts/benchmark.py --label before",
+                                 benchmark.PRESETS["fast"], 1.0, {"CPU": "x"}, [], None)
+    benchmark.write_markdown(output, first)
+    second = benchmark.render_run("after", "2026-01-02 10:00 UTC", "python scripts/benchmark.py --label after",
+                                  benchmark.PRESETS["fast"], 1.0, {"CPU": "x"}, [], None)
+    benchmark.write_markdown(output, second)
+
+    text = output.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmarks")
+    assert text.count("# Benchmarks") == 1
+    assert text.index("## Run: after (") < text.index("## Run: before (")
+
+
+def test_notes_above_the_runs_are_kept_by_the_next_run(tmp_path):
+    output = tmp_path / "b.md"
+    run = benchmark.render_run("before", "2026-01-01 10:00 UTC", "python scripts/benchmark.py --label before",
+                               benchmark.PRESETS["fast"], 1.0, {"CPU": "x"}, [], None)
+    benchmark.write_markdown(output, run)
+    text = output.read_text(encoding="utf-8")
+    notes = "## What the numbers say\n\nThe database is the bottleneck.\n\n"
+    output.write_text(text.replace("## Run: before", notes + "## Run: before", 1), encoding="utf-8")
+
+    benchmark.write_markdown(output, run.replace("## Run: before", "## Run: after"))
+    text = output.read_text(encoding="utf-8")
+    assert text.startswith("# Benchmarks")
+    assert text.count("The database is the bottleneck.") == 1
+    assert text.index("The database is the bottleneck.") < text.index("## Run: after (") < text.index("## Run: before (")
+
+
+def test_a_file_that_is_not_a_benchmark_report_is_not_overwritten(tmp_path, capsys):
+    output = tmp_path / "notes.md"
+    output.write_text("# My notes\n", encoding="utf-8")
+    code = benchmark.main(["--smoke", "--only", "prompt", "--output", str(output),
+                           "--chart", str(tmp_path / "b.png")])
+    assert code == benchmark.EXIT_USAGE
+    assert output.read_text(encoding="utf-8") == "# My notes\n"
+    assert "holds no benchmark run" in capsys.readouterr().err
+
+
+def test_peak_rss_is_the_processes_own_not_the_benchmark_processes(tmp_path):
+    """Linux carries a parent's high-water RSS into a child at exec: the launcher keeps it out."""
+    ballast = bytearray(200 * 1024 * 1024)
+    for i in range(0, len(ballast), 4096):
+        ballast[i] = 1  # this process now peaked above 200 MiB
+    del ballast
+    report = tmp_path / "rusage.json"
+    subprocess.run([sys.executable, "-c", benchmark.RUSAGE_LAUNCHER, str(report), sys.executable, "-c", "pass"],
+                   check=True, timeout=60)
+    usage = json.loads(report.read_text())
+    assert usage["exit_code"] == 0
+    assert usage["maxrss_kb"] < 100 * 1024  # a bare Python: ~10 MiB, not this process's 200+
