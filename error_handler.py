@@ -150,6 +150,12 @@ class StorageUnavailableError(StorageError):
         super().__init__(message, transient=True, **details)
 
 
+class UsageError(ClassifierError):
+    """A script's command line or input file is unusable (a missing file, an unknown format)."""
+
+    code = "usage_error"
+
+
 class BatchFileError(ClassifierError):
     """A local batch file cannot be read or written, or its folder is in use by another processor."""
 

@@ -93,6 +93,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from config import Settings, env_name, load_settings  # noqa: E402
+from error_handler import UsageError  # noqa: E402
 
 EXIT_OK = 0  # every section ran; the file and the chart are written (targets may be missed)
 EXIT_FAILURE = 1  # a step failed (a server did not start, a run did not complete): nothing written
@@ -138,10 +139,6 @@ Reproduce: `python scripts/benchmark.py` (fast preset, a few minutes; `make benc
 
 class BenchmarkError(Exception):
     """A step failed: the message says which and why."""
-
-
-class UsageError(Exception):
-    """The command line asks for something impossible."""
 
 
 # --- presets --------------------------------------------------------------------------------

@@ -110,11 +110,11 @@ from rich.progress import (  # noqa: E402
 from aggregator import validate_conversation  # noqa: E402
 from config import Settings, load_settings  # noqa: E402
 from error_handler import (  # noqa: E402
-    ClassifierError,
     ConfigError,
     InputError,
     StorageError,
     StorageUnavailableError,
+    UsageError,
     fail,
 )
 from logger import configure_logging  # noqa: E402
@@ -158,12 +158,6 @@ exit codes:
   {EXIT_USAGE} usage error: bad option, missing or unreadable file, unknown format
   {EXIT_CONFIG} invalid configuration   {EXIT_UNAVAILABLE} MongoDB unavailable
 """
-
-
-class UsageError(ClassifierError):
-    """The command line or the input file is unusable."""
-
-    code = "usage_error"
 
 
 class RowError(ValueError):

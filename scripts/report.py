@@ -68,7 +68,7 @@ from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
 from config import Settings, load_settings  # noqa: E402
-from error_handler import ClassifierError, ConfigError, StorageError, StorageUnavailableError, fail  # noqa: E402
+from error_handler import ConfigError, StorageError, StorageUnavailableError, UsageError, fail  # noqa: E402
 from logger import configure_logging  # noqa: E402
 from mongo_client import sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
@@ -118,12 +118,6 @@ exit codes:
   {EXIT_FAILURE} a MongoDB query failed     {EXIT_USAGE} bad command line, or the chart cannot be written
   {EXIT_CONFIG} invalid configuration or taxonomy   {EXIT_UNAVAILABLE} MongoDB unavailable
 """
-
-
-class UsageError(ClassifierError):
-    """The command line asks for something impossible (an unwritable chart file)."""
-
-    code = "usage_error"
 
 
 # --- command line -------------------------------------------------------------------------

@@ -7,7 +7,6 @@ these sizes, so no target is asserted here: the targets live in the benchmark's 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -15,24 +14,14 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "scripts" / "benchmark.py"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 NUMBER = re.compile(r"^[+-]?[\d,]+(\.\d+)?( %)?$")
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("benchmark", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-benchmark = load_script()
+benchmark = load_script("benchmark")
 
 
 def child_pids() -> set[int]:

@@ -8,14 +8,12 @@ scripts/import_data.py`` in a subprocess to prove its sys.path handling.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -24,6 +22,7 @@ import cli
 from config import Settings, env_name
 from tests.fake_ollama import FakeOllama
 from tests.net_helpers import free_port
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "import_data.py"
@@ -34,16 +33,7 @@ RESULTS = "sentimental_analysis"
 HEADER = ["tweet_id", "author_id", "inbound", "created_at", "text", "response_tweet_id", "in_response_to_tweet_id"]
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("import_data", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-import_data = load_script()
+import_data = load_script("import_data")
 
 # --- the test CSV -----------------------------------------------------------------------------
 

@@ -10,7 +10,6 @@ scripts/report.py`` in a subprocess to prove its sys.path handling.
 from __future__ import annotations
 
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -21,7 +20,6 @@ import sys
 from collections import Counter
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -30,6 +28,7 @@ from pymongo import monitoring
 
 from config import Settings, env_name
 from tests.net_helpers import free_port
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "report.py"
@@ -40,16 +39,7 @@ TOPICS = [entry["name"] for entry in TAXONOMY["topics"]]
 SENTIMENTS = ["Positive", "Neutral", "Negative"]
 
 
-def load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("report", SCRIPT)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-report = load_script()
+report = load_script("report")
 
 # --- the data -------------------------------------------------------------------------------
 
