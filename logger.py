@@ -21,7 +21,7 @@ _CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@
 
 
 def redact_uri(uri: str) -> str:
-    """Replace the password of a URI (``mongodb://user:secret@host``) with ``***``."""
+    """Replace the password of a URI (``mongodb://user:pass@host``) with ``***``."""
     return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri)
 
 

@@ -358,17 +358,18 @@ def test_invalid_setting_is_a_config_error(import_env, monkeypatch, capsys):
 
 
 def test_unreachable_mongodb_exits_4_with_the_password_redacted(import_env, monkeypatch, twcs_csv, capsys):
-    uri = f"mongodb://importer:s3cret-pw@127.0.0.1:{free_port()}/"
+    uri = f"mongodb://user:pass-3mWk@127.0.0.1:{free_port()}/"  # made-up credentials
     monkeypatch.setenv("MONGODB_CONNECTION_STRING", uri)
     monkeypatch.setenv("MONGODB_TIMEOUT_MS", "500")
 
     code, out, err = run_import(capsys, str(twcs_csv))
 
     assert code == import_data.EXIT_UNAVAILABLE == 4
-    assert err.startswith("error: Cannot reach MongoDB at mongodb://importer:***@127.0.0.1:")
+    assert err.startswith(f"error: Cannot reach MongoDB at {uri.replace('pass-3mWk', '***')}")
+    assert "3mWk" not in err
     assert err.splitlines()[1].startswith("  Start MongoDB, or set MONGODB_CONNECTION_STRING")
     assert len(err.splitlines()) == 2
-    assert "s3cret" not in out + err
+    assert "3mWk" not in out + err
     assert "Traceback" not in err
 
 
