@@ -153,3 +153,40 @@ def test_importing_main_reads_and_connects_nothing() -> None:
     assert result.returncode == 0, result.stderr
     # Unset flags are None so that the environment wins.
     assert result.stdout.splitlines() == ["Customer Support Conversation Classifier", "None"]
+
+
+def test_uvicorn_main_app_serves_with_settings_from_the_environment(tmp_path: Path) -> None:
+    port = free_port()
+    endpoint = closed_port_url()
+    log = tmp_path / "uvicorn.log"
+    env = clean_env(OLLAMA_ENDPOINT=endpoint, API_MAX_BODY_BYTES="2048")
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+        )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 30
+        while True:
+            assert process.poll() is None, log.read_text()
+            try:
+                if requests.get(f"{url}/health", timeout=1).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        with requests.Session() as http:
+            answer = http.post(f"{url}/classify", json=CONVERSATION, timeout=30)
+            assert answer.status_code == 503 and endpoint in answer.json()["error"]["message"]
+            too_big = http.post(f"{url}/classify", data=b"x" * 4096, timeout=30)
+            assert too_big.status_code == 413  # API_MAX_BODY_BYTES came from the environment
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+    assert "Traceback" not in log.read_text()
