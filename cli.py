@@ -16,19 +16,26 @@ from async_llm_wrapper import AsyncOllamaClient
 from batch_processor import BatchProcessor, RunOptions, RunSummary, new_job_id
 from classifier import ConversationClassifier
 from config import Settings, field_help, load_settings
-from error_handler import BatchFileError, ConfigError, LLMError, StorageError, StorageUnavailableError, fail
+from error_handler import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    ClassifierError,
+    ConfigError,
+    fail,
+)
 from logger import configure_logging
 from mongo_client import MongoStore, data_identity
 from utils.batch_file_manager import BatchFileManager
 from utils.progress import ProgressTracker, build_progress, monitoring_components
 
-EXIT_OK = 0
-EXIT_FAILURE = 1  # the run broke off: MongoDB lost mid-run, a batch file unwritable
-EXIT_USAGE = 2  # bad command line (argparse)
-EXIT_CONFIG = 3  # invalid settings, taxonomy or few-shot file
-EXIT_UNAVAILABLE = 4  # MongoDB or Ollama unreachable at start-up, or the model not pulled
+# Shared codes (error_handler): 0 ok, 1 the run broke off (MongoDB lost mid-run, a batch file
+# unwritable), 2 bad command line, 3 invalid configuration, 4 MongoDB or Ollama unavailable at
+# start-up, 130 interrupted. The processor's own outcome:
 EXIT_INCOMPLETE = 5  # finished, but some conversations failed or wait in a retry queue
-EXIT_INTERRUPTED = 130
 
 EPILOG = f"""\
 other settings (environment or .env):
@@ -159,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = settings_from_args(args)
     except ConfigError as e:
-        return fail(e, EXIT_CONFIG)
+        return fail(e)
     components = monitoring_components(
         settings.batch_monitoring_mode, console=args.console, logs=args.logs, files=args.progress_files
     )
@@ -168,15 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     options = RunOptions(limit=args.limit, retry_failed=args.retry_failed)
     try:
         return asyncio.run(run(settings, options, components))
-    except ConfigError as e:
-        return fail(e, EXIT_CONFIG)
-    except (StorageUnavailableError, LLMError) as e:
-        # Ollama errors only escape at start-up (check_ready); mid-run they go to the retry queue.
-        return fail(e, EXIT_UNAVAILABLE)
-    except StorageError as e:
-        return fail(e, EXIT_FAILURE)
-    except BatchFileError as e:
-        return fail(e, EXIT_FAILURE)
+    except ClassifierError as e:  # each error carries its exit code (error_handler)
+        return fail(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED

@@ -3,7 +3,7 @@
 Modules raise these typed exceptions (always ``raise ... from e`` when wrapping);
 only the edges convert them: the FastAPI handlers (``status_code`` + the body of
 :func:`error_body`), the batch item loop (a retry-queue entry with the error's
-``code``) and the CLIs (an exit code). ``transient`` says whether trying the same
+``code``) and the command lines (:func:`fail`: the message and the error's ``exit_code``). ``transient`` says whether trying the same
 thing again later may succeed; the retry policies in ``utils.retry_utils`` use it.
 """
 
@@ -12,12 +12,22 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+# Exit codes every command line shares; each documents in --help what they mean for it.
+# A tool's own outcomes (e.g. 5: finished, but some conversations failed) are defined by the tool.
+EXIT_OK = 0
+EXIT_FAILURE = 1  # the run broke off
+EXIT_USAGE = 2  # bad command line or input file
+EXIT_CONFIG = 3  # invalid settings or configuration file
+EXIT_UNAVAILABLE = 4  # MongoDB or Ollama unreachable, or the model not pulled
+EXIT_INTERRUPTED = 130
+
 
 class ClassifierError(Exception):
     """Base of every error this project raises on purpose."""
 
     code = "error"
     status_code = 500
+    exit_code = EXIT_FAILURE
     transient = False
 
     def __init__(self, message: str, *, hint: str | None = None, **details: Any) -> None:
@@ -34,6 +44,7 @@ class ConfigError(ClassifierError):
     """A setting or configuration file is invalid; fix the configuration and restart."""
 
     code = "config_error"
+    exit_code = EXIT_CONFIG
 
 
 class InputError(ClassifierError):
@@ -66,6 +77,8 @@ class LLMError(ClassifierError):
 
     code = "llm_error"
     status_code = 502
+    # Only the start-up check lets one reach a command line's edge: Ollama is not usable.
+    exit_code = EXIT_UNAVAILABLE
 
 
 class LLMUnavailableError(LLMError):
@@ -145,6 +158,7 @@ class StorageUnavailableError(StorageError):
     """MongoDB cannot be reached."""
 
     code = "storage_unavailable"
+    exit_code = EXIT_UNAVAILABLE
 
     def __init__(self, message: str, **details: Any) -> None:
         super().__init__(message, transient=True, **details)
@@ -154,6 +168,7 @@ class UsageError(ClassifierError):
     """A script's command line or input file is unusable (a missing file, an unknown format)."""
 
     code = "usage_error"
+    exit_code = EXIT_USAGE
 
 
 class BatchFileError(ClassifierError):
@@ -162,12 +177,12 @@ class BatchFileError(ClassifierError):
     code = "batch_file_error"
 
 
-def fail(error: ClassifierError, exit_code: int, *, extra_hint: str | None = None) -> int:
+def fail(error: ClassifierError, exit_code: int | None = None, *, extra_hint: str | None = None) -> int:
     """The command-line edge: print ``error: <message>`` and its hint on stderr, no traceback;
-    return ``exit_code`` for ``main()`` to return."""
+    return ``exit_code`` (by default the error's own) for ``main()`` to return."""
     lines = [f"error: {error.message}"] + [f"  {hint}" for hint in (error.hint, extra_hint) if hint]
     print("\n".join(lines), file=sys.stderr, flush=True)
-    return exit_code
+    return error.exit_code if exit_code is None else exit_code
 
 
 def error_body(error: ClassifierError) -> dict[str, Any]:

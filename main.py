@@ -14,11 +14,9 @@ import uvicorn
 from api import create_app
 from classifier import ConversationClassifier
 from config import field_help, load_settings
-from error_handler import ConfigError
+from error_handler import EXIT_OK, ConfigError
 from logger import configure_logging
 
-EXIT_OK = 0
-EXIT_CONFIG_ERROR = 3
 
 # For `uvicorn main:app`; building the app reads and connects nothing.
 app = create_app()
@@ -47,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         configure_logging(settings.log_level)
         classifier = ConversationClassifier.from_settings(settings)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_CONFIG_ERROR
+        print(f"error: {e}", file=sys.stderr)  # message and hint on one line
+        return e.exit_code
     uvicorn.run(
         create_app(settings, classifier=classifier),
         host=settings.api_host,

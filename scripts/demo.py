@@ -27,14 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import load_settings  # noqa: E402
-from error_handler import ConfigError, LLMError, fail  # noqa: E402
+from error_handler import EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import OllamaClient  # noqa: E402
 from logger import configure_logging  # noqa: E402
 
-EXIT_OK = 0
+# Shared codes (error_handler): 0 ok, 3 invalid configuration, 4 Ollama unreachable or the model
+# not pulled. The demo's own:
 EXIT_STEP_FAILED = 1  # a step failed; it printed why
-EXIT_CONFIG = 3
-EXIT_UNAVAILABLE = 4  # Ollama unreachable or the model not pulled
 
 SAMPLE = ROOT / "data" / "sample_conversations.json"
 # The demo's database is its own, so are its batch files (never mixed with a real database's).
@@ -67,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as e:
-        return fail(e, EXIT_CONFIG)
+        return fail(e)
     configure_logging("WARNING")
 
     print(f"Checking Ollama at {settings.ollama_endpoint} (model {settings.ollama_model}) ...", flush=True)
@@ -75,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         with OllamaClient(settings) as ollama:
             ollama.check_ready()
     except LLMError as e:
-        return fail(e, EXIT_UNAVAILABLE, extra_hint=f"The demo classifies with a real model: start Ollama, run "
+        return fail(e, extra_hint=f"The demo classifies with a real model: start Ollama, run "
                     f"`ollama pull {settings.ollama_model}`, then `make demo` again.")
 
     chart = Path(args.chart).resolve()

@@ -110,10 +110,16 @@ from rich.progress import (  # noqa: E402
 from aggregator import validate_conversation  # noqa: E402
 from config import Settings, load_settings  # noqa: E402
 from error_handler import (  # noqa: E402
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    ClassifierError,
     ConfigError,
     InputError,
     StorageError,
-    StorageUnavailableError,
     UsageError,
     fail,
 )
@@ -123,13 +129,10 @@ from utils.retry_utils import storage_error  # noqa: E402
 
 logger = logging.getLogger("import_data")
 
-EXIT_OK = 0
-EXIT_FAILURE = 1  # the import broke off (MongoDB error mid-import, temporary database failure)
-EXIT_USAGE = 2  # bad command line, missing or unreadable file, unknown format
-EXIT_CONFIG = 3  # invalid settings
-EXIT_UNAVAILABLE = 4  # MongoDB unreachable
+# Shared codes (error_handler): 0 ok, 1 the import broke off (MongoDB error mid-import, temporary
+# database failure), 2 bad command line or unreadable file, 3 invalid settings, 4 MongoDB unreachable,
+# 130 interrupted. The importer's own outcome:
 EXIT_BAD_ROWS = 5  # finished: every valid conversation imported, but bad rows were skipped
-EXIT_INTERRUPTED = 130
 
 TWCS_COLUMNS = (
     "tweet_id", "author_id", "inbound", "created_at", "text", "response_tweet_id", "in_response_to_tweet_id",
@@ -819,19 +822,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as e:
-        return fail(e, EXIT_CONFIG)
+        return fail(e)
     # Quiet by default (the summary says it all); --verbose logs each step at LOG_LEVEL (default INFO).
     configure_logging(settings.log_level if args.verbose else "WARNING")
     try:
         return run(args, settings)
-    except UsageError as e:
-        return fail(e, EXIT_USAGE)
-    except ConfigError as e:
-        return fail(e, EXIT_CONFIG)
-    except StorageUnavailableError as e:
-        return fail(e, EXIT_UNAVAILABLE)
-    except StorageError as e:
-        return fail(e, EXIT_FAILURE)
+    except ClassifierError as e:  # each error carries its exit code (error_handler)
+        return fail(e)
     except (sqlite3.Error, OSError) as e:
         return fail(UsageError(
             f"the temporary database failed: {e}",

@@ -68,7 +68,18 @@ from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
 from config import Settings, load_settings  # noqa: E402
-from error_handler import ConfigError, StorageError, StorageUnavailableError, UsageError, fail  # noqa: E402
+from error_handler import (  # noqa: E402
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    ClassifierError,
+    ConfigError,
+    UsageError,
+    fail,
+)
 from logger import configure_logging  # noqa: E402
 from mongo_client import sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
@@ -76,12 +87,9 @@ from utils.retry_utils import storage_error  # noqa: E402
 
 logger = logging.getLogger("report")
 
-EXIT_OK = 0  # report printed (also when it is empty: no results yet, or none for --job)
-EXIT_FAILURE = 1  # a MongoDB query failed after the connection check (e.g. not authorized)
-EXIT_USAGE = 2  # bad command line, or the chart file cannot be written
-EXIT_CONFIG = 3  # invalid settings or taxonomy file
-EXIT_UNAVAILABLE = 4  # MongoDB unreachable
-EXIT_INTERRUPTED = 130
+# Exit codes are the shared ones (error_handler): 0 report printed (also an empty one: no results yet,
+# or none for --job), 1 a MongoDB query failed after the connection check (e.g. not authorized),
+# 2 bad command line or an unwritable chart file, 3 invalid settings or taxonomy, 4 MongoDB unreachable.
 
 KINDS = ("intent", "topic", "sentiment")
 MISSING_LABEL = "(missing)"
@@ -508,18 +516,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
     except ConfigError as e:
-        return fail(e, EXIT_CONFIG)
+        return fail(e)
     configure_logging(settings.log_level if args.verbose else "WARNING")
     try:
         return run(args, settings)
-    except UsageError as e:
-        return fail(e, EXIT_USAGE)
-    except ConfigError as e:
-        return fail(e, EXIT_CONFIG)
-    except StorageUnavailableError as e:
-        return fail(e, EXIT_UNAVAILABLE)
-    except StorageError as e:
-        return fail(e, EXIT_FAILURE)
+    except ClassifierError as e:  # each error carries its exit code (error_handler)
+        return fail(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         return EXIT_INTERRUPTED

@@ -18,7 +18,6 @@ ObjectIds and dates inside them survive the round trip.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import re
