@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 MONGODB_CONNECTION_STRING ?= embedded
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test demo bench clean
+.PHONY: help install install-dev run test demo bench evaluate clean
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -19,8 +19,13 @@ $(VENV)/.runtime: requirements.txt | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt | $(BIN)/python
+$(VENV)/.dev: requirements.txt requirements-dev.txt requirements-eval.txt | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	touch $(VENV)/.runtime $(VENV)/.eval $@
+
+# scikit-learn for scripts/evaluate.py only: kept out of the runtime (and the API image).
+$(VENV)/.eval: requirements.txt requirements-eval.txt | $(BIN)/python
+	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-eval.txt
 	touch $(VENV)/.runtime $@
 
 install: $(VENV)/.runtime ## Install the runtime dependencies into .venv
@@ -38,6 +43,12 @@ demo: $(VENV)/.dev ## Import 32 sample conversations, classify them with Ollama,
 
 bench: $(VENV)/.dev ## Run the benchmarks (fast preset) and write docs/benchmarks.md
 	$(BIN)/python scripts/benchmark.py
+
+# make evaluate LABELLED=my_set.jsonl EVAL_ARGS="--output report.json --markdown report.md --chart confusion.png"
+LABELLED  ?= data/labelled_conversations.json
+EVAL_ARGS ?=
+evaluate: $(VENV)/.eval ## Measure accuracy and macro-F1 on a labelled set with the configured LLM server
+	$(BIN)/python scripts/evaluate.py $(LABELLED) $(EVAL_ARGS)
 
 clean: ## Remove the virtual environment and caches (keeps data and batch files)
 	rm -rf $(VENV) .pytest_cache
