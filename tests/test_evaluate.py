@@ -55,3 +55,299 @@ def test_labelled_set_holds_hard_cases_with_notes(labelled: list[dict]) -> None:
     notes = " ".join(item.get("note", "") for item in labelled).lower()
     for case in ("sarcas", "mixed sentiment", "ends grateful", "off-topic"):
         assert case in notes, case
+
+
+# --- metrics against hand-computed values -----------------------------------------------------
+
+from tests.fake_ollama import FakeOllama, Reply  # noqa: E402
+from tests.net_helpers import closed_port_url  # noqa: E402
+from tests.scripts import load_script  # noqa: E402
+
+evaluate = load_script("evaluate")
+
+# Taxonomy order B, A, E, C, D. E is in neither list; C is expected but never predicted;
+# D is predicted but never expected.
+TAXONOMY_ORDER = ["B", "A", "E", "C", "D"]
+EXPECTED = ["A", "A", "B", "B", "C"]
+PREDICTED = ["A", "B", "B", "D", "A"]
+
+
+def test_field_metrics_match_hand_computed_values() -> None:
+    metrics = evaluate.field_metrics(EXPECTED, PREDICTED, TAXONOMY_ORDER)
+    assert metrics["n"] == 5
+    assert metrics["accuracy"] == 0.4  # 2 of 5 right
+    # A: tp 1, fp 1, fn 1; B: tp 1, fp 1, fn 1; C: tp 0, fn 1, never predicted; D: fp 1, never expected.
+    assert metrics["per_label"] == {
+        "B": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2},
+        "A": {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2},
+        "C": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1},
+        "D": {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0},
+    }
+    # Averaged over B, A, C, D (present in expected or predicted), not E: (0.5 + 0.5 + 0 + 0) / 4.
+    assert metrics["macro_f1"] == 0.25
+    assert metrics["confusion"] == {
+        "labels": ["B", "A", "C", "D"],  # rows expected, columns predicted, taxonomy order
+        "matrix": [[1, 0, 0, 1], [1, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]],
+    }
+    assert "calibration" not in metrics  # no confidences, no calibration
+
+
+def test_labels_outside_the_taxonomy_follow_the_known_ones() -> None:
+    assert evaluate.label_order(["A", "Zed"], ["Yak", "B"], TAXONOMY_ORDER) == ["B", "A", "Yak", "Zed"]
+
+
+def test_calibration_buckets_hold_hand_computed_accuracy() -> None:
+    confidences = [0.95, 0.9, 0.3, None, 1.0]  # right, wrong, right, (no confidence), wrong
+    expected = ["A", "A", "B", "B", "C"]
+    predicted = ["A", "B", "B", "D", "A"]
+    metrics = evaluate.field_metrics(expected, predicted, TAXONOMY_ORDER, confidences)
+    assert metrics["calibration"] == [
+        {"range": [0.2, 0.4], "n": 1, "accuracy": 1.0, "mean_confidence": 0.3},
+        {"range": [0.8, 1.0], "n": 3, "accuracy": 0.3333, "mean_confidence": 0.95},
+    ]
+
+
+# --- reading labelled files ------------------------------------------------------------------
+
+
+def _taxonomy():
+    return load_taxonomy(TAXONOMY)
+
+
+def _item(text: str, **expected: str) -> dict:
+    return {"messages": [{"sender": "customer", "text": text}], "expected": expected}
+
+
+def test_json_list_items_are_read_malformed_ones_named_and_off_taxonomy_labels_counted_apart(tmp_path: Path) -> None:
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps([
+        _item("Where is my parcel?", intent="order status", sentiment="Neutral"),  # any case, like the API
+        {"messages": [], "expected": {"intent": "Complaint"}},
+        _item("Hello", intent="Small Talk", topic="Other"),
+        "just a string",
+        {"messages": [{"sender": "customer", "text": "hi"}]},
+        _item("x", intnet="Complaint"),
+    ]))
+    labelled = evaluate.load_labelled(path, _taxonomy())
+    assert [(i.where, i.expected) for i in labelled.items] == [
+        ("item 1", {"intent": "Order Status", "sentiment": "Neutral"}),
+        ("item 3", {"topic": "Other"}),
+    ]
+    assert labelled.items[0].conversation.conversation_number == "item-1"  # filled in when absent
+    assert [(o.where, o.field, o.label) for o in labelled.off_taxonomy] == [("item 3", "intent", "Small Talk")]
+    problems = "\n".join(labelled.malformed)
+    assert problems.startswith("item 2: ")
+    assert "item 4: an item must be a JSON object, not str" in problems
+    assert "item 5: 'expected' must be an object" in problems
+    assert "item 6: 'expected' has unknown key(s) 'intnet'" in problems
+
+
+def test_json_lines_name_the_line_of_a_broken_item(tmp_path: Path) -> None:
+    path = tmp_path / "set.jsonl"
+    good = json.dumps(_item("My bill doubled", intent="Billing Question"))
+    path.write_text(f"{good}\n\n{{not json\n{good}\n")
+    labelled = evaluate.load_labelled(path, _taxonomy())
+    assert [i.where for i in labelled.items] == ["line 1", "line 4"]
+    assert len(labelled.malformed) == 1 and labelled.malformed[0].startswith("line 3: not a JSON value")
+
+
+def test_limit_counts_usable_items(tmp_path: Path) -> None:
+    path = tmp_path / "set.jsonl"
+    path.write_text("\n".join(["[]", *(json.dumps(_item(f"q{i}", intent="Other")) for i in range(5))]))
+    labelled = evaluate.load_labelled(path, _taxonomy(), limit=2)
+    assert [i.where for i in labelled.items] == ["line 2", "line 3"]
+
+
+def test_csv_conversations_are_split_into_turns(tmp_path: Path) -> None:
+    path = tmp_path / "set.csv"
+    path.write_text(
+        "Conversation,Intent,Topic,Sentiment\n"
+        '"Customer: My app crashes\non start.\nAGENT: Which phone?\ncustomer:Android",Technical Support,Software/App,\n'
+        '"no prefix here",Other,Other,Neutral\n'
+        '"Customer: thanks!",Feedback,,Great\n'
+    )
+    labelled = evaluate.load_labelled(path, _taxonomy())
+    first = labelled.items[0]
+    assert first.body["messages"] == [
+        {"sender": "customer", "text": "My app crashes\non start."},
+        {"sender": "agent", "text": "Which phone?"},
+        {"sender": "customer", "text": "Android"},
+    ]
+    assert first.expected == {"intent": "Technical Support", "topic": "Software/App"}  # empty cell: not scored
+    assert labelled.malformed == ["row 2: the conversation's first line has no 'Customer:' or 'Agent:' prefix"]
+    assert [(o.where, o.field, o.label) for o in labelled.off_taxonomy] == [("row 3", "sentiment", "Great")]
+
+
+def test_csv_without_a_conversation_column_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "set.csv"
+    path.write_text("text,intent\nhi,Other\n")
+    with pytest.raises(evaluate.UsageError, match="no 'conversation' column"):
+        evaluate.load_labelled(path, _taxonomy())
+
+
+# --- end to end against the fake Ollama and the API ------------------------------------------
+
+ANSWERS = {  # a word of each conversation -> the fake's answer
+    "parcel": {"intent": "Order Status", "topic": "Shipping/Delivery", "sentiment": "Neutral"},
+    "refund": {"intent": "Complaint", "topic": "Product Quality", "sentiment": "Negative"},
+    "password": {"intent": "Account Access", "topic": "Login/Security", "sentiment": "Negative"},
+}
+E2E_ITEMS = [
+    {"conversation_number": "e1", "messages": [{"sender": "customer", "text": "Where is my parcel?"},
+                                               {"sender": "agent", "text": "On its way."}],
+     "expected": {"intent": "Order Status", "topic": "Shipping/Delivery", "sentiment": "Neutral"}},
+    {"conversation_number": "e2", "tweets": [{"tweet_id": 1, "author_id": "u1", "inbound": True,
+                                             "created_at": "Tue Oct 31 10:00:00 +0000 2017",
+                                             "text": "@Shop I want a refund for this broken kettle"}],
+     "expected": {"intent": "Refund Request", "topic": "Product Quality", "sentiment": "Negative"}},
+    {"conversation_number": "e3", "messages": [{"sender": "customer", "text": "I forgot my password"}],
+     "expected": {"intent": "Account Access", "sentiment": "Neutral"}},
+    {"conversation_number": "e4", "messages": [{"sender": "customer", "text": "garbled"}],
+     "expected": {"intent": "Other"}},
+    {"conversation_number": "e5", "messages": "not a list", "expected": {"intent": "Other"}},
+    {"conversation_number": "e6", "messages": [{"sender": "customer", "text": "hi"}], "expected": {"intent": "Nope"}},
+]
+
+
+def _respond(request: dict) -> Reply:
+    from tests.fake_ollama import last_user_content
+
+    content = last_user_content(request)
+    for word, answer in ANSWERS.items():
+        if word in content:
+            return Reply(json.dumps({"categorization": "scripted", **answer}))
+    return Reply("I cannot classify this.")  # no JSON: the classification of e4 fails
+
+
+@pytest.fixture
+def e2e_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_ollama: FakeOllama) -> Path:
+    fake_ollama.responder = _respond
+    monkeypatch.chdir(tmp_path)  # no developer .env
+    for name in ("OLLAMA_MODEL", "TAXONOMY_FILE", "FEW_SHOTS_FILE", "LLM_PROVIDER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OLLAMA_ENDPOINT", fake_ollama.url)
+    path = tmp_path / "e2e.json"
+    path.write_text(json.dumps(E2E_ITEMS))
+    return path
+
+
+def _check_e2e_report(report: dict) -> None:
+    assert set(report) == {"n", "model", "fields", "errors", "seconds_per_item"}
+    assert report["n"] == 4 and report["errors"] == 1 and report["model"] == "llama3"
+    assert isinstance(report["seconds_per_item"], float)
+    assert set(report["fields"]) == {"intent", "topic", "sentiment"}
+    for metrics in report["fields"].values():
+        assert set(metrics) - {"calibration"} == {"n", "accuracy", "macro_f1", "per_label", "confusion"}
+        for scores in metrics["per_label"].values():
+            assert set(scores) == {"precision", "recall", "f1", "support"}
+    intent = report["fields"]["intent"]
+    # e1 right, e2 Refund Request -> Complaint, e3 right (e4 failed, e5 malformed, e6 off-taxonomy).
+    assert intent["n"] == 3 and intent["accuracy"] == 0.6667
+    assert intent["confusion"] == {
+        "labels": ["Order Status", "Complaint", "Refund Request", "Account Access"],
+        "matrix": [[1, 0, 0, 0], [0, 0, 0, 0], [0, 1, 0, 0], [0, 0, 0, 1]],
+    }
+    assert intent["macro_f1"] == 0.5  # (1 + 0 + 0 + 1) / 4
+    assert report["fields"]["topic"]["n"] == 2 and report["fields"]["topic"]["accuracy"] == 1.0
+    sentiment = report["fields"]["sentiment"]
+    assert sentiment["accuracy"] == 0.6667  # e3: Neutral expected, Negative predicted
+    # Neutral: e1 right, e3 missed (predicted Negative): precision 1/1, recall 1/2, F1 2/3.
+    assert sentiment["per_label"]["Neutral"] == {"precision": 1.0, "recall": 0.5, "f1": 0.6667, "support": 2}
+
+
+def test_end_to_end_direct_writes_the_report_markdown_and_chart(
+    e2e_file: Path, tmp_path: Path, fake_ollama: FakeOllama, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out, md, png = tmp_path / "report.json", tmp_path / "report.md", tmp_path / "confusion.png"
+    code = evaluate.main([str(e2e_file), "--max-concurrent", "2", "--output", str(out),
+                          "--markdown", str(md), "--chart", str(png)])
+    captured = capsys.readouterr()
+    assert code == evaluate.EXIT_INCOMPLETE, captured.err  # one malformed item, one failed classification
+    assert fake_ollama.chat_count == 4
+    _check_e2e_report(json.loads(out.read_text()))
+    assert "item 5: " in captured.out and "item 6: intent 'Nope'" in captured.out
+    assert "item 4 (e4): llm_bad_output" in captured.out
+    markdown = md.read_text()
+    assert "| intent | 3 | 66.7% | 0.500 |" in markdown
+    assert "| Refund Request | 0 | 1 | 0 | 0 |" in markdown  # a confusion row
+    assert "item 6: intent 'Nope'" in markdown
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_end_to_end_via_the_api_gives_the_same_report(
+    e2e_file: Path, tmp_path: Path, make_settings, start_api, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings())
+    out = tmp_path / "report.json"
+    assert evaluate.main([str(e2e_file), "--url", api.url + "/", "--output", str(out)]) == evaluate.EXIT_INCOMPLETE
+    _check_e2e_report(json.loads(out.read_text()))
+
+
+# --- bad input and unavailable servers: clear messages, exit codes ----------------------------
+
+
+def _run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    code = evaluate.main(argv)
+    return code, capsys.readouterr().err
+
+
+def test_missing_file_is_a_usage_error(e2e_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run(["nowhere.json"], capsys)
+    assert code == 2 and "error: labelled file not found: nowhere.json" in err and "Traceback" not in err
+
+
+def test_invalid_json_names_the_place(e2e_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "bad.json"
+    path.write_text('[{"messages": [}\n]')
+    code, err = _run([str(path)], capsys)
+    assert code == 2 and "is not valid JSON" in err and "line 1 column 16" in err
+
+
+def test_a_file_without_usable_items_says_why(e2e_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                              fake_ollama: FakeOllama) -> None:
+    path = tmp_path / "none.jsonl"
+    path.write_text(json.dumps({"messages": [{"sender": "customer", "text": "hi"}]}) + "\n")
+    code, err = _run([str(path)], capsys)
+    assert code == 2 and "no usable item" in err and "line 1: 'expected' must be an object" in err
+    assert fake_ollama.chat_count == 0
+
+
+def test_missing_output_folder_fails_before_classifying(e2e_file: Path, capsys: pytest.CaptureFixture[str],
+                                                        fake_ollama: FakeOllama) -> None:
+    code, err = _run([str(e2e_file), "--chart", "no/such/folder/c.png"], capsys)
+    assert code == 2 and "the folder no/such/folder does not exist" in err
+    assert fake_ollama.chat_count == 0
+
+
+def test_wrong_output_suffix_is_refused(e2e_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        evaluate.main([str(e2e_file), "--chart", "c.jpg"])
+    assert exit_info.value.code == 2 and "must end with .png" in capsys.readouterr().err
+
+
+def test_unreachable_llm_server_exits_4(e2e_file: Path, monkeypatch: pytest.MonkeyPatch,
+                                       capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("OLLAMA_ENDPOINT", closed_port_url())
+    code, err = _run([str(e2e_file)], capsys)
+    assert code == 4 and err.startswith("error: ") and "Traceback" not in err
+
+
+def test_missing_model_exits_4(e2e_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run([str(e2e_file), "--model", "not-pulled"], capsys)
+    assert code == 4 and "not-pulled" in err
+
+
+def test_unreachable_api_exits_4(e2e_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    url = closed_port_url()
+    code, err = _run([str(e2e_file), "--url", url], capsys)
+    assert code == 4 and f"the API at {url} cannot be reached" in err
+
+
+def test_model_with_url_is_a_usage_error(e2e_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run([str(e2e_file), "--url", "http://127.0.0.1:1", "--model", "x"], capsys)
+    assert code == 2 and "--model only applies to direct runs" in err
+
+
+def test_bad_taxonomy_is_a_config_error(e2e_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, err = _run([str(e2e_file), "--taxonomy", str(tmp_path / "missing.json")], capsys)
+    assert code == 3 and "Taxonomy file not found" in err
