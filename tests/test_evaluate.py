@@ -219,13 +219,18 @@ def _respond(request: dict) -> Reply:
     return Reply("I cannot classify this.")  # no JSON: the classification of e4 fails
 
 
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str) -> None:
+    """The script reads its settings from the environment and ./.env: only the test's count."""
+    monkeypatch.chdir(tmp_path)
+    for name in ("OLLAMA_MODEL", "TAXONOMY_FILE", "FEW_SHOTS_FILE", "LLM_PROVIDER"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OLLAMA_ENDPOINT", endpoint)
+
+
 @pytest.fixture
 def e2e_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_ollama: FakeOllama) -> Path:
     fake_ollama.responder = _respond
-    monkeypatch.chdir(tmp_path)  # no developer .env
-    for name in ("OLLAMA_MODEL", "TAXONOMY_FILE", "FEW_SHOTS_FILE", "LLM_PROVIDER"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OLLAMA_ENDPOINT", fake_ollama.url)
+    _isolate(monkeypatch, tmp_path, fake_ollama.url)
     path = tmp_path / "e2e.json"
     path.write_text(json.dumps(E2E_ITEMS))
     return path
@@ -351,3 +356,36 @@ def test_model_with_url_is_a_usage_error(e2e_file: Path, capsys: pytest.CaptureF
 def test_bad_taxonomy_is_a_config_error(e2e_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, err = _run([str(e2e_file), "--taxonomy", str(tmp_path / "missing.json")], capsys)
     assert code == 3 and "Taxonomy file not found" in err
+
+
+def _first_customer_text(item: dict) -> str:
+    if "messages" in item:
+        return next(m["text"] for m in item["messages"] if m["sender"] == "customer")
+    return next(t["text"] for t in item["tweets"] if t["inbound"])
+
+
+def test_an_oracle_scores_100_percent_on_the_labelled_set(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_ollama: FakeOllama, labelled: list[dict]
+) -> None:
+    """The fake answers each conversation with its expected labels: every field must score 1.0.
+
+    Together with the chance-level baseline of docs/quality.md, this shows that the scores come
+    from the answers, and that every conversation of the set goes through the pipeline.
+    """
+    from tests.fake_ollama import last_user_content
+
+    keys = [(" ".join(_first_customer_text(item).split()), item["expected"]) for item in labelled]
+
+    def oracle(request: dict) -> Reply:
+        content = " ".join(last_user_content(request).split())
+        answer = next(expected for text, expected in keys if text in content)
+        return Reply(json.dumps({"categorization": "oracle", **answer}))
+
+    fake_ollama.responder = oracle
+    _isolate(monkeypatch, tmp_path, fake_ollama.url)
+    out = tmp_path / "report.json"
+    assert evaluate.main([str(LABELLED), "--max-concurrent", "4", "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["n"] == len(labelled) and report["errors"] == 0
+    for name in ("intent", "topic", "sentiment"):
+        assert (report["fields"][name]["accuracy"], report["fields"][name]["macro_f1"]) == (1.0, 1.0), name
