@@ -52,6 +52,7 @@ import argparse
 import asyncio
 import csv
 import io
+import itertools
 import json
 import logging
 import os
@@ -117,6 +118,14 @@ class APIUnavailableError(ClassifierError):
 
     code = "api_unavailable"
     exit_code = EXIT_UNAVAILABLE
+
+
+class APIAnswerError(ClassifierError):
+    """The API of --url answered one conversation with an error; ``code`` is the API's error type."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
 
 
 # --- command line ------------------------------------------------------------------------------
@@ -414,7 +423,7 @@ async def _api_ready(session: aiohttp.ClientSession, url: str) -> str:
     try:
         async with session.get(f"{url}/ready") as response:
             status, body = response.status, await response.read()
-    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+    except (TimeoutError, aiohttp.ClientError) as e:
         raise APIUnavailableError(f"the API at {url} cannot be reached: {e or type(e).__name__}",
                                   hint="Start it (make run) or check --url.") from e
     if status != 200:
@@ -436,13 +445,11 @@ async def run_via_api(items: list[LabelledItem], url: str, max_concurrent: int) 
             try:
                 async with session.post(f"{url}/classify", json=item.body) as response:
                     status, body = response.status, await response.read()
-            except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+            except (TimeoutError, aiohttp.ClientError) as e:
                 raise APIUnavailableError(f"POST {url}/classify failed: {e or type(e).__name__}") from e
             if status != 200:
                 kind, message = _api_error(status, body)
-                error = ClassifierError(message or f"HTTP {status}")
-                error.code = kind
-                raise error
+                raise APIAnswerError(kind, message or f"HTTP {status}")
             return dict(json.loads(body)["classification"])
 
         with _progress(len(items)) as progress:
@@ -460,13 +467,15 @@ def label_order(expected: list[str], predicted: list[str], taxonomy_labels: list
     return [label for label in taxonomy_labels if label in present] + sorted(present - set(taxonomy_labels))
 
 
-def calibration(expected: list[str], predicted: list[str], confidences: list[float | None]) -> list[dict[str, Any]] | None:
+def calibration(
+    expected: list[str], predicted: list[str], confidences: list[float | None]
+) -> list[dict[str, Any]] | None:
     """Accuracy per confidence bucket (None when no answer carried a confidence)."""
-    scored = [(c, e == p) for e, p, c in zip(expected, predicted, confidences) if c is not None]
+    scored = [(c, e == p) for e, p, c in zip(expected, predicted, confidences, strict=True) if c is not None]
     if not scored:
         return None
     buckets = []
-    for low, high in zip(CALIBRATION_EDGES, CALIBRATION_EDGES[1:]):
+    for low, high in itertools.pairwise(CALIBRATION_EDGES):
         inside = [(c, ok) for c, ok in scored if low <= c < high or (high == CALIBRATION_EDGES[-1] and c == high)]
         if inside:
             buckets.append({
@@ -584,7 +593,7 @@ def print_report(report: dict[str, Any], labelled: LabelledSet, failures: list[P
                               f"{bucket['mean_confidence']:.2f}")
             console.print(table)
     for line in not_scored_lines(labelled, failures):
-        console.print(line, markup=False, highlight=False)
+        console.print(line, markup=False, highlight=False, soft_wrap=True)
 
 
 def not_scored_lines(labelled: LabelledSet, failures: list[Prediction]) -> list[str]:
@@ -612,11 +621,11 @@ def _md_table(header: list[str], rows: list[list[Any]], right_from: int = 1) -> 
 
 
 def render_markdown(report: dict[str, Any], labelled: LabelledSet, failures: list[Prediction], source: str) -> str:
-    lines = [f"# Evaluation of {report['model']} on {source}", "",
-             f"{report['n']} conversations classified, {report['errors']} failed, "
-             f"{report['seconds_per_item']:.2f} s per conversation.", ""]
-    lines += _md_table(["field", "scored", "accuracy", "macro-F1"],
-                       [[name, m["n"], _pct(m["accuracy"]), f"{m['macro_f1']:.3f}"] for name, m in report["fields"].items()])
+    counts = (f"{report['n']} conversations classified, {report['errors']} failed, "
+              f"{report['seconds_per_item']:.2f} s per conversation.")
+    lines = [f"# Evaluation of {report['model']} on {source}", "", counts, ""]
+    summary = [[name, m["n"], _pct(m["accuracy"]), f"{m['macro_f1']:.3f}"] for name, m in report["fields"].items()]
+    lines += _md_table(["field", "scored", "accuracy", "macro-F1"], summary)
     for name, metrics in report["fields"].items():
         lines += [f"## {name}", ""]
         lines += _md_table(["label", "precision", "recall", "F1", "support"],
@@ -624,7 +633,8 @@ def render_markdown(report: dict[str, Any], labelled: LabelledSet, failures: lis
                             for label, s in metrics["per_label"].items()])
         labels, matrix = metrics["confusion"]["labels"], metrics["confusion"]["matrix"]
         lines += ["Confusion matrix (rows: expected, columns: predicted):", ""]
-        lines += _md_table(["expected \\ predicted", *labels], [[label, *row] for label, row in zip(labels, matrix)])
+        rows = [[label, *row] for label, row in zip(labels, matrix, strict=True)]
+        lines += _md_table(["expected \\ predicted", *labels], rows)
         if "calibration" in metrics:
             lines += ["Accuracy per confidence bucket:", ""]
             lines += _md_table(["confidence", "n", "accuracy", "mean confidence"],

@@ -280,12 +280,15 @@ def test_end_to_end_direct_writes_the_report_markdown_and_chart(
 
 
 def test_end_to_end_via_the_api_gives_the_same_report(
-    e2e_file: Path, tmp_path: Path, make_settings, start_api, fake_ollama: FakeOllama
+    e2e_file: Path, tmp_path: Path, make_settings, start_api, fake_ollama: FakeOllama,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     api = start_api(make_settings())
     out = tmp_path / "report.json"
     assert evaluate.main([str(e2e_file), "--url", api.url + "/", "--output", str(out)]) == evaluate.EXIT_INCOMPLETE
     _check_e2e_report(json.loads(out.read_text()))
+    # The API's 502 answer is named with its error type.
+    assert "item 4 (e4): llm_bad_output: The model's answer holds no JSON object." in capsys.readouterr().out
 
 
 # --- bad input and unavailable servers: clear messages, exit codes ----------------------------
