@@ -424,7 +424,7 @@ async def _api_ready(session: aiohttp.ClientSession, url: str) -> str:
         async with session.get(f"{url}/ready") as response:
             status, body = response.status, await response.read()
     except (TimeoutError, aiohttp.ClientError) as e:
-        raise APIUnavailableError(f"the API at {url} cannot be reached: {e or type(e).__name__}",
+        raise APIUnavailableError(f"the API at {url} cannot be reached: {str(e) or type(e).__name__}",
                                   hint="Start it (make run) or check --url.") from e
     if status != 200:
         kind, message = _api_error(status, body)
@@ -446,11 +446,15 @@ async def run_via_api(items: list[LabelledItem], url: str, max_concurrent: int) 
                 async with session.post(f"{url}/classify", json=item.body) as response:
                     status, body = response.status, await response.read()
             except (TimeoutError, aiohttp.ClientError) as e:
-                raise APIUnavailableError(f"POST {url}/classify failed: {e or type(e).__name__}") from e
+                raise APIUnavailableError(f"POST {url}/classify failed: {str(e) or type(e).__name__}") from e
             if status != 200:
                 kind, message = _api_error(status, body)
                 raise APIAnswerError(kind, message or f"HTTP {status}")
-            return dict(json.loads(body)["classification"])
+            try:
+                return dict(json.loads(body)["classification"])
+            except (ValueError, KeyError, TypeError) as e:
+                problem = f"the API's 200 answer has no classification: {body[:120]!r}"
+                raise APIAnswerError("bad_api_answer", problem) from e
 
         with _progress(len(items)) as progress:
             task = progress.add_task("classify", total=len(items))
