@@ -356,7 +356,7 @@ def _confidences(classification: dict[str, Any]) -> dict[str, float | None]:
     return values
 
 
-def create_llm_client(settings: Settings) -> AsyncOllamaClient:
+def make_llm_client(settings: Settings) -> AsyncOllamaClient:
     """The LLM client of a direct run (one place, so a provider factory replaces it in one line)."""
     return AsyncOllamaClient(settings)
 
@@ -392,7 +392,7 @@ def _progress(total: int) -> Progress:
 
 async def run_direct(items: list[LabelledItem], settings: Settings, pipeline: ConversationClassifier,
                      max_concurrent: int) -> tuple[str, list[Prediction]]:
-    async with create_llm_client(settings) as client:
+    async with make_llm_client(settings) as client:
         await client.check_ready()  # an unreachable server or a missing model stops here, once
 
         async def classify(item: LabelledItem) -> dict[str, Any]:
