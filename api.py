@@ -1,9 +1,11 @@
 """The real-time API: ``POST /classify``, ``GET /health``, ``GET /ready``.
 
-Built by :func:`create_app`; the lifespan loads the settings (unless given), the
-taxonomy and few-shot files, and opens the one Ollama client the app uses. Errors
-are typed exceptions inside; the handlers here turn them into the status codes of
-DESIGN.md section 2 with an ``{"error": {"type", "message", ...}}`` body.
+Built by :func:`create_app` from the settings (``python main.py``), or by
+:func:`app_from_environment` when the server starts (``uvicorn main:app``). The lifespan
+loads the taxonomy and few-shot files and opens the one Ollama client the app uses; the
+routes receive them as dependencies (``api_dependencies``). Errors are typed exceptions
+inside; the handlers here turn them into the status codes of DESIGN.md section 2 with an
+``{"error": {"type", "message", ...}}`` body.
 """
 
 from __future__ import annotations
@@ -25,9 +27,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as ASGIMessage, Receive, Scope, Send
 
 from aggregator import ConversationIn, Message, Tweet
+from api_dependencies import ClassifierDep, LLMClientDep, SettingsDep, lifespan_state
 from classifier import Classification, ConversationClassifier
 from config import Settings, load_settings
-from error_handler import ClassifierError, InputError, LLMBusyError, LLMError, PayloadTooLargeError, error_body
+from error_handler import (
+    ClassifierError,
+    ConfigError,
+    InputError,
+    LLMBusyError,
+    LLMError,
+    PayloadTooLargeError,
+    error_body,
+    invalid_conversation,
+)
 from llm_wrapper import OllamaClient
 from logger import configure_logging
 
@@ -114,7 +126,9 @@ def _error_example(status: int, error_type: str, message: str, hint: str | None 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error_example(400, "invalid_input", "Invalid conversation: body: the body is not valid JSON"),
     413: _error_example(413, "payload_too_large", "Request body is larger than the limit of 1000000 bytes."),
-    422: _error_example(422, "invalid_input", "Invalid conversation: messages[0].sender: must be 'customer' or 'agent'"),
+    422: _error_example(
+        422, "invalid_input", "Invalid conversation: messages[0].sender: must be 'customer' or 'agent' (any case)"
+    ),
     502: _error_example(502, "llm_bad_output", "The model's answer is unusable: 'sentiment' is missing."),
     503: _error_example(
         503,
@@ -127,19 +141,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class BodySizeLimitMiddleware:
-    """Answer 413 for a body above API_MAX_BODY_BYTES, declared (Content-Length) or streamed (chunked).
+    """Answer 413 for a body above ``max_bytes`` (API_MAX_BODY_BYTES), declared (Content-Length)
+    or streamed (chunked)."""
 
-    The limit is read from the settings the lifespan put on the application's state.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        max_bytes = scope["app"].state.settings.api_max_body_bytes
+        max_bytes = self.max_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -180,14 +193,6 @@ class BodySizeLimitMiddleware:
         await JSONResponse(error_body(error), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    parts = [p for p in loc if p != "body"]
-    path = ""
-    for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
-    return path or "body"
-
-
 def _input_error_from_validation(exc: RequestValidationError, content_type: str) -> InputError:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid body", "type": ""}
@@ -206,10 +211,7 @@ def _input_error_from_validation(exc: RequestValidationError, content_type: str)
         )
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return InputError("The body is empty: send a JSON conversation.", field="body", status_code=400)
-    field = _field_path(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return InputError(f"Invalid conversation: {field}: {message}{more}", field=field)
+    return invalid_conversation(errors)
 
 
 def _reject_constant(name: str) -> Any:
@@ -284,32 +286,25 @@ async def _report_ollama_readiness(ollama: OllamaClient) -> None:
         logger.info("Ollama at %s is ready with model %s", ollama.settings.ollama_endpoint, ollama.settings.ollama_model)
 
 
-def create_app(settings: Settings | None = None, *, classifier: ConversationClassifier | None = None) -> FastAPI:
-    """The FastAPI application. Without ``settings`` the lifespan loads them (``uvicorn main:app``)."""
+def create_app(settings: Settings, *, classifier: ConversationClassifier | None = None) -> FastAPI:
+    """The FastAPI application for ``settings``; building it reads and connects nothing (the lifespan does)."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        active = settings
-        if active is None:
-            # Started as `uvicorn main:app`: the lifespan is the entry point.
-            active = load_settings()
-            configure_logging(active.log_level)
-        pipeline = classifier or ConversationClassifier.from_settings(active)
-        with OllamaClient(active, pool_size=OLLAMA_POOL_SIZE) as ollama:
-            app.state.settings = active
-            app.state.classifier = pipeline
-            app.state.ollama = ollama
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        pipeline = classifier or ConversationClassifier.from_settings(settings)
+        with OllamaClient(settings, pool_size=OLLAMA_POOL_SIZE) as ollama:
             logger.info(
                 "API ready: model %s at %s, %d intents, %d topics, prompt prefix %d chars",
-                active.ollama_model,
-                active.ollama_endpoint,
+                settings.ollama_model,
+                settings.ollama_endpoint,
                 len(pipeline.taxonomy.intents),
                 len(pipeline.taxonomy.topics),
                 pipeline.prompt_builder.prefix_chars,
             )
             # Say at once whether Ollama is there, without holding up start-up.
             startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
-            yield
+            # The lifespan state: every request sees it on request.state (see api_dependencies).
+            yield lifespan_state(settings, pipeline, ollama)
             startup_check.cancel()
 
     app = FastAPI(
@@ -323,8 +318,15 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
         lifespan=lifespan,
         strict_content_type=False,  # a JSON body without a Content-Type header is still read as JSON
     )
-    app.add_middleware(BodySizeLimitMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     _install_error_handlers(app)
+    _add_classification_routes(app)
+    # Routers of other parts (dashboard, ...) are included here, one line each:
+    # app.include_router(some_module.router). They take what they need from api_dependencies.
+    return app
+
+
+def _add_classification_routes(app: FastAPI) -> None:
 
     @app.post(
         "/classify",
@@ -335,6 +337,8 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
     )
     async def classify(
         request: Request,
+        classifier: ClassifierDep,
+        llm_client: LLMClientDep,
         conversation: ConversationIn = Body(
             openapi_examples={
                 "messages": {"summary": "Chat transcript", "value": MESSAGES_EXAMPLE},
@@ -344,9 +348,7 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
     ) -> JSONResponse:
         started = time.perf_counter()
         raw = _body_to_echo(await request.body())  # the body as received, echoed unchanged
-        outcome = await run_in_threadpool(
-            request.app.state.classifier.classify, conversation, request.app.state.ollama
-        )
+        outcome = await run_in_threadpool(classifier.classify, conversation, llm_client)
         field = conversation.source_field
         logger.info(
             "classified conversation %s (%d %s) in %d ms: %s / %s / %s",
@@ -375,10 +377,54 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
         summary="Readiness: Ollama answers and the model is pulled",
         responses={503: ERROR_RESPONSES[503]},
     )
-    async def ready(request: Request) -> dict[str, str]:
-        await run_in_threadpool(request.app.state.ollama.check_ready)
-        active: Settings = request.app.state.settings
-        return {"status": "ready", "model": active.ollama_model, "endpoint": active.ollama_endpoint}
+    async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, str]:
+        await run_in_threadpool(llm_client.check_ready)
+        return {"status": "ready", "model": settings.ollama_model, "endpoint": settings.ollama_endpoint}
 
-    return app
+
+class _AppFromEnvironment:
+    """The application of ``uvicorn main:app``: built from the environment when the server starts.
+
+    Importing ``main`` must read and connect nothing, yet the app (its body limit, its routes)
+    is built from the settings. So the settings are loaded on the first ASGI event, the
+    lifespan's ``startup``: a configuration error then fails the start-up with its one-line
+    message (uvicorn exits 3), as ``python main.py`` does.
+    """
+
+    def __init__(self) -> None:
+        self._app: FastAPI | None = None
+
+    def _build(self) -> FastAPI:
+        if self._app is None:
+            settings = load_settings()
+            configure_logging(settings.log_level)
+            self._app = create_app(settings)
+        return self._app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is not None or scope["type"] != "lifespan":
+            # (Without a lifespan, e.g. `uvicorn --lifespan off`, the first request builds it.)
+            await self._build()(scope, receive, send)
+            return
+        startup = await receive()
+        try:
+            app = self._build()
+        except ConfigError as e:
+            await send({"type": "lifespan.startup.failed", "message": f"error: {e}"})
+            return
+        replayed = False
+
+        async def receive_again() -> ASGIMessage:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return startup
+            return await receive()
+
+        await app(scope, receive_again, send)
+
+
+def app_from_environment() -> ASGIApp:
+    """For ``uvicorn main:app``: an ASGI app that loads the settings when the server starts."""
+    return _AppFromEnvironment()
 

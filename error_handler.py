@@ -10,6 +10,7 @@ thing again later may succeed; the retry policies in ``utils.retry_utils`` use i
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 # Exit codes every command line shares; each documents in --help what they mean for it.
@@ -175,6 +176,31 @@ class BatchFileError(ClassifierError):
     """A local batch file cannot be read or written, or its folder is in use by another processor."""
 
     code = "batch_file_error"
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """A validation error's location as a field path, ``messages[1].sender``; ``body`` for the whole.
+
+    FastAPI's locations start with ``"body"``; pydantic's own do not: both give the same path.
+    """
+    path = ""
+    for i, part in enumerate(loc):
+        if i == 0 and part == "body":
+            continue
+        path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
+    return path or "body"
+
+
+def invalid_conversation(errors: Sequence[Mapping[str, Any]]) -> InputError:
+    """The one :class:`InputError` for a conversation that failed validation (pydantic's ``errors()``):
+    the first problem with its field path, and how many more there are. The API, the batch
+    processor and the importer all word a bad conversation with it."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid conversation"}
+    field = field_path(first.get("loc", ()))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    where = "" if field == "body" else f"{field}: "  # a problem of the whole conversation names no field
+    return InputError(f"Invalid conversation: {where}{message}{more}", field=field)
 
 
 def fail(error: ClassifierError, exit_code: int | None = None, *, extra_hint: str | None = None) -> int:

@@ -650,3 +650,112 @@ def test_start_up_says_whether_ollama_is_ready(make_settings, start_api, fake_ol
         assert time.monotonic() < deadline, [r.message for r in caplog.records]
         time.sleep(0.02)
     assert fake_ollama.chat_count == 0  # the check lists models; it runs no inference
+
+
+# --- wiring: dependencies, the body-limit middleware, one error wording ----------------------
+
+
+@pytest.fixture
+def serve_asgi() -> Iterator[Callable[[Any], str]]:
+    """``serve_asgi(app)``: any ASGI app under uvicorn on 127.0.0.1; its base URL. Stopped after the test."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    started: list[tuple[uvicorn.Server, threading.Thread, socket.socket]] = []
+
+    def serve(app: Any) -> str:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        started.append((server, thread, sock))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield serve
+    for server, thread, sock in started:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_body_limit_middleware_takes_its_limit_as_a_parameter(
+    http: requests.Session, serve_asgi: Callable[[Any], str]
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from api import BodySizeLimitMiddleware
+
+    async def echo(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(len(await request.body())))
+
+    # A bare app with no settings on its state: the limit comes from the argument alone.
+    url = serve_asgi(BodySizeLimitMiddleware(Starlette(routes=[Route("/", echo, methods=["POST"])]), max_bytes=1500))
+    assert http.post(url, data=b"x" * 1500, timeout=10).text == "1500"
+    error = error_of(http.post(url, data=b"x" * 1501, timeout=10), 413)
+    assert error["limit_bytes"] == 1500
+    chunked = http.post(url, data=iter([b"x" * 1000, b"x" * 1000]), timeout=10)
+    assert error_of(chunked, 413)["limit_bytes"] == 1500
+
+
+WHOLE_AND_FIELD_PROBLEMS = [
+    {"conversation_number": "1"},
+    {"conversation_number": "1", "messages": CONVERSATION["messages"], "tweets": SAMPLES[0]["tweets"]},
+    {"conversation_number": "1", "messages": []},
+    {"conversation_number": "1", "messages": [{"sender": "customer", "text": "a"}, {"sender": "bot", "text": "b"}]},
+    {"messages": CONVERSATION["messages"]},
+    {"conversation_number": "1", "messages": [{"sender": "x"}, {"sender": "y"}]},
+]
+
+
+@pytest.mark.parametrize("body", WHOLE_AND_FIELD_PROBLEMS)
+def test_the_api_words_an_invalid_conversation_as_the_batch_does(
+    http: requests.Session, api_server: RunningAPI, body: dict[str, Any]
+) -> None:
+    # One formatter for field paths and messages: the importer and the batch processor report
+    # a document exactly as the API reports the same conversation.
+    from aggregator import validate_conversation
+    from error_handler import InputError
+
+    with pytest.raises(InputError) as expected:
+        validate_conversation(body)
+    error = error_of(post(http, api_server, body), 422)
+    assert (error["message"], error["field"]) == (expected.value.message, expected.value.field)
+
+
+def test_routes_get_their_classifier_through_a_dependency(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    serve_asgi: Callable[[Any], str],
+    fake_ollama: FakeOllama,
+    tmp_path: Path,
+) -> None:
+    # The routes declare what they need (Annotated[..., Depends()]), so a test or another part can
+    # substitute one piece: here a classifier whose taxonomy has an intent "Zebra" (the default's has not).
+    from api import create_app
+    from api_dependencies import get_classifier
+    from classifier import ConversationClassifier
+
+    taxonomy = json.loads(json.dumps(TAXONOMY))
+    taxonomy["intents"] = [{"name": name, "description": f"{name} things."} for name in ("Zebra", "Other")]
+    (tmp_path / "taxonomy.json").write_text(json.dumps(taxonomy), encoding="utf-8")
+    few_shots = tmp_path / "few_shots.json"
+    few_shots.write_text("[]", encoding="utf-8")
+    other = ConversationClassifier.from_settings(make_settings(taxonomy_file=tmp_path / "taxonomy.json",
+                                                               few_shots_file=few_shots))
+    app = create_app(make_settings())
+    app.dependency_overrides[get_classifier] = lambda: other
+    url = serve_asgi(app)
+    fake_ollama.enqueue(Reply(content=json.dumps({**GOOD_ANSWER, "intent": "zebra"})))
+    response = http.post(f"{url}/classify", json=CONVERSATION, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["classification"]["intent"] == "Zebra"
