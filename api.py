@@ -20,14 +20,22 @@ from typing import Any
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as ASGIMessage, Receive, Scope, Send
 
 from aggregator import ConversationIn, Message, Tweet
-from api_dependencies import ClassifierDep, LLMClientDep, SettingsDep, lifespan_state
+from api_dependencies import (
+    ClassifierDep,
+    ClientLeftError,
+    LLMClientDep,
+    LLMSlots,
+    LLMSlotsDep,
+    SettingsDep,
+    lifespan_state,
+)
 from classifier import Classification, ConversationClassifier
 from config import Settings, load_settings
 from error_handler import (
@@ -47,9 +55,11 @@ logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
 
-# Worker threads that may call Ollama at once (Starlette's thread pool holds 40);
-# the HTTP connection pool is sized to match so connections are reused, not reopened.
-OLLAMA_POOL_SIZE = 64
+# HTTP connections kept to Ollama beyond one per LLM slot (API_MAX_CONCURRENCY): readiness checks.
+# A pool smaller than the calls in flight makes urllib3 discard and reopen connections.
+SPARE_CONNECTIONS = 4
+# The status logged for a request whose client left before its turn (nobody reads the answer).
+CLIENT_CLOSED_REQUEST = 499
 
 MESSAGES_EXAMPLE = {
     "conversation_number": "12345",
@@ -292,7 +302,8 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         pipeline = classifier or ConversationClassifier.from_settings(settings)
-        with OllamaClient(settings, pool_size=OLLAMA_POOL_SIZE) as ollama:
+        pool_size = settings.api_max_concurrency + SPARE_CONNECTIONS
+        with OllamaClient(settings, pool_size=pool_size) as ollama:
             logger.info(
                 "API ready: model %s at %s, %d intents, %d topics, prompt prefix %d chars",
                 settings.ollama_model,
@@ -304,7 +315,8 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
             # Say at once whether Ollama is there, without holding up start-up.
             startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
             # The lifespan state: every request sees it on request.state (see api_dependencies).
-            yield lifespan_state(settings, pipeline, ollama)
+            slots = LLMSlots(settings.api_max_concurrency, settings.api_queue_timeout)
+            yield lifespan_state(settings, pipeline, ollama, slots)
             startup_check.cancel()
 
     app = FastAPI(
@@ -339,16 +351,24 @@ def _add_classification_routes(app: FastAPI) -> None:
         request: Request,
         classifier: ClassifierDep,
         llm_client: LLMClientDep,
+        llm_slots: LLMSlotsDep,
         conversation: ConversationIn = Body(
             openapi_examples={
                 "messages": {"summary": "Chat transcript", "value": MESSAGES_EXAMPLE},
                 "tweets": {"summary": "Twitter thread (source schema)", "value": TWEETS_EXAMPLE},
             }
         ),
-    ) -> JSONResponse:
+    ) -> Response:
         started = time.perf_counter()
         raw = _body_to_echo(await request.body())  # the body as received, echoed unchanged
-        outcome = await run_in_threadpool(classifier.classify, conversation, llm_client)
+        try:
+            outcome = await llm_slots.run(request, classifier.classify, conversation, llm_client)
+        except ClientLeftError:
+            logger.info(
+                "conversation %s: the client left before its turn; not sent to the model",
+                conversation.conversation_number,
+            )
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         field = conversation.source_field
         logger.info(
             "classified conversation %s (%d %s) in %d ms: %s / %s / %s",

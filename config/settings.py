@@ -57,6 +57,12 @@ class Settings(BaseModel):
     api_host: str = Field("0.0.0.0", description="Address the API listens on.")
     api_port: int = Field(8000, ge=0, le=65535, description="Port the API listens on.")
     api_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body (bytes).")
+    api_max_concurrency: int = Field(
+        8, ge=1, le=256, description="LLM calls in flight at once per API process; further requests wait their turn."
+    )
+    api_queue_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request may wait for its turn before it gets 503 llm_busy."
+    )
 
     # --- MongoDB ------------------------------------------------------------------------
     mongodb_connection_string: str = Field(

@@ -759,3 +759,83 @@ def test_routes_get_their_classifier_through_a_dependency(
     response = http.post(f"{url}/classify", json=CONVERSATION, timeout=30)
     assert response.status_code == 200, response.text
     assert response.json()["classification"]["intent"] == "Zebra"
+
+
+# --- backpressure: LLM calls in flight are bounded per process ------------------------------
+
+
+def _occupy_the_only_slot(api: RunningAPI, fake_ollama: FakeOllama, seconds: float) -> ThreadPoolExecutor:
+    """Send one request the fake answers after ``seconds``; return once the fake has it."""
+    fake_ollama.enqueue(Reply(delay=seconds))
+    pool = ThreadPoolExecutor(1)
+    pool.submit(requests.post, f"{api.url}/classify", json=CONVERSATION, timeout=60)
+    assert fake_ollama.wait_for_chats(1, timeout=30)
+    return pool
+
+
+def test_a_request_that_cannot_start_in_time_gets_503_llm_busy(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=0.5, ollama_timeout=30))
+    with _occupy_the_only_slot(api, fake_ollama, seconds=4):
+        response = post(http, api, CONVERSATION)
+        error = error_of(response, 503)
+        assert error["type"] == "llm_busy"
+        assert "API_MAX_CONCURRENCY" in error["hint"]
+        assert int(response.headers["Retry-After"]) > 0
+        assert fake_ollama.chat_count == 1  # the refused request never reached the model
+    assert post(http, api, CONVERSATION).status_code == 200  # the slot is free again
+
+
+def test_requests_beyond_the_limit_wait_their_turn(
+    make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings(api_max_concurrency=2, api_queue_timeout=60))
+    fake_ollama.latency = 0.2
+
+    def classify(i: int) -> int:
+        body = {"conversation_number": f"w-{i}", "messages": [{"sender": "customer", "text": f"question {i}"}]}
+        return requests.post(f"{api.url}/classify", json=body, timeout=60).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(classify, range(8)))
+    assert statuses == [200] * 8
+    assert fake_ollama.chat_count == 8
+    assert fake_ollama.max_in_flight == 2
+
+
+def _abandon_requests(api: RunningAPI, count: int) -> None:
+    """Send ``count`` complete /classify requests and hang up on each without reading the answer."""
+    import socket
+
+    body = json.dumps(CONVERSATION).encode()
+    host, port = api.url.removeprefix("http://").split(":")
+    request = (
+        f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    for _ in range(count):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(request)
+
+
+def test_a_client_that_left_before_its_turn_never_reaches_the_model(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    start_api: StartAPI,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="api")
+    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=60, ollama_timeout=30))
+    with _occupy_the_only_slot(api, fake_ollama, seconds=3):
+        _abandon_requests(api, 20)
+        # Wait until the API has seen every hang-up (or, as before the fix, the model got the requests).
+        deadline = time.monotonic() + 30
+        while sum("left before its turn" in r.getMessage() for r in caplog.records) < 20:
+            if fake_ollama.chat_count > 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    assert post(http, api, CONVERSATION).status_code == 200
+    assert fake_ollama.chat_count == 2  # the first request and the last one: none of the 20 abandoned
+    assert sum("left before its turn" in r.getMessage() for r in caplog.records) == 20
