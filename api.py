@@ -45,6 +45,7 @@ from error_handler import (
     LLMBusyError,
     LLMError,
     PayloadTooLargeError,
+    UnsupportedMediaTypeError,
     error_body,
     invalid_conversation,
 )
@@ -136,6 +137,11 @@ def _error_example(status: int, error_type: str, message: str, hint: str | None 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error_example(400, "invalid_input", "Invalid conversation: body: the body is not valid JSON"),
     413: _error_example(413, "payload_too_large", "Request body is larger than the limit of 1000000 bytes."),
+    415: _error_example(
+        415,
+        "unsupported_media_type",
+        "The body must be JSON sent with 'Content-Type: application/json' (got 'text/plain').",
+    ),
     422: _error_example(
         422, "invalid_input", "Invalid conversation: messages[0].sender: must be 'customer' or 'agent' (any case)"
     ),
@@ -203,16 +209,41 @@ class BodySizeLimitMiddleware:
         await JSONResponse(error_body(error), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
-def _input_error_from_validation(exc: RequestValidationError, content_type: str) -> InputError:
+def is_json_media_type(content_type: str) -> bool:
+    """``application/json`` or ``application/<anything>+json``, any parameters (charset) and case."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
+
+
+class JSONBodyOnlyMiddleware:
+    """Answer 415 to a request carrying a body that is not declared JSON.
+
+    Browsers send cross-site forms and ``text/plain`` bodies without asking the server first (no
+    CORS preflight), so a web page could otherwise make a visitor's browser trigger
+    classifications; a JSON Content-Type cannot be sent that way. Requests without a body
+    (GET, an empty POST) pass.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            has_body = headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            if has_body and not is_json_media_type(content_type):
+                error = UnsupportedMediaTypeError(content_type)
+                logger.warning("%s %s -> 415: %s", scope.get("method"), scope.get("path"), error.message)
+                await _error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _input_error_from_validation(exc: RequestValidationError) -> InputError:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid body", "type": ""}
-    if tuple(first.get("loc", ())) == ("body",) and content_type and "json" not in content_type:
-        # e.g. `curl -d` without -H sends application/x-www-form-urlencoded.
-        return InputError(
-            f"The body must be JSON sent with 'Content-Type: application/json' (got {content_type!r}).",
-            field="body",
-            status_code=400,
-        )
     if first.get("type") == "json_invalid":
         return InputError(
             f"The body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
@@ -259,7 +290,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        error = _input_error_from_validation(exc, request.headers.get("content-type", ""))
+        error = _input_error_from_validation(exc)
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.message)
         return _error_response(error)
 
@@ -328,8 +359,9 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
             "with a local model served by Ollama."
         ),
         lifespan=lifespan,
-        strict_content_type=False,  # a JSON body without a Content-Type header is still read as JSON
     )
+    # The last added runs first: the size limit, then the media type.
+    app.add_middleware(JSONBodyOnlyMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     _install_error_handlers(app)
     _add_classification_routes(app)

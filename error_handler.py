@@ -73,6 +73,22 @@ class PayloadTooLargeError(InputError):
         )
 
 
+class UnsupportedMediaTypeError(InputError):
+    """A request body not sent as JSON (no Content-Type, a form, text): only JSON bodies are read,
+    so a web page cannot make a visitor's browser post one across sites."""
+
+    code = "unsupported_media_type"
+
+    def __init__(self, content_type: str | None) -> None:
+        got = f"got {content_type[:100]!r}" if content_type else "no Content-Type header was sent"
+        super().__init__(
+            f"The body must be JSON sent with 'Content-Type: application/json' ({got}).",
+            hint="e.g. curl -H 'Content-Type: application/json' -d @conversation.json http://localhost:8000/classify",
+            field="body",
+            status_code=415,
+        )
+
+
 class LLMError(ClassifierError):
     """Base of every failure of the classification call to Ollama."""
 

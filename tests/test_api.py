@@ -258,18 +258,6 @@ INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str
         "tweets[0].inbound",
         "tweets[0].inbound",
     ),
-    "form-encoded body": (
-        {"data": {"conversation_number": "1", "messages": "hi"}},
-        (400,),
-        "body",
-        "Content-Type: application/json",
-    ),
-    "JSON sent as text/plain": (
-        {"data": json.dumps(CONVERSATION), "headers": {"Content-Type": "text/plain"}},
-        (400,),
-        "body",
-        "Content-Type",
-    ),
     "NaN in an echoed field": (
         {
             "data": b'{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi", "score": NaN}]}',
@@ -328,12 +316,48 @@ def test_invalid_input(
     assert fake_ollama.chat_count == 0  # invalid input never reaches the model
 
 
-def test_json_without_content_type_is_accepted(http: requests.Session, api_server: RunningAPI) -> None:
-    # Some clients send a JSON body with no Content-Type at all.
+# --- 415: only JSON bodies (a web page cannot make a browser post one across sites) ---------
+
+NOT_JSON = {
+    "no Content-Type": None,
+    "form (curl -d, an HTML form)": "application/x-www-form-urlencoded",
+    "multipart form": "multipart/form-data; boundary=x",
+    "text/plain (a cross-site 'simple' request)": "text/plain",
+    "text/plain with a charset": "text/plain; charset=utf-8",
+    "text/json": "text/json",
+    "a lookalike": "application/jsonx",
+}
+
+
+@pytest.mark.parametrize("content_type", list(NOT_JSON.values()), ids=list(NOT_JSON))
+def test_a_body_not_sent_as_json_gets_415(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama, content_type: str | None
+) -> None:
     request = requests.Request("POST", f"{api_server.url}/classify", data=json.dumps(CONVERSATION).encode()).prepare()
     assert "Content-Type" not in request.headers
-    response = http.send(request, timeout=30)
+    if content_type is not None:
+        request.headers["Content-Type"] = content_type
+    error = error_of(http.send(request, timeout=30), 415)
+    assert error["type"] == "unsupported_media_type"
+    assert "Content-Type: application/json" in error["message"]
+    assert (content_type or "no Content-Type") in error["message"]
+    assert fake_ollama.chat_count == 0
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        "application/vnd.api+json",
+        "application/merge-patch+json; charset=utf-8",
+    ],
+)
+def test_json_media_types_are_accepted(http: requests.Session, api_server: RunningAPI, content_type: str) -> None:
+    response = post(http, api_server, data=json.dumps(CONVERSATION).encode(), headers={"Content-Type": content_type})
     assert response.status_code == 200, response.text
+    assert response.json()["messages"] == CONVERSATION["messages"]
 
 
 def test_body_that_is_not_utf8(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
@@ -586,8 +610,8 @@ def test_openapi_has_examples_and_error_responses(http: requests.Session, api_se
     assert "messages" in examples["messages"]["value"]
     assert "tweets" in examples["tweets"]["value"]
     responses = classify["responses"]
-    assert set(responses) >= {"200", "400", "413", "422", "502", "503", "504"}
-    for status in ("400", "413", "422", "502", "503", "504"):
+    assert set(responses) >= {"200", "400", "413", "415", "422", "502", "503", "504"}
+    for status in ("400", "413", "415", "422", "502", "503", "504"):
         content = responses[status]["content"]["application/json"]
         assert content["schema"]["$ref"].endswith("/ErrorResponse")
         assert content["example"]["error"]["type"]
