@@ -49,7 +49,7 @@ from error_handler import (
     error_body,
     invalid_conversation,
 )
-from llm_wrapper import OllamaClient
+from llm_wrapper import OllamaClient, server_name
 from logger import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -324,7 +324,7 @@ async def _report_ollama_readiness(ollama: OllamaClient) -> None:
     except LLMError as e:
         logger.warning("Ollama is not ready: %s /classify answers 503 until it is.", e)
     else:
-        logger.info("Ollama at %s is ready with model %s", ollama.settings.ollama_endpoint, ollama.settings.ollama_model)
+        logger.info("Ollama at %s is ready with model %s", server_name(ollama.settings), ollama.settings.ollama_model)
 
 
 def create_app(settings: Settings, *, classifier: ConversationClassifier | None = None) -> FastAPI:
@@ -338,7 +338,7 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
             logger.info(
                 "API ready: model %s at %s, %d intents, %d topics, prompt prefix %d chars",
                 settings.ollama_model,
-                settings.ollama_endpoint,
+                server_name(settings),
                 len(pipeline.taxonomy.intents),
                 len(pipeline.taxonomy.topics),
                 pipeline.prompt_builder.prefix_chars,
@@ -431,7 +431,7 @@ def _add_classification_routes(app: FastAPI) -> None:
     )
     async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, str]:
         await run_in_threadpool(llm_client.check_ready)
-        return {"status": "ready", "model": settings.ollama_model, "endpoint": settings.ollama_endpoint}
+        return {"status": "ready", "model": settings.ollama_model, "endpoint": server_name(settings)}
 
 
 class _AppFromEnvironment:

@@ -1,14 +1,14 @@
 """Logging, configured once by each entry point.
 
 Modules only call ``logging.getLogger(__name__)``. INFO lines carry ids, counts and
-durations; conversation text is logged at DEBUG only. Connection strings go
-through :func:`redact_uri` before they reach a log line or an error message.
+durations; conversation text is logged at DEBUG only. URLs (connection strings, LLM
+endpoints) go through :func:`redact_url` before they reach a log line, an answer or an
+error message.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from typing import TextIO
 
@@ -17,12 +17,58 @@ LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
 # Libraries whose INFO/DEBUG chatter drowns ours.
 _QUIET_LIBRARIES = ("pymongo", "urllib3", "asyncio", "secantus", "aiohttp.access", "uvicorn.access")
 
-_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]+):(?P<password>[^@/\s]*)@")
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_%")
 
 
-def redact_uri(uri: str) -> str:
-    """Replace the password of a URI (``mongodb://user:pass@host``) with ``***``."""
-    return _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", uri)
+def _is_host_list(text: str) -> bool:
+    """``host[:port]`` or ``[ipv6][:port]``, comma-separated (MongoDB lists several)."""
+    for host in text.split(","):
+        name, port = host, ""
+        if host.startswith("["):
+            end = host.find("]")
+            if end < 2:
+                return False
+            name, port = "h", host[end + 1 :].removeprefix(":")
+            if host[end + 1 :] and not host[end + 1 :].startswith(":"):
+                return False
+        elif ":" in host:
+            name, port = host.split(":", 1)
+        if not name or not set(name) <= _HOST_CHARS or (port and not port.isdigit()):
+            return False
+    return True
+
+
+def redact_url(url: str) -> str:
+    """``scheme://user:***@host...``: ``url`` with its password hidden, by parsing the URL.
+
+    Users paste passwords unencoded, with ``/``, ``@``, ``:``, spaces, ``?`` or ``#`` in them,
+    which a standard URL parser (or a regular expression stopping at ``/`` or ``@``) splits in
+    the wrong place, leaking part of the password. Here the credentials end at the *last*
+    ``@`` that is followed by a host list (then the end, ``/``, ``?`` or ``#``): it errs on the
+    side of hiding too much (an ``@`` in a path), never too little. The user name stays (it is
+    not a secret, and says which account); a URL without a password is returned unchanged.
+    Use it for every URL that reaches a log line, an answer or an error message.
+    """
+    scheme, separator, rest = url.partition("://")
+    if not separator or not scheme or not set(scheme) <= _SCHEME_CHARS:
+        return url
+    at = len(rest)
+    while (at := rest.rfind("@", 0, at)) != -1:
+        after = rest[at + 1 :]
+        end = min((i for i in (after.find(c) for c in "/?#") if i != -1), default=len(after))
+        if _is_host_list(after[:end]):
+            break
+    if at == -1:
+        return url
+    user, colon, _password = rest[:at].partition(":")
+    if not colon:
+        return url
+    return f"{scheme}://{user}:***@{rest[at + 1 :]}"
+
+
+# The former name, kept for callers written before the parser replaced the regular expression.
+redact_uri = redact_url
 
 
 class _CurrentStderr:

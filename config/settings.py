@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from error_handler import ConfigError
+from logger import redact_url
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -180,5 +181,7 @@ def load_settings(
         for err in e.errors():
             name = str(err["loc"][0]) if err["loc"] else "?"
             source = "command line" if overrides and overrides.get(name) is not None else env_name(name)
-            problems.append(f"{source}={values.get(name)!r}: {err['msg']}")
+            value = values.get(name)
+            shown = redact_url(value) if isinstance(value, str) else value  # a URL's password never shows
+            problems.append(f"{source}={shown!r}: {err['msg']}")
         raise ConfigError("Invalid configuration: " + "; ".join(problems)) from e

@@ -863,3 +863,51 @@ def test_a_client_that_left_before_its_turn_never_reaches_the_model(
     assert post(http, api, CONVERSATION).status_code == 200
     assert fake_ollama.chat_count == 2  # the first request and the last one: none of the 20 abandoned
     assert sum("left before its turn" in r.getMessage() for r in caplog.records) == 20
+
+
+# --- secrets: credentials in OLLAMA_ENDPOINT appear in no answer and no log line ------------
+
+# Placeholder credentials (user:pass-...), written as users write them: not percent-encoded.
+PASSWORDS = ["pass-tok3n", "pass-7q/xZ@9k w0rd"]
+
+
+def _with_credentials(url: str, password: str) -> str:
+    return url.replace("http://", f"http://user:{password}@")
+
+
+def _assert_secret_free(text: str, password: str) -> None:
+    for fragment in [password, *password.replace("@", " ").replace("/", " ").split()]:
+        if len(fragment) > 3:
+            assert fragment not in text, text
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_credentials_in_the_endpoint_appear_in_no_answer_and_no_log_line(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    start_api: StartAPI,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+    password: str,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    answers: list[str] = []
+    served = start_api(make_settings(ollama_endpoint=_with_credentials(fake_ollama.url, password), ollama_timeout=1))
+    refused = start_api(make_settings(ollama_endpoint=_with_credentials(closed_port_url(), password)))
+    for api in (served, refused):
+        for response in (http.get(f"{api.url}/ready", timeout=10), post(http, api, CONVERSATION)):
+            answers.append(response.text)
+            assert response.status_code in (200, 503), response.text
+    ready = http.get(f"{served.url}/ready", timeout=10)
+    if ready.status_code == 200:  # the URL with an unencoded '/' in its password cannot be used at all
+        assert ready.json()["endpoint"] == fake_ollama.url.replace("http://", "http://user:***@")
+        fake_ollama.models = ["other:latest"]  # 503 model_not_found names the server
+        answers.append(error_of(post(http, served, CONVERSATION), 503)["message"])
+        fake_ollama.models = ["llama3:latest"]
+        fake_ollama.enqueue(Reply(delay=3))  # 504 llm_timeout names it too
+        answers.append(error_of(post(http, served, CONVERSATION), 504)["message"])
+    assert any("user:***@127.0.0.1" in answer for answer in answers)
+    _assert_secret_free("\n".join(answers), password)
+    logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert "user:***@127.0.0.1" in logged
+    _assert_secret_free(logged, password)

