@@ -71,6 +71,53 @@ def redact_url(url: str) -> str:
 redact_uri = redact_url
 
 
+def _escape_table() -> dict[int, str]:
+    """Control characters and Unicode line boundaries, each to its visible escape (``\\n``, ``\\x1b``)."""
+    codes = [*range(0x00, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+    return {code: repr(chr(code))[1:-1] for code in codes if code != ord("\t")}
+
+
+_ESCAPES = _escape_table()
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character and line boundary escaped: it stays on one line, and
+    a terminal shows escape sequences instead of running them. Tabs are kept."""
+    return text.translate(_ESCAPES)
+
+
+class OneLineFormatter(logging.Formatter):
+    """One record, one line: values from requests and documents (conversation numbers, labels, ids)
+    cannot start a new line that looks like a record of its own (log forging), whichever call
+    site logs them. A traceback follows its record with every line indented, so it cannot either."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return super().formatMessage(_Escaped(record))
+
+    def format(self, record: logging.LogRecord) -> str:
+        # logging.Formatter.format, with the message escaped and the traceback indented. The
+        # record's cached exc_text is not used: another handler may have cached it unindented.
+        record.message = record.getMessage()
+        if self.usesTime():
+            record.asctime = self.formatTime(record, self.datefmt)
+        line = self.formatMessage(record)
+        blocks = [self.formatException(record.exc_info)] if record.exc_info else []
+        if record.stack_info:
+            blocks.append(self.formatStack(record.stack_info))
+        for block in blocks:
+            line += "".join("\n    " + escape_controls(part) for part in block.splitlines())
+        return line
+
+
+class _Escaped:
+    """A read-only view of a record whose ``message`` is escaped (the record itself is shared by
+    every handler, pytest's among them, and stays as it was)."""
+
+    def __init__(self, record: logging.LogRecord) -> None:
+        self.__dict__.update(record.__dict__)
+        self.message = escape_controls(record.message)
+
+
 class _CurrentStderr:
     """Writes to whatever ``sys.stderr`` is at the time, so a live progress bar that redirects
     stderr (rich) prints log lines above itself instead of being torn by them."""
@@ -92,7 +139,7 @@ def configure_logging(level: str = "INFO", *, stream: TextIO | None = None) -> N
         if getattr(handler, "_classifier_handler", False):
             root.removeHandler(handler)
     handler = logging.StreamHandler(stream or _CurrentStderr())
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(OneLineFormatter(LOG_FORMAT))
     handler._classifier_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())

@@ -911,3 +911,41 @@ def test_credentials_in_the_endpoint_appear_in_no_answer_and_no_log_line(
     logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
     assert "user:***@127.0.0.1" in logged
     _assert_secret_free(logged, password)
+
+
+# --- log forging: request values are logged on one line ---------------------------------------
+
+
+@pytest.fixture
+def log_output() -> Iterator[Any]:
+    """The project's own log handler (logger.configure_logging) writing to a StringIO; restored after."""
+    import io
+
+    from logger import _QUIET_LIBRARIES, configure_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quiet = {name: logging.getLogger(name).level for name in _QUIET_LIBRARIES}
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    yield stream
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, old in quiet.items():
+        logging.getLogger(name).setLevel(old)
+
+
+def test_a_conversation_number_cannot_forge_a_log_line(
+    http: requests.Session, api_server: RunningAPI, log_output: Any
+) -> None:
+    forged = "2026-01-01 00:00:00,000 - INFO - api - classified conversation 7 in 1 ms: all refunded"
+    number = "1\n" + forged + "\r\u2028x"
+    response = post(http, api_server, {**CONVERSATION, "conversation_number": number})
+    assert response.status_code == 200, response.text
+    assert response.json()["conversation_number"] == number  # the answer keeps the value as sent
+    lines = log_output.getvalue().splitlines()
+    [line] = [line for line in lines if "classified conversation 1" in line]
+    assert "1\\n2026-01-01" in line and "\\r\\u2028x" in line
+    assert not [line for line in lines if line.startswith("2026-01-01 00:00:00,000")]

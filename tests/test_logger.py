@@ -126,3 +126,43 @@ def test_libraries_are_quiet_unless_debug(restore_logging: None) -> None:
     assert logging.getLogger("urllib3").level == logging.WARNING
     configure_logging("DEBUG", stream=io.StringIO())
     assert logging.getLogger("urllib3").level == logging.DEBUG
+
+
+# --- log forging: no value can start a new log line ------------------------------------------
+
+FORGED = "2026-01-01 00:00:00,000 - INFO - batch_processor - all conversations deleted"
+
+
+@pytest.mark.parametrize("separator", ["\n", "\r\n", "\r", "\x0b", "\x0c", "\x1c", "\x85", "\u2028", "\u2029"])
+def test_a_value_with_a_line_break_stays_on_its_line(restore_logging: None, separator: str) -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    logging.getLogger("batch_processor").warning("conversation %s failed: %s", "c-1" + separator + FORGED, "x")
+    output = stream.getvalue()
+    assert output.endswith("\n")
+    assert len(output.splitlines()) == 1, output  # str.splitlines knows every Unicode line boundary
+    assert " - WARNING - batch_processor - conversation c-1" in output
+    assert repr(separator).strip("'") in output  # escaped, visible: "\\n", "\\x85", "\\u2028"
+
+
+def test_terminal_escapes_are_shown_not_interpreted(restore_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    logging.getLogger("api").info("label %s", "\x1b[2K\x1b[1Aerased\x00\x7f\x9b")
+    assert stream.getvalue().rstrip("\n").endswith("label \\x1b[2K\\x1b[1Aerased\\x00\\x7f\\x9b")
+    logging.getLogger("api").info("tab\tstays")
+    assert stream.getvalue().splitlines()[-1].endswith("tab\tstays")
+
+
+def test_a_traceback_cannot_forge_a_line_either(restore_logging: None) -> None:
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    try:
+        raise ValueError("bad label\n" + FORGED)
+    except ValueError:
+        logging.getLogger("api").exception("conversation %s failed", "c-2")
+    lines = stream.getvalue().splitlines()
+    assert lines[0].endswith(" - ERROR - api - conversation c-2 failed")
+    assert len(lines) > 2 and "Traceback" in lines[1]
+    assert all(line.startswith(" ") for line in lines[1:]), lines  # every continuation is indented
+    assert not any(line.startswith(FORGED[:10]) for line in lines[1:])
