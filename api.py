@@ -371,6 +371,7 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
 
 
 def _add_classification_routes(app: FastAPI) -> None:
+    """``POST /classify``, ``GET /health``, ``GET /ready``."""
 
     @app.post(
         "/classify",
@@ -450,7 +451,8 @@ class _AppFromEnvironment:
         if self._app is None:
             settings = load_settings()
             configure_logging(settings.log_level)
-            self._app = create_app(settings)
+            # The taxonomy and few-shot files are read now too, so that their errors are one line as well.
+            self._app = create_app(settings, classifier=ConversationClassifier.from_settings(settings))
         return self._app
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

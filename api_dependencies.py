@@ -11,7 +11,6 @@ Tests substitute a piece with ``app.dependency_overrides[get_classifier] = ...``
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -26,7 +25,6 @@ from config import Settings
 from error_handler import LLMBusyError
 from llm_wrapper import OllamaClient
 
-logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 

@@ -192,14 +192,20 @@ def test_uvicorn_main_app_serves_with_settings_from_the_environment(tmp_path: Pa
     assert "Traceback" not in log.read_text()
 
 
-def test_uvicorn_main_app_with_a_bad_setting_fails_to_start_with_one_line(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "variables, fragment",
+    [({"OLLAMA_TIMEOUT": "abc"}, "OLLAMA_TIMEOUT='abc'"), ({"TAXONOMY_FILE": "/nonexistent/t.json"}, "TAXONOMY_FILE")],
+)
+def test_uvicorn_main_app_with_a_bad_setting_fails_to_start_with_one_line(
+    variables: dict[str, str], fragment: str
+) -> None:
     port = free_port()
     result = subprocess.run(
         [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
-        cwd=ROOT, env=clean_env(OLLAMA_TIMEOUT="abc"), capture_output=True, text=True, timeout=60,
+        cwd=ROOT, env=clean_env(**variables), capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 3, result.stderr
-    assert "OLLAMA_TIMEOUT='abc'" in result.stderr
+    assert fragment in result.stderr
     assert "Traceback" not in result.stderr
 
 
