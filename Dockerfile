@@ -19,12 +19,15 @@ COPY requirements.txt .
 RUN pip install -r requirements.txt
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
-COPY --chown=app:app . .
-# Batch files must survive restarts: mount a volume here (docker-compose.yml does).
+# The code stays root's (read-only to the app user): a compromised process cannot rewrite it.
+COPY . .
+# Batch files must survive restarts: mount a volume here (docker-compose.yml does). The only
+# folder the app writes to.
 RUN mkdir -p /app/batch_files && chown app:app /app/batch_files
 USER app
 
 EXPOSE 8000
-HEALTHCHECK --interval=30s --timeout=5s --start-period=20s --retries=3 \
-    CMD ["python", "scripts/healthcheck.py"]
+# No HEALTHCHECK here: it would apply to every container of the image, the batch processor's too.
+# The API's HTTP check is declared on the api service (docker-compose.yml) or with
+#   docker run --health-cmd "python scripts/healthcheck.py" ...
 CMD ["python", "main.py"]

@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from error_handler import InputError
+from error_handler import InputError, invalid_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -141,16 +141,6 @@ class Transcript:
     truncated: bool = False
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        else:
-            path += ("." if path else "") + str(part)
-    return path or "body"
-
-
 def validate_conversation(data: Any) -> ConversationIn:
     """Validate a request body or source document; raise :class:`InputError` naming the field."""
     if not isinstance(data, dict):
@@ -158,12 +148,7 @@ def validate_conversation(data: Any) -> ConversationIn:
     try:
         return ConversationIn.model_validate(data)
     except ValidationError as e:
-        first = e.errors()[0]
-        field = _field_path(tuple(first["loc"]))
-        message = first["msg"].removeprefix("Value error, ")
-        more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""
-        where = "" if field == "body" else f"{field}: "  # a problem of the whole conversation names no field
-        raise InputError(f"Invalid conversation: {where}{message}{more}", field=field) from e
+        raise invalid_conversation(e.errors()) from e
 
 
 def build_transcript(turns: list[Turn], char_budget: int, *, conversation_number: str = "?") -> Transcript:

@@ -1,9 +1,11 @@
 """The real-time API: ``POST /classify``, ``GET /health``, ``GET /ready``.
 
-Built by :func:`create_app`; the lifespan loads the settings (unless given), the
-taxonomy and few-shot files, and opens the one Ollama client the app uses. Errors
-are typed exceptions inside; the handlers here turn them into the status codes of
-DESIGN.md section 2 with an ``{"error": {"type", "message", ...}}`` body.
+Built by :func:`create_app` from the settings (``python main.py``), or by
+:func:`app_from_environment` when the server starts (``uvicorn main:app``). The lifespan
+loads the taxonomy and few-shot files and opens the one Ollama client the app uses; the
+routes receive them as dependencies (``api_dependencies``). Errors are typed exceptions
+inside; the handlers here turn them into the status codes of DESIGN.md section 2 with an
+``{"error": {"type", "message", ...}}`` body.
 """
 
 from __future__ import annotations
@@ -18,26 +20,47 @@ from typing import Any
 
 from fastapi import Body, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as ASGIMessage, Receive, Scope, Send
 
 from aggregator import ConversationIn, Message, Tweet
+from api_dependencies import (
+    ClassifierDep,
+    ClientLeftError,
+    LLMClientDep,
+    LLMSlots,
+    LLMSlotsDep,
+    SettingsDep,
+    lifespan_state,
+)
 from classifier import Classification, ConversationClassifier
 from config import Settings, load_settings
-from error_handler import ClassifierError, InputError, LLMBusyError, LLMError, PayloadTooLargeError, error_body
-from llm_wrapper import OllamaClient
+from error_handler import (
+    ClassifierError,
+    ConfigError,
+    InputError,
+    LLMBusyError,
+    LLMError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+    error_body,
+    invalid_conversation,
+)
+from llm_wrapper import OllamaClient, server_name
 from logger import configure_logging
 
 logger = logging.getLogger(__name__)
 
 API_VERSION = "1.0.0"
 
-# Worker threads that may call Ollama at once (Starlette's thread pool holds 40);
-# the HTTP connection pool is sized to match so connections are reused, not reopened.
-OLLAMA_POOL_SIZE = 64
+# HTTP connections kept to Ollama beyond one per LLM slot (API_MAX_CONCURRENCY): readiness checks.
+# A pool smaller than the calls in flight makes urllib3 discard and reopen connections.
+SPARE_CONNECTIONS = 4
+# The status logged for a request whose client left before its turn (nobody reads the answer).
+CLIENT_CLOSED_REQUEST = 499
 
 MESSAGES_EXAMPLE = {
     "conversation_number": "12345",
@@ -114,7 +137,14 @@ def _error_example(status: int, error_type: str, message: str, hint: str | None 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     400: _error_example(400, "invalid_input", "Invalid conversation: body: the body is not valid JSON"),
     413: _error_example(413, "payload_too_large", "Request body is larger than the limit of 1000000 bytes."),
-    422: _error_example(422, "invalid_input", "Invalid conversation: messages[0].sender: must be 'customer' or 'agent'"),
+    415: _error_example(
+        415,
+        "unsupported_media_type",
+        "The body must be JSON sent with 'Content-Type: application/json' (got 'text/plain').",
+    ),
+    422: _error_example(
+        422, "invalid_input", "Invalid conversation: messages[0].sender: must be 'customer' or 'agent' (any case)"
+    ),
     502: _error_example(502, "llm_bad_output", "The model's answer is unusable: 'sentiment' is missing."),
     503: _error_example(
         503,
@@ -127,19 +157,18 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 
 
 class BodySizeLimitMiddleware:
-    """Answer 413 for a body above API_MAX_BODY_BYTES, declared (Content-Length) or streamed (chunked).
+    """Answer 413 for a body above ``max_bytes`` (API_MAX_BODY_BYTES), declared (Content-Length)
+    or streamed (chunked)."""
 
-    The limit is read from the settings the lifespan put on the application's state.
-    """
-
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app
+        self.max_bytes = max_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        max_bytes = scope["app"].state.settings.api_max_body_bytes
+        max_bytes = self.max_bytes
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None:
@@ -180,24 +209,41 @@ class BodySizeLimitMiddleware:
         await JSONResponse(error_body(error), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
-def _field_path(loc: tuple[Any, ...]) -> str:
-    parts = [p for p in loc if p != "body"]
-    path = ""
-    for part in parts:
-        path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
-    return path or "body"
+def is_json_media_type(content_type: str) -> bool:
+    """``application/json`` or ``application/<anything>+json``, any parameters (charset) and case."""
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
-def _input_error_from_validation(exc: RequestValidationError, content_type: str) -> InputError:
+class JSONBodyOnlyMiddleware:
+    """Answer 415 to a request carrying a body that is not declared JSON.
+
+    Browsers send cross-site forms and ``text/plain`` bodies without asking the server first (no
+    CORS preflight), so a web page could otherwise make a visitor's browser trigger
+    classifications; a JSON Content-Type cannot be sent that way. Requests without a body
+    (GET, an empty POST) pass.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            headers = dict(scope.get("headers") or [])
+            has_body = headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
+            content_type = headers.get(b"content-type", b"").decode("latin-1")
+            if has_body and not is_json_media_type(content_type):
+                error = UnsupportedMediaTypeError(content_type)
+                logger.warning("%s %s -> 415: %s", scope.get("method"), scope.get("path"), error.message)
+                await _error_response(error)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _input_error_from_validation(exc: RequestValidationError) -> InputError:
     errors = exc.errors()
     first = errors[0] if errors else {"loc": ("body",), "msg": "invalid body", "type": ""}
-    if tuple(first.get("loc", ())) == ("body",) and content_type and "json" not in content_type:
-        # e.g. `curl -d` without -H sends application/x-www-form-urlencoded.
-        return InputError(
-            f"The body must be JSON sent with 'Content-Type: application/json' (got {content_type!r}).",
-            field="body",
-            status_code=400,
-        )
     if first.get("type") == "json_invalid":
         return InputError(
             f"The body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",
@@ -206,10 +252,7 @@ def _input_error_from_validation(exc: RequestValidationError, content_type: str)
         )
     if first.get("type") == "missing" and tuple(first.get("loc", ())) == ("body",):
         return InputError("The body is empty: send a JSON conversation.", field="body", status_code=400)
-    field = _field_path(tuple(first.get("loc", ())))
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    return InputError(f"Invalid conversation: {field}: {message}{more}", field=field)
+    return invalid_conversation(errors)
 
 
 def _reject_constant(name: str) -> Any:
@@ -247,7 +290,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        error = _input_error_from_validation(exc, request.headers.get("content-type", ""))
+        error = _input_error_from_validation(exc)
         logger.warning("%s %s -> %d: %s", request.method, request.url.path, error.status_code, error.message)
         return _error_response(error)
 
@@ -281,35 +324,30 @@ async def _report_ollama_readiness(ollama: OllamaClient) -> None:
     except LLMError as e:
         logger.warning("Ollama is not ready: %s /classify answers 503 until it is.", e)
     else:
-        logger.info("Ollama at %s is ready with model %s", ollama.settings.ollama_endpoint, ollama.settings.ollama_model)
+        logger.info("Ollama at %s is ready with model %s", server_name(ollama.settings), ollama.settings.ollama_model)
 
 
-def create_app(settings: Settings | None = None, *, classifier: ConversationClassifier | None = None) -> FastAPI:
-    """The FastAPI application. Without ``settings`` the lifespan loads them (``uvicorn main:app``)."""
+def create_app(settings: Settings, *, classifier: ConversationClassifier | None = None) -> FastAPI:
+    """The FastAPI application for ``settings``; building it reads and connects nothing (the lifespan does)."""
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        active = settings
-        if active is None:
-            # Started as `uvicorn main:app`: the lifespan is the entry point.
-            active = load_settings()
-            configure_logging(active.log_level)
-        pipeline = classifier or ConversationClassifier.from_settings(active)
-        with OllamaClient(active, pool_size=OLLAMA_POOL_SIZE) as ollama:
-            app.state.settings = active
-            app.state.classifier = pipeline
-            app.state.ollama = ollama
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+        pipeline = classifier or ConversationClassifier.from_settings(settings)
+        pool_size = settings.api_max_concurrency + SPARE_CONNECTIONS
+        with OllamaClient(settings, pool_size=pool_size) as ollama:
             logger.info(
                 "API ready: model %s at %s, %d intents, %d topics, prompt prefix %d chars",
-                active.ollama_model,
-                active.ollama_endpoint,
+                settings.ollama_model,
+                server_name(settings),
                 len(pipeline.taxonomy.intents),
                 len(pipeline.taxonomy.topics),
                 pipeline.prompt_builder.prefix_chars,
             )
             # Say at once whether Ollama is there, without holding up start-up.
             startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
-            yield
+            # The lifespan state: every request sees it on request.state (see api_dependencies).
+            slots = LLMSlots(settings.api_max_concurrency, settings.api_queue_timeout)
+            yield lifespan_state(settings, pipeline, ollama, slots)
             startup_check.cancel()
 
     app = FastAPI(
@@ -321,10 +359,19 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
             "with a local model served by Ollama."
         ),
         lifespan=lifespan,
-        strict_content_type=False,  # a JSON body without a Content-Type header is still read as JSON
     )
-    app.add_middleware(BodySizeLimitMiddleware)
+    # The last added runs first: the size limit, then the media type.
+    app.add_middleware(JSONBodyOnlyMiddleware)
+    app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     _install_error_handlers(app)
+    _add_classification_routes(app)
+    # Routers of other parts (dashboard, ...) are included here, one line each:
+    # app.include_router(some_module.router). They take what they need from api_dependencies.
+    return app
+
+
+def _add_classification_routes(app: FastAPI) -> None:
+    """``POST /classify``, ``GET /health``, ``GET /ready``."""
 
     @app.post(
         "/classify",
@@ -335,18 +382,26 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
     )
     async def classify(
         request: Request,
+        classifier: ClassifierDep,
+        llm_client: LLMClientDep,
+        llm_slots: LLMSlotsDep,
         conversation: ConversationIn = Body(
             openapi_examples={
                 "messages": {"summary": "Chat transcript", "value": MESSAGES_EXAMPLE},
                 "tweets": {"summary": "Twitter thread (source schema)", "value": TWEETS_EXAMPLE},
             }
         ),
-    ) -> JSONResponse:
+    ) -> Response:
         started = time.perf_counter()
         raw = _body_to_echo(await request.body())  # the body as received, echoed unchanged
-        outcome = await run_in_threadpool(
-            request.app.state.classifier.classify, conversation, request.app.state.ollama
-        )
+        try:
+            outcome = await llm_slots.run(request, classifier.classify, conversation, llm_client)
+        except ClientLeftError:
+            logger.info(
+                "conversation %s: the client left before its turn; not sent to the model",
+                conversation.conversation_number,
+            )
+            return Response(status_code=CLIENT_CLOSED_REQUEST)
         field = conversation.source_field
         logger.info(
             "classified conversation %s (%d %s) in %d ms: %s / %s / %s",
@@ -375,10 +430,55 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
         summary="Readiness: Ollama answers and the model is pulled",
         responses={503: ERROR_RESPONSES[503]},
     )
-    async def ready(request: Request) -> dict[str, str]:
-        await run_in_threadpool(request.app.state.ollama.check_ready)
-        active: Settings = request.app.state.settings
-        return {"status": "ready", "model": active.ollama_model, "endpoint": active.ollama_endpoint}
+    async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, str]:
+        await run_in_threadpool(llm_client.check_ready)
+        return {"status": "ready", "model": settings.ollama_model, "endpoint": server_name(settings)}
 
-    return app
+
+class _AppFromEnvironment:
+    """The application of ``uvicorn main:app``: built from the environment when the server starts.
+
+    Importing ``main`` must read and connect nothing, yet the app (its body limit, its routes)
+    is built from the settings. So the settings are loaded on the first ASGI event, the
+    lifespan's ``startup``: a configuration error then fails the start-up with its one-line
+    message (uvicorn exits 3), as ``python main.py`` does.
+    """
+
+    def __init__(self) -> None:
+        self._app: FastAPI | None = None
+
+    def _build(self) -> FastAPI:
+        if self._app is None:
+            settings = load_settings()
+            configure_logging(settings.log_level)
+            # The taxonomy and few-shot files are read now too, so that their errors are one line as well.
+            self._app = create_app(settings, classifier=ConversationClassifier.from_settings(settings))
+        return self._app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._app is not None or scope["type"] != "lifespan":
+            # (Without a lifespan, e.g. `uvicorn --lifespan off`, the first request builds it.)
+            await self._build()(scope, receive, send)
+            return
+        startup = await receive()
+        try:
+            app = self._build()
+        except ConfigError as e:
+            await send({"type": "lifespan.startup.failed", "message": f"error: {e}"})
+            return
+        replayed = False
+
+        async def receive_again() -> ASGIMessage:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return startup
+            return await receive()
+
+        await app(scope, receive_again, send)
+
+
+def app_from_environment() -> ASGIApp:
+    """For ``uvicorn main:app``: an ASGI app that loads the settings when the server starts."""
+    return _AppFromEnvironment()
 

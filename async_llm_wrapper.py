@@ -13,7 +13,6 @@ from typing import Any
 import aiohttp
 
 from config import Settings
-from error_handler import LLMServerError
 from llm_wrapper import (
     CONNECT_TIMEOUT_SECONDS,
     READY_TIMEOUT_SECONDS,
@@ -21,6 +20,7 @@ from llm_wrapper import (
     build_chat_payload,
     dropped_error,
     parse_chat_response,
+    request_failed_error,
     require_model,
     timeout_error,
     unavailable_error,
@@ -71,7 +71,7 @@ class AsyncOllamaClient:
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as e:
             raise dropped_error(self.settings, type(e).__name__) from e
         except aiohttp.ClientError as e:
-            raise LLMServerError(f"Request to Ollama at {url} failed: {e}") from e
+            raise request_failed_error(self.settings, url, e) from e
 
     async def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult:
         """One classification call: ``POST /api/chat``; raises an ``LLMError`` on any failure."""

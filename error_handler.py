@@ -10,6 +10,7 @@ thing again later may succeed; the retry policies in ``utils.retry_utils`` use i
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 # Exit codes every command line shares; each documents in --help what they mean for it.
@@ -69,6 +70,22 @@ class PayloadTooLargeError(InputError):
             f"Request body is larger than the limit of {limit} bytes.",
             status_code=413,
             limit_bytes=limit,
+        )
+
+
+class UnsupportedMediaTypeError(InputError):
+    """A request body not sent as JSON (no Content-Type, a form, text): only JSON bodies are read,
+    so a web page cannot make a visitor's browser post one across sites."""
+
+    code = "unsupported_media_type"
+
+    def __init__(self, content_type: str | None) -> None:
+        got = f"got {content_type[:100]!r}" if content_type else "no Content-Type header was sent"
+        super().__init__(
+            f"The body must be JSON sent with 'Content-Type: application/json' ({got}).",
+            hint="e.g. curl -H 'Content-Type: application/json' -d @conversation.json http://localhost:8000/classify",
+            field="body",
+            status_code=415,
         )
 
 
@@ -175,6 +192,31 @@ class BatchFileError(ClassifierError):
     """A local batch file cannot be read or written, or its folder is in use by another processor."""
 
     code = "batch_file_error"
+
+
+def field_path(loc: Iterable[Any]) -> str:
+    """A validation error's location as a field path, ``messages[1].sender``; ``body`` for the whole.
+
+    FastAPI's locations start with ``"body"``; pydantic's own do not: both give the same path.
+    """
+    path = ""
+    for i, part in enumerate(loc):
+        if i == 0 and part == "body":
+            continue
+        path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
+    return path or "body"
+
+
+def invalid_conversation(errors: Sequence[Mapping[str, Any]]) -> InputError:
+    """The one :class:`InputError` for a conversation that failed validation (pydantic's ``errors()``):
+    the first problem with its field path, and how many more there are. The API, the batch
+    processor and the importer all word a bad conversation with it."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid conversation"}
+    field = field_path(first.get("loc", ()))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    where = "" if field == "body" else f"{field}: "  # a problem of the whole conversation names no field
+    return InputError(f"Invalid conversation: {where}{message}{more}", field=field)
 
 
 def fail(error: ClassifierError, exit_code: int | None = None, *, extra_hint: str | None = None) -> int:

@@ -23,6 +23,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.exceptions import MaxRetryError, NewConnectionError
 
 from config import Settings
+from logger import redact_url
 from error_handler import (
     LLMBusyError,
     LLMError,
@@ -88,17 +89,37 @@ def _ollama_message(body: bytes) -> str:
     return text[:200] or "(empty body)"
 
 
+def server_name(settings: Settings) -> str:
+    """The LLM server's URL as errors and logs show it: without its password."""
+    return redact_url(settings.ollama_endpoint)
+
+
 def unavailable_error(settings: Settings, reason: str) -> LLMUnavailableError:
     return LLMUnavailableError(
-        f"Cannot reach Ollama at {settings.ollama_endpoint} ({reason}).",
+        f"Cannot reach Ollama at {server_name(settings)} ({reason}).",
         hint="Start Ollama (`ollama serve`) or set OLLAMA_ENDPOINT to where it runs.",
-        endpoint=settings.ollama_endpoint,
+        endpoint=server_name(settings),
     )
+
+
+def request_failed_error(settings: Settings, url: str, error: Exception) -> LLMError:
+    """A request that failed otherwise; the library's text is left out when it could quote a password."""
+    where = redact_url(url)
+    if where != url:
+        if isinstance(error, ValueError):  # e.g. requests' InvalidURL: '/' in a password cuts the host short
+            return LLMUnavailableError(
+                f"Cannot reach Ollama at {where}: the URL cannot be parsed ({type(error).__name__}).",
+                hint="Percent-encode special characters of the user name and password in OLLAMA_ENDPOINT "
+                "(/ as %2F, @ as %40, : as %3A, space as %20).",
+                endpoint=server_name(settings),
+            )
+        return LLMServerError(f"Request to Ollama at {where} failed ({type(error).__name__}).")
+    return LLMServerError(f"Request to Ollama at {url} failed: {error}")
 
 
 def timeout_error(settings: Settings) -> LLMTimeoutError:
     return LLMTimeoutError(
-        f"Ollama at {settings.ollama_endpoint} did not answer within {settings.ollama_timeout:g} s.",
+        f"Ollama at {server_name(settings)} did not answer within {settings.ollama_timeout:g} s.",
         hint="Retry later, use a smaller model, or raise OLLAMA_TIMEOUT.",
         timeout_seconds=settings.ollama_timeout,
     )
@@ -106,7 +127,7 @@ def timeout_error(settings: Settings) -> LLMTimeoutError:
 
 def dropped_error(settings: Settings, reason: str) -> LLMServerError:
     return LLMServerError(
-        f"Ollama at {settings.ollama_endpoint} closed the connection before answering ({reason}).",
+        f"Ollama at {server_name(settings)} closed the connection before answering ({reason}).",
         hint="Check the Ollama server's log; it may have crashed or run out of memory.",
     )
 
@@ -115,7 +136,7 @@ def error_from_response(status: int, body: bytes, settings: Settings) -> LLMErro
     """The typed error for a non-200 answer of Ollama."""
     message = _ollama_message(body)
     if status == 404:
-        return ModelNotFoundError(settings.ollama_model, settings.ollama_endpoint)
+        return ModelNotFoundError(settings.ollama_model, server_name(settings))
     if status == 503:
         return LLMBusyError(
             f"Ollama is busy: {message}",
@@ -177,7 +198,7 @@ def require_model(body: bytes, status: int, settings: Settings) -> None:
     except (ValueError, AttributeError) as e:
         raise LLMServerError(f"Ollama's /api/tags answer is not the expected JSON: {body[:120]!r}") from e
     if _with_latest(settings.ollama_model) not in names:
-        raise ModelNotFoundError(settings.ollama_model, settings.ollama_endpoint)
+        raise ModelNotFoundError(settings.ollama_model, server_name(settings))
 
 
 def _could_not_connect(error: requests.exceptions.ConnectionError) -> bool:
@@ -223,7 +244,7 @@ class OllamaClient:
         except requests.exceptions.Timeout as e:
             raise timeout_error(self.settings) from e
         except requests.exceptions.RequestException as e:
-            raise LLMServerError(f"Request to Ollama at {url} failed: {e}") from e
+            raise request_failed_error(self.settings, url, e) from e
 
     def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult:
         """One classification call: ``POST /api/chat``; raises an :class:`LLMError` on any failure."""

@@ -11,7 +11,7 @@ import sys
 
 import uvicorn
 
-from api import create_app
+from api import app_from_environment, create_app
 from classifier import ConversationClassifier
 from config import field_help, load_settings
 from error_handler import EXIT_OK, ConfigError
@@ -19,7 +19,7 @@ from logger import configure_logging
 
 
 # For `uvicorn main:app`; building the app reads and connects nothing.
-app = create_app()
+app = app_from_environment()
 
 
 def build_parser() -> argparse.ArgumentParser:

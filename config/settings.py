@@ -18,6 +18,7 @@ from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from error_handler import ConfigError
+from logger import redact_url
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -57,6 +58,12 @@ class Settings(BaseModel):
     api_host: str = Field("0.0.0.0", description="Address the API listens on.")
     api_port: int = Field(8000, ge=0, le=65535, description="Port the API listens on.")
     api_max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest accepted request body (bytes).")
+    api_max_concurrency: int = Field(
+        8, ge=1, le=256, description="LLM calls in flight at once per API process; further requests wait their turn."
+    )
+    api_queue_timeout: float = Field(
+        30.0, gt=0, description="Seconds a request may wait for its turn before it gets 503 llm_busy."
+    )
 
     # --- MongoDB ------------------------------------------------------------------------
     mongodb_connection_string: str = Field(
@@ -174,5 +181,7 @@ def load_settings(
         for err in e.errors():
             name = str(err["loc"][0]) if err["loc"] else "?"
             source = "command line" if overrides and overrides.get(name) is not None else env_name(name)
-            problems.append(f"{source}={values.get(name)!r}: {err['msg']}")
+            value = values.get(name)
+            shown = redact_url(value) if isinstance(value, str) else value  # a URL's password never shows
+            problems.append(f"{source}={shown!r}: {err['msg']}")
         raise ConfigError("Invalid configuration: " + "; ".join(problems)) from e

@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 from config import load_settings  # noqa: E402
 from error_handler import EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import OllamaClient  # noqa: E402
-from logger import configure_logging  # noqa: E402
+from logger import configure_logging, redact_url  # noqa: E402
 
 # Shared codes (error_handler): 0 ok, 3 invalid configuration, 4 Ollama unreachable or the model
 # not pulled. The demo's own:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(e)
     configure_logging("WARNING")
 
-    print(f"Checking Ollama at {settings.ollama_endpoint} (model {settings.ollama_model}) ...", flush=True)
+    print(f"Checking Ollama at {redact_url(settings.ollama_endpoint)} (model {settings.ollama_model}) ...", flush=True)
     try:
         with OllamaClient(settings) as ollama:
             ollama.check_ready()

@@ -258,18 +258,6 @@ INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str
         "tweets[0].inbound",
         "tweets[0].inbound",
     ),
-    "form-encoded body": (
-        {"data": {"conversation_number": "1", "messages": "hi"}},
-        (400,),
-        "body",
-        "Content-Type: application/json",
-    ),
-    "JSON sent as text/plain": (
-        {"data": json.dumps(CONVERSATION), "headers": {"Content-Type": "text/plain"}},
-        (400,),
-        "body",
-        "Content-Type",
-    ),
     "NaN in an echoed field": (
         {
             "data": b'{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi", "score": NaN}]}',
@@ -328,12 +316,48 @@ def test_invalid_input(
     assert fake_ollama.chat_count == 0  # invalid input never reaches the model
 
 
-def test_json_without_content_type_is_accepted(http: requests.Session, api_server: RunningAPI) -> None:
-    # Some clients send a JSON body with no Content-Type at all.
+# --- 415: only JSON bodies (a web page cannot make a browser post one across sites) ---------
+
+NOT_JSON = {
+    "no Content-Type": None,
+    "form (curl -d, an HTML form)": "application/x-www-form-urlencoded",
+    "multipart form": "multipart/form-data; boundary=x",
+    "text/plain (a cross-site 'simple' request)": "text/plain",
+    "text/plain with a charset": "text/plain; charset=utf-8",
+    "text/json": "text/json",
+    "a lookalike": "application/jsonx",
+}
+
+
+@pytest.mark.parametrize("content_type", list(NOT_JSON.values()), ids=list(NOT_JSON))
+def test_a_body_not_sent_as_json_gets_415(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama, content_type: str | None
+) -> None:
     request = requests.Request("POST", f"{api_server.url}/classify", data=json.dumps(CONVERSATION).encode()).prepare()
     assert "Content-Type" not in request.headers
-    response = http.send(request, timeout=30)
+    if content_type is not None:
+        request.headers["Content-Type"] = content_type
+    error = error_of(http.send(request, timeout=30), 415)
+    assert error["type"] == "unsupported_media_type"
+    assert "Content-Type: application/json" in error["message"]
+    assert (content_type or "no Content-Type") in error["message"]
+    assert fake_ollama.chat_count == 0
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        "application/vnd.api+json",
+        "application/merge-patch+json; charset=utf-8",
+    ],
+)
+def test_json_media_types_are_accepted(http: requests.Session, api_server: RunningAPI, content_type: str) -> None:
+    response = post(http, api_server, data=json.dumps(CONVERSATION).encode(), headers={"Content-Type": content_type})
     assert response.status_code == 200, response.text
+    assert response.json()["messages"] == CONVERSATION["messages"]
 
 
 def test_body_that_is_not_utf8(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
@@ -586,8 +610,8 @@ def test_openapi_has_examples_and_error_responses(http: requests.Session, api_se
     assert "messages" in examples["messages"]["value"]
     assert "tweets" in examples["tweets"]["value"]
     responses = classify["responses"]
-    assert set(responses) >= {"200", "400", "413", "422", "502", "503", "504"}
-    for status in ("400", "413", "422", "502", "503", "504"):
+    assert set(responses) >= {"200", "400", "413", "415", "422", "502", "503", "504"}
+    for status in ("400", "413", "415", "422", "502", "503", "504"):
         content = responses[status]["content"]["application/json"]
         assert content["schema"]["$ref"].endswith("/ErrorResponse")
         assert content["example"]["error"]["type"]
@@ -650,3 +674,278 @@ def test_start_up_says_whether_ollama_is_ready(make_settings, start_api, fake_ol
         assert time.monotonic() < deadline, [r.message for r in caplog.records]
         time.sleep(0.02)
     assert fake_ollama.chat_count == 0  # the check lists models; it runs no inference
+
+
+# --- wiring: dependencies, the body-limit middleware, one error wording ----------------------
+
+
+@pytest.fixture
+def serve_asgi() -> Iterator[Callable[[Any], str]]:
+    """``serve_asgi(app)``: any ASGI app under uvicorn on 127.0.0.1; its base URL. Stopped after the test."""
+    import socket
+    import threading
+
+    import uvicorn
+
+    started: list[tuple[uvicorn.Server, threading.Thread, socket.socket]] = []
+
+    def serve(app: Any) -> str:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind(("127.0.0.1", 0))
+        server = uvicorn.Server(uvicorn.Config(app, log_config=None, access_log=False, lifespan="on"))
+        thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+        thread.start()
+        started.append((server, thread, sock))
+        deadline = time.monotonic() + 10
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the app did not start"
+            time.sleep(0.01)
+        return f"http://127.0.0.1:{sock.getsockname()[1]}"
+
+    yield serve
+    for server, thread, sock in started:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def test_body_limit_middleware_takes_its_limit_as_a_parameter(
+    http: requests.Session, serve_asgi: Callable[[Any], str]
+) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+
+    from api import BodySizeLimitMiddleware
+
+    async def echo(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(len(await request.body())))
+
+    # A bare app with no settings on its state: the limit comes from the argument alone.
+    url = serve_asgi(BodySizeLimitMiddleware(Starlette(routes=[Route("/", echo, methods=["POST"])]), max_bytes=1500))
+    assert http.post(url, data=b"x" * 1500, timeout=10).text == "1500"
+    error = error_of(http.post(url, data=b"x" * 1501, timeout=10), 413)
+    assert error["limit_bytes"] == 1500
+    chunked = http.post(url, data=iter([b"x" * 1000, b"x" * 1000]), timeout=10)
+    assert error_of(chunked, 413)["limit_bytes"] == 1500
+
+
+WHOLE_AND_FIELD_PROBLEMS = [
+    {"conversation_number": "1"},
+    {"conversation_number": "1", "messages": CONVERSATION["messages"], "tweets": SAMPLES[0]["tweets"]},
+    {"conversation_number": "1", "messages": []},
+    {"conversation_number": "1", "messages": [{"sender": "customer", "text": "a"}, {"sender": "bot", "text": "b"}]},
+    {"messages": CONVERSATION["messages"]},
+    {"conversation_number": "1", "messages": [{"sender": "x"}, {"sender": "y"}]},
+]
+
+
+@pytest.mark.parametrize("body", WHOLE_AND_FIELD_PROBLEMS)
+def test_the_api_words_an_invalid_conversation_as_the_batch_does(
+    http: requests.Session, api_server: RunningAPI, body: dict[str, Any]
+) -> None:
+    # One formatter for field paths and messages: the importer and the batch processor report
+    # a document exactly as the API reports the same conversation.
+    from aggregator import validate_conversation
+    from error_handler import InputError
+
+    with pytest.raises(InputError) as expected:
+        validate_conversation(body)
+    error = error_of(post(http, api_server, body), 422)
+    assert (error["message"], error["field"]) == (expected.value.message, expected.value.field)
+
+
+def test_routes_get_their_classifier_through_a_dependency(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    serve_asgi: Callable[[Any], str],
+    fake_ollama: FakeOllama,
+    tmp_path: Path,
+) -> None:
+    # The routes declare what they need (Annotated[..., Depends()]), so a test or another part can
+    # substitute one piece: here a classifier whose taxonomy has an intent "Zebra" (the default's has not).
+    from api import create_app
+    from api_dependencies import get_classifier
+    from classifier import ConversationClassifier
+
+    taxonomy = json.loads(json.dumps(TAXONOMY))
+    taxonomy["intents"] = [{"name": name, "description": f"{name} things."} for name in ("Zebra", "Other")]
+    (tmp_path / "taxonomy.json").write_text(json.dumps(taxonomy), encoding="utf-8")
+    few_shots = tmp_path / "few_shots.json"
+    few_shots.write_text("[]", encoding="utf-8")
+    other = ConversationClassifier.from_settings(make_settings(taxonomy_file=tmp_path / "taxonomy.json",
+                                                               few_shots_file=few_shots))
+    app = create_app(make_settings())
+    app.dependency_overrides[get_classifier] = lambda: other
+    url = serve_asgi(app)
+    fake_ollama.enqueue(Reply(content=json.dumps({**GOOD_ANSWER, "intent": "zebra"})))
+    response = http.post(f"{url}/classify", json=CONVERSATION, timeout=30)
+    assert response.status_code == 200, response.text
+    assert response.json()["classification"]["intent"] == "Zebra"
+
+
+# --- backpressure: LLM calls in flight are bounded per process ------------------------------
+
+
+def _occupy_the_only_slot(api: RunningAPI, fake_ollama: FakeOllama, seconds: float) -> ThreadPoolExecutor:
+    """Send one request the fake answers after ``seconds``; return once the fake has it."""
+    fake_ollama.enqueue(Reply(delay=seconds))
+    pool = ThreadPoolExecutor(1)
+    pool.submit(requests.post, f"{api.url}/classify", json=CONVERSATION, timeout=60)
+    assert fake_ollama.wait_for_chats(1, timeout=30)
+    return pool
+
+
+def test_a_request_that_cannot_start_in_time_gets_503_llm_busy(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=0.5, ollama_timeout=30))
+    with _occupy_the_only_slot(api, fake_ollama, seconds=4):
+        response = post(http, api, CONVERSATION)
+        error = error_of(response, 503)
+        assert error["type"] == "llm_busy"
+        assert "API_MAX_CONCURRENCY" in error["hint"]
+        assert int(response.headers["Retry-After"]) > 0
+        assert fake_ollama.chat_count == 1  # the refused request never reached the model
+    assert post(http, api, CONVERSATION).status_code == 200  # the slot is free again
+
+
+def test_requests_beyond_the_limit_wait_their_turn(
+    make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings(api_max_concurrency=2, api_queue_timeout=60))
+    fake_ollama.latency = 0.2
+
+    def classify(i: int) -> int:
+        body = {"conversation_number": f"w-{i}", "messages": [{"sender": "customer", "text": f"question {i}"}]}
+        return requests.post(f"{api.url}/classify", json=body, timeout=60).status_code
+
+    with ThreadPoolExecutor(8) as pool:
+        statuses = list(pool.map(classify, range(8)))
+    assert statuses == [200] * 8
+    assert fake_ollama.chat_count == 8
+    assert fake_ollama.max_in_flight == 2
+
+
+def _abandon_requests(api: RunningAPI, count: int) -> None:
+    """Send ``count`` complete /classify requests and hang up on each without reading the answer."""
+    import socket
+
+    body = json.dumps(CONVERSATION).encode()
+    host, port = api.url.removeprefix("http://").split(":")
+    request = (
+        f"POST /classify HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    for _ in range(count):
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(request)
+
+
+def test_a_client_that_left_before_its_turn_never_reaches_the_model(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    start_api: StartAPI,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="api")
+    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=60, ollama_timeout=30))
+    with _occupy_the_only_slot(api, fake_ollama, seconds=3):
+        _abandon_requests(api, 20)
+        # Wait until the API has seen every hang-up (or, as before the fix, the model got the requests).
+        deadline = time.monotonic() + 30
+        while sum("left before its turn" in r.getMessage() for r in caplog.records) < 20:
+            if fake_ollama.chat_count > 1 or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+    assert post(http, api, CONVERSATION).status_code == 200
+    assert fake_ollama.chat_count == 2  # the first request and the last one: none of the 20 abandoned
+    assert sum("left before its turn" in r.getMessage() for r in caplog.records) == 20
+
+
+# --- secrets: credentials in OLLAMA_ENDPOINT appear in no answer and no log line ------------
+
+# Placeholder credentials (user:pass-...), written as users write them: not percent-encoded.
+PASSWORDS = ["pass-tok3n", "pass-7q/xZ@9k w0rd"]
+
+
+def _with_credentials(url: str, password: str) -> str:
+    return url.replace("http://", f"http://user:{password}@")
+
+
+def _assert_secret_free(text: str, password: str) -> None:
+    for fragment in [password, *password.replace("@", " ").replace("/", " ").split()]:
+        if len(fragment) > 3:
+            assert fragment not in text, text
+
+
+@pytest.mark.parametrize("password", PASSWORDS)
+def test_credentials_in_the_endpoint_appear_in_no_answer_and_no_log_line(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    start_api: StartAPI,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+    password: str,
+) -> None:
+    caplog.set_level(logging.DEBUG)
+    answers: list[str] = []
+    served = start_api(make_settings(ollama_endpoint=_with_credentials(fake_ollama.url, password), ollama_timeout=1))
+    refused = start_api(make_settings(ollama_endpoint=_with_credentials(closed_port_url(), password)))
+    for api in (served, refused):
+        for response in (http.get(f"{api.url}/ready", timeout=10), post(http, api, CONVERSATION)):
+            answers.append(response.text)
+            assert response.status_code in (200, 503), response.text
+    ready = http.get(f"{served.url}/ready", timeout=10)
+    if ready.status_code == 200:  # the URL with an unencoded '/' in its password cannot be used at all
+        assert ready.json()["endpoint"] == fake_ollama.url.replace("http://", "http://user:***@")
+        fake_ollama.models = ["other:latest"]  # 503 model_not_found names the server
+        answers.append(error_of(post(http, served, CONVERSATION), 503)["message"])
+        fake_ollama.models = ["llama3:latest"]
+        fake_ollama.enqueue(Reply(delay=3))  # 504 llm_timeout names it too
+        answers.append(error_of(post(http, served, CONVERSATION), 504)["message"])
+    assert any("user:***@127.0.0.1" in answer for answer in answers)
+    _assert_secret_free("\n".join(answers), password)
+    logged = "\n".join(f"{r.getMessage()} {r.exc_text or ''}" for r in caplog.records)
+    assert "user:***@127.0.0.1" in logged
+    _assert_secret_free(logged, password)
+
+
+# --- log forging: request values are logged on one line ---------------------------------------
+
+
+@pytest.fixture
+def log_output() -> Iterator[Any]:
+    """The project's own log handler (logger.configure_logging) writing to a StringIO; restored after."""
+    import io
+
+    from logger import _QUIET_LIBRARIES, configure_logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    quiet = {name: logging.getLogger(name).level for name in _QUIET_LIBRARIES}
+    stream = io.StringIO()
+    configure_logging("INFO", stream=stream)
+    yield stream
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    for name, old in quiet.items():
+        logging.getLogger(name).setLevel(old)
+
+
+def test_a_conversation_number_cannot_forge_a_log_line(
+    http: requests.Session, api_server: RunningAPI, log_output: Any
+) -> None:
+    forged = "2026-01-01 00:00:00,000 - INFO - api - classified conversation 7 in 1 ms: all refunded"
+    number = "1\n" + forged + "\r\u2028x"
+    response = post(http, api_server, {**CONVERSATION, "conversation_number": number})
+    assert response.status_code == 200, response.text
+    assert response.json()["conversation_number"] == number  # the answer keeps the value as sent
+    lines = log_output.getvalue().splitlines()
+    [line] = [line for line in lines if "classified conversation 1" in line]
+    assert "1\\n2026-01-01" in line and "\\r\\u2028x" in line
+    assert not [line for line in lines if line.startswith("2026-01-01 00:00:00,000")]

@@ -141,7 +141,7 @@ def test_serves_and_reports_unreachable_ollama(served_without_ollama: tuple[str,
 
 def test_importing_main_reads_and_connects_nothing() -> None:
     # `uvicorn main:app` imports the module; the settings are loaded by the lifespan only.
-    code = "import main; print(main.app.title); print(main.build_parser().parse_args([]).api_port)"
+    code = "import main; print(callable(main.app)); print(main.build_parser().parse_args([]).api_port)"
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
@@ -152,7 +152,7 @@ def test_importing_main_reads_and_connects_nothing() -> None:
     )
     assert result.returncode == 0, result.stderr
     # Unset flags are None so that the environment wins.
-    assert result.stdout.splitlines() == ["Customer Support Conversation Classifier", "None"]
+    assert result.stdout.splitlines() == ["True", "None"]
 
 
 def test_uvicorn_main_app_serves_with_settings_from_the_environment(tmp_path: Path) -> None:
@@ -190,3 +190,27 @@ def test_uvicorn_main_app_serves_with_settings_from_the_environment(tmp_path: Pa
             process.kill()
             process.wait(timeout=10)
     assert "Traceback" not in log.read_text()
+
+
+@pytest.mark.parametrize(
+    "variables, fragment",
+    [({"OLLAMA_TIMEOUT": "abc"}, "OLLAMA_TIMEOUT='abc'"), ({"TAXONOMY_FILE": "/nonexistent/t.json"}, "TAXONOMY_FILE")],
+)
+def test_uvicorn_main_app_with_a_bad_setting_fails_to_start_with_one_line(
+    variables: dict[str, str], fragment: str
+) -> None:
+    port = free_port()
+    result = subprocess.run(
+        [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=ROOT, env=clean_env(**variables), capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 3, result.stderr
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_a_bad_endpoint_with_credentials_is_reported_without_the_password() -> None:
+    result = run_main(env=clean_env(OLLAMA_ENDPOINT="ftp://user:pass-s3cr/et@llm.example:11434"))
+    assert result.returncode == 3
+    assert "OLLAMA_ENDPOINT='ftp://user:***@llm.example:11434'" in result.stderr
+    assert "s3cr" not in result.stderr

@@ -1,0 +1,120 @@
+"""What the API's routes depend on, declared as FastAPI dependencies (``Annotated[..., Depends()]``).
+
+The lifespan of :func:`api.create_app` opens these once per process and yields them as the
+lifespan state (:func:`lifespan_state`); Starlette hands that state to every request as
+``request.state``. A route declares what it needs by type (``settings: SettingsDep``), and any
+router included in the app (the dashboard's, say) does the same by importing from here, not
+from ``api`` (which includes those routers: importing ``api`` from them would be a cycle).
+Tests substitute a piece with ``app.dependency_overrides[get_classifier] = ...``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Annotated, Any, TypeVar
+
+import anyio.to_thread
+from anyio import CapacityLimiter
+from fastapi import Depends, Request
+
+from classifier import ConversationClassifier
+from config import Settings
+from error_handler import LLMBusyError
+from llm_wrapper import OllamaClient
+
+
+T = TypeVar("T")
+
+
+class ClientLeftError(Exception):
+    """The client hung up while its request waited for an LLM slot: nothing is sent to the model."""
+
+
+class LLMSlots:
+    """At most ``limit`` LLM calls in flight in this API process (API_MAX_CONCURRENCY).
+
+    A request waits for a slot at most ``queue_timeout`` seconds (API_QUEUE_TIMEOUT), then gets
+    503 ``llm_busy``: a burst queues here instead of piling onto the LLM server until every
+    request times out. A request whose client hangs up while it waits gives up its place: 60
+    abandoned requests do not make 60 model calls. The calls run in worker threads of their own
+    (as many as slots), so the limit is not silently capped by Starlette's shared thread pool.
+    """
+
+    def __init__(self, limit: int, queue_timeout: float) -> None:
+        self.limit = limit
+        self.queue_timeout = queue_timeout
+        self._semaphore = asyncio.Semaphore(limit)
+        self._threads = CapacityLimiter(limit)
+
+    async def run(self, request: Request, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` in a worker thread once a slot is free; raises :class:`LLMBusyError`
+        when none frees up in time, :class:`ClientLeftError` when the client left before its turn."""
+        async with self._slot(request):
+            return await anyio.to_thread.run_sync(function, *args, limiter=self._threads)
+
+    @asynccontextmanager
+    async def _slot(self, request: Request) -> AsyncIterator[None]:
+        acquiring = asyncio.ensure_future(self._semaphore.acquire())
+        leaving = asyncio.ensure_future(_until_client_left(request))
+        try:
+            await asyncio.wait({acquiring, leaving}, timeout=self.queue_timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            leaving.cancel()
+            acquiring.cancel()  # a no-op once it holds the slot
+            got_slot = acquiring.done() and not acquiring.cancelled()
+            left = leaving.done() and not leaving.cancelled()
+            if got_slot and (left or sys.exc_info()[0] is not None):  # (we were cancelled ourselves)
+                self._semaphore.release()
+        if left:
+            raise ClientLeftError()
+        if not got_slot:
+            raise LLMBusyError(
+                f"All {self.limit} LLM slots of this API process stayed busy for {self.queue_timeout:g} s.",
+                hint="Retry later (see Retry-After), or raise API_MAX_CONCURRENCY if the LLM server has room "
+                "for more parallel requests (OLLAMA_NUM_PARALLEL).",
+                max_concurrency=self.limit,
+                queue_timeout_seconds=self.queue_timeout,
+            )
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+
+
+async def _until_client_left(request: Request) -> None:
+    """Return when the client disconnects. The body has been read: the server's next ASGI message
+    for this request is ``http.disconnect``, sent when the connection closes."""
+    while (await request.receive())["type"] != "http.disconnect":
+        await asyncio.sleep(0.05)  # not expected after the body; never spin
+
+
+def lifespan_state(
+    settings: Settings, classifier: ConversationClassifier, llm_client: OllamaClient, llm_slots: LLMSlots
+) -> dict[str, Any]:
+    """The lifespan state the dependencies below read: one place names its keys."""
+    return {"settings": settings, "classifier": classifier, "llm_client": llm_client, "llm_slots": llm_slots}
+
+
+def get_settings(request: Request) -> Settings:
+    return request.state.settings
+
+
+def get_classifier(request: Request) -> ConversationClassifier:
+    return request.state.classifier
+
+
+def get_llm_client(request: Request) -> OllamaClient:
+    return request.state.llm_client
+
+
+def get_llm_slots(request: Request) -> LLMSlots:
+    return request.state.llm_slots
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+ClassifierDep = Annotated[ConversationClassifier, Depends(get_classifier)]
+LLMClientDep = Annotated[OllamaClient, Depends(get_llm_client)]
+LLMSlotsDep = Annotated[LLMSlots, Depends(get_llm_slots)]
