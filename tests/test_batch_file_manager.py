@@ -235,14 +235,19 @@ def _write_failed(conversation_id: str) -> RetryEntry:
     )
 
 
+def _journal_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def test_retry_queue_round_trip_with_both_states(tmp_path: Path) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
     entries = [_llm_failed(str(ObjectId())), _write_failed(str(ObjectId()))]
     files.save_retry_queue(4, entries)
 
-    raw = json.loads((tmp_path / "batch_004_retry_queue.json").read_text(encoding="utf-8"))
-    assert isinstance(raw, list)
+    lines = _journal_lines(tmp_path / "batch_004_retry_queue.jsonl")
+    assert [line["op"] for line in lines] == ["put", "put"]
+    raw = [line["entry"] for line in lines]
     assert raw[0]["status"] == "llm_failed"
     assert raw[0]["classification_result"] is None
     assert raw[1]["status"] == "write_failed"
@@ -250,13 +255,105 @@ def test_retry_queue_round_trip_with_both_states(tmp_path: Path) -> None:
     for entry in raw:
         assert {"conversation_id", "status", "classification_result", "conversation_data", "retry_count",
                 "failed_at"} <= entry.keys()
+    # A write_failed entry keeps what its retry needs: the paid classification, not the conversation.
+    assert raw[1]["conversation_data"] == {"conversation_number": "2"}
+    assert raw[0]["conversation_data"] == entries[0].conversation_data
 
-    loaded = files.load_retry_queue(4)
-    assert loaded == entries
-    assert loaded[0].classification_result is None
-    assert loaded[1].processing_metadata is not None
-    assert loaded[1].processing_metadata["processed_at"] == PROCESSED_AT
-    assert isinstance(loaded[1].processing_metadata["processed_at"], datetime)
+    for reader in (files, BatchFileManager(tmp_path)):  # from memory, and from the file
+        loaded = reader.load_retry_queue(4)
+        assert loaded[0] == entries[0]
+        assert loaded[1].conversation_data == {"conversation_number": "2"}
+        assert loaded[1].classification_result == entries[1].classification_result
+        assert loaded[1].processing_metadata is not None
+        assert loaded[1].processing_metadata["processed_at"] == PROCESSED_AT
+        assert isinstance(loaded[1].processing_metadata["processed_at"], datetime)
+
+
+def test_retry_queue_changes_are_appended_and_replayed(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    a, b, c = _llm_failed("a"), _llm_failed("b"), _write_failed("c")
+    files.save_retry_queue(1, [a, b])
+    b.retry_count = 2
+    b.reason = "still down"
+    files.save_retry_queue(1, [a, b, c])
+    files.save_retry_queue(1, [b, c])
+    files.save_retry_queue(1, [b, c])  # nothing changed: nothing written
+    lines = _journal_lines(files.path(1, "retry_queue"))
+    assert [line["op"] for line in lines] == ["put", "put", "set", "put", "remove"]
+    assert lines[2] == {"op": "set", "conversation_id": "b", "fields": {"reason": "still down", "retry_count": 2}}
+    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["b", "c"]
+    assert BatchFileManager(tmp_path).load_retry_queue(1)[0].retry_count == 2
+
+    # The explicit operations do the same, one line each.
+    files.update_retry_entry(1, RetryEntry(**{**b.to_json(), "retry_count": 3}))
+    files.remove_retry_entry(1, "c")
+    files.add_retry_entry(1, _llm_failed("d"))
+    assert [line["op"] for line in _journal_lines(files.path(1, "retry_queue"))][-3:] == ["set", "remove", "put"]
+    reread = BatchFileManager(tmp_path).load_retry_queue(1)
+    assert [(e.conversation_id, e.retry_count) for e in reread] == [("b", 3), ("d", 1)]
+    files.remove_retry_entry(1, "b")
+    files.remove_retry_entry(1, "d")
+    assert not files.path(1, "retry_queue").exists()
+    assert files.retry_queue_numbers() == []
+
+
+def _bytes_written() -> int:
+    """Bytes this process has passed to write() so far (Linux /proc accounting)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar in /proc/self/io")
+
+
+def test_a_growing_retry_queue_writes_bytes_in_proportion_to_its_changes(tmp_path: Path) -> None:
+    # Regression: the queue was rewritten whole on each change; 300 failures of 4 KB wrote ~200 MB.
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    entries: list[RetryEntry] = []
+    start = _bytes_written()
+    for i in range(300):  # the batch processor's way: append, save the whole list
+        entry = _llm_failed(f"conversation-{i}")
+        entry.conversation_data = {"conversation_number": str(i), "tweets": [{"text": "x" * 4096}]}
+        entries.append(entry)
+        files.save_retry_queue(1, entries)
+    for entry in entries:  # a retry pass counts a failed attempt for each
+        entry.retry_count += 1
+    files.save_retry_queue(1, entries)
+    while entries:  # then they are resolved one by one
+        entries.pop(0)
+        files.save_retry_queue(1, entries)
+    written = _bytes_written() - start
+    payload = 300 * 4096
+    assert written < 4 * payload, f"{written} bytes written for {payload} bytes of queued conversations"
+    assert not files.path(1, "retry_queue").exists()
+
+
+def test_the_journal_is_compacted_when_dead_lines_dominate(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    keep = _llm_failed("keep")
+    files.add_retry_entry(1, keep)
+    for i in range(200):
+        entry = _llm_failed(f"gone-{i}")
+        entry.conversation_data = {"conversation_number": str(i), "tweets": [{"text": "y" * 2048}]}
+        files.add_retry_entry(1, entry)
+        files.remove_retry_entry(1, entry.conversation_id)
+    path = files.path(1, "retry_queue")
+    assert path.stat().st_size < 2 * 2048 + 64 * 1024 + 4096  # not 200 dead entries
+    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["keep"]
+
+
+def test_a_legacy_retry_queue_list_is_read_and_migrated(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    legacy = tmp_path / "batch_002_retry_queue.json"
+    atomic_write_json(legacy, [_llm_failed("a").to_json(), _write_failed("b").to_json()])
+    assert files.retry_queue_numbers() == [2]
+    assert [e.conversation_id for e in files.load_retry_queue(2)] == ["a", "b"]
+    files.remove_retry_entry(2, "a")
+    assert not legacy.exists()
+    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(2)] == ["b"]
 
 
 def test_saving_an_empty_retry_queue_deletes_the_file(tmp_path: Path) -> None:
@@ -281,10 +378,10 @@ def test_retry_queue_numbers_and_queued_conversation_ids(tmp_path: Path) -> None
     assert files.queued_conversation_ids() == {"a", "b", "c"}
 
 
-def test_retry_queue_that_is_not_a_list_is_a_batch_file_error(tmp_path: Path) -> None:
+def test_legacy_retry_queue_that_is_not_a_list_is_a_batch_file_error(tmp_path: Path) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
-    atomic_write_json(files.path(1, "retry_queue"), {"conversation_id": "a"})
+    atomic_write_json(tmp_path / "batch_001_retry_queue.json", {"conversation_id": "a"})
     with pytest.raises(BatchFileError) as raised:
         files.load_retry_queue(1)
     assert "batch_001_retry_queue.json" in raised.value.message
