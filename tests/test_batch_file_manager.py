@@ -185,17 +185,108 @@ def test_pending_numbers_removes_pending_files_that_have_a_completed_marker(tmp_
     assert files.path(1, "pending").exists()
 
 
-def test_corrupted_pending_file_raises_batch_file_error_with_a_hint(tmp_path: Path) -> None:
+def _truncate(path: Path) -> bytes:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return data[: len(data) // 2]
+
+
+def test_a_truncated_pending_file_is_quarantined_and_the_others_go_on(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    for number in (1, 2, 3):
+        files.write_pending(PendingBatch(number, "job", [_conversation(str(ObjectId()), number)]))
+    damaged = _truncate(files.path(2, "pending"))
+    assert files.pending_numbers() == [1, 3]
+    moved = tmp_path / "quarantine" / "batch_002_pending.json"
+    assert moved.read_bytes() == damaged  # kept as it was, never deleted
+    assert not files.path(2, "pending").exists()
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "batch_002_pending.json" in warning.message and "quarantine" in warning.message
+    assert "--retry-failed" in warning.message
+    assert files.load_pending(1).number == 1 and files.load_pending(3).number == 3
+
+
+def test_loading_a_truncated_pending_file_quarantines_it_with_a_hint(tmp_path: Path) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
     path = files.write_pending(PendingBatch(1, "job", [_conversation(str(ObjectId()), 1)]))
-    text = path.read_text(encoding="utf-8")
-    path.write_text(text[: len(text) // 2], encoding="utf-8")  # truncated
+    _truncate(path)
     with pytest.raises(BatchFileError) as raised:
         files.load_pending(1)
     assert "batch_001_pending.json" in raised.value.message
-    assert raised.value.hint is not None
-    assert "Move the file" in raised.value.hint
+    assert "quarantine" in raised.value.message
+    assert raised.value.hint is not None and "--retry-failed" in raised.value.hint
+    assert (tmp_path / "quarantine" / "batch_001_pending.json").exists()
+    # A second damaged file of the same name is kept beside the first.
+    path = files.write_pending(PendingBatch(1, "job", [_conversation(str(ObjectId()), 1)]))
+    _truncate(path)
+    assert files.pending_numbers() == []
+    assert len(list((tmp_path / "quarantine").iterdir())) == 2
+
+
+def test_a_pending_file_changed_after_listing_is_read_again(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.write_pending(PendingBatch(1, "job", [_conversation("a", 1)]))
+    assert files.pending_numbers() == [1]
+    files.write_pending(PendingBatch(1, "job", [_conversation("b", 1), _conversation("c", 2)]))
+    assert [c.object_id for c in files.load_pending(1).conversations] == ["b", "c"]
+
+
+def test_a_retry_queue_with_a_torn_last_line_keeps_the_rest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.save_retry_queue(1, [_llm_failed("a"), _write_failed("b")])
+    path = files.path(1, "retry_queue")
+    with open(path, "ab") as f:
+        f.write(b'{"op": "put", "entry": {"conversation_id": "c", "sta')  # a crash mid-append
+    original = path.read_bytes()
+    reader = BatchFileManager(tmp_path)
+    assert [e.conversation_id for e in reader.load_retry_queue(1)] == ["a", "b"]
+    assert (tmp_path / "quarantine" / path.name).read_bytes() == original
+    assert "cut short" in caplog.text and path.name in caplog.text
+    reader.add_retry_entry(1, _llm_failed("d"))  # appends after a clean line again
+    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["a", "b", "d"]
+
+
+def test_a_retry_queue_with_a_damaged_line_keeps_the_readable_entries(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.save_retry_queue(1, [_llm_failed("a"), _llm_failed("b"), _llm_failed("c")])
+    path = files.path(1, "retry_queue")
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b"\x00garbage"
+    path.write_bytes(b"\n".join(lines))
+    reader = BatchFileManager(tmp_path)
+    assert reader.retry_queue_numbers() == [1]
+    assert [e.conversation_id for e in reader.load_retry_queue(1)] == ["a", "c"]
+    assert (tmp_path / "quarantine" / path.name).exists()
+
+
+def test_an_unreadable_legacy_retry_queue_is_quarantined(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    legacy = tmp_path / "batch_003_retry_queue.json"
+    legacy.write_text('[{"conversation_id": "a", "sta')
+    assert files.retry_queue_numbers() == []
+    assert files.queued_conversation_ids() == set()
+    assert (tmp_path / "quarantine" / legacy.name).read_text() == '[{"conversation_id": "a", "sta'
+
+
+def test_a_damaged_checkpoint_or_target_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.save_checkpoint(Checkpoint(str(ObjectId()), "job"))
+    _truncate(tmp_path / "checkpoint.json")
+    assert files.load_checkpoint() is None
+    assert (tmp_path / "quarantine" / "checkpoint.json").exists()
+    (tmp_path / "target.json").write_text('{"target": "mongodb://loc')
+    files.claim("mongodb://localhost:27017 db.a -> b")
+    assert (tmp_path / "quarantine" / "target.json").exists()
+    assert read_json(tmp_path / "target.json")["target"] == "mongodb://localhost:27017 db.a -> b"
+    assert "checkpoint.json" in caplog.text and "target.json" in caplog.text
 
 
 def test_pending_file_without_conversations_is_a_batch_file_error(tmp_path: Path) -> None:
@@ -378,13 +469,13 @@ def test_retry_queue_numbers_and_queued_conversation_ids(tmp_path: Path) -> None
     assert files.queued_conversation_ids() == {"a", "b", "c"}
 
 
-def test_legacy_retry_queue_that_is_not_a_list_is_a_batch_file_error(tmp_path: Path) -> None:
+def test_legacy_retry_queue_that_is_not_a_list_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
     atomic_write_json(tmp_path / "batch_001_retry_queue.json", {"conversation_id": "a"})
-    with pytest.raises(BatchFileError) as raised:
-        files.load_retry_queue(1)
-    assert "batch_001_retry_queue.json" in raised.value.message
+    assert files.load_retry_queue(1) == []
+    assert (tmp_path / "quarantine" / "batch_001_retry_queue.json").exists()
+    assert "batch_001_retry_queue.json" in caplog.text and "must hold a JSON list" in caplog.text
 
 
 # --- checkpoint -------------------------------------------------------------------------------

@@ -78,7 +78,7 @@ def queue_entries(path: Path) -> list[dict[str, Any]]:
 
 
 def batch_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.glob("batch_*.json"))
+    return sorted(p.name for p in directory.glob("batch_*.json*"))
 
 
 @pytest.fixture

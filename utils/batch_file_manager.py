@@ -7,6 +7,7 @@
     ├── batch_001_retry_queue.jsonl failures of batch 001: llm_failed / write_failed entries (a journal)
     ├── batch_001_completed.json    marker: every conversation of batch 001 was resolved
     ├── checkpoint.json             last ObjectId read into a batch file, and counts
+    ├── quarantine/                 unreadable or truncated batch files, moved aside (never deleted)
     └── progress_<job>.json / .csv  progress of a job (utils/progress.py)
 
 Every write is atomic (temporary file in the same folder, fsync, ``os.replace``, fsync
@@ -31,6 +32,7 @@ import fcntl
 import logging
 import os
 import re
+import shutil
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -387,6 +389,18 @@ class Checkpoint:
     updated_at: str = field(default_factory=iso_now)
 
 
+def _problem(error: BatchFileError) -> str:
+    """What is wrong with a file, for a warning that names the file already."""
+    cause = error.__cause__
+    return str(cause) if isinstance(cause, (OSError, ValueError)) else error.message
+
+
+#: What happens to the conversations of a batch file set aside (said in the warning).
+SET_ASIDE_CONSEQUENCE = (
+    "its conversations stay 'processing' in MongoDB; run with --retry-failed to classify them again"
+)
+
+
 def batch_id(number: int) -> str:
     return f"batch_{number:03d}"
 
@@ -397,11 +411,15 @@ class BatchFileManager:
     CHECKPOINT = "checkpoint.json"
     LOCK = ".lock"
     TARGET = "target.json"
+    QUARANTINE = "quarantine"
 
     def __init__(self, directory: Path) -> None:
         self.directory = Path(directory)
         self._lock_fd: int | None = None
         self._journals: dict[int, RetryJournal] = {}
+        # Pending batches parsed while listing them (to find unreadable ones), keyed by number,
+        # with the (mtime, size) they were read at.
+        self._pending_read: dict[int, tuple[tuple[int, int], PendingBatch]] = {}
 
     # --- folder -------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -438,8 +456,14 @@ class BatchFileManager:
         against another database would write results for documents that are not there.
         """
         path = self.directory / self.TARGET
+        owner = None
         if path.exists():
-            owner = read_json(path).get("target")
+            try:
+                owner = read_json(path).get("target")
+            except (BatchFileError, AttributeError) as e:
+                problem = _problem(e) if isinstance(e, BatchFileError) else "not a JSON object"
+                self.quarantine(path, problem, consequence=f"the folder is tied to {target} again")
+        if owner is not None:
             if owner != target:
                 raise BatchFileError(
                     f"{self.directory} holds the batch files of {owner}, not of {target}.",
@@ -454,6 +478,31 @@ class BatchFileManager:
             fcntl.flock(self._lock_fd, fcntl.LOCK_UN)
             os.close(self._lock_fd)
             self._lock_fd = None
+
+    # --- quarantine -----------------------------------------------------------------------
+    def quarantine(self, path: Path, problem: str, *, copy: bool = False, consequence: str = "") -> Path:
+        """Move (or ``copy``) an unreadable batch file to ``quarantine/`` beside it, with a warning
+        naming both; it is kept for inspection, never deleted. Returns where it went."""
+        folder = self.directory / self.QUARANTINE
+        try:
+            folder.mkdir(exist_ok=True)
+            target = folder / path.name
+            if target.exists():  # an earlier file of the same name: keep both
+                target = folder / f"{path.name}.{utc_now():%Y%m%dT%H%M%S}.{os.getpid()}"
+            if copy:
+                shutil.copy2(path, target)
+            else:
+                os.replace(path, target)
+        except OSError as e:
+            raise BatchFileError(
+                f"Batch file {path} is unreadable ({problem}) and cannot be moved to {folder}: {e}",
+                hint="Move it out of the batch files folder by hand, then start again.",
+            ) from e
+        _fsync_directory(folder)
+        _fsync_directory(self.directory)
+        logger.warning("batch file %s is unreadable (%s); %s to %s%s", path, problem,
+                       "a copy was saved" if copy else "moved", target, f"; {consequence}" if consequence else "")
+        return target
 
     def path(self, number: int, kind: str) -> Path:
         suffix = "jsonl" if kind == "retry_queue" else "json"
@@ -477,24 +526,58 @@ class BatchFileManager:
         atomic_write_json(path, batch.to_json())
         return path
 
-    def load_pending(self, number: int) -> PendingBatch:
+    def _read_pending(self, number: int) -> PendingBatch:
         path = self.path(number, "pending")
         data = read_json(path)
         try:
             conversations = [BatchConversation.from_json(c) for c in data["conversations"]]
             return PendingBatch(number, str(data.get("job_id", "")), conversations, str(data.get("created_at", "")))
-        except (KeyError, TypeError) as e:
+        except (KeyError, TypeError, AttributeError) as e:
             raise BatchFileError(f"Batch file {path} is not in the expected format: missing {e}") from e
 
+    def _stat(self, path: Path) -> tuple[int, int] | None:
+        try:
+            stat = path.stat()
+        except OSError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def load_pending(self, number: int) -> PendingBatch:
+        """The pending batch ``number``; an unreadable file is quarantined and BatchFileError raised."""
+        path = self.path(number, "pending")
+        seen = self._pending_read.pop(number, None)
+        if seen is not None and seen[0] == self._stat(path):
+            return seen[1]
+        try:
+            return self._read_pending(number)
+        except BatchFileError as e:
+            if not path.exists():
+                raise
+            moved = self.quarantine(path, _problem(e), consequence=SET_ASIDE_CONSEQUENCE)
+            raise BatchFileError(f"{e.message} (moved to {moved})", hint=SET_ASIDE_CONSEQUENCE) from e
+
     def pending_numbers(self) -> list[int]:
-        """Numbers of the batches with a pending file, oldest first (completed leftovers removed)."""
+        """Numbers of the readable pending batches, oldest first. Completed leftovers are removed;
+        unreadable or truncated files are moved to ``quarantine/`` (with a warning) and skipped."""
         numbers = []
+        read: dict[int, tuple[tuple[int, int], PendingBatch]] = {}
         for number in self._numbers("pending"):
+            path = self.path(number, "pending")
             if self.path(number, "completed").exists():
                 # Crash between writing the marker and removing the pending file.
-                self.path(number, "pending").unlink(missing_ok=True)
-            else:
-                numbers.append(number)
+                path.unlink(missing_ok=True)
+                continue
+            stat = self._stat(path)
+            try:
+                batch = self._read_pending(number)
+            except BatchFileError as e:
+                if path.exists():
+                    self.quarantine(path, _problem(e), consequence=SET_ASIDE_CONSEQUENCE)
+                continue
+            if stat is not None:
+                read[number] = (stat, batch)
+            numbers.append(number)
+        self._pending_read = read
         return numbers
 
     def mark_completed(self, number: int, summary: dict[str, Any]) -> None:
@@ -509,7 +592,18 @@ class BatchFileManager:
         if journal is None:
             legacy = self.directory / f"{batch_id(number)}_retry_queue.json"  # a JSON list (before 1.1)
             journal = RetryJournal(self.path(number, "retry_queue"), legacy)
-            journal.load()
+            try:
+                problems = journal.load()
+            except BatchFileError as e:  # unreadable as a whole: set aside, the batch goes on without it
+                for path in (journal.path, legacy):
+                    if path.exists():
+                        self.quarantine(path, _problem(e), consequence=SET_ASIDE_CONSEQUENCE)
+                journal = RetryJournal(self.path(number, "retry_queue"), legacy)
+            else:
+                if problems:  # keep the readable entries; the damaged original goes to quarantine
+                    self.quarantine(journal.path, "; ".join(problems), copy=True,
+                                    consequence="its readable entries are kept")
+                    journal.compact()
             self._journals[number] = journal
         return journal
 
@@ -554,13 +648,18 @@ class BatchFileManager:
         path = self.directory / self.CHECKPOINT
         if not path.exists():
             return None
-        data = read_json(path)
-        return Checkpoint(
-            last_object_id=data.get("last_object_id"),
-            job_id=str(data.get("job_id", "")),
-            conversations_resolved=int(data.get("conversations_resolved", 0)),
-            updated_at=str(data.get("updated_at", "")),
-        )
+        try:
+            data = read_json(path)
+            return Checkpoint(
+                last_object_id=data.get("last_object_id"),
+                job_id=str(data.get("job_id", "")),
+                conversations_resolved=int(data.get("conversations_resolved", 0)),
+                updated_at=str(data.get("updated_at", "")),
+            )
+        except (BatchFileError, AttributeError, TypeError, ValueError) as e:
+            problem = _problem(e) if isinstance(e, BatchFileError) else f"not a checkpoint: {e}"
+            self.quarantine(path, problem, consequence="reading starts again from the first unprocessed conversation")
+            return None
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:
         checkpoint.updated_at = iso_now()
