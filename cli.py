@@ -137,11 +137,11 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     """Check the services, run the processor until done or stopped, print the summary."""
     classifier = ConversationClassifier.from_settings(settings)
     files = BatchFileManager(settings.batch_files_dir)
-    files.lock()
-    try:
-        files.claim(data_identity(settings))
+    with files.locked():
         async with MongoStore.connect(settings) as store, AsyncOllamaClient(settings) as llm:
             await store.ping()
+            # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
+            files.claim(data_identity(settings))
             await llm.check_ready()
             await store.ensure_indexes()
             progress = build_progress(ProgressTracker(new_job_id()), components, files.directory)
@@ -154,8 +154,6 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
             finally:
                 for signum in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(signum)
-    finally:
-        files.unlock()
     print_summary(summary, settings)
     return EXIT_OK if summary.all_succeeded else EXIT_INCOMPLETE
 

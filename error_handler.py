@@ -177,6 +177,13 @@ class BatchFileError(ClassifierError):
     code = "batch_file_error"
 
 
+class BatchFolderError(BatchFileError):
+    """The batch files folder cannot be created or written: fix BATCH_FILES_DIR (a configuration error)."""
+
+    code = "batch_folder_error"
+    exit_code = EXIT_CONFIG
+
+
 def fail(error: ClassifierError, exit_code: int | None = None, *, extra_hint: str | None = None) -> int:
     """The command-line edge: print ``error: <message>`` and its hint on stderr, no traceback;
     return ``exit_code`` (by default the error's own) for ``main()`` to return."""

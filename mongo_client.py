@@ -129,12 +129,29 @@ def _sync_client(settings: Settings, uri: str, appname: str) -> Iterator[Databas
         client.close()
 
 
+def mongodb_address(uri: str) -> str:
+    """The servers a connection string names, spelled one way (no credentials, options or path):
+    ``localhost:27017``, ``mongodb://localhost`` and ``mongodb://u:p@LOCALHOST:27017/?w=1`` are all
+    ``mongodb://localhost:27017``."""
+    scheme, sep, rest = uri.strip().partition("://")
+    if not sep:  # PyMongo takes a bare host[:port] list too
+        scheme, rest = "mongodb", uri.strip()
+    scheme = scheme.lower()
+    authority = rest.split("?", 1)[0].rpartition("@")[2].split("/", 1)[0]
+    hosts = []
+    for host in filter(None, (h.strip().lower() for h in authority.split(","))):
+        if scheme == "mongodb" and not re.search(r":\d+$", host) and not host.endswith(".sock"):
+            host += ":27017"
+        hosts.append(host)
+    return f"{scheme}://{','.join(sorted(hosts))}"
+
+
 def data_identity(settings: Settings) -> str:
     """A stable name for the source and results collections (no password), to tie batch files to them."""
     if settings.uses_embedded_database:
         where = f"embedded:{Path(settings.embedded_db_path).resolve()}"
     else:
-        where = redact_uri(settings.mongodb_connection_string.strip())
+        where = mongodb_address(settings.mongodb_connection_string)
     return (
         f"{where} {settings.mongodb_database_name}."
         f"{settings.mongodb_source_collection} -> {settings.mongodb_results_collection}"

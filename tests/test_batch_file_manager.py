@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
-from error_handler import BatchFileError
+from error_handler import EXIT_CONFIG, BatchFileError, BatchFolderError
 from utils.batch_file_manager import (
     BatchConversation,
     BatchFileManager,
@@ -501,7 +501,7 @@ def test_checkpoint_save_and_load(tmp_path: Path) -> None:
 # --- folder: prepare and lock -----------------------------------------------------------------
 
 
-def test_prepare_creates_the_folder_and_removes_leftover_temp_files(tmp_path: Path) -> None:
+def test_lock_creates_the_folder_and_removes_leftover_temp_files(tmp_path: Path) -> None:
     folder = tmp_path / "deep" / "batch_files"
     files = BatchFileManager(folder)
     files.prepare()
@@ -510,8 +510,55 @@ def test_prepare_creates_the_folder_and_removes_leftover_temp_files(tmp_path: Pa
     (folder / ".checkpoint.json.17.tmp").write_text("")
     (folder / "batch_001_pending.json").write_text("{}")
     (folder / "notes.tmp").write_text("not ours")
-    files.prepare()
-    assert sorted(p.name for p in folder.iterdir()) == ["batch_001_pending.json", "notes.tmp"]
+    files.prepare()  # not locked: nothing removed (the files may be a running processor's)
+    assert len(list(folder.iterdir())) == 4
+    with files.locked():
+        assert sorted(p.name for p in folder.iterdir()) == [".lock", "batch_001_pending.json", "notes.tmp"]
+
+
+def test_a_refused_second_processor_leaves_the_running_ones_temporary_files(tmp_path: Path) -> None:
+    folder = tmp_path / "batch_files"
+    with BatchFileManager(folder).locked():
+        in_progress = folder / f".batch_002_pending.json.{os.getpid()}.tmp"
+        in_progress.write_text('{"being": "written"}')
+        with pytest.raises(BatchFileError):
+            BatchFileManager(folder).lock()
+        assert in_progress.read_text() == '{"being": "written"}'
+
+
+def test_locked_releases_the_folder_on_leaving_the_block(tmp_path: Path) -> None:
+    folder = tmp_path / "batch_files"
+    with pytest.raises(RuntimeError), BatchFileManager(folder).locked():
+        raise RuntimeError("boom")
+    with BatchFileManager(folder).locked() as files:
+        assert files.directory == folder
+
+
+def test_a_folder_that_cannot_be_created_is_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(BatchFolderError) as raised:
+        BatchFileManager(tmp_path / "a_file" / "batch_files").lock()
+    assert raised.value.exit_code == EXIT_CONFIG
+    assert "a_file/batch_files" in raised.value.message and "BATCH_FILES_DIR" in str(raised.value.hint)
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write: a chmod 555 folder, or for root (who ignores the mode)
+    sysfs, which refuses new files to everyone."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_a_read_only_folder_is_a_configuration_error(tmp_path: Path) -> None:
+    folder = _read_only_folder(tmp_path)
+    with pytest.raises(BatchFolderError) as raised:
+        BatchFileManager(folder).lock()
+    assert raised.value.exit_code == EXIT_CONFIG
+    assert f"{folder} is not writable" in raised.value.message
 
 
 def test_a_second_manager_cannot_lock_the_same_folder_until_unlocked(tmp_path: Path) -> None:

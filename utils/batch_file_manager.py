@@ -33,6 +33,8 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -40,7 +42,7 @@ from typing import Any, Literal
 
 from bson import json_util
 
-from error_handler import BatchFileError
+from error_handler import BatchFileError, BatchFolderError
 
 logger = logging.getLogger(__name__)
 
@@ -395,6 +397,8 @@ def _problem(error: BatchFileError) -> str:
     return str(cause) if isinstance(cause, (OSError, ValueError)) else error.message
 
 
+_FOLDER_HINT = "Set BATCH_FILES_DIR (or --batch-files-dir) to a folder this user can create and write."
+
 #: What happens to the conversations of a batch file set aside (said in the warning).
 SET_ASIDE_CONSEQUENCE = (
     "its conversations stay 'processing' in MongoDB; run with --retry-failed to classify them again"
@@ -423,19 +427,32 @@ class BatchFileManager:
 
     # --- folder -------------------------------------------------------------------------
     def prepare(self) -> None:
-        """Create the folder and remove temporary files left by a crash mid-write."""
+        """Create the folder; once this process holds its lock, remove temporary files left by a
+        crash mid-write (never before: they may be a running processor's writes in progress)."""
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise BatchFileError(f"Cannot create the batch files folder {self.directory}: {e}") from e
-        for leftover in self.directory.glob(".*.tmp"):
-            leftover.unlink(missing_ok=True)
+            raise BatchFolderError(
+                f"Cannot create the batch files folder {self.directory}: {e.strerror or e}", hint=_FOLDER_HINT
+            ) from e
+        if self._lock_fd is not None:
+            for leftover in self.directory.glob(".*.tmp"):
+                leftover.unlink(missing_ok=True)
 
     def lock(self) -> None:
-        """Take the folder for this process; a second processor on the same folder is refused."""
+        """Take the folder for this process; a second processor on the same folder is refused.
+
+        Raises :class:`BatchFolderError` (a configuration error) for a folder that cannot be
+        created or written, and :class:`BatchFileError` when another processor holds it.
+        """
         self.prepare()
         path = self.directory / self.LOCK
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise BatchFolderError(
+                f"The batch files folder {self.directory} is not writable: {e.strerror or e}", hint=_FOLDER_HINT
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
@@ -445,9 +462,33 @@ class BatchFileManager:
                 f"Another batch processor (pid {owner}) is using {self.directory}.",
                 hint="Stop it first, or give this one its own --batch-files-dir.",
             ) from e
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, str(os.getpid()).encode())
+            self._check_writable()
+        except OSError as e:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+            raise BatchFolderError(
+                f"The batch files folder {self.directory} is not writable: {e.strerror or e}", hint=_FOLDER_HINT
+            ) from e
         self._lock_fd = fd
+        self.prepare()  # now ours: clear what a crashed run left half-written
+
+    def _check_writable(self) -> None:
+        # An existing, writable .lock says nothing about the folder: create and remove a file in it.
+        probe = self.directory / f".write-check.{os.getpid()}.tmp"
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644))
+        probe.unlink()
+
+    @contextmanager
+    def locked(self) -> Iterator[BatchFileManager]:
+        """``with files.locked():`` holds the folder for the block (see :meth:`lock`)."""
+        self.lock()
+        try:
+            yield self
+        finally:
+            self.unlock()
 
     def claim(self, target: str) -> None:
         """Tie the folder to one database and collections; refuse a folder that belongs to another.
