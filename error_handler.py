@@ -10,15 +10,17 @@ thing again later may succeed; the retry policies in ``utils.retry_utils`` use i
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from typing import Any
 
-# Exit codes every command line shares; each documents in --help what they mean for it.
-# A tool's own outcomes (e.g. 5: finished, but some conversations failed) are defined by the tool.
+# The exit codes of every command line (the only definitions); each documents in --help what
+# they mean for it. An error's code is its class's ``exit_code`` (:func:`exit_code_for`).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the run broke off
 EXIT_USAGE = 2  # bad command line or input file
-EXIT_CONFIG = 3  # invalid settings or configuration file
+EXIT_CONFIG = 3  # invalid settings or configuration file, an unusable batch files folder
 EXIT_UNAVAILABLE = 4  # MongoDB or Ollama unreachable, or the model not pulled
+EXIT_INCOMPLETE = 5  # finished, but not everything: conversations failed or queued, bad rows skipped
 EXIT_INTERRUPTED = 130
 
 
@@ -184,12 +186,35 @@ class BatchFolderError(BatchFileError):
     exit_code = EXIT_CONFIG
 
 
+def exit_code_for(error: BaseException) -> int:
+    """The exit code a command line ends with after ``error``: our errors carry theirs,
+    Ctrl-C is 130, anything else is a run that broke off."""
+    if isinstance(error, ClassifierError):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE
+
+
 def fail(error: ClassifierError, exit_code: int | None = None, *, extra_hint: str | None = None) -> int:
     """The command-line edge: print ``error: <message>`` and its hint on stderr, no traceback;
-    return ``exit_code`` (by default the error's own) for ``main()`` to return."""
+    return ``exit_code`` (by default :func:`exit_code_for` the error) for ``main()`` to return."""
     lines = [f"error: {error.message}"] + [f"  {hint}" for hint in (error.hint, extra_hint) if hint]
     print("\n".join(lines), file=sys.stderr, flush=True)
-    return error.exit_code if exit_code is None else exit_code
+    return exit_code_for(error) if exit_code is None else exit_code
+
+
+def run_command(body: Callable[[], int], *, interrupted: str = "interrupted") -> int:
+    """Every command line's ``main()`` edge: run ``body`` and return its exit code; one of our
+    errors is printed by :func:`fail` (message and hint, no traceback) and exits with its code;
+    Ctrl-C prints ``interrupted`` and exits 130."""
+    try:
+        return body()
+    except ClassifierError as e:
+        return fail(e)
+    except KeyboardInterrupt as e:
+        print(interrupted, file=sys.stderr, flush=True)
+        return exit_code_for(e)
 
 
 def error_body(error: ClassifierError) -> dict[str, Any]:

@@ -27,13 +27,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from config import load_settings  # noqa: E402
-from error_handler import EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
+from error_handler import EXIT_FAILURE, EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import OllamaClient  # noqa: E402
 from logger import configure_logging  # noqa: E402
 
-# Shared codes (error_handler): 0 ok, 3 invalid configuration, 4 Ollama unreachable or the model
-# not pulled. The demo's own:
-EXIT_STEP_FAILED = 1  # a step failed; it printed why
+# Exit codes (error_handler): 0 ok, 1 a step failed (it printed why), 3 invalid configuration,
+# 4 Ollama unreachable or the model not pulled.
 
 SAMPLE = ROOT / "data" / "sample_conversations.json"
 # The demo's database is its own, so are its batch files (never mixed with a real database's).
@@ -89,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ]
     for title, command, ok in steps:
         if run_step(title, command, batch_files, ok_codes=ok) not in ok:
-            return EXIT_STEP_FAILED
+            return EXIT_FAILURE
     print(f"\nChart: {args.chart}\nRun `make demo` again any time: nothing is imported or classified twice.")
     return EXIT_OK
 

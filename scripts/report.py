@@ -71,14 +71,11 @@ from config import Settings, load_settings  # noqa: E402
 from error_handler import (  # noqa: E402
     EXIT_CONFIG,
     EXIT_FAILURE,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
-    ClassifierError,
-    ConfigError,
     UsageError,
-    fail,
+    run_command,
 )
 from logger import configure_logging  # noqa: E402
 from mongo_client import sync_database  # noqa: E402
@@ -513,18 +510,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, report, and turn the outcome into an exit code."""
     args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as e:
-        return fail(e)
+    return run_command(lambda: _run_from_args(args))
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
+    settings = load_settings()
     configure_logging(settings.log_level if args.verbose else "WARNING")
-    try:
-        return run(args, settings)
-    except ClassifierError as e:  # each error carries its exit code (error_handler)
-        return fail(e)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    return run(args, settings)
 
 
 if __name__ == "__main__":

@@ -3,16 +3,36 @@ batch files folder is damaged, unusable or shared, and which database a folder b
 
 from __future__ import annotations
 
+import argparse
 import logging
 import os
+import socket
 from pathlib import Path
 
 import pytest
 from bson import ObjectId
 
 import cli
+from config import Settings, env_name
+from error_handler import (
+    EXIT_CONFIG,
+    EXIT_FAILURE,
+    EXIT_INCOMPLETE,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    BatchFileError,
+    BatchFolderError,
+    ConfigError,
+    LLMUnavailableError,
+    StorageError,
+    StorageUnavailableError,
+    UsageError,
+    exit_code_for,
+    run_command,
+)
 from mongo_client import mongodb_address
-from tests.net_helpers import free_port
 from tests.test_batch_processor import (  # noqa: F401 (fixtures)
     SOURCE,
     batch_env,
@@ -23,6 +43,7 @@ from tests.test_batch_processor import (  # noqa: F401 (fixtures)
     statuses,
 )
 from utils.batch_file_manager import BatchConversation, BatchFileManager, PendingBatch, read_json
+from utils.command_line import free_port, positive_float, positive_int
 
 
 def _pending(files: BatchFileManager, number: int, docs: list[dict], ids: list[ObjectId]) -> Path:
@@ -139,3 +160,79 @@ def test_two_spellings_of_one_address_are_the_same_database(batch_env, files_dir
 def test_mongodb_address_spells_an_address_one_way(uri: str, address: str) -> None:
     assert mongodb_address(uri) == address
     assert "pw" not in mongodb_address(uri) and "ss" not in mongodb_address(uri)
+
+
+# --- one command-line edge ------------------------------------------------------------------------
+
+
+def test_help_lists_every_setting_without_a_flag_from_the_settings_themselves(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    text = capsys.readouterr().out
+    epilog = text[text.index("other settings"):]
+    for name, info in Settings.model_fields.items():
+        if name in cli.FLAG_SETTINGS or name.startswith("api_") or name == "log_level":
+            continue
+        assert env_name(name) in epilog, name
+        assert (info.description or "")[:40] in epilog.replace("\n", " ")
+    for code in (EXIT_OK, EXIT_FAILURE, EXIT_CONFIG, EXIT_UNAVAILABLE, EXIT_INCOMPLETE, EXIT_INTERRUPTED):
+        assert f"  {code} " in epilog[epilog.index("exit codes"):]
+
+
+@pytest.mark.parametrize(
+    ("error", "code"),
+    [
+        (ConfigError("bad"), EXIT_CONFIG),
+        (UsageError("bad"), EXIT_USAGE),
+        (StorageUnavailableError("down"), EXIT_UNAVAILABLE),
+        (LLMUnavailableError("down"), EXIT_UNAVAILABLE),
+        (StorageError("lost"), EXIT_FAILURE),
+        (BatchFileError("locked"), EXIT_FAILURE),
+        (BatchFolderError("read-only"), EXIT_CONFIG),
+        (KeyboardInterrupt(), EXIT_INTERRUPTED),
+        (RuntimeError("bug"), EXIT_FAILURE),
+    ],
+)
+def test_exit_code_for_each_kind_of_error(error: BaseException, code: int) -> None:
+    assert exit_code_for(error) == code
+
+
+def test_run_command_prints_one_error_and_returns_its_code(capsys):
+    def broken() -> int:
+        raise ConfigError("BATCH_MAX_CONCURRENT must be at least 1", hint="Fix .env")
+
+    def interrupted() -> int:
+        raise KeyboardInterrupt
+
+    assert run_command(lambda: 0) == EXIT_OK
+    assert run_command(broken) == EXIT_CONFIG
+    assert capsys.readouterr().err == "error: BATCH_MAX_CONCURRENT must be at least 1\n  Fix .env\n"
+    assert run_command(interrupted, interrupted="stopped; rerun to continue") == EXIT_INTERRUPTED
+    assert capsys.readouterr().err == "stopped; rerun to continue\n"
+
+
+@pytest.mark.parametrize("text", ["0", "-3", "x", "1.5", ""])
+def test_positive_int_refuses_what_is_not_a_count(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        positive_int(text)
+
+
+def test_positive_numbers_accept_what_they_should() -> None:
+    assert positive_int("12") == 12
+    assert positive_float("0.5") == 0.5
+    for text in ("0", "-1", "nan", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            positive_float(text)
+
+
+def test_a_bad_count_on_the_command_line_is_a_usage_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--batch-size", "0"])
+    assert exit_info.value.code == EXIT_USAGE
+    assert "must be at least 1" in capsys.readouterr().err
+
+
+def test_free_port_is_free() -> None:
+    port = free_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", port))
