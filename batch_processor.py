@@ -189,7 +189,7 @@ class BatchProcessor:
         finally:
             await self._cancel_and_wait()
             self.files.save_checkpoint(self._checkpoint)
-            snapshot = self.progress.close(status)
+            snapshot = self.progress.finish(status)  # closed by its owner (cli.run)
         return RunSummary(self.job_id, status, snapshot)
 
     async def _run_cycle(self, limit: int | None) -> int:

@@ -117,16 +117,16 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
             files.claim(data_identity(settings))
             await llm.check_ready()
             await store.ensure_indexes()
-            progress = build_progress(ProgressTracker(new_job_id()), components, files.directory)
-            processor = BatchProcessor(settings, store, llm, classifier, files, progress, options)
-            loop = asyncio.get_running_loop()
-            for signum in (signal.SIGINT, signal.SIGTERM):
-                loop.add_signal_handler(signum, processor.request_stop)
-            try:
-                summary = await processor.run()
-            finally:
+            async with build_progress(ProgressTracker(new_job_id()), components, files.directory) as progress:
+                processor = BatchProcessor(settings, store, llm, classifier, files, progress, options)
+                loop = asyncio.get_running_loop()
                 for signum in (signal.SIGINT, signal.SIGTERM):
-                    loop.remove_signal_handler(signum)
+                    loop.add_signal_handler(signum, processor.request_stop)
+                try:
+                    summary = await processor.run()
+                finally:
+                    for signum in (signal.SIGINT, signal.SIGTERM):
+                        loop.remove_signal_handler(signum)
     print_summary(summary, settings)
     return EXIT_OK if summary.all_succeeded else EXIT_INCOMPLETE
 
