@@ -123,9 +123,8 @@ from error_handler import (  # noqa: E402
     run_command,
 )
 from logger import configure_logging  # noqa: E402
-from mongo_client import STATUS_PENDING, sync_database  # noqa: E402
+from mongo_client import STATUS_PENDING, storage_error, sync_database  # noqa: E402
 from utils.command_line import positive_int  # noqa: E402
-from utils.retry_utils import storage_error  # noqa: E402
 
 logger = logging.getLogger("import_data")
 

@@ -78,9 +78,8 @@ from error_handler import (  # noqa: E402
     run_command,
 )
 from logger import configure_logging  # noqa: E402
-from mongo_client import sync_database  # noqa: E402
+from mongo_client import storage_error, sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
-from utils.retry_utils import storage_error  # noqa: E402
 
 logger = logging.getLogger("report")
 
