@@ -20,6 +20,8 @@ RUN pip install -r requirements.txt
 
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 COPY --chown=app:app . .
+# The project itself (editable: its code stays in /app): the scripts import it from anywhere.
+RUN pip install --no-deps -e .
 # Batch files must survive restarts: mount a volume here (docker-compose.yml does).
 RUN mkdir -p /app/batch_files && chown app:app /app/batch_files
 USER app

@@ -3,8 +3,9 @@
 Modules raise these typed exceptions (always ``raise ... from e`` when wrapping);
 only the edges convert them: the FastAPI handlers (``status_code`` + the body of
 :func:`error_body`), the batch item loop (a retry-queue entry with the error's
-``code``) and the command lines (:func:`fail`: the message and the error's ``exit_code``). ``transient`` says whether trying the same
-thing again later may succeed; the retry policies in ``utils.retry_utils`` use it.
+``code``) and the command lines (:func:`run_command` / :func:`fail`: the message and
+:func:`exit_code_for` the error). ``transient`` says whether trying the same thing again
+later may succeed; the retry policy in ``utils.retry_utils`` uses it.
 """
 
 from __future__ import annotations

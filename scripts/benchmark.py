@@ -86,11 +86,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-# Run as `python scripts/benchmark.py` from the project root (or anywhere): the project's
-# modules live in the parent folder of scripts/, which Python does not put on sys.path.
+# The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from config import Settings, env_name, load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError  # noqa: E402

@@ -22,9 +22,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Run as `python scripts/demo.py`: make the project's modules importable.
+# The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from config import load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
@@ -81,10 +80,10 @@ def main(argv: list[str] | None = None) -> int:
     chart.parent.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     steps = [
-        ("Import the sample conversations", [python, "scripts/import_data.py", str(SAMPLE.relative_to(ROOT))], (0,)),
+        ("Import the sample conversations", [python, "-m", "scripts.import_data", str(SAMPLE.relative_to(ROOT))], (0,)),
         # 5: finished, but some conversations failed or wait for a retry: still worth a report.
         ("Classify them", [python, "batch_processor.py", "--monitoring-mode", "development"], (0, 5)),
-        ("Report", [python, "scripts/report.py", "--chart", str(chart)], (0,)),
+        ("Report", [python, "-m", "scripts.report", "--chart", str(chart)], (0,)),
     ]
     for title, command, ok in steps:
         if run_step(title, command, batch_files, ok_codes=ok) not in ok:

@@ -73,7 +73,6 @@ import json
 import logging
 import re
 import sqlite3
-import sys
 import tempfile
 import time
 from array import array
@@ -85,13 +84,6 @@ from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
-
-# Run as `python scripts/import_data.py` from the project root (or anywhere): the project's
-# modules (config, mongo_client, ...) live in the parent folder of scripts/, which Python
-# does not put on sys.path by itself.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from pymongo import ASCENDING  # noqa: E402
 from pymongo.collection import Collection  # noqa: E402

@@ -57,13 +57,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-# Run as `python scripts/report.py` from the project root (or anywhere): the project's
-# modules (config, mongo_client, ...) live in the parent folder of scripts/, which Python
-# does not put on sys.path by itself.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 

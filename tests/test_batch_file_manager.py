@@ -586,12 +586,11 @@ def test_lock_held_by_another_process_names_its_pid(tmp_path: Path) -> None:
     folder = tmp_path / "batch_files"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; sys.path.insert(0, sys.argv[2]);"
-         "from pathlib import Path; from utils.batch_file_manager import BatchFileManager;"
+         "import sys; from pathlib import Path; from utils.batch_file_manager import BatchFileManager;"
          "m = BatchFileManager(Path(sys.argv[1])); m.lock(); print('locked', flush=True);"
          "sys.stdin.readline(); m.unlock()",
-         str(folder), str(ROOT)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+         str(folder)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdin is not None

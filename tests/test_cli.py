@@ -33,10 +33,9 @@ from error_handler import (
     run_command,
 )
 from mongo_client import mongodb_address
-from tests.test_batch_processor import (  # noqa: F401 (fixtures)
+from tests import test_batch_processor
+from tests.test_batch_processor import (
     SOURCE,
-    batch_env,
-    files_dir,
     insert,
     make_conversation,
     pymongo_monitor_socket_leak_ignored,
@@ -45,10 +44,15 @@ from tests.test_batch_processor import (  # noqa: F401 (fixtures)
 from utils.batch_file_manager import BatchConversation, BatchFileManager, PendingBatch, read_json
 from utils.command_line import free_port, positive_float, positive_int
 
+# The batch processor's fixtures: this test's database, fake Ollama and batch files folder.
+batch_env = test_batch_processor.batch_env
+files_dir = test_batch_processor.files_dir
+
 
 def _pending(files: BatchFileManager, number: int, docs: list[dict], ids: list[ObjectId]) -> Path:
     conversations = [
-        BatchConversation(str(i), {k: d[k] for k in ("conversation_number", "tweets")}) for d, i in zip(docs, ids)
+        BatchConversation(str(i), {k: d[k] for k in ("conversation_number", "tweets")})
+        for d, i in zip(docs, ids, strict=True)
     ]
     return files.write_pending(PendingBatch(number, "batch_earlier", conversations))
 
