@@ -251,6 +251,16 @@ def test_a_retry_queue_with_a_torn_last_line_keeps_the_rest(tmp_path: Path, capl
     assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["a", "b", "d"]
 
 
+def test_a_journal_whose_entries_were_all_resolved_is_removed_on_reading(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    path = files.path(1, "retry_queue")
+    path.write_text('{"op": "put", "entry": %s}\n{"op": "remove", "conversation_id": "a"}\n'
+                    % json.dumps(_llm_failed("a").to_json()))  # a crash before the last resolve removed it
+    assert BatchFileManager(tmp_path).retry_queue_numbers() == []
+    assert not path.exists()
+
+
 def test_a_retry_queue_with_a_damaged_line_keeps_the_readable_entries(tmp_path: Path) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()

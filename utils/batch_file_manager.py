@@ -645,6 +645,8 @@ class BatchFileManager:
                     self.quarantine(journal.path, "; ".join(problems), copy=True,
                                     consequence="its readable entries are kept")
                     journal.compact()
+                elif not journal.live and journal.path.exists():
+                    journal.remove()  # every entry resolved, then a crash before the file was removed
             self._journals[number] = journal
         return journal
 
