@@ -21,6 +21,8 @@ RUN pip install -r requirements.txt
 RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin app
 # The code stays root's (read-only to the app user): a compromised process cannot rewrite it.
 COPY . .
+# The project itself (editable: its code stays in /app): the scripts import it from anywhere.
+RUN pip install --no-deps -e .
 # Batch files must survive restarts: mount a volume here (docker-compose.yml does). The only
 # folder the app writes to.
 RUN mkdir -p /app/batch_files && chown app:app /app/batch_files

@@ -15,22 +15,26 @@ help: ## List the commands
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.runtime: requirements.txt | $(BIN)/python
+# The project itself is installed editable (pinned dependencies first, from the requirements
+# files): its modules import from anywhere and .venv/bin holds the support-classifier-* commands.
+$(VENV)/.runtime: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt requirements-eval.txt | $(BIN)/python
+$(VENV)/.dev: requirements.txt requirements-dev.txt requirements-eval.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $(VENV)/.runtime $(VENV)/.eval $@
 
 # scikit-learn for scripts/evaluate.py only: kept out of the runtime (and the API image).
 $(VENV)/.eval: requirements.txt requirements-eval.txt | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-eval.txt
-	touch $(VENV)/.runtime $@
+	touch $@
 
-install: $(VENV)/.runtime ## Install the runtime dependencies into .venv
+install: $(VENV)/.runtime ## Install the project and its runtime dependencies into .venv
 
-install-dev: $(VENV)/.dev ## Install runtime and test dependencies into .venv
+install-dev: $(VENV)/.dev ## Install the project, runtime and test dependencies into .venv
 
 run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:8000)
 	$(BIN)/python main.py
@@ -39,16 +43,16 @@ test: $(VENV)/.dev ## Run the test suite
 	$(BIN)/python -m pytest
 
 demo: $(VENV)/.dev ## Import 32 sample conversations, classify them with Ollama, print the report
-	MONGODB_CONNECTION_STRING="$(MONGODB_CONNECTION_STRING)" $(BIN)/python scripts/demo.py
+	MONGODB_CONNECTION_STRING="$(MONGODB_CONNECTION_STRING)" $(BIN)/python -m scripts.demo
 
 bench: $(VENV)/.dev ## Run the benchmarks (fast preset) and write docs/benchmarks.md
-	$(BIN)/python scripts/benchmark.py
+	$(BIN)/python -m scripts.benchmark
 
 # make evaluate LABELLED=my_set.jsonl EVAL_ARGS="--output report.json --markdown report.md --chart confusion.png"
 LABELLED  ?= data/labelled_conversations.json
 EVAL_ARGS ?=
-evaluate: $(VENV)/.eval ## Measure accuracy and macro-F1 on a labelled set with the configured LLM server
-	$(BIN)/python scripts/evaluate.py $(LABELLED) $(EVAL_ARGS)
+evaluate: $(VENV)/.runtime $(VENV)/.eval ## Measure accuracy and macro-F1 on a labelled set with the configured LLM server
+	$(BIN)/python -m scripts.evaluate $(LABELLED) $(EVAL_ARGS)
 
 clean: ## Remove the virtual environment and caches (keeps data and batch files)
 	rm -rf $(VENV) .pytest_cache

@@ -189,7 +189,7 @@ class BatchProcessor:
         finally:
             await self._cancel_and_wait()
             self.files.save_checkpoint(self._checkpoint)
-            snapshot = self.progress.close(status)
+            snapshot = self.progress.finish(status)  # closed by its owner (cli.run)
         return RunSummary(self.job_id, status, snapshot)
 
     async def _run_cycle(self, limit: int | None) -> int:
@@ -635,6 +635,8 @@ class BatchProcessor:
 
 
 if __name__ == "__main__":
-    from cli import main
+    # `python batch_processor.py` (the design's entry point) runs the command line of cli.py, which
+    # imports this module: run it by name so that neither module imports the other in a cycle.
+    import runpy
 
-    raise SystemExit(main())
+    runpy.run_module("cli", run_name="__main__", alter_sys=True)

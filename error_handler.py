@@ -3,23 +3,25 @@
 Modules raise these typed exceptions (always ``raise ... from e`` when wrapping);
 only the edges convert them: the FastAPI handlers (``status_code`` + the body of
 :func:`error_body`), the batch item loop (a retry-queue entry with the error's
-``code``) and the command lines (:func:`fail`: the message and the error's ``exit_code``). ``transient`` says whether trying the same
-thing again later may succeed; the retry policies in ``utils.retry_utils`` use it.
+``code``) and the command lines (:func:`run_command` / :func:`fail`: the message and
+:func:`exit_code_for` the error). ``transient`` says whether trying the same thing again
+later may succeed; the retry policy in ``utils.retry_utils`` uses it.
 """
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
-# Exit codes every command line shares; each documents in --help what they mean for it.
-# A tool's own outcomes (e.g. 5: finished, but some conversations failed) are defined by the tool.
+# The exit codes of every command line (the only definitions); each documents in --help what
+# they mean for it. An error's code is its class's ``exit_code`` (:func:`exit_code_for`).
 EXIT_OK = 0
 EXIT_FAILURE = 1  # the run broke off
 EXIT_USAGE = 2  # bad command line or input file
-EXIT_CONFIG = 3  # invalid settings or configuration file
+EXIT_CONFIG = 3  # invalid settings or configuration file, an unusable batch files folder
 EXIT_UNAVAILABLE = 4  # MongoDB or Ollama unreachable, or the model not pulled
+EXIT_INCOMPLETE = 5  # finished, but not everything: conversations failed or queued, bad rows skipped
 EXIT_INTERRUPTED = 130
 
 
@@ -194,37 +196,28 @@ class BatchFileError(ClassifierError):
     code = "batch_file_error"
 
 
-def field_path(loc: Iterable[Any]) -> str:
-    """A validation error's location as a field path, ``messages[1].sender``; ``body`` for the whole.
-
-    FastAPI's locations start with ``"body"``; pydantic's own do not: both give the same path.
-    """
-    path = ""
-    for i, part in enumerate(loc):
-        if i == 0 and part == "body":
-            continue
-        path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
-    return path or "body"
-
-
-def invalid_conversation(errors: Sequence[Mapping[str, Any]]) -> InputError:
-    """The one :class:`InputError` for a conversation that failed validation (pydantic's ``errors()``):
-    the first problem with its field path, and how many more there are. The API, the batch
-    processor and the importer all word a bad conversation with it."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid conversation"}
-    field = field_path(first.get("loc", ()))
-    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
-    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
-    where = "" if field == "body" else f"{field}: "  # a problem of the whole conversation names no field
-    return InputError(f"Invalid conversation: {where}{message}{more}", field=field)
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 
 def fail(error: ClassifierError, exit_code: int | None = None, *, extra_hint: str | None = None) -> int:
     """The command-line edge: print ``error: <message>`` and its hint on stderr, no traceback;
-    return ``exit_code`` (by default the error's own) for ``main()`` to return."""
+    return ``exit_code`` (by default :func:`exit_code_for` the error) for ``main()`` to return."""
     lines = [f"error: {error.message}"] + [f"  {hint}" for hint in (error.hint, extra_hint) if hint]
     print("\n".join(lines), file=sys.stderr, flush=True)
-    return error.exit_code if exit_code is None else exit_code
+    return exit_code_for(error) if exit_code is None else exit_code
+
+
+def run_command(body: Callable[[], int], *, interrupted: str = "interrupted") -> int:
+    """Every command line's ``main()`` edge: run ``body`` and return its exit code; one of our
+    errors is printed by :func:`fail` (message and hint, no traceback) and exits with its code;
+    Ctrl-C prints ``interrupted`` and exits 130."""
+    try:
+        return body()
+    except ClassifierError as e:
+        return fail(e)
+    except KeyboardInterrupt as e:
+        print(interrupted, file=sys.stderr, flush=True)
+        return exit_code_for(e)
 
 
 def error_body(error: ClassifierError) -> dict[str, Any]:

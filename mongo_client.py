@@ -23,13 +23,12 @@ import pymongo
 from bson import ObjectId
 from pymongo import ASCENDING, AsyncMongoClient, MongoClient
 from pymongo.database import Database
-from pymongo.errors import OperationFailure, PyMongoError
+from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError, WriteConcernError
 
 from config import Settings
 from error_handler import StorageError, StorageUnavailableError
 from logger import redact_uri
 from utils.embedded_db import embedded_database
-from utils.retry_utils import storage_error
 
 logger = logging.getLogger(__name__)
 
@@ -129,12 +128,29 @@ def _sync_client(settings: Settings, uri: str, appname: str) -> Iterator[Databas
         client.close()
 
 
+def mongodb_address(uri: str) -> str:
+    """The servers a connection string names, spelled one way (no credentials, options or path):
+    ``localhost:27017``, ``mongodb://localhost`` and ``mongodb://u:p@LOCALHOST:27017/?w=1`` are all
+    ``mongodb://localhost:27017``."""
+    scheme, sep, rest = uri.strip().partition("://")
+    if not sep:  # PyMongo takes a bare host[:port] list too
+        scheme, rest = "mongodb", uri.strip()
+    scheme = scheme.lower()
+    authority = rest.split("?", 1)[0].rpartition("@")[2].split("/", 1)[0]
+    hosts = []
+    for host in filter(None, (h.strip().lower() for h in authority.split(","))):
+        if scheme == "mongodb" and not re.search(r":\d+$", host) and not host.endswith(".sock"):
+            host += ":27017"
+        hosts.append(host)
+    return f"{scheme}://{','.join(sorted(hosts))}"
+
+
 def data_identity(settings: Settings) -> str:
     """A stable name for the source and results collections (no password), to tie batch files to them."""
     if settings.uses_embedded_database:
         where = f"embedded:{Path(settings.embedded_db_path).resolve()}"
     else:
-        where = redact_uri(settings.mongodb_connection_string.strip())
+        where = mongodb_address(settings.mongodb_connection_string)
     return (
         f"{where} {settings.mongodb_database_name}."
         f"{settings.mongodb_source_collection} -> {settings.mongodb_results_collection}"
@@ -319,3 +335,36 @@ __all__ = [
     "MongoStore", "StorageError", "sync_database", "STATUS_FAILED", "STATUS_PENDING", "STATUS_PROCESSED", "STATUS_PROCESSING",
     "unprocessed_filter",
 ]
+
+
+# --- driver errors ------------------------------------------------------------------------------
+
+# Server error codes that mean "try again": network, failover, interruption, time limits.
+TRANSIENT_MONGO_CODES = frozenset(
+    {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50, 112, 134, 150, 317, 358}
+)
+# Out of disk space, exceeded memory limits: worth trying again later too.
+RESOURCE_MONGO_CODES = frozenset({14031, 146, 292})
+
+
+def is_transient_mongo_error(error: PyMongoError) -> bool:
+    """Whether trying the same operation again later may succeed: lost connections, retryable
+    labels, and the server codes above. Anything else (validation, duplicate keys) is permanent."""
+    if isinstance(error, ConnectionFailure):  # AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
+        return True
+    if error.has_error_label("RetryableWriteError") or error.has_error_label("TransientTransactionError"):
+        return True
+    if isinstance(error, DuplicateKeyError):
+        return False
+    code = getattr(error, "code", None)
+    return isinstance(error, (OperationFailure, WriteConcernError)) and (
+        code in TRANSIENT_MONGO_CODES or code in RESOURCE_MONGO_CODES
+    )
+
+
+def storage_error(error: PyMongoError, operation: str) -> StorageError:
+    """Wrap a driver error as a :class:`StorageError` whose ``transient`` says whether to retry."""
+    message = f"MongoDB {operation} failed: {error}"
+    if isinstance(error, ConnectionFailure):
+        return StorageUnavailableError(message)
+    return StorageError(message, transient=is_transient_mongo_error(error))

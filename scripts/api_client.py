@@ -24,18 +24,12 @@ from typing import Any
 
 import requests
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
+from error_handler import EXIT_FAILURE, EXIT_OK, EXIT_USAGE, UsageError
 
 DEFAULT_URL = "http://localhost:8000"
 DEFAULT_OUTPUT = "answers.json"
 # Above the server's default OLLAMA_TIMEOUT (120 s), so the server's 504 arrives first.
 DEFAULT_TIMEOUT = 150.0
-
-
-class UsageError(Exception):
-    """The command line or the input file is unusable; the message says why."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(answers)} conversation(s): {len(answers) - failed} classified, {failed} failed; "
         f"answers written to {args.output}"
     )
-    return EXIT_FAILED if failed else EXIT_OK
+    return EXIT_FAILURE if failed else EXIT_OK
 
 
 if __name__ == "__main__":

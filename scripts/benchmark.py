@@ -86,19 +86,16 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-# Run as `python scripts/benchmark.py` from the project root (or anywhere): the project's
-# modules live in the parent folder of scripts/, which Python does not put on sys.path.
+# The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from config import Settings, env_name, load_settings  # noqa: E402
-from error_handler import UsageError  # noqa: E402
+from error_handler import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError  # noqa: E402
+from utils.command_line import free_port  # noqa: E402
 
-EXIT_OK = 0  # every section ran; the file and the chart are written (targets may be missed)
-EXIT_FAILURE = 1  # a step failed (a server did not start, a run did not complete): nothing written
-EXIT_USAGE = 2  # bad command line, or the output files cannot be written
-EXIT_INTERRUPTED = 130
+# Exit codes (error_handler): 0 every section ran, the file and the chart are written (targets may be
+# missed); 1 a step failed (a server did not start, a run did not complete): nothing written; 2 bad
+# command line, or the output files cannot be written; 130 interrupted.
 
 SECTIONS = ("concurrency", "overhead", "memory", "api", "prompt")
 SECTION_TITLES = {
@@ -211,12 +208,6 @@ def percentile(values: list[float], p: float) -> float:
 
 
 # --- subprocesses ---------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def port_open(port: int) -> bool:

@@ -22,18 +22,16 @@ import subprocess
 import sys
 from pathlib import Path
 
-# Run as `python scripts/demo.py`: make the project's modules importable.
+# The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 
 from config import load_settings  # noqa: E402
-from error_handler import EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
+from error_handler import EXIT_FAILURE, EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import OllamaClient  # noqa: E402
 from logger import configure_logging, redact_url  # noqa: E402
 
-# Shared codes (error_handler): 0 ok, 3 invalid configuration, 4 Ollama unreachable or the model
-# not pulled. The demo's own:
-EXIT_STEP_FAILED = 1  # a step failed; it printed why
+# Exit codes (error_handler): 0 ok, 1 a step failed (it printed why), 3 invalid configuration,
+# 4 Ollama unreachable or the model not pulled.
 
 SAMPLE = ROOT / "data" / "sample_conversations.json"
 # The demo's database is its own, so are its batch files (never mixed with a real database's).
@@ -82,14 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     chart.parent.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     steps = [
-        ("Import the sample conversations", [python, "scripts/import_data.py", str(SAMPLE.relative_to(ROOT))], (0,)),
+        ("Import the sample conversations", [python, "-m", "scripts.import_data", str(SAMPLE.relative_to(ROOT))], (0,)),
         # 5: finished, but some conversations failed or wait for a retry: still worth a report.
         ("Classify them", [python, "batch_processor.py", "--monitoring-mode", "development"], (0, 5)),
-        ("Report", [python, "scripts/report.py", "--chart", str(chart)], (0,)),
+        ("Report", [python, "-m", "scripts.report", "--chart", str(chart)], (0,)),
     ]
     for title, command, ok in steps:
         if run_step(title, command, batch_files, ok_codes=ok) not in ok:
-            return EXIT_STEP_FAILED
+            return EXIT_FAILURE
     print(f"\nChart: {args.chart}\nRun `make demo` again any time: nothing is imported or classified twice.")
     return EXIT_OK
 

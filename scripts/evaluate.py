@@ -64,23 +64,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Run as `python scripts/evaluate.py` from anywhere: the project's modules live one folder up.
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
-import aiohttp  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn  # noqa: E402
-from rich.table import Table  # noqa: E402
+import aiohttp
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
-from aggregator import ConversationIn, validate_conversation  # noqa: E402
-from async_llm_wrapper import AsyncOllamaClient  # noqa: E402
-from classifier import ConversationClassifier  # noqa: E402
-from config import Settings, load_settings  # noqa: E402
-from error_handler import (  # noqa: E402
+from aggregator import ConversationIn, validate_conversation
+from async_llm_wrapper import AsyncOllamaClient
+from classifier import ConversationClassifier
+from config import Settings, load_settings
+from error_handler import (
     EXIT_CONFIG,
     EXIT_FAILURE,
+    EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
@@ -90,14 +88,14 @@ from error_handler import (  # noqa: E402
     UsageError,
     fail,
 )
-from logger import configure_logging  # noqa: E402
-from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
+from logger import configure_logging
+from prompt_builder import Taxonomy, load_taxonomy
 
 logger = logging.getLogger("evaluate")
 
 FIELDS = ("intent", "topic", "sentiment")
 NOT_IN_BODY = ("expected", "note")  # keys of a labelled item that are not part of the /classify body
-EXIT_INCOMPLETE = 5  # the report is written, but some items were skipped or could not be classified
+# EXIT_INCOMPLETE (5): the report is written, but some items were skipped or could not be classified
 CALIBRATION_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 API_TIMEOUT_SECONDS = 300.0  # above the API's default OLLAMA_TIMEOUT (120 s): its own 504 arrives first
 _TURN_PREFIX = re.compile(r"^\s*(customer|agent)\s*:\s?(.*)$", re.IGNORECASE)

@@ -8,10 +8,6 @@ from __future__ import annotations
 import sys
 import urllib.error
 import urllib.request
-from pathlib import Path
-
-# Run as `python scripts/healthcheck.py`: make the project's modules importable.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from config import load_settings  # noqa: E402
 from error_handler import ConfigError  # noqa: E402

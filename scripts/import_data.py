@@ -73,7 +73,6 @@ import json
 import logging
 import re
 import sqlite3
-import sys
 import tempfile
 import time
 from array import array
@@ -85,13 +84,6 @@ from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
-
-# Run as `python scripts/import_data.py` from the project root (or anywhere): the project's
-# modules (config, mongo_client, ...) live in the parent folder of scripts/, which Python
-# does not put on sys.path by itself.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 from pymongo import ASCENDING  # noqa: E402
 from pymongo.collection import Collection  # noqa: E402
@@ -112,27 +104,26 @@ from config import Settings, load_settings  # noqa: E402
 from error_handler import (  # noqa: E402
     EXIT_CONFIG,
     EXIT_FAILURE,
-    EXIT_INTERRUPTED,
+    EXIT_INCOMPLETE,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
-    ClassifierError,
-    ConfigError,
     InputError,
     StorageError,
     UsageError,
     fail,
+    run_command,
 )
 from logger import configure_logging  # noqa: E402
-from mongo_client import STATUS_PENDING, sync_database  # noqa: E402
-from utils.retry_utils import storage_error  # noqa: E402
+from mongo_client import STATUS_PENDING, storage_error, sync_database  # noqa: E402
+from utils.command_line import positive_int  # noqa: E402
 
 logger = logging.getLogger("import_data")
 
-# Shared codes (error_handler): 0 ok, 1 the import broke off (MongoDB error mid-import, temporary
+# Exit codes (error_handler): 0 ok, 1 the import broke off (MongoDB error mid-import, temporary
 # database failure), 2 bad command line or unreadable file, 3 invalid settings, 4 MongoDB unreachable,
-# 130 interrupted. The importer's own outcome:
-EXIT_BAD_ROWS = 5  # finished: every valid conversation imported, but bad rows were skipped
+# 130 interrupted; 5 (EXIT_INCOMPLETE) means here: every valid conversation imported, bad rows skipped.
+EXIT_BAD_ROWS = EXIT_INCOMPLETE
 
 TWCS_COLUMNS = (
     "tweet_id", "author_id", "inbound", "created_at", "text", "response_tweet_id", "in_response_to_tweet_id",
@@ -170,16 +161,6 @@ class RowError(ValueError):
 # --- command line -------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def _company(text: str) -> str:
     value = normalise_author(text)
     if not value:
@@ -202,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--company", type=_company, metavar="AUTHOR_ID",
                         help="keep only conversations in which this company (a non-inbound author_id; any case, "
                         "with or without @) takes part")
-    parser.add_argument("--limit", type=_positive_int, metavar="N",
+    parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="import at most N conversations (the first ones of the file; already present ones "
                         "count) [default: all]")
     parser.add_argument("--drop", action="store_true",
@@ -819,25 +800,23 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, import, and turn the outcome into an exit code."""
     args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as e:
-        return fail(e)
+    return run_command(
+        lambda: _run_from_args(args),
+        interrupted="interrupted; rerun the same command to continue (conversations already imported are skipped)",
+    )
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
+    settings = load_settings()
     # Quiet by default (the summary says it all); --verbose logs each step at LOG_LEVEL (default INFO).
     configure_logging(settings.log_level if args.verbose else "WARNING")
     try:
         return run(args, settings)
-    except ClassifierError as e:  # each error carries its exit code (error_handler)
-        return fail(e)
     except (sqlite3.Error, OSError) as e:
         return fail(UsageError(
             f"the temporary database failed: {e}",
             hint="It needs free disk space of about 1.2x the CSV; choose another folder with --temp-dir.",
         ), EXIT_FAILURE)
-    except KeyboardInterrupt:
-        print("interrupted; rerun the same command to continue (conversations already imported are skipped)",
-              file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -57,13 +57,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-# Run as `python scripts/report.py` from the project root (or anywhere): the project's
-# modules (config, mongo_client, ...) live in the parent folder of scripts/, which Python
-# does not put on sys.path by itself.
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
 from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
 
@@ -71,19 +64,15 @@ from config import Settings, load_settings  # noqa: E402
 from error_handler import (  # noqa: E402
     EXIT_CONFIG,
     EXIT_FAILURE,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
-    ClassifierError,
-    ConfigError,
     UsageError,
-    fail,
+    run_command,
 )
 from logger import configure_logging  # noqa: E402
-from mongo_client import sync_database  # noqa: E402
+from mongo_client import storage_error, sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
-from utils.retry_utils import storage_error  # noqa: E402
 
 logger = logging.getLogger("report")
 
@@ -513,18 +502,13 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, report, and turn the outcome into an exit code."""
     args = build_parser().parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as e:
-        return fail(e)
+    return run_command(lambda: _run_from_args(args))
+
+
+def _run_from_args(args: argparse.Namespace) -> int:
+    settings = load_settings()
     configure_logging(settings.log_level if args.verbose else "WARNING")
-    try:
-        return run(args, settings)
-    except ClassifierError as e:  # each error carries its exit code (error_handler)
-        return fail(e)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    return run(args, settings)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import socket
-import sys
 import threading
 import time
 import uuid
@@ -21,12 +20,8 @@ from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
-
-from config import Settings, load_settings  # noqa: E402
-from tests.fake_ollama import FakeOllama  # noqa: E402
+from config import Settings, load_settings
+from tests.fake_ollama import FakeOllama
 
 SettingsFactory = Callable[..., Settings]
 

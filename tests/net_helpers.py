@@ -2,14 +2,9 @@
 
 from __future__ import annotations
 
-import socket
+from utils.command_line import free_port
 
-
-def free_port() -> int:
-    """A loopback port that nothing listens on right now (bound, read, released)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+__all__ = ["closed_port_url", "free_port"]
 
 
 def closed_port_url() -> str:

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from bson import ObjectId
 
-from error_handler import BatchFileError
+from error_handler import EXIT_CONFIG, BatchFileError, BatchFolderError
 from utils.batch_file_manager import (
     BatchConversation,
     BatchFileManager,
@@ -185,17 +185,118 @@ def test_pending_numbers_removes_pending_files_that_have_a_completed_marker(tmp_
     assert files.path(1, "pending").exists()
 
 
-def test_corrupted_pending_file_raises_batch_file_error_with_a_hint(tmp_path: Path) -> None:
+def _truncate(path: Path) -> bytes:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return data[: len(data) // 2]
+
+
+def test_a_truncated_pending_file_is_quarantined_and_the_others_go_on(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    for number in (1, 2, 3):
+        files.write_pending(PendingBatch(number, "job", [_conversation(str(ObjectId()), number)]))
+    damaged = _truncate(files.path(2, "pending"))
+    assert files.pending_numbers() == [1, 3]
+    moved = tmp_path / "quarantine" / "batch_002_pending.json"
+    assert moved.read_bytes() == damaged  # kept as it was, never deleted
+    assert not files.path(2, "pending").exists()
+    [warning] = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert "batch_002_pending.json" in warning.message and "quarantine" in warning.message
+    assert "--retry-failed" in warning.message
+    assert files.load_pending(1).number == 1 and files.load_pending(3).number == 3
+
+
+def test_loading_a_truncated_pending_file_quarantines_it_with_a_hint(tmp_path: Path) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
     path = files.write_pending(PendingBatch(1, "job", [_conversation(str(ObjectId()), 1)]))
-    text = path.read_text(encoding="utf-8")
-    path.write_text(text[: len(text) // 2], encoding="utf-8")  # truncated
+    _truncate(path)
     with pytest.raises(BatchFileError) as raised:
         files.load_pending(1)
     assert "batch_001_pending.json" in raised.value.message
-    assert raised.value.hint is not None
-    assert "Move the file" in raised.value.hint
+    assert "quarantine" in raised.value.message
+    assert raised.value.hint is not None and "--retry-failed" in raised.value.hint
+    assert (tmp_path / "quarantine" / "batch_001_pending.json").exists()
+    # A second damaged file of the same name is kept beside the first.
+    path = files.write_pending(PendingBatch(1, "job", [_conversation(str(ObjectId()), 1)]))
+    _truncate(path)
+    assert files.pending_numbers() == []
+    assert len(list((tmp_path / "quarantine").iterdir())) == 2
+
+
+def test_a_pending_file_changed_after_listing_is_read_again(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.write_pending(PendingBatch(1, "job", [_conversation("a", 1)]))
+    assert files.pending_numbers() == [1]
+    files.write_pending(PendingBatch(1, "job", [_conversation("b", 1), _conversation("c", 2)]))
+    assert [c.object_id for c in files.load_pending(1).conversations] == ["b", "c"]
+
+
+def test_a_retry_queue_with_a_torn_last_line_keeps_the_rest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.save_retry_queue(1, [_llm_failed("a"), _write_failed("b")])
+    path = files.path(1, "retry_queue")
+    with open(path, "ab") as f:
+        f.write(b'{"op": "put", "entry": {"conversation_id": "c", "sta')  # a crash mid-append
+    original = path.read_bytes()
+    reader = BatchFileManager(tmp_path)
+    assert [e.conversation_id for e in reader.load_retry_queue(1)] == ["a", "b"]
+    assert (tmp_path / "quarantine" / path.name).read_bytes() == original
+    assert "cut short" in caplog.text and path.name in caplog.text
+    reader.add_retry_entry(1, _llm_failed("d"))  # appends after a clean line again
+    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["a", "b", "d"]
+
+
+def test_a_journal_whose_entries_were_all_resolved_is_removed_on_reading(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    path = files.path(1, "retry_queue")
+    path.write_text('{"op": "put", "entry": %s}\n{"op": "remove", "conversation_id": "a"}\n'
+                    % json.dumps(_llm_failed("a").to_json()))  # a crash before the last resolve removed it
+    assert BatchFileManager(tmp_path).retry_queue_numbers() == []
+    assert not path.exists()
+
+
+def test_a_retry_queue_with_a_damaged_line_keeps_the_readable_entries(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.save_retry_queue(1, [_llm_failed("a"), _llm_failed("b"), _llm_failed("c")])
+    path = files.path(1, "retry_queue")
+    lines = path.read_bytes().split(b"\n")
+    lines[1] = b"\x00garbage"
+    path.write_bytes(b"\n".join(lines))
+    reader = BatchFileManager(tmp_path)
+    assert reader.retry_queue_numbers() == [1]
+    assert [e.conversation_id for e in reader.load_retry_queue(1)] == ["a", "c"]
+    assert (tmp_path / "quarantine" / path.name).exists()
+
+
+def test_an_unreadable_legacy_retry_queue_is_quarantined(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    legacy = tmp_path / "batch_003_retry_queue.json"
+    legacy.write_text('[{"conversation_id": "a", "sta')
+    assert files.retry_queue_numbers() == []
+    assert files.queued_conversation_ids() == set()
+    assert (tmp_path / "quarantine" / legacy.name).read_text() == '[{"conversation_id": "a", "sta'
+
+
+def test_a_damaged_checkpoint_or_target_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    files.save_checkpoint(Checkpoint(str(ObjectId()), "job"))
+    _truncate(tmp_path / "checkpoint.json")
+    assert files.load_checkpoint() is None
+    assert (tmp_path / "quarantine" / "checkpoint.json").exists()
+    (tmp_path / "target.json").write_text('{"target": "mongodb://loc')
+    files.claim("mongodb://localhost:27017 db.a -> b")
+    assert (tmp_path / "quarantine" / "target.json").exists()
+    assert read_json(tmp_path / "target.json")["target"] == "mongodb://localhost:27017 db.a -> b"
+    assert "checkpoint.json" in caplog.text and "target.json" in caplog.text
 
 
 def test_pending_file_without_conversations_is_a_batch_file_error(tmp_path: Path) -> None:
@@ -235,14 +336,19 @@ def _write_failed(conversation_id: str) -> RetryEntry:
     )
 
 
+def _journal_lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
 def test_retry_queue_round_trip_with_both_states(tmp_path: Path) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
     entries = [_llm_failed(str(ObjectId())), _write_failed(str(ObjectId()))]
     files.save_retry_queue(4, entries)
 
-    raw = json.loads((tmp_path / "batch_004_retry_queue.json").read_text(encoding="utf-8"))
-    assert isinstance(raw, list)
+    lines = _journal_lines(tmp_path / "batch_004_retry_queue.jsonl")
+    assert [line["op"] for line in lines] == ["put", "put"]
+    raw = [line["entry"] for line in lines]
     assert raw[0]["status"] == "llm_failed"
     assert raw[0]["classification_result"] is None
     assert raw[1]["status"] == "write_failed"
@@ -250,13 +356,105 @@ def test_retry_queue_round_trip_with_both_states(tmp_path: Path) -> None:
     for entry in raw:
         assert {"conversation_id", "status", "classification_result", "conversation_data", "retry_count",
                 "failed_at"} <= entry.keys()
+    # A write_failed entry keeps what its retry needs: the paid classification, not the conversation.
+    assert raw[1]["conversation_data"] == {"conversation_number": "2"}
+    assert raw[0]["conversation_data"] == entries[0].conversation_data
 
-    loaded = files.load_retry_queue(4)
-    assert loaded == entries
-    assert loaded[0].classification_result is None
-    assert loaded[1].processing_metadata is not None
-    assert loaded[1].processing_metadata["processed_at"] == PROCESSED_AT
-    assert isinstance(loaded[1].processing_metadata["processed_at"], datetime)
+    for reader in (files, BatchFileManager(tmp_path)):  # from memory, and from the file
+        loaded = reader.load_retry_queue(4)
+        assert loaded[0] == entries[0]
+        assert loaded[1].conversation_data == {"conversation_number": "2"}
+        assert loaded[1].classification_result == entries[1].classification_result
+        assert loaded[1].processing_metadata is not None
+        assert loaded[1].processing_metadata["processed_at"] == PROCESSED_AT
+        assert isinstance(loaded[1].processing_metadata["processed_at"], datetime)
+
+
+def test_retry_queue_changes_are_appended_and_replayed(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    a, b, c = _llm_failed("a"), _llm_failed("b"), _write_failed("c")
+    files.save_retry_queue(1, [a, b])
+    b.retry_count = 2
+    b.reason = "still down"
+    files.save_retry_queue(1, [a, b, c])
+    files.save_retry_queue(1, [b, c])
+    files.save_retry_queue(1, [b, c])  # nothing changed: nothing written
+    lines = _journal_lines(files.path(1, "retry_queue"))
+    assert [line["op"] for line in lines] == ["put", "put", "set", "put", "remove"]
+    assert lines[2] == {"op": "set", "conversation_id": "b", "fields": {"reason": "still down", "retry_count": 2}}
+    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["b", "c"]
+    assert BatchFileManager(tmp_path).load_retry_queue(1)[0].retry_count == 2
+
+    # The explicit operations do the same, one line each.
+    files.update_retry_entry(1, RetryEntry(**{**b.to_json(), "retry_count": 3}))
+    files.remove_retry_entry(1, "c")
+    files.add_retry_entry(1, _llm_failed("d"))
+    assert [line["op"] for line in _journal_lines(files.path(1, "retry_queue"))][-3:] == ["set", "remove", "put"]
+    reread = BatchFileManager(tmp_path).load_retry_queue(1)
+    assert [(e.conversation_id, e.retry_count) for e in reread] == [("b", 3), ("d", 1)]
+    files.remove_retry_entry(1, "b")
+    files.remove_retry_entry(1, "d")
+    assert not files.path(1, "retry_queue").exists()
+    assert files.retry_queue_numbers() == []
+
+
+def _bytes_written() -> int:
+    """Bytes this process has passed to write() so far (Linux /proc accounting)."""
+    for line in Path("/proc/self/io").read_text().splitlines():
+        if line.startswith("wchar:"):
+            return int(line.split()[1])
+    raise AssertionError("no wchar in /proc/self/io")
+
+
+def test_a_growing_retry_queue_writes_bytes_in_proportion_to_its_changes(tmp_path: Path) -> None:
+    # Regression: the queue was rewritten whole on each change; 300 failures of 4 KB wrote ~200 MB.
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    entries: list[RetryEntry] = []
+    start = _bytes_written()
+    for i in range(300):  # the batch processor's way: append, save the whole list
+        entry = _llm_failed(f"conversation-{i}")
+        entry.conversation_data = {"conversation_number": str(i), "tweets": [{"text": "x" * 4096}]}
+        entries.append(entry)
+        files.save_retry_queue(1, entries)
+    for entry in entries:  # a retry pass counts a failed attempt for each
+        entry.retry_count += 1
+    files.save_retry_queue(1, entries)
+    while entries:  # then they are resolved one by one
+        entries.pop(0)
+        files.save_retry_queue(1, entries)
+    written = _bytes_written() - start
+    payload = 300 * 4096
+    assert written < 4 * payload, f"{written} bytes written for {payload} bytes of queued conversations"
+    assert not files.path(1, "retry_queue").exists()
+
+
+def test_the_journal_is_compacted_when_dead_lines_dominate(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    keep = _llm_failed("keep")
+    files.add_retry_entry(1, keep)
+    for i in range(200):
+        entry = _llm_failed(f"gone-{i}")
+        entry.conversation_data = {"conversation_number": str(i), "tweets": [{"text": "y" * 2048}]}
+        files.add_retry_entry(1, entry)
+        files.remove_retry_entry(1, entry.conversation_id)
+    path = files.path(1, "retry_queue")
+    assert path.stat().st_size < 2 * 2048 + 64 * 1024 + 4096  # not 200 dead entries
+    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["keep"]
+
+
+def test_a_legacy_retry_queue_list_is_read_and_migrated(tmp_path: Path) -> None:
+    files = BatchFileManager(tmp_path)
+    files.prepare()
+    legacy = tmp_path / "batch_002_retry_queue.json"
+    atomic_write_json(legacy, [_llm_failed("a").to_json(), _write_failed("b").to_json()])
+    assert files.retry_queue_numbers() == [2]
+    assert [e.conversation_id for e in files.load_retry_queue(2)] == ["a", "b"]
+    files.remove_retry_entry(2, "a")
+    assert not legacy.exists()
+    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(2)] == ["b"]
 
 
 def test_saving_an_empty_retry_queue_deletes_the_file(tmp_path: Path) -> None:
@@ -281,13 +479,13 @@ def test_retry_queue_numbers_and_queued_conversation_ids(tmp_path: Path) -> None
     assert files.queued_conversation_ids() == {"a", "b", "c"}
 
 
-def test_retry_queue_that_is_not_a_list_is_a_batch_file_error(tmp_path: Path) -> None:
+def test_legacy_retry_queue_that_is_not_a_list_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
-    atomic_write_json(files.path(1, "retry_queue"), {"conversation_id": "a"})
-    with pytest.raises(BatchFileError) as raised:
-        files.load_retry_queue(1)
-    assert "batch_001_retry_queue.json" in raised.value.message
+    atomic_write_json(tmp_path / "batch_001_retry_queue.json", {"conversation_id": "a"})
+    assert files.load_retry_queue(1) == []
+    assert (tmp_path / "quarantine" / "batch_001_retry_queue.json").exists()
+    assert "batch_001_retry_queue.json" in caplog.text and "must hold a JSON list" in caplog.text
 
 
 # --- checkpoint -------------------------------------------------------------------------------
@@ -313,7 +511,7 @@ def test_checkpoint_save_and_load(tmp_path: Path) -> None:
 # --- folder: prepare and lock -----------------------------------------------------------------
 
 
-def test_prepare_creates_the_folder_and_removes_leftover_temp_files(tmp_path: Path) -> None:
+def test_lock_creates_the_folder_and_removes_leftover_temp_files(tmp_path: Path) -> None:
     folder = tmp_path / "deep" / "batch_files"
     files = BatchFileManager(folder)
     files.prepare()
@@ -322,8 +520,55 @@ def test_prepare_creates_the_folder_and_removes_leftover_temp_files(tmp_path: Pa
     (folder / ".checkpoint.json.17.tmp").write_text("")
     (folder / "batch_001_pending.json").write_text("{}")
     (folder / "notes.tmp").write_text("not ours")
-    files.prepare()
-    assert sorted(p.name for p in folder.iterdir()) == ["batch_001_pending.json", "notes.tmp"]
+    files.prepare()  # not locked: nothing removed (the files may be a running processor's)
+    assert len(list(folder.iterdir())) == 4
+    with files.locked():
+        assert sorted(p.name for p in folder.iterdir()) == [".lock", "batch_001_pending.json", "notes.tmp"]
+
+
+def test_a_refused_second_processor_leaves_the_running_ones_temporary_files(tmp_path: Path) -> None:
+    folder = tmp_path / "batch_files"
+    with BatchFileManager(folder).locked():
+        in_progress = folder / f".batch_002_pending.json.{os.getpid()}.tmp"
+        in_progress.write_text('{"being": "written"}')
+        with pytest.raises(BatchFileError):
+            BatchFileManager(folder).lock()
+        assert in_progress.read_text() == '{"being": "written"}'
+
+
+def test_locked_releases_the_folder_on_leaving_the_block(tmp_path: Path) -> None:
+    folder = tmp_path / "batch_files"
+    with pytest.raises(RuntimeError), BatchFileManager(folder).locked():
+        raise RuntimeError("boom")
+    with BatchFileManager(folder).locked() as files:
+        assert files.directory == folder
+
+
+def test_a_folder_that_cannot_be_created_is_a_configuration_error(tmp_path: Path) -> None:
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(BatchFolderError) as raised:
+        BatchFileManager(tmp_path / "a_file" / "batch_files").lock()
+    assert raised.value.exit_code == EXIT_CONFIG
+    assert "a_file/batch_files" in raised.value.message and "BATCH_FILES_DIR" in str(raised.value.hint)
+
+
+def _read_only_folder(tmp_path: Path) -> Path:
+    """A folder this process cannot write: a chmod 555 folder, or for root (who ignores the mode)
+    sysfs, which refuses new files to everyone."""
+    if os.geteuid() == 0:
+        return Path("/sys")
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    return folder
+
+
+def test_a_read_only_folder_is_a_configuration_error(tmp_path: Path) -> None:
+    folder = _read_only_folder(tmp_path)
+    with pytest.raises(BatchFolderError) as raised:
+        BatchFileManager(folder).lock()
+    assert raised.value.exit_code == EXIT_CONFIG
+    assert f"{folder} is not writable" in raised.value.message
 
 
 def test_a_second_manager_cannot_lock_the_same_folder_until_unlocked(tmp_path: Path) -> None:
@@ -351,12 +596,11 @@ def test_lock_held_by_another_process_names_its_pid(tmp_path: Path) -> None:
     folder = tmp_path / "batch_files"
     holder = subprocess.Popen(
         [sys.executable, "-c",
-         "import sys; sys.path.insert(0, sys.argv[2]);"
-         "from pathlib import Path; from utils.batch_file_manager import BatchFileManager;"
+         "import sys; from pathlib import Path; from utils.batch_file_manager import BatchFileManager;"
          "m = BatchFileManager(Path(sys.argv[1])); m.lock(); print('locked', flush=True);"
          "sys.stdin.readline(); m.unlock()",
-         str(folder), str(ROOT)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+         str(folder)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )
     try:
         assert holder.stdout is not None and holder.stdin is not None

@@ -26,7 +26,7 @@ import cli
 from config import Settings, env_name
 from tests.fake_ollama import ErrorReply, FakeOllama, Reply, last_user_content
 from tests.net_helpers import free_port
-from utils.batch_file_manager import BatchFileManager
+from utils.batch_file_manager import BatchFileManager, RetryJournal
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "support-classifier-batch"
@@ -70,8 +70,15 @@ def results_per_source(db: Any) -> dict[Any, int]:
     return counts
 
 
+def queue_entries(path: Path) -> list[dict[str, Any]]:
+    """The live entries of a retry-queue journal, as stored."""
+    journal = RetryJournal(path)
+    journal.load()
+    return list(journal.live.values())
+
+
 def batch_files(directory: Path) -> list[str]:
-    return sorted(p.name for p in directory.glob("batch_*.json"))
+    return sorted(p.name for p in directory.glob("batch_*.json*"))
 
 
 @pytest.fixture
@@ -219,8 +226,8 @@ def test_llm_failures_are_retried_queued_and_finally_marked_failed(batch_env, fi
     # Run 1: 2 inline attempts, queued, 2 more in the end-of-batch pass -> still queued (1 of 2 passes).
     assert cli.main([]) == cli.EXIT_INCOMPLETE
     assert "in retry queue    1" in capsys.readouterr().out
-    [queue] = list(files_dir.glob("batch_*_retry_queue.json"))
-    [entry] = json.loads(queue.read_text())
+    [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
+    [entry] = queue_entries(queue)
     assert entry["status"] == "llm_failed"
     assert entry["conversation_id"] == str(bad)
     assert entry["retry_count"] == 1
@@ -231,7 +238,7 @@ def test_llm_failures_are_retried_queued_and_finally_marked_failed(batch_env, fi
 
     # Run 2: the start-up pass fails again -> given up, marked failed with its reason.
     assert cli.main([]) == cli.EXIT_INCOMPLETE
-    assert not list(files_dir.glob("batch_*_retry_queue.json"))
+    assert not list(files_dir.glob("batch_*_retry_queue.jsonl"))
     failed = mongo_db[SOURCE].find_one({"_id": bad})
     assert failed["status"] == "failed"
     assert failed["failure_type"] == "llm_server_error"
@@ -256,8 +263,8 @@ def test_unusable_model_output_is_queued_as_llm_failed(batch_env, files_dir, mon
     )
     insert(mongo_db, [make_conversation(1), make_conversation(2, text="GARBLED please help")])
     assert cli.main([]) == cli.EXIT_INCOMPLETE
-    [queue] = list(files_dir.glob("batch_*_retry_queue.json"))
-    [entry] = json.loads(queue.read_text())
+    [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
+    [entry] = queue_entries(queue)
     assert (entry["status"], entry["error_type"]) == ("llm_failed", "llm_bad_output")
     assert "no JSON object" in entry["reason"]
 
@@ -270,8 +277,8 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     assert cli.main([]) == cli.EXIT_INCOMPLETE
     assert fake_ollama.chat_count == 5
     assert mongo_db[RESULTS].count_documents({}) == 0
-    [queue] = list(files_dir.glob("batch_*_retry_queue.json"))
-    entries = json.loads(queue.read_text())
+    [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
+    entries = queue_entries(queue)
     assert {e["status"] for e in entries} == {"write_failed"}
     assert {e["conversation_id"] for e in entries} == {str(i) for i in ids}
     assert all(e["classification_result"]["intent"] for e in entries)
@@ -285,7 +292,7 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     stored = {r["source_conversation_id"]: r["classification"] for r in mongo_db[RESULTS].find()}
     assert stored == {ObjectId(e["conversation_id"]): e["classification_result"] for e in entries}
     assert statuses(mongo_db) == {"processed": 5}
-    assert not list(files_dir.glob("batch_*_retry_queue.json"))
+    assert not list(files_dir.glob("batch_*_retry_queue.jsonl"))
 
 
 def test_transient_write_failures_are_retried_in_place(batch_env, files_dir, mongo_db, fake_ollama, caplog):
@@ -301,7 +308,7 @@ def test_transient_write_failures_are_retried_in_place(batch_env, files_dir, mon
     finally:
         mongo_db.client.admin.command({"configureFailPoint": "failCommand", "mode": "off"})
     assert results_per_source(mongo_db) == {i: 1 for i in ids}
-    assert not list(files_dir.glob("batch_*_retry_queue.json"))
+    assert not list(files_dir.glob("batch_*_retry_queue.jsonl"))
     assert fake_ollama.chat_count == 3
     retries = [r.message for r in caplog.records if "retrying in" in r.message]
     assert retries and all(m.startswith("result write for conversation") for m in retries)
@@ -471,7 +478,7 @@ def test_killed_mid_batch_then_restarted_every_conversation_has_exactly_one_resu
     assert "recovering batch_" in output
     assert results_per_source(mongo_db) == {i: 1 for i in ids}
     assert statuses(mongo_db) == {"processed": 60}
-    assert not any(name.endswith(("_pending.json", "_retry_queue.json")) for name in batch_files(files_dir))
+    assert not any(name.endswith(("_pending.json", "_retry_queue.jsonl")) for name in batch_files(files_dir))
 
 
 def test_continuous_mode_picks_up_new_documents_and_stops_on_sigterm(start_processor, mongo_db, fake_ollama):

@@ -20,6 +20,7 @@ from utils.progress import (
     ProgressSnapshot,
     ProgressTracker,
     StructuredProgressLogger,
+    build_progress,
     monitoring_components,
 )
 
@@ -316,3 +317,33 @@ def test_a_failing_reporter_does_not_hide_the_outcome(caplog: pytest.LogCaptureF
     assert snapshot.status == "completed"
     assert healthy.closed == [snapshot]
     assert any("Recorder" in message for message in _progress_messages(caplog))
+
+
+def test_the_owner_closes_the_reporters_with_the_outcome_the_job_recorded() -> None:
+    recorder = Recorder()
+    with ProgressReporter(_tracker(FakeClock()), [recorder]) as progress:
+        snapshot = progress.finish("stopped")
+        assert recorder.closed == []  # finishing is not closing: the owner's block does that
+    assert recorder.closed == [snapshot]
+    assert snapshot.status == "stopped"
+    assert progress.close() == snapshot  # once only
+    progress.refresh(force=True)
+    assert recorder.closed == [snapshot] and recorder.updates == []
+
+
+async def test_async_with_closes_the_reporters_even_when_the_job_breaks() -> None:
+    recorder = Recorder()
+    with pytest.raises(RuntimeError):
+        async with ProgressReporter(_tracker(FakeClock()), [recorder]):
+            raise RuntimeError("MongoDB lost")
+    [snapshot] = recorder.closed
+    assert snapshot.status == "failed"
+
+
+def test_a_progress_csv_is_closed_by_the_owners_block(tmp_path: Path) -> None:
+    with build_progress(_tracker(FakeClock()), {"files"}, tmp_path) as progress:
+        [reporter] = progress.reporters
+        assert isinstance(reporter, ProgressFileReporter)
+        progress.finish("completed")
+    assert reporter._csv_file.closed
+    assert json.loads(reporter.json_path.read_text())["status"] == "completed"

@@ -1,4 +1,5 @@
-"""Unit tests of utils/retry_utils.py: error classification, backoff, the retry policy, the circuit breaker.
+"""Unit tests of utils/retry_utils.py (the retry decision, backoff, the policy, the circuit breaker)
+and of mongo_client.storage_error (which driver errors are transient).
 
 Pure logic: real exception objects (our own and PyMongo's, constructed directly), tenacity's
 own RetryCallState, and a fake clock for the circuit breaker.
@@ -7,7 +8,6 @@ own RetryCallState, and a fake clock for the circuit breaker.
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
 import time
 
@@ -35,125 +35,67 @@ from error_handler import (
     StorageError,
     StorageUnavailableError,
 )
+from mongo_client import is_transient_mongo_error, storage_error
 from utils.retry_utils import (
     CircuitBreaker,
     CircuitState,
-    ErrorKind,
-    classify_error,
     counts_against_ollama,
-    is_retryable,
+    is_transient,
     retrying,
-    storage_error,
-    wait_exponential_jitter,
 )
 
-# --- classify_error / is_retryable ---------------------------------------------------------
+# --- the retry decision: .transient ----------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    ("error", "kind"),
+    ("error", "transient"),
     [
-        (LLMUnavailableError("Ollama is not reachable"), ErrorKind.TRANSIENT),
-        (LLMTimeoutError("Ollama did not answer within 120 s"), ErrorKind.TRANSIENT),
-        (LLMBusyError("Ollama is busy"), ErrorKind.TRANSIENT),
-        (LLMServerError("Ollama answered 500"), ErrorKind.TRANSIENT),
-        (LLMOutputError("not JSON"), ErrorKind.PERMANENT),
-        (ModelNotFoundError("llama3", "http://localhost:11434"), ErrorKind.PERMANENT),
-        (InputError("no turns", field="tweets"), ErrorKind.PERMANENT),
-        (StorageError("write failed", transient=True), ErrorKind.TRANSIENT),
-        (StorageError("write failed", transient=False), ErrorKind.PERMANENT),
-        (StorageUnavailableError("MongoDB down"), ErrorKind.TRANSIENT),
+        (LLMUnavailableError("Ollama is not reachable"), True),
+        (LLMTimeoutError("Ollama did not answer within 120 s"), True),
+        (LLMBusyError("Ollama is busy"), True),
+        (LLMServerError("Ollama answered 500"), True),
+        (LLMOutputError("not JSON"), False),
+        (ModelNotFoundError("llama3", "http://localhost:11434"), False),
+        (InputError("no turns", field="tweets"), False),
+        (StorageError("write failed", transient=True), True),
+        (StorageError("write failed", transient=False), False),
+        (StorageUnavailableError("MongoDB down"), True),
+        # The flag decides, never the words: neither a message nor an error of someone else's.
+        (LLMOutputError("connection timeout while parsing"), False),
+        (TimeoutError("timed out"), False),
+        (RuntimeError("Rate limit exceeded, network error"), False),
     ],
-    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else value.value,
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
 )
-def test_classify_error_follows_the_transient_flag_of_our_errors(error: BaseException, kind: ErrorKind) -> None:
-    assert classify_error(error) is kind
-
-
-def test_our_permanent_errors_are_not_rescued_by_a_transient_looking_message() -> None:
-    # The transient flag decides for our own errors, not the words in the message.
-    assert classify_error(LLMOutputError("connection timeout while parsing")) is ErrorKind.PERMANENT
-    assert classify_error(StorageError("network error", transient=False)) is ErrorKind.PERMANENT
+def test_the_retry_decision_is_the_transient_flag_of_our_errors(error: BaseException, transient: bool) -> None:
+    assert is_transient(error) is transient
 
 
 @pytest.mark.parametrize(
-    ("error", "kind"),
+    ("error", "transient"),
     [
-        (AutoReconnect("connection closed"), ErrorKind.TRANSIENT),
-        (NetworkTimeout("timed out"), ErrorKind.TRANSIENT),
-        (ServerSelectionTimeoutError("No servers found yet"), ErrorKind.TRANSIENT),
-        (OperationFailure("interrupted at shutdown", code=91), ErrorKind.TRANSIENT),  # ShutdownInProgress
-        (OperationFailure("node is recovering", code=11600), ErrorKind.TRANSIENT),  # InterruptedAtShutdown
-        (OperationFailure("primary stepped down", code=189), ErrorKind.TRANSIENT),  # PrimarySteppedDown
-        (
-            OperationFailure("write failed", code=2, details={"errorLabels": ["RetryableWriteError"]}),
-            ErrorKind.TRANSIENT,
-        ),
-        (OperationFailure("write failed", code=2), ErrorKind.PERMANENT),  # same failure without the label
-        (WriteError("Document failed validation", code=121), ErrorKind.PERMANENT),
-        (DuplicateKeyError("E11000 duplicate key error", code=11000), ErrorKind.PERMANENT),
-        (OperationFailure("out of disk space", code=14031), ErrorKind.RESOURCE),
+        (AutoReconnect("connection closed"), True),
+        (NetworkTimeout("timed out"), True),
+        (ServerSelectionTimeoutError("No servers found yet"), True),
+        (OperationFailure("interrupted at shutdown", code=91), True),  # ShutdownInProgress
+        (OperationFailure("node is recovering", code=11600), True),  # InterruptedAtShutdown
+        (OperationFailure("primary stepped down", code=189), True),  # PrimarySteppedDown
+        (OperationFailure("write failed", code=2, details={"errorLabels": ["RetryableWriteError"]}), True),
+        (OperationFailure("write failed", code=2), False),  # same failure without the label
+        (WriteError("Document failed validation", code=121), False),
+        (DuplicateKeyError("E11000 duplicate key error", code=11000), False),
+        (OperationFailure("out of disk space", code=14031), True),  # resource: worth trying later
+        (PyMongoError("network error, rate limit exceeded"), False),  # no code, no label: not by its words
     ],
     ids=[
         "AutoReconnect", "NetworkTimeout", "ServerSelectionTimeout", "code91", "code11600", "code189",
         "RetryableWriteError-label", "same-code-without-label", "WriteError121", "DuplicateKey", "code14031",
+        "message-only",
     ],
 )
-def test_classify_error_for_real_pymongo_exceptions(error: PyMongoError, kind: ErrorKind) -> None:
-    assert classify_error(error) is kind
-
-
-@pytest.mark.parametrize(
-    ("message", "kind"),
-    [
-        ("Rate limit exceeded, slow down", ErrorKind.TRANSIENT),
-        ("upstream: network error", ErrorKind.TRANSIENT),
-        ("CUDA error: out of memory", ErrorKind.RESOURCE),
-        ("write to journal: disk full", ErrorKind.RESOURCE),
-        ("429 Too Many Requests", ErrorKind.RESOURCE),
-        ("Authentication failed for user 'batch'", ErrorKind.PERMANENT),
-        ("something nobody has seen before", ErrorKind.PERMANENT),
-    ],
-)
-def test_classify_error_uses_the_message_patterns_of_the_design_matrix(message: str, kind: ErrorKind) -> None:
-    assert classify_error(RuntimeError(message)) is kind
-    # A driver error without a code is classified by its message as well.
-    assert classify_error(PyMongoError(message)) is kind
-
-
-def test_resource_errors_of_the_machine() -> None:
-    assert classify_error(MemoryError()) is ErrorKind.RESOURCE
-    assert classify_error(OSError(errno.ENOSPC, "No space left on device")) is ErrorKind.RESOURCE
-    # Other OS errors are not resource errors.
-    assert classify_error(OSError(errno.EACCES, "Permission denied")) is ErrorKind.PERMANENT
-
-
-def test_unknown_errors_are_permanent() -> None:
-    assert classify_error(ValueError("bad value")) is ErrorKind.PERMANENT
-    assert classify_error(KeyError("conversation_number")) is ErrorKind.PERMANENT
-
-
-def test_builtin_connection_and_timeout_errors_are_transient() -> None:
-    assert classify_error(ConnectionResetError()) is ErrorKind.TRANSIENT
-    assert classify_error(TimeoutError()) is ErrorKind.TRANSIENT
-
-
-@pytest.mark.parametrize(
-    ("error", "retryable"),
-    [
-        (LLMTimeoutError("slow"), True),
-        (OperationFailure("out of disk space", code=14031), True),  # resource: retried, later
-        (MemoryError(), True),
-        (LLMOutputError("not JSON"), False),
-        (DuplicateKeyError("E11000", code=11000), False),
-        (ValueError("unknown"), False),
-    ],
-)
-def test_is_retryable(error: BaseException, retryable: bool) -> None:
-    assert is_retryable(error) is retryable
-
-
-# --- storage_error ----------------------------------------------------------------------------
+def test_which_driver_errors_are_transient(error: PyMongoError, transient: bool) -> None:
+    assert is_transient_mongo_error(error) is transient
+    assert storage_error(error, "write").transient is transient
 
 
 def test_storage_error_for_a_lost_connection_is_storage_unavailable() -> None:
@@ -164,29 +106,16 @@ def test_storage_error_for_a_lost_connection_is_storage_unavailable() -> None:
     assert "connection refused" in wrapped.message
 
 
-def test_storage_error_for_a_transient_server_error() -> None:
-    wrapped = storage_error(OperationFailure("primary stepped down", code=189), "status update to processed")
-    assert type(wrapped) is StorageError
-    assert wrapped.transient is True
-    assert "status update to processed" in wrapped.message
-
-
-def test_storage_error_for_a_resource_error_is_retryable() -> None:
-    wrapped = storage_error(OperationFailure("out of disk space", code=14031), "insert into db.results")
-    assert type(wrapped) is StorageError
-    assert wrapped.transient is True
-
-
 def test_storage_error_for_a_permanent_server_error() -> None:
     wrapped = storage_error(WriteError("Document failed validation", code=121), "result write")
     assert type(wrapped) is StorageError
     assert wrapped.transient is False
     assert "result write" in wrapped.message
     assert "Document failed validation" in wrapped.message
-    assert is_retryable(wrapped) is False
+    assert is_transient(wrapped) is False
 
 
-# --- wait_exponential_jitter -------------------------------------------------------------------
+# --- backoff: tenacity's wait_exponential_jitter ------------------------------------------------
 
 
 def _retry_state(attempt_number: int) -> RetryCallState:
@@ -196,30 +125,18 @@ def _retry_state(attempt_number: int) -> RetryCallState:
     return state
 
 
-@pytest.mark.parametrize("attempt", [1, 2, 3])
-def test_jittered_delay_stays_within_half_and_one_and_a_half_of_the_nominal(attempt: int) -> None:
-    wait = wait_exponential_jitter(2.0)
-    nominal = 2.0 * 2 ** (attempt - 1)
-    delays = [wait(_retry_state(attempt)) for _ in range(300)]
-    assert all(0.5 * nominal <= d <= 1.5 * nominal for d in delays)
-    # The jitter is really applied: both sides of the nominal delay occur.
-    assert min(delays) < nominal < max(delays)
-
-
-def test_without_jitter_the_llm_delays_are_2_4_8_and_the_mongodb_delays_1_2_4() -> None:
-    llm = wait_exponential_jitter(2.0, jitter=0)
-    mongo = wait_exponential_jitter(1.0, jitter=0)
-    assert [llm(_retry_state(n)) for n in (1, 2, 3)] == [2.0, 4.0, 8.0]
-    assert [mongo(_retry_state(n)) for n in (1, 2, 3)] == [1.0, 2.0, 4.0]
+@pytest.mark.parametrize(("base", "nominal"), [(2.0, [2.0, 4.0, 8.0]), (1.0, [1.0, 2.0, 4.0])])
+def test_the_llm_delays_are_2_4_8_and_the_mongodb_delays_1_2_4_plus_jitter(base: float, nominal: list[float]) -> None:
+    wait = retrying("x", max_retries=3, base_delay=base).wait
+    for attempt, delay in enumerate(nominal, 1):
+        delays = [wait(_retry_state(attempt)) for _ in range(300)]
+        assert all(delay <= d <= delay + base for d in delays)
+        assert min(delays) < delay + base / 2 < max(delays)  # the jitter is really applied
 
 
 def test_delay_is_capped_at_the_maximum() -> None:
-    assert wait_exponential_jitter(2.0, jitter=0, maximum=60.0)(_retry_state(10)) == 60.0
-    # With jitter too: the design's range is 2 s - 60 s, so no delay may exceed the maximum.
-    wait = wait_exponential_jitter(2.0, maximum=60.0)
-    delays = [wait(_retry_state(10)) for _ in range(300)]
-    assert max(delays) <= 60.0
-    assert min(delays) >= 30.0
+    wait = retrying("x", max_retries=20, base_delay=2.0).wait
+    assert max(wait(_retry_state(10)) for _ in range(100)) <= 60.0
 
 
 # --- retrying() -------------------------------------------------------------------------------
@@ -281,13 +198,6 @@ async def test_retries_are_bounded_and_the_original_error_is_reraised(caplog: py
     assert operation.calls == 3
     assert raised.value is errors[2]  # the last error itself, not a tenacity RetryError
     assert len([r for r in caplog.records if r.name == "utils.retry_utils"]) == 2
-
-
-async def test_retry_on_can_narrow_what_is_retried() -> None:
-    operation = Flaky(LLMTimeoutError("slow"))
-    with pytest.raises(LLMTimeoutError):
-        await _run(retrying("x", max_retries=3, base_delay=0, retry_on=lambda e: False), operation)
-    assert operation.calls == 1
 
 
 # --- CircuitBreaker ---------------------------------------------------------------------------

@@ -237,15 +237,24 @@ class ProgressFileReporter:
 
 
 class ProgressReporter:
-    """The tracker and the reporters chosen by the monitoring mode; reporters are told at most 4 times a second."""
+    """The tracker and the reporters chosen by the monitoring mode; reporters are told at most 4 times a second.
+
+    Owned by whoever opens it: ``with build_progress(...) as progress:`` (or ``async with``) closes
+    every reporter (the bar stopped, the CSV file closed) however the block ends. The job itself
+    only calls :meth:`finish` with its outcome.
+    """
 
     def __init__(self, tracker: ProgressTracker, reporters: list[Reporter], *, min_interval: float = 0.25) -> None:
         self.tracker = tracker
         self.reporters = reporters
         self._min_interval = min_interval
         self._last = float("-inf")
+        self._final: ProgressSnapshot | None = None
+        self._closed = False
 
     def refresh(self, *, force: bool = False) -> None:
+        if self._closed:
+            return
         now = time.monotonic()
         if not force and now - self._last < self._min_interval:
             return
@@ -254,15 +263,40 @@ class ProgressReporter:
         for reporter in self.reporters:
             reporter.update(snapshot)
 
-    def close(self, status: str) -> ProgressSnapshot:
+    def finish(self, status: str) -> ProgressSnapshot:
+        """Record the job's outcome (``completed``, ``stopped``, ``failed``); the reporters show it on closing."""
         self.tracker.status = status
-        snapshot = self.tracker.snapshot()
+        self._final = self.tracker.snapshot()
+        return self._final
+
+    def close(self, status: str | None = None) -> ProgressSnapshot:
+        """Close every reporter with the final snapshot (once; later calls return it again)."""
+        if status is not None and not self._closed:
+            self.finish(status)
+        if self._final is None:
+            self.finish("failed")  # closed without an outcome: the job never said it finished
+        assert self._final is not None
+        if self._closed:
+            return self._final
+        self._closed = True
         for reporter in self.reporters:
             try:
-                reporter.close(snapshot)
+                reporter.close(self._final)
             except Exception:  # a reporter failing at the end must not hide the job's outcome
                 logger.exception("progress reporter %s failed while closing", type(reporter).__name__)
-        return snapshot
+        return self._final
+
+    def __enter__(self) -> ProgressReporter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    async def __aenter__(self) -> ProgressReporter:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self.close()
 
 
 MONITORING_MODES = {

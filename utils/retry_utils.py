@@ -1,10 +1,11 @@
-"""Retry policy of the batch processor: error classification, backoff and the circuit breaker.
+"""Retry policy of the batch processor: backoff and the circuit breaker.
 
-* :func:`classify_error` sorts an exception into transient, resource or permanent
-  (the design's error matrix); only the first two are retried.
-* :func:`retrying` builds the tenacity policy: ``max_retries`` retries, delays
-  ``base, 2*base, 4*base ...`` (LLM 2/4/8 s, MongoDB 1/2/4 s) with +/-50 % jitter, capped.
-* :class:`CircuitBreaker` pauses LLM calls after consecutive Ollama failures instead
+* :func:`retrying` builds the tenacity policy: ``max_retries`` retries of errors whose
+  ``transient`` flag is set (error_handler), after ``base, 2*base, 4*base ...`` seconds
+  (LLM 2/4/8 s, MongoDB 1/2/4 s) plus up to ``base`` seconds of random jitter, capped at 60 s.
+  Whether an error is transient is decided where it is raised: the LLM clients for Ollama's
+  answers, ``mongo_client.storage_error`` for the driver's errors.
+* :class:`CircuitBreaker` pauses LLM calls after consecutive LLM-server failures instead
   of burning through the queue, and lets one probe through after the pause.
 """
 
@@ -12,125 +13,26 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import errno
 import logging
-import random
 import time
 from collections.abc import Callable
 
-from pymongo.errors import (
-    ConnectionFailure,
-    DuplicateKeyError,
-    OperationFailure,
-    PyMongoError,
-    WriteConcernError,
-)
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
-from tenacity.wait import wait_base
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt, wait_exponential_jitter
 
-from error_handler import ClassifierError, LLMError, LLMOutputError, StorageError, StorageUnavailableError
+from error_handler import ClassifierError, LLMError, LLMOutputError
 
 logger = logging.getLogger(__name__)
 
 MAX_RETRY_DELAY_SECONDS = 60.0
 
 
-class ErrorKind(enum.Enum):
-    TRANSIENT = "transient"  # network, timeouts, failover, a busy server: try again
-    RESOURCE = "resource"  # out of memory, disk full, rate limits: try again, later
-    PERMANENT = "permanent"  # bad data, bad output, authentication: retrying cannot help
+def is_transient(error: BaseException) -> bool:
+    """The retry decision: one of our errors that says trying again later may succeed."""
+    return isinstance(error, ClassifierError) and error.transient
 
 
-# Server error codes that mean "try again": network, failover, interruption, time limits.
-TRANSIENT_MONGO_CODES = frozenset(
-    {6, 7, 89, 91, 189, 262, 9001, 10107, 11600, 11602, 13435, 13436, 50, 112, 134, 150, 317, 358}
-)
-RESOURCE_MONGO_CODES = frozenset({14031, 146, 292})  # OutOfDiskSpace, ExceededMemoryLimit, QueryExceededMemoryLimit
-
-ERROR_PATTERNS: dict[ErrorKind, tuple[str, ...]] = {
-    ErrorKind.TRANSIENT: (
-        "connection timeout", "network error", "temporary unavailable", "temporarily unavailable",
-        "service temporarily unavailable", "rate limit exceeded", "connection reset", "timed out",
-    ),
-    ErrorKind.PERMANENT: (
-        "invalid json", "malformed data", "authentication failed", "permission denied",
-        "invalid conversation format", "not authorized",
-    ),
-    ErrorKind.RESOURCE: ("out of memory", "disk full", "cpu limit", "too many requests", "no space left"),
-}
-
-
-def _mongo_kind(error: PyMongoError) -> ErrorKind:
-    if isinstance(error, ConnectionFailure):  # AutoReconnect, NetworkTimeout, ServerSelectionTimeoutError
-        return ErrorKind.TRANSIENT
-    if error.has_error_label("RetryableWriteError") or error.has_error_label("TransientTransactionError"):
-        return ErrorKind.TRANSIENT
-    if isinstance(error, DuplicateKeyError):
-        return ErrorKind.PERMANENT
-    code = getattr(error, "code", None)
-    if isinstance(error, (OperationFailure, WriteConcernError)) and code is not None:
-        if code in TRANSIENT_MONGO_CODES:
-            return ErrorKind.TRANSIENT
-        if code in RESOURCE_MONGO_CODES:
-            return ErrorKind.RESOURCE
-        return ErrorKind.PERMANENT
-    return _kind_from_message(str(error))
-
-
-def _kind_from_message(message: str) -> ErrorKind:
-    text = message.lower()
-    for kind in (ErrorKind.RESOURCE, ErrorKind.TRANSIENT, ErrorKind.PERMANENT):
-        if any(pattern in text for pattern in ERROR_PATTERNS[kind]):
-            return kind
-    return ErrorKind.PERMANENT
-
-
-def classify_error(error: BaseException) -> ErrorKind:
-    """Which kind of failure ``error`` is; unknown errors are permanent (never retried blindly)."""
-    if isinstance(error, ClassifierError):
-        return ErrorKind.TRANSIENT if error.transient else ErrorKind.PERMANENT
-    if isinstance(error, PyMongoError):
-        return _mongo_kind(error)
-    if isinstance(error, MemoryError):
-        return ErrorKind.RESOURCE
-    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.ENOMEM, errno.EMFILE):
-        return ErrorKind.RESOURCE
-    if isinstance(error, (ConnectionError, TimeoutError)):
-        return ErrorKind.TRANSIENT
-    return _kind_from_message(str(error))
-
-
-def is_retryable(error: BaseException) -> bool:
-    """True for transient and resource errors."""
-    return classify_error(error) is not ErrorKind.PERMANENT
-
-
-def storage_error(error: PyMongoError, operation: str) -> StorageError:
-    """Wrap a driver error as a :class:`StorageError` whose ``transient`` follows :func:`classify_error`."""
-    message = f"MongoDB {operation} failed: {error}"
-    if isinstance(error, ConnectionFailure):
-        return StorageUnavailableError(message)
-    return StorageError(message, transient=classify_error(error) is not ErrorKind.PERMANENT)
-
-
-class wait_exponential_jitter(wait_base):  # noqa: N801 (tenacity's naming style)
-    """``base * 2**(attempt-1)`` seconds, times a random factor in [1-jitter, 1+jitter], capped at ``maximum``."""
-
-    def __init__(self, base: float, *, jitter: float = 0.5, maximum: float = MAX_RETRY_DELAY_SECONDS) -> None:
-        self.base = base
-        self.jitter = jitter
-        self.maximum = maximum
-
-    def __call__(self, retry_state: RetryCallState) -> float:
-        delay = min(self.maximum, self.base * 2 ** (retry_state.attempt_number - 1))
-        # Cap after the jitter too: the design's delays range from 2 s to 60 s, never above.
-        return min(self.maximum, max(0.0, delay * random.uniform(1 - self.jitter, 1 + self.jitter)))
-
-
-def retrying(
-    what: str, *, max_retries: int, base_delay: float, retry_on: Callable[[BaseException], bool] = is_retryable
-) -> AsyncRetrying:
-    """An async tenacity policy: ``max_retries`` retries of retryable errors with jittered backoff.
+def retrying(what: str, *, max_retries: int, base_delay: float) -> AsyncRetrying:
+    """An async tenacity policy: ``max_retries`` retries of transient errors with jittered backoff.
 
     The last error is re-raised as is once the retries are spent.
     """
@@ -145,8 +47,8 @@ def retrying(
 
     return AsyncRetrying(
         stop=stop_after_attempt(max_retries + 1),
-        wait=wait_exponential_jitter(base_delay),
-        retry=retry_if_exception(retry_on),
+        wait=wait_exponential_jitter(multiplier=base_delay, max=MAX_RETRY_DELAY_SECONDS, jitter=base_delay),
+        retry=retry_if_exception(is_transient),
         before_sleep=log_retry,
         reraise=True,
     )
