@@ -196,7 +196,46 @@ class BatchFileError(ClassifierError):
     code = "batch_file_error"
 
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+def field_path(loc: Iterable[Any]) -> str:
+    """A validation error's location as a field path, ``messages[1].sender``; ``body`` for the whole.
+
+    FastAPI's locations start with ``"body"``; pydantic's own do not: both give the same path.
+    """
+    path = ""
+    for i, part in enumerate(loc):
+        if i == 0 and part == "body":
+            continue
+        path += f"[{part}]" if isinstance(part, int) else ("." if path else "") + str(part)
+    return path or "body"
+
+
+def invalid_conversation(errors: Sequence[Mapping[str, Any]]) -> InputError:
+    """The one :class:`InputError` for a conversation that failed validation (pydantic's ``errors()``):
+    the first problem with its field path, and how many more there are. The API, the batch
+    processor and the importer all word a bad conversation with it."""
+    first = errors[0] if errors else {"loc": (), "msg": "invalid conversation"}
+    field = field_path(first.get("loc", ()))
+    message = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" (and {len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    where = "" if field == "body" else f"{field}: "  # a problem of the whole conversation names no field
+    return InputError(f"Invalid conversation: {where}{message}{more}", field=field)
+
+
+class BatchFolderError(BatchFileError):
+    """The batch files folder cannot be created or written: fix BATCH_FILES_DIR (a configuration error)."""
+
+    code = "batch_folder_error"
+    exit_code = EXIT_CONFIG
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The exit code a command line ends with after ``error``: our errors carry theirs,
+    Ctrl-C is 130, anything else is a run that broke off."""
+    if isinstance(error, ClassifierError):
+        return error.exit_code
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_INTERRUPTED
+    return EXIT_FAILURE
 
 
 def fail(error: ClassifierError, exit_code: int | None = None, *, extra_hint: str | None = None) -> int:

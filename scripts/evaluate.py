@@ -64,8 +64,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
 import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -92,6 +90,7 @@ from logger import configure_logging
 from prompt_builder import Taxonomy, load_taxonomy
 
 logger = logging.getLogger("evaluate")
+ROOT = Path(__file__).resolve().parents[1]
 
 FIELDS = ("intent", "topic", "sentiment")
 NOT_IN_BODY = ("expected", "note")  # keys of a labelled item that are not part of the /classify body
