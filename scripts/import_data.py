@@ -664,8 +664,8 @@ def insert_batch(collection: Collection[dict[str, Any]], batch: list[dict[str, A
 
 
 def takes_part(tweets: list[Any] | None, company: str) -> bool:
-    """True when ``company`` wrote one of the company-side (non-inbound) tweets."""
-    return any(not tweet.inbound and normalise_author(tweet.author_id) == company for tweet in tweets or [])
+    """True when ``company`` wrote one of the company-side tweets (``inbound`` false, or an agent ``role``)."""
+    return any(tweet.speaker == "agent" and normalise_author(tweet.author_id) == company for tweet in tweets or [])
 
 
 def import_documents(

@@ -140,7 +140,11 @@ def test_all_empty_texts_are_rejected() -> None:
             {"conversation_number": "1", "tweets": [tweet(1, True, "a"), {"tweet_id": 2, "text": "b"}]},
             "tweets[1].author_id",
         ),
-        ({"conversation_number": "1", "tweets": [tweet(1, True, "a", role="bot")]}, "tweets[0].role"),
+        (
+            {"conversation_number": "1", "tweets": [{k: v for k, v in tweet(1, True, "a", role="bot").items()
+                                                     if k != "inbound"}]},
+            "tweets[0].role",
+        ),
         ({"messages": messages(("customer", "a"))}, "conversation_number"),
     ],
 )
@@ -153,7 +157,7 @@ def test_input_error_names_the_field_path(data: dict[str, object], field: str) -
 
 def test_sender_error_says_what_is_allowed() -> None:
     error = input_error({"conversation_number": "1", "messages": messages(("bot", "a"))})
-    assert "'customer' or 'agent'" in error.message
+    assert "customer / user / client" in error.message and "agent / service provider" in error.message
 
 
 def test_several_problems_are_counted() -> None:
@@ -257,3 +261,71 @@ def test_no_log_when_within_budget(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="aggregator")
     build_transcript(long_conversation(3, 10), 1000, conversation_number="short")
     assert [r for r in caplog.records if r.name == "aggregator"] == []
+
+
+# --- speaker spellings of real exports (issue 8, item 1) ---------------------------------------
+
+
+@pytest.mark.parametrize(
+    "customer, agent",
+    [
+        ("Customer", "Service Provider"),  # the seed data's own export
+        ("user", "support"),
+        ("CLIENT", "Staff"),
+        ("  customer ", "company"),
+        ("User", "BRAND"),
+        ("client", "service_provider"),
+        ("Customer", "service-provider"),
+        ("customer", "  Service   Provider "),
+    ],
+)
+def test_common_spellings_of_both_sides_are_accepted(customer: str, agent: str) -> None:
+    conversation = validate_conversation(
+        {"conversation_number": "s1", "messages": messages((customer, "Where is it?"), (agent, "Checking."))}
+    )
+    assert conversation.turns() == [Turn("customer", "Where is it?"), Turn("agent", "Checking.")]
+    tweets = validate_conversation(
+        {
+            "conversation_number": "s2",
+            "tweets": [tweet(1, False, "I wrote it", role=customer), tweet(2, True, "we did", role=agent)],
+        }
+    )
+    assert [turn.role for turn in tweets.turns()] == ["customer", "agent"]
+
+
+def test_unknown_tweet_role_leaves_inbound_to_decide_and_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="aggregator")
+    value = "Moderator-7f3a\nfake log line"  # unique to this test: the log is once per process and value
+    for number in ("u1", "u2"):
+        conversation = validate_conversation(
+            {
+                "conversation_number": number,
+                "tweets": [tweet(1, True, "help", role=value), tweet(2, False, "DM us", role=value)],
+            }
+        )
+        assert [turn.role for turn in conversation.turns()] == ["customer", "agent"]
+    records = [r for r in caplog.records if r.name == "aggregator" and "Moderator-7f3a" in r.getMessage()]
+    assert len(records) == 1
+    message = records[0].getMessage()
+    assert "inbound" in message
+    assert "\n" not in message  # the value is escaped: input cannot start a log line
+
+
+def test_tweet_role_without_inbound_is_enough_when_known() -> None:
+    raw = tweet(1, True, "help", role="Customer")
+    del raw["inbound"]
+    conversation = validate_conversation({"conversation_number": "r1", "tweets": [raw]})
+    assert conversation.turns() == [Turn("customer", "help")]
+
+
+def test_tweet_with_neither_inbound_nor_a_known_role_is_rejected() -> None:
+    raw = tweet(1, True, "help", role="robot")
+    del raw["inbound"]
+    error = input_error({"conversation_number": "r2", "tweets": [raw]})
+    assert error.field == "tweets[0].role"
+    assert "inbound" in error.message
+    raw = tweet(1, True, "help")
+    del raw["inbound"]
+    error = input_error({"conversation_number": "r3", "tweets": [raw]})
+    assert error.field == "tweets[0]"
+    assert "inbound" in error.message

@@ -407,3 +407,29 @@ def test_script_runs_as_a_subprocess_from_another_folder(mongo_uri, mongo_db, mo
     assert result.stderr == ""
     assert result.stdout.startswith(f"Imported {twcs_csv.name} (TWCS CSV) into {mongo_db_name}.{SOURCE} in ")
     assert stored(mongo_db) == EXPECTED_DOCUMENTS
+
+
+def test_json_export_with_spelled_out_speakers_is_imported(import_env, tmp_path, mongo_db, capsys):
+    # An export that names the speaker in `role` (the seed data's spelling), once without `inbound`,
+    # and once with a role of its own vocabulary that `inbound` overrides.
+    def export_tweet(tweet_id: int, author: str, role: str, **extra: Any) -> dict[str, Any]:
+        return {"tweet_id": tweet_id, "author_id": author, "role": role,
+                "created_at": "Tue Oct 31 22:00:00 +0000 2017", "text": f"text {tweet_id}", **extra}
+
+    documents = [
+        {"conversation_number": "e1", "tweets": [export_tweet(1, "cust", "Customer"),
+                                                 export_tweet(2, "AcmeCare", "Service Provider")]},
+        {"conversation_number": "e2", "tweets": [export_tweet(3, "cust", "Moderator", inbound=True),
+                                                 export_tweet(4, "AcmeCare", "Moderator", inbound=False)]},
+        {"conversation_number": "e3", "tweets": [export_tweet(5, "cust", "customer"),
+                                                 export_tweet(6, "OtherCo", "Staff")]},
+    ]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(documents), encoding="utf-8")
+
+    code, out, _ = run_import(capsys, str(path), "--company", "acmecare", "--no-progress")
+
+    assert code == import_data.EXIT_OK, out
+    assert numbers(mongo_db) == ["e1", "e2"]
+    assert summary_value(out, "bad rows") == "0"
+    assert "without acmecare     1   (left out by --company)" in out
