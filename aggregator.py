@@ -3,10 +3,12 @@
 A conversation arrives either as ``messages`` (``sender``: the customer or the agent, in
 any of the common spellings of :data:`CUSTOMER_SPELLINGS` / :data:`AGENT_SPELLINGS`) or as
 ``tweets`` (the source schema of the batch collection: ``inbound`` true is the customer;
-an explicit ``role`` wins, and a ``role`` naming no known speaker leaves ``inbound`` to decide). Both become a list of :class:`Turn`, rendered
-one line per turn (``Customer: ...`` / ``Agent: ...``) so the model can judge
-sentiment from the customer's turns only. Very long transcripts are cut to a
-character budget, keeping the opening and the latest turns.
+an explicit ``role`` wins, and a ``role`` naming no known speaker leaves ``inbound`` to
+decide). Both become a list of :class:`Turn`, rendered one line per turn
+(``Customer: ...`` / ``Agent: ...``), so the model can judge sentiment from
+the customer's turns only. A conversation
+without a customer turn is invalid input (:class:`NoCustomerTurnError`). Very long
+transcripts are cut to a character budget, keeping the opening and the latest turns.
 """
 
 from __future__ import annotations
@@ -27,8 +29,9 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
-from error_handler import InputError
+from error_handler import InputError, NoCustomerTurnError
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +164,12 @@ class Tweet(BaseModel):
         return "customer" if self.inbound else "agent"
 
 
+NO_CUSTOMER_TURN = (
+    "the conversation has no customer turn (only agent turns, or the customer's are empty): "
+    "sentiment is judged from the customer's turns, so there is nothing to classify"
+)
+
+
 class ConversationIn(BaseModel):
     """A conversation to classify: ``messages`` or ``tweets``, exactly one, non-empty."""
 
@@ -190,6 +199,10 @@ class ConversationIn(BaseModel):
             raise ValueError("the conversation has no turns: 'messages'/'tweets' is empty")
         if not any(turn.text.strip() for turn in self.turns()):
             raise ValueError("every turn of the conversation has empty text")
+        if not any(turn.role == "customer" and turn.text.strip() for turn in self.turns()):
+            # Its own error type, so validate_conversation raises NoCustomerTurnError (the batch
+            # counts these apart); through FastAPI it is a 422 invalid_input with this message.
+            raise PydanticCustomError(NoCustomerTurnError.reason, NO_CUSTOMER_TURN)
         return self
 
     @property
@@ -243,6 +256,8 @@ def validate_conversation(data: Any) -> ConversationIn:
         return ConversationIn.model_validate(data)
     except ValidationError as e:
         first = e.errors()[0]
+        if first["type"] == NoCustomerTurnError.reason:
+            raise NoCustomerTurnError(f"Invalid conversation: {first['msg']}", field="body") from e
         field = _field_path(tuple(first["loc"]))
         message = first["msg"].removeprefix("Value error, ")
         more = f" (and {e.error_count() - 1} more problem(s))" if e.error_count() > 1 else ""

@@ -8,7 +8,7 @@ import re
 import pytest
 
 from aggregator import Turn, build_transcript, validate_conversation
-from error_handler import InputError
+from error_handler import InputError, NoCustomerTurnError
 
 MARKER = re.compile(r"^\[\.\.\. (\d+) turns? omitted \.\.\.\]$")
 
@@ -329,3 +329,26 @@ def test_tweet_with_neither_inbound_nor_a_known_role_is_rejected() -> None:
     error = input_error({"conversation_number": "r3", "tweets": [raw]})
     assert error.field == "tweets[0]"
     assert "inbound" in error.message
+
+
+# --- no customer turn (issue 8, item 3) ----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"conversation_number": "n1", "messages": messages(("agent", "We have fixed the outage."))},
+        {"conversation_number": "n2", "messages": messages(("customer", "  \n"), ("Service Provider", "Hello?"))},
+        {"conversation_number": "n3", "tweets": [tweet(1, False, "@cust DM us"), tweet(2, False, "@cust done")]},
+        {"conversation_number": "n4", "tweets": [tweet(1, True, "@AcmeCare hi", role="brand")]},
+    ],
+    ids=["agent only", "empty customer turn", "company replies only", "role overrides inbound"],
+)
+def test_no_customer_turn_is_invalid_input(data: dict[str, object]) -> None:
+    with pytest.raises(NoCustomerTurnError) as info:
+        validate_conversation(data)
+    error = info.value
+    assert isinstance(error, InputError)
+    assert (error.status_code, error.code) == (422, "invalid_input")
+    assert "no customer turn" in error.message
+

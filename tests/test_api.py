@@ -328,6 +328,19 @@ def test_invalid_input(
     assert fake_ollama.chat_count == 0  # invalid input never reaches the model
 
 
+def test_conversation_without_a_customer_turn_never_reaches_the_model(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    agent_only = {"conversation_number": "lone-reply", "messages": [
+        {"sender": "Service Provider", "text": "We have fixed the outage, sorry!"},
+        {"sender": "Customer", "text": "   "},
+    ]}
+    error = error_of(post(http, api_server, agent_only), 422)
+    assert error["type"] == "invalid_input"
+    assert "no customer turn" in error["message"]
+    assert fake_ollama.chat_count == 0
+
+
 def test_json_without_content_type_is_accepted(http: requests.Session, api_server: RunningAPI) -> None:
     # Some clients send a JSON body with no Content-Type at all.
     request = requests.Request("POST", f"{api_server.url}/classify", data=json.dumps(CONVERSATION).encode()).prepare()
