@@ -118,7 +118,7 @@ def test_classify_echoes_messages_exactly_and_labels_are_canonical(
     }
     [request] = fake_ollama.chat_requests
     assert request["messages"][-1]["content"] == (
-        "Conversation:\nCustomer: Where is my order?\nAgent: Checking now.\nCustomer: Thanks"
+        'Conversation:\nCustomer: "Where is my order?"\nAgent: "Checking now."\nCustomer: "Thanks"'
     )
 
 
@@ -213,7 +213,7 @@ INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str
         },
         (422,),
         "messages[1].sender",
-        "'customer' or 'agent'",
+        "customer / user / client",
     ),
     "missing text": (
         {"json": {"conversation_number": "1", "messages": [{"sender": "customer"}]}},
@@ -255,8 +255,8 @@ INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str
             }
         },
         (422,),
-        "tweets[0].inbound",
-        "tweets[0].inbound",
+        "tweets[0]",  # inbound may be left out when a role names the speaker
+        "give 'inbound'",
     ),
     "form-encoded body": (
         {"data": {"conversation_number": "1", "messages": "hi"}},
@@ -645,9 +645,9 @@ def test_long_conversation_is_cut_before_the_llm_and_logged(
     transcript = content.removeprefix("Conversation:\n")
     assert len(transcript) <= 1000
     lines = transcript.split("\n")
-    assert lines[0].startswith("Customer: turn 00 ")
+    assert lines[0].startswith('Customer: "turn 00 ')
     assert lines[1].startswith("[... ") and "omitted ...]" in lines[1]
-    assert lines[-1].startswith("Agent: turn 59 ")
+    assert lines[-1].startswith('Agent: "turn 59 ')
     cut = [r for r in caplog.records if r.name == "aggregator" and "long-9" in r.getMessage()]
     assert len(cut) == 1 and cut[0].levelno == logging.INFO
     assert "cut" in cut[0].getMessage()
