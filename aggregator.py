@@ -123,7 +123,9 @@ class Tweet(BaseModel):
     tweet_id: int | str = Field(description="Tweet id.")
     author_id: str = Field(description="Author handle or id.")
     inbound: bool | None = Field(
-        None, description="True when the customer wrote it, false for the company; may be left out when role names the speaker."
+        None,
+        description="True when the customer wrote it, false for the company; may be left out when role names "
+        "the speaker.",
     )
     created_at: str | datetime = Field(description="When it was posted, e.g. 'Tue Oct 31 21:45:10 +0000 2017'.")
     text: str = Field(description="Tweet text.")

@@ -328,6 +328,17 @@ def test_invalid_input(
     assert fake_ollama.chat_count == 0  # invalid input never reaches the model
 
 
+def test_speaker_spellings_of_real_exports_are_classified(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    tweets = [{**tweet, "role": role} for tweet, role in zip(SAMPLES[0]["tweets"][:2], ("Customer", "Service Provider"))]
+    tweets[1].pop("inbound")  # the role alone names the speaker
+    response = post(http, api_server, {"conversation_number": "export-1", "tweets": tweets})
+    assert response.status_code == 200, response.text
+    lines = fake_ollama.chat_requests[0]["messages"][-1]["content"].split("\n")[1:]
+    assert [line.split(":")[0] for line in lines] == ["Customer", "Agent"]
+
+
 def test_conversation_without_a_customer_turn_never_reaches_the_model(
     http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
 ) -> None:
