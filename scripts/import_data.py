@@ -567,12 +567,12 @@ def link_conversations(db: sqlite3.Connection, bad: BadRows, counts: Counts, pro
     total_links = db.execute("SELECT COUNT(*) FROM links").fetchone()[0]
     progress.update(task, total=total_links + n)
     resolved = 0
-    # Both ends of every link whose target is in the file (a duplicate's row is gone from tweets,
-    # so its links join nothing). Each link is checked before it may join two threads: see check_link.
+    # Both ends of every link whose target is in the file (a duplicate's own row is gone from tweets:
+    # its links join nothing). Each link is checked before it may join two threads: see check_link.
     cursor = db.execute("""
         SELECT l.src, l.kind, d.idx, s.tweet_id, s.created_ts, d.line, d.tweet_id, d.in_response_to, d.created_ts,
                s.line
-        FROM links l JOIN tweets d ON d.tweet_id = l.target JOIN tweets s ON s.idx = l.src""")
+        FROM links l JOIN tweets d ON d.tweet_id = l.target LEFT JOIN tweets s ON s.idx = l.src""")
     while chunk := cursor.fetchmany(10000):
         for src, kind, dst, *ends, src_line in chunk:
             if excluded[src]:
