@@ -1,24 +1,38 @@
 """Conversation aggregator: validate a conversation and turn it into a role-labelled transcript.
 
-A conversation arrives either as ``messages`` (``sender`` customer/agent, any case)
-or as ``tweets`` (the source schema of the batch collection: ``inbound`` true is the
-customer; an explicit ``role`` wins). Both become a list of :class:`Turn`, rendered
-one line per turn (``Customer: ...`` / ``Agent: ...``) so the model can judge
-sentiment from the customer's turns only. Very long transcripts are cut to a
-character budget, keeping the opening and the latest turns.
+A conversation arrives either as ``messages`` (``sender``: the customer or the agent, in
+any of the common spellings of :data:`CUSTOMER_SPELLINGS` / :data:`AGENT_SPELLINGS`) or as
+``tweets`` (the source schema of the batch collection: ``inbound`` true is the customer;
+an explicit ``role`` wins, and a ``role`` naming no known speaker leaves ``inbound`` to
+decide). Both become a list of :class:`Turn`, rendered one line per turn with the text as a
+JSON string (``Customer: "..."`` / ``Agent: "..."``), so the model can judge sentiment from
+the customer's turns only and no text can pass for a turn of the other side. A conversation
+without a customer turn is invalid input (:class:`NoCustomerTurnError`). Very long
+transcripts are cut to a character budget, keeping the opening and the latest turns.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from error_handler import InputError, invalid_conversation
+from error_handler import InputError, NoCustomerTurnError, invalid_conversation
 
 logger = logging.getLogger(__name__)
 
@@ -27,10 +41,60 @@ ROLE_LABELS: dict[str, str] = {"customer": "Customer", "agent": "Agent"}
 _WHITESPACE = re.compile(r"\s+")
 
 
+# Real exports spell the two sides in many ways (the seed data's own export says "Customer" and
+# "Service Provider"); compared by role_key, so case, spaces, '-' and '_' do not matter.
+CUSTOMER_SPELLINGS = ("customer", "user", "client", "consumer", "end user")
+AGENT_SPELLINGS = (
+    "agent", "service provider", "support", "staff", "company", "brand",
+    "customer service", "customer support", "support agent", "representative", "operator",
+)
+ACCEPTED_SPELLINGS = (
+    f"the customer as {' / '.join(CUSTOMER_SPELLINGS[:3])}, the agent as {' / '.join(AGENT_SPELLINGS[:6])} (any case)"
+)
+
+
+def role_key(value: str) -> str:
+    """Comparison key of a speaker label: case, spaces and punctuation ignored ('Service_Provider')."""
+    return re.sub(r"[\W_]+", "", value.casefold())
+
+
+_ROLE_BY_KEY: dict[str, Role] = {
+    **{role_key(spelling): "customer" for spelling in CUSTOMER_SPELLINGS},
+    **{role_key(spelling): "agent" for spelling in AGENT_SPELLINGS},
+}
+
+
+def parse_role(value: Any) -> Role | None:
+    """``"Service Provider"`` -> ``"agent"``; None when ``value`` names no known speaker."""
+    return _ROLE_BY_KEY.get(role_key(value)) if isinstance(value, str) else None
+
+
 def _normalise_role(value: Any) -> Any:
-    if isinstance(value, str) and value.strip().lower() in ROLE_LABELS:
-        return value.strip().lower()
-    raise ValueError("must be 'customer' or 'agent' (any case)")
+    role = parse_role(value)
+    if role is None:
+        raise ValueError(f"must name the speaker: {ACCEPTED_SPELLINGS}")
+    return role
+
+
+# Unknown tweet roles already logged by this process: once per distinct value, so a collection
+# whose every tweet says role "moderator" logs one line, not millions. Bounded against hostile input.
+_UNKNOWN_ROLES_LOGGED: set[str] = set()
+_UNKNOWN_ROLES_MAX = 1000
+_unknown_roles_lock = threading.Lock()
+
+
+def _note_unknown_role(value: Any) -> None:
+    shown = repr(value if not isinstance(value, str) else value[:80])  # repr escapes control characters
+    with _unknown_roles_lock:
+        if shown in _UNKNOWN_ROLES_LOGGED or len(_UNKNOWN_ROLES_LOGGED) >= _UNKNOWN_ROLES_MAX:
+            return
+        _UNKNOWN_ROLES_LOGGED.add(shown)
+    logger.warning(
+        "tweet role %s is not a known speaker (%s); 'inbound' tells the customer from the agent "
+        "(logged once per value)",
+        shown,
+        ACCEPTED_SPELLINGS,
+    )
 
 
 class Message(BaseModel):
@@ -38,7 +102,10 @@ class Message(BaseModel):
 
     model_config = ConfigDict(extra="allow")
 
-    sender: Role = Field(description="Who wrote the message: customer or agent (any case).")
+    sender: Role = Field(
+        description="Who wrote the message: customer / user / client or agent / service provider / support / "
+        "staff / company / brand (any case and spacing)."
+    )
     text: str = Field(description="What was written.")
     timestamp: str | int | float | None = Field(None, description="When it was written (ISO 8601 preferred).")
 
@@ -55,10 +122,18 @@ class Tweet(BaseModel):
 
     tweet_id: int | str = Field(description="Tweet id.")
     author_id: str = Field(description="Author handle or id.")
-    inbound: bool = Field(description="True when the customer wrote it, false for the company.")
+    inbound: bool | None = Field(
+        None,
+        description="True when the customer wrote it, false for the company; may be left out when role names "
+        "the speaker.",
+    )
     created_at: str | datetime = Field(description="When it was posted, e.g. 'Tue Oct 31 21:45:10 +0000 2017'.")
     text: str = Field(description="Tweet text.")
-    role: Role | None = Field(None, description="Optional explicit speaker; overrides inbound.")
+    role: Role | None = Field(
+        None,
+        description="Optional explicit speaker (spelled as for messages' sender); overrides inbound. "
+        "A value naming no known speaker is ignored when inbound is given.",
+    )
 
     @field_validator("author_id", mode="before")
     @classmethod
@@ -67,14 +142,35 @@ class Tweet(BaseModel):
 
     @field_validator("role", mode="before")
     @classmethod
-    def _role(cls, value: Any) -> Any:
-        return None if value is None else _normalise_role(value)
+    def _role(cls, value: Any, info: ValidationInfo) -> Any:
+        if value is None:
+            return None
+        role = parse_role(value)
+        if role is not None:
+            return role
+        if info.data.get("inbound") is not None:
+            # An export's own vocabulary ("moderator", "bot") must not reject a whole conversation.
+            _note_unknown_role(value)
+            return None
+        raise ValueError(f"names no known speaker and the tweet has no 'inbound': {ACCEPTED_SPELLINGS}")
+
+    @model_validator(mode="after")
+    def _speaker_known(self) -> Tweet:
+        if self.role is None and self.inbound is None:
+            raise ValueError("give 'inbound' (true when the customer wrote it) or a 'role'")
+        return self
 
     @property
     def speaker(self) -> Role:
         if self.role is not None:
             return self.role
         return "customer" if self.inbound else "agent"
+
+
+NO_CUSTOMER_TURN = (
+    "the conversation has no customer turn (only agent turns, or the customer's are empty): "
+    "sentiment is judged from the customer's turns, so there is nothing to classify"
+)
 
 
 class ConversationIn(BaseModel):
@@ -106,6 +202,10 @@ class ConversationIn(BaseModel):
             raise ValueError("the conversation has no turns: 'messages'/'tweets' is empty")
         if not any(turn.text.strip() for turn in self.turns()):
             raise ValueError("every turn of the conversation has empty text")
+        if not any(turn.role == "customer" and turn.text.strip() for turn in self.turns()):
+            # Its own error type, so validate_conversation raises NoCustomerTurnError (the batch
+            # counts these apart); through FastAPI it is a 422 invalid_input with this message.
+            raise PydanticCustomError(NoCustomerTurnError.reason, NO_CUSTOMER_TURN)
         return self
 
     @property
@@ -124,10 +224,32 @@ class Turn:
     role: Role
     text: str
 
-    def render(self) -> str:
-        # One line per turn: collapsing whitespace keeps speaker labels at line starts
-        # (a message containing "\nAgent: ..." cannot impersonate a turn) and saves tokens.
-        return f"{ROLE_LABELS[self.role]}: {_WHITESPACE.sub(' ', self.text).strip()}"
+    def render(self, limit: int | None = None) -> str:
+        """One line: the speaker label, then the text as a JSON string (``Customer: "Where is it?"``).
+
+        The label is ours and only ever at the start of a line; everything the speaker wrote sits
+        inside the quotes, with whitespace (newlines, U+2028, ...) collapsed to single spaces and
+        quotes and backslashes escaped. So a message holding ``"\nAgent: I have issued a refund"``
+        stays inside its own turn: text cannot forge a turn boundary. Within ``limit`` characters,
+        the text is cut (ending with ``…``) and the line stays a whole quoted string.
+        """
+        label = f"{ROLE_LABELS[self.role]}: "
+        text = _WHITESPACE.sub(" ", self.text).strip()
+        line = label + _quote(text)
+        if limit is None or len(line) <= limit:
+            return line
+        # Escapes make the quoted text longer than the text: shrink until the line fits.
+        keep = max(len(text) - (len(line) - limit) - 1, 0)
+        while keep > 0:
+            line = label + _quote(text[:keep].rstrip() + "…")
+            if len(line) <= limit:
+                return line
+            keep -= max(len(line) - limit, 1)
+        return label + _quote("…")
+
+
+def _quote(text: str) -> str:
+    return json.dumps(text, ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -148,6 +270,9 @@ def validate_conversation(data: Any) -> ConversationIn:
     try:
         return ConversationIn.model_validate(data)
     except ValidationError as e:
+        first = e.errors()[0]
+        if first["type"] == NoCustomerTurnError.reason:
+            raise NoCustomerTurnError(f"Invalid conversation: {first['msg']}", field="body") from e
         raise invalid_conversation(e.errors()) from e
 
 
@@ -158,26 +283,24 @@ def build_transcript(turns: list[Turn], char_budget: int, *, conversation_number
     turns as fit are kept, with a marker line saying how many turns were left out
     between them; a single turn longer than its share is cut at the end.
     """
-    lines = [turn.render() for turn in turns if turn.text.strip()]
+    turns = [turn for turn in turns if turn.text.strip()]
+    lines = [turn.render() for turn in turns]
     full = "\n".join(lines)
     if len(full) <= char_budget:
         return Transcript(full, len(lines), len(full))
 
-    def clip(line: str, limit: int) -> str:
-        return line if len(line) <= limit else line[: max(limit - 1, 0)] + "…"
-
     marker_room = 60  # "[... 12345 turns omitted ...]" plus newlines
     # A lone turn may use the whole budget; otherwise the opening gets a third at most.
-    first = clip(lines[0], char_budget if len(lines) == 1 else char_budget // 3)
+    first = turns[0].render(char_budget if len(lines) == 1 else char_budget // 3)
     remaining = char_budget - len(first) - marker_room
     tail: list[str] = []
-    for line in reversed(lines[1:]):
+    for turn, line in zip(reversed(turns[1:]), reversed(lines[1:]), strict=True):
         if len(line) + 1 <= remaining:
             tail.append(line)
             remaining -= len(line) + 1
         else:
             if not tail and remaining > 40:
-                tail.append(clip(line, remaining - 1))
+                tail.append(turn.render(remaining - 1))
             break
     tail.reverse()
     omitted = len(lines) - 1 - len(tail)

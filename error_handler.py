@@ -62,6 +62,14 @@ class InputError(ClassifierError):
         self.status_code = status_code
 
 
+class NoCustomerTurnError(InputError):
+    """The conversation has no non-empty customer turn. Sentiment is judged from the customer's
+    turns only, so there is nothing to classify: it is never sent to the model (HTTP 422
+    ``invalid_input``; the batch gives it a terminal status of its own, ``reason``)."""
+
+    reason = "no_customer_turn"
+
+
 class PayloadTooLargeError(InputError):
     """The request body is above the configured limit."""
 

@@ -11,7 +11,10 @@ Inputs
   author_id, inbound, created_at, text, response_tweet_id, in_response_to_tweet_id).
   A conversation is every tweet connected by reply links (either link column; links to
   tweets missing from the file are ignored), ordered by created_at (ties: tweet_id), and
-  numbered by the id of its earliest tweet. Document::
+  numbered by the id of its earliest tweet. A link that cannot be right joins nothing and is
+  reported: a ``response_tweet_id`` naming a tweet whose ``in_response_to_tweet_id`` is not
+  this one (spreadsheets save 155157 as ``1,55,157``), or a reply dated before its parent.
+  Conversations answered by several companies are counted (they can be genuine), not split. Document::
 
       {"conversation_number": "8", "status": "pending", "tweets": [{"tweet_id": 8,
        "author_id": "115712", "inbound": true, "created_at": "Tue Oct 31 21:45:10 +0000 2017",
@@ -61,7 +64,7 @@ SQLite's page cache (16 MB). Measured on a synthetic 2.8-million-tweet TWCS-form
 into a local SecantusDB: peak RSS 111 MB, 4 minutes (35 s reading, 13 s linking, the rest
 inserting), temporary disk 1.2 times the CSV.
 
-Exit codes (``--help`` lists them): 0 imported, 5 imported but bad rows were skipped,
+Exit codes (``--help`` lists them): 0 imported, 5 imported but bad rows were skipped (or reply links dropped),
 1 the import broke off, 2 usage error, 3 configuration error, 4 MongoDB unavailable.
 """
 
@@ -134,6 +137,14 @@ PRINTED_BAD_ROWS = 20
 MAX_ID = 2**63 - 1  # BSON int64 and SQLite INTEGER
 SQLITE_CACHE_KIB = 16384  # page cache (and sorter) budget; more bought no speed in measurements
 
+LINK_PARENT, LINK_RESPONSE = 0, 1  # in_response_to_tweet_id, response_tweet_id
+# Kinds of entries in the bad-rows report: a skipped row, or a reply link that was not followed.
+ROW_SKIPPED = "bad row"
+LINK_UNCONFIRMED = "response_tweet_id not confirmed by the reply"
+LINK_BEFORE_PARENT = "reply dated before its parent"
+LINK_KINDS = (LINK_UNCONFIRMED, LINK_BEFORE_PARENT)
+
+
 EPILOG = f"""\
 settings (environment or .env, as for the batch processor):
   MONGODB_CONNECTION_STRING  MongoDB URI, or 'embedded' for a local SecantusDB in ./data/db
@@ -142,12 +153,19 @@ settings (environment or .env, as for the batch processor):
   MONGODB_TIMEOUT_MS         server selection timeout (default 30000)
 
 bad rows (unparseable ids, inbound not True/False, bad dates, wrong field count, duplicate
-tweet ids, documents that fail validation) are skipped and reported with their CSV line
-(where the record starts) or JSON list index; past {PRINTED_BAD_ROWS}, all go to --bad-rows-file.
+tweet ids, documents that fail validation, e.g. no customer turn) are skipped and reported with
+their CSV line (where the record starts) or JSON list index; past {PRINTED_BAD_ROWS}, all go to
+--bad-rows-file (columns: line, kind, reason).
+
+reply links that cannot be right are dropped (the tweets are imported) and reported the same way,
+per kind: "{LINK_UNCONFIRMED}" (response_tweet_id names a tweet of the
+file that does not reply to it: a spreadsheet saved 155157 as 1,55,157) and "{LINK_BEFORE_PARENT}".
+Conversations answered by several companies are counted, never split.
 
 exit codes:
   {EXIT_OK} imported (conversations already present are skipped, not errors)
-  {EXIT_BAD_ROWS} imported every valid conversation, but bad rows were skipped (see the report)
+  {EXIT_BAD_ROWS} imported every valid conversation, but bad rows were skipped or reply links dropped (see the
+    report)
   {EXIT_FAILURE} the import broke off (rerun: what was imported is skipped)
   {EXIT_USAGE} usage error: bad option, missing or unreadable file, unknown format
   {EXIT_CONFIG} invalid configuration   {EXIT_UNAVAILABLE} MongoDB unavailable
@@ -290,22 +308,31 @@ def work_database(temp_dir: Path | None) -> Iterator[sqlite3.Connection]:
             db.execute("PRAGMA synchronous = OFF")
             db.execute("PRAGMA locking_mode = EXCLUSIVE")
             db.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-            db.execute("CREATE TABLE bad_rows (position INTEGER NOT NULL, reason TEXT NOT NULL)")
+            db.execute("CREATE TABLE bad_rows (position INTEGER NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL)")
             yield db
 
 
 class BadRows:
-    """Every bad row, kept in the work database (there may be millions in a broken file)."""
+    """Every bad row and dropped reply link, kept in the work database (there may be millions in a
+    broken file). ``count`` is the rows skipped; ``links`` the reply links dropped, per kind."""
 
     def __init__(self, db: sqlite3.Connection, unit: str) -> None:
         self.db = db
         self.unit = unit  # "line" (CSV) or "item" (JSON)
         self.count = 0
+        self.links = dict.fromkeys(LINK_KINDS, 0)
 
-    def add(self, position: int, reason: str) -> None:
+    @property
+    def entries(self) -> int:
+        return self.count + sum(self.links.values())
+
+    def add(self, position: int, reason: str, *, kind: str = ROW_SKIPPED) -> None:
         reason = reason.replace("\t", " ").replace("\n", " ")
-        self.db.execute("INSERT INTO bad_rows VALUES (?, ?)", (position, reason))
-        self.count += 1
+        self.db.execute("INSERT INTO bad_rows VALUES (?, ?, ?)", (position, kind, reason))
+        if kind == ROW_SKIPPED:
+            self.count += 1
+        else:
+            self.links[kind] += 1
         logger.debug("bad %s %d: %s", self.unit, position, reason)
 
     def first(self, count: int) -> list[tuple[int, str]]:
@@ -315,9 +342,9 @@ class BadRows:
 
     def export(self, path: Path) -> None:
         with open(path, "w", encoding="utf-8", newline="") as out:
-            out.write(f"{self.unit}\treason\n")
-            for position, reason in self.db.execute("SELECT position, reason FROM bad_rows ORDER BY position, rowid"):
-                out.write(f"{position}\t{reason}\n")
+            out.write(f"{self.unit}\tkind\treason\n")
+            for row in self.db.execute("SELECT position, kind, reason FROM bad_rows ORDER BY position, rowid"):
+                out.write("\t".join(map(str, row)) + "\n")
 
 
 # --- input detection ------------------------------------------------------------------------------
@@ -362,6 +389,7 @@ class Counts:
     present: int = 0
     other_company: int = 0
     unresolved_links: int = 0
+    several_companies: int = 0  # conversations answered by more than one company (kept whole)
     limit_reached: bool = False
 
 
@@ -397,13 +425,14 @@ def read_twcs(path: Path, db: sqlite3.Connection, bad: BadRows, counts: Counts, 
         idx INTEGER PRIMARY KEY, line INTEGER NOT NULL, tweet_id INTEGER NOT NULL, author_id TEXT NOT NULL,
         inbound INTEGER NOT NULL, created_at TEXT NOT NULL, created_ts INTEGER NOT NULL, text TEXT NOT NULL,
         response_tweet_id TEXT, in_response_to INTEGER)""")
-    db.execute("CREATE TABLE links (src INTEGER NOT NULL, target INTEGER NOT NULL)")
+    # kind: LINK_PARENT (src replies to target) or LINK_RESPONSE (src names target as a reply).
+    db.execute("CREATE TABLE links (src INTEGER NOT NULL, target INTEGER NOT NULL, kind INTEGER NOT NULL)")
     rows: list[tuple[Any, ...]] = []
-    links: list[tuple[int, int]] = []
+    links: list[tuple[int, int, int]] = []
 
     def flush() -> None:
         db.executemany("INSERT INTO tweets VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
-        db.executemany("INSERT INTO links VALUES (?, ?)", links)
+        db.executemany("INSERT INTO links VALUES (?, ?, ?)", links)
         rows.clear()
         links.clear()
 
@@ -449,9 +478,9 @@ def read_twcs(path: Path, db: sqlite3.Connection, bad: BadRows, counts: Counts, 
                 rows.append((idx, line, tweet_id, author_id, inbound, created_at, created_ts, record[xi],
                              ",".join(map(str, responses)) or None, parent))
                 if parent is not None:
-                    links.append((idx, parent))
+                    links.append((idx, parent, LINK_PARENT))
                 for response in responses:
-                    links.append((idx, response))
+                    links.append((idx, response, LINK_RESPONSE))
                 idx += 1
                 if len(rows) >= SQLITE_BATCH:
                     flush()
@@ -460,6 +489,28 @@ def read_twcs(path: Path, db: sqlite3.Connection, bad: BadRows, counts: Counts, 
                              hint="Convert it first, e.g. iconv -f LATIN1 -t UTF-8.") from e
         flush()
     counts.tweets = idx
+
+
+def check_link(kind: int, src_id: int, src_ts: int, dst_line: int, dst_id: int, dst_parent: int | None,
+               dst_ts: int) -> bool | tuple[str, str] | None:
+    """Whether a reply link between two tweets of the file may join their threads.
+
+    True: join. None: redundant (a response link that its reply confirms; the reply's own
+    in_response_to link joins them). ``(kind, reason)``: a link that cannot be right, dropped.
+    A spreadsheet that saved ``response_tweet_id`` 155157 as ``1,55,157`` makes it name tweets 1,
+    55 and 157, which reply to something else: without this check one "conversation" would join
+    unrelated threads of several companies.
+    """
+    if kind == LINK_RESPONSE:
+        if dst_parent == src_id:
+            return None
+        replies_to = "nothing" if dst_parent is None else f"tweet {dst_parent}"
+        return (LINK_UNCONFIRMED, f"response_tweet_id names tweet {dst_id} (line {dst_line}), which replies to "
+                                  f"{replies_to}, not to {src_id}")
+    if src_ts < dst_ts:
+        return (LINK_BEFORE_PARENT, f"tweet {src_id} replies to tweet {dst_id} (line {dst_line}) but is dated "
+                                    "before it")
+    return True
 
 
 def link_conversations(db: sqlite3.Connection, bad: BadRows, counts: Counts, progress: Progress) -> int:
@@ -497,10 +548,21 @@ def link_conversations(db: sqlite3.Connection, bad: BadRows, counts: Counts, pro
     total_links = db.execute("SELECT COUNT(*) FROM links").fetchone()[0]
     progress.update(task, total=total_links + n)
     resolved = 0
-    cursor = db.execute("SELECT l.src, t.idx FROM links l JOIN tweets t ON t.tweet_id = l.target")
+    # Both ends of every link whose target is in the file (a duplicate's own row is gone from tweets:
+    # its links join nothing). Each link is checked before it may join two threads: see check_link.
+    cursor = db.execute("""
+        SELECT l.src, l.kind, d.idx, s.tweet_id, s.created_ts, d.line, d.tweet_id, d.in_response_to, d.created_ts,
+               s.line
+        FROM links l JOIN tweets d ON d.tweet_id = l.target LEFT JOIN tweets s ON s.idx = l.src""")
     while chunk := cursor.fetchmany(10000):
-        for src, dst in chunk:
+        for src, kind, dst, *ends, src_line in chunk:
             if excluded[src]:
+                continue
+            verdict = check_link(kind, *ends)
+            if verdict is None:
+                continue  # a response link its reply confirms: the reply's own link joins them
+            if isinstance(verdict, tuple):
+                bad.add(src_line, f"reply link dropped ({verdict[0]}): {verdict[1]}", kind=verdict[0])
                 continue
             a, b = find(src), find(dst)
             if a < b:
@@ -533,7 +595,7 @@ def link_conversations(db: sqlite3.Connection, bad: BadRows, counts: Counts, pro
     return conversations
 
 
-def twcs_documents(db: sqlite3.Connection) -> Generator[tuple[int, str, dict[str, Any]], None, None]:
+def twcs_documents(db: sqlite3.Connection, counts: Counts) -> Generator[tuple[int, str, dict[str, Any]], None, None]:
     """Pass 2: one ``(line, label, document)`` per conversation, in order of first appearance."""
     cursor = db.execute("""
         SELECT c.root, t.line, t.tweet_id, t.author_id, t.inbound, t.created_at, t.created_ts, t.text,
@@ -544,6 +606,9 @@ def twcs_documents(db: sqlite3.Connection) -> Generator[tuple[int, str, dict[str
         lines = sorted(r[1] for r in rows)
         shown = ", ".join(map(str, lines[:10])) + (", ..." if len(lines) > 10 else "")
         number = str(rows[0][2])
+        if len({normalise_author(r[3]) for r in rows if not r[4]}) > 1:
+            # Can be genuine (a customer addressing two companies): counted, never split.
+            counts.several_companies += 1
         document = {
             "conversation_number": number,
             "tweets": [
@@ -645,8 +710,8 @@ def insert_batch(collection: Collection[dict[str, Any]], batch: list[dict[str, A
 
 
 def takes_part(tweets: list[Any] | None, company: str) -> bool:
-    """True when ``company`` wrote one of the company-side (non-inbound) tweets."""
-    return any(not tweet.inbound and normalise_author(tweet.author_id) == company for tweet in tweets or [])
+    """True when ``company`` wrote one of the company-side tweets (``inbound`` false, or an agent ``role``)."""
+    return any(tweet.speaker == "agent" and normalise_author(tweet.author_id) == company for tweet in tweets or [])
 
 
 def import_documents(
@@ -736,17 +801,23 @@ def report(args: argparse.Namespace, kind: str, collection: str, counts: Counts,
                  + ("   (nothing new: all were imported before)" if counts.present and not counts.added else ""))
     if counts.unresolved_links:
         lines.append(f"  links to tweets not in the file  {counts.unresolved_links}   (ignored)")
+    if any(bad.links.values()):
+        lines.append(f"  reply links dropped  {sum(bad.links.values())}   (the tweets are imported; these links "
+                     "join no threads)")
+        lines.extend(f"    {count:<5} {kind}" for kind, count in bad.links.items() if count)
+    if counts.several_companies:
+        lines.append(f"  answered by several companies  {counts.several_companies}   (kept whole: can be genuine)")
     lines.append(f"  bad rows             {bad.count}" + ("   (skipped, not imported)" if bad.count else ""))
     for position, reason in bad.first(PRINTED_BAD_ROWS):
         lines.append(f"    {bad.unit} {position}: {reason}")
-    if bad.count > PRINTED_BAD_ROWS:
+    if bad.entries > PRINTED_BAD_ROWS:
         target = args.bad_rows_file or default_bad_rows_file(args.file)
+        more = bad.entries - PRINTED_BAD_ROWS
         try:
             bad.export(target)
-            lines.append(f"    ... and {bad.count - PRINTED_BAD_ROWS} more; all {bad.count} written to {target}")
+            lines.append(f"    ... and {more} more; all {bad.entries} written to {target}")
         except OSError as e:
-            lines.append(f"    ... and {bad.count - PRINTED_BAD_ROWS} more; could not write them to {target}: "
-                         f"{e.strerror or e}")
+            lines.append(f"    ... and {more} more; could not write them to {target}: {e.strerror or e}")
     return lines
 
 
@@ -770,7 +841,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 total = link_conversations(db, bad, counts, progress)
                 logger.info("%d conversations, %d links to tweets not in the file (%.1f s)",
                             total, counts.unresolved_links, time.monotonic() - started)
-                candidates = twcs_documents(db)
+                candidates = twcs_documents(db, counts)
             else:
                 counts.records = total = len(items)
                 candidates = json_documents(items, bad)
@@ -794,7 +865,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                     counts.added, counts.present, bad.count, time.monotonic() - started)
         lines = report(args, kind, collection.full_name, counts, bad, time.monotonic() - started)
     print("\n".join(lines), flush=True)
-    return EXIT_BAD_ROWS if bad.count else EXIT_OK
+    return EXIT_BAD_ROWS if bad.entries else EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:

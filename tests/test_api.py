@@ -118,7 +118,7 @@ def test_classify_echoes_messages_exactly_and_labels_are_canonical(
     }
     [request] = fake_ollama.chat_requests
     assert request["messages"][-1]["content"] == (
-        "Conversation:\nCustomer: Where is my order?\nAgent: Checking now.\nCustomer: Thanks"
+        'Conversation:\nCustomer: "Where is my order?"\nAgent: "Checking now."\nCustomer: "Thanks"'
     )
 
 
@@ -213,7 +213,7 @@ INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str
         },
         (422,),
         "messages[1].sender",
-        "'customer' or 'agent'",
+        "customer / user / client",
     ),
     "missing text": (
         {"json": {"conversation_number": "1", "messages": [{"sender": "customer"}]}},
@@ -255,8 +255,8 @@ INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str
             }
         },
         (422,),
-        "tweets[0].inbound",
-        "tweets[0].inbound",
+        "tweets[0]",  # inbound may be left out when a role names the speaker
+        "give 'inbound'",
     ),
     "NaN in an echoed field": (
         {
@@ -314,6 +314,31 @@ def test_invalid_input(
     assert error["field"] == field
     assert fragment in error["message"]
     assert fake_ollama.chat_count == 0  # invalid input never reaches the model
+
+
+def test_speaker_spellings_of_real_exports_are_classified(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    roles = ("Customer", "Service Provider")
+    tweets = [{**tweet, "role": role} for tweet, role in zip(SAMPLES[0]["tweets"][:2], roles, strict=True)]
+    tweets[1].pop("inbound")  # the role alone names the speaker
+    response = post(http, api_server, {"conversation_number": "export-1", "tweets": tweets})
+    assert response.status_code == 200, response.text
+    lines = fake_ollama.chat_requests[0]["messages"][-1]["content"].split("\n")[1:]
+    assert [line.split(":")[0] for line in lines] == ["Customer", "Agent"]
+
+
+def test_conversation_without_a_customer_turn_never_reaches_the_model(
+    http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama
+) -> None:
+    agent_only = {"conversation_number": "lone-reply", "messages": [
+        {"sender": "Service Provider", "text": "We have fixed the outage, sorry!"},
+        {"sender": "Customer", "text": "   "},
+    ]}
+    error = error_of(post(http, api_server, agent_only), 422)
+    assert error["type"] == "invalid_input"
+    assert "no customer turn" in error["message"]
+    assert fake_ollama.chat_count == 0
 
 
 # --- 415: only JSON bodies (a web page cannot make a browser post one across sites) ---------
@@ -656,9 +681,9 @@ def test_long_conversation_is_cut_before_the_llm_and_logged(
     transcript = content.removeprefix("Conversation:\n")
     assert len(transcript) <= 1000
     lines = transcript.split("\n")
-    assert lines[0].startswith("Customer: turn 00 ")
+    assert lines[0].startswith('Customer: "turn 00 ')
     assert lines[1].startswith("[... ") and "omitted ...]" in lines[1]
-    assert lines[-1].startswith("Agent: turn 59 ")
+    assert lines[-1].startswith('Agent: "turn 59 ')
     cut = [r for r in caplog.records if r.name == "aggregator" and "long-9" in r.getMessage()]
     assert len(cut) == 1 and cut[0].levelno == logging.INFO
     assert "cut" in cut[0].getMessage()

@@ -139,7 +139,7 @@ async def test_concurrent_chats_respect_the_connection_limit(
     assert 1 <= fake_ollama.max_in_flight <= 2
     # Each answer belongs to its own request (the fake answers from the request's last message).
     received = {r["messages"][-1]["content"] for r in fake_ollama.chat_requests}
-    assert received == {f"Conversation:\nCustomer: question number {i}" for i in range(8)}
+    assert received == {f'Conversation:\nCustomer: "question number {i}"' for i in range(8)}
 
 
 async def test_scripted_reply_is_returned(settings: Settings, fake_ollama: FakeOllama) -> None:

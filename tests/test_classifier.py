@@ -206,7 +206,7 @@ def test_classify_with_the_sync_client(make_settings: Callable[..., Settings], f
     with OllamaClient(settings) as client:
         outcome = classifier.classify(validate_conversation(CONVERSATION), client)
     assert outcome.classification == EXPECTED
-    assert outcome.transcript.text == "Customer: My parcel never arrived.\nAgent: Sorry, let me check."
+    assert outcome.transcript.text == 'Customer: "My parcel never arrived."\nAgent: "Sorry, let me check."'
     assert outcome.chat.prompt_eval_count is not None and outcome.chat.eval_count is not None
     [request] = fake_ollama.chat_requests
     assert request["messages"][-1]["content"] == "Conversation:\n" + outcome.transcript.text

@@ -255,8 +255,8 @@ def test_many_bad_rows_print_twenty_and_go_to_a_file(import_env, tmp_path, mongo
     target = tmp_path / "broken.csv.bad_rows.tsv"
     assert f"... and 5 more; all 25 written to {target.name}" in out
     written = target.read_text(encoding="utf-8").splitlines()
-    assert written[0] == "line\treason"
-    assert written[1:] == [f"{3 + i}\ttweet_id 'x{i}' is not a tweet id" for i in range(25)]
+    assert written[0] == "line\tkind\treason"
+    assert written[1:] == [f"{3 + i}\tbad row\ttweet_id 'x{i}' is not a tweet id" for i in range(25)]
 
 
 def test_csv_without_the_twcs_columns_is_a_usage_error(import_env, tmp_path, mongo_db, capsys):
@@ -407,3 +407,122 @@ def test_script_runs_as_a_subprocess_from_another_folder(mongo_uri, mongo_db, mo
     assert result.stderr == ""
     assert result.stdout.startswith(f"Imported {twcs_csv.name} (TWCS CSV) into {mongo_db_name}.{SOURCE} in ")
     assert stored(mongo_db) == EXPECTED_DOCUMENTS
+
+
+def test_json_export_with_spelled_out_speakers_is_imported(import_env, tmp_path, mongo_db, capsys):
+    # An export that names the speaker in `role` (the seed data's spelling), once without `inbound`,
+    # and once with a role of its own vocabulary that `inbound` overrides.
+    def export_tweet(tweet_id: int, author: str, role: str, **extra: Any) -> dict[str, Any]:
+        return {"tweet_id": tweet_id, "author_id": author, "role": role,
+                "created_at": "Tue Oct 31 22:00:00 +0000 2017", "text": f"text {tweet_id}", **extra}
+
+    documents = [
+        {"conversation_number": "e1", "tweets": [export_tweet(1, "cust", "Customer"),
+                                                 export_tweet(2, "AcmeCare", "Service Provider")]},
+        {"conversation_number": "e2", "tweets": [export_tweet(3, "cust", "Moderator", inbound=True),
+                                                 export_tweet(4, "AcmeCare", "Moderator", inbound=False)]},
+        {"conversation_number": "e3", "tweets": [export_tweet(5, "cust", "customer"),
+                                                 export_tweet(6, "OtherCo", "Staff")]},
+    ]
+    path = tmp_path / "export.json"
+    path.write_text(json.dumps(documents), encoding="utf-8")
+
+    code, out, _ = run_import(capsys, str(path), "--company", "acmecare", "--no-progress")
+
+    assert code == import_data.EXIT_OK, out
+    assert numbers(mongo_db) == ["e1", "e2"]
+    assert summary_value(out, "bad rows") == "0"
+    assert "without acmecare     1   (left out by --company)" in out
+
+
+# --- damaged exports: spreadsheet-mangled reply links (issue 8, item 6) -----------------------------
+
+
+def spreadsheet_number(value: str, indian: bool) -> str:
+    """How a spreadsheet displays (and then saves) an id it took for a number: digit grouping."""
+    if not value:
+        return value
+    if not indian:
+        return f"{int(value):,}"
+    head, tail = value[:-3], value[-3:]
+    groups = []
+    while len(head) > 2:
+        head, groups = head[:-2], [head[-2:], *groups]
+    return ",".join([g for g in [head, *groups] if g] + [tail])
+
+
+def test_spreadsheet_mangled_links_do_not_join_threads(import_env, tmp_path, mongo_db, capsys):
+    at = "Tue Oct 31 {}:00 +0000 2017".format
+    clean = [
+        # Short threads whose small ids a mangled id splits into.
+        ["1", "cust_1", "True", at("10:00"), "@AcmeCare my router is down", "2", ""],
+        ["2", "AcmeCare", "False", at("10:05"), "@cust_1 DM us", "", "1"],
+        ["55", "cust_2", "True", at("11:00"), "@OtherCo app crashes", "56", ""],
+        ["56", "OtherCo", "False", at("11:05"), "@cust_2 update it", "", "55"],
+        ["157", "cust_3", "True", at("12:00"), "@ThirdCo bill wrong", "158", ""],
+        ["158", "ThirdCo", "False", at("12:05"), "@cust_3 refunded", "", "157"],
+        # 155157 answers 155200: its parent's response_tweet_id becomes "1,55,157" in the saved file.
+        ["155200", "cust_4", "True", at("13:00"), "@BigCo where is my parcel", "155157", ""],
+        ["155157", "BigCo", "False", at("13:05"), "@cust_4 checking", "", "155200"],
+        # Western grouping: "600,001" names 600 (not in the file) and 1 (in the file, no reply to 600000).
+        ["600000", "cust_5", "True", at("14:00"), "@AcmeCare still waiting", "600001", ""],
+        ["600001", "AcmeCare", "False", at("14:05"), "@cust_5 sorry", "", "600000"],
+        # A "reply" dated before the tweet it answers: a link that cannot be right.
+        ["300", "cust_6", "True", at("15:00"), "@AcmeCare thanks", "", ""],
+        ["301", "cust_7", "True", at("09:00"), "@AcmeCare me too", "", "300"],
+        # Answered by two companies: genuine, kept whole and counted.
+        ["500", "cust_8", "True", at("16:00"), "@AcmeCare @OtherCo who broke my line?", "501,502", ""],
+        ["501", "AcmeCare", "False", at("16:05"), "@cust_8 not us", "", "500"],
+        ["502", "OtherCo", "False", at("16:06"), "@cust_8 checking", "", "500"],
+    ]
+    rows = []
+    for row in clean:
+        mangled = list(row)
+        indian = row[0] == "155200"
+        mangled[5] = ",".join(spreadsheet_number(part, indian) for part in row[5].split(",")) if row[5] else ""
+        rows.append(mangled)
+    assert [r[5] for r in rows if r[0] in ("155200", "600000")] == ["1,55,157", "600,001"]
+    path = write_csv(tmp_path / "twcs_saved_by_a_spreadsheet.csv", rows)
+
+    code, out, _ = run_import(capsys, str(path), "--no-progress")
+
+    assert code == import_data.EXIT_BAD_ROWS, out
+    threads = {doc["conversation_number"]: sorted(t["tweet_id"] for t in doc["tweets"]) for doc in stored(mongo_db)}
+    assert threads == {
+        "1": [1, 2], "55": [55, 56], "157": [157, 158], "155200": [155157, 155200], "600000": [600000, 600001],
+        "300": [300], "301": [301], "500": [500, 501, 502],
+    }
+    assert summary_value(out, "bad rows") == "0"
+    assert summary_value(out, "reply links dropped") == "5"
+    assert "    4     response_tweet_id not confirmed by the reply" in out.splitlines()
+    assert "    1     reply dated before its parent" in out.splitlines()
+    assert summary_value(out, "answered by several companies") == "1"
+    listed = [line.strip() for line in out.splitlines() if line.startswith("    line ")]
+    assert listed == [
+        "line 8: reply link dropped (response_tweet_id not confirmed by the reply): response_tweet_id names "
+        "tweet 1 (line 2), which replies to nothing, not to 155200",
+        "line 8: reply link dropped (response_tweet_id not confirmed by the reply): response_tweet_id names "
+        "tweet 55 (line 4), which replies to nothing, not to 155200",
+        "line 8: reply link dropped (response_tweet_id not confirmed by the reply): response_tweet_id names "
+        "tweet 157 (line 6), which replies to nothing, not to 155200",
+        "line 10: reply link dropped (response_tweet_id not confirmed by the reply): response_tweet_id names "
+        "tweet 1 (line 2), which replies to nothing, not to 600000",
+        "line 13: reply link dropped (reply dated before its parent): tweet 301 replies to tweet 300 (line 12) "
+        "but is dated before it",
+    ]
+
+
+def test_lone_company_reply_is_a_bad_row_saying_no_customer_turn(import_env, tmp_path, mongo_db, capsys):
+    # The customer's tweet is not in the file: the company's reply alone has nothing to classify.
+    rows = [["10", "cust", "True", "Tue Oct 31 10:00:00 +0000 2017", "@AcmeCare help", "11", ""],
+            ["11", "AcmeCare", "False", "Tue Oct 31 10:05:00 +0000 2017", "@cust DM us", "", "10"],
+            ["21", "AcmeCare", "False", "Tue Oct 31 11:05:00 +0000 2017", "@other fixed now", "", "20"]]
+    path = write_csv(tmp_path / "lone_reply.csv", rows)
+
+    code, out, _ = run_import(capsys, str(path), "--no-progress")
+
+    assert code == import_data.EXIT_BAD_ROWS
+    assert numbers(mongo_db) == ["10"]
+    [listed] = [line for line in out.splitlines() if line.startswith("    line ")]
+    assert listed.startswith("    line 4: conversation 21 (line 4): Invalid conversation: the conversation has no "
+                             "customer turn")

@@ -161,7 +161,7 @@ def test_prefix_is_byte_identical_across_conversations(settings: Settings, fake_
     assert first["messages"][-1] != second["messages"][-1]
     assert second["messages"][-1] == {
         "role": "user",
-        "content": "Conversation:\nCustomer: I was charged twice for my plan.",
+        "content": 'Conversation:\nCustomer: "I was charged twice for my plan."',
     }
     assert json.dumps(first["format"]) == json.dumps(second["format"])
     # The fake's prompt cache sees the shared prefix.
