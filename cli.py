@@ -102,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--retry-failed", action="store_true",
                         help="Also classify conversations marked failed by earlier runs (and ones left "
                         "'processing' without a batch file).")
+    parser.add_argument("--worker-id", dest="batch_worker_id", metavar="ID", help=field_help("batch_worker_id"))
     parser.add_argument("--verbose", action="store_true", help="Log at DEBUG level (LOG_LEVEL=DEBUG).")
     return parser
 
@@ -110,7 +111,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {
         name: getattr(args, name)
         for name in ("batch_processor_mode", "mongodb_batch_size", "batch_max_concurrent", "batch_poll_interval",
-                     "batch_files_dir", "batch_monitoring_mode")
+                     "batch_files_dir", "batch_monitoring_mode", "batch_worker_id")
     }
     if args.verbose:
         overrides["log_level"] = "DEBUG"
@@ -127,6 +128,8 @@ def print_summary(summary: RunSummary, settings: Settings) -> None:
            if p.failed else ""),
         f"  in retry queue    {p.queued_for_retry}" + ("   (retried on the next run)" if p.queued_for_retry else ""),
         f"  already done      {p.already_classified}",
+        f"  skipped           {p.skipped}" + ("   (no customer turn: status 'skipped', nothing to classify)"
+                                               if p.skipped else ""),
         f"  rate              {p.successful / p.elapsed_seconds if p.elapsed_seconds else 0:.2f} conversations/s",
         f"  results           {settings.mongodb_database_name}.{settings.mongodb_results_collection}",
     ]

@@ -19,6 +19,7 @@ EXIT_FAILURE = 1  # the run broke off
 EXIT_USAGE = 2  # bad command line or input file
 EXIT_CONFIG = 3  # invalid settings or configuration file
 EXIT_UNAVAILABLE = 4  # MongoDB or Ollama unreachable, or the model not pulled
+EXIT_FAILURE_RATE = 6  # batch: stopped, too many conversations failed because of the model
 EXIT_INTERRUPTED = 130
 
 
@@ -175,6 +176,14 @@ class BatchFileError(ClassifierError):
     """A local batch file cannot be read or written, or its folder is in use by another processor."""
 
     code = "batch_file_error"
+
+
+class FailureRateExceededError(ClassifierError):
+    """A batch job stopped: too many recent conversations failed because of the model
+    (BATCH_MAX_FAILURE_RATE over BATCH_FAILURE_WINDOW). Unfinished work stays recoverable."""
+
+    code = "failure_rate_exceeded"
+    exit_code = EXIT_FAILURE_RATE
 
 
 def fail(error: ClassifierError, exit_code: int | None = None, *, extra_hint: str | None = None) -> int:

@@ -23,6 +23,7 @@ import pytest
 from bson import ObjectId
 
 import cli
+from aggregator import content_hash, validate_conversation
 from config import Settings, env_name
 from tests.fake_ollama import ErrorReply, FakeOllama, Reply, last_user_content
 from tests.net_helpers import free_port
@@ -127,7 +128,7 @@ def test_batch_mode_classifies_every_pending_conversation(batch_env, files_dir, 
     assert batch_files(files_dir) == ["batch_001_completed.json", "batch_002_completed.json",
                                       "batch_003_completed.json"]
     checkpoint = json.loads((files_dir / "checkpoint.json").read_text())
-    assert checkpoint["last_object_id"] == str(no_status_ids[-1])
+    assert checkpoint["conversations_resolved"] == 23
     out = capsys.readouterr().out
     assert "classified        23" in out
 
@@ -138,7 +139,8 @@ def test_result_documents_follow_the_design_schema(batch_env, mongo_db, fake_oll
 
     result = mongo_db[RESULTS].find_one({})
     assert set(result) == {"_id", "conversation_number", "source_conversation_id", "classification",
-                           "processing_metadata", "created_at"}
+                           "content_hash", "processing_metadata", "created_at"}
+    assert result["content_hash"].startswith("sha256:")
     assert result["source_conversation_id"] == source_id
     assert result["_id"] != source_id
     assert result["conversation_number"] == "5001"
@@ -178,7 +180,8 @@ def test_reruns_never_create_a_second_result(batch_env, mongo_db, fake_ollama, c
     ids = insert(mongo_db, [make_conversation(i) for i in range(6)])
     # One conversation was classified before but its status update was lost: skipped, not redone.
     mongo_db[RESULTS].insert_one({"source_conversation_id": ids[0], "conversation_number": "5000",
-                                  "classification": {"intent": "Other"}})
+                                  "classification": {"intent": "Other"},
+                                  "content_hash": content_hash(validate_conversation(make_conversation(0)))})
     assert cli.main([]) == cli.EXIT_OK
     assert fake_ollama.chat_count == 5
     assert "already done      1" in capsys.readouterr().out
@@ -222,7 +225,7 @@ def test_llm_failures_are_retried_queued_and_finally_marked_failed(batch_env, fi
     [queue] = list(files_dir.glob("batch_*_retry_queue.json"))
     [entry] = json.loads(queue.read_text())
     assert entry["status"] == "llm_failed"
-    assert entry["conversation_id"] == str(bad)
+    assert entry["conversation_id"] == {"$oid": str(bad)}  # MongoDB Extended JSON
     assert entry["retry_count"] == 1
     assert entry["classification_result"] is None
     assert "HTTP 500" in entry["reason"]
@@ -273,7 +276,7 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     [queue] = list(files_dir.glob("batch_*_retry_queue.json"))
     entries = json.loads(queue.read_text())
     assert {e["status"] for e in entries} == {"write_failed"}
-    assert {e["conversation_id"] for e in entries} == {str(i) for i in ids}
+    assert sorted(e["conversation_id"]["$oid"] for e in entries) == sorted(str(i) for i in ids)  # Extended JSON
     assert all(e["classification_result"]["intent"] for e in entries)
     assert all("Document failed validation" in e["reason"] for e in entries)
     capsys.readouterr()
@@ -283,7 +286,7 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     assert fake_ollama.chat_count == 5  # written from the queue, the LLM was not asked again
     assert results_per_source(mongo_db) == {i: 1 for i in ids}
     stored = {r["source_conversation_id"]: r["classification"] for r in mongo_db[RESULTS].find()}
-    assert stored == {ObjectId(e["conversation_id"]): e["classification_result"] for e in entries}
+    assert stored == {ObjectId(e["conversation_id"]["$oid"]): e["classification_result"] for e in entries}
     assert statuses(mongo_db) == {"processed": 5}
     assert not list(files_dir.glob("batch_*_retry_queue.json"))
 
@@ -551,3 +554,76 @@ def test_an_unexpected_error_on_the_probe_neither_hangs_the_run_nor_loses_the_co
     assert unexpected and unexpected[0].exc_info and "a bug in the pipeline" in str(unexpected[0].exc_info[1])
     assert any("queued for retry (llm_failed): unexpected RuntimeError: a bug in the pipeline" in r.message
                for r in caplog.records)
+
+
+# --- any _id type (issue 8 item 2) -------------------------------------------------------------
+
+
+def mixed_id_documents() -> list[dict[str, Any]]:
+    """One conversation per BSON type an _id may have, 24-hex string that is not an ObjectId included."""
+    import uuid
+
+    from bson import Binary
+
+    ids: list[Any] = [ObjectId(), 7, 2.5, "conv-abc", "5f1d7a2b3c4d5e6f708192a3",
+                      Binary.from_uuid(uuid.UUID("12345678-1234-5678-1234-567812345678")), {"shop": "eu", "n": 3}]
+    return [make_conversation(i, _id=value) for i, value in enumerate(ids)]
+
+
+def test_every_id_type_keeps_its_type_and_value_end_to_end(batch_env, files_dir, mongo_db, fake_ollama):
+    docs = mixed_id_documents()
+    ids = insert(mongo_db, docs)
+    assert cli.main(["--batch-size", "3"]) == cli.EXIT_OK
+
+    assert fake_ollama.chat_count == len(ids)
+    assert statuses(mongo_db) == {"processed": len(ids)}
+    stored = [r["source_conversation_id"] for r in mongo_db[RESULTS].find()]
+    assert len(stored) == len(ids)
+    for source_id in ids:
+        matches = [s for s in stored if s == source_id and type(s) is type(source_id)]
+        assert len(matches) == 1, f"no result of the same type and value for {source_id!r}"
+    # The 24-hex string stays a string: no result for an ObjectId nobody has.
+    assert mongo_db[RESULTS].count_documents({"source_conversation_id": ObjectId("5f1d7a2b3c4d5e6f708192a3")}) == 0
+    # Batch files hold the ids as MongoDB Extended JSON.
+    text = "".join(p.read_text() for p in files_dir.glob("batch_*.json"))
+    assert '"$oid"' in text or not any(p.name.endswith("_pending.json") for p in files_dir.glob("*"))
+
+
+def test_ids_survive_the_batch_files_of_a_crashed_run(batch_env, files_dir, mongo_db, fake_ollama):
+    # A write failure keeps each conversation in the retry queue file; the next run reads the ids back.
+    mongo_db.create_collection(RESULTS, validator={"$jsonSchema": {"required": ["field_no_result_has"]}})
+    ids = insert(mongo_db, mixed_id_documents())
+    assert cli.main([]) == cli.EXIT_INCOMPLETE
+    [queue] = list(files_dir.glob("batch_*_retry_queue.json"))
+    assert '"$oid"' in queue.read_text() and '"$binary"' in queue.read_text()
+    mongo_db.command("collMod", RESULTS, validator={})
+    assert cli.main([]) == cli.EXIT_OK
+    assert fake_ollama.chat_count == len(ids)  # written from the queue, no second LLM call
+    stored = [r["source_conversation_id"] for r in mongo_db[RESULTS].find()]
+    assert sorted(map(repr, stored)) == sorted(map(repr, ids))
+    assert statuses(mongo_db) == {"processed": len(ids)}
+
+
+def test_a_collection_mixing_id_types_is_read_completely_across_runs(batch_env, mongo_db, fake_ollama):
+    ids = insert(mongo_db, mixed_id_documents()[:4])
+    assert cli.main(["--limit", "2", "--batch-size", "1"]) == cli.EXIT_OK
+    # Documents of other types arrive later, "behind" any position a reader could keep.
+    ids += insert(mongo_db, [make_conversation(50, _id=1), make_conversation(51, _id="a"),
+                             make_conversation(52, _id=ObjectId("000000000000000000000001"))])
+    assert cli.main(["--batch-size", "2"]) == cli.EXIT_OK
+    assert statuses(mongo_db) == {"processed": len(ids)}
+    assert fake_ollama.chat_count == len(ids)
+
+
+def test_one_bad_document_never_stops_a_run(batch_env, mongo_db, fake_ollama):
+    good = insert(mongo_db, [make_conversation(i) for i in range(3)])
+    bad = insert(mongo_db, [
+        {"_id": 1001, "conversation_number": {"nested": "number"}, "tweets": [], "status": "pending"},
+        {"_id": 1002, "conversation_number": "bad-2", "tweets": "not a list", "status": "pending"},
+        {"_id": 1003, "conversation_number": "bad-3", "messages": [{"sender": 5, "text": None}], "status": "pending"},
+        {"_id": 1004, "status": "pending"},
+    ])
+    assert cli.main(["--batch-size", "2"]) == cli.EXIT_INCOMPLETE
+    assert set(results_per_source(mongo_db)) == set(good)
+    for doc in mongo_db[SOURCE].find({"_id": {"$in": bad}}):
+        assert doc["status"] == "failed" and doc["failure_reason"], doc

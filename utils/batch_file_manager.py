@@ -11,8 +11,8 @@
 
 Every write is atomic (temporary file in the same folder, fsync, ``os.replace``, fsync
 of the folder), so a crash at any instant leaves the old or the new content, never a
-torn file. Conversation documents are stored as MongoDB Extended JSON (relaxed) so
-ObjectIds and dates inside them survive the round trip.
+torn file. Conversation documents and their ``_id`` values are stored as MongoDB Extended
+JSON (relaxed) so ObjectIds, UUIDs, dates and ids of any BSON type survive the round trip.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ def read_json(path: Path) -> Any:
 class BatchConversation:
     """One source document in a batch file."""
 
-    object_id: str
+    object_id: Any  # the source _id as its BSON value (any type)
     conversation_data: dict[str, Any]
     created_at: str = field(default_factory=iso_now)
 
@@ -103,7 +103,7 @@ class BatchConversation:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BatchConversation:
-        return cls(str(data["_id"]), dict(data.get("conversation_data") or {}), str(data.get("created_at", "")))
+        return cls(data["_id"], dict(data.get("conversation_data") or {}), str(data.get("created_at", "")))
 
 
 @dataclass
@@ -143,7 +143,7 @@ class PendingBatch:
 class RetryEntry:
     """One entry of a retry queue: a conversation whose LLM call or result write failed."""
 
-    conversation_id: str
+    conversation_id: Any  # the source _id as its BSON value (any type)
     status: RetryStatus
     conversation_data: dict[str, Any]
     reason: str
@@ -159,7 +159,7 @@ class RetryEntry:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RetryEntry:
         return cls(
-            conversation_id=str(data["conversation_id"]),
+            conversation_id=data["conversation_id"],
             status=data["status"],
             conversation_data=dict(data.get("conversation_data") or {}),
             reason=str(data.get("reason", "")),
