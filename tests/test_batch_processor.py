@@ -627,3 +627,118 @@ def test_one_bad_document_never_stops_a_run(batch_env, mongo_db, fake_ollama):
     assert set(results_per_source(mongo_db)) == set(good)
     for doc in mongo_db[SOURCE].find({"_id": {"$in": bad}}):
         assert doc["status"] == "failed" and doc["failure_reason"], doc
+
+
+# --- claims with leases (issue 9) ------------------------------------------------------------
+
+
+def chats_per_conversation(fake_ollama: FakeOllama) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for request in fake_ollama.chat_requests:
+        text = last_user_content(request)
+        counts[text] = counts.get(text, 0) + 1
+    return counts
+
+
+def test_several_processors_share_a_collection_one_result_and_one_llm_call_each(
+    start_processor, tmp_path, mongo_db, fake_ollama
+):
+    ids = insert(mongo_db, [make_conversation(i) for i in range(90)])
+    fake_ollama.latency = 0.02
+    processes = [
+        start_processor("--batch-size", "7", "--max-concurrent", "3", "--batch-files-dir", str(tmp_path / f"files_{n}"),
+                        "--worker-id", f"worker-{n}")
+        for n in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == cli.EXIT_OK, output
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+    assert fake_ollama.chat_count == 90
+    assert set(chats_per_conversation(fake_ollama).values()) == {1}
+    assert statuses(mongo_db) == {"processed": 90}
+    # Nothing of a claim is left on a finished document.
+    assert mongo_db[SOURCE].count_documents({"claimed_by": {"$exists": True}}) == 0
+    workers = {r["processing_metadata"]["batch_job_id"] for r in mongo_db[RESULTS].find()}
+    assert workers  # (job ids may coincide; the split between workers is not asserted: it depends on timing)
+
+
+def test_an_abandoned_claim_is_taken_over_and_a_live_one_is_waited_for(batch_env, mongo_db, fake_ollama, caplog):
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    expired = insert(mongo_db, [make_conversation(i, status="processing", claimed_by="dead-worker", claim_id="t1",
+                                                  lease_expires_at=now - timedelta(seconds=5)) for i in range(3)])
+    # Left 'processing' by a processor of before leases: nobody renews it.
+    legacy = insert(mongo_db, [make_conversation(10, status="processing")])
+    # Held by a live processor (lease running): a batch run waits until it finishes or expires.
+    live = insert(mongo_db, [make_conversation(20, status="processing", claimed_by="other-worker", claim_id="t2",
+                                               lease_expires_at=now + timedelta(seconds=2))])
+    fresh = insert(mongo_db, [make_conversation(30)])
+
+    assert cli.main(["--worker-id", "me"]) == cli.EXIT_OK
+
+    assert results_per_source(mongo_db) == {i: 1 for i in expired + legacy + live + fresh}
+    assert statuses(mongo_db) == {"processed": 6}
+    assert fake_ollama.chat_count == 6
+    assert any("waiting for the claims of other processors" in r.message for r in caplog.records)
+
+
+def test_a_processor_that_lost_its_claim_never_overwrites_the_newer_state(batch_env, mongo_db, fake_ollama):
+    # While the model answers, the document is reset to pending (edited by a user): the run's
+    # status update must not mark it processed over that reset.
+    [source_id] = insert(mongo_db, [make_conversation(1)])
+    fake_ollama.latency = 0.5
+
+    import threading
+
+    def reset_while_classifying() -> None:
+        if fake_ollama.wait_for_chats(1, timeout=20):
+            mongo_db[SOURCE].update_one({"_id": source_id}, {"$set": {"status": "pending"},
+                                                             "$unset": {"claim_id": "", "claimed_by": ""}})
+
+    thread = threading.Thread(target=reset_while_classifying)
+    thread.start()
+    try:
+        assert cli.main(["--limit", "1"]) == cli.EXIT_OK
+    finally:
+        thread.join()
+    assert mongo_db[SOURCE].find_one({"_id": source_id})["status"] == "pending"
+
+
+def test_a_killed_processor_s_claims_are_taken_over_by_another(start_processor, tmp_path, mongo_db, fake_ollama):
+    ids = insert(mongo_db, [make_conversation(i) for i in range(30)])
+    fake_ollama.latency = 0.3
+    lease = {"BATCH_LEASE_SECONDS": "1.5"}
+    victim = start_processor("--batch-size", "10", "--max-concurrent", "4", "--worker-id", "victim",
+                             "--batch-files-dir", str(tmp_path / "victim"), **lease)
+    wait_until(lambda: mongo_db[SOURCE].count_documents({"claimed_by": "victim"}) > 0, what="the victim's claims")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    held = mongo_db[SOURCE].count_documents({"claimed_by": "victim", "status": "processing"})
+    assert held > 0, "killed too late to test a take-over"
+
+    fake_ollama.latency = 0
+    survivor = start_processor("--batch-size", "10", "--worker-id", "survivor",
+                               "--batch-files-dir", str(tmp_path / "survivor"), **lease)
+    output, _ = survivor.communicate(timeout=120)
+    assert survivor.returncode == cli.EXIT_OK, output
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+    assert statuses(mongo_db) == {"processed": 30}
+
+
+def test_leases_are_renewed_while_a_slow_model_works(start_processor, tmp_path, mongo_db, fake_ollama):
+    # Each answer takes longer than the lease: without renewal the second processor would take
+    # the first one's conversations over and classify them again.
+    ids = insert(mongo_db, [make_conversation(i) for i in range(6)])
+    fake_ollama.latency = 2.0
+    lease = {"BATCH_LEASE_SECONDS": "0.9"}
+    first = start_processor("--max-concurrent", "6", "--worker-id", "first",
+                            "--batch-files-dir", str(tmp_path / "first"), **lease)
+    wait_until(lambda: fake_ollama.chat_count >= 6, what="the first processor's calls")
+    second = start_processor("--worker-id", "second", "--batch-files-dir", str(tmp_path / "second"), **lease)
+    for process in (first, second):
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == cli.EXIT_OK, output
+    assert fake_ollama.chat_count == 6
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
