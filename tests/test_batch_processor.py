@@ -742,3 +742,39 @@ def test_leases_are_renewed_while_a_slow_model_works(start_processor, tmp_path, 
         assert process.returncode == cli.EXIT_OK, output
     assert fake_ollama.chat_count == 6
     assert results_per_source(mongo_db) == {i: 1 for i in ids}
+
+
+# --- edited conversations (issue 8 item 4) -----------------------------------------------------
+
+
+def test_an_edited_conversation_reset_to_pending_is_classified_again(batch_env, mongo_db, fake_ollama):
+    ids = insert(mongo_db, [make_conversation(i) for i in range(3)])
+    assert cli.main([]) == cli.EXIT_OK
+    first = {r["source_conversation_id"]: r for r in mongo_db[RESULTS].find()}
+    edited = make_conversation(0, text="@AcmeCare actually it arrived today, thank you so much!")
+    mongo_db[SOURCE].update_one({"_id": ids[0]}, {"$set": {"tweets": edited["tweets"], "status": "pending"}})
+    mongo_db[SOURCE].update_one({"_id": ids[1]}, {"$set": {"status": "pending"}})  # reset, not edited
+
+    assert cli.main([]) == cli.EXIT_OK
+
+    assert fake_ollama.chat_count == 4  # the edited one only
+    assert "it arrived today" in last_user_content(fake_ollama.chat_requests[-1])
+    after = {r["source_conversation_id"]: r for r in mongo_db[RESULTS].find()}
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+    assert after[ids[0]]["content_hash"] != first[ids[0]]["content_hash"]
+    assert after[ids[0]]["processing_metadata"]["batch_job_id"] is not None
+    assert after[ids[1]]["content_hash"] == first[ids[1]]["content_hash"]
+    assert after[ids[1]]["processing_metadata"] == first[ids[1]]["processing_metadata"]
+    assert statuses(mongo_db) == {"processed": 3}
+
+
+def test_content_hash_depends_on_speakers_and_text_only():
+    a = validate_conversation(make_conversation(1))
+    same = validate_conversation({**make_conversation(1), "conversation_number": "other", "status": "x"})
+    spaced = make_conversation(1)
+    spaced["tweets"][0]["text"] = "  @AcmeCare my order 1   has not arrived and I am annoyed "
+    flipped = make_conversation(1)
+    flipped["tweets"][0]["inbound"] = False
+    assert content_hash(a) == content_hash(same) == content_hash(validate_conversation(spaced))
+    assert content_hash(a) != content_hash(validate_conversation(flipped))
+    assert content_hash(a) != content_hash(validate_conversation(make_conversation(2)))
