@@ -778,3 +778,32 @@ def test_content_hash_depends_on_speakers_and_text_only():
     assert content_hash(a) == content_hash(same) == content_hash(validate_conversation(spaced))
     assert content_hash(a) != content_hash(validate_conversation(flipped))
     assert content_hash(a) != content_hash(validate_conversation(make_conversation(2)))
+
+
+# --- no customer turn (issue 8 item 3) -----------------------------------------------------------
+
+
+def test_a_conversation_without_a_customer_turn_is_skipped_without_an_llm_call(batch_env, mongo_db, fake_ollama,
+                                                                               capsys):
+    good = insert(mongo_db, [make_conversation(1)])
+    agent_only = make_conversation(2)
+    agent_only["tweets"] = [t for t in agent_only["tweets"] if not t["inbound"]]
+    blank_customer = make_conversation(3)
+    blank_customer["tweets"][0]["text"] = "   "
+    messages = {"conversation_number": "m4", "status": "pending",
+                "messages": [{"sender": "agent", "text": "Hello, how can we help?"}]}
+    skipped = insert(mongo_db, [agent_only, blank_customer, messages])
+
+    assert cli.main([]) == cli.EXIT_OK  # nothing failed: there was nothing to classify
+
+    assert fake_ollama.chat_count == 1
+    assert set(results_per_source(mongo_db)) == set(good)
+    for doc in mongo_db[SOURCE].find({"_id": {"$in": skipped}}):
+        assert doc["status"] == "skipped"
+        assert doc["error_type"] == "no_customer_turn"
+        assert "no customer turn" in doc["failure_reason"]
+    out = capsys.readouterr().out
+    assert "skipped           3" in out and "classified        1" in out and "failed            0" in out
+    # Terminal: not picked up again, not even by --retry-failed.
+    assert cli.main(["--retry-failed"]) == cli.EXIT_OK
+    assert fake_ollama.chat_count == 1
