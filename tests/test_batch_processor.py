@@ -807,3 +807,54 @@ def test_a_conversation_without_a_customer_turn_is_skipped_without_an_llm_call(b
     # Terminal: not picked up again, not even by --retry-failed.
     assert cli.main(["--retry-failed"]) == cli.EXIT_OK
     assert fake_ollama.chat_count == 1
+
+
+# --- --retry-failed never loops (issue 8 item 7) ---------------------------------------------------
+
+
+def garbled_for(marker: str) -> Callable[[dict[str, Any]], Reply | None]:
+    return lambda request: Reply(content="no idea") if marker in last_user_content(request) else None
+
+
+def test_retry_failed_ends_even_when_the_answers_stay_unusable(batch_env, monkeypatch, files_dir, mongo_db,
+                                                               fake_ollama):
+    monkeypatch.setenv("BATCH_RETRY_QUEUE_ATTEMPTS", "1")
+    fake_ollama.responder = garbled_for("GARBLED")
+    failed = insert(mongo_db, [make_conversation(i, text=f"GARBLED {i}", status="failed", failure_reason="earlier")
+                               for i in range(4)])
+    # Left 'processing' with no batch file (a lost folder): picked up without --retry-failed.
+    orphan = insert(mongo_db, [make_conversation(10, status="processing")])
+
+    assert cli.main(["--retry-failed", "--batch-size", "2"]) == cli.EXIT_INCOMPLETE
+
+    # Each failed conversation was taken once by this run: one call, then one retry-queue pass.
+    per_conversation = chats_per_conversation(fake_ollama)
+    assert sorted(n for text, n in per_conversation.items() if "GARBLED" in text) == [2, 2, 2, 2]
+    assert mongo_db[SOURCE].count_documents({"_id": {"$in": failed}, "status": "failed"}) == 4
+    assert results_per_source(mongo_db) == {orphan[0]: 1}
+    assert len(batch_files(files_dir)) <= 3
+    # The next --retry-failed run takes them again, once each.
+    assert cli.main(["--retry-failed"]) == cli.EXIT_INCOMPLETE
+    assert fake_ollama.chat_count == 1 + 8 + 8
+
+
+def test_continuous_retry_failed_does_not_reread_permanent_failures_every_cycle(start_processor, files_dir, mongo_db,
+                                                                                 fake_ollama):
+    fake_ollama.responder = garbled_for("GARBLED")
+    [bad] = insert(mongo_db, [make_conversation(0, text="GARBLED forever", status="failed")])
+    process = start_processor("--mode", "continuous", "--poll-interval", "0.1", "--retry-failed",
+                              BATCH_RETRY_QUEUE_ATTEMPTS="2")
+    wait_until(lambda: mongo_db[SOURCE].find_one({"_id": bad}).get("last_run_id") is not None, timeout=60,
+               what="the failed conversation to be given up again")
+    # Many poll cycles later (each new conversation needs at least one more cycle)...
+    for i in range(1, 6):
+        insert(mongo_db, [make_conversation(i)])
+        wait_until(lambda: statuses(mongo_db).get("processed") == i, timeout=60, what=f"conversation {i}")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == cli.EXIT_INCOMPLETE, output
+    calls = sum("GARBLED" in last_user_content(r) for r in fake_ollama.chat_requests)
+    assert calls == 3  # 1 attempt + 2 retry-queue passes, then never again in this run
+    assert mongo_db[SOURCE].find_one({"_id": bad})["status"] == "failed"
+    assert len(batch_files(files_dir)) <= 12
+    assert output.count("GARBLED") == 0  # conversation text is not logged at INFO
