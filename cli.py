@@ -19,6 +19,7 @@ from config import Settings, field_help, load_settings
 from error_handler import (
     EXIT_CONFIG,
     EXIT_FAILURE,
+    EXIT_FAILURE_RATE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
@@ -53,6 +54,7 @@ exit codes:
   {EXIT_OK} all conversations classified   {EXIT_INCOMPLETE} finished, some failed or queued for retry
   {EXIT_FAILURE} the run broke off           {EXIT_CONFIG} invalid configuration
   {EXIT_UNAVAILABLE} MongoDB or Ollama unavailable at start-up   {EXIT_USAGE} bad command line
+  {EXIT_FAILURE_RATE} stopped: too many conversations failed because of the model (BATCH_MAX_FAILURE_RATE)
 """
 
 

@@ -23,6 +23,7 @@ import pytest
 from bson import ObjectId
 
 import cli
+import error_handler
 from aggregator import content_hash, validate_conversation
 from config import Settings, env_name
 from tests.fake_ollama import ErrorReply, FakeOllama, Reply, last_user_content
@@ -858,3 +859,55 @@ def test_continuous_retry_failed_does_not_reread_permanent_failures_every_cycle(
     assert mongo_db[SOURCE].find_one({"_id": bad})["status"] == "failed"
     assert len(batch_files(files_dir)) <= 12
     assert output.count("GARBLED") == 0  # conversation text is not logged at INFO
+
+
+# --- failure-rate stop (issue 8 item 12) ---------------------------------------------------------
+
+
+def test_a_job_whose_model_answers_are_mostly_unusable_stops_and_leaves_the_rest_recoverable(
+    batch_env, monkeypatch, mongo_db, fake_ollama, capsys
+):
+    monkeypatch.setenv("BATCH_FAILURE_WINDOW", "10")
+    monkeypatch.setenv("BATCH_MAX_FAILURE_RATE", "0.2")
+    fake_ollama.responder = lambda request: Reply(content="I think this customer is upset.")
+    ids = insert(mongo_db, [make_conversation(i) for i in range(60)])
+    # Invalid input does not count against the model.
+    insert(mongo_db, [{"conversation_number": f"bad-{i}", "tweets": [], "status": "pending"} for i in range(15)])
+
+    assert cli.main(["--batch-size", "5", "--max-concurrent", "2"]) == error_handler.EXIT_FAILURE_RATE
+
+    err = capsys.readouterr().err
+    assert "error: Stopped:" in err and "failed because of the model" in err
+    assert "llm_bad_output" in err and "OLLAMA_MODEL" in err and "BATCH_MAX_FAILURE_RATE=0" in err
+    assert "Traceback" not in err
+    assert fake_ollama.chat_count < 30  # it stopped early, not after burning the collection
+    # Nothing the model failed on was marked failed: all of it is recoverable.
+    assert mongo_db[SOURCE].count_documents({"_id": {"$in": ids}, "status": "failed"}) == 0
+    assert mongo_db[SOURCE].count_documents({"_id": {"$in": ids}, "lease_expires_at": {"$gt": utcnow()}}) == 0
+
+    fake_ollama.responder = None  # the model is fixed
+    monkeypatch.setenv("BATCH_RETRY_QUEUE_ATTEMPTS", "1")
+    assert cli.main(["--batch-size", "20"]) == cli.EXIT_INCOMPLETE  # (the invalid ones are failed)
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+
+
+def test_failure_window_counts_model_failures_over_the_last_n():
+    from batch_processor import FailureWindow
+
+    window = FailureWindow(4, 0.25)
+    assert not window.record(("llm_bad_output", "x"))
+    assert not window.record(("llm_bad_output", "x"))
+    assert not window.record(None)
+    assert window.record(None)  # full: 2 of 4 > 25 %
+    for _ in range(4):
+        window.record(None)
+    assert not window.exceeded and window.failures == 0
+    off = FailureWindow(2, 0)
+    assert not off.record(("llm_timeout", "t")) and not off.record(("llm_timeout", "t"))
+    assert off.most_common() == ("llm_timeout", 2, "t")
+
+
+def utcnow() -> Any:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
