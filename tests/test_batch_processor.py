@@ -911,3 +911,29 @@ def utcnow() -> Any:
     from datetime import datetime, timezone
 
     return datetime.now(timezone.utc)
+
+
+# --- identical conversations (issue 9) -------------------------------------------------------------
+
+
+def test_identical_conversations_are_classified_once_per_job(batch_env, mongo_db, fake_ollama):
+    fake_ollama.latency = 0.2  # identical ones are in flight together: they wait for the first answer
+    templates = [make_conversation(t) for t in range(3)]
+    docs = [{**templates[i % 3], "conversation_number": f"dup-{i}"} for i in range(12)]
+    ids = insert(mongo_db, docs)
+    distinct = insert(mongo_db, [make_conversation(50)])
+
+    assert cli.main(["--max-concurrent", "6", "--batch-size", "5"]) == cli.EXIT_OK
+
+    assert fake_ollama.chat_count == 4
+    results = {r["source_conversation_id"]: r for r in mongo_db[RESULTS].find()}
+    assert set(results) == set(ids) | set(distinct)
+    reused = [r for r in results.values() if r["processing_metadata"].get("classification_reused")]
+    assert len(reused) == 9
+    for result in reused:
+        original = results[result["processing_metadata"]["reused_from"]]
+        assert not original["processing_metadata"].get("classification_reused")
+        assert original["content_hash"] == result["content_hash"]
+        assert original["classification"] == result["classification"]
+        assert result["conversation_number"] != original["conversation_number"]
+    assert statuses(mongo_db) == {"processed": 13}
