@@ -29,16 +29,24 @@ import asyncio
 import logging
 import socket
 from collections import Counter, OrderedDict, deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from contextlib import aclosing, suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
 import aggregator
 from aggregator import ConversationIn, content_hash, validate_conversation
 from async_llm_wrapper import AsyncOllamaClient
-from batch_source import BatchSource, default_worker_id, id_key
+from batch_source import (
+    Batches,
+    BatchReader,
+    BatchSource,
+    BatchState,
+    default_worker_id,
+    id_key,
+    with_storage_retries,
+)
 from classifier import ClassificationOutcome, ConversationClassifier
 from config import Settings
 from error_handler import (
@@ -61,9 +69,7 @@ from utils.batch_file_manager import (
     BatchConversation,
     BatchFileManager,
     Checkpoint,
-    PendingBatch,
     RetryEntry,
-    batch_id,
     iso_now,
     utc_now,
 )
@@ -80,8 +86,6 @@ NO_CUSTOMER_TURN = "no_customer_turn"
 CHECKPOINT_INTERVAL = 50
 #: Batches in flight at once: the next one is read and queued while the current one finishes.
 BATCH_LOOKAHEAD = 2
-#: Fields of a source document kept in batch files: what classification needs.
-CONVERSATION_FIELDS = ("conversation_number", "messages", "tweets")
 #: Distinct transcripts remembered per job for reuse (identical conversations); bounds memory.
 IDENTICAL_CACHE_SIZE = 20_000
 
@@ -123,10 +127,6 @@ def new_job_id(now: datetime | None = None) -> str:
     return f"batch_{(now or utc_now()):%Y%m%d_%H%M%S}"
 
 
-def conversation_payload(document: dict[str, Any]) -> dict[str, Any]:
-    return {key: document[key] for key in CONVERSATION_FIELDS if key in document}
-
-
 def describe(error: BaseException) -> tuple[str, str]:
     """(reason, error_type) of a failure for queues, statuses and logs."""
     if isinstance(error, ClassifierError):
@@ -151,25 +151,6 @@ class RunSummary:
     @property
     def all_succeeded(self) -> bool:
         return self.progress.failed == 0 and self.progress.queued_for_retry == 0
-
-
-@dataclass
-class BatchState:
-    """A batch being worked on: its claim token, what is left of it and its retry queue."""
-
-    number: int
-    queue: list[RetryEntry]
-    token: str
-    unresolved: set[str] = field(default_factory=set)
-    #: id_key -> content hash of results that existed when the batch was read.
-    existing: dict[str, str | None] = field(default_factory=dict)
-    has_pending_file: bool = True
-    successful: int = 0
-    failed: int = 0
-
-    @property
-    def batch_id(self) -> str:
-        return batch_id(self.number)
 
 
 @dataclass
@@ -297,6 +278,7 @@ class BatchProcessor:
         self._checkpoint = files.load_checkpoint() or Checkpoint(None, self.job_id)
         self._checkpoint.job_id = self.job_id
         self._resolved_since_checkpoint = 0
+        self.reader = BatchReader(settings, self.source, files, self.tracker, self._checkpoint, self._stop)
 
     # --- stopping -----------------------------------------------------------------------
     @property
@@ -358,12 +340,14 @@ class BatchProcessor:
 
     async def _run_cycle(self, limit: int | None) -> int:
         """Recovery, retry queues, then new conversations; returns how many new ones were read."""
-        await self._pipeline(self._recovered_batches())
+        await self._pipeline(self.reader.recovered())
         if not self.stopping:
-            await self._drain_orphan_queues()
+            async with aclosing(self.reader.orphan_queues()) as queues:
+                async for state in queues:
+                    await self._retry_pass(state)
         read = 0
         if not self.stopping:
-            read = await self._pipeline(self._new_batches(limit))
+            read = await self._pipeline(self.reader.claimed(limit))
         self.progress.refresh(force=True)
         return read
 
@@ -413,8 +397,8 @@ class BatchProcessor:
             logger.info("%d claimed conversations left unfinished: released for the next run or another processor",
                         released)
 
-    # --- reading batches ----------------------------------------------------------------
-    async def _pipeline(self, batches: AsyncIterator[tuple[BatchState, list[BatchConversation]]]) -> int:
+    # --- batches ------------------------------------------------------------------------
+    async def _pipeline(self, batches: Batches) -> int:
         """Process batches as they come, with up to BATCH_LOOKAHEAD in flight; returns the count read."""
         running: set[asyncio.Task[None]] = set()
         read = 0
@@ -437,108 +421,6 @@ class BatchProcessor:
             for task in running:
                 task.cancel()
         return read
-
-    async def _reclaim(self, what: str, ids: list[Any]) -> tuple[str, set[str]]:
-        return await self._with_storage_retries(f"claim of {what}", lambda: self.source.reclaim(ids))
-
-    def _keep_claimed(self, number: int, queue: list[RetryEntry], won: set[str]) -> list[RetryEntry]:
-        """The queue entries still this processor's; the others are dropped from the queue file."""
-        kept = [entry for entry in queue if id_key(entry.conversation_id) in won]
-        if len(kept) != len(queue):
-            logger.warning("%s: %d queued conversations were finished or taken over by another processor "
-                           "meanwhile; dropped from the retry queue", batch_id(number), len(queue) - len(kept))
-            self.files.save_retry_queue(number, kept)
-        return kept
-
-    async def _recovered_batches(self) -> AsyncIterator[tuple[BatchState, list[BatchConversation]]]:
-        """Pending files of an earlier run, claimed again; minus what sits in a queue or is no longer ours."""
-        for number in self.files.pending_numbers():
-            if self.stopping:
-                return
-            pending = self.files.load_pending(number)
-            queue = self.files.load_retry_queue(number)
-            token, won = await self._reclaim(
-                "recovered conversations", [c.object_id for c in pending.conversations] + [e.conversation_id for e in queue]
-            )
-            queue = self._keep_claimed(number, queue, won)
-            queued = {id_key(entry.conversation_id) for entry in queue}
-            left = [c for c in pending.conversations if id_key(c.object_id) not in queued]
-            todo = [c for c in left if id_key(c.object_id) in won]
-            state = BatchState(number, queue, token)
-            self.tracker.add_total(len(todo) + len(queue))
-            await self._load_existing(state, todo)
-            logger.info(
-                "recovering %s: %d of %d conversations left, %d in its retry queue, %d finished or taken over "
-                "by another processor meanwhile",
-                state.batch_id, len(todo), len(pending.conversations), len(queue), len(left) - len(todo),
-            )
-            yield state, todo
-
-    async def _new_batches(self, limit: int | None) -> AsyncIterator[tuple[BatchState, list[BatchConversation]]]:
-        """Claim unprocessed documents, ``batch_size`` at a time, until none is left (or ``limit``)."""
-        size = self.settings.mongodb_batch_size
-        remaining = limit
-        expected = await self._with_storage_retries("count of unprocessed conversations", self.source.count_claimable)
-        expected = expected if remaining is None else min(expected, remaining)
-        self.tracker.add_total(expected)
-        fetched = 0
-        waiting_logged = False
-        while not self.stopping and (remaining is None or remaining > 0):
-            want = size if remaining is None else min(size, remaining)
-            token, documents = await self._with_storage_retries(
-                "claim of unprocessed conversations", lambda: self.source.claim(want)
-            )
-            if not documents:
-                if await self._others_still_working():
-                    if not waiting_logged:
-                        logger.info("nothing left to claim; waiting for the claims of other processors to finish "
-                                    "or expire")
-                        waiting_logged = True
-                    await self._pause(self._claim_wait_seconds())
-                    continue
-                break
-            fetched += len(documents)
-            if fetched > expected:  # documents arrived (or were given back) during the run
-                self.tracker.add_total(fetched - expected)
-                expected = fetched
-            if remaining is not None:
-                remaining -= len(documents)
-            yield await self._start_batch(token, documents)
-        if fetched < expected:  # fewer than counted (taken by another processor, or the count was stale)
-            self.tracker.add_total(fetched - expected)
-
-    async def _others_still_working(self) -> bool:
-        """Batch mode: whether other live processors hold claims (they may finish them, or die and
-        leave them to be taken over). Continuous mode polls again anyway."""
-        if self.settings.batch_processor_mode != "batch":
-            return False
-        live = await self._with_storage_retries("count of claimed conversations", self.source.live_claims_of_others)
-        return live > 0
-
-    def _claim_wait_seconds(self) -> float:
-        return min(self.settings.batch_poll_interval, max(self.settings.batch_lease_seconds / 10, 0.1), 5.0)
-
-    async def _start_batch(self, token: str, documents: list[dict[str, Any]]) -> tuple[BatchState, list[BatchConversation]]:
-        """Save claimed documents as a pending batch file (this processor's crash journal)."""
-        number = self.files.next_batch_number()
-        pending = PendingBatch(
-            number, self.job_id, [BatchConversation(d["_id"], conversation_payload(d)) for d in documents]
-        )
-        self.files.write_pending(pending)
-        self._checkpoint.last_object_id = pending.last_object_id
-        self.files.save_checkpoint(self._checkpoint)
-        state = BatchState(number, [], token)
-        await self._load_existing(state, pending.conversations)
-        logger.info("%s: %d conversations claimed", state.batch_id, len(documents))
-        return state, pending.conversations
-
-    async def _load_existing(self, state: BatchState, conversations: list[BatchConversation]) -> None:
-        """Remember the content hashes of results that already exist: those conversations are not
-        classified again unless their transcript changed."""
-        ids = [c.object_id for c in conversations]
-        found = await self._with_storage_retries("read of existing results", lambda: self.store.result_hashes(ids))
-        state.existing = {id_key(source_id): digest for source_id, digest in found}
-        state.unresolved = {id_key(c.object_id) for c in conversations}
 
     # --- processing a batch -------------------------------------------------------------
     async def _process_batch(self, state: BatchState, todo: list[BatchConversation]) -> None:
@@ -682,13 +564,7 @@ class BatchProcessor:
         )
 
     async def _with_storage_retries(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        policy = retrying(
-            what, max_retries=self.settings.mongodb_max_retries, base_delay=self.settings.mongodb_retry_base_seconds
-        )
-        async for attempt in policy:
-            with attempt:
-                return await operation()
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+        return await with_storage_retries(self.settings, what, operation)
 
     # --- outcomes -----------------------------------------------------------------------
     async def _record(self, state: BatchState, item: WorkItem, outcome: Outcome) -> None:
@@ -815,18 +691,6 @@ class BatchProcessor:
         self.progress.refresh()
 
     # --- retry queues -------------------------------------------------------------------
-    async def _drain_orphan_queues(self) -> None:
-        """One pass over the retry queues of batches that have no pending file any more."""
-        pending = set(self.files.pending_numbers())
-        for number in self.files.retry_queue_numbers():
-            if self.stopping or number in pending:
-                continue
-            queue = self.files.load_retry_queue(number)
-            token, won = await self._reclaim("queued conversations", [e.conversation_id for e in queue])
-            state = BatchState(number, self._keep_claimed(number, queue, won), token, has_pending_file=False)
-            self.tracker.add_total(len(state.queue))
-            await self._retry_pass(state)
-
     async def _retry_pass(self, state: BatchState) -> None:
         if not state.queue or self.stopping:
             return

@@ -1,5 +1,9 @@
 """The reading side of the batch processor: claims with leases in MongoDB (DESIGN.md section 9).
 
+:class:`BatchSource` talks to the source collection (claims, leases, conditional status
+updates); :class:`BatchReader` turns it and the batch files folder into the batches a
+processor works on.
+
 MongoDB is the only coordinator between processors. A processor takes documents with a
 conditional update that only matches what nobody holds::
 
@@ -20,17 +24,21 @@ are (ObjectId, int, double, string, UUID binary, embedded document ...) end to e
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import suppress
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import Any, TypeVar
 
 from bson import json_util
 from pymongo.errors import PyMongoError
 
+from config import Settings
 from mongo_client import (
     STATUS_FAILED,
     STATUS_PENDING,
@@ -39,14 +47,31 @@ from mongo_client import (
     STATUS_SKIPPED,
     MongoStore,
 )
-from utils.batch_file_manager import utc_now
-from utils.retry_utils import storage_error
+from utils.batch_file_manager import (
+    BatchConversation,
+    BatchFileManager,
+    Checkpoint,
+    PendingBatch,
+    RetryEntry,
+    batch_id,
+    utc_now,
+)
+from utils.progress import ProgressTracker
+from utils.retry_utils import retrying, storage_error
 
 logger = logging.getLogger(__name__)
 
+T = TypeVar("T")
+
+#: Fields of a source document kept in batch files: what classification needs.
+CONVERSATION_FIELDS = ("conversation_number", "messages", "tweets")
 _CANONICAL = json_util.JSONOptions(json_mode=json_util.JSONMode.CANONICAL, tz_aware=True)
 #: Fields a claim adds to a source document (removed when the holder finishes it).
 CLAIM_FIELDS = ("claimed_by", "claim_id", "claim_home", "lease_expires_at", "claimed_at")
+
+
+def conversation_payload(document: dict[str, Any]) -> dict[str, Any]:
+    return {key: document[key] for key in CONVERSATION_FIELDS if key in document}
 
 
 def default_worker_id() -> str:
@@ -226,3 +251,176 @@ class BatchSource:
         except PyMongoError as e:
             raise storage_error(e, f"status update to {status}") from e
         return result.matched_count == 1
+
+
+async def with_storage_retries(settings: Settings, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+    """Run a MongoDB operation, retrying transient failures (MONGODB_MAX_RETRIES, 1/2/4 s)."""
+    policy = retrying(what, max_retries=settings.mongodb_max_retries, base_delay=settings.mongodb_retry_base_seconds)
+    async for attempt in policy:
+        with attempt:
+            return await operation()
+    raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+
+
+@dataclass
+class BatchState:
+    """A batch being worked on: its claim token, what is left of it and its retry queue."""
+
+    number: int
+    queue: list[RetryEntry]
+    token: str
+    unresolved: set[str] = field(default_factory=set)
+    #: id_key -> content hash of results that existed when the batch was read.
+    existing: dict[str, str | None] = field(default_factory=dict)
+    has_pending_file: bool = True
+    successful: int = 0
+    failed: int = 0
+
+    @property
+    def batch_id(self) -> str:
+        return batch_id(self.number)
+
+
+Batches = AsyncIterator[tuple[BatchState, list[BatchConversation]]]
+
+
+class BatchReader:
+    """What a processor works on next, in order: its own pending batch files (claimed again),
+    its retry queues without a pending file, then newly claimed batches.
+
+    Writes the pending batch files (the processor's crash journal) and keeps the tracker's
+    expected total; :class:`BatchProcessor` does the work and records the outcomes.
+    """
+
+    def __init__(self, settings: Settings, source: BatchSource, files: BatchFileManager, tracker: ProgressTracker,
+                 checkpoint: Checkpoint, stop: asyncio.Event) -> None:
+        self.settings = settings
+        self.source = source
+        self.store = source.store
+        self.files = files
+        self.tracker = tracker
+        self.checkpoint = checkpoint
+        self._stop = stop
+
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
+    async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
+        return await with_storage_retries(self.settings, what, operation)
+
+    async def _reclaim(self, what: str, ids: list[Any]) -> tuple[str, set[str]]:
+        return await self._retrying(f"claim of {what}", lambda: self.source.reclaim(ids))
+
+    def _keep_claimed(self, number: int, queue: list[RetryEntry], won: set[str]) -> list[RetryEntry]:
+        """The queue entries still this processor's; the others are dropped from the queue file."""
+        kept = [entry for entry in queue if id_key(entry.conversation_id) in won]
+        if len(kept) != len(queue):
+            logger.warning("%s: %d queued conversations were finished or taken over by another processor "
+                           "meanwhile; dropped from the retry queue", batch_id(number), len(queue) - len(kept))
+            self.files.save_retry_queue(number, kept)
+        return kept
+
+    async def recovered(self) -> Batches:
+        """Pending files of an earlier run, claimed again; minus what sits in a queue or is no longer ours."""
+        for number in self.files.pending_numbers():
+            if self.stopping:
+                return
+            pending = self.files.load_pending(number)
+            queue = self.files.load_retry_queue(number)
+            ids = [c.object_id for c in pending.conversations] + [e.conversation_id for e in queue]
+            token, won = await self._reclaim("recovered conversations", ids)
+            queue = self._keep_claimed(number, queue, won)
+            queued = {id_key(entry.conversation_id) for entry in queue}
+            left = [c for c in pending.conversations if id_key(c.object_id) not in queued]
+            todo = [c for c in left if id_key(c.object_id) in won]
+            state = BatchState(number, queue, token)
+            self.tracker.add_total(len(todo) + len(queue))
+            await self._load_existing(state, todo)
+            logger.info(
+                "recovering %s: %d of %d conversations left, %d in its retry queue, %d finished or taken over "
+                "by another processor meanwhile",
+                state.batch_id, len(todo), len(pending.conversations), len(queue), len(left) - len(todo),
+            )
+            yield state, todo
+
+    async def orphan_queues(self) -> AsyncIterator[BatchState]:
+        """The retry queues of batches that have no pending file any more, claimed again."""
+        pending = set(self.files.pending_numbers())
+        for number in self.files.retry_queue_numbers():
+            if self.stopping or number in pending:
+                continue
+            queue = self.files.load_retry_queue(number)
+            token, won = await self._reclaim("queued conversations", [e.conversation_id for e in queue])
+            state = BatchState(number, self._keep_claimed(number, queue, won), token, has_pending_file=False)
+            self.tracker.add_total(len(state.queue))
+            yield state
+
+    async def claimed(self, limit: int | None) -> Batches:
+        """Claim unprocessed documents, ``batch_size`` at a time, until none is left (or ``limit``)."""
+        size = self.settings.mongodb_batch_size
+        remaining = limit
+        expected = await self._retrying("count of unprocessed conversations", self.source.count_claimable)
+        expected = expected if remaining is None else min(expected, remaining)
+        self.tracker.add_total(expected)
+        fetched = 0
+        waiting_logged = False
+        while not self.stopping and (remaining is None or remaining > 0):
+            want = size if remaining is None else min(size, remaining)
+            token, documents = await self._retrying("claim of unprocessed conversations",
+                                                    lambda: self.source.claim(want))
+            if not documents:
+                if await self._others_still_working():
+                    if not waiting_logged:
+                        logger.info("nothing left to claim; waiting for the claims of other processors to finish "
+                                    "or expire")
+                        waiting_logged = True
+                    with suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), timeout=self._claim_wait_seconds())
+                    continue
+                break
+            fetched += len(documents)
+            if fetched > expected:  # documents arrived (or were given back) during the run
+                self.tracker.add_total(fetched - expected)
+                expected = fetched
+            if remaining is not None:
+                remaining -= len(documents)
+            yield await self._start_batch(token, documents)
+        if fetched < expected:  # fewer than counted (taken by another processor, or the count was stale)
+            self.tracker.add_total(fetched - expected)
+
+    async def _others_still_working(self) -> bool:
+        """Batch mode: whether other live processors hold claims (they may finish them, or die and
+        leave them to be taken over). Continuous mode polls again anyway."""
+        if self.settings.batch_processor_mode != "batch":
+            return False
+        live = await self._retrying("count of claimed conversations", self.source.live_claims_of_others)
+        return live > 0
+
+    def _claim_wait_seconds(self) -> float:
+        return min(self.settings.batch_poll_interval, max(self.settings.batch_lease_seconds / 10, 0.1), 5.0)
+
+    async def _start_batch(
+        self, token: str, documents: list[dict[str, Any]]
+    ) -> tuple[BatchState, list[BatchConversation]]:
+        """Save claimed documents as a pending batch file (this processor's crash journal)."""
+        number = self.files.next_batch_number()
+        pending = PendingBatch(
+            number, self.source.job_id,
+            [BatchConversation(d["_id"], conversation_payload(d)) for d in documents],
+        )
+        self.files.write_pending(pending)
+        self.checkpoint.last_object_id = pending.last_object_id
+        self.files.save_checkpoint(self.checkpoint)
+        state = BatchState(number, [], token)
+        await self._load_existing(state, pending.conversations)
+        logger.info("%s: %d conversations claimed", state.batch_id, len(documents))
+        return state, pending.conversations
+
+    async def _load_existing(self, state: BatchState, conversations: list[BatchConversation]) -> None:
+        """Remember the content hashes of results that already exist: those conversations are not
+        classified again unless their transcript changed."""
+        ids = [c.object_id for c in conversations]
+        found = await self._retrying("read of existing results", lambda: self.store.result_hashes(ids))
+        state.existing = {id_key(source_id): digest for source_id, digest in found}
+        state.unresolved = {id_key(c.object_id) for c in conversations}
