@@ -670,9 +670,12 @@ class BatchProcessor:
             state.successful += 1
         elif kind in (FAILED, INVALID):
             state.failed += 1
-        if kind == SUCCESS and item.entry is None:
-            self._window_record(None)
-        self._resolved(state, item.key)
+        if item.entry is None:
+            if kind == SUCCESS:
+                self._window_record(None)
+            self._resolved(state, item.key)
+        else:  # a queue entry was counted resolved when it was queued
+            self.progress.refresh()
 
     def _window_record(self, failure: tuple[str, str] | None) -> None:
         if self.window.record(failure) and self._halted is None:
