@@ -102,8 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress-files", action="store_true",
                         help="Add progress_<job>.json and .csv in the batch files folder to the monitoring mode.")
     parser.add_argument("--retry-failed", action="store_true",
-                        help="Also classify conversations marked failed by earlier runs (and ones left "
-                        "'processing' without a batch file).")
+                        help="Also classify conversations marked failed by earlier runs (each once per run; "
+                        "claims left by a dead processor are taken over without it).")
     parser.add_argument("--worker-id", dest="batch_worker_id", metavar="ID", help=field_help("batch_worker_id"))
     parser.add_argument("--verbose", action="store_true", help="Log at DEBUG level (LOG_LEVEL=DEBUG).")
     return parser
