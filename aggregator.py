@@ -316,3 +316,18 @@ def build_transcript(turns: list[Turn], char_budget: int, *, conversation_number
         len(lines),
     )
     return Transcript(text, len(lines), len(full), omitted_turns=omitted, truncated=True)
+
+
+def content_hash(conversation: ConversationIn) -> str:
+    """SHA-256 of the transcript's turns (speaker and text, whitespace-normalised).
+
+    Stored with each result: a conversation whose turns changed since it was classified has
+    another hash and is classified again; one whose status was merely reset is not. Hashes the
+    turns, not the rendered prompt text, so a change of rendering does not reclassify everything.
+    """
+    import hashlib
+    import json
+
+    turns = [[turn.role, _WHITESPACE.sub(" ", turn.text).strip()] for turn in conversation.turns()]
+    encoded = json.dumps(turns, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return "sha256:" + hashlib.sha256(encoded).hexdigest()

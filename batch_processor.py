@@ -2,52 +2,74 @@
 
 ``python batch_processor.py --help`` for the command line (``cli.py``).
 
-How a run goes (design Phase 2, DESIGN.md sections 5-6):
+How a run goes (design Phase 2, DESIGN.md sections 5, 6 and 9):
 
-1. **Recovery.** Every ``batch_NNN_pending.json`` left by an earlier run is finished:
-   conversations that already have a result are skipped, the rest are classified.
+1. **Recovery.** Every ``batch_NNN_pending.json`` left by an earlier run of this folder is
+   claimed again (what another processor took over meanwhile is dropped) and finished.
 2. **Retry queues.** Every ``batch_NNN_retry_queue.json`` gets a pass: a ``write_failed``
    entry is written again *without* calling the LLM; an ``llm_failed`` entry is redone.
-3. **New batches.** Unprocessed documents (status ``pending`` or none; ``failed`` too with
-   ``--retry-failed``) are read ``batch_size`` at a time by ``_id > checkpoint``, saved as a
-   pending batch file, marked ``processing``, then classified ``max_concurrent`` at a time.
-   The next batch is read while the current one finishes, so the LLM never idles and at
-   most two batches are in memory.
+3. **New batches.** Up to ``batch_size`` documents at a time are *claimed* in MongoDB
+   (``batch_source.BatchSource``: a conditional update to ``processing`` with this worker's
+   id and a lease), saved as a pending batch file, then classified ``max_concurrent`` at a
+   time. Leases are renewed while the processor runs; expired claims of a dead processor are
+   taken over. In batch mode the run ends when nothing is claimable and no other live
+   processor holds a claim.
 
 Each conversation: LLM call (transient errors retried 2/4/8 s with jitter, behind a
-circuit breaker), then an immediate idempotent upsert of its result and ``processed``
-status (MongoDB errors retried 1/2/4 s). What still fails goes to the batch's retry
-queue (``llm_failed`` or ``write_failed``); after ``BATCH_RETRY_QUEUE_ATTEMPTS`` passes it
-is marked ``failed`` with its reason. An invalid document is marked ``failed`` at once.
-When every conversation of a batch is resolved, ``batch_NNN_completed.json`` replaces
-its pending file. A checkpoint of the reading position is saved every 50 conversations.
+circuit breaker; identical conversations of a job are classified once), then an immediate
+idempotent upsert of its :class:`~mongo_client.ResultDocument` (MongoDB errors retried
+1/2/4 s). Every outcome goes through :meth:`BatchProcessor._record`, the one place that
+moves the source status (only while this run's claim holds it), the retry queue, the
+progress tracker, the checkpoint and the failure-rate window.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from contextlib import aclosing
-from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+import socket
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable
+from contextlib import aclosing, suppress
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-from bson import ObjectId
-
-from aggregator import validate_conversation
+import aggregator
+from aggregator import ConversationIn, content_hash, validate_conversation
 from async_llm_wrapper import AsyncOllamaClient
+from batch_source import (
+    Batches,
+    BatchReader,
+    BatchSource,
+    BatchState,
+    default_worker_id,
+    id_key,
+    with_storage_retries,
+)
 from classifier import ClassificationOutcome, ConversationClassifier
 from config import Settings
-from error_handler import InputError, LLMError, LLMOutputError, StorageError
-from mongo_client import STATUS_PROCESSING, MongoStore
+from error_handler import (
+    ClassifierError,
+    FailureRateExceededError,
+    InputError,
+    LLMError,
+    LLMOutputError,
+    StorageError,
+)
+from mongo_client import (
+    STATUS_FAILED,
+    STATUS_PROCESSED,
+    STATUS_SKIPPED,
+    MongoStore,
+    ProcessingMetadata,
+    ResultDocument,
+)
 from utils.batch_file_manager import (
     BatchConversation,
     BatchFileManager,
     Checkpoint,
-    PendingBatch,
     RetryEntry,
-    batch_id,
     iso_now,
     utc_now,
 )
@@ -56,24 +78,60 @@ from utils.retry_utils import CircuitBreaker, counts_against_ollama, retrying
 
 logger = logging.getLogger(__name__)
 
-PROCESSOR_VERSION = "1.0.0"
+PROCESSOR_VERSION = "1.1.0"
 #: error_type of a failure that is a bug rather than a known failure (logged with its traceback).
 UNEXPECTED_ERROR = "internal_error"
+#: error_type (and failure_type) of a conversation with no customer turn: status 'skipped'.
+NO_CUSTOMER_TURN = "no_customer_turn"
 CHECKPOINT_INTERVAL = 50
 #: Batches in flight at once: the next one is read and queued while the current one finishes.
 BATCH_LOOKAHEAD = 2
-#: Fields of a source document kept in batch files: what classification needs.
-CONVERSATION_FIELDS = ("conversation_number", "messages", "tweets")
+#: Distinct transcripts remembered per job for reuse (identical conversations); bounds memory.
+IDENTICAL_CACHE_SIZE = 20_000
+
+# Outcomes of one attempt at a conversation (recorded by BatchProcessor._record).
+SUCCESS = "success"
+ALREADY_CLASSIFIED = "already_classified"  # a result with the same content hash exists
+INVALID = "invalid"
+SKIPPED = "skipped"  # no customer turn: nothing to classify
+LLM_FAILED = "llm_failed"
+WRITE_FAILED = "write_failed"
+FAILED = "failed"  # given up after the retry-queue passes
 
 T = TypeVar("T")
+
+
+class _NoCustomerTurnError(InputError):
+    """Stand-in until aggregator.validate_conversation raises its own NoCustomerTurnError."""
+
+    code = NO_CUSTOMER_TURN
+
+
+def is_no_customer_turn(error: Exception) -> bool:
+    return type(error).__name__ in ("NoCustomerTurnError", "_NoCustomerTurnError") or getattr(
+        error, "code", None) == NO_CUSTOMER_TURN
+
+
+def validate_for_batch(data: Any) -> ConversationIn:
+    """Validate a source document; a conversation without a non-empty customer turn raises the
+    no-customer-turn error (the aggregator's own once it has one)."""
+    conversation = validate_conversation(data)
+    if not any(turn.role == "customer" and turn.text.strip() for turn in conversation.turns()):
+        error_class = getattr(aggregator, "NoCustomerTurnError", _NoCustomerTurnError)
+        raise error_class("The conversation has no customer turn: sentiment is judged from the customer's turns, "
+                          "so there is nothing to classify.")
+    return conversation
 
 
 def new_job_id(now: datetime | None = None) -> str:
     return f"batch_{(now or utc_now()):%Y%m%d_%H%M%S}"
 
 
-def conversation_payload(document: dict[str, Any]) -> dict[str, Any]:
-    return {key: document[key] for key in CONVERSATION_FIELDS if key in document}
+def describe(error: BaseException) -> tuple[str, str]:
+    """(reason, error_type) of a failure for queues, statuses and logs."""
+    if isinstance(error, ClassifierError):
+        return str(error), error.code
+    return f"unexpected {type(error).__name__}: {error}", UNEXPECTED_ERROR
 
 
 @dataclass(frozen=True)
@@ -96,19 +154,82 @@ class RunSummary:
 
 
 @dataclass
-class BatchState:
-    """A batch being worked on: what is left of it and its retry queue."""
+class WorkItem:
+    """One conversation to attempt: fresh from a batch, or an entry of a retry queue."""
 
-    number: int
-    queue: list[RetryEntry]
-    unresolved: set[str] = field(default_factory=set)
-    has_pending_file: bool = True
-    successful: int = 0
-    failed: int = 0
+    source_id: Any
+    data: dict[str, Any]
+    entry: RetryEntry | None = None
 
     @property
-    def batch_id(self) -> str:
-        return batch_id(self.number)
+    def key(self) -> str:
+        return id_key(self.source_id)
+
+    @property
+    def number(self) -> str:
+        return str(self.data.get("conversation_number", self.key))
+
+
+@dataclass
+class Outcome:
+    kind: str
+    error: BaseException | None = None
+    result: ResultDocument | None = None
+
+
+class FailureWindow:
+    """The design's error threshold: the share of model failures over the last N finished conversations."""
+
+    def __init__(self, size: int, max_rate: float) -> None:
+        self.size = size
+        self.max_rate = max_rate
+        self._window: deque[str | None] = deque(maxlen=size)
+        self._examples: dict[str, str] = {}
+
+    def record(self, failure: tuple[str, str] | None) -> bool:
+        """Record a finished conversation ((error_type, reason) when the model failed it);
+        True once the window is full and its failure share is above the limit."""
+        self._window.append(failure[0] if failure else None)
+        if failure:
+            self._examples[failure[0]] = failure[1]
+        return self.exceeded
+
+    @property
+    def failures(self) -> int:
+        return sum(1 for code in self._window if code is not None)
+
+    @property
+    def exceeded(self) -> bool:
+        return (self.max_rate > 0 and len(self._window) >= self.size
+                and self.failures / len(self._window) > self.max_rate)
+
+    def most_common(self) -> tuple[str, int, str]:
+        code, count = Counter(c for c in self._window if c is not None).most_common(1)[0]
+        return code, count, self._examples.get(code, "")
+
+
+FAILURE_FIXES = {
+    "llm_bad_output": "The model's answers are not usable classifications: check OLLAMA_MODEL (a model that "
+    "follows JSON schemas), TAXONOMY_FILE and FEW_SHOTS_FILE; try one conversation with scripts/api_client.py.",
+    "llm_timeout": "The model is too slow: raise OLLAMA_TIMEOUT, or lower --max-concurrent.",
+    "llm_unavailable": "Ollama cannot be reached: check that it runs at OLLAMA_ENDPOINT (ollama serve).",
+    "llm_server_error": "Ollama fails while answering: check its log (out of memory? a crashed runner?).",
+    "llm_busy": "Ollama is overloaded: lower --max-concurrent, or raise OLLAMA_NUM_PARALLEL on the server.",
+    "model_not_found": "The model is not on the server: ollama pull it, or set OLLAMA_MODEL.",
+    "llm_request_rejected": "Ollama rejects the requests: check OLLAMA_MODEL and OLLAMA_NUM_PREDICT.",
+}
+
+
+def failure_rate_error(window: FailureWindow) -> FailureRateExceededError:
+    code, count, example = window.most_common()
+    fix = FAILURE_FIXES.get(code, "Check the model and the Ollama server.")
+    return FailureRateExceededError(
+        f"Stopped: {window.failures} of the last {len(window._window)} conversations failed because of the model "
+        f"(limit {window.max_rate:.0%}); most common: {code} ({count}x), e.g. {example[:300]}",
+        hint=f"{fix} Nothing unfinished was marked failed: rerun once fixed and it continues "
+        "(BATCH_MAX_FAILURE_RATE=0 turns this check off).",
+        most_common=code,
+    )
 
 
 class BatchProcessor:
@@ -123,6 +244,7 @@ class BatchProcessor:
         files: BatchFileManager,
         progress: ProgressReporter,
         options: RunOptions,
+        source: BatchSource | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -133,17 +255,30 @@ class BatchProcessor:
         self.tracker = progress.tracker
         self.options = options
         self.job_id = progress.tracker.job_id
+        self.source = source or BatchSource(
+            store,
+            worker_id=settings.batch_worker_id or default_worker_id(),
+            home=f"{socket.gethostname()}:{files.directory.resolve()}",
+            job_id=self.job_id,
+            lease_seconds=settings.batch_lease_seconds,
+            include_failed=options.retry_failed,
+        )
         self.breaker = CircuitBreaker(
             settings.circuit_breaker_failure_threshold, settings.circuit_breaker_recovery_seconds
         )
+        self.window = FailureWindow(settings.batch_failure_window, settings.batch_max_failure_rate)
+        self._halted: FailureRateExceededError | None = None
         self._semaphore = asyncio.Semaphore(settings.batch_max_concurrent)
         self._stop = asyncio.Event()
         self._stop_requests = 0
         self._tasks: set[asyncio.Task[None]] = set()
         self._queued_this_run: set[str] = set()
+        #: content hash -> future of (source id, outcome) of its first classification in this job.
+        self._identical: OrderedDict[str, asyncio.Future[tuple[Any, ClassificationOutcome] | None]] = OrderedDict()
         self._checkpoint = files.load_checkpoint() or Checkpoint(None, self.job_id)
         self._checkpoint.job_id = self.job_id
         self._resolved_since_checkpoint = 0
+        self.reader = BatchReader(settings, self.source, files, self.tracker, self._checkpoint, self._stop)
 
     # --- stopping -----------------------------------------------------------------------
     @property
@@ -172,14 +307,19 @@ class BatchProcessor:
 
     # --- the job ------------------------------------------------------------------------
     async def run(self) -> RunSummary:
-        """Run in the configured mode; returns when done (batch) or stopped (both modes)."""
+        """Run in the configured mode; returns when done (batch) or stopped (both modes).
+
+        Raises :class:`FailureRateExceededError` when the job stopped on too many model failures.
+        """
         logger.info(
-            "job %s started: mode %s, batch size %d, %d concurrent, model %s, data %s, batch files %s",
-            self.job_id, self.settings.batch_processor_mode, self.settings.mongodb_batch_size,
-            self.settings.batch_max_concurrent, self.settings.ollama_model, self.store.description,
-            self.files.directory,
+            "job %s started: worker %s, mode %s, batch size %d, %d concurrent, lease %.0f s, model %s, data %s, "
+            "batch files %s",
+            self.job_id, self.source.worker_id, self.settings.batch_processor_mode, self.settings.mongodb_batch_size,
+            self.settings.batch_max_concurrent, self.settings.batch_lease_seconds, self.settings.ollama_model,
+            self.store.description, self.files.directory,
         )
         status = "failed"
+        renewer = asyncio.create_task(self._renew_leases(), name="lease renewal")
         try:
             if self.settings.batch_processor_mode == "continuous":
                 await self._run_continuously()
@@ -188,18 +328,26 @@ class BatchProcessor:
             status = "stopped" if self.stopping else "completed"
         finally:
             await self._cancel_and_wait()
+            renewer.cancel()
+            with suppress(asyncio.CancelledError):
+                await renewer
+            await self._release_claims()
             self.files.save_checkpoint(self._checkpoint)
-            snapshot = self.progress.finish(status)  # closed by its owner (cli.run)
+            snapshot = self.progress.finish("stopped" if self._halted else status)  # closed by its owner (cli.run)
+        if self._halted:
+            raise self._halted
         return RunSummary(self.job_id, status, snapshot)
 
     async def _run_cycle(self, limit: int | None) -> int:
         """Recovery, retry queues, then new conversations; returns how many new ones were read."""
-        await self._pipeline(self._recovered_batches())
+        await self._pipeline(self.reader.recovered())
         if not self.stopping:
-            await self._drain_orphan_queues()
+            async with aclosing(self.reader.orphan_queues()) as queues:
+                async for state in queues:
+                    await self._retry_pass(state)
         read = 0
         if not self.stopping:
-            read = await self._pipeline(self._new_batches(limit))
+            read = await self._pipeline(self.reader.claimed(limit))
         self.progress.refresh(force=True)
         return read
 
@@ -215,18 +363,42 @@ class BatchProcessor:
                 read = 0
             if read == 0 and not self.stopping:
                 logger.debug("no new conversations; next poll in %.0f s", interval)
-                try:
-                    await asyncio.wait_for(self._stop.wait(), timeout=interval)
-                except TimeoutError:
-                    pass
+                await self._pause(interval)
+
+    async def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less when a stop is requested."""
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
 
     async def _cancel_and_wait(self) -> None:
         if self._tasks:
             self._cancel_in_flight()
             await asyncio.gather(*self._tasks, return_exceptions=True)
 
-    # --- reading batches ----------------------------------------------------------------
-    async def _pipeline(self, batches: AsyncIterator[tuple[BatchState, list[BatchConversation]]]) -> int:
+    # --- leases -------------------------------------------------------------------------
+    async def _renew_leases(self) -> None:
+        """Renew every lease this worker holds, three times per lease period."""
+        interval = self.settings.batch_lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.source.renew()
+            except StorageError as e:
+                logger.warning("lease renewal failed (%s); trying again in %.1f s", e, interval)
+
+    async def _release_claims(self) -> None:
+        try:
+            released = await self.source.release()
+        except StorageError as e:
+            logger.warning("could not release the claims of %s (%s); they expire on their own",
+                           self.source.worker_id, e)
+            return
+        if released:
+            logger.info("%d claimed conversations left unfinished: released for the next run or another processor",
+                        released)
+
+    # --- batches ------------------------------------------------------------------------
+    async def _pipeline(self, batches: Batches) -> int:
         """Process batches as they come, with up to BATCH_LOOKAHEAD in flight; returns the count read."""
         running: set[asyncio.Task[None]] = set()
         read = 0
@@ -250,125 +422,9 @@ class BatchProcessor:
                 task.cancel()
         return read
 
-    async def _recovered_batches(self) -> AsyncIterator[tuple[BatchState, list[BatchConversation]]]:
-        """Pending files of an earlier run, minus what already has a result or sits in a queue."""
-        for number in self.files.pending_numbers():
-            if self.stopping:
-                return
-            pending = self.files.load_pending(number)
-            state = BatchState(number, self.files.load_retry_queue(number))
-            queued = {entry.conversation_id for entry in state.queue}
-            self._expect_queued(state.queue)
-            left = [c for c in pending.conversations if c.object_id not in queued]
-            self.tracker.add_total(len(left))
-            todo = await self._skip_classified(state, left)
-            logger.info(
-                "recovering %s: %d of %d conversations left, %d in its retry queue",
-                state.batch_id, len(todo), len(pending.conversations), len(queued),
-            )
-            yield state, todo
-
-    async def _new_batches(self, limit: int | None) -> AsyncIterator[tuple[BatchState, list[BatchConversation]]]:
-        """Unprocessed documents, ``batch_size`` at a time, from the checkpoint onwards."""
-        include_failed = self.options.retry_failed
-        size = self.settings.mongodb_batch_size
-        remaining = limit
-        expected = await self._with_storage_retries(
-            "count of unprocessed conversations", lambda: self.store.count_unprocessed(include_failed=include_failed)
-        )
-        expected = expected if remaining is None else min(expected, remaining)
-        self.tracker.add_total(expected)
-        if include_failed:
-            async with aclosing(self._orphan_batches(remaining)) as orphans:
-                async for state, todo in orphans:
-                    remaining = None if remaining is None else remaining - len(todo)
-                    yield state, todo
-        fetched = 0
-        position = ObjectId(self._checkpoint.last_object_id) if self._checkpoint.last_object_id else None
-        wrapped = position is None
-        while not self.stopping and (remaining is None or remaining > 0):
-            want = size if remaining is None else min(size, remaining)
-            documents = await self._with_storage_retries(
-                "read of unprocessed conversations",
-                lambda: self.store.fetch_unprocessed(position, want, include_failed=include_failed),
-            )
-            if not documents:
-                if not wrapped and position is not None:
-                    wrapped = True
-                    behind = await self._with_storage_retries(
-                        "read of unprocessed conversations",
-                        lambda: self.store.has_unprocessed_before(position, include_failed=include_failed),
-                    )
-                    if behind:  # documents inserted behind the checkpoint (or failed ones being retried)
-                        position = None
-                        continue
-                break
-            position = documents[-1]["_id"]
-            fetched += len(documents)
-            if fetched > expected:  # documents arrived during the run
-                self.tracker.add_total(fetched - expected)
-                expected = fetched
-            if remaining is not None:
-                remaining -= len(documents)
-            yield await self._start_batch(documents)
-        if fetched < expected:  # fewer than counted (taken by another reader, or the count was stale)
-            self.tracker.add_total(fetched - expected)
-
-    async def _orphan_batches(self, limit: int | None) -> AsyncIterator[tuple[BatchState, list[BatchConversation]]]:
-        """Documents left in 'processing' with no batch file (e.g. the folder was lost): with --retry-failed."""
-        queued = [ObjectId(i) for i in self.files.queued_conversation_ids()]
-        while not self.stopping and (limit is None or limit > 0):
-            want = self.settings.mongodb_batch_size if limit is None else min(self.settings.mongodb_batch_size, limit)
-            documents = await self._with_storage_retries(
-                "read of orphaned conversations",
-                lambda: self.store.find_by_status(STATUS_PROCESSING, queued, want),
-            )
-            if not documents:
-                return
-            logger.warning("%d conversations were 'processing' with no batch file; classifying them again",
-                           len(documents))
-            self.tracker.add_total(len(documents))
-            if limit is not None:
-                limit -= len(documents)
-            yield await self._start_batch(documents)
-
-    async def _start_batch(self, documents: list[dict[str, Any]]) -> tuple[BatchState, list[BatchConversation]]:
-        """Save documents as a pending batch file, then mark them processing."""
-        number = self.files.next_batch_number()
-        pending = PendingBatch(
-            number, self.job_id, [BatchConversation(str(d["_id"]), conversation_payload(d)) for d in documents]
-        )
-        self.files.write_pending(pending)
-        ids = [d["_id"] for d in documents]
-        await self._with_storage_retries("status update", lambda: self.store.mark_processing(ids, utc_now()))
-        self._checkpoint.last_object_id = pending.last_object_id
-        self.files.save_checkpoint(self._checkpoint)
-        state = BatchState(number, [])
-        todo = await self._skip_classified(state, pending.conversations)
-        logger.info("%s: %d conversations read (%s .. %s)", state.batch_id, len(documents),
-                    pending.first_object_id, pending.last_object_id)
-        return state, todo
-
-    async def _skip_classified(self, state: BatchState, conversations: list[BatchConversation]) -> list[BatchConversation]:
-        """Drop conversations that already have a result (marking them processed): never classify twice."""
-        ids = [ObjectId(c.object_id) for c in conversations]
-        done = await self._with_storage_retries("read of existing results", lambda: self.store.ids_with_results(ids))
-        if done:
-            await self._with_storage_retries(
-                "status update", lambda: self.store.mark_processed_many(sorted(done), utc_now())
-            )
-            self.tracker.record_already_classified(len(done))
-            self.tracker.add_total(-len(done))
-        todo = [c for c in conversations if ObjectId(c.object_id) not in done]
-        state.unresolved = {c.object_id for c in todo}
-        return todo
-
-    def _expect_queued(self, entries: list[RetryEntry]) -> None:
-        self.tracker.add_total(len(entries))
-
     # --- processing a batch -------------------------------------------------------------
     async def _process_batch(self, state: BatchState, todo: list[BatchConversation]) -> None:
-        tasks = [self._spawn(self._process_conversation(state, c)) for c in todo]
+        tasks = [self._spawn(self._process_item(state, WorkItem(c.object_id, c.conversation_data))) for c in todo]
         await asyncio.gather(*tasks, return_exceptions=True)
         if self.stopping:
             self.files.save_retry_queue(state.number, state.queue)
@@ -390,64 +446,91 @@ class BatchProcessor:
         task.add_done_callback(self._tasks.discard)
         return task
 
-    async def _process_conversation(self, state: BatchState, item: BatchConversation) -> None:
-        """The batch item loop's edge: every outcome, expected or not, ends recorded somewhere."""
+    async def _process_item(self, state: BatchState, item: WorkItem) -> None:
+        """The batch item loop's edge: every outcome, expected or not, is recorded."""
         async with self._semaphore:
             if self.stopping:
-                return  # not started: stays in the pending file for the next run
-            number = str(item.conversation_data.get("conversation_number", item.object_id))
+                return  # not started: stays in the pending file / queue for the next run
             try:
-                await self._classify_and_store(state, item, number)
+                outcome = await self._attempt(state, item)
             except Exception as e:  # a bug, not a known failure: say so loudly, keep the conversation
-                logger.exception("conversation %s failed unexpectedly", number)
-                self._enqueue(state, RetryEntry(item.object_id, "llm_failed", item.conversation_data,
-                                                f"unexpected {type(e).__name__}: {e}", UNEXPECTED_ERROR))
+                logger.exception("conversation %s failed unexpectedly", item.number)
+                outcome = Outcome(LLM_FAILED, error=e)
+            await self._record(state, item, outcome)
 
-    async def _classify_and_store(self, state: BatchState, item: BatchConversation, number: str) -> None:
-        try:
-            conversation = validate_conversation(item.conversation_data)
-        except InputError as e:
-            await self._give_up(state, item.object_id, number, e)
-            return
-        try:
-            outcome = await self._classify(conversation)
-        except LLMError as e:
-            self._enqueue(state, RetryEntry(item.object_id, "llm_failed", item.conversation_data, str(e), e.code))
-            return
-        result, metadata = self._result_document(item.object_id, number, outcome)
+    async def _attempt(self, state: BatchState, item: WorkItem) -> Outcome:
+        """Validate, classify (or reuse), write the result. Raises only for bugs."""
+        entry = item.entry
+        if entry is not None and entry.status == WRITE_FAILED and entry.classification_result is not None:
+            # The classification is already paid for: write it, no LLM call. The entry keeps only
+            # what that needs (no conversation), so nothing is validated or hashed again.
+            result = ResultDocument(item.number, item.source_id, entry.classification_result,
+                                    entry.content_hash, self._stored_metadata(entry.processing_metadata))
+        else:
+            try:
+                conversation = validate_for_batch(item.data)
+            except InputError as e:
+                return Outcome(SKIPPED if is_no_customer_turn(e) else INVALID, error=e)
+            digest = content_hash(conversation)
+            if state.existing.get(item.key) == digest:
+                return Outcome(ALREADY_CLASSIFIED)
+            try:
+                result = await self._classified(conversation, item, digest)
+            except LLMError as e:
+                return Outcome(LLM_FAILED, error=e)
         try:
             await self._store(result)
         except StorageError as e:
-            self._enqueue(
-                state,
-                RetryEntry(item.object_id, "write_failed", item.conversation_data, str(e), e.code,
-                           classification_result=result["classification"], processing_metadata=metadata),
-            )
-            return
-        logger.info("processed conversation %s successfully in %d ms", number, outcome.duration_ms)
-        state.successful += 1
-        self._resolved(state, item.object_id)
-        self.tracker.record_success()
+            return Outcome(WRITE_FAILED, error=e, result=result)
+        return Outcome(SUCCESS, result=result)
 
-    def _result_document(
-        self, object_id: str, number: str, outcome: ClassificationOutcome
-    ) -> tuple[dict[str, Any], dict[str, Any]]:
-        metadata = {
-            "processed_at": utc_now(),
-            "model_used": outcome.chat.model,
-            "processing_duration_ms": outcome.duration_ms,
-            "processor_version": PROCESSOR_VERSION,
-            "batch_job_id": self.job_id,
-        }
-        result = {
-            "conversation_number": number,
-            "source_conversation_id": ObjectId(object_id),
-            "classification": outcome.classification.model_dump(),
-            "processing_metadata": metadata,
-        }
-        return result, metadata
+    @staticmethod
+    def _stored_metadata(data: dict[str, Any] | None) -> ProcessingMetadata:
+        data = dict(data or {})
+        data.setdefault("processed_at", utc_now())
+        return ProcessingMetadata.from_mongo(data)
 
-    async def _classify(self, conversation: Any) -> ClassificationOutcome:
+    async def _classified(self, conversation: ConversationIn, item: WorkItem, digest: str) -> ResultDocument:
+        """The classification of ``conversation``: from the model, or reused from an identical
+        conversation of this job (classified once, even when both are in flight at once)."""
+        shared = self._identical.get(digest)
+        if shared is not None:
+            first = await asyncio.shield(shared)
+            if first is not None:  # else the first one failed: classify this one itself
+                self._identical.move_to_end(digest)
+                original_id, outcome = first
+                logger.info("conversation %s is identical to an earlier one of this job: its classification "
+                            "is reused", item.number)
+                return self._result_document(conversation, item.source_id, digest, outcome, reused_from=original_id)
+        future: asyncio.Future[tuple[Any, ClassificationOutcome] | None] = asyncio.get_running_loop().create_future()
+        self._identical[digest] = future
+        while len(self._identical) > IDENTICAL_CACHE_SIZE:
+            self._identical.popitem(last=False)
+        try:
+            outcome = await self._classify(conversation)
+        except BaseException:
+            future.set_result(None)
+            if self._identical.get(digest) is future:
+                del self._identical[digest]
+            raise
+        future.set_result((item.source_id, outcome))
+        logger.info("processed conversation %s successfully in %d ms", item.number, outcome.duration_ms)
+        return self._result_document(conversation, item.source_id, digest, outcome)
+
+    def _result_document(self, conversation: ConversationIn, source_id: Any, digest: str,
+                         outcome: ClassificationOutcome, *, reused_from: Any = None) -> ResultDocument:
+        metadata = ProcessingMetadata(
+            processed_at=utc_now(),
+            model_used=outcome.chat.model,
+            processing_duration_ms=0 if reused_from is not None else outcome.duration_ms,
+            processor_version=PROCESSOR_VERSION,
+            batch_job_id=self.job_id,
+            reused_from=reused_from,
+        )
+        return ResultDocument(conversation.conversation_number, source_id, outcome.classification.model_dump(),
+                              digest, metadata)
+
+    async def _classify(self, conversation: ConversationIn) -> ClassificationOutcome:
         """The LLM call: transient failures retried with backoff, behind the circuit breaker."""
         policy = retrying(
             f"LLM call for conversation {conversation.conversation_number}",
@@ -474,29 +557,137 @@ class BatchProcessor:
                 self.breaker.record_success()
         return outcome
 
-    async def _store(self, result: dict[str, Any]) -> None:
-        """Upsert the result, then mark the source processed; transient failures retried."""
-        source_id = result["source_conversation_id"]
-
-        async def write() -> None:
-            now = utc_now()
-            await self.store.upsert_result(result, created_at=now)
-            await self.store.mark_processed(source_id, now)
-
-        await self._with_storage_retries(f"result write for conversation {result['conversation_number']}", write)
+    async def _store(self, result: ResultDocument) -> None:
+        """Upsert the result; transient failures retried."""
+        await self._with_storage_retries(
+            f"result write for conversation {result.conversation_number}",
+            lambda: self.store.upsert_result(result, created_at=utc_now()),
+        )
 
     async def _with_storage_retries(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
-        policy = retrying(
-            what, max_retries=self.settings.mongodb_max_retries, base_delay=self.settings.mongodb_retry_base_seconds
-        )
-        async for attempt in policy:
-            with attempt:
-                return await operation()
-        raise AssertionError("unreachable: tenacity re-raises the last error")  # pragma: no cover
+        return await with_storage_retries(self.settings, what, operation)
 
     # --- outcomes -----------------------------------------------------------------------
-    def _resolved(self, state: BatchState, object_id: str) -> None:
-        state.unresolved.discard(object_id)
+    async def _record(self, state: BatchState, item: WorkItem, outcome: Outcome) -> None:
+        """The one place an outcome is recorded (like arq's finish_job): MongoDB status (only
+        while this run's claim holds the document), retry queue, tracker, checkpoint, failure window."""
+        kind = outcome.kind
+        if kind in (SUCCESS, ALREADY_CLASSIFIED):
+            try:
+                held = await self._finish_in_mongo(state, item, STATUS_PROCESSED)
+            except StorageError as e:
+                kind, outcome = WRITE_FAILED, Outcome(WRITE_FAILED, error=e, result=outcome.result)
+            else:
+                self._resolve(state, item, kind if held else "lost")
+                return
+        if kind in (LLM_FAILED, WRITE_FAILED):
+            if self._queue(state, item, outcome):
+                return
+            kind = FAILED  # retry-queue passes used up
+        status = STATUS_SKIPPED if kind == SKIPPED else STATUS_FAILED
+        reason, code = describe(outcome.error) if outcome.error else ("failed", "error")
+        try:
+            held = await self._finish_in_mongo(state, item, status, reason=reason,
+                                               error_type=NO_CUSTOMER_TURN if kind == SKIPPED else code)
+        except StorageError as e:
+            logger.error("conversation %s could not be marked %s (%s); it stays in the batch files",
+                         item.number, status, e)
+            return
+        if held:
+            if kind == SKIPPED:
+                logger.warning("conversation %s skipped: %s", item.number, reason)
+            elif item.entry is not None:
+                logger.error("failed to process conversation %s after %d retries: %s",
+                             item.number, item.entry.retry_count, reason)
+            else:
+                logger.error("failed to process conversation %s: %s", item.number, reason)
+        self._resolve(state, item, kind if held else "lost")
+
+    async def _finish_in_mongo(self, state: BatchState, item: WorkItem, status: str, *,
+                               reason: str | None = None, error_type: str | None = None) -> bool:
+        held = await self._with_storage_retries(
+            f"status update to {status}",
+            lambda: self.source.finish(item.source_id, state.token, status, reason=reason, error_type=error_type),
+        )
+        if not held:
+            logger.warning("conversation %s was taken over by another processor or reset while this one worked "
+                           "on it: its newer state is left as it is", item.number)
+        return held
+
+    def _queue(self, state: BatchState, item: WorkItem, outcome: Outcome) -> bool:
+        """Put a failure in (or keep it in) the batch's retry queue; False when its passes are used up."""
+        assert outcome.error is not None
+        reason, code = describe(outcome.error)
+        result = outcome.result
+        entry = item.entry
+        if entry is None:
+            entry = RetryEntry(item.source_id, outcome.kind, item.data, reason, code)  # type: ignore[arg-type]
+            state.queue.append(entry)
+            logger.warning("conversation %s queued for retry (%s): %s", item.number, entry.status, reason)
+            if isinstance(outcome.error, LLMError):  # the model failed it, after its retries
+                self._window_record((code, reason))
+        else:
+            entry.retry_count += 1
+            entry.reason, entry.error_type, entry.failed_at = reason, code, iso_now()
+            entry.status = outcome.kind  # type: ignore[assignment]
+            if entry.retry_count >= self.settings.batch_retry_queue_attempts:
+                return False
+            logger.warning("conversation %s still failing (%s, retry %d of %d): %s", item.number, entry.status,
+                           entry.retry_count, self.settings.batch_retry_queue_attempts, reason)
+        if result is not None and outcome.kind == WRITE_FAILED:
+            entry.classification_result = result.classification
+            entry.processing_metadata = result.processing_metadata.to_mongo()
+            entry.content_hash = result.content_hash
+        if item.entry is None:
+            self.files.save_retry_queue(state.number, state.queue)
+            self._resolved(state, item.key)
+        if item.key not in self._queued_this_run:
+            self._queued_this_run.add(item.key)
+            self.tracker.record_queued()
+        return True
+
+    def _resolve(self, state: BatchState, item: WorkItem, kind: str) -> None:
+        """A conversation reached a resting state: out of its queue, counted, checkpointed."""
+        if item.entry is not None:
+            state.queue.remove(item.entry)
+            self.files.save_retry_queue(state.number, state.queue)
+        counted = item.key in self._queued_this_run
+        self._queued_this_run.discard(item.key)
+        if counted and kind in (SUCCESS, FAILED, INVALID):
+            self.tracker.record_requeue_resolved(kind == SUCCESS)
+        else:
+            if counted:
+                self.tracker.queued_for_retry -= 1
+            if kind == SUCCESS:
+                self.tracker.record_success()
+            elif kind in (FAILED, INVALID):
+                self.tracker.record_failed()
+            elif kind == SKIPPED:
+                self.tracker.record_skipped()
+            else:  # already classified, or no longer ours: not this job's work
+                if kind == ALREADY_CLASSIFIED:
+                    self.tracker.record_already_classified(1)
+                self.tracker.add_total(-1)
+        if kind == SUCCESS:
+            state.successful += 1
+        elif kind in (FAILED, INVALID):
+            state.failed += 1
+        if item.entry is None:
+            if kind == SUCCESS:
+                self._window_record(None)
+            self._resolved(state, item.key)
+        else:  # a queue entry was counted resolved when it was queued
+            self.progress.refresh()
+
+    def _window_record(self, failure: tuple[str, str] | None) -> None:
+        if self.window.record(failure) and self._halted is None:
+            self._halted = failure_rate_error(self.window)
+            logger.error("%s", self._halted)
+            if not self.stopping:
+                self.request_stop()
+
+    def _resolved(self, state: BatchState, key: str) -> None:
+        state.unresolved.discard(key)
         self._resolved_since_checkpoint += 1
         self._checkpoint.conversations_resolved += 1
         if self._resolved_since_checkpoint >= CHECKPOINT_INTERVAL:
@@ -504,134 +695,15 @@ class BatchProcessor:
             self.files.save_checkpoint(self._checkpoint)
         self.progress.refresh()
 
-    def _enqueue(self, state: BatchState, entry: RetryEntry) -> None:
-        """Put a failure in the batch's retry queue (saved at once)."""
-        number = str(entry.conversation_data.get("conversation_number", entry.conversation_id))
-        logger.warning("conversation %s queued for retry (%s): %s", number, entry.status, entry.reason)
-        state.queue.append(entry)
-        self.files.save_retry_queue(state.number, state.queue)
-        self._queued_this_run.add(entry.conversation_id)
-        self._resolved(state, entry.conversation_id)
-        self.tracker.record_queued()
-
-    async def _give_up(self, state: BatchState, object_id: str, number: str, error: Exception) -> bool:
-        """Mark the source document failed with its reason; False when even that write failed."""
-        code = getattr(error, "code", type(error).__name__)
-        try:
-            await self._with_storage_retries(
-                "status update to failed",
-                lambda: self.store.mark_failed(ObjectId(object_id), str(error), code, utc_now()),
-            )
-        except StorageError as e:
-            logger.error("conversation %s could not be marked failed (%s); it stays in the batch files", number, e)
-            return False
-        logger.error("failed to process conversation %s: %s", number, error)
-        state.failed += 1
-        self._resolved(state, object_id)
-        self.tracker.record_failed()
-        return True
-
     # --- retry queues -------------------------------------------------------------------
-    async def _drain_orphan_queues(self) -> None:
-        """One pass over the retry queues of batches that have no pending file any more."""
-        pending = set(self.files.pending_numbers())
-        for number in self.files.retry_queue_numbers():
-            if self.stopping or number in pending:
-                continue
-            state = BatchState(number, self.files.load_retry_queue(number), has_pending_file=False)
-            self._expect_queued(state.queue)
-            await self._retry_pass(state)
-
     async def _retry_pass(self, state: BatchState) -> None:
         if not state.queue or self.stopping:
             return
         logger.info("%s: retrying %d queued conversations", state.batch_id, len(state.queue))
-        entries = list(state.queue)
-        await asyncio.gather(*(self._spawn(self._retry_entry(state, entry)) for entry in entries),
+        items = [WorkItem(entry.conversation_id, entry.conversation_data, entry) for entry in list(state.queue)]
+        await asyncio.gather(*(self._spawn(self._process_item(state, item)) for item in items),
                              return_exceptions=True)
         self.files.save_retry_queue(state.number, state.queue)
-
-    async def _retry_entry(self, state: BatchState, entry: RetryEntry) -> None:
-        async with self._semaphore:
-            if self.stopping:
-                return
-            number = str(entry.conversation_data.get("conversation_number", entry.conversation_id))
-            counted = entry.conversation_id in self._queued_this_run
-            try:
-                if entry.status == "write_failed" and entry.classification_result is not None:
-                    # The classification is already paid for: write it, no LLM call.
-                    result = {
-                        "conversation_number": number,
-                        "source_conversation_id": ObjectId(entry.conversation_id),
-                        "classification": entry.classification_result,
-                        "processing_metadata": entry.processing_metadata or {},
-                    }
-                    await self._store(result)
-                else:
-                    conversation = validate_conversation(entry.conversation_data)
-                    outcome = await self._classify(conversation)
-                    result, metadata = self._result_document(entry.conversation_id, number, outcome)
-                    try:
-                        await self._store(result)
-                    except StorageError:
-                        entry.status = "write_failed"
-                        entry.classification_result = result["classification"]
-                        entry.processing_metadata = metadata
-                        raise
-            except InputError as e:
-                await self._finish_entry(state, entry, succeeded=False, counted=counted, error=e)
-                return
-            except Exception as e:  # LLM or storage failures, and bugs (logged with their traceback)
-                known = isinstance(e, (LLMError, StorageError))
-                if not known:
-                    logger.exception("queued conversation %s failed unexpectedly", number)
-                entry.retry_count += 1
-                entry.reason = str(e) if known else f"unexpected {type(e).__name__}: {e}"
-                entry.error_type = getattr(e, "code", UNEXPECTED_ERROR)
-                entry.failed_at = iso_now()
-                if entry.retry_count >= self.settings.batch_retry_queue_attempts:
-                    await self._finish_entry(state, entry, succeeded=False, counted=counted, error=e)
-                else:
-                    logger.warning("conversation %s still failing (%s, retry %d of %d): %s", number, entry.status,
-                                   entry.retry_count, self.settings.batch_retry_queue_attempts, e)
-                    if not counted:
-                        self._queued_this_run.add(entry.conversation_id)
-                        self.tracker.record_queued()
-                return
-            logger.info("processed queued conversation %s successfully (%s)", number, entry.status)
-            await self._finish_entry(state, entry, succeeded=True, counted=counted)
-
-    async def _finish_entry(
-        self, state: BatchState, entry: RetryEntry, *, succeeded: bool, counted: bool, error: Exception | None = None
-    ) -> None:
-        """Take an entry out of its queue: it succeeded, or it is given up and marked failed."""
-        if not succeeded:
-            number = str(entry.conversation_data.get("conversation_number", entry.conversation_id))
-            reason = error or RuntimeError(entry.reason)
-            code = getattr(reason, "code", entry.error_type)
-            try:
-                await self._with_storage_retries(
-                    "status update to failed",
-                    lambda: self.store.mark_failed(ObjectId(entry.conversation_id), str(reason), code, utc_now()),
-                )
-            except StorageError as e:
-                logger.error("conversation %s could not be marked failed (%s); it stays queued", number, e)
-                return
-            logger.error("failed to process conversation %s after %d retries: %s", number, entry.retry_count, reason)
-        state.queue.remove(entry)
-        self.files.save_retry_queue(state.number, state.queue)
-        if counted:
-            self.tracker.record_requeue_resolved(succeeded)
-            self._queued_this_run.discard(entry.conversation_id)
-        elif succeeded:
-            self.tracker.record_success()
-        else:
-            self.tracker.record_failed()
-        if succeeded:
-            state.successful += 1
-        else:
-            state.failed += 1
-        self.progress.refresh()
 
 
 if __name__ == "__main__":

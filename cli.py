@@ -19,6 +19,7 @@ from error_handler import (
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_INCOMPLETE,
+    EXIT_FAILURE_RATE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
@@ -33,7 +34,7 @@ from utils.progress import ProgressTracker, build_progress, monitoring_component
 
 #: Settings with a flag of their own (the flag's dest is the setting's name).
 FLAG_SETTINGS = ("batch_processor_mode", "mongodb_batch_size", "batch_max_concurrent", "batch_poll_interval",
-                 "batch_files_dir", "batch_monitoring_mode")
+                 "batch_files_dir", "batch_monitoring_mode", "batch_worker_id")
 
 EPILOG = f"""\
 {settings_epilog(exclude=(*FLAG_SETTINGS, "log_level"), exclude_prefixes=("api_",))}
@@ -43,6 +44,7 @@ exit codes:
   {EXIT_FAILURE} the run broke off, or another processor holds the batch files folder
   {EXIT_CONFIG} invalid configuration, or a batch files folder that cannot be created or written
   {EXIT_UNAVAILABLE} MongoDB or Ollama unavailable at start-up   {EXIT_USAGE} bad command line
+  {EXIT_FAILURE_RATE} stopped: too many conversations failed because of the model (BATCH_MAX_FAILURE_RATE)
   {EXIT_INTERRUPTED} interrupted
 """
 
@@ -77,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--progress-files", action="store_true",
                         help="Add progress_<job>.json and .csv in the batch files folder to the monitoring mode.")
     parser.add_argument("--retry-failed", action="store_true",
-                        help="Also classify conversations marked failed by earlier runs (and ones left "
-                        "'processing' without a batch file).")
+                        help="Also classify conversations marked failed by earlier runs (each once per run; "
+                        "claims left by a dead processor are taken over without it).")
+    parser.add_argument("--worker-id", dest="batch_worker_id", metavar="ID", help=field_help("batch_worker_id"))
     parser.add_argument("--verbose", action="store_true", help="Log at DEBUG level (LOG_LEVEL=DEBUG).")
     return parser
 
@@ -100,6 +103,8 @@ def print_summary(summary: RunSummary, settings: Settings) -> None:
            if p.failed else ""),
         f"  in retry queue    {p.queued_for_retry}" + ("   (retried on the next run)" if p.queued_for_retry else ""),
         f"  already done      {p.already_classified}",
+        f"  skipped           {p.skipped}" + ("   (no customer turn: status 'skipped', nothing to classify)"
+                                               if p.skipped else ""),
         f"  rate              {p.successful / p.elapsed_seconds if p.elapsed_seconds else 0:.2f} conversations/s",
         f"  results           {settings.mongodb_database_name}.{settings.mongodb_results_collection}",
     ]

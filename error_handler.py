@@ -22,6 +22,7 @@ EXIT_USAGE = 2  # bad command line or input file
 EXIT_CONFIG = 3  # invalid settings or configuration file, an unusable batch files folder
 EXIT_UNAVAILABLE = 4  # MongoDB or Ollama unreachable, or the model not pulled
 EXIT_INCOMPLETE = 5  # finished, but not everything: conversations failed or queued, bad rows skipped
+EXIT_FAILURE_RATE = 6  # batch: stopped, too many conversations failed because of the model
 EXIT_INTERRUPTED = 130
 
 
@@ -244,6 +245,14 @@ def exit_code_for(error: BaseException) -> int:
     if isinstance(error, KeyboardInterrupt):
         return EXIT_INTERRUPTED
     return EXIT_FAILURE
+
+
+class FailureRateExceededError(ClassifierError):
+    """A batch job stopped: too many recent conversations failed because of the model
+    (BATCH_MAX_FAILURE_RATE over BATCH_FAILURE_WINDOW). Unfinished work stays recoverable."""
+
+    code = "failure_rate_exceeded"
+    exit_code = EXIT_FAILURE_RATE
 
 
 def fail(error: ClassifierError, exit_code: int | None = None, *, extra_hint: str | None = None) -> int:

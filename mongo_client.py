@@ -4,8 +4,9 @@ One ``AsyncMongoClient`` (one connection pool) per process, opened and closed by
 :meth:`MongoStore.connect`. Driver errors are raised as :class:`StorageError` whose
 ``transient`` flag drives the retries (``utils.retry_utils``).
 
-Source documents move ``pending`` (or no status) -> ``processing`` -> ``processed`` |
-``failed``. Results are upserted on ``source_conversation_id`` behind a unique index:
+Source documents move ``pending`` (or no status) -> ``processing`` (claimed with a lease,
+``batch_source.py``) -> ``processed`` | ``failed`` | ``skipped`` (no customer turn). Results
+(:class:`ResultDocument`) are upserted on ``source_conversation_id`` behind a unique index:
 no run, crash or retry creates a second result for a conversation.
 """
 
@@ -13,14 +14,14 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pymongo
-from bson import ObjectId
 from pymongo import ASCENDING, AsyncMongoClient, MongoClient
 from pymongo.database import Database
 from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError, WriteConcernError
@@ -36,6 +37,8 @@ STATUS_PENDING = "pending"
 STATUS_PROCESSING = "processing"
 STATUS_PROCESSED = "processed"
 STATUS_FAILED = "failed"
+#: Terminal: nothing to classify (no customer turn); never retried unless reset to pending.
+STATUS_SKIPPED = "skipped"
 
 #: The batch processor's application name (server logs; failpoints in tests target it).
 BATCH_APPNAME = "support-classifier-batch"
@@ -46,8 +49,11 @@ SOURCE_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("status", ASCENDING)], {}),
     ([("conversation_number", ASCENDING)], {"unique": True}),
     ([("last_processed_at", ASCENDING)], {}),
-    # Serves the batch reader's query: status filter, then ObjectId order from the checkpoint.
     ([("status", ASCENDING), ("_id", ASCENDING)], {}),
+    # Claims (batch_source.py): expired leases, a claim's documents, a worker's documents.
+    ([("status", ASCENDING), ("lease_expires_at", ASCENDING)], {}),
+    ([("claim_id", ASCENDING)], {"sparse": True}),
+    ([("claimed_by", ASCENDING)], {"sparse": True}),
 ]
 RESULT_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("conversation_number", ASCENDING)], {}),
@@ -57,7 +63,68 @@ RESULT_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("classification.intent", ASCENDING)], {}),
     ([("classification.topic", ASCENDING)], {}),
     ([("classification.sentiment", ASCENDING)], {}),
+    ([("content_hash", ASCENDING)], {}),
 ]
+
+
+@dataclass
+class ProcessingMetadata:
+    processed_at: datetime
+    model_used: str
+    processing_duration_ms: int
+    processor_version: str
+    batch_job_id: str
+    #: Set when the classification was copied from an identical conversation of the same job.
+    reused_from: Any = None
+
+    def to_mongo(self) -> dict[str, Any]:
+        data = {
+            "processed_at": self.processed_at,
+            "model_used": self.model_used,
+            "processing_duration_ms": self.processing_duration_ms,
+            "processor_version": self.processor_version,
+            "batch_job_id": self.batch_job_id,
+        }
+        if self.reused_from is not None:
+            data["classification_reused"] = True
+            data["reused_from"] = self.reused_from
+        return data
+
+    @classmethod
+    def from_mongo(cls, data: dict[str, Any]) -> ProcessingMetadata:
+        return cls(
+            processed_at=data["processed_at"],
+            model_used=str(data.get("model_used", "")),
+            processing_duration_ms=int(data.get("processing_duration_ms", 0)),
+            processor_version=str(data.get("processor_version", "")),
+            batch_job_id=str(data.get("batch_job_id", "")),
+            reused_from=data.get("reused_from"),
+        )
+
+
+@dataclass
+class ResultDocument:
+    """One result: the only place its shape is defined (design section 8, plus ``content_hash``).
+
+    ``source_conversation_id`` is the source ``_id`` as it is, of any BSON type;
+    ``content_hash`` (aggregator.content_hash) tells a later run whether the conversation
+    changed since it was classified.
+    """
+
+    conversation_number: str
+    source_conversation_id: Any
+    classification: dict[str, Any]
+    content_hash: str | None  # None only for a write_failed entry queued before hashes were kept
+    processing_metadata: ProcessingMetadata
+
+    def to_mongo(self) -> dict[str, Any]:
+        return {
+            "conversation_number": self.conversation_number,
+            "source_conversation_id": self.source_conversation_id,
+            "classification": self.classification,
+            "content_hash": self.content_hash,
+            "processing_metadata": self.processing_metadata.to_mongo(),
+        }
 
 
 def unprocessed_filter(include_failed: bool) -> dict[str, Any]:
@@ -232,108 +299,33 @@ class MongoStore:
                 except PyMongoError as e:
                     raise storage_error(e, f"index creation on {collection.name}") from e
 
-    async def count_unprocessed(self, *, include_failed: bool = False) -> int:
-        try:
-            return await self.source.count_documents(unprocessed_filter(include_failed))
-        except PyMongoError as e:
-            raise storage_error(e, "count of unprocessed conversations") from e
-
-    async def fetch_unprocessed(
-        self, after: ObjectId | None, limit: int, *, include_failed: bool = False
-    ) -> list[dict[str, Any]]:
-        """Up to ``limit`` unprocessed documents with ``_id > after``, in ``_id`` order."""
-        query = unprocessed_filter(include_failed)
-        if after is not None:
-            query["_id"] = {"$gt": after}
-        try:
-            cursor = self.source.find(query).sort("_id", ASCENDING).limit(limit)
-            return await cursor.to_list(length=limit)
-        except PyMongoError as e:
-            raise storage_error(e, "read of unprocessed conversations") from e
-
-    async def has_unprocessed_before(self, position: ObjectId, *, include_failed: bool = False) -> bool:
-        """True when an unprocessed document sits at or below ``position`` (inserted behind the reader)."""
-        query = {**unprocessed_filter(include_failed), "_id": {"$lte": position}}
-        try:
-            return await self.source.find_one(query, projection={"_id": 1}) is not None
-        except PyMongoError as e:
-            raise storage_error(e, "read of unprocessed conversations") from e
-
-    async def find_by_status(self, status: str, exclude: Iterable[ObjectId], limit: int) -> list[dict[str, Any]]:
-        query: dict[str, Any] = {"status": status}
-        excluded = list(exclude)
-        if excluded:
-            query["_id"] = {"$nin": excluded}
-        try:
-            return await self.source.find(query).sort("_id", ASCENDING).limit(limit).to_list(length=limit)
-        except PyMongoError as e:
-            raise storage_error(e, f"read of '{status}' conversations") from e
-
-    async def mark_processing(self, ids: list[ObjectId], now: datetime) -> None:
-        try:
-            await self.source.update_many(
-                {"_id": {"$in": ids}}, {"$set": {"status": STATUS_PROCESSING, "last_processed_at": now}}
-            )
-        except PyMongoError as e:
-            raise storage_error(e, "status update to processing") from e
-
-    async def ids_with_results(self, ids: list[ObjectId]) -> set[ObjectId]:
-        """Which of ``ids`` already have a result document."""
+    async def result_hashes(self, ids: list[Any]) -> list[tuple[Any, str | None]]:
+        """(source id, content hash) of the results that exist for ``ids`` (hash None for results
+        written before content hashes)."""
         if not ids:
-            return set()
+            return []
         try:
-            cursor = self.results.find({"source_conversation_id": {"$in": ids}}, projection={"source_conversation_id": 1})
-            return {doc["source_conversation_id"] async for doc in cursor}
+            cursor = self.results.find({"source_conversation_id": {"$in": ids}},
+                                       projection={"source_conversation_id": 1, "content_hash": 1})
+            return [(doc["source_conversation_id"], doc.get("content_hash")) async for doc in cursor]
         except PyMongoError as e:
             raise storage_error(e, "read of existing results") from e
 
-    async def upsert_result(self, result: dict[str, Any], created_at: datetime) -> None:
-        """Insert or replace the result of ``result['source_conversation_id']`` (never a second one)."""
+    async def upsert_result(self, result: ResultDocument, created_at: datetime) -> None:
+        """Insert or replace the result of ``result.source_conversation_id`` (never a second one)."""
         try:
             await self.results.update_one(
-                {"source_conversation_id": result["source_conversation_id"]},
-                {"$set": result, "$setOnInsert": {"created_at": created_at}},
+                {"source_conversation_id": result.source_conversation_id},
+                {"$set": result.to_mongo(), "$setOnInsert": {"created_at": created_at}},
                 upsert=True,
             )
         except PyMongoError as e:
             raise storage_error(e, "result write") from e
 
-    async def mark_processed(self, source_id: ObjectId, now: datetime) -> None:
-        await self._set_status(
-            source_id,
-            {"$set": {"status": STATUS_PROCESSED, "last_processed_at": now},
-             "$unset": {"failure_reason": "", "failure_type": ""}},
-        )
-
-    async def mark_processed_many(self, ids: list[ObjectId], now: datetime) -> None:
-        if not ids:
-            return
-        try:
-            await self.source.update_many(
-                {"_id": {"$in": ids}},
-                {"$set": {"status": STATUS_PROCESSED, "last_processed_at": now},
-                 "$unset": {"failure_reason": "", "failure_type": ""}},
-            )
-        except PyMongoError as e:
-            raise storage_error(e, "status update to processed") from e
-
-    async def mark_failed(self, source_id: ObjectId, reason: str, error_type: str, now: datetime) -> None:
-        await self._set_status(
-            source_id,
-            {"$set": {"status": STATUS_FAILED, "last_processed_at": now,
-                      "failure_reason": reason[:1000], "failure_type": error_type}},
-        )
-
-    async def _set_status(self, source_id: ObjectId, update: dict[str, Any]) -> None:
-        try:
-            await self.source.update_one({"_id": source_id}, update)
-        except PyMongoError as e:
-            raise storage_error(e, f"status update of {source_id}") from e
-
 
 __all__ = [
-    "MongoStore", "StorageError", "sync_database", "STATUS_FAILED", "STATUS_PENDING", "STATUS_PROCESSED", "STATUS_PROCESSING",
-    "unprocessed_filter",
+    "MongoStore", "ProcessingMetadata", "ResultDocument", "StorageError", "sync_database", "STATUS_FAILED",
+    "STATUS_PENDING", "STATUS_PROCESSED", "STATUS_PROCESSING", "STATUS_SKIPPED", "unprocessed_filter",
 ]
 
 

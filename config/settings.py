@@ -101,6 +101,19 @@ class Settings(BaseModel):
     batch_shutdown_grace_seconds: float = Field(
         10.0, ge=0, description="On SIGINT/SIGTERM, how long in-flight conversations may finish."
     )
+    batch_lease_seconds: float = Field(
+        300.0, gt=0, description="Lease of a claimed conversation; renewed while worked on, taken over once expired."
+    )
+    batch_worker_id: str = Field(
+        "", description="This processor's id in claims (unique per running processor); empty: host name + pid."
+    )
+    batch_failure_window: int = Field(
+        100, ge=1, description="Stop check: the last N finished conversations whose model failure rate is watched."
+    )
+    batch_max_failure_rate: float = Field(
+        0.10, ge=0, le=1,
+        description="Stop the job when more than this share of the window failed because of the model; 0 turns it off.",
+    )
     circuit_breaker_failure_threshold: int = Field(
         5, ge=1, description="Consecutive Ollama failures that pause the batch processor."
     )

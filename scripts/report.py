@@ -29,12 +29,15 @@ Formats
 * ``json``: one object: ``total``, ``database``, ``collection``, ``batch_job_id``,
   ``processed_at`` ({"first", "last"}, ISO 8601 UTC or null), ``by_intent``,
   ``by_topic``, ``by_sentiment`` ({label: count}), ``intent_by_sentiment``,
-  ``topic_by_sentiment``, ``intent_by_topic`` ({row label: {column label: count}}) and
-  ``unknown_labels`` ({"intent"|"topic"|"sentiment": [labels outside the taxonomy]}).
+  ``topic_by_sentiment``, ``intent_by_topic`` ({row label: {column label: count}}),
+  ``unknown_labels`` ({"intent"|"topic"|"sentiment": [labels outside the taxonomy]}) and
+  ``skipped_no_customer_turn``: source conversations the batch processor did not send to the
+  model because they have no customer turn (status ``skipped``; not part of ``total``).
 * ``csv``: one long table with the header ``section,row,column,count``; ``section`` is
   a key of the JSON report: ``total`` (row and column empty), ``by_intent``,
   ``by_topic``, ``by_sentiment`` (column empty), ``intent_by_sentiment``,
-  ``topic_by_sentiment``, ``intent_by_topic``. Every section sums to the total.
+  ``topic_by_sentiment``, ``intent_by_topic``. Every section sums to the total; a last row
+  ``skipped_no_customer_turn`` counts the conversations skipped apart.
 
 ``--chart FILE.png`` also writes bar charts (intents and topics stacked by sentiment,
 and sentiments) with matplotlib's Agg renderer: no display needed.
@@ -71,7 +74,7 @@ from error_handler import (  # noqa: E402
     run_command,
 )
 from logger import configure_logging  # noqa: E402
-from mongo_client import storage_error, sync_database  # noqa: E402
+from mongo_client import STATUS_SKIPPED, storage_error, sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
 
 logger = logging.getLogger("report")
@@ -168,6 +171,8 @@ class Report:
     collection: str
     job: str | None
     total: int = 0
+    #: Source conversations with status 'skipped' (no customer turn): never classified, counted apart.
+    skipped: int = 0
     first: datetime | None = None
     last: datetime | None = None
     labels: dict[str, list[str]] = field(default_factory=dict)
@@ -270,6 +275,17 @@ def build_report(collection: Collection[Any], taxonomy: Taxonomy, *, database: s
     return report
 
 
+def count_skipped(source: Collection[Any], job: str | None) -> int:
+    """Source conversations the batch processor skipped for having no customer turn (of ``job``)."""
+    query: dict[str, Any] = {"status": STATUS_SKIPPED}
+    if job is not None:
+        query["last_job_id"] = job
+    try:
+        return source.count_documents(query)
+    except PyMongoError as e:
+        raise storage_error(e, f"count of skipped conversations in {source.name}") from e
+
+
 def latest_jobs(collection: Collection[Any], limit: int = LATEST_JOBS_SHOWN) -> list[str]:
     """The batch jobs with results, most recently processed first (for the --job hint)."""
     pipeline = [
@@ -305,6 +321,7 @@ def as_dict(report: Report) -> dict[str, Any]:
     for key, row_kind, column_kind in CROSSINGS:
         data[key] = report.crossing(row_kind, column_kind)
     data["unknown_labels"] = {kind: report.unknown[kind] for kind in KINDS}
+    data["skipped_no_customer_turn"] = report.skipped
     return data
 
 
@@ -315,6 +332,7 @@ def csv_rows(report: Report) -> list[tuple[str, str, str, int]]:
     for key, row_kind, column_kind in CROSSINGS:
         for row, columns in report.crossing(row_kind, column_kind).items():
             rows += [(key, row, column, count) for column, count in columns.items()]
+    rows.append(("skipped_no_customer_turn", "", "", report.skipped))
     return rows
 
 
@@ -352,6 +370,9 @@ def print_tables(report: Report) -> None:
     if not console.is_terminal:
         console.width = max(console.width, 120)  # a file or a pipe: do not squeeze long labels into 80 columns
     console.print(header_line(report), style="bold")
+    if report.skipped:
+        console.print(f"{report.skipped} conversation{'s' if report.skipped != 1 else ''} skipped apart: "
+                      "no customer turn (status 'skipped', not sent to the model)")
     if report.total == 0:
         return  # tables of zeros say nothing; the reason is on stderr (json and csv keep their shape)
     sentiments = report.labels["sentiment"]
@@ -474,6 +495,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     with sync_database(settings, appname=APP_NAME) as database:
         collection = database[settings.mongodb_results_collection]
         report = build_report(collection, taxonomy, database=database.name, job=args.job)
+        report.skipped = count_skipped(database[settings.mongodb_source_collection], args.job)
         note = None
         if report.total == 0:
             where = f"{database.name}.{collection.name}"

@@ -23,6 +23,8 @@ import pytest
 from bson import ObjectId
 
 import cli
+import error_handler
+from aggregator import content_hash, validate_conversation
 from config import Settings, env_name
 from tests.fake_ollama import ErrorReply, FakeOllama, Reply, last_user_content
 from tests.net_helpers import free_port
@@ -134,7 +136,7 @@ def test_batch_mode_classifies_every_pending_conversation(batch_env, files_dir, 
     assert batch_files(files_dir) == ["batch_001_completed.json", "batch_002_completed.json",
                                       "batch_003_completed.json"]
     checkpoint = json.loads((files_dir / "checkpoint.json").read_text())
-    assert checkpoint["last_object_id"] == str(no_status_ids[-1])
+    assert checkpoint["conversations_resolved"] == 23
     out = capsys.readouterr().out
     assert "classified        23" in out
 
@@ -145,7 +147,8 @@ def test_result_documents_follow_the_design_schema(batch_env, mongo_db, fake_oll
 
     result = mongo_db[RESULTS].find_one({})
     assert set(result) == {"_id", "conversation_number", "source_conversation_id", "classification",
-                           "processing_metadata", "created_at"}
+                           "content_hash", "processing_metadata", "created_at"}
+    assert result["content_hash"].startswith("sha256:")
     assert result["source_conversation_id"] == source_id
     assert result["_id"] != source_id
     assert result["conversation_number"] == "5001"
@@ -185,7 +188,8 @@ def test_reruns_never_create_a_second_result(batch_env, mongo_db, fake_ollama, c
     ids = insert(mongo_db, [make_conversation(i) for i in range(6)])
     # One conversation was classified before but its status update was lost: skipped, not redone.
     mongo_db[RESULTS].insert_one({"source_conversation_id": ids[0], "conversation_number": "5000",
-                                  "classification": {"intent": "Other"}})
+                                  "classification": {"intent": "Other"},
+                                  "content_hash": content_hash(validate_conversation(make_conversation(0)))})
     assert cli.main([]) == cli.EXIT_OK
     assert fake_ollama.chat_count == 5
     assert "already done      1" in capsys.readouterr().out
@@ -229,7 +233,7 @@ def test_llm_failures_are_retried_queued_and_finally_marked_failed(batch_env, fi
     [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
     [entry] = queue_entries(queue)
     assert entry["status"] == "llm_failed"
-    assert entry["conversation_id"] == str(bad)
+    assert entry["conversation_id"] == bad  # the BSON value, kept through Extended JSON
     assert entry["retry_count"] == 1
     assert entry["classification_result"] is None
     assert "HTTP 500" in entry["reason"]
@@ -280,7 +284,8 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
     entries = queue_entries(queue)
     assert {e["status"] for e in entries} == {"write_failed"}
-    assert {e["conversation_id"] for e in entries} == {str(i) for i in ids}
+    assert sorted(str(e["conversation_id"]) for e in entries) == sorted(str(i) for i in ids)
+    assert all(isinstance(e["conversation_id"], ObjectId) for e in entries)  # the BSON type survives
     assert all(e["classification_result"]["intent"] for e in entries)
     assert all("Document failed validation" in e["reason"] for e in entries)
     capsys.readouterr()
@@ -290,7 +295,7 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     assert fake_ollama.chat_count == 5  # written from the queue, the LLM was not asked again
     assert results_per_source(mongo_db) == {i: 1 for i in ids}
     stored = {r["source_conversation_id"]: r["classification"] for r in mongo_db[RESULTS].find()}
-    assert stored == {ObjectId(e["conversation_id"]): e["classification_result"] for e in entries}
+    assert stored == {e["conversation_id"]: e["classification_result"] for e in entries}
     assert statuses(mongo_db) == {"processed": 5}
     assert not list(files_dir.glob("batch_*_retry_queue.jsonl"))
 
@@ -558,3 +563,382 @@ def test_an_unexpected_error_on_the_probe_neither_hangs_the_run_nor_loses_the_co
     assert unexpected and unexpected[0].exc_info and "a bug in the pipeline" in str(unexpected[0].exc_info[1])
     assert any("queued for retry (llm_failed): unexpected RuntimeError: a bug in the pipeline" in r.message
                for r in caplog.records)
+
+
+# --- any _id type (issue 8 item 2) -------------------------------------------------------------
+
+
+def mixed_id_documents() -> list[dict[str, Any]]:
+    """One conversation per BSON type an _id may have, 24-hex string that is not an ObjectId included."""
+    import uuid
+
+    from bson import Binary
+
+    ids: list[Any] = [ObjectId(), 7, 2.5, "conv-abc", "5f1d7a2b3c4d5e6f708192a3",
+                      Binary.from_uuid(uuid.UUID("12345678-1234-5678-1234-567812345678")), {"shop": "eu", "n": 3}]
+    return [make_conversation(i, _id=value) for i, value in enumerate(ids)]
+
+
+def test_every_id_type_keeps_its_type_and_value_end_to_end(batch_env, files_dir, mongo_db, fake_ollama):
+    docs = mixed_id_documents()
+    ids = insert(mongo_db, docs)
+    assert cli.main(["--batch-size", "3"]) == cli.EXIT_OK
+
+    assert fake_ollama.chat_count == len(ids)
+    assert statuses(mongo_db) == {"processed": len(ids)}
+    stored = [r["source_conversation_id"] for r in mongo_db[RESULTS].find()]
+    assert len(stored) == len(ids)
+    for source_id in ids:
+        matches = [s for s in stored if s == source_id and type(s) is type(source_id)]
+        assert len(matches) == 1, f"no result of the same type and value for {source_id!r}"
+    # The 24-hex string stays a string: no result for an ObjectId nobody has.
+    assert mongo_db[RESULTS].count_documents({"source_conversation_id": ObjectId("5f1d7a2b3c4d5e6f708192a3")}) == 0
+
+
+def test_ids_survive_the_batch_files_of_a_crashed_run(batch_env, files_dir, mongo_db, fake_ollama):
+    # A write failure keeps each conversation in the retry queue file; the next run reads the ids back.
+    mongo_db.create_collection(RESULTS, validator={"$jsonSchema": {"required": ["field_no_result_has"]}})
+    ids = insert(mongo_db, mixed_id_documents())
+    assert cli.main([]) == cli.EXIT_INCOMPLETE
+    [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
+    assert '"$oid"' in queue.read_text() and '"$binary"' in queue.read_text()
+    mongo_db.command("collMod", RESULTS, validator={})
+    assert cli.main([]) == cli.EXIT_OK
+    assert fake_ollama.chat_count == len(ids)  # written from the queue, no second LLM call
+    stored = [r["source_conversation_id"] for r in mongo_db[RESULTS].find()]
+    assert sorted(map(repr, stored)) == sorted(map(repr, ids))
+    assert statuses(mongo_db) == {"processed": len(ids)}
+
+
+def test_a_collection_mixing_id_types_is_read_completely_across_runs(batch_env, mongo_db, fake_ollama):
+    ids = insert(mongo_db, mixed_id_documents()[:4])
+    assert cli.main(["--limit", "2", "--batch-size", "1"]) == cli.EXIT_OK
+    # Documents of other types arrive later, "behind" any position a reader could keep.
+    ids += insert(mongo_db, [make_conversation(50, _id=1), make_conversation(51, _id="a"),
+                             make_conversation(52, _id=ObjectId("000000000000000000000001"))])
+    assert cli.main(["--batch-size", "2"]) == cli.EXIT_OK
+    assert statuses(mongo_db) == {"processed": len(ids)}
+    assert fake_ollama.chat_count == len(ids)
+
+
+def test_one_bad_document_never_stops_a_run(batch_env, mongo_db, fake_ollama):
+    good = insert(mongo_db, [make_conversation(i) for i in range(3)])
+    bad = insert(mongo_db, [
+        {"_id": 1001, "conversation_number": {"nested": "number"}, "tweets": [], "status": "pending"},
+        {"_id": 1002, "conversation_number": "bad-2", "tweets": "not a list", "status": "pending"},
+        {"_id": 1003, "conversation_number": "bad-3", "messages": [{"sender": 5, "text": None}], "status": "pending"},
+        {"_id": 1004, "status": "pending"},
+    ])
+    assert cli.main(["--batch-size", "2"]) == cli.EXIT_INCOMPLETE
+    assert set(results_per_source(mongo_db)) == set(good)
+    for doc in mongo_db[SOURCE].find({"_id": {"$in": bad}}):
+        assert doc["status"] == "failed" and doc["failure_reason"], doc
+
+
+# --- claims with leases (issue 9) ------------------------------------------------------------
+
+
+def chats_per_conversation(fake_ollama: FakeOllama) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for request in fake_ollama.chat_requests:
+        text = last_user_content(request)
+        counts[text] = counts.get(text, 0) + 1
+    return counts
+
+
+def test_several_processors_share_a_collection_one_result_and_one_llm_call_each(
+    start_processor, tmp_path, mongo_db, fake_ollama
+):
+    ids = insert(mongo_db, [make_conversation(i) for i in range(90)])
+    fake_ollama.latency = 0.02
+    processes = [
+        start_processor("--batch-size", "7", "--max-concurrent", "3", "--batch-files-dir", str(tmp_path / f"files_{n}"),
+                        "--worker-id", f"worker-{n}")
+        for n in range(3)
+    ]
+    outputs = [p.communicate(timeout=120)[0] for p in processes]
+    for process, output in zip(processes, outputs):
+        assert process.returncode == cli.EXIT_OK, output
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+    assert fake_ollama.chat_count == 90
+    assert set(chats_per_conversation(fake_ollama).values()) == {1}
+    assert statuses(mongo_db) == {"processed": 90}
+    # Nothing of a claim is left on a finished document.
+    assert mongo_db[SOURCE].count_documents({"claimed_by": {"$exists": True}}) == 0
+    workers = {r["processing_metadata"]["batch_job_id"] for r in mongo_db[RESULTS].find()}
+    assert workers  # (job ids may coincide; the split between workers is not asserted: it depends on timing)
+
+
+def test_an_abandoned_claim_is_taken_over_and_a_live_one_is_waited_for(batch_env, mongo_db, fake_ollama, caplog):
+    from datetime import datetime, timedelta, timezone
+
+    now = datetime.now(timezone.utc)
+    expired = insert(mongo_db, [make_conversation(i, status="processing", claimed_by="dead-worker", claim_id="t1",
+                                                  lease_expires_at=now - timedelta(seconds=5)) for i in range(3)])
+    # Left 'processing' by a processor of before leases: nobody renews it.
+    legacy = insert(mongo_db, [make_conversation(10, status="processing")])
+    # Held by a live processor (lease running): a batch run waits until it finishes or expires.
+    live = insert(mongo_db, [make_conversation(20, status="processing", claimed_by="other-worker", claim_id="t2",
+                                               lease_expires_at=now + timedelta(seconds=2))])
+    fresh = insert(mongo_db, [make_conversation(30)])
+
+    assert cli.main(["--worker-id", "me"]) == cli.EXIT_OK
+
+    assert results_per_source(mongo_db) == {i: 1 for i in expired + legacy + live + fresh}
+    assert statuses(mongo_db) == {"processed": 6}
+    assert fake_ollama.chat_count == 6
+    assert any("waiting for the claims of other processors" in r.message for r in caplog.records)
+
+
+def test_a_processor_that_lost_its_claim_never_overwrites_the_newer_state(batch_env, mongo_db, fake_ollama):
+    # While the model answers, the document is reset to pending (edited by a user): the run's
+    # status update must not mark it processed over that reset.
+    [source_id] = insert(mongo_db, [make_conversation(1)])
+    fake_ollama.latency = 0.5
+
+    import threading
+
+    def reset_while_classifying() -> None:
+        if fake_ollama.wait_for_chats(1, timeout=20):
+            mongo_db[SOURCE].update_one({"_id": source_id}, {"$set": {"status": "pending"},
+                                                             "$unset": {"claim_id": "", "claimed_by": ""}})
+
+    thread = threading.Thread(target=reset_while_classifying)
+    thread.start()
+    try:
+        assert cli.main(["--limit", "1"]) == cli.EXIT_OK
+    finally:
+        thread.join()
+    assert mongo_db[SOURCE].find_one({"_id": source_id})["status"] == "pending"
+
+
+def test_a_killed_processor_s_claims_are_taken_over_by_another(start_processor, tmp_path, mongo_db, fake_ollama):
+    ids = insert(mongo_db, [make_conversation(i) for i in range(30)])
+    fake_ollama.latency = 0.3
+    lease = {"BATCH_LEASE_SECONDS": "1.5"}
+    victim = start_processor("--batch-size", "10", "--max-concurrent", "4", "--worker-id", "victim",
+                             "--batch-files-dir", str(tmp_path / "victim"), **lease)
+    wait_until(lambda: mongo_db[SOURCE].count_documents({"claimed_by": "victim"}) > 0, what="the victim's claims")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait(10)
+    held = mongo_db[SOURCE].count_documents({"claimed_by": "victim", "status": "processing"})
+    assert held > 0, "killed too late to test a take-over"
+
+    fake_ollama.latency = 0
+    survivor = start_processor("--batch-size", "10", "--worker-id", "survivor",
+                               "--batch-files-dir", str(tmp_path / "survivor"), **lease)
+    output, _ = survivor.communicate(timeout=120)
+    assert survivor.returncode == cli.EXIT_OK, output
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+    assert statuses(mongo_db) == {"processed": 30}
+
+
+def test_leases_are_renewed_while_a_slow_model_works(start_processor, tmp_path, mongo_db, fake_ollama):
+    # Each answer takes longer than the lease: without renewal the second processor would take
+    # the first one's conversations over and classify them again.
+    ids = insert(mongo_db, [make_conversation(i) for i in range(6)])
+    fake_ollama.latency = 2.0
+    lease = {"BATCH_LEASE_SECONDS": "0.9"}
+    first = start_processor("--max-concurrent", "6", "--worker-id", "first",
+                            "--batch-files-dir", str(tmp_path / "first"), **lease)
+    wait_until(lambda: fake_ollama.chat_count >= 6, what="the first processor's calls")
+    second = start_processor("--worker-id", "second", "--batch-files-dir", str(tmp_path / "second"), **lease)
+    for process in (first, second):
+        output, _ = process.communicate(timeout=120)
+        assert process.returncode == cli.EXIT_OK, output
+    assert fake_ollama.chat_count == 6
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+
+
+# --- edited conversations (issue 8 item 4) -----------------------------------------------------
+
+
+def test_an_edited_conversation_reset_to_pending_is_classified_again(batch_env, mongo_db, fake_ollama):
+    ids = insert(mongo_db, [make_conversation(i) for i in range(3)])
+    assert cli.main([]) == cli.EXIT_OK
+    first = {r["source_conversation_id"]: r for r in mongo_db[RESULTS].find()}
+    edited = make_conversation(0, text="@AcmeCare actually it arrived today, thank you so much!")
+    mongo_db[SOURCE].update_one({"_id": ids[0]}, {"$set": {"tweets": edited["tweets"], "status": "pending"}})
+    mongo_db[SOURCE].update_one({"_id": ids[1]}, {"$set": {"status": "pending"}})  # reset, not edited
+
+    assert cli.main([]) == cli.EXIT_OK
+
+    assert fake_ollama.chat_count == 4  # the edited one only
+    assert "it arrived today" in last_user_content(fake_ollama.chat_requests[-1])
+    after = {r["source_conversation_id"]: r for r in mongo_db[RESULTS].find()}
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+    assert after[ids[0]]["content_hash"] != first[ids[0]]["content_hash"]
+    assert after[ids[0]]["processing_metadata"]["batch_job_id"] is not None
+    assert after[ids[1]]["content_hash"] == first[ids[1]]["content_hash"]
+    assert after[ids[1]]["processing_metadata"] == first[ids[1]]["processing_metadata"]
+    assert statuses(mongo_db) == {"processed": 3}
+
+
+def test_content_hash_depends_on_speakers_and_text_only():
+    a = validate_conversation(make_conversation(1))
+    same = validate_conversation({**make_conversation(1), "conversation_number": "other", "status": "x"})
+    spaced = make_conversation(1)
+    spaced["tweets"][0]["text"] = "  @AcmeCare my order 1   has not arrived and I am annoyed "
+    flipped = make_conversation(1)
+    flipped["tweets"][1]["inbound"] = True  # the reply now reads as the customer's
+    assert content_hash(a) == content_hash(same) == content_hash(validate_conversation(spaced))
+    assert content_hash(a) != content_hash(validate_conversation(flipped))
+    assert content_hash(a) != content_hash(validate_conversation(make_conversation(2)))
+
+
+# --- no customer turn (issue 8 item 3) -----------------------------------------------------------
+
+
+def test_a_conversation_without_a_customer_turn_is_skipped_without_an_llm_call(batch_env, mongo_db, fake_ollama,
+                                                                               capsys):
+    good = insert(mongo_db, [make_conversation(1)])
+    agent_only = make_conversation(2)
+    agent_only["tweets"] = [t for t in agent_only["tweets"] if not t["inbound"]]
+    blank_customer = make_conversation(3)
+    blank_customer["tweets"][0]["text"] = "   "
+    messages = {"conversation_number": "m4", "status": "pending",
+                "messages": [{"sender": "agent", "text": "Hello, how can we help?"}]}
+    skipped = insert(mongo_db, [agent_only, blank_customer, messages])
+
+    assert cli.main([]) == cli.EXIT_OK  # nothing failed: there was nothing to classify
+
+    assert fake_ollama.chat_count == 1
+    assert set(results_per_source(mongo_db)) == set(good)
+    for doc in mongo_db[SOURCE].find({"_id": {"$in": skipped}}):
+        assert doc["status"] == "skipped"
+        assert doc["error_type"] == "no_customer_turn"
+        assert "no customer turn" in doc["failure_reason"]
+    out = capsys.readouterr().out
+    assert "skipped           3" in out and "classified        1" in out and "failed            0" in out
+    # Terminal: not picked up again, not even by --retry-failed.
+    assert cli.main(["--retry-failed"]) == cli.EXIT_OK
+    assert fake_ollama.chat_count == 1
+
+
+# --- --retry-failed never loops (issue 8 item 7) ---------------------------------------------------
+
+
+def garbled_for(marker: str) -> Callable[[dict[str, Any]], Reply | None]:
+    return lambda request: Reply(content="no idea") if marker in last_user_content(request) else None
+
+
+def test_retry_failed_ends_even_when_the_answers_stay_unusable(batch_env, monkeypatch, files_dir, mongo_db,
+                                                               fake_ollama):
+    monkeypatch.setenv("BATCH_RETRY_QUEUE_ATTEMPTS", "1")
+    fake_ollama.responder = garbled_for("GARBLED")
+    failed = insert(mongo_db, [make_conversation(i, text=f"GARBLED {i}", status="failed", failure_reason="earlier")
+                               for i in range(4)])
+    # Left 'processing' with no batch file (a lost folder): picked up without --retry-failed.
+    orphan = insert(mongo_db, [make_conversation(10, status="processing")])
+
+    assert cli.main(["--retry-failed", "--batch-size", "2"]) == cli.EXIT_INCOMPLETE
+
+    # Each failed conversation was taken once by this run: one call, then one retry-queue pass.
+    per_conversation = chats_per_conversation(fake_ollama)
+    assert sorted(n for text, n in per_conversation.items() if "GARBLED" in text) == [2, 2, 2, 2]
+    assert mongo_db[SOURCE].count_documents({"_id": {"$in": failed}, "status": "failed"}) == 4
+    assert results_per_source(mongo_db) == {orphan[0]: 1}
+    assert len(batch_files(files_dir)) <= 3
+    # The next --retry-failed run takes them again, once each.
+    assert cli.main(["--retry-failed"]) == cli.EXIT_INCOMPLETE
+    assert fake_ollama.chat_count == 1 + 8 + 8
+
+
+def test_continuous_retry_failed_does_not_reread_permanent_failures_every_cycle(start_processor, files_dir, mongo_db,
+                                                                                 fake_ollama):
+    fake_ollama.responder = garbled_for("GARBLED")
+    [bad] = insert(mongo_db, [make_conversation(0, text="GARBLED forever", status="failed")])
+    process = start_processor("--mode", "continuous", "--poll-interval", "0.1", "--retry-failed",
+                              BATCH_RETRY_QUEUE_ATTEMPTS="2")
+    wait_until(lambda: mongo_db[SOURCE].find_one({"_id": bad}).get("last_run_id") is not None, timeout=60,
+               what="the failed conversation to be given up again")
+    # Many poll cycles later (each new conversation needs at least one more cycle)...
+    for i in range(1, 6):
+        insert(mongo_db, [make_conversation(i)])
+        wait_until(lambda: statuses(mongo_db).get("processed") == i, timeout=60, what=f"conversation {i}")
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=30)
+    assert process.returncode == cli.EXIT_INCOMPLETE, output
+    calls = sum("GARBLED" in last_user_content(r) for r in fake_ollama.chat_requests)
+    assert calls == 3  # 1 attempt + 2 retry-queue passes, then never again in this run
+    assert mongo_db[SOURCE].find_one({"_id": bad})["status"] == "failed"
+    assert len(batch_files(files_dir)) <= 12
+    assert output.count("GARBLED") == 0  # conversation text is not logged at INFO
+
+
+# --- failure-rate stop (issue 8 item 12) ---------------------------------------------------------
+
+
+def test_a_job_whose_model_answers_are_mostly_unusable_stops_and_leaves_the_rest_recoverable(
+    batch_env, monkeypatch, mongo_db, fake_ollama, capsys
+):
+    monkeypatch.setenv("BATCH_FAILURE_WINDOW", "10")
+    monkeypatch.setenv("BATCH_MAX_FAILURE_RATE", "0.2")
+    fake_ollama.responder = lambda request: Reply(content="I think this customer is upset.")
+    ids = insert(mongo_db, [make_conversation(i) for i in range(60)])
+    # Invalid input does not count against the model.
+    insert(mongo_db, [{"conversation_number": f"bad-{i}", "tweets": [], "status": "pending"} for i in range(15)])
+
+    assert cli.main(["--batch-size", "5", "--max-concurrent", "2"]) == error_handler.EXIT_FAILURE_RATE
+
+    err = capsys.readouterr().err
+    assert "error: Stopped:" in err and "failed because of the model" in err
+    assert "llm_bad_output" in err and "OLLAMA_MODEL" in err and "BATCH_MAX_FAILURE_RATE=0" in err
+    assert "Traceback" not in err
+    assert fake_ollama.chat_count < 30  # it stopped early, not after burning the collection
+    # Nothing the model failed on was marked failed: all of it is recoverable.
+    assert mongo_db[SOURCE].count_documents({"_id": {"$in": ids}, "status": "failed"}) == 0
+    assert mongo_db[SOURCE].count_documents({"_id": {"$in": ids}, "lease_expires_at": {"$gt": utcnow()}}) == 0
+
+    fake_ollama.responder = None  # the model is fixed
+    monkeypatch.setenv("BATCH_RETRY_QUEUE_ATTEMPTS", "1")
+    assert cli.main(["--batch-size", "20"]) == cli.EXIT_INCOMPLETE  # (the invalid ones are failed)
+    assert results_per_source(mongo_db) == {i: 1 for i in ids}
+
+
+def test_failure_window_counts_model_failures_over_the_last_n():
+    from batch_processor import FailureWindow
+
+    window = FailureWindow(4, 0.25)
+    assert not window.record(("llm_bad_output", "x"))
+    assert not window.record(("llm_bad_output", "x"))
+    assert not window.record(None)
+    assert window.record(None)  # full: 2 of 4 > 25 %
+    for _ in range(4):
+        window.record(None)
+    assert not window.exceeded and window.failures == 0
+    off = FailureWindow(2, 0)
+    assert not off.record(("llm_timeout", "t")) and not off.record(("llm_timeout", "t"))
+    assert off.most_common() == ("llm_timeout", 2, "t")
+
+
+def utcnow() -> Any:
+    from datetime import datetime, timezone
+
+    return datetime.now(timezone.utc)
+
+
+# --- identical conversations (issue 9) -------------------------------------------------------------
+
+
+def test_identical_conversations_are_classified_once_per_job(batch_env, mongo_db, fake_ollama):
+    fake_ollama.latency = 0.2  # identical ones are in flight together: they wait for the first answer
+    templates = [make_conversation(t) for t in range(3)]
+    docs = [{**templates[i % 3], "conversation_number": f"dup-{i}"} for i in range(12)]
+    ids = insert(mongo_db, docs)
+    distinct = insert(mongo_db, [make_conversation(50)])
+
+    assert cli.main(["--max-concurrent", "6", "--batch-size", "5"]) == cli.EXIT_OK
+
+    assert fake_ollama.chat_count == 4
+    results = {r["source_conversation_id"]: r for r in mongo_db[RESULTS].find()}
+    assert set(results) == set(ids) | set(distinct)
+    reused = [r for r in results.values() if r["processing_metadata"].get("classification_reused")]
+    assert len(reused) == 9
+    for result in reused:
+        original = results[result["processing_metadata"]["reused_from"]]
+        assert not original["processing_metadata"].get("classification_reused")
+        assert original["content_hash"] == result["content_hash"]
+        assert original["classification"] == result["classification"]
+        assert result["conversation_number"] != original["conversation_number"]
+    assert statuses(mongo_db) == {"processed": 13}

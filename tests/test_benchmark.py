@@ -98,8 +98,14 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
         assert all(NUMBER.match(cell) for cell in row[1:8]), row
     assert prompt[-1][8].startswith("yes")  # the synthetic conversation is cut to the budget
 
+    processors = table_after(text, "### 6. Several processors")
+    assert [row[0].split(" ")[0] for row in processors] == ["1", "3", "2,"]
+    for row in processors:
+        assert all(NUMBER.match(cell) for cell in row[1:6]), row
+        assert row[3] == "0"  # duplicate results: never, whatever the timing
+
     targets = table_after(text, "**Targets**")
-    assert len(targets) == 5 and all(row[2] in ("PASS", "MISS") for row in targets)
+    assert len(targets) == 8 and all(row[2] in ("PASS", "MISS") for row in targets)
 
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
 

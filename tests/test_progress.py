@@ -30,7 +30,7 @@ DESIGN_FIELDS = {
     "current_rate", "estimated_completion", "percentage_complete",
 }
 # ... plus our additions.
-SNAPSHOT_FIELDS = DESIGN_FIELDS | {"queued_for_retry", "already_classified", "elapsed_seconds"}
+SNAPSHOT_FIELDS = DESIGN_FIELDS | {"queued_for_retry", "already_classified", "elapsed_seconds", "skipped"}
 
 
 class FakeClock:

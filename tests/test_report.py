@@ -181,8 +181,9 @@ def test_json_report_counts_and_crosses_exactly(results, mongo_db_name, capsys):
 
     assert list(data) == [
         "total", "database", "collection", "batch_job_id", "processed_at", "by_intent", "by_topic", "by_sentiment",
-        "intent_by_sentiment", "topic_by_sentiment", "intent_by_topic", "unknown_labels",
+        "intent_by_sentiment", "topic_by_sentiment", "intent_by_topic", "unknown_labels", "skipped_no_customer_turn",
     ]
+    assert data["skipped_no_customer_turn"] == 0
     assert data["total"] == 20
     assert (data["database"], data["collection"], data["batch_job_id"]) == (mongo_db_name, RESULTS, None)
     # The first is a BSON date, the last an ISO string: both kinds count.
@@ -213,11 +214,13 @@ def test_counting_is_done_by_mongodb_not_by_loading_results(results, capsys):
 
         def __init__(self) -> None:
             self.commands: list[str] = []
+            self.targets: list[tuple[str, Any]] = []
             self.returned: list[int] = []
 
         def started(self, event: monitoring.CommandStartedEvent) -> None:
             if self.active:
                 self.commands.append(event.command_name)
+                self.targets.append((event.command_name, event.command.get(event.command_name)))
 
         def succeeded(self, event: monitoring.CommandSucceededEvent) -> None:
             if self.active and event.command_name in ("aggregate", "getMore"):
@@ -241,7 +244,7 @@ def test_counting_is_done_by_mongodb_not_by_loading_results(results, capsys):
     assert data["total"] == 300
     assert data["by_intent"]["Complaint"] == data["by_intent"]["Feedback"] == data["by_intent"]["Other"] == 100
     assert "find" not in recorder.commands
-    assert recorder.commands.count("aggregate") == 1
+    assert recorder.targets.count(("aggregate", RESULTS)) == 1  # (the other counts skipped source conversations)
     assert sum(recorder.returned) == 3
 
 
@@ -336,9 +339,10 @@ def test_csv_is_one_long_table_whose_sections_sum_to_the_total(results, capsys):
     assert rows[0] == {"section": "total", "row": "", "column": "", "count": "20"}
     sections = Counter(row["section"] for row in rows)
     assert sections == {"total": 1, "by_intent": 13, "by_topic": 11, "by_sentiment": 4, "intent_by_sentiment": 13 * 4,
-                        "topic_by_sentiment": 11 * 4, "intent_by_topic": 13 * 11}
+                        "topic_by_sentiment": 11 * 4, "intent_by_topic": 13 * 11, "skipped_no_customer_turn": 1}
+    assert rows[-1] == {"section": "skipped_no_customer_turn", "row": "", "column": "", "count": "0"}
     sums: Counter[str] = Counter()
-    for row in rows:
+    for row in rows[:-1]:
         sums[row["section"]] += int(row["count"])
     assert set(sums.values()) == {20}
     cells = {(row["section"], row["row"], row["column"]): int(row["count"]) for row in rows}
@@ -486,3 +490,18 @@ def test_script_runs_as_a_subprocess_from_another_folder(mongo_uri, mongo_db, mo
     data = json.loads(result.stdout)
     assert (data["total"], data["batch_job_id"]) == (14, JOB_A)
     assert png_size((tmp_path / "chart.png").read_bytes())[0] >= 1000
+
+
+def test_conversations_skipped_for_no_customer_turn_are_counted_apart(results, mongo_db, capsys):
+    mongo_db["conversation_set"].insert_many([
+        {"conversation_number": "s1", "status": "skipped", "error_type": "no_customer_turn", "last_job_id": "job_a"},
+        {"conversation_number": "s2", "status": "skipped", "error_type": "no_customer_turn", "last_job_id": "job_b"},
+        {"conversation_number": "p1", "status": "processed"},
+    ])
+    data = json_report(capsys)
+    assert (data["total"], data["skipped_no_customer_turn"]) == (20, 2)
+    code, out, _ = run_report(capsys)
+    assert code == report.EXIT_OK
+    assert "2 conversations skipped apart: no customer turn" in out
+    code, out, _ = run_report(capsys, "--format", "csv", "--job", "job_a")
+    assert out.strip().splitlines()[-1] == "skipped_no_customer_turn,,,1"

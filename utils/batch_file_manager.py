@@ -12,8 +12,8 @@
 
 Every write is atomic (temporary file in the same folder, fsync, ``os.replace``, fsync
 of the folder), so a crash at any instant leaves the old or the new content, never a
-torn file. Conversation documents are stored as MongoDB Extended JSON (relaxed) so
-ObjectIds and dates inside them survive the round trip.
+torn file. Conversation documents and their ``_id`` values are stored as MongoDB Extended
+JSON (relaxed) so ObjectIds, UUIDs, dates and ids of any BSON type survive the round trip.
 
 A retry queue changes one entry at a time, so rewriting it whole on every change would
 cost the square of its size (300 failures of 4 KB wrote 200 MB). It is a journal instead:
@@ -124,7 +124,7 @@ def read_json(path: Path) -> Any:
 class BatchConversation:
     """One source document in a batch file."""
 
-    object_id: str
+    object_id: Any  # the source _id as its BSON value (any type)
     conversation_data: dict[str, Any]
     created_at: str = field(default_factory=iso_now)
 
@@ -133,7 +133,7 @@ class BatchConversation:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BatchConversation:
-        return cls(str(data["_id"]), dict(data.get("conversation_data") or {}), str(data.get("created_at", "")))
+        return cls(data["_id"], dict(data.get("conversation_data") or {}), str(data.get("created_at", "")))
 
 
 @dataclass
@@ -173,7 +173,7 @@ class PendingBatch:
 class RetryEntry:
     """One entry of a retry queue: a conversation whose LLM call or result write failed."""
 
-    conversation_id: str
+    conversation_id: Any  # the source _id as its BSON value (any type)
     status: RetryStatus
     conversation_data: dict[str, Any]
     reason: str
@@ -182,6 +182,9 @@ class RetryEntry:
     processing_metadata: dict[str, Any] | None = None
     retry_count: int = 0
     failed_at: str = field(default_factory=iso_now)
+    #: With a ``write_failed`` classification: the transcript's hash it was made for (the entry
+    #: no longer holds the conversation, so the retry cannot compute it).
+    content_hash: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -189,7 +192,7 @@ class RetryEntry:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> RetryEntry:
         return cls(
-            conversation_id=str(data["conversation_id"]),
+            conversation_id=data["conversation_id"],
             status=data["status"],
             conversation_data=dict(data.get("conversation_data") or {}),
             reason=str(data.get("reason", "")),
@@ -198,6 +201,7 @@ class RetryEntry:
             processing_metadata=data.get("processing_metadata"),
             retry_count=int(data.get("retry_count", 0)),
             failed_at=str(data.get("failed_at", "")),
+            content_hash=data.get("content_hash"),
         )
 
 

@@ -46,6 +46,7 @@ class ProgressSnapshot:
     failed: int
     queued_for_retry: int
     already_classified: int
+    skipped: int  # no customer turn: nothing to classify (status 'skipped')
     current_rate: float
     estimated_completion: str | None
     percentage_complete: float
@@ -53,7 +54,8 @@ class ProgressSnapshot:
 
 
 class ProgressTracker:
-    """Counts of a job and its rate over the last minute. ``processed`` = successful + failed + queued."""
+    """Counts of a job and its rate over the last minute.
+    ``processed`` = successful + failed + queued + skipped."""
 
     def __init__(self, job_id: str, total: int = 0, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.job_id = job_id
@@ -62,6 +64,7 @@ class ProgressTracker:
         self.failed = 0
         self.queued_for_retry = 0
         self.already_classified = 0
+        self.skipped = 0
         self.status = "running"
         self._clock = clock
         self._started = clock()
@@ -70,7 +73,7 @@ class ProgressTracker:
 
     @property
     def processed(self) -> int:
-        return self.successful + self.failed + self.queued_for_retry
+        return self.successful + self.failed + self.queued_for_retry + self.skipped
 
     def add_total(self, count: int) -> None:
         self.total += count
@@ -87,6 +90,10 @@ class ProgressTracker:
 
     def record_failed(self) -> None:
         self.failed += 1
+        self._completed()
+
+    def record_skipped(self) -> None:
+        self.skipped += 1
         self._completed()
 
     def record_queued(self) -> None:
@@ -129,6 +136,7 @@ class ProgressTracker:
             failed=self.failed,
             queued_for_retry=self.queued_for_retry,
             already_classified=self.already_classified,
+            skipped=self.skipped,
             current_rate=round(rate, 3),
             estimated_completion=eta,
             percentage_complete=round(min(percentage, 100.0), 2),
