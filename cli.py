@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 import sys
 from typing import Any
@@ -16,6 +17,7 @@ from async_llm_wrapper import AsyncOllamaClient
 from batch_processor import BatchProcessor, RunOptions, RunSummary, new_job_id
 from classifier import ConversationClassifier
 from config import Settings, field_help, load_settings
+from llm_pool import AsyncLLMPool
 from error_handler import (
     EXIT_CONFIG,
     EXIT_FAILURE,
@@ -63,6 +65,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _concurrency(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
@@ -83,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=field_help("batch_processor_mode"))
     parser.add_argument("--batch-size", dest="mongodb_batch_size", type=_positive_int, metavar="N",
                         help=field_help("mongodb_batch_size"))
-    parser.add_argument("--max-concurrent", dest="batch_max_concurrent", type=_positive_int, metavar="N",
+    parser.add_argument("--max-concurrent", dest="batch_max_concurrent", type=_concurrency, metavar="N|auto",
                         help=field_help("batch_max_concurrent"))
     parser.add_argument("--limit", type=_positive_int, metavar="N",
                         help="Classify at most N new conversations, then stop (work recovered from an "
@@ -140,7 +146,8 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     files.lock()
     try:
         files.claim(data_identity(settings))
-        async with MongoStore.connect(settings) as store, AsyncOllamaClient(settings) as llm:
+        # One client per LLM server (OLLAMA_ENDPOINT may list several), routed by the pool.
+        async with MongoStore.connect(settings) as store, AsyncLLMPool(settings, AsyncOllamaClient) as llm:
             await store.ping()
             await llm.check_ready()
             await store.ensure_indexes()
@@ -151,6 +158,8 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
                 loop.add_signal_handler(signum, processor.request_stop)
             try:
                 summary = await processor.run()
+                if llm.observer is not None:  # --max-concurrent auto: say where it settled
+                    logging.getLogger(__name__).info("%s", llm.observer.summary())
             finally:
                 for signum in (signal.SIGINT, signal.SIGTERM):
                     loop.remove_signal_handler(signum)

@@ -125,6 +125,8 @@ class CallObserver(Protocol):
 
     def record(self, *, busy: bool = False) -> None: ...
 
+    def summary(self) -> str: ...
+
 
 class _Routing:
     """What both pools share: the servers, the choice of one, and the bookkeeping of an outcome.
@@ -135,14 +137,20 @@ class _Routing:
     def __init__(self, settings: Settings, factory: ClientFactory, *, clock: Callable[[], float]) -> None:
         self.settings = settings
         self.servers: list[Server] = []
-        for url in settings.llm_endpoints:
+        urls = settings.llm_endpoints
+        for url in urls:
             name = server_name(url)
+            # One server keeps the breaker's familiar name in the log ("circuit Ollama open ...").
             breaker = ServerBreaker(settings.circuit_breaker_failure_threshold,
-                                    settings.circuit_breaker_recovery_seconds, name=f"LLM server {name}", clock=clock)
+                                    settings.circuit_breaker_recovery_seconds,
+                                    name="Ollama" if len(urls) == 1 else f"LLM server {name}", clock=clock)
             self.servers.append(Server(url, name, factory(settings.model_copy(update={"ollama_endpoint": url})),
                                        breaker))
         self.observer: CallObserver | None = None
         self._turn = 0
+        if len(self.servers) > 1:
+            logger.info("LLM servers: %s (each call to the one with the fewest in flight)",
+                        ", ".join(s.name for s in self.servers))
 
     def acquire(self, tried: Sequence[Server]) -> tuple[Server, bool] | None:
         """The server for the next call and whether it is a probe: a paused server whose pause is

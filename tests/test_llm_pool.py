@@ -369,3 +369,88 @@ async def test_auto_concurrency_observes_the_pools_calls(fakes: list[FakeOllama]
         await asyncio.gather(*(one(i) for i in range(10)))
     fixed = load_settings({"batch_max_concurrent": 7}, environ={}, env_file=None)
     assert isinstance(concurrency_limit(fixed, None), asyncio.Semaphore)
+
+
+# --- the batch processor over several servers (the real CLI, SecantusDB, fake servers) ---------------
+
+
+@pytest.fixture
+def batch_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, mongo_uri: str, mongo_db: Any) -> Any:
+    """``batch_run(urls, n, *flags)``: n pending conversations, then ``cli.main`` with OLLAMA_ENDPOINT=urls."""
+    import cli
+    from config import env_name
+
+    def run(urls: list[str], n: int, *flags: str) -> int:
+        for name in Settings.model_fields:
+            monkeypatch.delenv(env_name(name), raising=False)
+        env = {"MONGODB_CONNECTION_STRING": mongo_uri, "MONGODB_DATABASE_NAME": mongo_db.name,
+               "OLLAMA_ENDPOINT": ",".join(urls), "OLLAMA_TIMEOUT": "10",
+               "BATCH_FILES_DIR": str(tmp_path / "batch_files"), "BATCH_MONITORING_MODE": "production",
+               "OLLAMA_RETRY_BASE_SECONDS": "0.01", "MONGODB_RETRY_BASE_SECONDS": "0.01",
+               "CIRCUIT_BREAKER_RECOVERY_SECONDS": "30", "MONGODB_TIMEOUT_MS": "5000"}
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        monkeypatch.chdir(tmp_path)
+        mongo_db["conversation_set"].insert_many([batch_conversation(i) for i in range(n)])
+        return cli.main(list(flags))
+
+    return run
+
+
+def batch_conversation(i: int) -> dict[str, Any]:
+    return {"conversation_number": str(7000 + i), "status": "pending",
+            "messages": [{"sender": "customer", "text": f"Order {i} is late, where is it?"},
+                         {"sender": "agent", "text": "Let me check."}]}
+
+
+def one_result_each(mongo_db: Any, n: int) -> bool:
+    sources = [doc["source_conversation_id"] for doc in mongo_db["sentimental_analysis"].find({})]
+    processed = mongo_db["conversation_set"].count_documents({"status": "processed"})
+    return len(sources) == len(set(sources)) == processed == n
+
+
+@pytest.mark.parametrize("servers", [1, 2, 4])
+def test_a_batch_job_spreads_over_the_servers(batch_run: Any, mongo_db: Any, servers: int) -> None:
+    fakes = [FakeOllama(latency=0.02, parallel=2).start() for _ in range(servers)]
+    try:
+        n = 12 * servers
+        assert batch_run([f.url for f in fakes], n, "--max-concurrent", str(2 * servers)) == 0
+        assert one_result_each(mongo_db, n)
+        counts = [f.chat_count for f in fakes]
+        assert sum(counts) == n and all(count > 0 for count in counts)
+        assert all(f.max_in_flight <= 2 for f in fakes)
+    finally:
+        for fake in fakes:
+            fake.stop()
+
+
+def test_a_batch_job_completes_with_one_of_three_servers_dead_from_the_start(
+    batch_run: Any, mongo_db: Any, fakes: list[FakeOllama]
+) -> None:
+    live = fakes[:2]
+    assert batch_run([live[0].url, dead_url(), live[1].url], 30, "--max-concurrent", "6") == 0
+    assert one_result_each(mongo_db, 30)
+    assert live[0].chat_count + live[1].chat_count == 30
+    assert live[0].chat_count > 0 and live[1].chat_count > 0
+
+
+def test_a_batch_job_completes_when_a_server_is_killed_mid_run(
+    batch_run: Any, mongo_db: Any, fakes: list[FakeOllama]
+) -> None:
+    for fake in fakes:
+        fake.latency = 0.05
+    victim = fakes[2]
+
+    def kill_after_some_calls() -> None:
+        victim.wait_for_chats(4, timeout=60)
+        victim.stop()  # in-flight calls are dropped; later ones are refused
+
+    killer = threading.Thread(target=kill_after_some_calls)
+    killer.start()
+    try:
+        assert batch_run([f.url for f in fakes], 40, "--max-concurrent", "6") == 0
+    finally:
+        killer.join(60)
+    assert one_result_each(mongo_db, 40)
+    assert 4 <= victim.chat_count < 40
+    assert fakes[0].chat_count + fakes[1].chat_count >= 40 - victim.chat_count
