@@ -28,6 +28,7 @@ from aggregator import ConversationIn, Message, Tweet
 from classifier import Classification, ConversationClassifier
 from config import Settings, load_settings
 from error_handler import ClassifierError, InputError, LLMBusyError, LLMError, PayloadTooLargeError, error_body
+from llm_pool import LLMPool
 from llm_wrapper import OllamaClient
 from logger import configure_logging
 
@@ -274,14 +275,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
-async def _report_ollama_readiness(ollama: OllamaClient) -> None:
+async def _report_ollama_readiness(ollama: LLMPool) -> None:
     """Log whether Ollama answers and has the model; /classify answers 503 until it does."""
     try:
         await run_in_threadpool(ollama.check_ready)
     except LLMError as e:
         logger.warning("Ollama is not ready: %s /classify answers 503 until it is.", e)
     else:
-        logger.info("Ollama at %s is ready with model %s", ollama.settings.ollama_endpoint, ollama.settings.ollama_model)
+        logger.info("Ollama at %s is ready with model %s", _endpoint_names(ollama), ollama.settings.ollama_model)
+
+
+def _endpoint_names(ollama: LLMPool) -> str:
+    """The LLM servers as logs and /ready show them: scheme://host:port, no credentials."""
+    return ", ".join(server.name for server in ollama.servers)
 
 
 def create_app(settings: Settings | None = None, *, classifier: ConversationClassifier | None = None) -> FastAPI:
@@ -295,14 +301,15 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
             active = load_settings()
             configure_logging(active.log_level)
         pipeline = classifier or ConversationClassifier.from_settings(active)
-        with OllamaClient(active, pool_size=OLLAMA_POOL_SIZE) as ollama:
+        # One client per LLM server (OLLAMA_ENDPOINT may list several); each call to the least busy.
+        with LLMPool(active, lambda server: OllamaClient(server, pool_size=OLLAMA_POOL_SIZE)) as ollama:
             app.state.settings = active
             app.state.classifier = pipeline
             app.state.ollama = ollama
             logger.info(
                 "API ready: model %s at %s, %d intents, %d topics, prompt prefix %d chars",
                 active.ollama_model,
-                active.ollama_endpoint,
+                _endpoint_names(ollama),
                 len(pipeline.taxonomy.intents),
                 len(pipeline.taxonomy.topics),
                 pipeline.prompt_builder.prefix_chars,
@@ -375,10 +382,14 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
         summary="Readiness: Ollama answers and the model is pulled",
         responses={503: ERROR_RESPONSES[503]},
     )
-    async def ready(request: Request) -> dict[str, str]:
-        await run_in_threadpool(request.app.state.ollama.check_ready)
+    async def ready(request: Request) -> dict[str, Any]:
+        """Ready when at least one LLM server answers with the model; each server is reported."""
+        ollama: LLMPool = request.app.state.ollama
+        # None ready: the first server's typed error (503 with its hint).
+        statuses = await run_in_threadpool(lambda: ollama.readiness(require_one=True))
         active: Settings = request.app.state.settings
-        return {"status": "ready", "model": active.ollama_model, "endpoint": active.ollama_endpoint}
+        return {"status": "ready", "model": active.ollama_model, "endpoint": _endpoint_names(ollama),
+                "servers": [status.as_dict() for status in statuses]}
 
     return app
 

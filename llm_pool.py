@@ -83,6 +83,12 @@ class ServerBreaker(CircuitBreaker):
             return float("inf")
         return max(0.0, self._opened_at + self.recovery_timeout - self._clock())
 
+    def probe_early(self) -> None:
+        """Make the next call the probe now, before the pause is over (every other server is paused too)."""
+        if self._state is CircuitState.OPEN:
+            logger.info("circuit %s half-open early: every server is paused, probing this one", self.name)
+            self._transition(CircuitState.HALF_OPEN)
+
     def trip(self, error: BaseException) -> None:
         """Open now (the server failed its readiness check): no call is wasted finding out again."""
         if self._state is CircuitState.CLOSED:
@@ -101,6 +107,7 @@ class Server:
     in_flight: int = 0
     answered: int = 0  # calls it answered (a bad answer included: the server worked)
     failed: int = 0  # calls that failed against the server
+    last_error: str | None = None  # the last failure's message, for the error when none can be called
 
 
 @dataclass(frozen=True)
@@ -172,6 +179,16 @@ class _Routing:
             if probe is not None:
                 server.in_flight += 1
                 return server, probe
+        # Every server left is paused. Rather than refuse, probe the one whose pause ends first: a
+        # server that came back answers at once (no blackout of CIRCUIT_BREAKER_RECOVERY_SECONDS for
+        # the API), one that did not gives the caller its own typed error. The batch processor
+        # never gets here: it waits for a pause to end first (AsyncLLMPool.wait_for_server).
+        paused = [s for s in self.servers if s not in tried and s.breaker.state is CircuitState.OPEN]
+        if paused:
+            server = min(paused, key=lambda s: s.breaker.seconds_until_probe())
+            server.breaker.probe_early()
+            server.in_flight += 1
+            return server, True
         return None
 
     def release(self, server: Server, probe: bool, error: BaseException | None) -> None:
@@ -182,6 +199,7 @@ class _Routing:
             server.breaker.record_success()  # the server answered; a bad answer is the model's fault
         elif counts_against_ollama(error):
             server.failed += 1
+            server.last_error = str(error)
             server.breaker.record_failure(error)
         elif probe:  # cancelled, or a bug: no verdict, but the next caller may probe at once
             server.breaker.cancel_probe()
@@ -189,16 +207,15 @@ class _Routing:
             self.observer.record(busy=isinstance(error, LLMBusyError))
 
     def no_server_error(self, last_error: LLMError | None) -> LLMError:
-        """The error a caller gets when no server can take its call."""
+        """The error a caller gets when no server can take its call (each one refused it, or each
+        one's circuit is open with its probe in flight)."""
         if last_error is not None:
             return last_error
-        waits = [s.breaker.seconds_until_probe() for s in self.servers]
-        soonest = min(waits)
-        when = "when a probe in flight answers" if soonest == float("inf") else f"in {soonest:.0f} s"
+        failures = "; ".join(f"{s.name}: {s.last_error}" for s in self.servers if s.last_error)
         return LLMUnavailableError(
-            f"No LLM server can take a call: the circuit of each of the {len(self.servers)} server(s) "
-            f"({', '.join(s.name for s in self.servers)}) is open after failures; the next try is {when}.",
-            hint="Check the servers named by OLLAMA_ENDPOINT (is each one running, does it have the model?).",
+            f"No LLM server can take a call: each of the {len(self.servers)} server(s) is paused after failures "
+            f"and being probed" + (f" (last failures: {failures})" if failures else "") + ".",
+            hint="Retry in a moment; check the servers named by OLLAMA_ENDPOINT (running, with the model?).",
             endpoint=", ".join(s.name for s in self.servers),
         )
 
@@ -291,9 +308,12 @@ class LLMPool:
                     server.breaker.trip(e)
         return errors
 
-    def readiness(self) -> list[ServerStatus]:
-        """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened."""
+    def readiness(self, *, require_one: bool = False) -> list[ServerStatus]:
+        """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened.
+        With ``require_one``, raise the first server's error when none is ready."""
         errors = self._check_all()
+        if require_one:
+            _ready_result(self._routing, errors)
         with self._lock:
             return self._routing.statuses(errors)
 
@@ -403,9 +423,13 @@ class AsyncLLMPool:
         outcomes = await asyncio.gather(*(check(s) for s in self.servers))
         return {s.name: outcome for s, outcome in zip(self.servers, outcomes)}
 
-    async def readiness(self) -> list[ServerStatus]:
-        """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened."""
-        return self._routing.statuses(await self._check_all())
+    async def readiness(self, *, require_one: bool = False) -> list[ServerStatus]:
+        """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened.
+        With ``require_one``, raise the first server's error when none is ready."""
+        errors = await self._check_all()
+        if require_one:
+            _ready_result(self._routing, errors)
+        return self._routing.statuses(errors)
 
     async def check_ready(self) -> None:
         """Raise the first server's error unless at least one server is ready; log each one that is not."""

@@ -239,19 +239,42 @@ async def test_a_failing_servers_share_moves_away_and_comes_back_after_recovery(
         assert sick.chat_count == 3 + 10 and healthy.chat_count == 9 + 10
 
 
-async def test_with_every_circuit_open_the_caller_gets_a_typed_error_and_can_wait(fakes: list[FakeOllama]) -> None:
-    settings = settings_for(fakes[0].url, fakes[1].url, circuit_breaker_failure_threshold=1,
-                            circuit_breaker_recovery_seconds=0.2)
+async def test_with_every_circuit_open_a_call_probes_the_server_paused_longest(fakes: list[FakeOllama]) -> None:
+    clock = ManualClock()
+    settings = settings_for(fakes[0].url, fakes[1].url, circuit_breaker_failure_threshold=1)
     for fake in fakes[:2]:
-        fake.enqueue(RUNNER_CRASHED)
-    async with AsyncLLMPool(settings, AsyncOllamaClient) as pool:
+        fake.responder = lambda request: RUNNER_CRASHED
+    async with AsyncLLMPool(settings, AsyncOllamaClient, clock=clock) as pool:
         for i in range(2):
             with pytest.raises(LLMServerError):
                 await pool.chat(messages(i), SCHEMA)
+            clock.now += 1
+        assert [s.breaker.state for s in pool.servers] == [CircuitState.OPEN] * 2
+        # Both paused: the call goes to the one whose pause ends first and gets its own typed error.
+        with pytest.raises(LLMServerError, match="llama runner process has terminated"):
+            await pool.chat(messages(2), SCHEMA)
+        assert (fakes[0].chat_count, fakes[1].chat_count) == (2, 1)
+        fakes[1].responder = None  # it came back: the next call finds out at once, no pause to sit out
+        clock.now += 1
+        await pool.chat(messages(3), SCHEMA)
+        assert pool.servers[1].breaker.state is CircuitState.CLOSED
+
+
+async def test_with_every_probe_in_flight_the_caller_gets_a_typed_error_and_can_wait(
+    fakes: list[FakeOllama],
+) -> None:
+    settings = settings_for(fakes[0].url, circuit_breaker_failure_threshold=1, circuit_breaker_recovery_seconds=0.3)
+    fakes[0].enqueue(RUNNER_CRASHED, Reply(delay=1.0))
+    async with AsyncLLMPool(settings, AsyncOllamaClient) as pool:
+        with pytest.raises(LLMServerError):
+            await pool.chat(messages(0), SCHEMA)
+        slow_probe = asyncio.ensure_future(pool.chat(messages(1), SCHEMA))
+        assert await asyncio.to_thread(fakes[0].wait_for_chats, 2)
         with pytest.raises(LLMUnavailableError, match="No LLM server can take a call") as caught:
             await pool.chat(messages(2), SCHEMA)
-        assert caught.value.transient
-        await pool.wait_for_server()  # returns once a pause is over
+        assert caught.value.transient and "llama runner" in caught.value.message
+        await pool.wait_for_server()  # returns when the probe has answered
+        await slow_probe
         await pool.chat(messages(3), SCHEMA)
 
 
