@@ -203,8 +203,11 @@ class _Routing:
             server.breaker.record_failure(error)
         elif probe:  # cancelled, or a bug: no verdict, but the next caller may probe at once
             server.breaker.cancel_probe()
-        if self.observer is not None and (error is None or isinstance(error, LLMError)):
-            self.observer.record(busy=isinstance(error, LLMBusyError))
+        if self.observer is not None:
+            if error is None or isinstance(error, LLMOutputError):
+                self.observer.record()  # a finished call: throughput
+            elif isinstance(error, LLMBusyError):
+                self.observer.record(busy=True)  # the signal to back off
 
     def no_server_error(self, last_error: LLMError | None) -> LLMError:
         """The error a caller gets when no server can take its call (each one refused it, or each

@@ -477,3 +477,14 @@ def test_a_batch_job_completes_when_a_server_is_killed_mid_run(
     assert one_result_each(mongo_db, 40)
     assert 4 <= victim.chat_count < 40
     assert fakes[0].chat_count + fakes[1].chat_count >= 40 - victim.chat_count
+
+
+def test_a_batch_job_with_auto_concurrency_completes_and_says_where_it_stands(
+    batch_run: Any, mongo_db: Any, fakes: list[FakeOllama], caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("INFO")
+    assert batch_run([fakes[0].url, fakes[1].url], 20, "--max-concurrent", "auto") == 0
+    assert one_result_each(mongo_db, 20)
+    messages_logged = [record.getMessage() for record in caplog.records]
+    assert "auto concurrency: starting at 2, ceiling 64" in messages_logged
+    assert any(m.startswith("auto concurrency ") and "(ceiling 64," in m for m in messages_logged)
