@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
 
 from config import Settings
@@ -262,7 +262,7 @@ class LLMPool:
         with self._lock:
             return self._routing.distribution()
 
-    def __enter__(self) -> LLMPool:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -350,7 +350,7 @@ class AsyncLLMPool:
     def distribution(self) -> dict[str, int]:
         return self._routing.distribution()
 
-    async def __aenter__(self) -> AsyncLLMPool:
+    async def __aenter__(self) -> Self:
         async with AsyncExitStack() as stack:
             for server in self.servers:
                 await stack.enter_async_context(server.client)
@@ -523,7 +523,7 @@ class AdaptiveLimiter:
         # A raised limit lets waiters in at the next release (calls finish all the time).
         self._condition: asyncio.Condition | None = None
 
-    async def __aenter__(self) -> AdaptiveLimiter:
+    async def __aenter__(self) -> Self:
         if self._condition is None:
             self._condition = asyncio.Condition()
         async with self._condition:

@@ -1132,7 +1132,7 @@ def section_servers(ctx: Context) -> SectionResult:
         for count in (1, 2, 4):
             endpoint = ",".join(f.url for f in fakes[:count])
             measure(str(count), f"{count} server(s)", fakes, endpoint, count, per_server * count)
-        endpoint = ",".join([fakes[0].url, _dead_url(), fakes[1].url])
+        endpoint = f"{fakes[0].url},{_dead_url()},{fakes[1].url}"
         measure("dead", "3 servers, 1 dead from the start", fakes, endpoint, 2, per_server * 2)
 
     with contextlib.ExitStack() as stack:
@@ -1170,10 +1170,10 @@ def section_servers(ctx: Context) -> SectionResult:
          ("job time (s)", "right"), ("throughput (conv/s)", "right"), ("ideal (conv/s)", "right"),
          ("efficiency", "right")],
         rows,
-        notes=["Scaling = throughput with k servers / (k x throughput with 1 server), measured in one run. "
-               "With a server down, its share of the concurrency goes to the live ones (least in flight "
-               "first; its circuit opens), which queue it: throughput is that of the live servers. The killed "
-               "run's ideal counts 2 servers, though the third served the first part of the run."],
+        notes=[("Scaling = throughput with k servers / (k x throughput with 1 server), measured in one run. "
+                "With a server down, its share of the concurrency goes to the live ones (least in flight "
+                "first; its circuit opens), which queue it: throughput is that of the live servers. The killed "
+                "run's ideal counts 2 servers, though the third served the first part of the run.")],
         targets=targets,
         chart=chart,
     )

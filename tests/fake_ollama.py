@@ -171,6 +171,7 @@ class FakeOllama:
             self._previous_messages = []
             self.responder = None
             self.max_in_flight = 0
+            self.busy_count = 0
 
     @property
     def chat_records(self) -> list[ChatRecord]:
@@ -429,7 +430,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--parallel", type=int, default=None,
                         help="chats served at a time, like OLLAMA_NUM_PARALLEL (default: no limit)")
     parser.add_argument("--max-queue", type=int, default=None,
-                        help="chats that may wait for a slot before 503 busy, like OLLAMA_MAX_QUEUE (default: no limit)")
+                        help="chats that may wait for a slot before 503 busy, like OLLAMA_MAX_QUEUE "
+                        "(default: no limit)")
     parser.add_argument("--model", action="append", default=None, help="model to offer (repeatable; default: llama3)")
     args = parser.parse_args(argv)
     fake = FakeOllama(host=args.host, port=args.port, models=args.model or ["llama3"], latency=args.latency,
