@@ -30,6 +30,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
@@ -222,10 +223,10 @@ class _Routing:
             endpoint=", ".join(s.name for s in self.servers),
         )
 
-    def statuses(self, errors: dict[str, LLMError | None]) -> list[ServerStatus]:
+    def statuses(self, errors: list[LLMError | None]) -> list[ServerStatus]:
+        """Each server's status, given its readiness error (None: ready), in the order of the servers."""
         statuses = []
-        for s in self.servers:
-            error = errors.get(s.name)
+        for s, error in zip(self.servers, errors):
             statuses.append(ServerStatus(s.name, error is None, s.breaker.state.value, s.in_flight, s.answered,
                                          None if error is None else error.message))
         return statuses
@@ -235,12 +236,12 @@ class _Routing:
         return {s.name: s.answered for s in self.servers}
 
 
-def _ready_result(routing: _Routing, errors: dict[str, LLMError | None]) -> None:
+def _ready_result(routing: _Routing, errors: list[LLMError | None]) -> None:
     """Log each server that is not ready; raise the first one's error when none is."""
-    failures = [error for error in errors.values() if error is not None]
-    for name, error in errors.items():
+    failures = [error for error in errors if error is not None]
+    for server, error in zip(routing.servers, errors):
         if error is not None and len(routing.servers) > 1:
-            logger.warning("LLM server %s is not ready (its share goes to the others): %s", name, error)
+            logger.warning("LLM server %s is not ready (its share goes to the others): %s", server.name, error)
     if len(failures) == len(routing.servers):
         raise failures[0]
 
@@ -299,17 +300,21 @@ class LLMPool:
         """One classification call on the least busy server; raises an ``LLMError`` when none can answer."""
         return self._call("chat", messages, schema)
 
-    def _check_all(self) -> dict[str, LLMError | None]:
-        errors: dict[str, LLMError | None] = {}
-        for server in self.servers:
-            try:
-                server.client.check_ready()
-                errors[server.name] = None
-            except LLMError as e:
-                errors[server.name] = e
-                with self._lock:
-                    server.breaker.trip(e)
-        return errors
+    def _check(self, server: Server) -> LLMError | None:
+        try:
+            server.client.check_ready()
+        except LLMError as e:
+            with self._lock:
+                server.breaker.trip(e)
+            return e
+        return None
+
+    def _check_all(self) -> list[LLMError | None]:
+        if len(self.servers) == 1:
+            return [self._check(self.servers[0])]
+        # At once, not one after the other: a server that does not answer costs its timeout once.
+        with ThreadPoolExecutor(len(self.servers), thread_name_prefix="llm-ready") as threads:
+            return list(threads.map(self._check, self.servers))
 
     def readiness(self, *, require_one: bool = False) -> list[ServerStatus]:
         """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened.
@@ -414,7 +419,7 @@ class AsyncLLMPool:
             except TimeoutError:
                 pass
 
-    async def _check_all(self) -> dict[str, LLMError | None]:
+    async def _check_all(self) -> list[LLMError | None]:
         async def check(server: Server) -> LLMError | None:
             try:
                 await server.client.check_ready()
@@ -423,8 +428,7 @@ class AsyncLLMPool:
                 return e
             return None
 
-        outcomes = await asyncio.gather(*(check(s) for s in self.servers))
-        return {s.name: outcome for s, outcome in zip(self.servers, outcomes)}
+        return list(await asyncio.gather(*(check(s) for s in self.servers)))
 
     async def readiness(self, *, require_one: bool = False) -> list[ServerStatus]:
         """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened.

@@ -488,3 +488,33 @@ def test_a_batch_job_with_auto_concurrency_completes_and_says_where_it_stands(
     messages_logged = [record.getMessage() for record in caplog.records]
     assert "auto concurrency: starting at 2, ceiling 64" in messages_logged
     assert any(m.startswith("auto concurrency ") and "(ceiling 64," in m for m in messages_logged)
+
+
+# --- the API over several servers ---------------------------------------------------------------------
+
+
+def test_the_api_routes_over_the_servers_and_ready_reports_each(fakes: list[FakeOllama], start_api: Any) -> None:
+    import requests
+
+    dead = dead_url()
+    api = start_api(settings_for(fakes[0].url, dead, fakes[1].url))
+    body = {"conversation_number": "1", "messages": [{"sender": "customer", "text": "Where is my parcel?"}]}
+    with requests.Session() as http:
+        for _ in range(6):
+            assert http.post(f"{api.url}/classify", json=body, timeout=10).status_code == 200
+        ready = http.get(f"{api.url}/ready", timeout=10)
+    assert ready.status_code == 200
+    servers = ready.json()["servers"]
+    assert [(s["server"], s["ready"]) for s in servers] == [(fakes[0].url, True), (dead, False), (fakes[1].url, True)]
+    assert servers[1]["circuit"] == "open" and "Cannot reach" in servers[1]["error"]
+    assert fakes[0].chat_count + fakes[1].chat_count == 6 and fakes[0].chat_count > 0 and fakes[1].chat_count > 0
+
+
+def test_the_api_is_not_ready_when_no_server_is(start_api: Any) -> None:
+    import requests
+
+    api = start_api(settings_for(dead_url(), dead_url()))
+    with requests.Session() as http:
+        ready = http.get(f"{api.url}/ready", timeout=10)
+    assert ready.status_code == 503
+    assert ready.json()["error"]["type"] == "llm_unavailable"
