@@ -113,7 +113,7 @@ class Settings(BaseModel):
         10.0, ge=0, description="On SIGINT/SIGTERM, how long in-flight conversations may finish."
     )
     circuit_breaker_failure_threshold: int = Field(
-        5, ge=1, description="Consecutive Ollama failures that pause the batch processor."
+        5, ge=1, description="Consecutive failures of an LLM server that pause calls to it (a circuit per server)."
     )
     circuit_breaker_recovery_seconds: float = Field(
         300.0, ge=0, description="Pause before trying Ollama again after the circuit opened."
