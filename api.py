@@ -10,8 +10,8 @@ inside; the handlers here turn them into the status codes of DESIGN.md section 2
 
 from __future__ import annotations
 
-import json
 import asyncio
+import json
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -24,7 +24,8 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message as ASGIMessage, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import Message as ASGIMessage
 
 from aggregator import ConversationIn, Message, Tweet
 from api_dependencies import (
@@ -49,7 +50,8 @@ from error_handler import (
     error_body,
     invalid_conversation,
 )
-from llm_wrapper import OllamaClient, server_name
+from llm_pool import LLMPool
+from llm_wrapper import OllamaClient
 from logger import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -317,14 +319,19 @@ def _install_error_handlers(app: FastAPI) -> None:
         )
 
 
-async def _report_ollama_readiness(ollama: OllamaClient) -> None:
+async def _report_ollama_readiness(ollama: LLMPool) -> None:
     """Log whether Ollama answers and has the model; /classify answers 503 until it does."""
     try:
         await run_in_threadpool(ollama.check_ready)
     except LLMError as e:
         logger.warning("Ollama is not ready: %s /classify answers 503 until it is.", e)
     else:
-        logger.info("Ollama at %s is ready with model %s", server_name(ollama.settings), ollama.settings.ollama_model)
+        logger.info("Ollama at %s is ready with model %s", _endpoint_names(ollama), ollama.settings.ollama_model)
+
+
+def _endpoint_names(ollama: LLMPool) -> str:
+    """The LLM servers as logs and /ready show them: scheme://host:port, no credentials."""
+    return ", ".join(server.name for server in ollama.servers)
 
 
 def create_app(settings: Settings, *, classifier: ConversationClassifier | None = None) -> FastAPI:
@@ -334,11 +341,12 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         pipeline = classifier or ConversationClassifier.from_settings(settings)
         pool_size = settings.api_max_concurrency + SPARE_CONNECTIONS
-        with OllamaClient(settings, pool_size=pool_size) as ollama:
+        # One client per LLM server (OLLAMA_ENDPOINT may list several); each call to the least busy.
+        with LLMPool(settings, lambda server: OllamaClient(server, pool_size=pool_size)) as ollama:
             logger.info(
                 "API ready: model %s at %s, %d intents, %d topics, prompt prefix %d chars",
                 settings.ollama_model,
-                server_name(settings),
+                _endpoint_names(ollama),
                 len(pipeline.taxonomy.intents),
                 len(pipeline.taxonomy.topics),
                 pipeline.prompt_builder.prefix_chars,
@@ -430,9 +438,12 @@ def _add_classification_routes(app: FastAPI) -> None:
         summary="Readiness: Ollama answers and the model is pulled",
         responses={503: ERROR_RESPONSES[503]},
     )
-    async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, str]:
-        await run_in_threadpool(llm_client.check_ready)
-        return {"status": "ready", "model": settings.ollama_model, "endpoint": server_name(settings)}
+    async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, Any]:
+        """Ready when at least one LLM server answers with the model; each server is reported."""
+        # None ready: the first server's typed error (503 with its hint).
+        statuses = await run_in_threadpool(lambda: llm_client.readiness(require_one=True))
+        return {"status": "ready", "model": settings.ollama_model, "endpoint": _endpoint_names(llm_client),
+                "servers": [status.as_dict() for status in statuses]}
 
 
 class _AppFromEnvironment:

@@ -23,8 +23,7 @@ from fastapi import Depends, Request
 from classifier import ConversationClassifier
 from config import Settings
 from error_handler import LLMBusyError
-from llm_wrapper import OllamaClient
-
+from llm_pool import LLMPool
 
 T = TypeVar("T")
 
@@ -92,7 +91,7 @@ async def _until_client_left(request: Request) -> None:
 
 
 def lifespan_state(
-    settings: Settings, classifier: ConversationClassifier, llm_client: OllamaClient, llm_slots: LLMSlots
+    settings: Settings, classifier: ConversationClassifier, llm_client: LLMPool, llm_slots: LLMSlots
 ) -> dict[str, Any]:
     """The lifespan state the dependencies below read: one place names its keys."""
     return {"settings": settings, "classifier": classifier, "llm_client": llm_client, "llm_slots": llm_slots}
@@ -106,7 +105,7 @@ def get_classifier(request: Request) -> ConversationClassifier:
     return request.state.classifier
 
 
-def get_llm_client(request: Request) -> OllamaClient:
+def get_llm_client(request: Request) -> LLMPool:
     return request.state.llm_client
 
 
@@ -116,5 +115,5 @@ def get_llm_slots(request: Request) -> LLMSlots:
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ClassifierDep = Annotated[ConversationClassifier, Depends(get_classifier)]
-LLMClientDep = Annotated[OllamaClient, Depends(get_llm_client)]
+LLMClientDep = Annotated[LLMPool, Depends(get_llm_client)]
 LLMSlotsDep = Annotated[LLMSlots, Depends(get_llm_slots)]

@@ -37,7 +37,6 @@ from typing import Any, TypeVar
 
 import aggregator
 from aggregator import ConversationIn, content_hash, validate_conversation
-from async_llm_wrapper import AsyncOllamaClient
 from batch_source import (
     Batches,
     BatchReader,
@@ -54,9 +53,9 @@ from error_handler import (
     FailureRateExceededError,
     InputError,
     LLMError,
-    LLMOutputError,
     StorageError,
 )
+from llm_pool import AsyncLLMPool, concurrency_limit
 from mongo_client import (
     STATUS_FAILED,
     STATUS_PROCESSED,
@@ -74,7 +73,7 @@ from utils.batch_file_manager import (
     utc_now,
 )
 from utils.progress import ProgressReporter, ProgressSnapshot
-from utils.retry_utils import CircuitBreaker, counts_against_ollama, retrying
+from utils.retry_utils import retrying
 
 logger = logging.getLogger(__name__)
 
@@ -239,7 +238,7 @@ class BatchProcessor:
         self,
         settings: Settings,
         store: MongoStore,
-        llm: AsyncOllamaClient,
+        llm: AsyncLLMPool,
         classifier: ConversationClassifier,
         files: BatchFileManager,
         progress: ProgressReporter,
@@ -263,12 +262,10 @@ class BatchProcessor:
             lease_seconds=settings.batch_lease_seconds,
             include_failed=options.retry_failed,
         )
-        self.breaker = CircuitBreaker(
-            settings.circuit_breaker_failure_threshold, settings.circuit_breaker_recovery_seconds
-        )
         self.window = FailureWindow(settings.batch_failure_window, settings.batch_max_failure_rate)
         self._halted: FailureRateExceededError | None = None
-        self._semaphore = asyncio.Semaphore(settings.batch_max_concurrent)
+        # BATCH_MAX_CONCURRENT in total across the LLM servers (the pool spreads it), or AIMD with auto.
+        self._semaphore = concurrency_limit(settings, llm)
         self._stop = asyncio.Event()
         self._stop_requests = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -531,7 +528,7 @@ class BatchProcessor:
                               digest, metadata)
 
     async def _classify(self, conversation: ConversationIn) -> ClassificationOutcome:
-        """The LLM call: transient failures retried with backoff, behind the circuit breaker."""
+        """The LLM call: transient failures retried with backoff, behind the pool's per-server circuit breakers."""
         policy = retrying(
             f"LLM call for conversation {conversation.conversation_number}",
             max_retries=self.settings.ollama_max_retries,
@@ -539,22 +536,9 @@ class BatchProcessor:
         )
         async for attempt in policy:
             with attempt:
-                probe = await self.breaker.before_call()
-                try:
-                    outcome = await self.classifier.classify_async(conversation, self.llm)
-                except LLMOutputError:
-                    self.breaker.record_success()  # Ollama answered; the answer was the problem
-                    raise
-                except LLMError as e:
-                    if counts_against_ollama(e):
-                        self.breaker.record_failure(e)
-                    raise
-                except BaseException:
-                    # Cancelled, or a bug: no verdict on Ollama, but a probe must not keep the others waiting.
-                    if probe:
-                        self.breaker.cancel_probe()
-                    raise
-                self.breaker.record_success()
+                # Every server's circuit open: pause until one may be tried, as with a single server.
+                await self.llm.wait_for_server()
+                outcome = await self.classifier.classify_async(conversation, self.llm)
         return outcome
 
     async def _store(self, result: ResultDocument) -> None:

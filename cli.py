@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import signal
 from typing import Any
 
@@ -18,14 +19,15 @@ from config import Settings, field_help, load_settings
 from error_handler import (
     EXIT_CONFIG,
     EXIT_FAILURE,
-    EXIT_INCOMPLETE,
     EXIT_FAILURE_RATE,
+    EXIT_INCOMPLETE,
     EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     run_command,
 )
+from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from mongo_client import MongoStore, data_identity
 from utils.batch_file_manager import BatchFileManager
@@ -49,6 +51,11 @@ exit codes:
 """
 
 
+def _concurrency(text: str) -> int | str:
+    """``--max-concurrent``: a positive number, or ``auto`` (AIMD, see llm_pool)."""
+    return "auto" if text.strip().lower() == "auto" else positive_int(text)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python batch_processor.py",
@@ -62,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=field_help("batch_processor_mode"))
     parser.add_argument("--batch-size", dest="mongodb_batch_size", type=positive_int, metavar="N",
                         help=field_help("mongodb_batch_size"))
-    parser.add_argument("--max-concurrent", dest="batch_max_concurrent", type=positive_int, metavar="N",
+    parser.add_argument("--max-concurrent", dest="batch_max_concurrent", type=_concurrency, metavar="N|auto",
                         help=field_help("batch_max_concurrent"))
     parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="Classify at most N new conversations, then stop (work recovered from an "
@@ -116,7 +123,8 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     classifier = ConversationClassifier.from_settings(settings)
     files = BatchFileManager(settings.batch_files_dir)
     with files.locked():
-        async with MongoStore.connect(settings) as store, AsyncOllamaClient(settings) as llm:
+        # One client per LLM server (OLLAMA_ENDPOINT may list several), routed by the pool.
+        async with MongoStore.connect(settings) as store, AsyncLLMPool(settings, AsyncOllamaClient) as llm:
             await store.ping()
             # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
             files.claim(data_identity(settings))
@@ -129,6 +137,8 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
                     loop.add_signal_handler(signum, processor.request_stop)
                 try:
                     summary = await processor.run()
+                    if llm.observer is not None:  # --max-concurrent auto: say where it settled
+                        logging.getLogger(__name__).info("%s", llm.observer.summary())
                 finally:
                     for signum in (signal.SIGINT, signal.SIGTERM):
                         loop.remove_signal_handler(signum)

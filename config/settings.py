@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from error_handler import ConfigError
 from logger import redact_url
@@ -25,6 +25,9 @@ CONFIG_DIR = Path(__file__).resolve().parent
 #: The value of MONGODB_CONNECTION_STRING that starts a local SecantusDB child process.
 EMBEDDED_DATABASE = "embedded"
 
+#: BATCH_MAX_CONCURRENT=auto: the most conversations at once the controller may reach.
+AUTO_CONCURRENCY_CEILING = 64
+
 
 class Settings(BaseModel):
     """All configuration, validated. Field descriptions double as CLI and README help."""
@@ -32,7 +35,11 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # --- Ollama -------------------------------------------------------------------------
-    ollama_endpoint: str = Field("http://localhost:11434", description="Base URL of the Ollama server.")
+    ollama_endpoint: str = Field(
+        "http://localhost:11434",
+        description="Base URL of the Ollama server, or several separated by commas (each call goes to the "
+        "least busy one).",
+    )
     ollama_model: str = Field("llama3", min_length=1, description="Ollama model used for classification.")
     ollama_timeout: float = Field(120.0, gt=0, description="Seconds to wait for one Ollama answer.")
     ollama_keep_alive: str = Field("5m", description="How long Ollama keeps the model loaded after a request.")
@@ -88,7 +95,18 @@ class Settings(BaseModel):
         "batch",
         description="batch: classify every pending conversation, then exit; continuous: keep polling for new ones.",
     )
-    batch_max_concurrent: int = Field(5, ge=1, le=256, description="Conversations classified at once.")
+    batch_max_concurrent: int = Field(
+        5,
+        ge=1,
+        le=256,
+        description="Conversations classified at once, in total across the LLM servers; 'auto' finds the level "
+        f"(AIMD) up to {AUTO_CONCURRENCY_CEILING}.",
+    )
+    batch_auto_concurrency: bool = Field(
+        False,
+        description="Find the concurrency automatically (start low, raise while throughput rises and no server "
+        "is busy, halve on busy) up to BATCH_MAX_CONCURRENT; BATCH_MAX_CONCURRENT=auto sets this.",
+    )
     batch_files_dir: Path = Field(Path("batch_files"), description="Folder for batch, queue and progress files.")
     batch_poll_interval: float = Field(30.0, gt=0, description="Continuous mode: seconds between polls.")
     batch_monitoring_mode: Literal["development", "production", "interactive"] = Field(
@@ -115,7 +133,7 @@ class Settings(BaseModel):
         description="Stop the job when more than this share of the window failed because of the model; 0 turns it off.",
     )
     circuit_breaker_failure_threshold: int = Field(
-        5, ge=1, description="Consecutive Ollama failures that pause the batch processor."
+        5, ge=1, description="Consecutive failures of an LLM server that pause calls to it (a circuit per server)."
     )
     circuit_breaker_recovery_seconds: float = Field(
         300.0, ge=0, description="Pause before trying Ollama again after the circuit opened."
@@ -124,15 +142,37 @@ class Settings(BaseModel):
     @field_validator("ollama_endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("must start with http:// or https://, e.g. http://localhost:11434")
-        return value
+        urls = [url.strip().rstrip("/") for url in value.split(",")]
+        if not any(urls):
+            raise ValueError("must name at least one server, e.g. http://localhost:11434")
+        for url in urls:
+            if not url.startswith(("http://", "https://")):
+                raise ValueError(
+                    f"{url!r} must start with http:// or https://, e.g. http://localhost:11434 "
+                    "(several servers: separated by commas)"
+                )
+        if len(set(urls)) != len(urls):
+            raise ValueError("lists a server twice")
+        return ",".join(urls)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _auto_concurrency(cls, data: Any) -> Any:
+        # BATCH_MAX_CONCURRENT=auto keeps the field an int (the ceiling) for everything that
+        # sizes pools by it, and turns the adaptive controller on.
+        if isinstance(data, dict) and str(data.get("batch_max_concurrent", "")).strip().lower() == "auto":
+            data = {**data, "batch_max_concurrent": AUTO_CONCURRENCY_CEILING, "batch_auto_concurrency": True}
+        return data
 
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+    @property
+    def llm_endpoints(self) -> list[str]:
+        """The LLM servers' base URLs (OLLAMA_ENDPOINT split at commas), in the order given."""
+        return self.ollama_endpoint.split(",")
 
     @property
     def uses_embedded_database(self) -> bool:

@@ -44,6 +44,12 @@ Sections (``--only`` takes a comma-separated subset):
     Ollama in the benchmark process; targets: 0 duplicates, calls <= conversations + 1 %), and 2
     with one SIGKILLed after a third of the results (target: the other finishes everything within
     the lease plus the one-processor time).
+``servers``
+    Several LLM servers (``OLLAMA_ENDPOINT`` a comma-separated list): fake Ollama subprocesses
+    that each serve ``--parallel`` chats at a time at a fixed latency (like ``OLLAMA_NUM_PARALLEL``).
+    The processor at the same per-server concurrency with 1, 2 and 4 servers (target: >= 0.9 of
+    linear), 3 servers of which one is dead from the start, and 3 of which one is SIGKILLed
+    mid-run (target: both complete with >= 0.9 of the 2-server throughput).
 
 Presets: fast (default, a few minutes), ``--full`` (the issue's sizes), ``--smoke`` (tiny
 sizes, seconds: run by the test suite so the script never rots; its numbers mean nothing).
@@ -67,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import importlib.metadata
 import json
 import math
@@ -81,6 +88,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -103,7 +111,7 @@ from utils.command_line import free_port  # noqa: E402
 # missed); 1 a step failed (a server did not start, a run did not complete): nothing written; 2 bad
 # command line, or the output files cannot be written; 130 interrupted.
 
-SECTIONS = ("concurrency", "overhead", "memory", "api", "prompt", "processors")
+SECTIONS = ("concurrency", "overhead", "memory", "api", "prompt", "processors", "servers")
 SECTION_TITLES = {
     "concurrency": "1. Concurrency scaling",
     "overhead": "2. Pipeline overhead",
@@ -111,6 +119,7 @@ SECTION_TITLES = {
     "api": "4. API latency",
     "prompt": "5. Prompt size",
     "processors": "6. Several processors",
+    "servers": "7. Several LLM servers",
 }
 SOURCE_COLLECTION = "conversation_set"
 RESULTS_COLLECTION = "sentimental_analysis"
@@ -166,6 +175,10 @@ class Preset:
     processors_size: int = 1000  # conversations shared by several processors (issue 9)
     processors_latency: float = 0.2  # the model is the bottleneck, as in real jobs
     processors_lease: float = 5.0  # BATCH_LEASE_SECONDS of the SIGKILL run
+    # Several LLM servers: each fake serves `servers_parallel` chats at a time at `servers_latency`.
+    servers_latency: float = 0.5
+    servers_parallel: int = 2
+    servers_per_server: int = 40  # conversations per live server (so every run lasts about as long)
 
 
 PRESETS = {
@@ -173,10 +186,11 @@ PRESETS = {
     "fast": Preset("fast", 0.5, {1: 20, 5: 100, 10: 200, 20: 300}, 1000, (1000, 5000), 400, 20,
                    overhead_repeats=5),
     "full": Preset("full", 0.5, {1: 60, 5: 300, 10: 400, 20: 600}, 5000, (1000, 20000), 3000, 50,
-                   overhead_repeats=5),
+                   overhead_repeats=5, servers_per_server=100),
     # Seconds, not minutes: proves the harness works end to end; the numbers mean nothing.
     "smoke": Preset("smoke", 0.05, {1: 10, 5: 10, 10: 10, 20: 10}, 10, (10, 20), 20, 2,
-                    processors_size=60, processors_latency=0.05, processors_lease=1.5),
+                    processors_size=60, processors_latency=0.05, processors_lease=1.5, servers_latency=0.05,
+                    servers_per_server=6),
 }
 
 
@@ -427,12 +441,12 @@ class Context:
             self.processes.stop(process)
 
     @contextmanager
-    def fake_ollama(self, latency: float) -> Iterator[Service]:
-        """A fake Ollama subprocess with a fixed latency, stopped afterwards."""
+    def fake_ollama(self, latency: float, parallel: int | None = None) -> Iterator[Service]:
+        """A fake Ollama subprocess with a fixed latency (serving ``parallel`` chats at a time), stopped afterwards."""
         directory = self.new_dir(f"fake_ollama_{latency:g}")
         log = directory / "fake_ollama.log"
         command = [sys.executable, "-m", "tests.fake_ollama", "--host", "127.0.0.1", "--port", "0",
-                   "--latency", repr(latency)]
+                   "--latency", repr(latency)] + (["--parallel", str(parallel)] if parallel else [])
         process = self.processes.start("fake Ollama", command, cwd=directory,
                                        env=clean_env({"PYTHONPATH": str(ROOT)}), log=log)
         try:
@@ -544,7 +558,8 @@ CPU_SPLIT_NOTE = ("CPU s: user + system CPU seconds each process used during the
 
 
 def run_processor(ctx: Context, *, what: str, fake: Service, n: int, max_concurrent: int,
-                  latency: float) -> ProcessorRun:
+                  latency: float, endpoint: str | None = None,
+                  during: Callable[[Path], None] | None = None) -> ProcessorRun:
     """A fresh SecantusDB with ``n`` conversations; ``python batch_processor.py`` over it; everything checked."""
     with ctx.database() as db:
         database = seed_database(db, n)
@@ -559,7 +574,7 @@ def run_processor(ctx: Context, *, what: str, fake: Service, n: int, max_concurr
             "MONGODB_RESULTS_COLLECTION": RESULTS_COLLECTION,
             "MONGODB_BATCH_SIZE": str(batch_size),
             "MONGODB_TIMEOUT_MS": "30000",
-            "OLLAMA_ENDPOINT": fake.url,
+            "OLLAMA_ENDPOINT": endpoint or fake.url,  # endpoint: several servers, comma-separated
             "OLLAMA_MODEL": MODEL,
             "OLLAMA_TIMEOUT": "60",
             "BATCH_PROCESSOR_MODE": "batch",
@@ -580,6 +595,8 @@ def run_processor(ctx: Context, *, what: str, fake: Service, n: int, max_concurr
         process = ctx.processes.start("batch processor launcher", command, cwd=directory, env=env, log=log,
                                       group=True)
         try:
+            if during is not None:
+                during(files_dir)  # e.g. a watcher that kills one of the servers mid-run
             try:
                 process.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -1224,6 +1241,129 @@ def section_processors(ctx: Context) -> SectionResult:
     )
 
 
+# --- 7. several LLM servers ------------------------------------------------------------------------
+
+
+def _dead_url() -> str:
+    """A loopback URL where nothing listens: a server that is down from the start."""
+    return f"http://127.0.0.1:{free_port()}"
+
+
+def section_servers(ctx: Context) -> SectionResult:
+    preset = ctx.preset
+    latency, parallel, per_server = preset.servers_latency, preset.servers_parallel, preset.servers_per_server
+    rows: list[list[str]] = []
+    chart: dict[str, Any] = {"labels": [], "measured": [], "ideal": []}
+    throughput: dict[str, float] = {}
+
+    def measure(key: str, label: str, fakes: list[Service], endpoint: str, live: float, n: int,
+                during: Callable[[Path], None] | None = None) -> None:
+        servers = len(endpoint.split(","))
+        ctx.say(f"  {label}: {n} conversations ...")
+        run = run_processor(ctx, what=label, fake=fakes[0], n=n, max_concurrent=parallel * servers,
+                            latency=latency, endpoint=endpoint, during=during)
+        ideal = live * parallel / latency
+        throughput[key] = run.throughput
+        rows.append([label, str(servers), f"{n:,}", str(parallel * servers), _f(run.elapsed_seconds, 2),
+                     _f(run.throughput, 2), _f(ideal, 2), _f(run.throughput / ideal, 3)])
+        chart["labels"].append(label)
+        chart["measured"].append(run.throughput)
+        chart["ideal"].append(ideal)
+
+    with contextlib.ExitStack() as stack:
+        fakes = [stack.enter_context(ctx.fake_ollama(latency, parallel)) for _ in range(4)]
+        for count in (1, 2, 4):
+            endpoint = ",".join(f.url for f in fakes[:count])
+            measure(str(count), f"{count} server(s)", fakes, endpoint, count, per_server * count)
+        endpoint = f"{fakes[0].url},{_dead_url()},{fakes[1].url}"
+        measure("dead", "3 servers, 1 dead from the start", fakes, endpoint, 2, per_server * 2)
+
+    with contextlib.ExitStack() as stack:
+        fakes = [stack.enter_context(ctx.fake_ollama(latency, parallel)) for _ in range(3)]
+        n = per_server * 3
+        killer = _KillWhenProgressed(fakes[2].pid, n // 3)
+        try:
+            measure("killed", "3 servers, 1 SIGKILLed mid-run", fakes, ",".join(f.url for f in fakes), 2, n,
+                    during=killer.start)
+        finally:
+            killer.stop()
+        rows[-1][0] = f"3 servers, 1 SIGKILLed {killer.describe(n)}"
+        killed = killer.killed_at is not None
+        chart["labels"][-1] = "3 servers, 1 killed"
+
+    one = throughput["1"]
+    targets = [Target(f"Servers: {k} servers' throughput >= 0.9 of {k} x 1 server's",
+                      _f(throughput[str(k)] / (k * one), 3), throughput[str(k)] >= 0.9 * k * one) for k in (2, 4)]
+    two = throughput["2"]
+    targets.append(Target("Servers: 3 with 1 dead from the start: throughput >= 0.9 of 2 servers'",
+                          _f(throughput["dead"] / two, 3), throughput["dead"] >= 0.9 * two))
+    targets.append(Target("Servers: 3 with 1 killed mid-run: throughput >= 0.9 of 2 servers'",
+                          _f(throughput["killed"] / two, 3) if killed else "not killed mid-run",
+                          killed and throughput["killed"] >= 0.9 * two))
+    return SectionResult(
+        "servers",
+        f"`python batch_processor.py --max-concurrent N` with `OLLAMA_ENDPOINT` listing several fake Ollama "
+        f"servers (`python -m tests.fake_ollama --parallel {parallel}`: each serves {parallel} chats at a time, "
+        f"like `OLLAMA_NUM_PARALLEL={parallel}`, at {latency:g} s each; more wait in its queue). N = {parallel} "
+        "per server listed, the same per-server concurrency in every run; conversations in proportion to the "
+        "live servers. A fresh SecantusDB per run. Ideal = live servers x parallel / latency; throughput is "
+        "the processor's own job clock, as in section 1. A dead server is a loopback port where nothing "
+        "listens; a killed one gets SIGKILL while the job runs (its calls in flight are retried elsewhere).",
+        [("servers", "left"), ("listed", "right"), ("conversations", "right"), ("--max-concurrent", "right"),
+         ("job time (s)", "right"), ("throughput (conv/s)", "right"), ("ideal (conv/s)", "right"),
+         ("efficiency", "right")],
+        rows,
+        notes=[("Scaling = throughput with k servers / (k x throughput with 1 server), measured in one run. "
+                "With a server down, its share of the concurrency goes to the live ones (least in flight "
+                "first; its circuit opens), which queue it: throughput is that of the live servers. The killed "
+                "run's ideal counts 2 servers, though the third served the first part of the run.")],
+        targets=targets,
+        chart=chart,
+    )
+
+
+class _KillWhenProgressed:
+    """Watches the processor's progress file; SIGKILLs one server (``pid``, a fake we started) once
+    ``after`` conversations are classified. The file is rewritten about once a second."""
+
+    def __init__(self, pid: int, after: int) -> None:
+        self.pid = pid
+        self.after = after
+        self.killed_at: int | None = None  # conversations classified when the kill was sent
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, files_dir: Path) -> None:
+        self._thread = threading.Thread(target=self._watch, args=(files_dir,), daemon=True)
+        self._thread.start()
+
+    def _watch(self, files_dir: Path) -> None:
+        while not self._done.wait(0.05):
+            for path in files_dir.glob("progress_*.json"):
+                try:
+                    progress = json.loads(path.read_text(encoding="utf-8"))
+                except (OSError, ValueError):
+                    continue
+                successful = int(progress.get("successful") or 0)
+                if successful >= self.after and progress.get("status") != "completed":
+                    try:
+                        os.kill(self.pid, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+                    self.killed_at = successful
+                    return
+
+    def stop(self) -> None:
+        self._done.set()
+        if self._thread is not None:
+            self._thread.join(10)
+
+    def describe(self, n: int) -> str:
+        if self.killed_at is None:
+            return "(not killed: the job ended before its progress file said a third was done)"
+        return f"after {self.killed_at} of {n}"
+
+
 SECTION_RUNNERS: dict[str, Callable[[Context], SectionResult]] = {
     "concurrency": section_concurrency,
     "overhead": section_overhead,
@@ -1231,6 +1371,7 @@ SECTION_RUNNERS: dict[str, Callable[[Context], SectionResult]] = {
     "api": section_api,
     "prompt": section_prompt,
     "processors": section_processors,
+    "servers": section_servers,
 }
 
 
@@ -1450,6 +1591,16 @@ def write_chart(path: Path, sections: list[SectionResult], title: str) -> None:
             axes.invert_yaxis()
             axes.set_xlabel("prompt characters per request")
             axes.legend(fontsize=8, frameon=False, loc="upper right")
+        elif section.key == "servers":
+            x = list(range(len(data["labels"])))
+            bars = axes.bar(x, data["measured"], width=0.6, color="#1f77b4", label="measured")
+            axes.plot(x, data["ideal"], "o--", color="#d1453b", label="ideal (live servers x parallel / latency)")
+            axes.bar_label(bars, labels=[f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"])],
+                           fontsize=8, padding=2)
+            axes.set_xticks(x, [label.replace(", ", "\n") for label in data["labels"]], fontsize=7)
+            axes.set_xlabel("LLM servers (bar label: efficiency)")
+            axes.set_ylabel("conversations/s")
+            axes.legend(fontsize=8, frameon=False)
         axes.set_title(section.title, loc="left", fontsize=11)
         axes.grid(axis="x" if section.key == "prompt" else "y", alpha=0.3)
         axes.set_axisbelow(True)

@@ -131,11 +131,20 @@ class FakeOllama:
         port: int = 0,
         models: tuple[str, ...] | list[str] = ("llama3:latest",),
         latency: float = 0.0,
+        parallel: int | None = None,
+        max_queue: int | None = None,
     ) -> None:
         self.host = host
         self.port = port
         self.models = [_with_latest(m) for m in models]
         self.latency = latency
+        # Like Ollama's OLLAMA_NUM_PARALLEL / OLLAMA_MAX_QUEUE: at most `parallel` chats are
+        # served at a time, the rest wait; beyond `max_queue` waiting, 503 "server busy".
+        self.parallel = parallel
+        self.max_queue = max_queue
+        self._slots: asyncio.Semaphore | None = None
+        self._waiting = 0
+        self.busy_count = 0
         self.responder: Responder | None = None
         self._script: deque[Behavior] = deque()
         self._records: list[ChatRecord] = []
@@ -162,6 +171,7 @@ class FakeOllama:
             self._previous_messages = []
             self.responder = None
             self.max_in_flight = 0
+            self.busy_count = 0
 
     @property
     def chat_records(self) -> list[ChatRecord]:
@@ -259,6 +269,31 @@ class FakeOllama:
 
         record = self._record(body)
         behavior = self._next_behavior(body)
+        if self.parallel is not None:
+            return await self._serve_in_slot(request, body, record, behavior)
+        return await self._serve(request, body, record, behavior)
+
+    async def _serve_in_slot(
+        self, request: web.Request, body: dict[str, Any], record: ChatRecord, behavior: Behavior
+    ) -> web.StreamResponse:
+        if self._slots is None:  # created on the server's own loop
+            self._slots = asyncio.Semaphore(self.parallel or 1)
+        if self.max_queue is not None and self._slots.locked() and self._waiting >= self.max_queue:
+            self.busy_count += 1
+            return web.json_response({"error": BUSY.message}, status=BUSY.status)
+        self._waiting += 1
+        try:
+            await self._slots.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            return await self._serve(request, body, record, behavior)
+        finally:
+            self._slots.release()
+
+    async def _serve(
+        self, request: web.Request, body: dict[str, Any], record: ChatRecord, behavior: Behavior
+    ) -> web.StreamResponse:
         self._in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self._in_flight)
         try:
@@ -374,7 +409,8 @@ async def _serve_forever(fake: FakeOllama) -> None:
     fake.port = sock.getsockname()[1]
     fake._socket = sock
     await fake._start_site()
-    print(f"fake Ollama listening on {fake.url} (latency {fake.latency:g} s, models {', '.join(fake.models)})",
+    print(f"fake Ollama listening on {fake.url} (latency {fake.latency:g} s, parallel {fake.parallel or 'any'}, "
+          f"models {', '.join(fake.models)})",
           flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -391,9 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="port, 0 for any free one (default: %(default)s)")
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each chat answer (default: %(default)s)")
+    parser.add_argument("--parallel", type=int, default=None,
+                        help="chats served at a time, like OLLAMA_NUM_PARALLEL (default: no limit)")
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="chats that may wait for a slot before 503 busy, like OLLAMA_MAX_QUEUE "
+                        "(default: no limit)")
     parser.add_argument("--model", action="append", default=None, help="model to offer (repeatable; default: llama3)")
     args = parser.parse_args(argv)
-    fake = FakeOllama(host=args.host, port=args.port, models=args.model or ["llama3"], latency=args.latency)
+    fake = FakeOllama(host=args.host, port=args.port, models=args.model or ["llama3"], latency=args.latency,
+                      parallel=args.parallel, max_queue=args.max_queue)
     asyncio.run(_serve_forever(fake))
     return 0
 

@@ -595,7 +595,10 @@ def test_health_is_ok_even_without_ollama(
 def test_ready(http: requests.Session, api_server: RunningAPI, fake_ollama: FakeOllama) -> None:
     response = http.get(f"{api_server.url}/ready", timeout=10)
     assert response.status_code == 200
-    assert response.json() == {"status": "ready", "model": "llama3", "endpoint": fake_ollama.url}
+    assert response.json() == {
+        "status": "ready", "model": "llama3", "endpoint": fake_ollama.url,
+        "servers": [{"server": fake_ollama.url, "ready": True, "circuit": "closed", "in_flight": 0, "answered": 0}],
+    }
     assert fake_ollama.chat_count == 0
 
 

@@ -104,8 +104,17 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
         assert all(NUMBER.match(cell) for cell in row[1:6]), row
         assert row[3] == "0"  # duplicate results: never, whatever the timing
 
+    servers = table_after(text, "### 7. Several LLM servers")
+    assert [row[0] for row in servers][:4] == ["1 server(s)", "2 server(s)", "4 server(s)",
+                                               "3 servers, 1 dead from the start"]
+    assert servers[4][0].startswith("3 servers, 1 SIGKILLed")
+    assert [row[1] for row in servers] == ["1", "2", "4", "3", "3"]
+    for row in servers:
+        assert all(NUMBER.match(cell) for cell in row[1:8]), row
+        assert float(row[5].replace(",", "")) > 0
+
     targets = table_after(text, "**Targets**")
-    assert len(targets) == 8 and all(row[2] in ("PASS", "MISS") for row in targets)
+    assert len(targets) == 5 + 3 + 4 and all(row[2] in ("PASS", "MISS") for row in targets)
 
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
 
