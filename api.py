@@ -158,6 +158,21 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+#: How much of a body that is refused (413) is still read, so that the client gets the answer.
+REJECTED_BODY_DRAIN_BYTES = 4 * 1024 * 1024
+
+
+async def _drain(receive: Receive, limit: int) -> None:
+    drained = 0
+    while drained <= limit:
+        message = await receive()
+        if message["type"] != "http.request":
+            return
+        drained += len(message.get("body", b""))
+        if not message.get("more_body", False):
+            return
+
+
 class BodySizeLimitMiddleware:
     """Answer 413 for a body above ``max_bytes`` (API_MAX_BODY_BYTES), declared (Content-Length)
     or streamed (chunked)."""
@@ -175,7 +190,7 @@ class BodySizeLimitMiddleware:
         declared = headers.get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > max_bytes:
-                await self._reject(scope, receive, send, max_bytes)
+                await self._reject(scope, receive, send, max_bytes, unread=True)
                 return
             await self.app(scope, receive, send)
             return
@@ -190,7 +205,7 @@ class BodySizeLimitMiddleware:
             chunk = message.get("body", b"")
             size += len(chunk)
             if size > max_bytes:
-                await self._reject(scope, receive, send, max_bytes)
+                await self._reject(scope, receive, send, max_bytes, unread=message.get("more_body", False))
                 return
             chunks.append(chunk)
             more = message.get("more_body", False)
@@ -205,7 +220,11 @@ class BodySizeLimitMiddleware:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send, max_bytes: int) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, max_bytes: int, *, unread: bool) -> None:
+        if unread:
+            # Read (and drop) a bounded rest of the body first: a server that answers and closes
+            # with unread data makes the client's kernel see a reset instead of the 413.
+            await _drain(receive, REJECTED_BODY_DRAIN_BYTES)
         error = PayloadTooLargeError(max_bytes)
         logger.warning("%s %s rejected: %s", scope.get("method"), scope.get("path"), error.message)
         await JSONResponse(error_body(error), status_code=413, headers={"Connection": "close"})(scope, receive, send)
