@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message as ASGIMessage, Receive, Scope, Send
 
+import dashboard
 from aggregator import ConversationIn, Message, Tweet
 from classifier import Classification, ConversationClassifier
 from config import Settings, load_settings
@@ -321,10 +322,13 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
             "with a local model served by Ollama."
         ),
         lifespan=lifespan,
+        docs_url=None,  # /docs is served by dashboard.install with local Swagger UI assets (works offline)
+        redoc_url=None,  # ReDoc loads its script from a CDN
         strict_content_type=False,  # a JSON body without a Content-Type header is still read as JSON
     )
     app.add_middleware(BodySizeLimitMiddleware)
     _install_error_handlers(app)
+    dashboard.install(app)  # GET /dashboard, /api/stats, /api/jobs, /static, offline /docs
 
     @app.post(
         "/classify",

@@ -68,6 +68,9 @@ class Settings(BaseModel):
     mongodb_results_collection: str = Field(
         "sentimental_analysis", min_length=1, description="Where classifications are written."
     )
+    mongodb_jobs_collection: str = Field(
+        "jobs", min_length=1, description="Where batch jobs record their progress (read by the dashboard)."
+    )
     mongodb_batch_size: int = Field(100, ge=1, le=10000, description="Conversations per batch file.")
     mongodb_max_retries: int = Field(3, ge=0, le=10, description="Retries of a transient MongoDB failure.")
     mongodb_timeout_ms: int = Field(30000, ge=100, description="MongoDB server selection and socket timeout (ms).")
