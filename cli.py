@@ -30,6 +30,7 @@ from error_handler import (
 from logger import configure_logging
 from mongo_client import MongoStore, data_identity
 from utils.batch_file_manager import BatchFileManager
+from utils.job_recorder import JobRecorder
 from utils.progress import ProgressTracker, build_progress, monitoring_components
 
 # Shared codes (error_handler): 0 ok, 1 the run broke off (MongoDB lost mid-run, a batch file
@@ -145,6 +146,7 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
             await llm.check_ready()
             await store.ensure_indexes()
             progress = build_progress(ProgressTracker(new_job_id()), components, files.directory)
+            progress.reporters.append(JobRecorder(store.uri, settings, progress.tracker.job_id))  # for the dashboard
             processor = BatchProcessor(settings, store, llm, classifier, files, progress, options)
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):

@@ -34,12 +34,12 @@ def seed(database: Any, *, days: int = 3, per_day: int = 7) -> list[dict[str, An
     results = []
     n = 0
     for day in range(days):
-        for i in range(per_day):
+        for i in range(per_day + 3 * (day % 2)):
             n += 1
             classification: dict[str, Any] = {
-                "intent": INTENTS[n % len(INTENTS)],
-                "topic": TOPICS[n % len(TOPICS)],
-                "sentiment": SENTIMENTS[(n * 7) % len(SENTIMENTS)],
+                "intent": INTENTS[(0, 0, 0, 1, 2)[n % 5]],  # uneven, like real traffic
+                "topic": TOPICS[(0, 1, 0)[n % 3]],
+                "sentiment": SENTIMENTS[(0, 0, 1, 2, 0, 1, 0)[n % 7]],
                 "categorization": f"conversation {n}",
             }
             if n % 2 == 0:  # half carry confidences; a third of those need review
@@ -71,7 +71,7 @@ def seed(database: Any, *, days: int = 3, per_day: int = 7) -> list[dict[str, An
     database["jobs"].insert_many([
         {"_id": "batch_a", "mode": "batch", "status": "running", "started_at": NOW - timedelta(minutes=5),
          "updated_at": datetime.now(timezone.utc), "total": 40, "processed": 14, "successful": 12, "failed": 1,
-         "queued_for_retry": 1, "rate": 2.5, "percentage": 35.0},
+         "queued_for_retry": 1, "rate": 2.5, "percentage": 35.0, "eta": NOW + timedelta(seconds=10)},
         {"_id": "batch_b", "mode": "batch", "status": "completed", "started_at": NOW - timedelta(days=3),
          "updated_at": NOW - timedelta(days=2), "finished_at": NOW - timedelta(days=2), "total": 7,
          "processed": 7, "successful": 7},
@@ -214,3 +214,21 @@ def test_docs_and_dashboard_load_nothing_from_other_hosts(api_server: RunningAPI
             assert requests.get(f"{api_server.url}{asset}", timeout=10).status_code == 200, asset
     assert "/api/stats" in requests.get(f"{api_server.url}/openapi.json", timeout=10).json()["paths"]
     assert requests.get(f"{api_server.url}/redoc", timeout=10).status_code == 404
+
+
+def test_embedded_database_is_started_on_first_use_and_stopped_with_the_api(
+    make_settings: SettingsFactory, start_api: Callable[..., RunningAPI], tmp_path: Any
+) -> None:
+    """`make demo` then `make run`: the dashboard reads the embedded database (started lazily)."""
+    from pymongo import MongoClient
+
+    from utils.embedded_db import embedded_database
+
+    settings = make_settings(mongodb_connection_string="embedded", embedded_db_path=tmp_path / "db")
+    with embedded_database(settings) as uri, MongoClient(uri) as client:  # what the demo leaves behind
+        seed(client[settings.mongodb_database_name], days=1, per_day=4)
+    api = start_api(settings)
+    assert requests.get(f"{api.url}/health", timeout=10).status_code == 200
+    body = requests.get(f"{api.url}/api/stats", timeout=120).json()
+    assert body["total"] == 4
+    assert [j["job_id"] for j in requests.get(f"{api.url}/api/jobs", timeout=30).json()["jobs"]][0] == "batch_a"
