@@ -87,6 +87,11 @@ class Settings(BaseModel):
     batch_max_concurrent: int = Field(5, ge=1, le=256, description="Conversations classified at once.")
     batch_files_dir: Path = Field(Path("batch_files"), description="Folder for batch, queue and progress files.")
     batch_poll_interval: float = Field(30.0, gt=0, description="Continuous mode: seconds between polls.")
+    batch_change_streams: bool = Field(
+        True,
+        description="Continuous mode: wake on MongoDB change streams when the server has them "
+        "(the poll interval stays as a safety net); false: poll only.",
+    )
     batch_monitoring_mode: Literal["development", "production", "interactive"] = Field(
         "interactive",
         description="development: progress bar; production: logs + progress files; interactive: bar + logs.",
