@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
@@ -323,6 +323,17 @@ def job_view(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
 
 
 # --- endpoints --------------------------------------------------------------------------------
+def _day(name: str, value: str | None) -> date | None:
+    """A query parameter's UTC day; a clear 422 (not a validation dump) when it is not YYYY-MM-DD."""
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as e:
+        raise InputError(f"'{name}' must be a day written YYYY-MM-DD, got {value[:40]!r}.", field=name,
+                         status_code=422) from e
+
+
 async def _database(request: Request) -> Any:
     holder: DashboardDatabase = request.app.state.dashboard_database
     return holder, await holder.database(request.app.state.settings)
@@ -338,10 +349,14 @@ async def _database(request: Request) -> Any:
 )
 async def stats(
     request: Request,
-    date_from: date | None = Query(None, alias="from", description="First UTC day, YYYY-MM-DD."),
-    date_to: date | None = Query(None, alias="to", description="Last UTC day, YYYY-MM-DD (included)."),
-    job: str | None = Query(None, max_length=200, description="A batch job id (processing_metadata.batch_job_id)."),
+    from_: Annotated[str | None, Query(alias="from", description="First UTC day, YYYY-MM-DD.",
+                                       json_schema_extra={"format": "date"})] = None,
+    to: Annotated[str | None, Query(description="Last UTC day, YYYY-MM-DD (included).",
+                                    json_schema_extra={"format": "date"})] = None,
+    job: Annotated[str | None, Query(max_length=200,
+                                     description="A batch job id (processing_metadata.batch_job_id).")] = None,
 ) -> dict[str, Any]:
+    date_from, date_to = _day("from", from_), _day("to", to)
     if date_from and date_to and date_from > date_to:
         raise InputError(f"'from' ({date_from}) is after 'to' ({date_to}).", field="from", status_code=422)
     holder, database = await _database(request)
@@ -372,7 +387,8 @@ async def stats(
     tags=["dashboard"],
 )
 async def jobs(
-    request: Request, limit: int = Query(JOBS_SHOWN, ge=1, le=200, description="Most recent jobs to list.")
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=200, description="Most recent jobs to list.")] = JOBS_SHOWN,
 ) -> dict[str, Any]:
     holder, database = await _database(request)
     collection = database[request.app.state.settings.mongodb_jobs_collection]

@@ -26,10 +26,10 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pymongo import MongoClient  # noqa: E402
+from pymongo import MongoClient
 
-from config import Settings, env_name  # noqa: E402
-from tests.fake_ollama import FakeOllama  # noqa: E402
+from config import Settings, env_name
+from tests.fake_ollama import FakeOllama
 
 
 def wait_for(condition: Any, timeout: float, what: str) -> Any:
@@ -72,9 +72,8 @@ def measure(uri: str, ollama_url: str, *, change_streams: bool, inserts: int, in
             for i in range(1, inserts + 1):
                 time.sleep(rng.uniform(0, interval))
                 started = time.perf_counter()
-                new_id = db.conversation_set.insert_one(conversation(i)).inserted_id
-                wait_for(lambda: db.sentimental_analysis.find_one({"source_conversation_id": new_id},
-                                                                  projection={"_id": 1}),
+                query = {"source_conversation_id": db.conversation_set.insert_one(conversation(i)).inserted_id}
+                wait_for(lambda q=query: db.sentimental_analysis.find_one(q, projection={"_id": 1}),
                          interval * 3 + 60, f"the result of conversation {i}")
                 latencies.append(time.perf_counter() - started)
             return latencies

@@ -179,3 +179,16 @@ def test_dashboard_says_why_it_is_empty_without_mongodb(
     wait_until(browser, "return document.body.dataset.state", "error")
     message = browser.execute_script("return document.getElementById('error').textContent")
     assert "MongoDB is not configured" in message and "MONGODB_CONNECTION_STRING" in message
+
+
+def test_docs_render_from_local_assets(browser: Any, api_server: RunningAPI) -> None:
+    """/docs is Swagger UI served by the API itself: it renders with no other host reachable."""
+    browser.get(f"{api_server.url}/docs")
+    wait_until(browser, "return !!document.querySelector('.swagger-ui .info .title')")
+    wait_until(browser, "return document.querySelectorAll('.opblock').length > 0")
+    paths = browser.execute_script(
+        "return Array.from(document.querySelectorAll('.opblock-summary-path')).map(e => e.textContent.trim());")
+    assert {"/classify", "/api/stats", "/api/jobs"} <= {p.replace("\u200b", "") for p in paths}
+    hosts = browser.execute_script(
+        "return performance.getEntriesByType('resource').map(e => new URL(e.name).host);")
+    assert set(hosts) <= {api_server.url.removeprefix("http://")}, hosts
