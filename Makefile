@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-# make demo and make run use the embedded development database unless MONGODB_CONNECTION_STRING is set.
+# make demo uses the embedded development database unless MONGODB_CONNECTION_STRING is set.
 MONGODB_CONNECTION_STRING ?= embedded
 
 .DEFAULT_GOAL := help
@@ -27,8 +27,11 @@ install: $(VENV)/.runtime ## Install the runtime dependencies into .venv
 
 install-dev: $(VENV)/.dev ## Install runtime and test dependencies into .venv
 
-run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:8000); /dashboard reads the demo's database
-	MONGODB_CONNECTION_STRING="$(MONGODB_CONNECTION_STRING)" $(BIN)/python main.py
+# /dashboard reads MongoDB: the one of the environment or .env, else the demo's embedded database.
+run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:8000); /dashboard shows the results
+	@if [ -z "$$MONGODB_CONNECTION_STRING" ] && ! grep -qs '^MONGODB_CONNECTION_STRING=' .env; then \
+	  export MONGODB_CONNECTION_STRING=embedded; fi; \
+	exec $(BIN)/python main.py
 
 test: $(VENV)/.dev ## Run the test suite
 	$(BIN)/python -m pytest
