@@ -156,7 +156,9 @@ def test_dashboard_shows_the_database_and_refreshes_while_a_job_runs(
     wait_until(browser, "return document.querySelector('tr[data-job=\"batch_a\"] td:nth-child(4)').textContent", "17")
 
 
-def test_dashboard_filters_by_job_and_fits_a_phone(browser: Any, dashboard_api: RunningAPI, mongo_db: Any) -> None:
+def test_dashboard_filters_by_job_and_fits_a_phone(
+    browser: Any, dashboard_api: RunningAPI, mongo_db: Any, tmp_path: Path
+) -> None:
     seed(mongo_db)
     browser.set_window_size(390, 844)
     browser.get(f"{dashboard_api.url}/dashboard?job=batch_b")
@@ -169,6 +171,7 @@ def test_dashboard_filters_by_job_and_fits_a_phone(browser: Any, dashboard_api: 
     labels = browser.execute_script(
         "return Array.from(document.querySelectorAll('input, select')).every(e => e.labels && e.labels.length > 0)")
     assert labels, "every form control has a label"
+    assert browser.save_screenshot(str(tmp_path / "dashboard-phone.png"))  # to look at, when in doubt
 
 
 def test_dashboard_says_why_it_is_empty_without_mongodb(
