@@ -36,8 +36,11 @@ install: $(VENV)/.runtime ## Install the project and its runtime dependencies in
 
 install-dev: $(VENV)/.dev ## Install the project, runtime and test dependencies into .venv
 
-run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:8000)
-	$(BIN)/python main.py
+# /dashboard reads MongoDB: the one of the environment or .env, else the demo's embedded database.
+run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:8000); /dashboard shows the results
+	@if [ -z "$$MONGODB_CONNECTION_STRING" ] && ! grep -qs '^MONGODB_CONNECTION_STRING=' .env; then \
+	  export MONGODB_CONNECTION_STRING=embedded; fi; \
+	exec $(BIN)/python main.py
 
 test: $(VENV)/.dev ## Run the test suite
 	$(BIN)/python -m pytest

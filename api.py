@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
+import dashboard
 from aggregator import ConversationIn, Message, Tweet
 from api_dependencies import (
     ClassifierDep,
@@ -386,14 +387,17 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
             "with a local model served by Ollama."
         ),
         lifespan=lifespan,
+        docs_url=None,  # /docs is served by dashboard.install with local Swagger UI assets (works offline)
+        redoc_url=None,  # ReDoc loads its script from a CDN
     )
     # The last added runs first: the size limit, then the media type.
     app.add_middleware(JSONBodyOnlyMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     _install_error_handlers(app)
     _add_classification_routes(app)
-    # Routers of other parts (dashboard, ...) are included here, one line each:
-    # app.include_router(some_module.router). They take what they need from api_dependencies.
+    # Routers of other parts are included here, one line each; they take what they need from
+    # api_dependencies.
+    dashboard.install(app)  # GET /dashboard, /api/stats, /api/jobs, /static, offline /docs
     return app
 
 

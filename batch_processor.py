@@ -72,6 +72,7 @@ from utils.batch_file_manager import (
     iso_now,
     utc_now,
 )
+from utils.change_watch import ChangeWatcher
 from utils.progress import ProgressReporter, ProgressSnapshot
 from utils.retry_utils import retrying
 
@@ -349,6 +350,11 @@ class BatchProcessor:
         return read
 
     async def _run_continuously(self) -> None:
+        # Wake on the source collection's change stream where the server has one; else poll.
+        async with ChangeWatcher(self.store.source, enabled=self.settings.batch_change_streams) as watcher:
+            await self._poll_until_stopped(watcher)
+
+    async def _poll_until_stopped(self, watcher: ChangeWatcher) -> None:
         interval = self.settings.batch_poll_interval
         while not self.stopping:
             try:
@@ -359,13 +365,8 @@ class BatchProcessor:
                 logger.error("MongoDB unavailable (%s); trying again in %.0f s", e, interval)
                 read = 0
             if read == 0 and not self.stopping:
-                logger.debug("no new conversations; next poll in %.0f s", interval)
-                await self._pause(interval)
-
-    async def _pause(self, seconds: float) -> None:
-        """Sleep ``seconds``, or less when a stop is requested."""
-        with suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=seconds)
+                logger.debug("no new conversations; waiting for a change, or %.0f s", interval)
+                await watcher.wait(self._stop, interval)
 
     async def _cancel_and_wait(self) -> None:
         if self._tasks:

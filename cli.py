@@ -32,6 +32,7 @@ from logger import configure_logging
 from mongo_client import MongoStore, data_identity
 from utils.batch_file_manager import BatchFileManager
 from utils.command_line import positive_float, positive_int, settings_epilog
+from utils.job_recorder import JobRecorder
 from utils.progress import ProgressTracker, build_progress, monitoring_components
 
 #: Settings with a flag of their own (the flag's dest is the setting's name).
@@ -131,6 +132,7 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
             await llm.check_ready()
             await store.ensure_indexes()
             async with build_progress(ProgressTracker(new_job_id()), components, files.directory) as progress:
+                progress.reporters.append(JobRecorder(store.uri, settings, progress.tracker.job_id))  # dashboard
                 processor = BatchProcessor(settings, store, llm, classifier, files, progress, options)
                 loop = asyncio.get_running_loop()
                 for signum in (signal.SIGINT, signal.SIGTERM):

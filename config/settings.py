@@ -82,6 +82,9 @@ class Settings(BaseModel):
     mongodb_results_collection: str = Field(
         "sentimental_analysis", min_length=1, description="Where classifications are written."
     )
+    mongodb_jobs_collection: str = Field(
+        "jobs", min_length=1, description="Where batch jobs record their progress (read by the dashboard)."
+    )
     mongodb_batch_size: int = Field(100, ge=1, le=10000, description="Conversations per batch file.")
     mongodb_max_retries: int = Field(3, ge=0, le=10, description="Retries of a transient MongoDB failure.")
     mongodb_timeout_ms: int = Field(30000, ge=100, description="MongoDB server selection and socket timeout (ms).")
@@ -109,6 +112,11 @@ class Settings(BaseModel):
     )
     batch_files_dir: Path = Field(Path("batch_files"), description="Folder for batch, queue and progress files.")
     batch_poll_interval: float = Field(30.0, gt=0, description="Continuous mode: seconds between polls.")
+    batch_change_streams: bool = Field(
+        True,
+        description="Continuous mode: wake on MongoDB change streams when the server has them "
+        "(the poll interval stays as a safety net); false: poll only.",
+    )
     batch_monitoring_mode: Literal["development", "production", "interactive"] = Field(
         "interactive",
         description="development: progress bar; production: logs + progress files; interactive: bar + logs.",

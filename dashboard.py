@@ -1,0 +1,425 @@
+"""The monitoring dashboard: ``GET /dashboard``, its JSON (``/api/stats``, ``/api/jobs``) and offline ``/docs``.
+
+Everything here reads MongoDB and nothing else needs it: the client is created lazily on the
+first dashboard request (with a short server-selection timeout) and closed by this router's
+lifespan, so the API starts, classifies and answers ``/health`` without MongoDB. When MongoDB is
+not configured or does not answer, the JSON endpoints answer 503 with the reason.
+
+Statistics come from one aggregation pipeline over the results collection whose ``$match`` on
+``processing_metadata.processed_at`` (and ``batch_job_id``) is served by the indexes that
+``mongo_client`` creates; the source collection is only counted by status (the status index).
+Jobs are the documents :mod:`utils.job_recorder` keeps up to date in the jobs collection.
+
+:func:`install` wires it all into the app: the router, ``/static`` and the Swagger UI page.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from collections.abc import AsyncIterator
+from contextlib import ExitStack, asynccontextmanager
+from datetime import date, datetime, time, timedelta, timezone
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
+from fastapi.staticfiles import StaticFiles
+from pydantic import BaseModel, Field
+from pymongo import DESCENDING, AsyncMongoClient
+from pymongo.errors import PyMongoError
+from starlette.concurrency import run_in_threadpool
+
+from config import Settings
+from error_handler import ClassifierError, InputError, StorageUnavailableError
+from logger import redact_uri
+from utils.embedded_db import embedded_database
+
+logger = logging.getLogger(__name__)
+
+STATIC_DIR = Path(__file__).resolve().parent / "static"
+#: The dashboard gives up on MongoDB quickly: a page waiting 30 s helps nobody.
+SERVER_SELECTION_TIMEOUT_MS = 3000
+DASHBOARD_APPNAME = "support-classifier-dashboard"
+#: Latest failures shown, and jobs listed by default.
+FAILURES_SHOWN = 20
+JOBS_SHOWN = 20
+#: A running job whose record was not refreshed for this long is shown as unresponsive
+#: (the recorder writes at least every 10 s while its process lives).
+STALE_AFTER = timedelta(seconds=60)
+SOURCE_STATUSES = ("pending", "processing", "processed", "failed", "skipped")
+LABEL_FIELDS = ("intent", "topic", "sentiment")
+NO_LABEL = "(none)"
+
+
+# --- response models ------------------------------------------------------------------------
+class LabelCount(BaseModel):
+    label: str
+    count: int
+
+
+class DayCounts(BaseModel):
+    date: str = Field(description="UTC day, YYYY-MM-DD.")
+    total: int
+    intent: dict[str, int]
+    topic: dict[str, int]
+    sentiment: dict[str, int]
+
+
+class ReviewShare(BaseModel):
+    with_confidence: int = Field(description="Results that carry label confidences.")
+    needs_review: int = Field(description="Results flagged needs_review (a confidence below CONFIDENCE_THRESHOLD).")
+    share: float | None = Field(description="needs_review / with_confidence; null when no result has confidences.")
+
+
+class Failure(BaseModel):
+    conversation_number: str | None
+    failure_type: str | None
+    reason: str | None
+    failed_at: datetime | None
+
+
+class StatsResponse(BaseModel):
+    """Label distributions and trends of the results in a date range (and job), with source status counts."""
+
+    date_from: date | None = Field(alias="from", description="First UTC day included (none: from the start).")
+    date_to: date | None = Field(alias="to", description="Last UTC day included (none: up to now).")
+    job: str | None = Field(description="Only results of this batch job.")
+    total: int = Field(description="Results in the range.")
+    intent: list[LabelCount]
+    topic: list[LabelCount]
+    sentiment: list[LabelCount]
+    per_day: list[DayCounts]
+    review: ReviewShare
+    statuses: dict[str, int] = Field(description="Source conversations per status (all jobs, all dates).")
+    failures: list[Failure] = Field(description=f"The {FAILURES_SHOWN} latest failed conversations in the range.")
+    job_ids: list[str] = Field(description="Batch jobs that wrote results (for the job filter).")
+    generated_at: datetime
+
+    model_config = {"populate_by_name": True}
+
+
+class Job(BaseModel):
+    job_id: str
+    mode: str | None = None
+    status: str = Field(description="running | completed | stopped | failed | unresponsive (no news for 60 s).")
+    host: str | None = None
+    pid: int | None = None
+    started_at: datetime | None = None
+    updated_at: datetime | None = None
+    finished_at: datetime | None = None
+    total: int = 0
+    processed: int = 0
+    successful: int = 0
+    failed: int = 0
+    queued_for_retry: int = Field(0, description="In the job's retry queues.")
+    already_classified: int = 0
+    rate: float = Field(0.0, description="Conversations per second over the last minute.")
+    eta: datetime | None = Field(None, description="Estimated completion (running jobs).")
+    percentage: float = 0.0
+
+
+class JobsResponse(BaseModel):
+    running: int = Field(description="Jobs running now.")
+    jobs: list[Job] = Field(description="Most recent first.")
+
+
+DASHBOARD_ERRORS: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "MongoDB is not configured or does not answer.",
+        "content": {"application/json": {"example": {"error": {
+            "type": "storage_unavailable",
+            "message": "Cannot reach MongoDB at mongodb://localhost:27017: connection refused",
+            "hint": "Start MongoDB, or set MONGODB_CONNECTION_STRING.",
+        }}}},
+    },
+}
+
+
+# --- the lazily connected database ------------------------------------------------------------
+class DashboardDatabase:
+    """MongoDB for the dashboard: connected on first use (starting the embedded database when
+    configured), closed by :meth:`close`. Safe to share between requests of one event loop."""
+
+    def __init__(self) -> None:
+        self._client: AsyncMongoClient[dict[str, Any]] | None = None
+        self._embedded = ExitStack()
+        self._lock = asyncio.Lock()
+        self.uri = ""
+
+    async def database(self, settings: Settings) -> Any:
+        if not settings.mongodb_connection_string.strip():
+            raise StorageUnavailableError(
+                "MongoDB is not configured: the dashboard reads the results from MongoDB.",
+                hint="Set MONGODB_CONNECTION_STRING (mongodb://host:27017, or 'embedded').",
+            )
+        async with self._lock:
+            if self._client is None:
+                self._client = await self._connect(settings)
+        return self._client[settings.mongodb_database_name]
+
+    async def _connect(self, settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
+        uri = settings.mongodb_connection_string.strip()
+        if settings.uses_embedded_database:
+            try:
+                # Starting it blocks (a child process); keep the event loop free meanwhile.
+                uri = await run_in_threadpool(self._embedded.enter_context, embedded_database(settings))
+            except ClassifierError as e:
+                raise StorageUnavailableError(f"The embedded database is not available: {e.message}",
+                                              hint=e.hint) from e
+        self.uri = uri
+        try:
+            return AsyncMongoClient(
+                uri,
+                serverSelectionTimeoutMS=min(SERVER_SELECTION_TIMEOUT_MS, settings.mongodb_timeout_ms),
+                connectTimeoutMS=min(SERVER_SELECTION_TIMEOUT_MS, settings.mongodb_timeout_ms),
+                socketTimeoutMS=settings.mongodb_timeout_ms,
+                appname=DASHBOARD_APPNAME,
+                tz_aware=True,
+            )
+        except (PyMongoError, ValueError, TypeError) as e:
+            raise StorageUnavailableError(
+                f"Invalid MongoDB connection string {redact_uri(uri)!r}: {e}",
+                hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
+            ) from e
+
+    def unavailable(self, error: PyMongoError) -> StorageUnavailableError:
+        first_line = re.split(r", Timeout: | \(configured timeouts|\n", str(error))[0]
+        return StorageUnavailableError(
+            f"Cannot reach MongoDB at {redact_uri(self.uri)}: {first_line}",
+            hint="Start MongoDB, or set MONGODB_CONNECTION_STRING ('embedded' for the local development database).",
+        )
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._client.close()
+            self._client = None
+        await run_in_threadpool(self._embedded.close)
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    holder = DashboardDatabase()
+    app.state.dashboard_database = holder
+    try:
+        yield
+    finally:
+        await holder.close()
+
+
+router = APIRouter(lifespan=_lifespan)
+
+
+# --- queries ----------------------------------------------------------------------------------
+def _day_start(day: date) -> datetime:
+    return datetime.combine(day, time.min, tzinfo=timezone.utc)
+
+
+def results_match(date_from: date | None, date_to: date | None, job: str | None) -> dict[str, Any]:
+    """The ``$match`` of the results: processed in [from, to] (whole UTC days), of ``job``."""
+    match: dict[str, Any] = {}
+    processed_at: dict[str, datetime] = {}
+    if date_from is not None:
+        processed_at["$gte"] = _day_start(date_from)
+    if date_to is not None:
+        processed_at["$lt"] = _day_start(date_to + timedelta(days=1))
+    if processed_at:
+        match["processing_metadata.processed_at"] = processed_at
+    if job:
+        match["processing_metadata.batch_job_id"] = job
+    return match
+
+
+def _label(field: str) -> dict[str, Any]:
+    return {"$ifNull": [f"$classification.{field}", NO_LABEL]}
+
+
+def stats_pipeline(match: dict[str, Any]) -> list[dict[str, Any]]:
+    """One pass over the matching results: label counts, per-day counts, review share."""
+    day = {"$dateToString": {"format": "%Y-%m-%d", "date": "$processing_metadata.processed_at"}}
+    facets: dict[str, Any] = {
+        "total": [{"$group": {"_id": None, "n": {"$sum": 1}}}],
+        "review": [{"$group": {
+            "_id": None,
+            "with_confidence": {"$sum": {"$cond": [
+                {"$ne": [{"$ifNull": ["$classification.confidence", None]}, None]}, 1, 0]}},
+            "needs_review": {"$sum": {"$cond": [{"$eq": ["$classification.needs_review", True]}, 1, 0]}},
+        }}],
+        "day_total": [{"$group": {"_id": day, "n": {"$sum": 1}}}],
+    }
+    for field in LABEL_FIELDS:
+        facets[field] = [{"$group": {"_id": _label(field), "n": {"$sum": 1}}}, {"$sort": {"n": -1, "_id": 1}}]
+        facets[f"day_{field}"] = [{"$group": {"_id": {"day": day, "label": _label(field)}, "n": {"$sum": 1}}}]
+    return [{"$match": match}, {"$facet": facets}]
+
+
+def shape_stats(facets: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline's one document as the fields of :class:`StatsResponse`."""
+    days: dict[str, dict[str, Any]] = {}
+    for row in facets.get("day_total", []):
+        if row["_id"] is not None:  # a result without processed_at has no day
+            days[row["_id"]] = {"date": row["_id"], "total": row["n"], **{f: {} for f in LABEL_FIELDS}}
+    for field in LABEL_FIELDS:
+        for row in facets.get(f"day_{field}", []):
+            entry = days.get(row["_id"].get("day"))
+            if entry is not None:
+                entry[field][str(row["_id"]["label"])] = row["n"]
+    review = (facets.get("review") or [{}])[0]
+    with_confidence = int(review.get("with_confidence", 0))
+    needs_review = int(review.get("needs_review", 0))
+    return {
+        "total": (facets.get("total") or [{"n": 0}])[0]["n"],
+        **{f: [{"label": str(r["_id"]), "count": r["n"]} for r in facets.get(f, [])] for f in LABEL_FIELDS},
+        "per_day": [days[d] for d in sorted(days)],
+        "review": {
+            "with_confidence": with_confidence,
+            "needs_review": needs_review,
+            "share": round(needs_review / with_confidence, 4) if with_confidence else None,
+        },
+    }
+
+
+async def _source_statuses(source: Any) -> dict[str, int]:
+    counts = {}
+    for status in SOURCE_STATUSES:
+        # 'pending' includes documents without a status (never looked at yet), as the processor reads them.
+        query = {"status": {"$in": ["pending", None]}} if status == "pending" else {"status": status}
+        counts[status] = await source.count_documents(query)
+    return counts
+
+
+async def _latest_failures(source: Any, date_from: date | None, date_to: date | None) -> list[dict[str, Any]]:
+    query: dict[str, Any] = {"status": "failed"}
+    when = results_match(date_from, date_to, None).get("processing_metadata.processed_at")
+    if when:
+        query["last_processed_at"] = when
+    cursor = source.find(
+        query, projection={"conversation_number": 1, "failure_type": 1, "failure_reason": 1, "last_processed_at": 1}
+    ).sort("last_processed_at", DESCENDING).limit(FAILURES_SHOWN)
+    return [
+        {
+            "conversation_number": None if doc.get("conversation_number") is None else str(doc["conversation_number"]),
+            "failure_type": doc.get("failure_type"),
+            "reason": doc.get("failure_reason"),
+            "failed_at": doc.get("last_processed_at"),
+        }
+        async for doc in cursor
+    ]
+
+
+def job_view(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
+    """A jobs-collection document as a :class:`Job`; a running job silent for too long is unresponsive."""
+    view = {key: value for key, value in doc.items() if key in Job.model_fields}
+    view["job_id"] = str(doc["_id"])
+    updated = doc.get("updated_at")
+    if view.get("status") == "running" and isinstance(updated, datetime) and now - updated > STALE_AFTER:
+        view["status"] = "unresponsive"
+        view["eta"] = None
+    view.setdefault("status", "running")
+    return view
+
+
+# --- endpoints --------------------------------------------------------------------------------
+def _day(name: str, value: str | None) -> date | None:
+    """A query parameter's UTC day; a clear 422 (not a validation dump) when it is not YYYY-MM-DD."""
+    if not value:
+        return None
+    try:
+        return date.fromisoformat(value)
+    except ValueError as e:
+        raise InputError(f"'{name}' must be a day written YYYY-MM-DD, got {value[:40]!r}.", field=name,
+                         status_code=422) from e
+
+
+async def _database(request: Request) -> Any:
+    holder: DashboardDatabase = request.app.state.dashboard_database
+    return holder, await holder.database(request.app.state.settings)
+
+
+@router.get(
+    "/api/stats",
+    summary="Label distributions, daily trends, review share and latest failures (MongoDB)",
+    response_model=StatsResponse,
+    response_model_by_alias=True,
+    responses=DASHBOARD_ERRORS,
+    tags=["dashboard"],
+)
+async def stats(
+    request: Request,
+    from_: Annotated[str | None, Query(alias="from", description="First UTC day, YYYY-MM-DD.",
+                                       json_schema_extra={"format": "date"})] = None,
+    to: Annotated[str | None, Query(description="Last UTC day, YYYY-MM-DD (included).",
+                                    json_schema_extra={"format": "date"})] = None,
+    job: Annotated[str | None, Query(max_length=200,
+                                     description="A batch job id (processing_metadata.batch_job_id).")] = None,
+) -> dict[str, Any]:
+    date_from, date_to = _day("from", from_), _day("to", to)
+    if date_from and date_to and date_from > date_to:
+        raise InputError(f"'from' ({date_from}) is after 'to' ({date_to}).", field="from", status_code=422)
+    holder, database = await _database(request)
+    settings: Settings = request.app.state.settings
+    results = database[settings.mongodb_results_collection]
+    source = database[settings.mongodb_source_collection]
+    job = job or None
+    try:
+        facets = await (await results.aggregate(stats_pipeline(results_match(date_from, date_to, job)))).to_list(1)
+        statuses = await _source_statuses(source)
+        failures = await _latest_failures(source, date_from, date_to)
+        job_ids = sorted(str(j) for j in await results.distinct("processing_metadata.batch_job_id") if j)
+    except PyMongoError as e:
+        raise holder.unavailable(e) from e
+    return {
+        "from": date_from, "to": date_to, "job": job,
+        **shape_stats(facets[0] if facets else {}),
+        "statuses": statuses, "failures": failures, "job_ids": job_ids,
+        "generated_at": datetime.now(timezone.utc),
+    }
+
+
+@router.get(
+    "/api/jobs",
+    summary="Running and recent batch jobs with their progress (MongoDB)",
+    response_model=JobsResponse,
+    responses=DASHBOARD_ERRORS,
+    tags=["dashboard"],
+)
+async def jobs(
+    request: Request,
+    limit: Annotated[int, Query(ge=1, le=200, description="Most recent jobs to list.")] = JOBS_SHOWN,
+) -> dict[str, Any]:
+    holder, database = await _database(request)
+    collection = database[request.app.state.settings.mongodb_jobs_collection]
+    now = datetime.now(timezone.utc)
+    try:
+        docs = await collection.find().sort("started_at", DESCENDING).limit(limit).to_list(limit)
+    except PyMongoError as e:
+        raise holder.unavailable(e) from e
+    views = [job_view(doc, now) for doc in docs]
+    return {"running": sum(1 for v in views if v["status"] == "running"), "jobs": views}
+
+
+@router.get("/dashboard", include_in_schema=False)
+async def dashboard_page() -> FileResponse:
+    return FileResponse(STATIC_DIR / "dashboard.html", media_type="text/html")
+
+
+def install(app: FastAPI) -> None:
+    """Add the dashboard, ``/static`` and a ``/docs`` whose Swagger UI is served locally (no CDN).
+
+    The app must be created with ``docs_url=None, redoc_url=None`` (ReDoc loads from a CDN).
+    """
+    app.include_router(router)
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def swagger_ui() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url or "/openapi.json",
+            title=f"{app.title} - API docs",
+            swagger_js_url="/static/vendor/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/vendor/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/vendor/swagger-ui/favicon-32x32.png",
+        )
