@@ -24,7 +24,7 @@ from datetime import date, datetime, time, timedelta, timezone
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import APIRouter, FastAPI, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, Query, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.staticfiles import StaticFiles
@@ -33,6 +33,7 @@ from pymongo import DESCENDING, AsyncMongoClient
 from pymongo.errors import PyMongoError
 from starlette.concurrency import run_in_threadpool
 
+from api_dependencies import SettingsDep
 from config import Settings
 from error_handler import ClassifierError, InputError, StorageUnavailableError
 from logger import redact_uri
@@ -201,11 +202,11 @@ class DashboardDatabase:
 
 
 @asynccontextmanager
-async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+async def _lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
+    # FastAPI merges this state into the app's lifespan state: requests see it on request.state.
     holder = DashboardDatabase()
-    app.state.dashboard_database = holder
     try:
-        yield
+        yield {"dashboard_database": holder}
     finally:
         await holder.close()
 
@@ -334,9 +335,11 @@ def _day(name: str, value: str | None) -> date | None:
                          status_code=422) from e
 
 
-async def _database(request: Request) -> Any:
-    holder: DashboardDatabase = request.app.state.dashboard_database
-    return holder, await holder.database(request.app.state.settings)
+def get_dashboard_database(request: Request) -> DashboardDatabase:
+    return request.state.dashboard_database
+
+
+DashboardDatabaseDep = Annotated[DashboardDatabase, Depends(get_dashboard_database)]
 
 
 @router.get(
@@ -348,7 +351,8 @@ async def _database(request: Request) -> Any:
     tags=["dashboard"],
 )
 async def stats(
-    request: Request,
+    settings: SettingsDep,
+    holder: DashboardDatabaseDep,
     from_: Annotated[str | None, Query(alias="from", description="First UTC day, YYYY-MM-DD.",
                                        json_schema_extra={"format": "date"})] = None,
     to: Annotated[str | None, Query(description="Last UTC day, YYYY-MM-DD (included).",
@@ -359,8 +363,7 @@ async def stats(
     date_from, date_to = _day("from", from_), _day("to", to)
     if date_from and date_to and date_from > date_to:
         raise InputError(f"'from' ({date_from}) is after 'to' ({date_to}).", field="from", status_code=422)
-    holder, database = await _database(request)
-    settings: Settings = request.app.state.settings
+    database = await holder.database(settings)
     results = database[settings.mongodb_results_collection]
     source = database[settings.mongodb_source_collection]
     job = job or None
@@ -387,11 +390,12 @@ async def stats(
     tags=["dashboard"],
 )
 async def jobs(
-    request: Request,
+    settings: SettingsDep,
+    holder: DashboardDatabaseDep,
     limit: Annotated[int, Query(ge=1, le=200, description="Most recent jobs to list.")] = JOBS_SHOWN,
 ) -> dict[str, Any]:
-    holder, database = await _database(request)
-    collection = database[request.app.state.settings.mongodb_jobs_collection]
+    database = await holder.database(settings)
+    collection = database[settings.mongodb_jobs_collection]
     now = datetime.now(timezone.utc)
     try:
         docs = await collection.find().sort("started_at", DESCENDING).limit(limit).to_list(limit)
