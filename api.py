@@ -191,7 +191,9 @@ class BodySizeLimitMiddleware:
         declared = headers.get(b"content-length")
         if declared is not None:
             if declared.isdigit() and int(declared) > max_bytes:
-                await self._reject(scope, receive, send, max_bytes, unread=True)
+                # A modest excess is read and dropped; a huge one is refused from its headers alone.
+                unread = int(declared) <= max_bytes + REJECTED_BODY_DRAIN_BYTES
+                await self._reject(scope, receive, send, max_bytes, unread=unread)
                 return
             await self.app(scope, receive, send)
             return

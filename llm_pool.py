@@ -34,6 +34,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
+from urllib.parse import urlsplit
 
 from config import Settings
 from error_handler import LLMBusyError, LLMError, LLMOutputError, LLMUnavailableError, ModelNotFoundError
@@ -49,8 +50,19 @@ ClientFactory = Callable[[Settings], Any]
 
 
 def server_name(url: str) -> str:
-    """A server URL as logs and /ready show it: its password hidden (``logger.redact_url``)."""
-    return redact_url(url)
+    """``scheme://host:port`` of a server URL: what logs and /ready show (no credentials, no path).
+
+    Parsed from the redacted URL: a password with an unencoded ``/`` or ``@`` would otherwise be
+    split in the wrong place and part of it taken for the host."""
+    parts = urlsplit(redact_url(url))
+    host = parts.hostname or "?"
+    if ":" in host:  # IPv6
+        host = f"[{host}]"
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        port = "?"
+    return f"{parts.scheme}://{host}:{port}"
 
 
 class ServerBreaker(CircuitBreaker):

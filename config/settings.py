@@ -156,7 +156,7 @@ class Settings(BaseModel):
         for url in urls:
             if not url.startswith(("http://", "https://")):
                 raise ValueError(
-                    f"{url!r} must start with http:// or https://, e.g. http://localhost:11434 "
+                    f"{redact_url(url)!r} must start with http:// or https://, e.g. http://localhost:11434 "
                     "(several servers: separated by commas)"
                 )
         if len(set(urls)) != len(urls):
