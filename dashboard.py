@@ -33,6 +33,7 @@ from pymongo import DESCENDING, AsyncMongoClient
 from pymongo.errors import PyMongoError
 from starlette.concurrency import run_in_threadpool
 
+from api_dependencies import get_settings
 from config import Settings
 from error_handler import ClassifierError, InputError, StorageUnavailableError
 from logger import redact_uri
@@ -336,7 +337,7 @@ def _day(name: str, value: str | None) -> date | None:
 
 async def _database(request: Request) -> Any:
     holder: DashboardDatabase = request.app.state.dashboard_database
-    return holder, await holder.database(request.app.state.settings)
+    return holder, await holder.database(get_settings(request))
 
 
 @router.get(
@@ -360,7 +361,7 @@ async def stats(
     if date_from and date_to and date_from > date_to:
         raise InputError(f"'from' ({date_from}) is after 'to' ({date_to}).", field="from", status_code=422)
     holder, database = await _database(request)
-    settings: Settings = request.app.state.settings
+    settings: Settings = get_settings(request)
     results = database[settings.mongodb_results_collection]
     source = database[settings.mongodb_source_collection]
     job = job or None
@@ -391,7 +392,7 @@ async def jobs(
     limit: Annotated[int, Query(ge=1, le=200, description="Most recent jobs to list.")] = JOBS_SHOWN,
 ) -> dict[str, Any]:
     holder, database = await _database(request)
-    collection = database[request.app.state.settings.mongodb_jobs_collection]
+    collection = database[get_settings(request).mongodb_jobs_collection]
     now = datetime.now(timezone.utc)
     try:
         docs = await collection.find().sort("started_at", DESCENDING).limit(limit).to_list(limit)
