@@ -4,7 +4,7 @@ Built by :func:`create_app` from the settings (``python main.py``), or by
 :func:`app_from_environment` when the server starts (``uvicorn main:app``). The lifespan
 loads the taxonomy and few-shot files and opens the one Ollama client the app uses; the
 routes receive them as dependencies (``api_dependencies``). Errors are typed exceptions
-inside; the handlers here turn them into the status codes of DESIGN.md section 2 with an
+inside; the handlers here turn them into the status codes of docs/architecture.md#errors with an
 ``{"error": {"type", "message", ...}}`` body.
 """
 

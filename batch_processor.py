@@ -2,7 +2,7 @@
 
 ``python batch_processor.py --help`` for the command line (``cli.py``).
 
-How a run goes (design Phase 2, DESIGN.md sections 5, 6 and 9):
+How a run goes (docs/architecture.md#a-run-step-by-step):
 
 1. **Recovery.** Every ``batch_NNN_pending.json`` left by an earlier run of this folder is
    claimed again (what another processor took over meanwhile is dropped) and finished.

@@ -1,4 +1,5 @@
-"""The reading side of the batch processor: claims with leases in MongoDB (DESIGN.md section 9).
+"""The reading side of the batch processor: claims with leases in MongoDB
+(docs/architecture.md#claims-and-leases).
 
 :class:`BatchSource` talks to the source collection (claims, leases, conditional status
 updates); :class:`BatchReader` turns it and the batch files folder into the batches a

@@ -104,7 +104,7 @@ class ProcessingMetadata:
 
 @dataclass
 class ResultDocument:
-    """One result: the only place its shape is defined (design section 8, plus ``content_hash``).
+    """One result: the only place its shape is defined (docs/architecture.md#results-and-indexes).
 
     ``source_conversation_id`` is the source ``_id`` as it is, of any BSON type;
     ``content_hash`` (aggregator.content_hash) tells a later run whether the conversation
@@ -281,7 +281,7 @@ class MongoStore:
             raise _unreachable(self.uri, e) from e
 
     async def ensure_indexes(self) -> None:
-        """Create the indexes of the design's section 8 (idempotent)."""
+        """Create the indexes of docs/architecture.md#results-and-indexes (idempotent)."""
         for collection, indexes in ((self.source, SOURCE_INDEXES), (self.results, RESULT_INDEXES)):
             for keys, options in indexes:
                 try:

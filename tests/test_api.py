@@ -1,7 +1,7 @@
 """The real-time API over real HTTP (uvicorn on loopback) against the fake Ollama server.
 
-Every row of the error table of DESIGN.md section 2 has a test here; every failing answer
-is checked to be JSON ``{"error": {"type", "message", ...}}``.
+Every row of the error table of design decision 2 (docs/architecture.md#errors) has a test
+here; every failing answer is checked to be JSON ``{"error": {"type", "message", ...}}``.
 """
 
 from __future__ import annotations

@@ -113,7 +113,7 @@ def test_pending_batch_round_trip_and_file_layout(tmp_path: Path) -> None:
 
     assert path == tmp_path / "batch_files" / "batch_001_pending.json"
     raw = json.loads(path.read_text(encoding="utf-8"))
-    # Design section 3.2.
+    # The pending file's fields (docs/architecture.md#batch-files).
     assert {"batch_id", "created_at", "first_object_id", "last_object_id", "conversation_count",
             "conversations"} <= raw.keys()
     assert raw["batch_id"] == "batch_001"

@@ -24,7 +24,7 @@ from utils.progress import (
     monitoring_components,
 )
 
-# The design's progress file schema (section 7) ...
+# The design's progress file schema (docs/architecture.md#progress-and-monitoring) ...
 DESIGN_FIELDS = {
     "job_id", "status", "start_time", "total_conversations", "processed", "successful", "failed",
     "current_rate", "estimated_completion", "percentage_complete",

@@ -1,6 +1,6 @@
 """scripts/report.py against a real SecantusDB server (MongoDB wire protocol).
 
-The result documents are written here in the design's results schema (Phase 2, section 4):
+The result documents are written here in the results schema (docs/architecture.md#results-and-indexes):
 processed_at as a BSON date (what the batch processor writes) and, for two of them, as an
 ISO-8601 string (the design document's example). Expected counts are written out by hand.
 Most runs go through the script's ``main()`` in-process; one runs it as ``python

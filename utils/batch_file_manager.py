@@ -1,4 +1,4 @@
-"""Local batch files: the batch processor's crash-safe memory (design sections 3.1-3.5).
+"""Local batch files: the batch processor's crash-safe memory (docs/architecture.md#batch-files).
 
 ::
 

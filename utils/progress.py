@@ -1,4 +1,4 @@
-"""Progress of a batch job (design section 7): one tracker, several reporters.
+"""Progress of a batch job (docs/architecture.md#progress-and-monitoring): one tracker, several reporters.
 
 * :class:`ConsoleProgressReporter` - a rich progress bar with success, failed, rate and ETA.
 * :class:`StructuredProgressLogger` - a progress log line every ``interval`` seconds and at the end.
