@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
-import aggregator
 from aggregator import ConversationIn, content_hash, validate_conversation
 from batch_source import (
     Batches,
@@ -53,6 +52,7 @@ from error_handler import (
     FailureRateExceededError,
     InputError,
     LLMError,
+    NoCustomerTurnError,
     StorageError,
 )
 from llm_pool import AsyncLLMPool, concurrency_limit
@@ -99,28 +99,6 @@ WRITE_FAILED = "write_failed"
 FAILED = "failed"  # given up after the retry-queue passes
 
 T = TypeVar("T")
-
-
-class _NoCustomerTurnError(InputError):
-    """Stand-in until aggregator.validate_conversation raises its own NoCustomerTurnError."""
-
-    code = NO_CUSTOMER_TURN
-
-
-def is_no_customer_turn(error: Exception) -> bool:
-    return type(error).__name__ in ("NoCustomerTurnError", "_NoCustomerTurnError") or getattr(
-        error, "code", None) == NO_CUSTOMER_TURN
-
-
-def validate_for_batch(data: Any) -> ConversationIn:
-    """Validate a source document; a conversation without a non-empty customer turn raises the
-    no-customer-turn error (the aggregator's own once it has one)."""
-    conversation = validate_conversation(data)
-    if not any(turn.role == "customer" and turn.text.strip() for turn in conversation.turns()):
-        error_class = getattr(aggregator, "NoCustomerTurnError", _NoCustomerTurnError)
-        raise error_class("The conversation has no customer turn: sentiment is judged from the customer's turns, "
-                          "so there is nothing to classify.")
-    return conversation
 
 
 def new_job_id(now: datetime | None = None) -> str:
@@ -466,9 +444,9 @@ class BatchProcessor:
                                     entry.content_hash, self._stored_metadata(entry.processing_metadata))
         else:
             try:
-                conversation = validate_for_batch(item.data)
+                conversation = validate_conversation(item.data)
             except InputError as e:
-                return Outcome(SKIPPED if is_no_customer_turn(e) else INVALID, error=e)
+                return Outcome(SKIPPED if isinstance(e, NoCustomerTurnError) else INVALID, error=e)
             digest = content_hash(conversation)
             if state.existing.get(item.key) == digest:
                 return Outcome(ALREADY_CLASSIFIED)
