@@ -28,7 +28,7 @@ from aggregator import ConversationIn, Message, Tweet
 from classifier import Classification, ConversationClassifier
 from config import Settings, load_settings
 from error_handler import ClassifierError, InputError, LLMBusyError, LLMError, PayloadTooLargeError, error_body
-from llm_wrapper import OllamaClient
+from llm_wrapper import OllamaClient, create_llm_client
 from logger import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -235,7 +235,7 @@ def _body_to_echo(body: bytes) -> dict[str, Any]:
 
 
 def _error_response(error: ClassifierError) -> JSONResponse:
-    headers = {"Retry-After": str(LLMBusyError.retry_after_seconds)} if isinstance(error, LLMBusyError) else None
+    headers = {"Retry-After": str(error.retry_after_seconds)} if isinstance(error, LLMBusyError) else None
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
@@ -295,7 +295,7 @@ def create_app(settings: Settings | None = None, *, classifier: ConversationClas
             active = load_settings()
             configure_logging(active.log_level)
         pipeline = classifier or ConversationClassifier.from_settings(active)
-        with OllamaClient(active, pool_size=OLLAMA_POOL_SIZE) as ollama:
+        with create_llm_client(active, pool_size=OLLAMA_POOL_SIZE) as ollama:
             app.state.settings = active
             app.state.classifier = pipeline
             app.state.ollama = ollama

@@ -12,7 +12,7 @@ import signal
 import sys
 from typing import Any
 
-from async_llm_wrapper import AsyncOllamaClient
+from async_llm_wrapper import create_async_llm_client
 from batch_processor import BatchProcessor, RunOptions, RunSummary, new_job_id
 from classifier import ConversationClassifier
 from config import Settings, field_help, load_settings
@@ -140,7 +140,7 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     files.lock()
     try:
         files.claim(data_identity(settings))
-        async with MongoStore.connect(settings) as store, AsyncOllamaClient(settings) as llm:
+        async with MongoStore.connect(settings) as store, create_async_llm_client(settings) as llm:
             await store.ping()
             await llm.check_ready()
             await store.ensure_indexes()
