@@ -436,6 +436,7 @@ class BatchProcessor:
             "processed_at": utc_now(),
             "model_used": outcome.chat.model,
             "processing_duration_ms": outcome.duration_ms,
+            "llm_tokens": outcome.chat.token_counts(),
             "processor_version": PROCESSOR_VERSION,
             "batch_job_id": self.job_id,
         }

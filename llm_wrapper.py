@@ -85,6 +85,14 @@ class ChatResult:
     cached_prompt_tokens: int | None = None
     logprobs: tuple[TokenLogprob, ...] | None = None
 
+    def token_counts(self) -> dict[str, int | None]:
+        """What the answer cost, as stored with batch results (None where the server did not say)."""
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "cached_prompt_tokens": self.cached_prompt_tokens,
+            "completion_tokens": self.eval_count,
+        }
+
 
 def _keep_alive(value: str) -> str | int:
     # Ollama reads a JSON number as seconds and a string as a Go duration ("5m");
