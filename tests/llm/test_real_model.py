@@ -28,6 +28,9 @@ KINDS = ("intent", "topic", "sentiment")
 
 SettingsFactory = Callable[..., Settings]
 
+# Two cores shared with other work: a real model takes seconds per conversation, minutes per batch.
+pytestmark = pytest.mark.timeout(1800)
+
 
 def assert_valid(classification: dict[str, Any], classifier: ConversationClassifier) -> None:
     """Labels in the taxonomy, a categorization, and a confidence in [0, 1] for every label."""
