@@ -35,6 +35,7 @@ from aggregator import validate_conversation  # noqa: E402
 from async_llm_wrapper import create_async_llm_client  # noqa: E402
 from classifier import ConversationClassifier  # noqa: E402
 from config import load_settings  # noqa: E402
+from error_handler import LLMError  # noqa: E402
 from llama_server import LlamaServer  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample_conversations.json"
@@ -62,6 +63,7 @@ class Run:
     wall: float
     answers: list[Answer]
     prefix_chars: int
+    failures: list[str]
 
     def median(self, attribute: str) -> float:
         return statistics.median(getattr(a, attribute) for a in self.answers)
@@ -90,9 +92,10 @@ def spaced_few_shots(classifier: ConversationClassifier) -> None:
 
 
 async def classify_all(settings: Any, classifier: ConversationClassifier, conversations: list[dict[str, Any]],
-                       slots: int) -> tuple[float, list[Answer]]:
+                       slots: int) -> tuple[float, list[Answer], list[str]]:
     gate = asyncio.Semaphore(slots)
     answers: list[Answer] = []
+    failures: list[str] = []
 
     async with create_async_llm_client(settings, max_connections=slots) as client:
 
@@ -100,7 +103,11 @@ async def classify_all(settings: Any, classifier: ConversationClassifier, conver
             conversation = validate_conversation(raw)
             async with gate:
                 started = time.perf_counter()
-                outcome = await classifier.classify_async(conversation, client)
+                try:
+                    outcome = await classifier.classify_async(conversation, client)
+                except LLMError as e:  # e.g. a small model looping until max_tokens: counted, not fatal
+                    failures.append(f"{conversation.conversation_number}: {e.code}")
+                    return
                 seconds = time.perf_counter() - started
             c = outcome.classification
             answers.append(Answer(
@@ -118,7 +125,7 @@ async def classify_all(settings: Any, classifier: ConversationClassifier, conver
         await asyncio.gather(*(one(raw) for raw in conversations))
         wall = time.perf_counter() - started
     answers.sort(key=lambda a: a.number)
-    return wall, answers
+    return wall, answers, failures
 
 
 def run(name: str, slots: int, conversations: list[dict[str, Any]], variant: str = "current") -> Run:
@@ -131,9 +138,9 @@ def run(name: str, slots: int, conversations: list[dict[str, Any]], variant: str
         elif variant == "spaced":
             spaced_few_shots(classifier)
         prefix_chars = sum(len(m["content"]) for m in classifier.prompt_builder.prefix)
-        wall, answers = asyncio.run(classify_all(settings, classifier, conversations, slots))
-    result = Run(name, slots, wall, answers, prefix_chars)
-    print(f"{name}: {len(answers)} in {wall:.1f} s; median prompt {result.median('prompt'):.0f}, cached "
+        wall, answers, failures = asyncio.run(classify_all(settings, classifier, conversations, slots))
+    result = Run(name, slots, wall, answers, prefix_chars, failures)
+    print(f"{name}: {len(answers)} in {wall:.1f} s, failed {failures}; median prompt {result.median('prompt'):.0f}, cached "
           f"{result.median('cached'):.0f}, completion {result.median('completion'):.0f}", flush=True)
     return result
 
@@ -148,15 +155,16 @@ def agreement(a: Run, b: Run) -> tuple[int, int]:
 def table(runs: list[Run]) -> list[str]:
     lines = [
         "| run | slots | conversations | wall s | conv/s | s per conversation (median, in flight) "
-        "| prompt tokens (median) | cached (median) | uncached first requests | completion tokens (median) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| prompt tokens (median) | cached (median) | uncached first requests | completion tokens (median) "
+        "| failed (cut off) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in runs:
         cold = sum(1 for a in r.answers if a.cached == 0)
         lines.append(
             f"| {r.name} | {r.slots} | {len(r.answers)} | {r.wall:.1f} | {len(r.answers) / r.wall:.3f} "
             f"| {r.median('seconds'):.2f} | {r.median('prompt'):.0f} | {r.median('cached'):.0f} | {cold} "
-            f"| {r.median('completion'):.0f} |"
+            f"| {r.median('completion'):.0f} | {len(r.failures)} |"
         )
     return lines
 
@@ -226,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", action="store_true", help="write the section into docs/benchmarks.md")
     args = parser.parse_args(argv)
     conversations = json.loads(SAMPLE.read_text(encoding="utf-8"))[: args.conversations]
-    slot_runs = [run(f"{n} slot{'s' if n > 1 else ''}", n, conversations) for n in map(int, args.slots.split(","))]
+    slot_runs = [run(f"{n} slot{'s' if n > 1 else ''}", n, conversations)
+                 for n in map(int, filter(None, args.slots.split(",")))]
     before = after = None
     if args.prompt_variants:
         before = run("spaced few-shots", 2, conversations, "spaced")
