@@ -131,15 +131,17 @@ def test_batch_job_over_the_sample_conversations(
     code = cli.main([])
 
     # A 135M model now and then loops until max_tokens: that answer is cut off, so it is refused as
-    # llm_bad_output and queued for retry (exit code 5), never stored. Anything else is a failure.
+    # llm_bad_output and queued for retry, never stored. The retry pass at the end of the job may
+    # then succeed (other requests batched with it), or leave it queued (exit code 5).
     retried = [r.getMessage() for r in caplog.records if "queued for retry" in r.getMessage()]
     assert all("cut off" in message for message in retried), retried
-    assert code == (cli.EXIT_OK if not retried else 5)
     classifier = ConversationClassifier.from_settings(settings)
     results = list(mongo_db["sentimental_analysis"].find({}))
     numbers = {r["conversation_number"] for r in results}
-    assert len(results) == len(numbers) >= len(conversations) - len(retried) >= 27
     assert numbers <= {c["conversation_number"] for c in conversations}
+    # Measured: 1 to 3 loops in 30 answers; more than 5 would mean something else broke.
+    assert len(results) == len(numbers) >= len(conversations) - len(retried) >= 25
+    assert code == (cli.EXIT_OK if len(results) == len(conversations) else 5)
     tokens = []
     for result in results:
         assert_valid(result["classification"], classifier)
