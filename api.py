@@ -52,7 +52,7 @@ from error_handler import (
     invalid_conversation,
 )
 from llm_pool import LLMPool
-from llm_wrapper import OllamaClient
+from llm_wrapper import create_llm_client
 from logger import configure_logging
 
 logger = logging.getLogger(__name__)
@@ -302,7 +302,7 @@ def _body_to_echo(body: bytes) -> dict[str, Any]:
 
 
 def _error_response(error: ClassifierError) -> JSONResponse:
-    headers = {"Retry-After": str(LLMBusyError.retry_after_seconds)} if isinstance(error, LLMBusyError) else None
+    headers = {"Retry-After": str(error.retry_after_seconds)} if isinstance(error, LLMBusyError) else None
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
@@ -364,7 +364,7 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
         pipeline = classifier or ConversationClassifier.from_settings(settings)
         pool_size = settings.api_max_concurrency + SPARE_CONNECTIONS
         # One client per LLM server (OLLAMA_ENDPOINT may list several); each call to the least busy.
-        with LLMPool(settings, lambda server: OllamaClient(server, pool_size=pool_size)) as ollama:
+        with LLMPool(settings, lambda server: create_llm_client(server, pool_size=pool_size)) as ollama:
             logger.info(
                 "API ready: model %s at %s, %d intents, %d topics, prompt prefix %d chars",
                 settings.ollama_model,

@@ -1,13 +1,15 @@
-"""Ollama chat client for the batch processor (asynchronous, ``aiohttp``).
+"""LLM chat client for the batch processor (asynchronous, ``aiohttp``), either provider.
 
-Same payload and answer parsing as ``llm_wrapper`` (imported from there); one
-``aiohttp.ClientSession`` per process, opened and closed by ``async with``.
+Same payload and answer parsing as ``llm_wrapper`` (the provider's :class:`~llm_wrapper.Protocol`,
+imported from there); one ``aiohttp.ClientSession`` per process, opened and closed by ``async with``.
+Build it with :func:`create_async_llm_client`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -17,11 +19,10 @@ from llm_wrapper import (
     CONNECT_TIMEOUT_SECONDS,
     READY_TIMEOUT_SECONDS,
     ChatResult,
-    build_chat_payload,
     dropped_error,
-    parse_chat_response,
+    protocol_for,
     request_failed_error,
-    require_model,
+    request_headers,
     timeout_error,
     unavailable_error,
 )
@@ -29,16 +30,18 @@ from llm_wrapper import (
 logger = logging.getLogger(__name__)
 
 
-class AsyncOllamaClient:
-    """``async with AsyncOllamaClient(settings) as client: await client.chat(...)``."""
+class AsyncLLMClient:
+    """``async with create_async_llm_client(settings) as client: await client.chat(...)``."""
 
     def __init__(self, settings: Settings, *, max_connections: int | None = None) -> None:
         self.settings = settings
+        self.protocol = protocol_for(settings)
         self._max_connections = max_connections or settings.batch_max_concurrent
         self._session: aiohttp.ClientSession | None = None
 
-    async def __aenter__(self) -> AsyncOllamaClient:
+    async def __aenter__(self) -> AsyncLLMClient:
         self._session = aiohttp.ClientSession(
+            headers=request_headers(self.settings),
             connector=aiohttp.TCPConnector(limit=self._max_connections),
             timeout=aiohttp.ClientTimeout(
                 total=self.settings.ollama_timeout,
@@ -55,13 +58,13 @@ class AsyncOllamaClient:
             await self._session.close()
             self._session = None
 
-    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes]:
+    async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes, Mapping[str, str]]:
         if self._session is None:
-            raise RuntimeError("AsyncOllamaClient used outside 'async with'")
+            raise RuntimeError("AsyncLLMClient used outside 'async with'")
         url = f"{self.settings.ollama_endpoint}{path}"
         try:
             async with self._session.request(method, url, **kwargs) as response:
-                return response.status, await response.read()
+                return response.status, await response.read(), response.headers
         except aiohttp.ClientConnectorError as e:
             raise unavailable_error(self.settings, "connection refused or host unknown") from e
         except aiohttp.ConnectionTimeoutError as e:
@@ -74,13 +77,22 @@ class AsyncOllamaClient:
             raise request_failed_error(self.settings, url, e) from e
 
     async def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult:
-        """One classification call: ``POST /api/chat``; raises an ``LLMError`` on any failure."""
-        payload = build_chat_payload(self.settings, messages, schema)
-        status, body = await self._request("POST", "/api/chat", json=payload)
-        return parse_chat_response(status, body, self.settings)
+        """One classification call; raises an ``LLMError`` on any failure."""
+        payload = self.protocol.build_payload(self.settings, messages, schema)
+        status, body, headers = await self._request("POST", self.protocol.chat_path, json=payload)
+        return self.protocol.parse_chat(status, body, self.settings, headers)
 
     async def check_ready(self) -> None:
-        """Raise unless Ollama answers and has the configured model (``GET /api/tags``)."""
+        """Raise unless the server answers and has the configured model (lists its models, no inference)."""
         timeout = aiohttp.ClientTimeout(total=min(READY_TIMEOUT_SECONDS, self.settings.ollama_timeout))
-        status, body = await self._request("GET", "/api/tags", timeout=timeout)
-        require_model(body, status, self.settings)
+        status, body, headers = await self._request("GET", self.protocol.ready_path, timeout=timeout)
+        self.protocol.check_models(body, status, self.settings, headers)
+
+
+#: The name every caller used before there were two providers.
+AsyncOllamaClient = AsyncLLMClient
+
+
+def create_async_llm_client(settings: Settings, *, max_connections: int | None = None) -> AsyncLLMClient:
+    """The asynchronous client for ``settings`` (its provider, endpoint, model and key)."""
+    return AsyncLLMClient(settings, max_connections=max_connections)

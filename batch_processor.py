@@ -502,6 +502,7 @@ class BatchProcessor:
             processor_version=PROCESSOR_VERSION,
             batch_job_id=self.job_id,
             reused_from=reused_from,
+            llm_tokens=None if reused_from is not None else outcome.chat.token_counts(),
         )
         return ResultDocument(conversation.conversation_number, source_id, outcome.classification.model_dump(),
                               digest, metadata)

@@ -23,18 +23,27 @@ from pydantic import BaseModel, Field
 
 from aggregator import ConversationIn, Transcript, build_transcript
 from config import Settings
+from confidence import label_confidences
 from error_handler import LLMOutputError
 from prompt_builder import FALLBACK_LABEL, LABEL_KINDS, OUTPUT_KEYS, PromptBuilder, Taxonomy, label_key
 from prompt_builder import load_few_shots, load_taxonomy
 
 if TYPE_CHECKING:
-    from async_llm_wrapper import AsyncOllamaClient
-    from llm_wrapper import ChatResult, OllamaClient
+    from async_llm_wrapper import AsyncLLMClient
+    from llm_wrapper import ChatResult, LLMClient
 
 logger = logging.getLogger(__name__)
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 MAX_CATEGORIZATION_CHARS = 300
+
+
+class Confidence(BaseModel):
+    """Per label: the probability of the chosen label among the allowed ones (see confidence.py)."""
+
+    intent: float | None = Field(None, ge=0, le=1, description="Confidence of the intent, or null.")
+    topic: float | None = Field(None, ge=0, le=1, description="Confidence of the topic, or null.")
+    sentiment: float | None = Field(None, ge=0, le=1, description="Confidence of the sentiment, or null.")
 
 
 class Classification(BaseModel):
@@ -44,6 +53,25 @@ class Classification(BaseModel):
     intent: str = Field(description="Why the customer wrote (taxonomy intent).")
     topic: str = Field(description="What it is about (taxonomy topic).")
     sentiment: str = Field(description="The customer's sentiment: Positive, Neutral or Negative.")
+    confidence: Confidence | None = Field(
+        None, description="From the model's token log-probabilities; null when the server gave none."
+    )
+    needs_review: bool = Field(
+        False, description="A label's confidence is below CONFIDENCE_THRESHOLD (the labels are kept)."
+    )
+
+
+def with_confidence(
+    classification: Classification, chat: ChatResult, taxonomy: Taxonomy, threshold: float
+) -> Classification:
+    """``classification`` with its label confidences and ``needs_review`` (below ``threshold``)."""
+    found = label_confidences(chat.logprobs, {kind: taxonomy.names(kind) for kind in LABEL_KINDS})
+    if found is None:
+        return classification
+    values = {kind: (round(c.confidence, 4) if c is not None else None) for kind, c in found.items()}
+    # A label whose confidence could not be read is not "below" the threshold: it is unknown.
+    needs_review = threshold > 0 and any(v is not None and v < threshold for v in values.values())
+    return classification.model_copy(update={"confidence": Confidence(**values), "needs_review": needs_review})
 
 
 def _preview(content: str, limit: int = 120) -> str:
@@ -142,16 +170,21 @@ class ClassificationOutcome:
 class ConversationClassifier:
     """The shared pipeline: builds the prompt for a conversation and reads the model's answer."""
 
-    def __init__(self, taxonomy: Taxonomy, prompt_builder: PromptBuilder) -> None:
+    def __init__(self, taxonomy: Taxonomy, prompt_builder: PromptBuilder, *, confidence_threshold: float = 0.0) -> None:
         self.taxonomy = taxonomy
         self.prompt_builder = prompt_builder
+        self.confidence_threshold = confidence_threshold
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConversationClassifier:
         """Load the taxonomy and few-shot files named by ``settings`` (raises ConfigError)."""
         taxonomy = load_taxonomy(settings.taxonomy_file)
         few_shots = load_few_shots(settings.few_shots_file, taxonomy)
-        return cls(taxonomy, PromptBuilder(taxonomy, few_shots, settings.conversation_char_budget))
+        return cls(
+            taxonomy,
+            PromptBuilder(taxonomy, few_shots, settings.conversation_char_budget),
+            confidence_threshold=settings.confidence_threshold,
+        )
 
     @property
     def schema(self) -> dict[str, Any]:
@@ -172,6 +205,7 @@ class ConversationClassifier:
         classification = parse_classification(
             chat.content, self.taxonomy, conversation_number=prepared.conversation_number
         )
+        classification = with_confidence(classification, chat, self.taxonomy, self.confidence_threshold)
         duration_ms = int((time.perf_counter() - started) * 1000)
         logger.debug(
             "conversation %s classified in %d ms (%d turns, %d chars, prompt tokens %s, output tokens %s): "
@@ -188,14 +222,14 @@ class ConversationClassifier:
         )
         return ClassificationOutcome(classification, chat, prepared.transcript, duration_ms)
 
-    def classify(self, conversation: ConversationIn, client: OllamaClient) -> ClassificationOutcome:
+    def classify(self, conversation: ConversationIn, client: LLMClient) -> ClassificationOutcome:
         """Classify with the synchronous client (the API)."""
         started = time.perf_counter()
         prepared = self.prepare(conversation)
         chat = client.chat(prepared.messages, self.schema)
         return self._finish(prepared, chat, started)
 
-    async def classify_async(self, conversation: ConversationIn, client: AsyncOllamaClient) -> ClassificationOutcome:
+    async def classify_async(self, conversation: ConversationIn, client: AsyncLLMClient) -> ClassificationOutcome:
         """Classify with the asynchronous client (the batch processor)."""
         started = time.perf_counter()
         prepared = self.prepare(conversation)

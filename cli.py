@@ -12,7 +12,7 @@ import logging
 import signal
 from typing import Any
 
-from async_llm_wrapper import AsyncOllamaClient
+from async_llm_wrapper import create_async_llm_client
 from batch_processor import BatchProcessor, RunOptions, RunSummary, new_job_id
 from classifier import ConversationClassifier
 from config import Settings, field_help, load_settings
@@ -125,7 +125,7 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     files = BatchFileManager(settings.batch_files_dir)
     with files.locked():
         # One client per LLM server (OLLAMA_ENDPOINT may list several), routed by the pool.
-        async with MongoStore.connect(settings) as store, AsyncLLMPool(settings, AsyncOllamaClient) as llm:
+        async with MongoStore.connect(settings) as store, AsyncLLMPool(settings, create_async_llm_client) as llm:
             await store.ping()
             # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
             files.claim(data_identity(settings))

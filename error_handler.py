@@ -10,6 +10,7 @@ later may succeed; the retry policy in ``utils.retry_utils`` uses it.
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -123,10 +124,10 @@ class ModelNotFoundError(LLMError):
     code = "model_not_found"
     status_code = 503
 
-    def __init__(self, model: str, endpoint: str) -> None:
+    def __init__(self, model: str, endpoint: str, *, server: str = "Ollama server", hint: str | None = None) -> None:
         super().__init__(
-            f"Model '{model}' is not available on the Ollama server at {endpoint}.",
-            hint=f"Run `ollama pull {model}` there, or set OLLAMA_MODEL to a model it has.",
+            f"Model '{model}' is not available on the {server} at {endpoint}.",
+            hint=hint or f"Run `ollama pull {model}` there, or set OLLAMA_MODEL to a model it has.",
             model=model,
         )
         self.model = model
@@ -139,6 +140,11 @@ class LLMBusyError(LLMError):
     status_code = 503
     transient = True
     retry_after_seconds = 5
+
+    def __init__(self, message: str, *, retry_after_seconds: float | None = None, **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        if retry_after_seconds is not None:  # the server's Retry-After, when it sent one
+            self.retry_after_seconds = max(1, math.ceil(retry_after_seconds))
 
 
 class LLMTimeoutError(LLMError):

@@ -76,6 +76,8 @@ class ProcessingMetadata:
     batch_job_id: str
     #: Set when the classification was copied from an identical conversation of the same job.
     reused_from: Any = None
+    #: What the answer cost: prompt, cached prompt and completion tokens (None where the server did not say).
+    llm_tokens: dict[str, int | None] | None = None
 
     def to_mongo(self) -> dict[str, Any]:
         data = {
@@ -85,6 +87,8 @@ class ProcessingMetadata:
             "processor_version": self.processor_version,
             "batch_job_id": self.batch_job_id,
         }
+        if self.llm_tokens is not None:
+            data["llm_tokens"] = self.llm_tokens
         if self.reused_from is not None:
             data["classification_reused"] = True
             data["reused_from"] = self.reused_from
@@ -99,6 +103,7 @@ class ProcessingMetadata:
             processor_version=str(data.get("processor_version", "")),
             batch_job_id=str(data.get("batch_job_id", "")),
             reused_from=data.get("reused_from"),
+            llm_tokens=data.get("llm_tokens"),
         )
 
 

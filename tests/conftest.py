@@ -26,6 +26,18 @@ from tests.fake_ollama import FakeOllama
 SettingsFactory = Callable[..., Settings]
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--real-llm", action="store_true",
+                     help="also collect tests/llm: a real llama.cpp server and model (make test-llm)")
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    # tests/llm needs a built llama-server and a 98 MB model: `make test` stays fast and build-free.
+    if collection_path == ROOT / "tests" / "llm" and not config.getoption("--real-llm"):
+        return True
+    return None
+
+
 @pytest.fixture
 def fake_ollama() -> Iterator[FakeOllama]:
     with FakeOllama() as fake:

@@ -51,6 +51,9 @@ class Reply:
     done: bool = True
     done_reason: str = "stop"
     delay: float | None = None  # None: the server's latency
+    # Token log-probabilities sent when the request asks for them: [{"token", "logprob",
+    # "top_logprobs": [{"token", "logprob"}]}]. None: one token per 4 characters, each certain.
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -60,6 +63,7 @@ class ErrorReply:
     status: int
     message: str
     delay: float | None = None
+    headers: dict[str, str] | None = None  # e.g. Retry-After
 
 
 @dataclass
@@ -110,6 +114,20 @@ def default_classification(request: dict[str, Any]) -> dict[str, str]:
     return answer
 
 
+def logprobs_for(content: str, reply: Reply, top: Any) -> list[dict[str, Any]]:
+    """The reply's scripted log-probabilities, or certain 4-character tokens spelling ``content``."""
+    if reply.logprobs is not None:
+        entries = reply.logprobs
+    else:
+        pieces = [content[i : i + CHARS_PER_TOKEN] for i in range(0, len(content), CHARS_PER_TOKEN)]
+        entries = [{"token": piece, "logprob": 0.0, "top_logprobs": [{"token": piece, "logprob": 0.0}]}
+                   for piece in pieces]
+    limit = top if isinstance(top, int) and top >= 0 else 0
+    return [{**entry, "bytes": list(entry["token"].encode()), "top_logprobs": [
+        {**alt, "bytes": list(alt["token"].encode())} for alt in entry.get("top_logprobs", [])[:limit]]}
+        for entry in entries]
+
+
 @dataclass
 class ChatRecord:
     """What one chat request looked like, as the fake saw it."""
@@ -119,6 +137,7 @@ class ChatRecord:
     cached_chars: int
     prompt_eval_count: int
     received_at: float = field(default_factory=time.monotonic)
+    headers: dict[str, str] = field(default_factory=dict)
 
 
 class FakeOllama:
@@ -230,7 +249,7 @@ class FakeOllama:
         ]
         return web.json_response({"models": models})
 
-    def _record(self, body: dict[str, Any]) -> ChatRecord:
+    def _record(self, body: dict[str, Any], headers: dict[str, str] | None = None) -> ChatRecord:
         messages = body.get("messages") or []
         with self._lock:
             shared = 0
@@ -242,7 +261,8 @@ class FakeOllama:
             prompt_chars = sum(len(str(m.get("content", ""))) for m in messages)
             cached_chars = sum(len(str(m.get("content", ""))) for m in messages[:shared])
             uncached = prompt_chars - cached_chars
-            record = ChatRecord(body, prompt_chars, cached_chars, max(1, math.ceil(uncached / CHARS_PER_TOKEN)))
+            record = ChatRecord(body, prompt_chars, cached_chars, max(1, math.ceil(uncached / CHARS_PER_TOKEN)),
+                                headers=dict(headers or {}))
             self._records.append(record)
             return record
 
@@ -267,7 +287,7 @@ class FakeOllama:
         if model not in self.models:
             return web.json_response({"error": f"model '{body.get('model')}' not found, try pulling it first"}, status=404)
 
-        record = self._record(body)
+        record = self._record(body, dict(request.headers))
         behavior = self._next_behavior(body)
         if self.parallel is not None:
             return await self._serve_in_slot(request, body, record, behavior)
@@ -308,7 +328,7 @@ class FakeOllama:
         self, request: web.Request, body: dict[str, Any], record: ChatRecord, behavior: Behavior, delay: float
     ) -> web.StreamResponse:
         if isinstance(behavior, ErrorReply):
-            return web.json_response({"error": behavior.message}, status=behavior.status)
+            return web.json_response({"error": behavior.message}, status=behavior.status, headers=behavior.headers)
         if isinstance(behavior, RawReply):
             return web.Response(status=behavior.status, body=behavior.body, content_type=behavior.content_type)
         if isinstance(behavior, Disconnect):
@@ -335,6 +355,8 @@ class FakeOllama:
             "eval_count": eval_count,
             "eval_duration": duration_ns - duration_ns // 4,
         }
+        if body.get("logprobs"):
+            final["logprobs"] = logprobs_for(content, behavior, body.get("top_logprobs"))
         if body.get("stream", True) is False:
             return web.json_response(final)
         # Ollama streams NDJSON by default: content pieces, then the statistics.

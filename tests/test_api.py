@@ -52,6 +52,9 @@ def http() -> Iterator[requests.Session]:
         yield session
 
 
+#: What the fake's default log-probabilities (every token certain) give for a well-spelled answer.
+SURE = {"confidence": {"intent": 1.0, "topic": 1.0, "sentiment": 1.0}, "needs_review": False}
+
 def post(http: requests.Session, api: RunningAPI, body: Any = None, **kwargs: Any) -> requests.Response:
     if body is not None:
         kwargs["json"] = body
@@ -114,6 +117,9 @@ def test_classify_echoes_messages_exactly_and_labels_are_canonical(
             "intent": "Order Status",
             "topic": "Shipping/Delivery",
             "sentiment": "Neutral",
+            # Labels the model spelled otherwise than the taxonomy cannot be scored: null, not a guess.
+            "confidence": {"intent": None, "topic": None, "sentiment": None},
+            "needs_review": False,
         },
     }
     [request] = fake_ollama.chat_requests
@@ -125,9 +131,10 @@ def test_classify_echoes_messages_exactly_and_labels_are_canonical(
 def test_default_answer_labels_are_taxonomy_values(http: requests.Session, api_server: RunningAPI) -> None:
     body = post(http, api_server, CONVERSATION).json()
     classification = body["classification"]
-    assert set(classification) == {"categorization", "intent", "topic", "sentiment"}
+    assert set(classification) == {"categorization", "intent", "topic", "sentiment", "confidence", "needs_review"}
     for kind in ("intent", "topic", "sentiment"):
         assert classification[kind] in LABELS[kind]
+        assert 0 <= classification["confidence"][kind] <= 1
     assert body["conversation_number"] == "12345"
     assert body["messages"] == CONVERSATION["messages"]
     assert "tweets" not in body
@@ -145,7 +152,7 @@ def test_tweets_input_is_classified_and_echoed(
     assert set(body) == {"conversation_number", "tweets", "classification"}
     assert body["conversation_number"] == document["conversation_number"]
     assert body["tweets"] == document["tweets"]
-    assert body["classification"] == GOOD_ANSWER
+    assert body["classification"] == {**GOOD_ANSWER, **SURE}
     lines = fake_ollama.chat_requests[0]["messages"][-1]["content"].split("\n")
     assert lines[0] == "Conversation:"
     speakers = [line.split(":")[0] for line in lines[1:]]
@@ -171,7 +178,7 @@ def test_model_prose_and_fences_are_tolerated(
     fake_ollama.enqueue(Reply(content=f"<think>hmm</think>Here you go:\n```json\n{wrapped}\n```"))
     response = post(http, api_server, CONVERSATION)
     assert response.status_code == 200
-    assert response.json()["classification"] == GOOD_ANSWER
+    assert response.json()["classification"] == {**GOOD_ANSWER, **SURE}
 
 
 def test_concurrent_requests_get_their_own_answers(api_server: RunningAPI, fake_ollama: FakeOllama) -> None:

@@ -152,10 +152,11 @@ def test_result_documents_follow_the_design_schema(batch_env, mongo_db, fake_oll
     assert result["source_conversation_id"] == source_id
     assert result["_id"] != source_id
     assert result["conversation_number"] == "5001"
-    assert set(result["classification"]) == {"categorization", "intent", "topic", "sentiment"}
+    assert set(result["classification"]) == {"categorization", "intent", "topic", "sentiment", "confidence",
+                                             "needs_review"}
     metadata = result["processing_metadata"]
-    assert set(metadata) == {"processed_at", "model_used", "processing_duration_ms", "processor_version",
-                             "batch_job_id"}
+    assert set(metadata) == {"processed_at", "model_used", "processing_duration_ms", "llm_tokens",
+                             "processor_version", "batch_job_id"}
     assert metadata["model_used"] == "llama3"
     assert metadata["batch_job_id"].startswith("batch_")
     assert isinstance(metadata["processing_duration_ms"], int)

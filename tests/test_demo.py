@@ -38,6 +38,7 @@ def test_without_ollama_the_demo_stops_at_once_with_the_fix(tmp_path):
     assert result.returncode == 4
     assert f"Cannot reach Ollama at {url}" in result.stderr
     assert "ollama pull llama3" in result.stderr and "make demo" in result.stderr
+    assert "make demo-small" in result.stderr  # the way to try it without Ollama
     assert not (tmp_path / "db").exists()  # it stopped before touching the database
 
 

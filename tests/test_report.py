@@ -181,10 +181,12 @@ def test_json_report_counts_and_crosses_exactly(results, mongo_db_name, capsys):
 
     assert list(data) == [
         "total", "database", "collection", "batch_job_id", "processed_at", "by_intent", "by_topic", "by_sentiment",
-        "intent_by_sentiment", "topic_by_sentiment", "intent_by_topic", "unknown_labels", "skipped_no_customer_turn",
+        "intent_by_sentiment", "topic_by_sentiment", "intent_by_topic", "unknown_labels", "needs_review",
+        "skipped_no_customer_turn",
     ]
     assert data["skipped_no_customer_turn"] == 0
     assert data["total"] == 20
+    assert data["needs_review"] == 0
     assert (data["database"], data["collection"], data["batch_job_id"]) == (mongo_db_name, RESULTS, None)
     # The first is a BSON date, the last an ISO string: both kinds count.
     assert data["processed_at"] == {"first": "2025-09-24T10:30:00Z", "last": "2025-09-25T09:05:00Z"}
@@ -505,3 +507,17 @@ def test_conversations_skipped_for_no_customer_turn_are_counted_apart(results, m
     assert "2 conversations skipped apart: no customer turn" in out
     code, out, _ = run_report(capsys, "--format", "csv", "--job", "job_a")
     assert out.strip().splitlines()[-1] == "skipped_no_customer_turn,,,1"
+
+
+def test_results_needing_review_are_counted(report_env, mongo_db, capsys):
+    docs = [result_document(i, "Order Status", "Shipping/Delivery", "Neutral", JOB_A, START_A) for i in range(5)]
+    for doc in docs[:2]:
+        doc["classification"].update(confidence={"intent": 0.3, "topic": 0.9, "sentiment": 0.8}, needs_review=True)
+    docs[2]["classification"].update(confidence={"intent": 0.9, "topic": 0.9, "sentiment": 0.8}, needs_review=False)
+    mongo_db[RESULTS].insert_many(docs)
+
+    assert json_report(capsys)["needs_review"] == 2
+    code, out, _ = run_report(capsys)
+    assert code == report.EXIT_OK
+    header = " ".join(out.split())  # the console may wrap the header line
+    assert "5 results" in header and "2 need review" in header

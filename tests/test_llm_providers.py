@@ -1,0 +1,335 @@
+"""Conformance: both providers (Ollama, OpenAI-compatible), both transports (sync, async), one set of tests.
+
+Each runs against its fake server on loopback with the real request and answer shapes; a failure
+of the server must become the same typed error whichever provider and transport met it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from async_llm_wrapper import AsyncLLMClient, create_async_llm_client
+from config import Settings, load_settings
+from error_handler import (
+    LLMBusyError,
+    LLMError,
+    LLMOutputError,
+    LLMRequestRejectedError,
+    LLMServerError,
+    LLMTimeoutError,
+    LLMUnavailableError,
+    ModelNotFoundError,
+)
+from llm_wrapper import ChatResult, LLMClient, create_llm_client, retry_after_seconds
+from tests.fake_ollama import Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
+from tests.fake_openai import FakeOpenAI
+from tests.net_helpers import closed_port_url
+from tests.test_llm_wrapper import CONVERSATION_A, CONVERSATION_B, chat_messages
+
+PROVIDERS = ["ollama", "openai"]
+TRANSPORTS = ["sync", "async"]
+
+
+@dataclass
+class Server:
+    provider: str
+    fake: FakeOllama
+    endpoint: str
+    tmp_path: Path
+
+    def settings(self, **overrides: Any) -> Settings:
+        values: dict[str, Any] = {
+            "llm_provider": self.provider,
+            "ollama_endpoint": self.endpoint,
+            "ollama_timeout": 1,
+            "batch_files_dir": self.tmp_path / "batch_files",
+        }
+        values.update(overrides)
+        return load_settings(values, environ={}, env_file=None)
+
+
+@pytest.fixture(params=PROVIDERS)
+def server(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Server]:
+    if request.param == "ollama":
+        with FakeOllama() as fake:
+            yield Server("ollama", fake, fake.url, tmp_path)
+    else:
+        with FakeOpenAI() as fake_openai:
+            yield Server("openai", fake_openai, fake_openai.base_url, tmp_path)
+
+
+def run(transport: str, settings: Settings, call: Callable[[Any], Any]) -> Any:
+    """``call(client)`` with a fresh client of ``transport``; awaits it for the async one."""
+    if transport == "sync":
+        with create_llm_client(settings) as client:
+            return call(client)
+
+    async def go() -> Any:
+        async with create_async_llm_client(settings) as client:
+            return await call(client)
+
+    return asyncio.run(go())
+
+
+def chat(transport: str, settings: Settings, conversation: dict[str, Any] = CONVERSATION_A) -> ChatResult:
+    messages, schema = chat_messages(settings, conversation)
+    return run(transport, settings, lambda client: client.chat(messages, schema))
+
+
+def check_ready(transport: str, settings: Settings) -> None:
+    run(transport, settings, lambda client: client.check_ready())
+
+
+@dataclass(frozen=True)
+class Case:
+    behavior: Behavior
+    error: type[LLMError]
+    fragments: tuple[str, ...]
+
+
+CASES: dict[str, Case] = {
+    "404": Case(ErrorReply(404, "model 'llama3' not found"), ModelNotFoundError, ("'llama3'", "OLLAMA_MODEL")),
+    "503 busy": Case(ErrorReply(503, "server busy"), LLMBusyError, ("busy", "Retry later")),
+    "429 too many": Case(ErrorReply(429, "too many requests"), LLMBusyError, ("busy", "too many requests")),
+    "500": Case(ErrorReply(500, "runner crashed: exit status 2"), LLMServerError, ("HTTP 500", "runner crashed")),
+    "502 html from a proxy": Case(
+        RawReply(502, b"<html><body>Bad Gateway</body></html>", "text/html"), LLMServerError, ("HTTP 502", "Bad Gateway")
+    ),
+    "400 rejected": Case(ErrorReply(400, "invalid schema"), LLMRequestRejectedError, ("HTTP 400", "invalid schema")),
+    "200 not json": Case(RawReply(200, b"<html>portal</html>", "text/html"), LLMOutputError, ("not JSON", "portal")),
+    "200 json of another shape": Case(RawReply(200, b'{"ok": true}', "application/json"), LLMOutputError, ("no ",)),
+    "cut off (length)": Case(
+        Reply(content='{"categorization": "Cust', done_reason="length"), LLMOutputError, ("cut off", "OLLAMA_NUM_PREDICT")
+    ),
+    "empty content": Case(Reply(content="  \n "), LLMOutputError, ("empty content",)),
+    "dropped connection": Case(Disconnect(), LLMServerError, ("closed the connection",)),
+    "too slow": Case(Reply(delay=3), LLMTimeoutError, ("did not answer within 1 s", "OLLAMA_TIMEOUT")),
+}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_valid_answer_is_read_back(server: Server, transport: str) -> None:
+    settings = server.settings()
+    messages, schema = chat_messages(settings, CONVERSATION_A)
+    result = chat(transport, settings)
+    answer = json.loads(result.content)
+    for kind in ("intent", "topic", "sentiment"):
+        assert answer[kind] in schema["properties"][kind]["enum"]
+    assert result.model == "llama3" or result.model == "llama3:latest"
+    assert result.done_reason == "stop"
+    assert result.eval_count is not None and result.eval_count > 0
+    assert result.prompt_tokens is not None and result.prompt_tokens > 0
+    [request] = server.fake.chat_requests
+    assert request["messages"] == messages
+    assert request["temperature" if server.provider == "openai" else "options"] is not None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_shared_prefix_is_evaluated_once(server: Server, transport: str) -> None:
+    settings = server.settings()
+    first, second = chat(transport, settings, CONVERSATION_A), chat(transport, settings, CONVERSATION_B)
+    assert first.prompt_eval_count is not None and second.prompt_eval_count is not None
+    assert second.prompt_eval_count < first.prompt_eval_count
+    if server.provider == "openai":  # only OpenAI-compatible servers report the cached part
+        assert second.cached_prompt_tokens is not None and second.cached_prompt_tokens > 0
+        assert second.prompt_eval_count == second.prompt_tokens - second.cached_prompt_tokens
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("case", list(CASES.values()), ids=list(CASES))
+def test_failures_become_the_same_typed_errors(server: Server, transport: str, case: Case) -> None:
+    settings = server.settings()
+    server.fake.enqueue(case.behavior)
+    messages, schema = chat_messages(settings, CONVERSATION_A)
+
+    def call(client: LLMClient | AsyncLLMClient) -> Any:
+        if isinstance(client, LLMClient):
+            with pytest.raises(case.error) as info:
+                client.chat(messages, schema)
+            return info.value, client.chat(messages, schema)  # still usable after any failure
+
+        async def go() -> Any:
+            with pytest.raises(case.error) as info:
+                await client.chat(messages, schema)
+            return info.value, await client.chat(messages, schema)
+
+        return go()
+
+    error, after = run(transport, settings, call)
+    assert type(error) is case.error
+    for fragment in case.fragments:
+        assert fragment in str(error)
+    assert json.loads(after.content)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("header, seconds", [("7", 7), ("0.2", 1), (None, 5)])
+def test_busy_honours_retry_after(server: Server, transport: str, header: str | None, seconds: int) -> None:
+    headers = {"Retry-After": header} if header else None
+    server.fake.enqueue(ErrorReply(503, "Loading model", headers=headers))
+    with pytest.raises(LLMBusyError) as info:
+        chat(transport, server.settings())
+    assert info.value.retry_after_seconds == seconds
+    assert info.value.transient
+
+
+def test_retry_after_as_an_http_date() -> None:
+    from datetime import datetime, timezone
+
+    now = datetime(2026, 11, 27, 10, 0, 0, tzinfo=timezone.utc)
+    assert retry_after_seconds({"Retry-After": "Fri, 27 Nov 2026 10:00:30 GMT"}, now) == 30
+    assert retry_after_seconds({"Retry-After": "Fri, 27 Nov 2026 09:00:00 GMT"}, now) == 0
+    assert retry_after_seconds({"Retry-After": "soon"}, now) is None
+    assert retry_after_seconds({"Retry-After": "86400"}, now) == 300  # capped
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_model_the_server_does_not_have(server: Server, transport: str) -> None:
+    server.fake.models = ["mistral:latest" if server.provider == "ollama" else "mistral"]
+    settings = server.settings()
+    with pytest.raises(ModelNotFoundError) as info:
+        chat(transport, settings)
+    assert info.value.model == "llama3"
+    assert server.endpoint in info.value.message
+    with pytest.raises(ModelNotFoundError):
+        check_ready(transport, settings)
+    assert server.fake.chat_count == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_ready_without_inference(server: Server, transport: str) -> None:
+    check_ready(transport, server.settings())
+    assert server.fake.chat_count == 0
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_unreachable_server_names_the_endpoint(tmp_path: Path, provider: str, transport: str) -> None:
+    endpoint = closed_port_url() + ("/v1" if provider == "openai" else "")
+    settings = Server(provider, FakeOllama(), endpoint, tmp_path).settings()
+    for call in (chat, check_ready):
+        with pytest.raises(LLMUnavailableError) as info:
+            call(transport, settings)  # type: ignore[operator]
+        assert endpoint in info.value.message
+        assert info.value.transient
+    assert ("ollama serve" in str(info.value)) == (provider == "ollama")
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_logprobs_are_asked_for_and_read(server: Server, transport: str) -> None:
+    result = chat(transport, server.settings(llm_top_logprobs=5))
+    request = server.fake.chat_requests[0]
+    assert request["logprobs"] is True and request["top_logprobs"] == 5
+    assert result.logprobs is not None
+    assert "".join(t.token for t in result.logprobs) == result.content
+    assert all(len(t.top) <= 5 for t in result.logprobs)
+
+    server.fake.reset()
+    result = chat(transport, server.settings(llm_top_logprobs=0))
+    assert "logprobs" not in server.fake.chat_requests[0]
+    assert result.logprobs is None
+
+
+# --- what only the OpenAI-compatible provider has ----------------------------------------------
+
+
+@pytest.fixture
+def fake_openai() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as fake:
+        yield fake
+
+
+def openai_settings(fake: FakeOpenAI, tmp_path: Path, **overrides: Any) -> Settings:
+    return Server("openai", fake, fake.base_url, tmp_path).settings(**overrides)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_openai_payload(fake_openai: FakeOpenAI, tmp_path: Path, transport: str) -> None:
+    settings = openai_settings(fake_openai, tmp_path, ollama_num_predict=128)
+    messages, schema = chat_messages(settings, CONVERSATION_A)
+    chat(transport, settings)
+    [request] = fake_openai.chat_requests
+    assert request == {
+        "model": "llama3",
+        "messages": messages,
+        "stream": False,
+        "temperature": 0,
+        "max_tokens": 128,
+        "response_format": {
+            "type": "json_schema",
+            "json_schema": {"name": "conversation_classification", "strict": True, "schema": schema},
+        },
+        "logprobs": True,
+        "top_logprobs": 10,
+    }
+    assert "Authorization" not in fake_openai.chat_records[0].headers
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_openai_api_key_is_sent_as_bearer_and_never_shown(
+    fake_openai: FakeOpenAI, tmp_path: Path, transport: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    fake_openai.api_key = "sk-test-not-a-real-key"
+    caplog.set_level("DEBUG")
+    settings = openai_settings(fake_openai, tmp_path, llm_api_key="sk-test-not-a-real-key")
+    check_ready(transport, settings)
+    chat(transport, settings)
+    assert fake_openai.chat_records[0].headers["Authorization"] == "Bearer sk-test-not-a-real-key"
+    assert "sk-test" not in repr(settings) and "sk-test" not in str(settings.model_dump())
+    assert "sk-test" not in caplog.text
+
+    wrong = openai_settings(fake_openai, tmp_path, llm_api_key="sk-wrong")
+    for call in (chat, check_ready):
+        with pytest.raises(LLMRequestRejectedError) as info:
+            call(transport, wrong)  # type: ignore[operator]
+        assert "HTTP 401" in info.value.message and "LLM_API_KEY" in str(info.value)
+        assert "sk-wrong" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "status, body, error, fragment",
+    [
+        # OpenAI's own answer for an unknown model.
+        (404, {"error": {"message": "The model `x` does not exist", "type": "invalid_request_error",
+                         "code": "model_not_found"}}, ModelNotFoundError, "'llama3'"),
+        # vLLM's error shape, and a 400 that says the model is missing.
+        (400, {"object": "error", "message": "The model `llama3` does not exist.", "type": "NotFoundError",
+               "code": 404}, ModelNotFoundError, "/models"),
+        (400, {"object": "error", "message": "max_tokens must be at least 1", "type": "BadRequestError",
+               "code": 400}, LLMRequestRejectedError, "max_tokens must be at least 1"),
+        # llama.cpp's answer when the prompt does not fit.
+        (400, {"error": {"code": 400, "message": "the request exceeds the available context size",
+                         "type": "exceed_context_size_error"}}, LLMRequestRejectedError, "context size"),
+        (500, {"error": "plain string error"}, LLMServerError, "plain string error"),
+    ],
+)
+def test_openai_error_bodies(
+    fake_openai: FakeOpenAI, tmp_path: Path, status: int, body: dict[str, Any], error: type[LLMError], fragment: str
+) -> None:
+    fake_openai.enqueue(RawReply(status, json.dumps(body).encode(), "application/json"))
+    with pytest.raises(error) as info:
+        chat("sync", openai_settings(fake_openai, tmp_path))
+    assert fragment in str(info.value)
+
+
+def test_openai_models_answer_of_another_shape(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    # An endpoint without /v1: llama.cpp answers its web UI or a 404; both must say what to fix.
+    settings = openai_settings(fake_openai, tmp_path, ollama_endpoint=fake_openai.url)
+    with pytest.raises(ModelNotFoundError) as info:
+        check_ready("sync", settings)
+    assert "/v1" in str(info.value)
+
+
+def test_openai_model_missing_lists_what_is_served(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
+    fake_openai.models = ["smollm2", "qwen2.5-7b-instruct"]
+    with pytest.raises(ModelNotFoundError) as info:
+        check_ready("sync", openai_settings(fake_openai, tmp_path))
+    assert "smollm2, qwen2.5-7b-instruct" in str(info.value)
+    assert "ollama pull" not in str(info.value)
