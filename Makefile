@@ -61,7 +61,7 @@ demo: $(VENV)/.dev ## Import 32 sample conversations, classify them with Ollama,
 
 demo-small: $(VENV)/.llm ## The demo without Ollama: a 135M model on llama.cpp (rough labels)
 	$(LLAMA_SERVER) && LLAMA_SERVER_BIN="$$bin" MONGODB_CONNECTION_STRING="$(MONGODB_CONNECTION_STRING)" \
-	  $(BIN)/python scripts/demo.py --small
+	  $(BIN)/python -m scripts.demo --small
 
 bench: $(VENV)/.dev ## Run the benchmarks (fast preset) and write docs/benchmarks.md
 	$(BIN)/python -m scripts.benchmark
