@@ -70,7 +70,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from aggregator import ConversationIn, validate_conversation
-from async_llm_wrapper import AsyncOllamaClient
+from async_llm_wrapper import create_async_llm_client
 from classifier import ConversationClassifier
 from config import Settings, load_settings
 from error_handler import (
@@ -86,6 +86,7 @@ from error_handler import (
     UsageError,
     fail,
 )
+from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from prompt_builder import Taxonomy, load_taxonomy
 
@@ -353,9 +354,10 @@ def _confidences(classification: dict[str, Any]) -> dict[str, float | None]:
     return values
 
 
-def make_llm_client(settings: Settings) -> AsyncOllamaClient:
-    """The LLM client of a direct run (one place, so a provider factory replaces it in one line)."""
-    return AsyncOllamaClient(settings)
+def make_llm_client(settings: Settings) -> AsyncLLMPool:
+    """The LLM client of a direct run, as the batch processor builds it: any provider, and every
+    server OLLAMA_ENDPOINT lists."""
+    return AsyncLLMPool(settings, create_async_llm_client)
 
 
 Classify = Callable[[LabelledItem], Awaitable[dict[str, Any]]]

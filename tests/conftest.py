@@ -33,7 +33,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
     # tests/llm needs a built llama-server and a 98 MB model: `make test` stays fast and build-free.
-    if collection_path == ROOT / "tests" / "llm" and not config.getoption("--real-llm"):
+    if collection_path == Path(__file__).resolve().parent / "llm" and not config.getoption("--real-llm"):
         return True
     return None
 

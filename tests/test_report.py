@@ -181,8 +181,8 @@ def test_json_report_counts_and_crosses_exactly(results, mongo_db_name, capsys):
 
     assert list(data) == [
         "total", "database", "collection", "batch_job_id", "processed_at", "by_intent", "by_topic", "by_sentiment",
-        "intent_by_sentiment", "topic_by_sentiment", "intent_by_topic", "unknown_labels", "needs_review",
-        "skipped_no_customer_turn",
+        "intent_by_sentiment", "topic_by_sentiment", "intent_by_topic", "unknown_labels",
+        "skipped_no_customer_turn", "needs_review",
     ]
     assert data["skipped_no_customer_turn"] == 0
     assert data["total"] == 20
