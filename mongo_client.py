@@ -202,7 +202,7 @@ def _sync_client(settings: Settings, uri: str, appname: str) -> Iterator[Databas
 
 def mongodb_address(uri: str) -> str:
     """The servers a connection string names, spelled one way (no credentials, options or path):
-    ``localhost:27017``, ``mongodb://localhost`` and ``mongodb://u:p@LOCALHOST:27017/?w=1`` are all
+    ``localhost:27017``, ``mongodb://localhost`` and ``mongodb://user:pass@LOCALHOST:27017/?w=1`` are all
     ``mongodb://localhost:27017``."""
     scheme, sep, rest = uri.strip().partition("://")
     if not sep:  # PyMongo takes a bare host[:port] list too

@@ -154,10 +154,10 @@ def test_two_spellings_of_one_address_are_the_same_database(batch_env, files_dir
         ("mongodb://localhost:27017", "mongodb://localhost:27017"),
         ("mongodb://localhost", "mongodb://localhost:27017"),
         ("  mongodb://LocalHost:27017/?retryWrites=true ", "mongodb://localhost:27017"),
-        ("mongodb://user:p%40ss@localhost:27017/admin", "mongodb://localhost:27017"),
+        ("mongodb://user:pass%40word@localhost:27017/admin", "mongodb://localhost:27017"),
         ("mongodb://user:pa/ss@db2:27018,db1/customer_support?replicaSet=rs0", "mongodb://db1:27017,db2:27018"),
         ("mongodb://[::1]", "mongodb://[::1]:27017"),
-        ("mongodb+srv://user:pw@Cluster0.example.net/?w=majority", "mongodb+srv://cluster0.example.net"),
+        ("mongodb+srv://user:pass@Cluster0.example.net/?w=majority", "mongodb+srv://cluster0.example.net"),
     ],
 )
 def test_mongodb_address_spells_an_address_one_way(uri: str, address: str) -> None:
