@@ -42,6 +42,10 @@ run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:800
 	  export MONGODB_CONNECTION_STRING=embedded; fi; \
 	exec $(BIN)/python main.py
 
+lint: $(VENV)/.dev ## Check style and types: ruff check, then mypy (settings in pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 test: $(VENV)/.dev ## Run the test suite
 	$(BIN)/python -m pytest
 

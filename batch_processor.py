@@ -390,9 +390,9 @@ class BatchProcessor:
                     if self.stopping:
                         break
             if running:
-                for task in await asyncio.gather(*running, return_exceptions=True):
-                    if isinstance(task, BaseException) and not isinstance(task, asyncio.CancelledError):
-                        raise task
+                for outcome in await asyncio.gather(*running, return_exceptions=True):
+                    if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                        raise outcome
         finally:
             for task in running:
                 task.cancel()

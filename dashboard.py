@@ -20,7 +20,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -216,7 +216,7 @@ router = APIRouter(lifespan=_lifespan)
 
 # --- queries ----------------------------------------------------------------------------------
 def _day_start(day: date) -> datetime:
-    return datetime.combine(day, time.min, tzinfo=timezone.utc)
+    return datetime.combine(day, time.min, tzinfo=UTC)
 
 
 def results_match(date_from: date | None, date_to: date | None, job: str | None) -> dict[str, Any]:
@@ -378,7 +378,7 @@ async def stats(
         "from": date_from, "to": date_to, "job": job,
         **shape_stats(facets[0] if facets else {}),
         "statuses": statuses, "failures": failures, "job_ids": job_ids,
-        "generated_at": datetime.now(timezone.utc),
+        "generated_at": datetime.now(UTC),
     }
 
 
@@ -396,7 +396,7 @@ async def jobs(
 ) -> dict[str, Any]:
     database = await holder.database(settings)
     collection = database[settings.mongodb_jobs_collection]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         docs = await collection.find().sort("started_at", DESCENDING).limit(limit).to_list(limit)
     except PyMongoError as e:

@@ -31,7 +31,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
@@ -58,6 +58,7 @@ def server_name(url: str) -> str:
     host = parts.hostname or "?"
     if ":" in host:  # IPv6
         host = f"[{host}]"
+    port: int | str
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
@@ -230,7 +231,7 @@ class _Routing:
     def statuses(self, errors: list[LLMError | None]) -> list[ServerStatus]:
         """Each server's status, given its readiness error (None: ready), in the order of the servers."""
         statuses = []
-        for s, error in zip(self.servers, errors):
+        for s, error in zip(self.servers, errors, strict=True):
             statuses.append(ServerStatus(s.name, error is None, s.breaker.state.value, s.in_flight, s.answered,
                                          None if error is None else error.message))
         return statuses
@@ -243,7 +244,7 @@ class _Routing:
 def _ready_result(routing: _Routing, errors: list[LLMError | None]) -> None:
     """Log each server that is not ready; raise the first one's error when none is."""
     failures = [error for error in errors if error is not None]
-    for server, error in zip(routing.servers, errors):
+    for server, error in zip(routing.servers, errors, strict=True):
         if error is not None and len(routing.servers) > 1:
             logger.warning("LLM server %s is not ready (its share goes to the others): %s", server.name, error)
     if len(failures) == len(routing.servers):
@@ -418,10 +419,8 @@ class AsyncLLMPool:
             if self._changed is None:
                 self._changed = asyncio.Event()
             changed = self._changed
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=None if wait == float("inf") else wait)
-            except TimeoutError:
-                pass
 
     async def _check_all(self) -> list[LLMError | None]:
         async def check(server: Server) -> LLMError | None:

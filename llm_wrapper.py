@@ -25,7 +25,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -229,8 +229,8 @@ def retry_after_seconds(headers: Mapping[str, str] | None, now: datetime | None 
         except (TypeError, ValueError):
             return None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
     if not math.isfinite(seconds):
         return None
     # A server asking for hours would stall the API's clients; cap it (the batch retries anyway).
@@ -405,6 +405,11 @@ def _int_or_none(value: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (optional parts of an answer)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _ms_to_ns(value: Any) -> int | None:
     return int(value * 1_000_000) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -425,7 +430,7 @@ def parse_openai_response(
     if not isinstance(message, dict):
         raise LLMOutputError(f"The LLM server's answer has no choices[0].message: {str(data)[:200]}")
     assert choice is not None
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    usage = _object(data.get("usage"))
     finish_reason = choice.get("finish_reason")
     if finish_reason == "length":
         raise LLMOutputError(
@@ -440,15 +445,15 @@ def parse_openai_response(
             raise LLMOutputError(f"The model refused to answer: {refusal[:200]}")
         raise LLMOutputError(f"The model answered with empty content (finish_reason={finish_reason!r}).")
     # llama.cpp adds "timings" (ms, and cache_n); OpenAI and vLLM report cached tokens in usage.
-    timings = data.get("timings") if isinstance(data.get("timings"), dict) else {}
-    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
+    timings = _object(data.get("timings"))
+    details = _object(usage.get("prompt_tokens_details"))
     prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
     cached = _int_or_none(details.get("cached_tokens"))
     if cached is None:
         cached = _int_or_none(timings.get("cache_n"))
     evaluated = prompt_tokens - cached if prompt_tokens is not None and cached is not None else prompt_tokens
     prompt_ns, predicted_ns = _ms_to_ns(timings.get("prompt_ms")), _ms_to_ns(timings.get("predicted_ms"))
-    logprobs = choice.get("logprobs") if isinstance(choice.get("logprobs"), dict) else {}
+    logprobs = _object(choice.get("logprobs"))
     return ChatResult(
         content=content.strip(),
         model=str(data.get("model") or settings.ollama_model),

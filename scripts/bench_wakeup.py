@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from pymongo import MongoClient
 
 from config import Settings, env_name
 from tests.fake_ollama import FakeOllama
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def wait_for(condition: Any, timeout: float, what: str) -> Any:
@@ -51,7 +51,7 @@ def measure(uri: str, ollama_url: str, *, change_streams: bool, inserts: int, in
             rng: random.Random) -> list[float]:
     database = f"wakeup_{'streams' if change_streams else 'polling'}"
     env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in Settings.model_fields}}
-    with tempfile.TemporaryDirectory() as work, MongoClient(uri) as client:
+    with tempfile.TemporaryDirectory() as work, MongoClient[dict[str, Any]](uri) as client:
         db = client[database]
         env.update({
             "MONGODB_CONNECTION_STRING": uri, "MONGODB_DATABASE_NAME": database, "OLLAMA_ENDPOINT": ollama_url,

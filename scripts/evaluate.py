@@ -350,7 +350,7 @@ def _confidences(classification: dict[str, Any]) -> dict[str, float | None]:
     for name in FIELDS:
         value = raw.get(name)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-        values[name] = float(value) if ok else None
+        values[name] = float(value) if ok and value is not None else None
     return values
 
 

@@ -82,7 +82,7 @@ from array import array
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
@@ -281,7 +281,7 @@ def parse_created_at(value: str) -> int:
         if len(offset) != 5 or offset[0] not in "+-" or not (offset[1:].isascii() and offset[1:].isdigit()):
             raise ValueError
         moment = datetime(int(parts[5]), _MONTHS[parts[1].lower()], int(parts[2]),
-                          int(hours), int(minutes), int(seconds), tzinfo=timezone.utc)
+                          int(hours), int(minutes), int(seconds), tzinfo=UTC)
         shift = int(offset[1:3]) * 3600 + int(offset[3:5]) * 60
         return int(moment.timestamp()) - (shift if offset[0] == "+" else -shift)
     except (ValueError, KeyError, OverflowError):
@@ -302,14 +302,14 @@ def work_database(temp_dir: Path | None) -> Iterator[sqlite3.Connection]:
     """A throw-away SQLite database in a temporary folder, removed on exit."""
     if temp_dir is not None and not temp_dir.is_dir():
         raise UsageError(f"--temp-dir folder does not exist: {temp_dir}")
-    with tempfile.TemporaryDirectory(prefix="import_data_", dir=temp_dir) as folder:
-        with closing(sqlite3.connect(Path(folder) / "work.sqlite3")) as db:
-            db.execute("PRAGMA journal_mode = OFF")
-            db.execute("PRAGMA synchronous = OFF")
-            db.execute("PRAGMA locking_mode = EXCLUSIVE")
-            db.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-            db.execute("CREATE TABLE bad_rows (position INTEGER NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL)")
-            yield db
+    with (tempfile.TemporaryDirectory(prefix="import_data_", dir=temp_dir) as folder,
+          closing(sqlite3.connect(Path(folder) / "work.sqlite3")) as db):
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        db.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+        db.execute("CREATE TABLE bad_rows (position INTEGER NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL)")
+        yield db
 
 
 class BadRows:

@@ -161,7 +161,8 @@ class LlamaServer:
             except requests.RequestException:
                 pass
             time.sleep(0.2)
-        raise LlamaServerError(f"llama-server did not become healthy within {self.start_timeout:g} s:\n{self.log_tail()}")
+        raise LlamaServerError(
+            f"llama-server did not become healthy within {self.start_timeout:g} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.exists():

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,8 @@ def test_notes_above_the_runs_are_kept_by_the_next_run(tmp_path):
     text = output.read_text(encoding="utf-8")
     assert text.startswith("# Benchmarks")
     assert text.count("The database is the bottleneck.") == 1
-    assert text.index("The database is the bottleneck.") < text.index("## Run: after (") < text.index("## Run: before (")
+    bottleneck = text.index("The database is the bottleneck.")
+    assert bottleneck < text.index("## Run: after (") < text.index("## Run: before (")
 
 
 def test_a_file_that_is_not_a_benchmark_report_is_not_overwritten(tmp_path, capsys):
