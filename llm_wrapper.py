@@ -258,16 +258,21 @@ def error_from_response(
     )
 
 
+def _answer_json(body: bytes, who: str) -> Any:
+    """The JSON of an HTTP 200 answer; a body that is not JSON is the server's fault (LLMOutputError)."""
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise LLMOutputError(f"{who} answered HTTP 200 with a body that is not JSON: {body[:120]!r}") from e
+
+
 def parse_chat_response(
     status: int, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None
 ) -> ChatResult:
     """Read an ``/api/chat`` answer; raise the matching :class:`LLMError` unless it is a complete reply."""
     if status != 200:
         raise error_from_response(status, body, settings, headers)
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise LLMOutputError(f"Ollama answered HTTP 200 with a body that is not JSON: {body[:120]!r}") from e
+    data = _answer_json(body, "Ollama")
     message = data.get("message") if isinstance(data, dict) else None
     if not isinstance(message, dict) or not isinstance(message.get("content"), str):
         raise LLMOutputError(f"Ollama's answer has no message.content: {str(data)[:200]}")
@@ -420,10 +425,7 @@ def parse_openai_response(
     """Read a ``/chat/completions`` answer; raise the matching :class:`LLMError` unless it is a complete reply."""
     if status != 200:
         raise openai_error_from_response(status, body, settings, headers)
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise LLMOutputError(f"The LLM server answered HTTP 200 with a body that is not JSON: {body[:120]!r}") from e
+    data = _answer_json(body, "The LLM server")
     choices = data.get("choices") if isinstance(data, dict) else None
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
     message = choice.get("message") if choice else None

@@ -105,7 +105,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from config import Settings, env_name, load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError  # noqa: E402
-from utils.command_line import free_port  # noqa: E402
+from utils.command_line import command_parser, free_port  # noqa: E402
 
 # Exit codes (error_handler): 0 every section ran, the file and the chart are written (targets may be
 # missed); 1 a step failed (a server did not start, a run did not complete): nothing written; 2 bad
@@ -1624,14 +1624,13 @@ def _label(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python scripts/benchmark.py",
-        description="Benchmark the batch processor and the API (real subprocesses) against the fake Ollama "
+    parser = command_parser(
+        "python scripts/benchmark.py",
+        "Benchmark the batch processor and the API (real subprocesses) against the fake Ollama "
         "and SecantusDB; write the tables to a markdown file and a PNG chart.",
-        epilog=f"sections: {', '.join(SECTIONS)}\n\nexit codes:\n  {EXIT_OK} done (targets may be missed: see "
+        f"sections: {', '.join(SECTIONS)}\n\nexit codes:\n  {EXIT_OK} done (targets may be missed: see "
         f"the file)   {EXIT_FAILURE} a step failed (nothing written)\n  {EXIT_USAGE} bad command line or "
         f"unwritable output   {EXIT_INTERRUPTED} interrupted",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the issue's sizes (e.g. 20,000 conversations for memory)")

@@ -119,7 +119,7 @@ from error_handler import (  # noqa: E402
 )
 from logger import configure_logging  # noqa: E402
 from mongo_client import STATUS_PENDING, storage_error, sync_database  # noqa: E402
-from utils.command_line import positive_int  # noqa: E402
+from utils.command_line import command_parser, positive_int  # noqa: E402
 
 logger = logging.getLogger("import_data")
 
@@ -187,13 +187,12 @@ def _company(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python scripts/import_data.py",
-        description="Load conversations into the source collection of the batch processor, from the TWCS "
+    parser = command_parser(
+        "python scripts/import_data.py",
+        "Load conversations into the source collection of the batch processor, from the TWCS "
         "Twitter customer-support CSV (tweets grouped into conversations by their reply links) or from a "
         "JSON file of documents. Re-importing the same file adds nothing.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     parser.add_argument("file", type=Path, metavar="FILE",
                         help="twcs.csv (or any CSV with the TWCS columns), or a .json file holding a list of "

@@ -78,6 +78,7 @@ from error_handler import (  # noqa: E402
 from logger import configure_logging  # noqa: E402
 from mongo_client import STATUS_SKIPPED, storage_error, sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
+from utils.command_line import command_parser  # noqa: E402
 
 logger = logging.getLogger("report")
 
@@ -141,12 +142,11 @@ def _job_id(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python scripts/report.py",
-        description="Count the classifications of the results collection by intent, topic and sentiment, "
+    parser = command_parser(
+        "python scripts/report.py",
+        "Count the classifications of the results collection by intent, topic and sentiment, "
         "and cross them (intent x sentiment, topic x sentiment, intent x topic). MongoDB does the counting.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table",
                         help="table: rich tables with totals and percentages; csv: one long table "

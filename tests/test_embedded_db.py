@@ -18,7 +18,7 @@ from pymongo import MongoClient, WriteConcern
 
 from config import Settings, load_settings
 from error_handler import ConfigError, StorageUnavailableError
-from utils.embedded_db import PID_FILE, embedded_database
+from utils.embedded_db import PID_FILE, _threads_running, embedded_database
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,19 +145,8 @@ with embedded_database(load_settings({"embedded_db_path": sys.argv[2]}, environ=
 """
 
 
-def _alive(pid: int) -> bool:
-    """True while a thread of ``pid`` runs (a zombie, holding no port and no file, counts as gone)."""
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return False
-    for task in tasks:
-        try:
-            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                return True
-        except OSError:
-            continue
-    return False
+# True while a thread of the pid runs (a zombie, holding no port and no file, counts as gone).
+_alive = _threads_running
 
 
 def _wait_gone(pid: int, bound: float = 60.0) -> bool:
