@@ -188,7 +188,7 @@ class FailureWindow:
 
 FAILURE_FIXES = {
     "llm_bad_output": "The model's answers are not usable classifications: check OLLAMA_MODEL (a model that "
-    "follows JSON schemas), TAXONOMY_FILE and FEW_SHOTS_FILE; try one conversation with scripts/api_client.py.",
+    "follows JSON schemas), TAXONOMY_FILE and FEW_SHOTS_FILE; try one conversation with python -m scripts.api_client.",
     "llm_timeout": "The model is too slow: raise OLLAMA_TIMEOUT, or lower --max-concurrent.",
     "llm_unavailable": "Ollama cannot be reached: check that it runs at OLLAMA_ENDPOINT (ollama serve).",
     "llm_server_error": "Ollama fails while answering: check its log (out of memory? a crashed runner?).",

@@ -1,6 +1,6 @@
 """Continuous mode: latency from a conversation's insert to its result, polling vs change streams.
 
-    python scripts/bench_wakeup.py [--inserts N] [--poll-interval S]
+    python -m scripts.bench_wakeup [--inserts N] [--poll-interval S]
 
 Runs the REAL processor (``python batch_processor.py --mode continuous``) twice against SecantusDB
 (its own server, in memory) and the test suite's fake Ollama (zero latency): once with
@@ -86,7 +86,7 @@ def measure(uri: str, ollama_url: str, *, change_streams: bool, inserts: int, in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/bench_wakeup.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_wakeup", description=__doc__.split("\n\n")[0])
     parser.add_argument("--inserts", type=int, default=10, help="conversations per run [default: %(default)s]")
     parser.add_argument("--poll-interval", type=float, default=5.0, help="seconds [default: %(default)s]")
     parser.add_argument("--seed", type=int, default=12, help="random pauses' seed [default: %(default)s]")

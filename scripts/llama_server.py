@@ -12,7 +12,7 @@ tree; ``LLAMA_SERVER_BIN`` names another one); the model from the PyPI package `
 ``llm`` tool, not needed to read the file). The server listens on 127.0.0.1 only and is stopped
 (terminated, then killed) when the ``with`` block ends.
 
-Run standalone: ``python scripts/llama_server.py --parallel 2`` serves until Ctrl-C.
+Run standalone: ``python -m scripts.llama_server --parallel 2`` serves until Ctrl-C.
 """
 
 from __future__ import annotations

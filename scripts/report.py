@@ -1,6 +1,6 @@
 """Report on the classifications: counts by intent, topic and sentiment, and their crossings.
 
-    python scripts/report.py [--format table|csv|json] [--chart FILE.png] [--job BATCH_JOB_ID]
+    python -m scripts.report [--format table|csv|json] [--chart FILE.png] [--job BATCH_JOB_ID]
 
 Reads the results collection of the batch processor with its MongoDB settings
 (MONGODB_CONNECTION_STRING, 'embedded' included, MONGODB_DATABASE_NAME,
@@ -143,7 +143,7 @@ def _job_id(text: str) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
-        "python scripts/report.py",
+        "python -m scripts.report",
         "Count the classifications of the results collection by intent, topic and sentiment, "
         "and cross them (intent x sentiment, topic x sentiment, intent x topic). MongoDB does the counting.",
         EPILOG,
