@@ -88,7 +88,6 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from pymongo import ASCENDING  # noqa: E402
 from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -118,7 +117,7 @@ from error_handler import (  # noqa: E402
     run_command,
 )
 from logger import configure_logging  # noqa: E402
-from mongo_client import STATUS_PENDING, storage_error, sync_database  # noqa: E402
+from mongo_client import SOURCE_INDEXES, STATUS_PENDING, storage_error, sync_database  # noqa: E402
 from utils.command_line import command_parser, positive_int  # noqa: E402
 
 logger = logging.getLogger("import_data")
@@ -668,19 +667,24 @@ def drop_source(collection: Collection[dict[str, Any]]) -> str:
     return f"dropped {name} ({count} documents)"
 
 
-def ensure_unique_index(collection: Collection[dict[str, Any]]) -> None:
-    """The unique index on conversation_number that makes re-imports add nothing."""
-    try:
-        collection.create_index([("conversation_number", ASCENDING)], unique=True)
-    except OperationFailure as e:
-        reason = (e.details or {}).get("errmsg") or str(e)
-        raise StorageError(
-            f"cannot create the unique index on {collection.full_name}.conversation_number: {reason}",
-            hint="The collection holds repeated conversation numbers (or a non-unique index on it): "
-            "rerun with --drop to replace the collection, or remove the duplicates first.",
-        ) from e
-    except PyMongoError as e:
-        raise storage_error(e, f"index creation on {collection.full_name}") from e
+def ensure_source_indexes(collection: Collection[dict[str, Any]]) -> None:
+    """The source collection's indexes, the batch processor's own (mongo_client.SOURCE_INDEXES).
+    The importer needs the unique one on conversation_number (re-imports add nothing): where the
+    batch processor only warns, a failure here stops the import with the fix."""
+    for keys, options in SOURCE_INDEXES:
+        try:
+            collection.create_index(keys, **options)
+        except OperationFailure as e:
+            if not options.get("unique"):
+                raise storage_error(e, f"index creation on {collection.full_name}") from e
+            reason = (e.details or {}).get("errmsg") or str(e)
+            raise StorageError(
+                f"cannot create the unique index on {collection.full_name}.conversation_number: {reason}",
+                hint="The collection holds repeated conversation numbers (or a non-unique index on it): "
+                "rerun with --drop to replace the collection, or remove the duplicates first.",
+            ) from e
+        except PyMongoError as e:
+            raise storage_error(e, f"index creation on {collection.full_name}") from e
 
 
 def insert_batch(collection: Collection[dict[str, Any]], batch: list[dict[str, Any]], counts: Counts) -> None:
@@ -846,7 +850,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 candidates = json_documents(items, bad)
             if args.drop:
                 print(drop_source(collection), flush=True)
-            ensure_unique_index(collection)
+            ensure_source_indexes(collection)
             task = progress.add_task("importing", total=total)
             try:
                 import_documents(
