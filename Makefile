@@ -3,8 +3,10 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 
-# make demo uses the embedded development database unless MONGODB_CONNECTION_STRING is set.
-MONGODB_CONNECTION_STRING ?= embedded
+# make run and make demo use the embedded development database unless MONGODB_CONNECTION_STRING is
+# set (environment, make's command line or .env): the demo and the commands after it reach one database.
+EMBEDDED_UNLESS_SET = if [ -z "$$MONGODB_CONNECTION_STRING" ] && ! grep -qs '^MONGODB_CONNECTION_STRING=' .env; then \
+	  export MONGODB_CONNECTION_STRING=embedded; fi
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev run test test-llm demo demo-small bench evaluate lint clean
@@ -38,9 +40,11 @@ install-dev: $(VENV)/.dev ## Install the project, runtime and test dependencies 
 
 # /dashboard reads MongoDB: the one of the environment or .env, else the demo's embedded database.
 run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:8000); /dashboard shows the results
-	@if [ -z "$$MONGODB_CONNECTION_STRING" ] && ! grep -qs '^MONGODB_CONNECTION_STRING=' .env; then \
-	  export MONGODB_CONNECTION_STRING=embedded; fi; \
-	exec $(BIN)/python main.py
+	@$(EMBEDDED_UNLESS_SET); exec $(BIN)/python main.py
+
+lint: $(VENV)/.dev ## Check style and types: ruff check, then mypy (settings in pyproject.toml)
+	$(BIN)/ruff check .
+	$(BIN)/mypy
 
 test: $(VENV)/.dev ## Run the test suite
 	$(BIN)/python -m pytest
@@ -57,11 +61,10 @@ test-llm: $(VENV)/.llm ## Real-model tests: llama.cpp's llama-server with SmolLM
 	$(LLAMA_SERVER) && LLAMA_SERVER_BIN="$$bin" $(BIN)/python -m pytest tests/llm --real-llm
 
 demo: $(VENV)/.dev ## Import 32 sample conversations, classify them with Ollama, print the report
-	MONGODB_CONNECTION_STRING="$(MONGODB_CONNECTION_STRING)" $(BIN)/python -m scripts.demo
+	@$(EMBEDDED_UNLESS_SET); $(BIN)/python -m scripts.demo
 
 demo-small: $(VENV)/.llm ## The demo without Ollama: a 135M model on llama.cpp (rough labels)
-	$(LLAMA_SERVER) && LLAMA_SERVER_BIN="$$bin" MONGODB_CONNECTION_STRING="$(MONGODB_CONNECTION_STRING)" \
-	  $(BIN)/python -m scripts.demo --small
+	@$(EMBEDDED_UNLESS_SET); $(LLAMA_SERVER) && LLAMA_SERVER_BIN="$$bin" $(BIN)/python -m scripts.demo --small
 
 bench: $(VENV)/.dev ## Run the benchmarks (fast preset) and write docs/benchmarks.md
 	$(BIN)/python -m scripts.benchmark

@@ -65,7 +65,7 @@ SPARE_CONNECTIONS = 4
 # The status logged for a request whose client left before its turn (nobody reads the answer).
 CLIENT_CLOSED_REQUEST = 499
 
-MESSAGES_EXAMPLE = {
+MESSAGES_EXAMPLE: dict[str, Any] = {
     "conversation_number": "12345",
     "messages": [
         {"sender": "customer", "text": "Where is my order? It was due on Monday.", "timestamp": "2025-09-24T10:00:00Z"},
@@ -93,7 +93,7 @@ TWEETS_EXAMPLE = {
         },
     ],
 }
-CLASSIFICATION_EXAMPLE = {
+CLASSIFICATION_EXAMPLE: dict[str, Any] = {
     "categorization": "Customer asks where a late order is and wants it expedited",
     "intent": "Order Status",
     "topic": "Shipping/Delivery",
@@ -267,7 +267,7 @@ class JSONBodyOnlyMiddleware:
 
 def _input_error_from_validation(exc: RequestValidationError) -> InputError:
     errors = exc.errors()
-    first = errors[0] if errors else {"loc": ("body",), "msg": "invalid body", "type": ""}
+    first: dict[str, Any] = errors[0] if errors else {"loc": ("body",), "msg": "invalid body", "type": ""}
     if first.get("type") == "json_invalid":
         return InputError(
             f"The body is not valid JSON: {first.get('ctx', {}).get('error', first['msg'])}",

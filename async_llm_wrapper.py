@@ -7,7 +7,6 @@ Build it with :func:`create_async_llm_client`.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -69,7 +68,7 @@ class AsyncLLMClient:
             raise unavailable_error(self.settings, "connection refused or host unknown") from e
         except aiohttp.ConnectionTimeoutError as e:
             raise unavailable_error(self.settings, "connection timed out") from e
-        except (asyncio.TimeoutError, aiohttp.ServerTimeoutError) as e:
+        except (TimeoutError, aiohttp.ServerTimeoutError) as e:
             raise timeout_error(self.settings) from e
         except (aiohttp.ServerDisconnectedError, aiohttp.ClientPayloadError, aiohttp.ClientOSError) as e:
             raise dropped_error(self.settings, type(e).__name__) from e

@@ -188,7 +188,7 @@ class FailureWindow:
 
 FAILURE_FIXES = {
     "llm_bad_output": "The model's answers are not usable classifications: check OLLAMA_MODEL (a model that "
-    "follows JSON schemas), TAXONOMY_FILE and FEW_SHOTS_FILE; try one conversation with scripts/api_client.py.",
+    "follows JSON schemas), TAXONOMY_FILE and FEW_SHOTS_FILE; try one conversation with python -m scripts.api_client.",
     "llm_timeout": "The model is too slow: raise OLLAMA_TIMEOUT, or lower --max-concurrent.",
     "llm_unavailable": "Ollama cannot be reached: check that it runs at OLLAMA_ENDPOINT (ollama serve).",
     "llm_server_error": "Ollama fails while answering: check its log (out of memory? a crashed runner?).",
@@ -390,9 +390,9 @@ class BatchProcessor:
                     if self.stopping:
                         break
             if running:
-                for task in await asyncio.gather(*running, return_exceptions=True):
-                    if isinstance(task, BaseException) and not isinstance(task, asyncio.CancelledError):
-                        raise task
+                for outcome in await asyncio.gather(*running, return_exceptions=True):
+                    if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
+                        raise outcome
         finally:
             for task in running:
                 task.cancel()

@@ -30,10 +30,11 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import suppress
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import partial
 from typing import Any, TypeVar
 
 from bson import json_util
@@ -283,7 +284,7 @@ class BatchState:
         return batch_id(self.number)
 
 
-Batches = AsyncIterator[tuple[BatchState, list[BatchConversation]]]
+Batches = AsyncGenerator[tuple[BatchState, list[BatchConversation]], None]
 
 
 class BatchReader:
@@ -346,7 +347,7 @@ class BatchReader:
             )
             yield state, todo
 
-    async def orphan_queues(self) -> AsyncIterator[BatchState]:
+    async def orphan_queues(self) -> AsyncGenerator[BatchState, None]:
         """The retry queues of batches that have no pending file any more, claimed again."""
         pending = set(self.files.pending_numbers())
         for number in self.files.retry_queue_numbers():
@@ -370,7 +371,7 @@ class BatchReader:
         while not self.stopping and (remaining is None or remaining > 0):
             want = size if remaining is None else min(size, remaining)
             token, documents = await self._retrying("claim of unprocessed conversations",
-                                                    lambda: self.source.claim(want))
+                                                    partial(self.source.claim, want))
             if not documents:
                 if await self._others_still_working():
                     if not waiting_logged:

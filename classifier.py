@@ -17,25 +17,44 @@ import logging
 import re
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pydantic import BaseModel, Field
 
 from aggregator import ConversationIn, Transcript, build_transcript
-from config import Settings
 from confidence import label_confidences
+from config import Settings
 from error_handler import LLMOutputError
-from prompt_builder import FALLBACK_LABEL, LABEL_KINDS, OUTPUT_KEYS, PromptBuilder, Taxonomy, label_key
-from prompt_builder import load_few_shots, load_taxonomy
+from prompt_builder import (
+    FALLBACK_LABEL,
+    LABEL_KINDS,
+    OUTPUT_KEYS,
+    PromptBuilder,
+    Taxonomy,
+    label_key,
+    load_few_shots,
+    load_taxonomy,
+)
 
 if TYPE_CHECKING:
-    from async_llm_wrapper import AsyncLLMClient
-    from llm_wrapper import ChatResult, LLMClient
+    from llm_wrapper import ChatResult
 
 logger = logging.getLogger(__name__)
 
 _THINK_BLOCK = re.compile(r"<think>.*?</think>", re.DOTALL | re.IGNORECASE)
 MAX_CATEGORIZATION_CHARS = 300
+
+
+class ChatClient(Protocol):
+    """What :meth:`ConversationClassifier.classify` needs: an LLM client or a pool of them (the API)."""
+
+    def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult: ...
+
+
+class AsyncChatClient(Protocol):
+    """What :meth:`ConversationClassifier.classify_async` needs: a client or a pool (the batch processor)."""
+
+    async def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult: ...
 
 
 class Confidence(BaseModel):
@@ -222,14 +241,14 @@ class ConversationClassifier:
         )
         return ClassificationOutcome(classification, chat, prepared.transcript, duration_ms)
 
-    def classify(self, conversation: ConversationIn, client: LLMClient) -> ClassificationOutcome:
+    def classify(self, conversation: ConversationIn, client: ChatClient) -> ClassificationOutcome:
         """Classify with the synchronous client (the API)."""
         started = time.perf_counter()
         prepared = self.prepare(conversation)
         chat = client.chat(prepared.messages, self.schema)
         return self._finish(prepared, chat, started)
 
-    async def classify_async(self, conversation: ConversationIn, client: AsyncLLMClient) -> ClassificationOutcome:
+    async def classify_async(self, conversation: ConversationIn, client: AsyncChatClient) -> ClassificationOutcome:
         """Classify with the asynchronous client (the batch processor)."""
         started = time.perf_counter()
         prepared = self.prepare(conversation)

@@ -31,7 +31,7 @@ from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from mongo_client import MongoStore, data_identity
 from utils.batch_file_manager import BatchFileManager
-from utils.command_line import positive_float, positive_int, settings_epilog
+from utils.command_line import command_parser, positive_float, positive_int, settings_epilog
 from utils.job_recorder import JobRecorder
 from utils.progress import ProgressTracker, build_progress, monitoring_components
 
@@ -58,13 +58,12 @@ def _concurrency(text: str) -> int | str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python batch_processor.py",
-        description="Classify the conversations of a MongoDB collection with a local Ollama model: "
+    parser = command_parser(
+        "python batch_processor.py",
+        "Classify the conversations of a MongoDB collection with a local Ollama model: "
         "intent, topic, sentiment and a one-line categorization, written to a results collection. "
         "Crash-safe: rerun after any interruption and it continues where it stopped.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     parser.add_argument("--mode", dest="batch_processor_mode", choices=["batch", "continuous"],
                         help=field_help("batch_processor_mode"))

@@ -119,7 +119,7 @@ def label_confidence(tokens: Sequence[TokenLogprob], key: str, allowed: Sequence
         return None
     end = text.find('"', start)
     chosen = text[start:end] if end != -1 else None
-    if chosen not in allowed:
+    if chosen is None or chosen not in allowed:
         return None
     index = next(i for i in range(len(tokens)) if starts[i] <= start < starts[i] + len(tokens[i].token))
     result = _distribution(tokens, index, "", text[starts[index] : start], allowed)

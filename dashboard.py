@@ -17,10 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
-from datetime import date, datetime, time, timedelta, timezone
+from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -36,8 +35,7 @@ from starlette.concurrency import run_in_threadpool
 from api_dependencies import SettingsDep
 from config import Settings
 from error_handler import ClassifierError, InputError, StorageUnavailableError
-from logger import redact_uri
-from utils.embedded_db import embedded_database
+from mongo_client import invalid_uri_error, mongo_connection, unreachable_error
 
 logger = logging.getLogger(__name__)
 
@@ -163,36 +161,24 @@ class DashboardDatabase:
         return self._client[settings.mongodb_database_name]
 
     async def _connect(self, settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
-        uri = settings.mongodb_connection_string.strip()
-        if settings.uses_embedded_database:
-            try:
-                # Starting it blocks (a child process); keep the event loop free meanwhile.
-                uri = await run_in_threadpool(self._embedded.enter_context, embedded_database(settings))
-            except ClassifierError as e:
-                raise StorageUnavailableError(f"The embedded database is not available: {e.message}",
-                                              hint=e.hint) from e
-        self.uri = uri
         try:
-            return AsyncMongoClient(
-                uri,
-                serverSelectionTimeoutMS=min(SERVER_SELECTION_TIMEOUT_MS, settings.mongodb_timeout_ms),
-                connectTimeoutMS=min(SERVER_SELECTION_TIMEOUT_MS, settings.mongodb_timeout_ms),
-                socketTimeoutMS=settings.mongodb_timeout_ms,
-                appname=DASHBOARD_APPNAME,
-                tz_aware=True,
-            )
+            # Starting the embedded database blocks (a child process); keep the event loop free meanwhile.
+            uri, options = await run_in_threadpool(self._embedded.enter_context,
+                                                   mongo_connection(settings, DASHBOARD_APPNAME))
+        except ClassifierError as e:
+            raise StorageUnavailableError(f"The embedded database is not available: {e.message}",
+                                          hint=e.hint) from e
+        self.uri = uri
+        # A page waits for MongoDB a few seconds at most before saying it is unavailable.
+        wait_ms = min(SERVER_SELECTION_TIMEOUT_MS, settings.mongodb_timeout_ms)
+        options = options | {"serverSelectionTimeoutMS": wait_ms, "connectTimeoutMS": wait_ms}
+        try:
+            return AsyncMongoClient(uri, **options)
         except (PyMongoError, ValueError, TypeError) as e:
-            raise StorageUnavailableError(
-                f"Invalid MongoDB connection string {redact_uri(uri)!r}: {e}",
-                hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
-            ) from e
+            raise invalid_uri_error(uri, e) from e
 
     def unavailable(self, error: PyMongoError) -> StorageUnavailableError:
-        first_line = re.split(r", Timeout: | \(configured timeouts|\n", str(error))[0]
-        return StorageUnavailableError(
-            f"Cannot reach MongoDB at {redact_uri(self.uri)}: {first_line}",
-            hint="Start MongoDB, or set MONGODB_CONNECTION_STRING ('embedded' for the local development database).",
-        )
+        return unreachable_error(self.uri, error)
 
     async def close(self) -> None:
         if self._client is not None:
@@ -216,7 +202,7 @@ router = APIRouter(lifespan=_lifespan)
 
 # --- queries ----------------------------------------------------------------------------------
 def _day_start(day: date) -> datetime:
-    return datetime.combine(day, time.min, tzinfo=timezone.utc)
+    return datetime.combine(day, time.min, tzinfo=UTC)
 
 
 def results_match(date_from: date | None, date_to: date | None, job: str | None) -> dict[str, Any]:
@@ -378,7 +364,7 @@ async def stats(
         "from": date_from, "to": date_to, "job": job,
         **shape_stats(facets[0] if facets else {}),
         "statuses": statuses, "failures": failures, "job_ids": job_ids,
-        "generated_at": datetime.now(timezone.utc),
+        "generated_at": datetime.now(UTC),
     }
 
 
@@ -396,7 +382,7 @@ async def jobs(
 ) -> dict[str, Any]:
     database = await holder.database(settings)
     collection = database[settings.mongodb_jobs_collection]
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     try:
         docs = await collection.find().sort("started_at", DESCENDING).limit(limit).to_list(limit)
     except PyMongoError as e:

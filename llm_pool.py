@@ -29,9 +29,9 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import AsyncExitStack
+from contextlib import AsyncExitStack, contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol, Self
 from urllib.parse import urlsplit
@@ -58,6 +58,7 @@ def server_name(url: str) -> str:
     host = parts.hostname or "?"
     if ":" in host:  # IPv6
         host = f"[{host}]"
+    port: int | str
     try:
         port = parts.port or (443 if parts.scheme == "https" else 80)
     except ValueError:
@@ -230,7 +231,7 @@ class _Routing:
     def statuses(self, errors: list[LLMError | None]) -> list[ServerStatus]:
         """Each server's status, given its readiness error (None: ready), in the order of the servers."""
         statuses = []
-        for s, error in zip(self.servers, errors):
+        for s, error in zip(self.servers, errors, strict=True):
             statuses.append(ServerStatus(s.name, error is None, s.breaker.state.value, s.in_flight, s.answered,
                                          None if error is None else error.message))
         return statuses
@@ -240,10 +241,45 @@ class _Routing:
         return {s.name: s.answered for s in self.servers}
 
 
+class _Failover:
+    """One call's way through the servers, shared by the sync and the async pool: the servers tried
+    and the last refusal. Each attempt releases its server (breaker, counters) however it ends."""
+
+    def __init__(self, routing: _Routing, release: Callable[[Server, bool, BaseException | None], None]) -> None:
+        self.routing = routing
+        self.release = release
+        self.tried: list[Server] = []
+        self.last_error: LLMError | None = None
+
+    def next_server(self) -> tuple[Server, bool]:
+        """The server for the next attempt and whether it is a probe; raises when none can take it."""
+        chosen = self.routing.acquire(self.tried)
+        if chosen is None:
+            raise self.routing.no_server_error(self.last_error)
+        self.tried.append(chosen[0])
+        return chosen
+
+    @contextmanager
+    def attempt(self, server: Server, probe: bool) -> Iterator[None]:
+        """Around one call on ``server``: a refusal another server may answer (FAILOVER_ERRORS) is
+        swallowed, so the caller's loop tries the next server; anything else propagates."""
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as e:
+            error = e
+            if not isinstance(e, FAILOVER_ERRORS):
+                raise
+            self.last_error = e
+            logger.warning("LLM server %s refused a call (%s); trying another", server.name, e.code)
+        finally:
+            self.release(server, probe, error)
+
+
 def _ready_result(routing: _Routing, errors: list[LLMError | None]) -> None:
     """Log each server that is not ready; raise the first one's error when none is."""
     failures = [error for error in errors if error is not None]
-    for server, error in zip(routing.servers, errors):
+    for server, error in zip(routing.servers, errors, strict=True):
         if error is not None and len(routing.servers) > 1:
             logger.warning("LLM server %s is not ready (its share goes to the others): %s", server.name, error)
     if len(failures) == len(routing.servers):
@@ -277,28 +313,17 @@ class LLMPool:
         for server in self.servers:
             server.client.close()
 
+    def _release(self, server: Server, probe: bool, error: BaseException | None) -> None:
+        with self._lock:
+            self._routing.release(server, probe, error)
+
     def _call(self, method: str, *args: Any) -> Any:
-        tried: list[Server] = []
-        last_error: LLMError | None = None
+        failover = _Failover(self._routing, self._release)
         while True:
             with self._lock:
-                chosen = self._routing.acquire(tried)
-                if chosen is None:
-                    raise self._routing.no_server_error(last_error)
-            server, probe = chosen
-            tried.append(server)
-            error: BaseException | None = None
-            try:
+                server, probe = failover.next_server()
+            with failover.attempt(server, probe):
                 return getattr(server.client, method)(*args)
-            except BaseException as e:
-                error = e
-                if not isinstance(e, FAILOVER_ERRORS):
-                    raise
-                last_error = e
-                logger.warning("LLM server %s refused a call (%s); trying another", server.name, e.code)
-            finally:
-                with self._lock:
-                    self._routing.release(server, probe, error)
 
     def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> Any:
         """One classification call on the least busy server; raises an ``LLMError`` when none can answer."""
@@ -379,27 +404,16 @@ class AsyncLLMPool:
             self._changed.set()
             self._changed = None
 
+    def _release(self, server: Server, probe: bool, error: BaseException | None) -> None:
+        self._routing.release(server, probe, error)
+        self._notify()
+
     async def _call(self, method: str, *args: Any) -> Any:
-        tried: list[Server] = []
-        last_error: LLMError | None = None
+        failover = _Failover(self._routing, self._release)
         while True:
-            chosen = self._routing.acquire(tried)
-            if chosen is None:
-                raise self._routing.no_server_error(last_error)
-            server, probe = chosen
-            tried.append(server)
-            error: BaseException | None = None
-            try:
+            server, probe = failover.next_server()
+            with failover.attempt(server, probe):
                 return await getattr(server.client, method)(*args)
-            except BaseException as e:
-                error = e
-                if not isinstance(e, FAILOVER_ERRORS):
-                    raise
-                last_error = e
-                logger.warning("LLM server %s refused a call (%s); trying another", server.name, e.code)
-            finally:
-                self._routing.release(server, probe, error)
-                self._notify()
 
     async def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> Any:
         """One classification call on the least busy server; raises an ``LLMError`` when none can answer."""
@@ -418,10 +432,8 @@ class AsyncLLMPool:
             if self._changed is None:
                 self._changed = asyncio.Event()
             changed = self._changed
-            try:
+            with suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=None if wait == float("inf") else wait)
-            except TimeoutError:
-                pass
 
     async def _check_all(self) -> list[LLMError | None]:
         async def check(server: Server) -> LLMError | None:

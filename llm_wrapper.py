@@ -25,7 +25,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
 from typing import Any
 
@@ -229,8 +229,8 @@ def retry_after_seconds(headers: Mapping[str, str] | None, now: datetime | None 
         except (TypeError, ValueError):
             return None
         if when.tzinfo is None:
-            when = when.replace(tzinfo=timezone.utc)
-        seconds = (when - (now or datetime.now(timezone.utc))).total_seconds()
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - (now or datetime.now(UTC))).total_seconds()
     if not math.isfinite(seconds):
         return None
     # A server asking for hours would stall the API's clients; cap it (the batch retries anyway).
@@ -258,16 +258,21 @@ def error_from_response(
     )
 
 
+def _answer_json(body: bytes, who: str) -> Any:
+    """The JSON of an HTTP 200 answer; a body that is not JSON is the server's fault (LLMOutputError)."""
+    try:
+        return json.loads(body)
+    except ValueError as e:
+        raise LLMOutputError(f"{who} answered HTTP 200 with a body that is not JSON: {body[:120]!r}") from e
+
+
 def parse_chat_response(
     status: int, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None
 ) -> ChatResult:
     """Read an ``/api/chat`` answer; raise the matching :class:`LLMError` unless it is a complete reply."""
     if status != 200:
         raise error_from_response(status, body, settings, headers)
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise LLMOutputError(f"Ollama answered HTTP 200 with a body that is not JSON: {body[:120]!r}") from e
+    data = _answer_json(body, "Ollama")
     message = data.get("message") if isinstance(data, dict) else None
     if not isinstance(message, dict) or not isinstance(message.get("content"), str):
         raise LLMOutputError(f"Ollama's answer has no message.content: {str(data)[:200]}")
@@ -405,6 +410,11 @@ def _int_or_none(value: Any) -> int | None:
     return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """``value`` if it is a JSON object, else an empty one (optional parts of an answer)."""
+    return value if isinstance(value, dict) else {}
+
+
 def _ms_to_ns(value: Any) -> int | None:
     return int(value * 1_000_000) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
@@ -415,17 +425,14 @@ def parse_openai_response(
     """Read a ``/chat/completions`` answer; raise the matching :class:`LLMError` unless it is a complete reply."""
     if status != 200:
         raise openai_error_from_response(status, body, settings, headers)
-    try:
-        data = json.loads(body)
-    except ValueError as e:
-        raise LLMOutputError(f"The LLM server answered HTTP 200 with a body that is not JSON: {body[:120]!r}") from e
+    data = _answer_json(body, "The LLM server")
     choices = data.get("choices") if isinstance(data, dict) else None
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
     message = choice.get("message") if choice else None
     if not isinstance(message, dict):
         raise LLMOutputError(f"The LLM server's answer has no choices[0].message: {str(data)[:200]}")
     assert choice is not None
-    usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+    usage = _object(data.get("usage"))
     finish_reason = choice.get("finish_reason")
     if finish_reason == "length":
         raise LLMOutputError(
@@ -440,15 +447,15 @@ def parse_openai_response(
             raise LLMOutputError(f"The model refused to answer: {refusal[:200]}")
         raise LLMOutputError(f"The model answered with empty content (finish_reason={finish_reason!r}).")
     # llama.cpp adds "timings" (ms, and cache_n); OpenAI and vLLM report cached tokens in usage.
-    timings = data.get("timings") if isinstance(data.get("timings"), dict) else {}
-    details = usage.get("prompt_tokens_details") if isinstance(usage.get("prompt_tokens_details"), dict) else {}
+    timings = _object(data.get("timings"))
+    details = _object(usage.get("prompt_tokens_details"))
     prompt_tokens = _int_or_none(usage.get("prompt_tokens"))
     cached = _int_or_none(details.get("cached_tokens"))
     if cached is None:
         cached = _int_or_none(timings.get("cache_n"))
     evaluated = prompt_tokens - cached if prompt_tokens is not None and cached is not None else prompt_tokens
     prompt_ns, predicted_ns = _ms_to_ns(timings.get("prompt_ms")), _ms_to_ns(timings.get("predicted_ms"))
-    logprobs = choice.get("logprobs") if isinstance(choice.get("logprobs"), dict) else {}
+    logprobs = _object(choice.get("logprobs"))
     return ChatResult(
         content=content.strip(),
         model=str(data.get("model") or settings.ollama_model),

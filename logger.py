@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import TextIO
+from typing import TextIO, cast
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(name)s - %(message)s"
 
@@ -92,7 +92,8 @@ class OneLineFormatter(logging.Formatter):
     site logs them. A traceback follows its record with every line indented, so it cannot either."""
 
     def formatMessage(self, record: logging.LogRecord) -> str:
-        return super().formatMessage(_Escaped(record))
+        # _Escaped stands in for the record (same attributes, values escaped): duck-typed on purpose.
+        return super().formatMessage(cast(logging.LogRecord, _Escaped(record)))
 
     def format(self, record: logging.LogRecord) -> str:
         # logging.Formatter.format, with the message escaped and the traceback indented. The

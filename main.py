@@ -17,7 +17,6 @@ from config import field_help, load_settings
 from error_handler import EXIT_OK, ConfigError
 from logger import configure_logging
 
-
 # For `uvicorn main:app`; building the app reads and connects nothing.
 app = app_from_environment()
 

@@ -45,6 +45,7 @@ BATCH_APPNAME = "support-classifier-batch"
 #: Seconds the start-up check waits for MongoDB before giving up.
 PING_TIMEOUT_SECONDS = 10.0
 
+# Created by the batch processor (MongoStore.ensure_indexes) and the importer (scripts/import_data.py).
 SOURCE_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("status", ASCENDING)], {}),
     ([("conversation_number", ASCENDING)], {"unique": True}),
@@ -140,7 +141,7 @@ def unprocessed_filter(include_failed: bool) -> dict[str, Any]:
     return {"status": {"$in": statuses}}
 
 
-def _unreachable(uri: str, error: PyMongoError) -> StorageUnavailableError:
+def unreachable_error(uri: str, error: PyMongoError) -> StorageUnavailableError:
     # The driver's message goes on with timeouts and a topology dump: keep its first clause.
     first_line = re.split(r", Timeout: | \(configured timeouts|\n", str(error))[0]
     return StorageUnavailableError(
@@ -161,11 +162,24 @@ def _client_options(settings: Settings, appname: str) -> dict[str, Any]:
     }
 
 
-def _invalid_uri(uri: str, error: Exception) -> StorageUnavailableError:
+def invalid_uri_error(uri: str, error: Exception) -> StorageUnavailableError:
     return StorageUnavailableError(
         f"Invalid MongoDB connection string {redact_uri(uri)!r}: {error}",
         hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
     )
+
+
+@contextmanager
+def mongo_connection(settings: Settings, appname: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The one way to reach the configured MongoDB, for synchronous and asynchronous clients alike:
+    the connection string (the embedded database's, started for the duration, when configured) and
+    the client options of :func:`_client_options`."""
+    options = _client_options(settings, appname)
+    if settings.uses_embedded_database:
+        with embedded_database(settings) as uri:
+            yield uri, options
+    else:
+        yield settings.mongodb_connection_string.strip(), options
 
 
 @contextmanager
@@ -175,26 +189,22 @@ def sync_database(settings: Settings, *, appname: str = "support-classifier-tool
     Starts the embedded database when configured, checks MongoDB answers (raising
     :class:`StorageUnavailableError` with a clear message otherwise) and closes the client.
     """
-    if settings.uses_embedded_database:
-        with embedded_database(settings) as uri, _sync_client(settings, uri, appname) as database:
-            yield database
-    else:
-        with _sync_client(settings, settings.mongodb_connection_string, appname) as database:
-            yield database
+    with mongo_connection(settings, appname) as (uri, options), _sync_client(settings, uri, options) as database:
+        yield database
 
 
 @contextmanager
-def _sync_client(settings: Settings, uri: str, appname: str) -> Iterator[Database[Any]]:
+def _sync_client(settings: Settings, uri: str, options: dict[str, Any]) -> Iterator[Database[Any]]:
     try:
-        client: MongoClient[dict[str, Any]] = MongoClient(uri, **_client_options(settings, appname))
+        client: MongoClient[dict[str, Any]] = MongoClient(uri, **options)
     except (PyMongoError, ValueError, TypeError) as e:
-        raise _invalid_uri(uri, e) from e
+        raise invalid_uri_error(uri, e) from e
     try:
         try:
             with pymongo.timeout(min(PING_TIMEOUT_SECONDS, settings.mongodb_timeout_ms / 1000)):
                 client.admin.command("ping")
         except PyMongoError as e:
-            raise _unreachable(uri, e) from e
+            raise unreachable_error(uri, e) from e
         yield client[settings.mongodb_database_name]
     finally:
         client.close()
@@ -244,26 +254,19 @@ class MongoStore:
     @asynccontextmanager
     async def connect(cls, settings: Settings) -> AsyncIterator[MongoStore]:
         """Open the client (starting the embedded database when configured); close it on exit."""
-        if settings.uses_embedded_database:
-            with embedded_database(settings) as uri:
-                async with cls._open(settings, uri) as store:
-                    yield store
-        else:
-            async with cls._open(settings, settings.mongodb_connection_string) as store:
+        with mongo_connection(settings, BATCH_APPNAME) as (uri, options):
+            async with cls._open(settings, uri, options) as store:
                 yield store
 
     @classmethod
     @asynccontextmanager
-    async def _open(cls, settings: Settings, uri: str) -> AsyncIterator[MongoStore]:
+    async def _open(cls, settings: Settings, uri: str, options: dict[str, Any]) -> AsyncIterator[MongoStore]:
         try:
             client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-                uri,
-                maxPoolSize=max(20, 2 * settings.batch_max_concurrent),
-                maxIdleTimeMS=30000,
-                **_client_options(settings, BATCH_APPNAME),
+                uri, maxPoolSize=max(20, 2 * settings.batch_max_concurrent), maxIdleTimeMS=30000, **options
             )
         except (PyMongoError, ValueError, TypeError) as e:
-            raise _invalid_uri(uri, e) from e
+            raise invalid_uri_error(uri, e) from e
         try:
             yield cls(client, settings, uri=uri)
         finally:
@@ -283,7 +286,7 @@ class MongoStore:
             with pymongo.timeout(min(PING_TIMEOUT_SECONDS, self.settings.mongodb_timeout_ms / 1000)):
                 await self.client.admin.command("ping")
         except PyMongoError as e:
-            raise _unreachable(self.uri, e) from e
+            raise unreachable_error(self.uri, e) from e
 
     async def ensure_indexes(self) -> None:
         """Create the indexes of docs/architecture.md#results-and-indexes (idempotent)."""

@@ -1,6 +1,6 @@
 """Send conversations to the running API's ``POST /classify`` and save the answers.
 
-    python scripts/api_client.py INPUT.json [--url http://localhost:8000] [--output answers.json] [--timeout S]
+    python -m scripts.api_client INPUT.json [--url http://localhost:8000] [--output answers.json] [--timeout S]
 
 INPUT.json holds one conversation (a ``/classify`` body) or a JSON list of them;
 documents of the source collection (``conversation_number`` + ``tweets``) work as
@@ -34,7 +34,7 @@ DEFAULT_TIMEOUT = 150.0
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python scripts/api_client.py",
+        prog="python -m scripts.api_client",
         description="Classify the conversations of a JSON file with the running API (POST /classify) "
         "and write every answer to a JSON file.",
         epilog="Exit codes: 0 all classified, 1 some failed, 2 usage error.",

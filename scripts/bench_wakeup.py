@@ -1,6 +1,6 @@
 """Continuous mode: latency from a conversation's insert to its result, polling vs change streams.
 
-    python scripts/bench_wakeup.py [--inserts N] [--poll-interval S]
+    python -m scripts.bench_wakeup [--inserts N] [--poll-interval S]
 
 Runs the REAL processor (``python batch_processor.py --mode continuous``) twice against SecantusDB
 (its own server, in memory) and the test suite's fake Ollama (zero latency): once with
@@ -23,12 +23,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
-
 from pymongo import MongoClient
 
 from config import Settings, env_name
 from tests.fake_ollama import FakeOllama
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def wait_for(condition: Any, timeout: float, what: str) -> Any:
@@ -51,7 +51,7 @@ def measure(uri: str, ollama_url: str, *, change_streams: bool, inserts: int, in
             rng: random.Random) -> list[float]:
     database = f"wakeup_{'streams' if change_streams else 'polling'}"
     env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in Settings.model_fields}}
-    with tempfile.TemporaryDirectory() as work, MongoClient(uri) as client:
+    with tempfile.TemporaryDirectory() as work, MongoClient[dict[str, Any]](uri) as client:
         db = client[database]
         env.update({
             "MONGODB_CONNECTION_STRING": uri, "MONGODB_DATABASE_NAME": database, "OLLAMA_ENDPOINT": ollama_url,
@@ -86,7 +86,7 @@ def measure(uri: str, ollama_url: str, *, change_streams: bool, inserts: int, in
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python scripts/bench_wakeup.py", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m scripts.bench_wakeup", description=__doc__.split("\n\n")[0])
     parser.add_argument("--inserts", type=int, default=10, help="conversations per run [default: %(default)s]")
     parser.add_argument("--poll-interval", type=float, default=5.0, help="seconds [default: %(default)s]")
     parser.add_argument("--seed", type=int, default=12, help="random pauses' seed [default: %(default)s]")

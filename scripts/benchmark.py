@@ -1,6 +1,6 @@
 """Benchmarks (GitHub issue #5): batch throughput, pipeline overhead, memory, API latency, prompt size.
 
-    python scripts/benchmark.py [--full | --smoke] [--only SECTION[,SECTION]] [--label TEXT]
+    python -m scripts.benchmark [--full | --smoke] [--only SECTION[,SECTION]] [--label TEXT]
                                 [--output FILE.md] [--chart FILE.png]
 
 Runs the REAL batch processor (``python batch_processor.py``) and the REAL API (``python
@@ -96,7 +96,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +105,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from config import Settings, env_name, load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError  # noqa: E402
-from utils.command_line import free_port  # noqa: E402
+from utils.command_line import command_parser, free_port  # noqa: E402
 
 # Exit codes (error_handler): 0 every section ran, the file and the chart are written (targets may be
 # missed); 1 a step failed (a server did not start, a run did not complete): nothing written; 2 bad
@@ -146,9 +146,10 @@ test suite's fake Ollama (`tests/fake_ollama.py`, its own process, fixed latency
 (a MongoDB-wire-compatible server, its own process). Nothing here is estimated: every number
 comes from the run it is listed under, on the machine described there.
 
-Reproduce: `python scripts/benchmark.py` (fast preset, a few minutes; `make bench`),
-`python scripts/benchmark.py --full` (the issue's sizes), `--only api,prompt` for a subset,
-`--label after` to name a run. Runs are kept, newest first; the chart shows the newest run.
+Reproduce, from the project root with `.venv` activated (`source .venv/bin/activate`, see the README):
+`python -m scripts.benchmark` (fast preset, a few minutes; `make bench`), `python -m scripts.benchmark
+--full` (the issue's sizes), `--only api,prompt` for a subset, `--label after` to name a run. Runs are
+kept, newest first; the chart shows the newest run.
 """
 
 
@@ -317,10 +318,8 @@ class Processes:
 
 
 def _kill_group(pgid: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 #: Starts a command, waits for it with os.wait4 and writes its exit code, peak RSS and CPU time to a
@@ -432,7 +431,7 @@ class Context:
         try:
             _wait_until(lambda: port_open(port), process, "SecantusDB", log)
             uri = f"mongodb://127.0.0.1:{port}/"
-            client = MongoClient(uri, serverSelectionTimeoutMS=10000, tz_aware=True)
+            client = MongoClient[dict[str, Any]](uri, serverSelectionTimeoutMS=10000, tz_aware=True)
             client.admin.command("ping")
             yield Database(uri, process.pid, client)
         finally:
@@ -640,7 +639,8 @@ def run_processor(ctx: Context, *, what: str, fake: Service, n: int, max_concurr
 
 def section_concurrency(ctx: Context) -> SectionResult:
     latency = ctx.preset.concurrency_latency
-    rows, chart = [], {"levels": [], "measured": [], "ideal": []}
+    rows: list[list[str]] = []
+    chart: dict[str, list[Any]] = {"levels": [], "measured": [], "ideal": []}
     efficiency_at_10: float | None = None
     with ctx.fake_ollama(latency) as fake:
         for level, n in ctx.preset.concurrency_sizes.items():
@@ -698,13 +698,13 @@ async def _baseline(uri: str, database: str, concurrency: int, batch_size: int) 
             for keys, options in indexes:
                 await collection.create_index(keys, **options)
         semaphore = asyncio.Semaphore(concurrency)
-        job_id = f"baseline_{datetime.now(timezone.utc):%Y%m%d_%H%M%S}"
+        job_id = f"baseline_{datetime.now(UTC):%Y%m%d_%H%M%S}"
         done = 0
 
         async def one(document: dict[str, Any]) -> None:
             nonlocal done
             async with semaphore:
-                now = datetime.now(timezone.utc)
+                now = datetime.now(UTC)
                 result = {
                     "conversation_number": document["conversation_number"],
                     "source_conversation_id": document["_id"],
@@ -736,7 +736,7 @@ async def _baseline(uri: str, database: str, concurrency: int, batch_size: int) 
             last = documents[-1]["_id"]
             await source.update_many(
                 {"_id": {"$in": [d["_id"] for d in documents]}},
-                {"$set": {"status": STATUS_PROCESSING, "last_processed_at": datetime.now(timezone.utc)}},
+                {"$set": {"status": STATUS_PROCESSING, "last_processed_at": datetime.now(UTC)}},
             )
             running.add(asyncio.ensure_future(asyncio.gather(*(one(d) for d in documents))))
             # As the processor: the next batch is read while the current one finishes.
@@ -793,7 +793,7 @@ def section_overhead(ctx: Context) -> SectionResult:
     base_rates = [rate for rate, _, _ in baseline]
     ours_rate, base_rate = statistics.median(ours_rates), statistics.median(base_rates)
     ratio = ours_rate / base_rate
-    pair_ratios = [a / b for a, b in zip(ours_rates, base_rates)]
+    pair_ratios = [a / b for a, b in zip(ours_rates, base_rates, strict=True)]
     rows = [
         ["batch processor (classify + write)", f"{n:,}", str(repeats), _f(ours_rate, 1),
          ", ".join(_f(r, 1) for r in ours_rates),
@@ -906,11 +906,12 @@ async def load_test(url: str, bodies: list[bytes], *, clients: int, requests: in
                 for i in numbers:
                     body = bodies[i % len(bodies)]
                     started = time.perf_counter()
+                    error: str | None
                     try:
                         async with session.post(url, data=body, headers=headers) as response:
                             await response.read()
                             status = response.status
-                    except (aiohttp.ClientError, asyncio.TimeoutError) as e:
+                    except (TimeoutError, aiohttp.ClientError) as e:
                         status, error = None, f"{type(e).__name__}: {e}"
                     else:
                         error = None if status == 200 else f"HTTP {status}"
@@ -969,7 +970,7 @@ def section_api(ctx: Context) -> SectionResult:
                 result = asyncio.run(load_test(url, bodies, clients=clients, requests=preset.api_requests,
                                                warmup=preset.api_warmup))
                 after = (cpu_seconds(api.pid), cpu_seconds(fake.pid), _own_cpu())
-                result.cpu = [_cpu_delta(b, a) for b, a in zip(before, after)]
+                result.cpu = [_cpu_delta(b, a) for b, a in zip(before, after, strict=True)]
                 if not result.latencies_ms:
                     raise BenchmarkError(f"api ({clients} clients): every request to {url} failed "
                                          f"({result.first_error})")
@@ -1025,7 +1026,7 @@ def synthetic_long_conversation(char_budget: int) -> dict[str, Any]:
     """A chat well over the character budget: alternating turns of about 300 characters."""
     sentence = ("I am writing again about the replacement router that was promised three weeks ago; the "
                 "tracking page still shows label created and nobody answers my emails. ")
-    messages = []
+    messages: list[dict[str, Any]] = []
     i = 0
     while sum(len(m["text"]) for m in messages) < 2 * char_budget:
         sender = "customer" if i % 2 == 0 else "agent"
@@ -1346,10 +1347,8 @@ class _KillWhenProgressed:
                     continue
                 successful = int(progress.get("successful") or 0)
                 if successful >= self.after and progress.get("status") != "completed":
-                    try:
+                    with contextlib.suppress(ProcessLookupError):
                         os.kill(self.pid, signal.SIGKILL)
-                    except ProcessLookupError:
-                        pass
                     self.killed_at = successful
                     return
 
@@ -1431,10 +1430,8 @@ def machine_info() -> dict[str, str]:
     usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     versions = []
     for package in ("secantusdb", "pymongo", "fastapi", "uvicorn", "aiohttp"):
-        try:
+        with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions.append(f"{package} {importlib.metadata.version(package)}")
-        except importlib.metadata.PackageNotFoundError:
-            pass
     return {
         "CPU": cpu,
         "cores": f"{os.cpu_count()} logical ({usable} usable by this process)",
@@ -1550,11 +1547,11 @@ def write_chart(path: Path, sections: list[SectionResult], title: str) -> None:
         axes = figure.add_subplot(rows, columns, index + 1)
         data = section.chart
         if section.key == "concurrency":
-            x = range(len(data["levels"]))
+            x = list(range(len(data["levels"])))
             bars = axes.bar(x, data["measured"], width=0.6, color="#1f77b4", label="measured")
             axes.plot(x, data["ideal"], "o--", color="#d1453b", label="ideal (concurrency / latency)")
-            axes.bar_label(bars, labels=[f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"])],
-                           fontsize=8, padding=2)
+            ratios = [f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"], strict=True)]
+            axes.bar_label(bars, labels=ratios, fontsize=8, padding=2)
             axes.set_xticks(list(x), [str(level) for level in data["levels"]])
             axes.set_xlabel("--max-concurrent (bar label: efficiency)")
             axes.set_ylabel("conversations/s")
@@ -1595,8 +1592,8 @@ def write_chart(path: Path, sections: list[SectionResult], title: str) -> None:
             x = list(range(len(data["labels"])))
             bars = axes.bar(x, data["measured"], width=0.6, color="#1f77b4", label="measured")
             axes.plot(x, data["ideal"], "o--", color="#d1453b", label="ideal (live servers x parallel / latency)")
-            axes.bar_label(bars, labels=[f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"])],
-                           fontsize=8, padding=2)
+            ratios = [f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"], strict=True)]
+            axes.bar_label(bars, labels=ratios, fontsize=8, padding=2)
             axes.set_xticks(x, [label.replace(", ", "\n") for label in data["labels"]], fontsize=7)
             axes.set_xlabel("LLM servers (bar label: efficiency)")
             axes.set_ylabel("conversations/s")
@@ -1628,14 +1625,13 @@ def _label(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python scripts/benchmark.py",
-        description="Benchmark the batch processor and the API (real subprocesses) against the fake Ollama "
+    parser = command_parser(
+        "python -m scripts.benchmark",
+        "Benchmark the batch processor and the API (real subprocesses) against the fake Ollama "
         "and SecantusDB; write the tables to a markdown file and a PNG chart.",
-        epilog=f"sections: {', '.join(SECTIONS)}\n\nexit codes:\n  {EXIT_OK} done (targets may be missed: see "
+        f"sections: {', '.join(SECTIONS)}\n\nexit codes:\n  {EXIT_OK} done (targets may be missed: see "
         f"the file)   {EXIT_FAILURE} a step failed (nothing written)\n  {EXIT_USAGE} bad command line or "
         f"unwritable output   {EXIT_INTERRUPTED} interrupted",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--full", action="store_true", help="the issue's sizes (e.g. 20,000 conversations for memory)")
@@ -1666,8 +1662,8 @@ def run(args: argparse.Namespace, argv: list[str], console: Any) -> int:
     preset = PRESETS["full" if args.full else "smoke" if args.smoke else "fast"]
     selected = args.only or list(SECTIONS)
     label = args.label or preset.name
-    command = "python scripts/benchmark.py" + (" " + shlex.join(argv) if argv else "")
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    command = "python -m scripts.benchmark" + (" " + shlex.join(argv) if argv else "")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     started = time.monotonic()
     console.print(f"[bold]Benchmark[/] preset {preset.name}, sections {', '.join(selected)}", highlight=False)
 

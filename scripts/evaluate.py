@@ -1,6 +1,6 @@
 """Measure classification quality on a labelled set: accuracy, macro-F1, per-label scores, confusions.
 
-    python scripts/evaluate.py LABELLED_FILE [--url URL] [--model MODEL] [--taxonomy FILE]
+    python -m scripts.evaluate LABELLED_FILE [--url URL] [--model MODEL] [--taxonomy FILE]
         [--max-concurrent N] [--limit N] [--output report.json] [--markdown report.md]
         [--chart confusion.png] [--verbose]
 
@@ -89,6 +89,7 @@ from error_handler import (
 from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from prompt_builder import Taxonomy, load_taxonomy
+from utils.command_line import command_parser, positive_int
 
 logger = logging.getLogger("evaluate")
 ROOT = Path(__file__).resolve().parents[1]
@@ -129,16 +130,6 @@ class APIAnswerError(ClassifierError):
 # --- command line ------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
-
-
 def _suffixed(suffix: str) -> Callable[[str], Path]:
     def parse(text: str) -> Path:
         if not text.lower().endswith(suffix):
@@ -149,12 +140,11 @@ def _suffixed(suffix: str) -> Callable[[str], Path]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python scripts/evaluate.py",
-        description="Classify a labelled set of conversations and measure accuracy, macro-F1, "
+    parser = command_parser(
+        "python -m scripts.evaluate",
+        "Classify a labelled set of conversations and measure accuracy, macro-F1, "
         "per-label precision/recall/F1 and the confusion matrices.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     parser.add_argument("labelled_file", type=Path, metavar="LABELLED_FILE",
                         help="JSON list, JSON Lines or CSV of conversations with expected labels")
@@ -163,9 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="model to evaluate, overrides OLLAMA_MODEL (direct runs only)")
     parser.add_argument("--taxonomy", type=Path, metavar="FILE",
                         help="taxonomy file, overrides TAXONOMY_FILE [default: the setting]")
-    parser.add_argument("--max-concurrent", type=_positive_int, default=1, metavar="N",
+    parser.add_argument("--max-concurrent", type=positive_int, default=1, metavar="N",
                         help="conversations classified at once [default: 1, repeatable answers]")
-    parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N usable items")
+    parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N usable items")
     parser.add_argument("--output", type=_suffixed(".json"), metavar="report.json",
                         help="write the report as JSON")
     parser.add_argument("--markdown", type=_suffixed(".md"), metavar="report.md",
@@ -350,7 +340,7 @@ def _confidences(classification: dict[str, Any]) -> dict[str, float | None]:
     for name in FIELDS:
         value = raw.get(name)
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-        values[name] = float(value) if ok else None
+        values[name] = float(value) if ok and value is not None else None
     return values
 
 

@@ -1,6 +1,6 @@
 """Load conversations into the source collection: a TWCS CSV or a JSON file of documents.
 
-    python scripts/import_data.py FILE [--company AUTHOR_ID] [--limit N] [--drop]
+    python -m scripts.import_data FILE [--company AUTHOR_ID] [--limit N] [--drop]
 
 Uses the processor's MongoDB settings (MONGODB_CONNECTION_STRING, 'embedded' included,
 MONGODB_DATABASE_NAME, MONGODB_SOURCE_COLLECTION; environment, then ``.env``).
@@ -82,13 +82,12 @@ from array import array
 from collections.abc import Callable, Generator, Iterator
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from itertools import groupby
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
-from pymongo import ASCENDING  # noqa: E402
 from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -118,8 +117,8 @@ from error_handler import (  # noqa: E402
     run_command,
 )
 from logger import configure_logging  # noqa: E402
-from mongo_client import STATUS_PENDING, storage_error, sync_database  # noqa: E402
-from utils.command_line import positive_int  # noqa: E402
+from mongo_client import SOURCE_INDEXES, STATUS_PENDING, storage_error, sync_database  # noqa: E402
+from utils.command_line import command_parser, positive_int  # noqa: E402
 
 logger = logging.getLogger("import_data")
 
@@ -187,13 +186,12 @@ def _company(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python scripts/import_data.py",
-        description="Load conversations into the source collection of the batch processor, from the TWCS "
+    parser = command_parser(
+        "python -m scripts.import_data",
+        "Load conversations into the source collection of the batch processor, from the TWCS "
         "Twitter customer-support CSV (tweets grouped into conversations by their reply links) or from a "
         "JSON file of documents. Re-importing the same file adds nothing.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     parser.add_argument("file", type=Path, metavar="FILE",
                         help="twcs.csv (or any CSV with the TWCS columns), or a .json file holding a list of "
@@ -281,7 +279,7 @@ def parse_created_at(value: str) -> int:
         if len(offset) != 5 or offset[0] not in "+-" or not (offset[1:].isascii() and offset[1:].isdigit()):
             raise ValueError
         moment = datetime(int(parts[5]), _MONTHS[parts[1].lower()], int(parts[2]),
-                          int(hours), int(minutes), int(seconds), tzinfo=timezone.utc)
+                          int(hours), int(minutes), int(seconds), tzinfo=UTC)
         shift = int(offset[1:3]) * 3600 + int(offset[3:5]) * 60
         return int(moment.timestamp()) - (shift if offset[0] == "+" else -shift)
     except (ValueError, KeyError, OverflowError):
@@ -302,14 +300,14 @@ def work_database(temp_dir: Path | None) -> Iterator[sqlite3.Connection]:
     """A throw-away SQLite database in a temporary folder, removed on exit."""
     if temp_dir is not None and not temp_dir.is_dir():
         raise UsageError(f"--temp-dir folder does not exist: {temp_dir}")
-    with tempfile.TemporaryDirectory(prefix="import_data_", dir=temp_dir) as folder:
-        with closing(sqlite3.connect(Path(folder) / "work.sqlite3")) as db:
-            db.execute("PRAGMA journal_mode = OFF")
-            db.execute("PRAGMA synchronous = OFF")
-            db.execute("PRAGMA locking_mode = EXCLUSIVE")
-            db.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
-            db.execute("CREATE TABLE bad_rows (position INTEGER NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL)")
-            yield db
+    with (tempfile.TemporaryDirectory(prefix="import_data_", dir=temp_dir) as folder,
+          closing(sqlite3.connect(Path(folder) / "work.sqlite3")) as db):
+        db.execute("PRAGMA journal_mode = OFF")
+        db.execute("PRAGMA synchronous = OFF")
+        db.execute("PRAGMA locking_mode = EXCLUSIVE")
+        db.execute(f"PRAGMA cache_size = -{SQLITE_CACHE_KIB}")
+        db.execute("CREATE TABLE bad_rows (position INTEGER NOT NULL, kind TEXT NOT NULL, reason TEXT NOT NULL)")
+        yield db
 
 
 class BadRows:
@@ -669,19 +667,24 @@ def drop_source(collection: Collection[dict[str, Any]]) -> str:
     return f"dropped {name} ({count} documents)"
 
 
-def ensure_unique_index(collection: Collection[dict[str, Any]]) -> None:
-    """The unique index on conversation_number that makes re-imports add nothing."""
-    try:
-        collection.create_index([("conversation_number", ASCENDING)], unique=True)
-    except OperationFailure as e:
-        reason = (e.details or {}).get("errmsg") or str(e)
-        raise StorageError(
-            f"cannot create the unique index on {collection.full_name}.conversation_number: {reason}",
-            hint="The collection holds repeated conversation numbers (or a non-unique index on it): "
-            "rerun with --drop to replace the collection, or remove the duplicates first.",
-        ) from e
-    except PyMongoError as e:
-        raise storage_error(e, f"index creation on {collection.full_name}") from e
+def ensure_source_indexes(collection: Collection[dict[str, Any]]) -> None:
+    """The source collection's indexes, the batch processor's own (mongo_client.SOURCE_INDEXES).
+    The importer needs the unique one on conversation_number (re-imports add nothing): where the
+    batch processor only warns, a failure here stops the import with the fix."""
+    for keys, options in SOURCE_INDEXES:
+        try:
+            collection.create_index(keys, **options)
+        except OperationFailure as e:
+            if not options.get("unique"):
+                raise storage_error(e, f"index creation on {collection.full_name}") from e
+            reason = (e.details or {}).get("errmsg") or str(e)
+            raise StorageError(
+                f"cannot create the unique index on {collection.full_name}.conversation_number: {reason}",
+                hint="The collection holds repeated conversation numbers (or a non-unique index on it): "
+                "rerun with --drop to replace the collection, or remove the duplicates first.",
+            ) from e
+        except PyMongoError as e:
+            raise storage_error(e, f"index creation on {collection.full_name}") from e
 
 
 def insert_batch(collection: Collection[dict[str, Any]], batch: list[dict[str, Any]], counts: Counts) -> None:
@@ -847,7 +850,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
                 candidates = json_documents(items, bad)
             if args.drop:
                 print(drop_source(collection), flush=True)
-            ensure_unique_index(collection)
+            ensure_source_indexes(collection)
             task = progress.add_task("importing", total=total)
             try:
                 import_documents(

@@ -12,7 +12,7 @@ tree; ``LLAMA_SERVER_BIN`` names another one); the model from the PyPI package `
 ``llm`` tool, not needed to read the file). The server listens on 127.0.0.1 only and is stopped
 (terminated, then killed) when the ``with`` block ends.
 
-Run standalone: ``python scripts/llama_server.py --parallel 2`` serves until Ctrl-C.
+Run standalone: ``python -m scripts.llama_server --parallel 2`` serves until Ctrl-C.
 """
 
 from __future__ import annotations
@@ -161,7 +161,8 @@ class LlamaServer:
             except requests.RequestException:
                 pass
             time.sleep(0.2)
-        raise LlamaServerError(f"llama-server did not become healthy within {self.start_timeout:g} s:\n{self.log_tail()}")
+        raise LlamaServerError(
+            f"llama-server did not become healthy within {self.start_timeout:g} s:\n{self.log_tail()}")
 
     def log_tail(self, lines: int = 30) -> str:
         if self.log_path is None or not self.log_path.exists():

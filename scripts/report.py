@@ -1,6 +1,6 @@
 """Report on the classifications: counts by intent, topic and sentiment, and their crossings.
 
-    python scripts/report.py [--format table|csv|json] [--chart FILE.png] [--job BATCH_JOB_ID]
+    python -m scripts.report [--format table|csv|json] [--chart FILE.png] [--job BATCH_JOB_ID]
 
 Reads the results collection of the batch processor with its MongoDB settings
 (MONGODB_CONNECTION_STRING, 'embedded' included, MONGODB_DATABASE_NAME,
@@ -58,9 +58,9 @@ import sys
 import time
 from collections import Counter
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
@@ -78,6 +78,7 @@ from error_handler import (  # noqa: E402
 from logger import configure_logging  # noqa: E402
 from mongo_client import STATUS_SKIPPED, storage_error, sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
+from utils.command_line import command_parser  # noqa: E402
 
 logger = logging.getLogger("report")
 
@@ -141,12 +142,11 @@ def _job_id(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python scripts/report.py",
-        description="Count the classifications of the results collection by intent, topic and sentiment, "
+    parser = command_parser(
+        "python -m scripts.report",
+        "Count the classifications of the results collection by intent, topic and sentiment, "
         "and cross them (intent x sentiment, topic x sentiment, intent x topic). MongoDB does the counting.",
-        epilog=EPILOG,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        EPILOG,
     )
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table",
                         help="table: rich tables with totals and percentages; csv: one long table "
@@ -205,7 +205,7 @@ def _as_utc(value: Any) -> datetime | None:
             return None
     if not isinstance(value, datetime):
         return None
-    return value.replace(tzinfo=timezone.utc) if value.tzinfo is None else value.astimezone(timezone.utc)
+    return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
 
 
 def _match(job: str | None) -> dict[str, Any]:
@@ -293,7 +293,7 @@ def count_skipped(source: Collection[Any], job: str | None) -> int:
 
 def latest_jobs(collection: Collection[Any], limit: int = LATEST_JOBS_SHOWN) -> list[str]:
     """The batch jobs with results, most recently processed first (for the --job hint)."""
-    pipeline = [
+    pipeline: list[dict[str, Any]] = [
         {"$match": {"processing_metadata.batch_job_id": {"$type": "string"}}},
         {"$group": {"_id": "$processing_metadata.batch_job_id", "last": {"$max": "$processing_metadata.processed_at"}}},
         {"$sort": {"last": -1, "_id": -1}},
@@ -433,6 +433,7 @@ def write_chart(report: Report, path: Path) -> None:
     # Imported here: matplotlib takes a while to import, and only --chart needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     sentiments = report.labels["sentiment"]
     colours = _sentiment_colours(sentiments)
@@ -458,14 +459,15 @@ def write_chart(report: Report, path: Path) -> None:
         for sentiment in sentiments:
             widths = [cells[label, sentiment] for label in labels]
             axes.barh(labels, widths, left=left, color=colours[sentiment], label=sentiment, height=0.7)
-            left = [a + b for a, b in zip(left, widths)]
+            left = [a + b for a, b in zip(left, widths, strict=True)]
         for y, total in enumerate(left):
             axes.annotate(str(total), (total, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
         axes.invert_yaxis()  # taxonomy order from the top
         axes.set_title(f"{heading} (stacked by sentiment)", loc="left", fontsize=11)
         axes.set_xlabel("results")
         axes.set_xlim(0, max(left + [1]) * 1.08)
-        axes.xaxis.get_major_locator().set_params(integer=True)
+        # The default AutoLocator is a MaxNLocator.
+        cast(MaxNLocator, axes.xaxis.get_major_locator()).set_params(integer=True)
         axes.grid(axis="x", alpha=0.3)
         axes.set_axisbelow(True)
         axes.spines[["top", "right"]].set_visible(False)
@@ -475,12 +477,13 @@ def write_chart(report: Report, path: Path) -> None:
 
     axes = figure.add_subplot(grid[2])
     values = [report.counts["sentiment"][label] for label in sentiments]
-    bars = axes.bar([_marked(report, "sentiment", label) for label in sentiments], values, color=[colours[label] for label in sentiments], width=0.6)
+    bars = axes.bar([_marked(report, "sentiment", label) for label in sentiments], values,
+                    color=[colours[label] for label in sentiments], width=0.6)
     axes.bar_label(bars, labels=[f"{v} ({_percent(v, report.total)})" for v in values], fontsize=8, padding=2)
     axes.set_title("Sentiments", loc="left", fontsize=11)
     axes.set_ylabel("results")
     axes.set_ylim(0, max(values + [1]) * 1.2)
-    axes.yaxis.get_major_locator().set_params(integer=True)
+    cast(MaxNLocator, axes.yaxis.get_major_locator()).set_params(integer=True)
     axes.grid(axis="y", alpha=0.3)
     axes.set_axisbelow(True)
     axes.spines[["top", "right"]].set_visible(False)

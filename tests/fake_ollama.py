@@ -35,7 +35,7 @@ import zlib
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -243,7 +243,8 @@ class FakeOllama:
                 "modified_at": "2025-09-24T10:30:00.000000Z",
                 "size": 4661224676,
                 "digest": f"{zlib.crc32(name.encode()):08x}" * 8,
-                "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B", "quantization_level": "Q4_0"},
+                "details": {"format": "gguf", "family": "llama", "parameter_size": "8.0B",
+                            "quantization_level": "Q4_0"},
             }
             for name in self.models
         ]
@@ -253,7 +254,7 @@ class FakeOllama:
         messages = body.get("messages") or []
         with self._lock:
             shared = 0
-            for mine, previous in zip(messages, self._previous_messages):
+            for mine, previous in zip(messages, self._previous_messages, strict=False):
                 if mine != previous:
                     break
                 shared += 1
@@ -285,7 +286,8 @@ class FakeOllama:
             return web.json_response({"error": "messages is required"}, status=400)
         model = _with_latest(str(body.get("model", "")))
         if model not in self.models:
-            return web.json_response({"error": f"model '{body.get('model')}' not found, try pulling it first"}, status=404)
+            return web.json_response({"error": f"model '{body.get('model')}' not found, try pulling it first"},
+                                     status=404)
 
         record = self._record(body, dict(request.headers))
         behavior = self._next_behavior(body)
@@ -340,7 +342,7 @@ class FakeOllama:
         if content is None:
             content = json.dumps(default_classification(body))
         eval_count = max(1, math.ceil(len(content) / CHARS_PER_TOKEN))
-        now = datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+        now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         duration_ns = int(delay * 1e9)
         final = {
             "model": body.get("model"),
@@ -375,6 +377,7 @@ class FakeOllama:
         self._runner = web.AppRunner(self.build_app(), shutdown_timeout=0.2, handler_cancellation=True,
                                      access_log=None)
         await self._runner.setup()
+        assert self._socket is not None, "the socket is bound before the site starts"
         await web.SockSite(self._runner, self._socket).start()
 
     def start(self) -> FakeOllama:
@@ -448,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fake Ollama server for tests and benchmarks (loopback).")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
     parser.add_argument("--port", type=int, default=0, help="port, 0 for any free one (default: %(default)s)")
-    parser.add_argument("--latency", type=float, default=0.0, help="seconds before each chat answer (default: %(default)s)")
+    parser.add_argument("--latency", type=float, default=0.0,
+                        help="seconds before each chat answer (default: %(default)s)")
     parser.add_argument("--parallel", type=int, default=None,
                         help="chats served at a time, like OLLAMA_NUM_PARALLEL (default: no limit)")
     parser.add_argument("--max-queue", type=int, default=None,

@@ -6,7 +6,7 @@ import json
 import os
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from utils.batch_file_manager import (
 ROOT = Path(__file__).resolve().parents[1]
 
 # BSON dates (and so Extended JSON) keep milliseconds: test values are millisecond-precise.
-PROCESSED_AT = datetime(2025, 9, 24, 10, 30, 0, 123000, tzinfo=timezone.utc)
+PROCESSED_AT = datetime(2025, 9, 24, 10, 30, 0, 123000, tzinfo=UTC)
 
 
 def _temp_files(directory: Path) -> list[Path]:
@@ -255,8 +255,8 @@ def test_a_journal_whose_entries_were_all_resolved_is_removed_on_reading(tmp_pat
     files = BatchFileManager(tmp_path)
     files.prepare()
     path = files.path(1, "retry_queue")
-    path.write_text('{"op": "put", "entry": %s}\n{"op": "remove", "conversation_id": "a"}\n'
-                    % json.dumps(_llm_failed("a").to_json()))  # a crash before the last resolve removed it
+    path.write_text(f'{{"op": "put", "entry": {json.dumps(_llm_failed("a").to_json())}}}\n'
+                    '{"op": "remove", "conversation_id": "a"}\n')  # a crash before the last resolve removed it
     assert BatchFileManager(tmp_path).retry_queue_numbers() == []
     assert not path.exists()
 

@@ -16,6 +16,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -471,7 +472,7 @@ def test_killed_mid_batch_then_restarted_every_conversation_has_exactly_one_resu
     fake_ollama.latency = 0.05
     for kill_after in (8, 25):
         process = start_processor("--batch-size", "20", "--max-concurrent", "4")
-        wait_until(lambda: mongo_db[RESULTS].count_documents({}) >= kill_after, what=f"{kill_after} results")
+        wait_until(lambda n=kill_after: mongo_db[RESULTS].count_documents({}) >= n, what=f"{kill_after} results")
         process.send_signal(signal.SIGKILL)
         process.wait(10)
         assert mongo_db[RESULTS].count_documents({}) < 60, "killed too late to test recovery"
@@ -530,7 +531,7 @@ def test_a_batch_files_folder_of_another_database_is_refused(batch_env, files_di
     monkeypatch.setenv("MONGODB_DATABASE_NAME", mongo_db.name + "_other")
     assert cli.main([]) == cli.EXIT_FAILURE
     err = capsys.readouterr().err
-    assert f"holds the batch files of mongodb://" in err and f"{mongo_db.name}.conversation_set" in err
+    assert "holds the batch files of mongodb://" in err and f"{mongo_db.name}.conversation_set" in err
     assert "--batch-files-dir" in err
 
 
@@ -658,7 +659,7 @@ def test_several_processors_share_a_collection_one_result_and_one_llm_call_each(
         for n in range(3)
     ]
     outputs = [p.communicate(timeout=120)[0] for p in processes]
-    for process, output in zip(processes, outputs):
+    for process, output in zip(processes, outputs, strict=True):
         assert process.returncode == cli.EXIT_OK, output
     assert results_per_source(mongo_db) == {i: 1 for i in ids}
     assert fake_ollama.chat_count == 90
@@ -671,9 +672,9 @@ def test_several_processors_share_a_collection_one_result_and_one_llm_call_each(
 
 
 def test_an_abandoned_claim_is_taken_over_and_a_live_one_is_waited_for(batch_env, mongo_db, fake_ollama, caplog):
-    from datetime import datetime, timedelta, timezone
+    from datetime import datetime, timedelta
 
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     expired = insert(mongo_db, [make_conversation(i, status="processing", claimed_by="dead-worker", claim_id="t1",
                                                   lease_expires_at=now - timedelta(seconds=5)) for i in range(3)])
     # Left 'processing' by a processor of before leases: nobody renews it.
@@ -856,7 +857,7 @@ def test_continuous_retry_failed_does_not_reread_permanent_failures_every_cycle(
     # Many poll cycles later (each new conversation needs at least one more cycle)...
     for i in range(1, 6):
         insert(mongo_db, [make_conversation(i)])
-        wait_until(lambda: statuses(mongo_db).get("processed") == i, timeout=60, what=f"conversation {i}")
+        wait_until(lambda n=i: statuses(mongo_db).get("processed") == n, timeout=60, what=f"conversation {i}")
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=30)
     assert process.returncode == cli.EXIT_INCOMPLETE, output
@@ -914,9 +915,9 @@ def test_failure_window_counts_model_failures_over_the_last_n():
 
 
 def utcnow() -> Any:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 # --- identical conversations (issue 9) -------------------------------------------------------------

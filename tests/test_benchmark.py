@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
+
 from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,7 +68,7 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
     assert code == benchmark.EXIT_OK
     text = output.read_text(encoding="utf-8")
     assert text.count("## Run: smoke (") == 1
-    assert "python scripts/benchmark.py --smoke" in text
+    assert "python -m scripts.benchmark --smoke" in text
     for key in ("CPU:", "cores:", "RAM:", "OS:", "Python:", "git commit:", "date:"):
         assert key in text
 
@@ -130,10 +131,10 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
 
 def test_a_second_run_is_written_above_the_first(tmp_path):
     output = tmp_path / "b.md"
-    first = benchmark.render_run("before", "2026-01-01 10:00 UTC", "python scripts/benchmark.py --label before",
+    first = benchmark.render_run("before", "2026-01-01 10:00 UTC", "python -m scripts.benchmark --label before",
                                  benchmark.PRESETS["fast"], 1.0, {"CPU": "x"}, [], None)
     benchmark.write_markdown(output, first)
-    second = benchmark.render_run("after", "2026-01-02 10:00 UTC", "python scripts/benchmark.py --label after",
+    second = benchmark.render_run("after", "2026-01-02 10:00 UTC", "python -m scripts.benchmark --label after",
                                   benchmark.PRESETS["fast"], 1.0, {"CPU": "x"}, [], None)
     benchmark.write_markdown(output, second)
 
@@ -145,7 +146,7 @@ def test_a_second_run_is_written_above_the_first(tmp_path):
 
 def test_notes_above_the_runs_are_kept_by_the_next_run(tmp_path):
     output = tmp_path / "b.md"
-    run = benchmark.render_run("before", "2026-01-01 10:00 UTC", "python scripts/benchmark.py --label before",
+    run = benchmark.render_run("before", "2026-01-01 10:00 UTC", "python -m scripts.benchmark --label before",
                                benchmark.PRESETS["fast"], 1.0, {"CPU": "x"}, [], None)
     benchmark.write_markdown(output, run)
     text = output.read_text(encoding="utf-8")
@@ -156,7 +157,8 @@ def test_notes_above_the_runs_are_kept_by_the_next_run(tmp_path):
     text = output.read_text(encoding="utf-8")
     assert text.startswith("# Benchmarks")
     assert text.count("The database is the bottleneck.") == 1
-    assert text.index("The database is the bottleneck.") < text.index("## Run: after (") < text.index("## Run: before (")
+    bottleneck = text.index("The database is the bottleneck.")
+    assert bottleneck < text.index("## Run: after (") < text.index("## Run: before (")
 
 
 def test_a_file_that_is_not_a_benchmark_report_is_not_overwritten(tmp_path, capsys):

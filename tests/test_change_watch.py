@@ -216,8 +216,8 @@ def test_continuous_mode_wakes_on_an_insert_long_before_the_poll_interval(
 def test_wakeup_benchmark_smoke_run() -> None:
     """scripts/bench_wakeup.py at tiny sizes, so it never rots (its numbers mean nothing here).
     Run as documented: ``python -m scripts.bench_wakeup`` from the project root (it uses the fake)."""
-    done = subprocess.run([sys.executable, "-m", "scripts.bench_wakeup", "--inserts", "1",
-                           "--poll-interval", "0.5"], check=False, cwd=ROOT, capture_output=True, text=True, timeout=170)
+    done = subprocess.run([sys.executable, "-m", "scripts.bench_wakeup", "--inserts", "1", "--poll-interval", "0.5"],
+                          check=False, cwd=ROOT, capture_output=True, text=True, timeout=170)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "| polling every 0.5 s |" in done.stdout and "| change streams |" in done.stdout
     assert "median ratio polling / change streams" in done.stdout

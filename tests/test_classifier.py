@@ -11,7 +11,7 @@ import pytest
 
 from aggregator import validate_conversation
 from async_llm_wrapper import AsyncOllamaClient
-from classifier import Confidence, Classification, ConversationClassifier, extract_json_object, parse_classification
+from classifier import Classification, Confidence, ConversationClassifier, extract_json_object, parse_classification
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError, LLMOutputError
 from llm_wrapper import OllamaClient

@@ -35,7 +35,6 @@ from error_handler import (
 from mongo_client import mongodb_address
 from tests import test_batch_processor
 from tests.test_batch_processor import (
-    SOURCE,
     insert,
     make_conversation,
     pymongo_monitor_socket_leak_ignored,

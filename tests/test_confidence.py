@@ -17,8 +17,8 @@ import requests
 
 from aggregator import validate_conversation
 from classifier import ConversationClassifier
-from config import Settings
 from confidence import label_confidence, label_confidences
+from config import Settings
 from llm_wrapper import TokenLogprob
 from tests.fake_ollama import FakeOllama, Reply
 from tests.test_llm_providers import TRANSPORTS, Server, run, server  # noqa: F401 - the fixture

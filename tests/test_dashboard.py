@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Callable
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -23,7 +23,7 @@ from tests.net_helpers import free_port
 INTENTS = ["Order Status", "Complaint", "Refund Request"]
 TOPICS = ["Shipping/Delivery", "Account/Billing"]
 SENTIMENTS = ["Negative", "Neutral", "Positive"]
-NOW = datetime.now(timezone.utc).replace(microsecond=0)
+NOW = datetime.now(UTC).replace(microsecond=0)
 
 
 def seed(database: Any, *, days: int = 3, per_day: int = 7) -> list[dict[str, Any]]:
@@ -70,7 +70,7 @@ def seed(database: Any, *, days: int = 3, per_day: int = 7) -> list[dict[str, An
     )
     database["jobs"].insert_many([
         {"_id": "batch_a", "mode": "batch", "status": "running", "started_at": NOW - timedelta(minutes=5),
-         "updated_at": datetime.now(timezone.utc), "total": 40, "processed": 14, "successful": 12, "failed": 1,
+         "updated_at": datetime.now(UTC), "total": 40, "processed": 14, "successful": 12, "failed": 1,
          "queued_for_retry": 1, "rate": 2.5, "percentage": 35.0, "eta": NOW + timedelta(seconds=10)},
         {"_id": "batch_b", "mode": "batch", "status": "completed", "started_at": NOW - timedelta(days=3),
          "updated_at": NOW - timedelta(days=2), "finished_at": NOW - timedelta(days=2), "total": 7,

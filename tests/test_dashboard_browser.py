@@ -13,7 +13,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -109,7 +109,7 @@ def test_dashboard_shows_the_database_and_refreshes_while_a_job_runs(
         drawn = browser.execute_script(
             "const c = Chart.getChart('chart-' + arguments[0]);"
             "return {labels: c.data.labels, data: c.data.datasets[0].data, area: c.chartArea.width > 0};", field)
-        assert dict(zip(drawn["labels"], drawn["data"])) == shown
+        assert dict(zip(drawn["labels"], drawn["data"], strict=True)) == shown
         assert drawn["area"]
     per_day = {row[0]: int(row[1]) for row in table_rows(browser, "table-trend")}
     days: dict[str, int] = {}
@@ -151,7 +151,7 @@ def test_dashboard_shows_the_database_and_refreshes_while_a_job_runs(
         "processing_metadata": {"processed_at": NOW, "batch_job_id": "batch_a"},
     } for i in range(5)])
     mongo_db["jobs"].update_one({"_id": "batch_a"}, {"$set": {"processed": 19, "successful": 17,
-                                                              "updated_at": datetime.now(timezone.utc)}})
+                                                              "updated_at": datetime.now(UTC)}})
     wait_until(browser, "return document.querySelector('[data-testid=\"total\"]').textContent.trim()", str(before + 5))
     wait_until(browser, "return document.querySelector('tr[data-job=\"batch_a\"] td:nth-child(4)').textContent", "17")
 

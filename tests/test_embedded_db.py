@@ -18,7 +18,7 @@ from pymongo import MongoClient, WriteConcern
 
 from config import Settings, load_settings
 from error_handler import ConfigError, StorageUnavailableError
-from utils.embedded_db import PID_FILE, embedded_database
+from utils.embedded_db import PID_FILE, _threads_running, embedded_database
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -106,9 +106,8 @@ def test_two_embedded_databases_on_one_folder_are_refused(tmp_path: Path) -> Non
     settings = _settings(tmp_path / "db")
     with embedded_database(settings) as uri:
         port = _port(uri)
-        with pytest.raises(StorageUnavailableError) as raised:
-            with embedded_database(settings):
-                pytest.fail("a second database started on the same folder")
+        with pytest.raises(StorageUnavailableError) as raised, embedded_database(settings):
+            pytest.fail("a second database started on the same folder")
         assert raised.value.hint is not None
         assert "Another program is using" in raised.value.hint
         assert str(tmp_path / "db") in raised.value.hint
@@ -125,9 +124,8 @@ def test_missing_secantusdb_is_a_config_error(tmp_path: Path, monkeypatch: pytes
     # A None entry in sys.modules is the import system's documented way to make a module
     # unimportable (find_spec returns None for it); monkeypatch restores the real entry afterwards.
     monkeypatch.setitem(sys.modules, "secantus", None)
-    with pytest.raises(ConfigError) as raised:
-        with embedded_database(_settings(tmp_path / "db")):
-            pytest.fail("started without SecantusDB")
+    with pytest.raises(ConfigError) as raised, embedded_database(_settings(tmp_path / "db")):
+        pytest.fail("started without SecantusDB")
     assert "SecantusDB" in raised.value.message
     assert raised.value.hint is not None
     assert "requirements-dev.txt" in raised.value.hint
@@ -147,19 +145,8 @@ with embedded_database(load_settings({"embedded_db_path": sys.argv[2]}, environ=
 """
 
 
-def _alive(pid: int) -> bool:
-    """True while a thread of ``pid`` runs (a zombie, holding no port and no file, counts as gone)."""
-    try:
-        tasks = list(Path(f"/proc/{pid}/task").iterdir())
-    except OSError:
-        return False
-    for task in tasks:
-        try:
-            if (task / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
-                return True
-        except OSError:
-            continue
-    return False
+# True while a thread of the pid runs (a zombie, holding no port and no file, counts as gone).
+_alive = _threads_running
 
 
 def _wait_gone(pid: int, bound: float = 60.0) -> bool:

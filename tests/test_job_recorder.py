@@ -39,7 +39,8 @@ def test_progress_and_final_state_are_recorded(make_settings: SettingsFactory, m
         recorder.update(tracker.snapshot())
         running = wait_for(lambda: mongo_db["jobs"].find_one({"_id": "batch_test_1", "processed": 5}))
         assert running["status"] == "running"
-        assert (running["total"], running["successful"], running["failed"], running["queued_for_retry"]) == (10, 3, 1, 1)
+        counts = (running["total"], running["successful"], running["failed"], running["queued_for_retry"])
+        assert counts == (10, 3, 1, 1)
         assert running["mode"] == "batch" and running["pid"] > 0 and running["host"]
         assert running["started_at"] <= running["updated_at"]
         assert "finished_at" not in running
@@ -99,5 +100,6 @@ def test_a_batch_run_records_its_job(batch_env: None, mongo_db: Any) -> None:
     (job,) = list(mongo_db["jobs"].find())
     result = mongo_db["sentimental_analysis"].find_one()
     assert job["_id"] == result["processing_metadata"]["batch_job_id"]
-    assert (job["status"], job["mode"], job["total"], job["successful"], job["failed"]) == ("completed", "batch", 5, 4, 1)
+    summary = (job["status"], job["mode"], job["total"], job["successful"], job["failed"])
+    assert summary == ("completed", "batch", 5, 4, 1)
     assert job["finished_at"] >= job["started_at"]

@@ -10,6 +10,7 @@ import asyncio
 import json
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -100,13 +101,15 @@ CASES: dict[str, Case] = {
     "429 too many": Case(ErrorReply(429, "too many requests"), LLMBusyError, ("busy", "too many requests")),
     "500": Case(ErrorReply(500, "runner crashed: exit status 2"), LLMServerError, ("HTTP 500", "runner crashed")),
     "502 html from a proxy": Case(
-        RawReply(502, b"<html><body>Bad Gateway</body></html>", "text/html"), LLMServerError, ("HTTP 502", "Bad Gateway")
+        RawReply(502, b"<html><body>Bad Gateway</body></html>", "text/html"), LLMServerError,
+        ("HTTP 502", "Bad Gateway"),
     ),
     "400 rejected": Case(ErrorReply(400, "invalid schema"), LLMRequestRejectedError, ("HTTP 400", "invalid schema")),
     "200 not json": Case(RawReply(200, b"<html>portal</html>", "text/html"), LLMOutputError, ("not JSON", "portal")),
     "200 json of another shape": Case(RawReply(200, b'{"ok": true}', "application/json"), LLMOutputError, ("no ",)),
     "cut off (length)": Case(
-        Reply(content='{"categorization": "Cust', done_reason="length"), LLMOutputError, ("cut off", "OLLAMA_NUM_PREDICT")
+        Reply(content='{"categorization": "Cust', done_reason="length"), LLMOutputError,
+        ("cut off", "OLLAMA_NUM_PREDICT"),
     ),
     "empty content": Case(Reply(content="  \n "), LLMOutputError, ("empty content",)),
     "dropped connection": Case(Disconnect(), LLMServerError, ("closed the connection",)),
@@ -181,9 +184,9 @@ def test_busy_honours_retry_after(server: Server, transport: str, header: str | 
 
 
 def test_retry_after_as_an_http_date() -> None:
-    from datetime import datetime, timezone
+    from datetime import datetime
 
-    now = datetime(2026, 11, 27, 10, 0, 0, tzinfo=timezone.utc)
+    now = datetime(2026, 11, 27, 10, 0, 0, tzinfo=UTC)
     assert retry_after_seconds({"Retry-After": "Fri, 27 Nov 2026 10:00:30 GMT"}, now) == 30
     assert retry_after_seconds({"Retry-After": "Fri, 27 Nov 2026 09:00:00 GMT"}, now) == 0
     assert retry_after_seconds({"Retry-After": "soon"}, now) is None

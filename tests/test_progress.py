@@ -7,7 +7,7 @@ import io
 import json
 import logging
 from dataclasses import asdict
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -96,15 +96,15 @@ def test_snapshot_has_the_design_schema_and_our_additions() -> None:
     assert data["percentage_complete"] == 50.0
     assert data["elapsed_seconds"] == 10.0
     start = datetime.fromisoformat(data["start_time"])
-    assert abs(datetime.now(timezone.utc) - start) < timedelta(minutes=1)
+    assert abs(datetime.now(UTC) - start) < timedelta(minutes=1)
 
 
 def test_eta_while_running_is_remaining_over_rate() -> None:
     clock = FakeClock()
     tracker = _tracker(clock)  # 5 remaining at 0.5/s: about 10 s from now
-    before = datetime.now(timezone.utc)
+    before = datetime.now(UTC)
     eta_text = tracker.snapshot().estimated_completion
-    after = datetime.now(timezone.utc)
+    after = datetime.now(UTC)
     assert eta_text is not None
     eta = datetime.fromisoformat(eta_text)
     # isoformat(timespec="seconds") drops the fraction: allow one second.

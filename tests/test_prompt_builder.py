@@ -15,6 +15,7 @@ from aggregator import build_transcript, validate_conversation
 from classifier import ConversationClassifier
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError
+from llm_wrapper import OllamaClient
 from prompt_builder import (
     CONVERSATION_HEADER,
     INSTRUCTIONS,
@@ -27,7 +28,6 @@ from prompt_builder import (
     output_schema,
     system_prompt,
 )
-from llm_wrapper import OllamaClient
 from tests.fake_ollama import FakeOllama
 
 TAXONOMY_FILE = CONFIG_DIR / "taxonomy.json"

@@ -18,7 +18,7 @@ import struct
 import subprocess
 import sys
 from collections import Counter
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +45,8 @@ report = load_script("report")
 
 JOB_A = "batch_20250924_103000"
 JOB_B = "batch_20250925_090000"
-START_A = datetime(2025, 9, 24, 10, 30, tzinfo=timezone.utc)
-START_B = datetime(2025, 9, 25, 9, 0, tzinfo=timezone.utc)
+START_A = datetime(2025, 9, 24, 10, 30, tzinfo=UTC)
+START_B = datetime(2025, 9, 25, 9, 0, tzinfo=UTC)
 
 # (intent, topic, sentiment). "Warranty Claim" and "Mixed" are not in the taxonomy;
 # Service Outage, Cancellation, Change Request, Product Inquiry, Travel/Flights and
@@ -168,7 +168,9 @@ def json_report(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any
     return json.loads(out)
 
 
-def full_crossing(nonzero: dict[tuple[str, str], int], rows: list[str], columns: list[str]) -> dict[str, dict[str, int]]:
+def full_crossing(
+    nonzero: dict[tuple[str, str], int], rows: list[str], columns: list[str]
+) -> dict[str, dict[str, int]]:
     assert {row for row, _ in nonzero} <= set(rows) and {column for _, column in nonzero} <= set(columns)
     return {row: {column: nonzero.get((row, column), 0) for column in columns} for row in rows}
 

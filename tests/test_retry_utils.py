@@ -181,9 +181,8 @@ async def test_transient_failures_are_retried_until_success(caplog: pytest.LogCa
 async def test_a_permanent_error_is_raised_after_one_call(caplog: pytest.LogCaptureFixture) -> None:
     error = LLMOutputError("not a classification")
     operation = Flaky(error)
-    with caplog.at_level(logging.WARNING, logger="utils.retry_utils"):
-        with pytest.raises(LLMOutputError) as raised:
-            await _run(retrying("LLM call", max_retries=3, base_delay=0), operation)
+    with caplog.at_level(logging.WARNING, logger="utils.retry_utils"), pytest.raises(LLMOutputError) as raised:
+        await _run(retrying("LLM call", max_retries=3, base_delay=0), operation)
     assert raised.value is error
     assert operation.calls == 1
     assert not [r for r in caplog.records if r.name == "utils.retry_utils"]
@@ -192,9 +191,8 @@ async def test_a_permanent_error_is_raised_after_one_call(caplog: pytest.LogCapt
 async def test_retries_are_bounded_and_the_original_error_is_reraised(caplog: pytest.LogCaptureFixture) -> None:
     errors = [StorageError(f"write failed {i}", transient=True) for i in range(10)]
     operation = Flaky(*errors)
-    with caplog.at_level(logging.WARNING, logger="utils.retry_utils"):
-        with pytest.raises(StorageError) as raised:
-            await _run(retrying("result write", max_retries=2, base_delay=0), operation)
+    with caplog.at_level(logging.WARNING, logger="utils.retry_utils"), pytest.raises(StorageError) as raised:
+        await _run(retrying("result write", max_retries=2, base_delay=0), operation)
     assert operation.calls == 3
     assert raised.value is errors[2]  # the last error itself, not a tenacity RetryError
     assert len([r for r in caplog.records if r.name == "utils.retry_utils"]) == 2

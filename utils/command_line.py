@@ -14,6 +14,14 @@ from pathlib import Path
 from config import CONFIG_DIR, Settings, env_name
 
 
+def command_parser(prog: str, description: str, epilog: str) -> argparse.ArgumentParser:
+    """The parser of a command with an epilog of its own layout (exit codes, settings): ``prog`` as
+    the user types it; description and epilog printed as written (argparse would re-wrap them)."""
+    return argparse.ArgumentParser(
+        prog=prog, description=description, epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 def positive_int(text: str) -> int:
     """argparse type: an integer of at least 1."""
     try:

@@ -20,7 +20,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import DESCENDING, MongoClient
@@ -76,7 +76,7 @@ class JobRecorder:
         *,
         interval: float = WRITE_INTERVAL_SECONDS,
         heartbeat: float = HEARTBEAT_SECONDS,
-        clock: Callable[[], datetime] = lambda: datetime.now(timezone.utc),
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self.job_id = job_id
         self.interval = interval
@@ -116,7 +116,7 @@ class JobRecorder:
         timeout_ms = min(self._settings.mongodb_timeout_ms, 5000)
         try:
             # The thread owns its client: created, used and closed here only.
-            with MongoClient(
+            with MongoClient[dict[str, Any]](
                 self._uri, serverSelectionTimeoutMS=timeout_ms, connectTimeoutMS=timeout_ms,
                 socketTimeoutMS=timeout_ms, appname=JOBS_APPNAME, tz_aware=True,
             ) as client:

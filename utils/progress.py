@@ -19,7 +19,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Protocol
 
@@ -68,7 +68,7 @@ class ProgressTracker:
         self.status = "running"
         self._clock = clock
         self._started = clock()
-        self._start_wall = datetime.now(timezone.utc)
+        self._start_wall = datetime.now(UTC)
         self._completions: deque[float] = deque()
 
     @property
@@ -124,7 +124,7 @@ class ProgressTracker:
         remaining = max(self.total - self.processed, 0)
         eta = None
         if rate > 0 and self.status == "running":
-            eta = (datetime.now(timezone.utc) + timedelta(seconds=remaining / rate)).isoformat(timespec="seconds")
+            eta = (datetime.now(UTC) + timedelta(seconds=remaining / rate)).isoformat(timespec="seconds")
         percentage = 100.0 * self.processed / self.total if self.total else (100.0 if self.status != "running" else 0.0)
         return ProgressSnapshot(
             job_id=self.job_id,

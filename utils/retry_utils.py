@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
 import time
@@ -122,10 +123,8 @@ class CircuitBreaker:
                     logger.info("circuit %s half-open: sending one probe request", self.name)
                     self._transition(CircuitState.HALF_OPEN)
                     return True
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(changed.wait(), timeout=remaining)
-                except TimeoutError:
-                    pass
             else:  # HALF_OPEN: wait for the probe's outcome
                 await changed.wait()
 
