@@ -381,7 +381,12 @@ class BatchReader:
                     with suppress(TimeoutError):
                         await asyncio.wait_for(self._stop.wait(), timeout=self._claim_wait_seconds())
                     continue
-                break
+                # No live claim of another processor is left, but a lease may have expired between
+                # the claim above and that check: claim once more before calling the run done.
+                token, documents = await self._retrying("claim of unprocessed conversations",
+                                                        partial(self.source.claim, want))
+                if not documents:
+                    break
             fetched += len(documents)
             if fetched > expected:  # documents arrived (or were given back) during the run
                 self.tracker.add_total(fetched - expected)
