@@ -104,18 +104,10 @@ class FakeOpenAI(FakeOllama):
             return web.json_response(openai_error(404, message, "model_not_found"), status=404)
 
         record = self._record(body, dict(request.headers))
-        behavior = self._next_behavior(body)
-        self._in_flight += 1
-        self.max_in_flight = max(self.max_in_flight, self._in_flight)
-        try:
-            delay = self.latency if behavior.delay is None else behavior.delay
-            if delay > 0:
-                await asyncio.sleep(delay)
-            return await self._completion(request, body, record, behavior, delay)
-        finally:
-            self._in_flight -= 1
+        # In-flight accounting and delays are FakeOllama's; only the answer's shape differs (_answer).
+        return await self._serve(request, body, record, self._next_behavior(body))
 
-    async def _completion(
+    async def _answer(
         self, request: web.Request, body: dict[str, Any], record: ChatRecord, behavior: Behavior, delay: float
     ) -> web.StreamResponse:
         if isinstance(behavior, ErrorReply):
