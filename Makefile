@@ -24,13 +24,13 @@ $(VENV)/.runtime: requirements.txt pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
 	touch $@
 
-$(VENV)/.dev: requirements.txt requirements-dev.txt requirements-eval.txt pyproject.toml | $(BIN)/python
+# requirements-dev.txt includes the runtime and eval requirements (same pins).
+$(VENV)/.dev: requirements-dev.txt requirements-eval.txt $(VENV)/.runtime
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-dev.txt
-	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -e .
-	touch $(VENV)/.runtime $(VENV)/.eval $@
+	touch $(VENV)/.eval $@
 
 # scikit-learn for scripts/evaluate.py only: kept out of the runtime (and the API image).
-$(VENV)/.eval: requirements.txt requirements-eval.txt | $(BIN)/python
+$(VENV)/.eval: requirements-eval.txt $(VENV)/.runtime
 	$(BIN)/python -m pip install --disable-pip-version-check -q -r requirements-eval.txt
 	touch $@
 
@@ -72,7 +72,7 @@ bench: $(VENV)/.dev ## Run the benchmarks (fast preset) and write docs/benchmark
 # make evaluate LABELLED=my_set.jsonl EVAL_ARGS="--output report.json --markdown report.md --chart confusion.png"
 LABELLED  ?= data/labelled_conversations.json
 EVAL_ARGS ?=
-evaluate: $(VENV)/.runtime $(VENV)/.eval ## Measure accuracy and macro-F1 on a labelled set with the configured LLM server
+evaluate: $(VENV)/.eval ## Measure accuracy and macro-F1 on a labelled set with the configured LLM server
 	$(BIN)/python -m scripts.evaluate $(LABELLED) $(EVAL_ARGS)
 
 clean: ## Remove the virtual environment and caches (keeps data and batch files)
