@@ -77,7 +77,6 @@ from error_handler import (
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_INCOMPLETE,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -85,6 +84,7 @@ from error_handler import (
     InputError,
     UsageError,
     fail,
+    run_command,
 )
 from llm_pool import AsyncLLMPool
 from logger import configure_logging
@@ -729,13 +729,7 @@ def main(argv: list[str] | None = None) -> int:
     except ClassifierError as e:
         return fail(e)
     configure_logging(settings.log_level if args.verbose else "ERROR")
-    try:
-        return run(args, settings)
-    except ClassifierError as e:  # each error carries its exit code (error_handler)
-        return fail(e)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    return run_command(lambda: run(args, settings))
 
 
 if __name__ == "__main__":
