@@ -105,6 +105,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 from config import Settings, env_name, load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError  # noqa: E402
+from utils.batch_file_manager import atomic_write_text  # noqa: E402
 from utils.command_line import command_parser, free_port  # noqa: E402
 
 # Exit codes (error_handler): 0 every section ran, the file and the chart are written (targets may be
@@ -1510,9 +1511,7 @@ def preamble(path: Path) -> str:
 def write_markdown(path: Path, run_text: str) -> None:
     earlier = previous_runs(path)
     text = preamble(path) + "\n" + run_text + ("\n" + earlier if earlier else "")
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, text)
 
 
 def print_section(console: Any, section: SectionResult) -> None:
