@@ -83,7 +83,6 @@ from error_handler import (
     ClassifierError,
     InputError,
     UsageError,
-    fail,
     run_command,
 )
 from llm_pool import AsyncLLMPool
@@ -721,15 +720,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_INCOMPLETE if failures or labelled.malformed else EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, evaluate, and turn the outcome into an exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        settings = load_run_settings(args)
-    except ClassifierError as e:
-        return fail(e)
+def _run_from_args(args: argparse.Namespace) -> int:
+    settings = load_run_settings(args)
     configure_logging(settings.log_level if args.verbose else "ERROR")
-    return run_command(lambda: run(args, settings))
+    return run(args, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, evaluate, and turn the outcome into an exit code (error_handler.run_command)."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _run_from_args(args))
 
 
 if __name__ == "__main__":
