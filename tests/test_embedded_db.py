@@ -18,6 +18,7 @@ from pymongo import MongoClient, WriteConcern
 
 from config import Settings, load_settings
 from error_handler import ConfigError, StorageUnavailableError
+from utils.command_line import free_port
 from utils.embedded_db import PID_FILE, _threads_running, embedded_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +206,7 @@ def test_stale_server_of_a_crashed_run_is_stopped_at_start_up(tmp_path: Path, ca
     # pid file naming an owner that has ended.
     data_dir = tmp_path / "db"
     data_dir.mkdir()
-    port = _free_port()
+    port = free_port()
     stale = subprocess.Popen(
         [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port), "--storage-path",
          str(data_dir), "--log-level", "WARNING"],
@@ -236,9 +237,3 @@ def test_stale_server_of_a_crashed_run_is_stopped_at_start_up(tmp_path: Path, ca
         if stale.poll() is None:
             stale.kill()
         stale.wait()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
