@@ -385,12 +385,7 @@ async def run_direct(items: list[LabelledItem], settings: Settings, pipeline: Co
 
         async def classify(item: LabelledItem) -> dict[str, Any]:
             outcome = await pipeline.classify_async(item.conversation, client)
-            classification = outcome.classification.model_dump()
-            # Confidences are on the classification; read them from the chat result if they live there.
-            chat_confidence = getattr(outcome.chat, "confidence", None)
-            if "confidence" not in classification and isinstance(chat_confidence, dict):
-                classification["confidence"] = chat_confidence
-            return classification
+            return outcome.classification.model_dump()  # its "confidence" is {field: float | None} or None
 
         with _progress(len(items)) as progress:
             task = progress.add_task("classify", total=len(items))
