@@ -30,6 +30,7 @@ from typing import IO
 
 import requests
 
+from error_handler import EXIT_OK, EXIT_UNAVAILABLE, ClassifierError, fail
 from utils.command_line import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,8 +44,11 @@ ALIAS = "smollm2-135m"
 CONTEXT_PER_SLOT = 4608
 
 
-class LlamaServerError(RuntimeError):
+class LlamaServerError(ClassifierError):
     """The server could not be found, built or started; the message says how to fix it."""
+
+    code = "llama_server_unavailable"
+    exit_code = EXIT_UNAVAILABLE
 
 
 def model_path() -> Path:
@@ -200,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except LlamaServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    return 0
+        return fail(e)
+    return EXIT_OK
 
 
 def _interrupt(signum: int, frame: object) -> None:
