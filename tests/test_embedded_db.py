@@ -237,3 +237,30 @@ def test_stale_server_of_a_crashed_run_is_stopped_at_start_up(tmp_path: Path, ca
         if stale.poll() is None:
             stale.kill()
         stale.wait()
+
+
+def test_a_failed_pid_file_write_leaves_no_server_running(tmp_path: Path) -> None:
+    # A folder where the pid file's temporary file goes makes the write fail (as a full disk would)
+    # after the server was started: the server must be stopped, not left running unrecorded.
+    data_dir = tmp_path / "db"
+    data_dir.mkdir()
+    (data_dir / f".{PID_FILE}.{os.getpid()}.tmp").mkdir()
+    with pytest.raises(OSError), embedded_database(_settings(data_dir)):
+        pytest.fail("started without its pid file")
+    assert _servers_on(data_dir) == []
+
+
+def _servers_on(data_dir: Path) -> list[int]:
+    """Pids of this process's children running SecantusDB with their data in ``data_dir``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and str(data_dir).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids

@@ -76,8 +76,8 @@ def embedded_database(settings: Settings) -> Iterator[str]:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent()
         )
-    _write_pid_file(data_dir, process.pid, port)
     try:
+        _write_pid_file(data_dir, process.pid, port)  # in the try: a failed write still stops the server
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not _accepts_connections(port):
             if process.poll() is not None:
