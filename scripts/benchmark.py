@@ -104,7 +104,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 
 from config import Settings, env_name, load_settings  # noqa: E402
-from error_handler import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError  # noqa: E402
+from error_handler import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, run_command  # noqa: E402
+from utils.batch_file_manager import atomic_write_text  # noqa: E402
 from utils.command_line import command_parser, free_port  # noqa: E402
 
 # Exit codes (error_handler): 0 every section ran, the file and the chart are written (targets may be
@@ -1510,9 +1511,7 @@ def preamble(path: Path) -> str:
 def write_markdown(path: Path, run_text: str) -> None:
     earlier = previous_runs(path)
     text = preamble(path) + "\n" + run_text + ("\n" + earlier if earlier else "")
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text, encoding="utf-8")
-    os.replace(temporary, path)
+    atomic_write_text(path, text)
 
 
 def print_section(console: Any, section: SectionResult) -> None:
@@ -1716,15 +1715,12 @@ def main(argv: list[str] | None = None) -> int:
     console = Console(file=sys.stdout, highlight=False)
     if not console.is_terminal:
         console.width = max(console.width, 200)  # a file or a pipe: keep table rows on one line
-    try:
+
+    def body() -> int:
         _check_outputs(args.output, args.chart)
         return run(args, argv, console)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted: every subprocess was stopped, no file written", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+
+    return run_command(body, interrupted="interrupted: every subprocess was stopped, no file written")
 
 
 def _terminate_as_interrupt(signum: int, frame: Any) -> None:

@@ -34,6 +34,7 @@ from classifier import ConversationClassifier  # noqa: E402
 from config import load_settings  # noqa: E402
 from error_handler import LLMError  # noqa: E402
 from scripts.llama_server import LlamaServer  # noqa: E402
+from utils.batch_file_manager import atomic_write_text  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample_conversations.json"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -219,9 +220,7 @@ def write(section: str) -> None:
         marker = "\n## Run: "
         at = text.find(marker)
         text = text + "\n" + section + "\n" if at == -1 else text[:at] + "\n" + section + "\n" + text[at:]
-    tmp = DOC.with_suffix(".md.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, DOC)
+    atomic_write_text(DOC, text)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 from config import EMBEDDED_DATABASE, Settings, load_settings  # noqa: E402
-from error_handler import EXIT_FAILURE, EXIT_OK, EXIT_UNAVAILABLE, ConfigError, LLMError, fail  # noqa: E402
+from error_handler import EXIT_FAILURE, EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import create_llm_client, server_kind  # noqa: E402
 from logger import configure_logging, redact_url  # noqa: E402
 
@@ -145,8 +145,7 @@ def run_small(chart: Path, batch_files: Path) -> int:
             }
             code = run_steps(chart, batch_files, env)
     except LlamaServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_UNAVAILABLE
+        return fail(e)
     print("\nllama-server stopped.\n" + SMALL_WARNING, flush=True)
     return code
 

@@ -77,14 +77,13 @@ from error_handler import (
     EXIT_CONFIG,
     EXIT_FAILURE,
     EXIT_INCOMPLETE,
-    EXIT_INTERRUPTED,
     EXIT_OK,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
     ClassifierError,
     InputError,
     UsageError,
-    fail,
+    run_command,
 )
 from llm_pool import AsyncLLMPool
 from logger import configure_logging
@@ -386,12 +385,7 @@ async def run_direct(items: list[LabelledItem], settings: Settings, pipeline: Co
 
         async def classify(item: LabelledItem) -> dict[str, Any]:
             outcome = await pipeline.classify_async(item.conversation, client)
-            classification = outcome.classification.model_dump()
-            # Confidences are on the classification; read them from the chat result if they live there.
-            chat_confidence = getattr(outcome.chat, "confidence", None)
-            if "confidence" not in classification and isinstance(chat_confidence, dict):
-                classification["confidence"] = chat_confidence
-            return classification
+            return outcome.classification.model_dump()  # its "confidence" is {field: float | None} or None
 
         with _progress(len(items)) as progress:
             task = progress.add_task("classify", total=len(items))
@@ -721,21 +715,16 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     return EXIT_INCOMPLETE if failures or labelled.malformed else EXIT_OK
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Parse the command line, evaluate, and turn the outcome into an exit code."""
-    args = build_parser().parse_args(argv)
-    try:
-        settings = load_run_settings(args)
-    except ClassifierError as e:
-        return fail(e)
+def _run_from_args(args: argparse.Namespace) -> int:
+    settings = load_run_settings(args)
     configure_logging(settings.log_level if args.verbose else "ERROR")
-    try:
-        return run(args, settings)
-    except ClassifierError as e:  # each error carries its exit code (error_handler)
-        return fail(e)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        return EXIT_INTERRUPTED
+    return run(args, settings)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, evaluate, and turn the outcome into an exit code (error_handler.run_command)."""
+    args = build_parser().parse_args(argv)
+    return run_command(lambda: _run_from_args(args))
 
 
 if __name__ == "__main__":

@@ -21,7 +21,6 @@ import argparse
 import importlib.util
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,6 +29,9 @@ from pathlib import Path
 from typing import IO
 
 import requests
+
+from error_handler import EXIT_OK, EXIT_UNAVAILABLE, ClassifierError, fail
+from utils.command_line import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
@@ -42,8 +44,11 @@ ALIAS = "smollm2-135m"
 CONTEXT_PER_SLOT = 4608
 
 
-class LlamaServerError(RuntimeError):
+class LlamaServerError(ClassifierError):
     """The server could not be found, built or started; the message says how to fix it."""
+
+    code = "llama_server_unavailable"
+    exit_code = EXIT_UNAVAILABLE
 
 
 def model_path() -> Path:
@@ -75,12 +80,6 @@ def server_binary() -> Path:
     if done.returncode != 0:
         raise LlamaServerError(f"Building llama-server failed:\n{done.stderr[-2000:]}")
     return Path(done.stdout.strip().splitlines()[-1])
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class LlamaServer:
@@ -134,7 +133,7 @@ class LlamaServer:
     def start(self) -> LlamaServer:
         self.binary = self.binary or server_binary()
         self.model = self.model or model_path()
-        self.port = _free_port()
+        self.port = free_port()
         handle, name = tempfile.mkstemp(prefix="llama-server-", suffix=".log")
         os.close(handle)
         self.log_path = Path(name)
@@ -205,9 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     except LlamaServerError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    return 0
+        return fail(e)
+    return EXIT_OK
 
 
 def _interrupt(signum: int, frame: object) -> None:

@@ -18,6 +18,7 @@ from pymongo import MongoClient, WriteConcern
 
 from config import Settings, load_settings
 from error_handler import ConfigError, StorageUnavailableError
+from utils.command_line import free_port
 from utils.embedded_db import PID_FILE, _threads_running, embedded_database
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -205,7 +206,7 @@ def test_stale_server_of_a_crashed_run_is_stopped_at_start_up(tmp_path: Path, ca
     # pid file naming an owner that has ended.
     data_dir = tmp_path / "db"
     data_dir.mkdir()
-    port = _free_port()
+    port = free_port()
     stale = subprocess.Popen(
         [sys.executable, "-m", "secantus", "--host", "127.0.0.1", "--port", str(port), "--storage-path",
          str(data_dir), "--log-level", "WARNING"],
@@ -238,7 +239,28 @@ def test_stale_server_of_a_crashed_run_is_stopped_at_start_up(tmp_path: Path, ca
         stale.wait()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def test_a_failed_pid_file_write_leaves_no_server_running(tmp_path: Path) -> None:
+    # A folder where the pid file's temporary file goes makes the write fail (as a full disk would)
+    # after the server was started: the server must be stopped, not left running unrecorded.
+    data_dir = tmp_path / "db"
+    data_dir.mkdir()
+    (data_dir / f".{PID_FILE}.{os.getpid()}.tmp").mkdir()
+    with pytest.raises(OSError), embedded_database(_settings(data_dir)):
+        pytest.fail("started without its pid file")
+    assert _servers_on(data_dir) == []
+
+
+def _servers_on(data_dir: Path) -> list[int]:
+    """Pids of this process's children running SecantusDB with their data in ``data_dir``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:  # the process ended meanwhile
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == os.getpid() and str(data_dir).encode() in cmdline:
+            pids.append(int(entry.name))
+    return pids

@@ -33,6 +33,7 @@ from pathlib import Path
 
 from config import Settings
 from error_handler import ConfigError, StorageUnavailableError
+from utils.command_line import free_port
 
 logger = logging.getLogger(__name__)
 
@@ -41,12 +42,6 @@ STOP_TIMEOUT_SECONDS = 15.0
 TERM_REPEAT_SECONDS = 1.0
 PID_FILE = "secantusdb.pid"
 _PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _accepts_connections(port: int) -> bool:
@@ -70,7 +65,7 @@ def embedded_database(settings: Settings) -> Iterator[str]:
     data_dir.mkdir(parents=True, exist_ok=True)
     log_path = data_dir / "secantusdb.log"
     _clear_stale_server(data_dir)
-    port = _free_port()
+    port = free_port()
     command = [
         sys.executable, "-m", "secantus",
         "--host", "127.0.0.1", "--port", str(port),
@@ -81,8 +76,8 @@ def embedded_database(settings: Settings) -> Iterator[str]:
         process = subprocess.Popen(
             command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, preexec_fn=_die_with_parent()
         )
-    _write_pid_file(data_dir, process.pid, port)
     try:
+        _write_pid_file(data_dir, process.pid, port)  # in the try: a failed write still stops the server
         deadline = time.monotonic() + START_TIMEOUT_SECONDS
         while not _accepts_connections(port):
             if process.poll() is not None:
