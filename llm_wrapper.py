@@ -373,9 +373,9 @@ def openai_model_missing(settings: Settings, served: list[str] | None = None) ->
     listed = f" It serves: {', '.join(served[:10])}." if served else ""
     return ModelNotFoundError(
         settings.ollama_model,
-        settings.ollama_endpoint,
+        server_name(settings),
         server="LLM server",
-        hint=f"Set OLLAMA_MODEL to a model the server serves (GET {settings.ollama_endpoint}/models lists them), "
+        hint=f"Set OLLAMA_MODEL to a model the server serves (GET {server_name(settings)}/models lists them), "
         f"and check that OLLAMA_ENDPOINT is its base URL, usually ending in /v1.{listed}",
     )
 

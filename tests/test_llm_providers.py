@@ -336,3 +336,17 @@ def test_openai_model_missing_lists_what_is_served(fake_openai: FakeOpenAI, tmp_
         check_ready("sync", openai_settings(fake_openai, tmp_path))
     assert "smollm2, qwen2.5-7b-instruct" in str(info.value)
     assert "ollama pull" not in str(info.value)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_openai_model_missing_hides_the_endpoints_password(
+    fake_openai: FakeOpenAI, tmp_path: Path, transport: str
+) -> None:
+    # The message and hint name the endpoint; like every other error they must not quote its password.
+    fake_openai.models = ["smollm2"]
+    endpoint = fake_openai.base_url.replace("http://", "http://user:s3cret-pw@")
+    settings = openai_settings(fake_openai, tmp_path, ollama_endpoint=endpoint)
+    with pytest.raises(ModelNotFoundError) as info:
+        check_ready(transport, settings)
+    assert "s3cret-pw" not in str(info.value) and "s3cret-pw" not in (info.value.hint or "")
+    assert "/models" in str(info.value)
