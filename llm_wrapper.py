@@ -579,10 +579,6 @@ class LLMClient:
         self.protocol.check_models(response.content, response.status_code, self.settings, response.headers)
 
 
-#: The name every caller used before there were two providers.
-OllamaClient = LLMClient
-
-
 def create_llm_client(settings: Settings, *, pool_size: int = 64) -> LLMClient:
     """The synchronous client for ``settings`` (its provider, endpoint, model and key)."""
     return LLMClient(settings, pool_size=pool_size)
