@@ -342,13 +342,6 @@ def build_openai_payload(settings: Settings, messages: list[dict[str, str]], sch
     }
 
 
-def auth_headers(settings: Settings) -> dict[str, str]:
-    """``Authorization: Bearer <LLM_API_KEY>`` when a key is set (never logged: SecretStr)."""
-    if settings.llm_api_key is None:
-        return {}
-    return {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"}
-
-
 def _openai_message(body: bytes) -> str:
     """The message of ``{"error": {"message"}}``, ``{"error": "..."}``, vLLM's ``{"message"}``, or a preview."""
     text = body.decode("utf-8", errors="replace").strip()
@@ -514,8 +507,11 @@ def protocol_for(settings: Settings) -> Protocol:
 
 
 def request_headers(settings: Settings) -> dict[str, str]:
-    """Headers every request carries (the API key, for OpenAI-compatible servers only)."""
-    return auth_headers(settings) if _is_openai(settings) else {}
+    """Headers every request carries: ``Authorization: Bearer <LLM_API_KEY>`` for an OpenAI-compatible
+    server when a key is set (never logged: SecretStr); none for Ollama."""
+    if not _is_openai(settings) or settings.llm_api_key is None:
+        return {}
+    return {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"}
 
 
 def _could_not_connect(error: requests.exceptions.ConnectionError) -> bool:
