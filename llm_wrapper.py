@@ -142,16 +142,26 @@ def _token_logprobs(entries: Any) -> tuple[TokenLogprob, ...] | None:
     return tuple(tokens)
 
 
-def _ollama_message(body: bytes) -> str:
-    """Ollama's ``{"error": "..."}`` text, or a preview of a body of another shape."""
+def _error_message(body: bytes, *keys: str) -> str:
+    """The first of ``keys`` (a dotted path: ``error.message``) that is a string in the JSON ``body``,
+    else a preview of the body (not JSON, or of another shape)."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
         data = json.loads(text)
     except ValueError:
         data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return data["error"]
+    for key in keys:
+        value = data
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            return value
     return text[:200] or "(empty body)"
+
+
+def _ollama_message(body: bytes) -> str:
+    """Ollama's ``{"error": "..."}`` text, or a preview of a body of another shape."""
+    return _error_message(body, "error")
 
 
 def _is_openai(settings: Settings) -> bool:
@@ -344,22 +354,7 @@ def build_openai_payload(settings: Settings, messages: list[dict[str, str]], sch
 
 def _openai_message(body: bytes) -> str:
     """The message of ``{"error": {"message"}}``, ``{"error": "..."}``, vLLM's ``{"message"}``, or a preview."""
-    text = body.decode("utf-8", errors="replace").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-        if isinstance(error, str):
-            return error
-        if isinstance(data.get("message"), str):
-            return data["message"]
-        if isinstance(data.get("detail"), str):
-            return data["detail"]
-    return text[:200] or "(empty body)"
+    return _error_message(body, "error.message", "error", "message", "detail")
 
 
 def openai_model_missing(settings: Settings, served: list[str] | None = None) -> ModelNotFoundError:
