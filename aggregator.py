@@ -13,6 +13,7 @@ transcripts are cut to a character budget, keeping the opening and the latest tu
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -325,9 +326,6 @@ def content_hash(conversation: ConversationIn) -> str:
     another hash and is classified again; one whose status was merely reset is not. Hashes the
     turns, not the rendered prompt text, so a change of rendering does not reclassify everything.
     """
-    import hashlib
-    import json
-
     turns = [[turn.role, _WHITESPACE.sub(" ", turn.text).strip()] for turn in conversation.turns()]
     encoded = json.dumps(turns, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
     return "sha256:" + hashlib.sha256(encoded).hexdigest()

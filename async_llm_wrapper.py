@@ -88,10 +88,6 @@ class AsyncLLMClient:
         self.protocol.check_models(body, status, self.settings, headers)
 
 
-#: The name every caller used before there were two providers.
-AsyncOllamaClient = AsyncLLMClient
-
-
 def create_async_llm_client(settings: Settings, *, max_connections: int | None = None) -> AsyncLLMClient:
     """The asynchronous client for ``settings`` (its provider, endpoint, model and key)."""
     return AsyncLLMClient(settings, max_connections=max_connections)

@@ -142,16 +142,26 @@ def _token_logprobs(entries: Any) -> tuple[TokenLogprob, ...] | None:
     return tuple(tokens)
 
 
-def _ollama_message(body: bytes) -> str:
-    """Ollama's ``{"error": "..."}`` text, or a preview of a body of another shape."""
+def _error_message(body: bytes, *keys: str) -> str:
+    """The first of ``keys`` (a dotted path: ``error.message``) that is a string in the JSON ``body``,
+    else a preview of the body (not JSON, or of another shape)."""
     text = body.decode("utf-8", errors="replace").strip()
     try:
         data = json.loads(text)
     except ValueError:
         data = None
-    if isinstance(data, dict) and isinstance(data.get("error"), str):
-        return data["error"]
+    for key in keys:
+        value = data
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        if isinstance(value, str):
+            return value
     return text[:200] or "(empty body)"
+
+
+def _ollama_message(body: bytes) -> str:
+    """Ollama's ``{"error": "..."}`` text, or a preview of a body of another shape."""
+    return _error_message(body, "error")
 
 
 def _is_openai(settings: Settings) -> bool:
@@ -342,40 +352,18 @@ def build_openai_payload(settings: Settings, messages: list[dict[str, str]], sch
     }
 
 
-def auth_headers(settings: Settings) -> dict[str, str]:
-    """``Authorization: Bearer <LLM_API_KEY>`` when a key is set (never logged: SecretStr)."""
-    if settings.llm_api_key is None:
-        return {}
-    return {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"}
-
-
 def _openai_message(body: bytes) -> str:
     """The message of ``{"error": {"message"}}``, ``{"error": "..."}``, vLLM's ``{"message"}``, or a preview."""
-    text = body.decode("utf-8", errors="replace").strip()
-    try:
-        data = json.loads(text)
-    except ValueError:
-        data = None
-    if isinstance(data, dict):
-        error = data.get("error")
-        if isinstance(error, dict) and isinstance(error.get("message"), str):
-            return error["message"]
-        if isinstance(error, str):
-            return error
-        if isinstance(data.get("message"), str):
-            return data["message"]
-        if isinstance(data.get("detail"), str):
-            return data["detail"]
-    return text[:200] or "(empty body)"
+    return _error_message(body, "error.message", "error", "message", "detail")
 
 
 def openai_model_missing(settings: Settings, served: list[str] | None = None) -> ModelNotFoundError:
     listed = f" It serves: {', '.join(served[:10])}." if served else ""
     return ModelNotFoundError(
         settings.ollama_model,
-        settings.ollama_endpoint,
+        server_name(settings),
         server="LLM server",
-        hint=f"Set OLLAMA_MODEL to a model the server serves (GET {settings.ollama_endpoint}/models lists them), "
+        hint=f"Set OLLAMA_MODEL to a model the server serves (GET {server_name(settings)}/models lists them), "
         f"and check that OLLAMA_ENDPOINT is its base URL, usually ending in /v1.{listed}",
     )
 
@@ -514,8 +502,11 @@ def protocol_for(settings: Settings) -> Protocol:
 
 
 def request_headers(settings: Settings) -> dict[str, str]:
-    """Headers every request carries (the API key, for OpenAI-compatible servers only)."""
-    return auth_headers(settings) if _is_openai(settings) else {}
+    """Headers every request carries: ``Authorization: Bearer <LLM_API_KEY>`` for an OpenAI-compatible
+    server when a key is set (never logged: SecretStr); none for Ollama."""
+    if not _is_openai(settings) or settings.llm_api_key is None:
+        return {}
+    return {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"}
 
 
 def _could_not_connect(error: requests.exceptions.ConnectionError) -> bool:
@@ -577,10 +568,6 @@ class LLMClient:
         timeout = min(READY_TIMEOUT_SECONDS, self.settings.ollama_timeout)
         response = self._request("GET", self.protocol.ready_path, timeout)
         self.protocol.check_models(response.content, response.status_code, self.settings, response.headers)
-
-
-#: The name every caller used before there were two providers.
-OllamaClient = LLMClient
 
 
 def create_llm_client(settings: Settings, *, pool_size: int = 64) -> LLMClient:

@@ -67,10 +67,6 @@ def redact_url(url: str) -> str:
     return f"{scheme}://{user}:***@{rest[at + 1 :]}"
 
 
-# The former name, kept for callers written before the parser replaced the regular expression.
-redact_uri = redact_url
-
-
 def _escape_table() -> dict[int, str]:
     """Control characters and Unicode line boundaries, each to its visible escape (``\\n``, ``\\x1b``)."""
     codes = [*range(0x00, 0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]

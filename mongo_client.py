@@ -28,7 +28,7 @@ from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailur
 
 from config import Settings
 from error_handler import StorageError, StorageUnavailableError
-from logger import redact_uri
+from logger import redact_url
 from utils.embedded_db import embedded_database
 
 logger = logging.getLogger(__name__)
@@ -145,7 +145,7 @@ def unreachable_error(uri: str, error: PyMongoError) -> StorageUnavailableError:
     # The driver's message goes on with timeouts and a topology dump: keep its first clause.
     first_line = re.split(r", Timeout: | \(configured timeouts|\n", str(error))[0]
     return StorageUnavailableError(
-        f"Cannot reach MongoDB at {redact_uri(uri)}: {first_line}",
+        f"Cannot reach MongoDB at {redact_url(uri)}: {first_line}",
         hint="Start MongoDB, or set MONGODB_CONNECTION_STRING ('embedded' for a local development database).",
     )
 
@@ -164,7 +164,7 @@ def _client_options(settings: Settings, appname: str) -> dict[str, Any]:
 
 def invalid_uri_error(uri: str, error: Exception) -> StorageUnavailableError:
     return StorageUnavailableError(
-        f"Invalid MongoDB connection string {redact_uri(uri)!r}: {error}",
+        f"Invalid MongoDB connection string {redact_url(uri)!r}: {error}",
         hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
     )
 
@@ -276,7 +276,7 @@ class MongoStore:
     def description(self) -> str:
         """Where the data lives, for logs (password redacted)."""
         return (
-            f"{redact_uri(self.uri)} database {self.settings.mongodb_database_name} "
+            f"{redact_url(self.uri)} database {self.settings.mongodb_database_name} "
             f"({self.settings.mongodb_source_collection} -> {self.settings.mongodb_results_collection})"
         )
 

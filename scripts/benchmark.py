@@ -37,7 +37,7 @@ Sections (``--only`` takes a comma-separated subset):
     Prompt characters per request, split into the cached prefix (system prompt + few-shots)
     and the conversation, and the fake's ``prompt_eval_count`` for a cold cache and with the
     prefix cached, for the shortest, median and longest sample conversation and a synthetic
-    conversation over the character budget: real requests through ``OllamaClient``.
+    conversation over the character budget: real requests through ``LLMClient``.
 ``processors``
     Several processors on one collection (issue 9), each its own batch folder and worker id:
     1 and 3 started together (duplicate results, LLM calls counted per conversation by a fake
@@ -1042,7 +1042,7 @@ def synthetic_long_conversation(char_budget: int) -> dict[str, Any]:
 def section_prompt(ctx: Context) -> SectionResult:
     from aggregator import validate_conversation
     from classifier import ConversationClassifier
-    from llm_wrapper import OllamaClient
+    from llm_wrapper import LLMClient
 
     samples = load_samples()
     rows: list[list[str]] = []
@@ -1060,7 +1060,7 @@ def section_prompt(ctx: Context) -> SectionResult:
         other = validate_conversation({"conversation_number": "warm-up", "messages": [
             {"sender": "customer", "text": "Hello, I have a question about my bill."},
             {"sender": "agent", "text": "Happy to help."}]})
-        with OllamaClient(settings) as client:
+        with LLMClient(settings) as client:
             for name, body in picks:
                 conversation = validate_conversation(body)
                 ready = classifier.prepare(conversation)
@@ -1093,7 +1093,7 @@ def section_prompt(ctx: Context) -> SectionResult:
         "request (system prompt with the taxonomy + few-shot examples) and the conversation (the last user "
         "message), and the fake's `prompt_eval_count` (prompt tokens evaluated, about 4 characters a token; "
         "the fake counts only what differs from the previous request, as Ollama's prompt cache does). "
-        "Real requests through `OllamaClient` and `ConversationClassifier.classify`. Cold: after a request "
+        "Real requests through `LLMClient` and `ConversationClassifier.classify`. Cold: after a request "
         "with another prefix. Prefix cached: right after another conversation.",
         [("conversation", "left"), ("turns", "right"), ("prefix chars", "right"), ("conversation chars", "right"),
          ("total chars", "right"), ("prefix share", "right"), ("tokens cold", "right"),

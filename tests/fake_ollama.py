@@ -290,30 +290,32 @@ class FakeOllama:
                                      status=404)
 
         record = self._record(body, dict(request.headers))
-        behavior = self._next_behavior(body)
-        if self.parallel is not None:
-            return await self._serve_in_slot(request, body, record, behavior)
-        return await self._serve(request, body, record, behavior)
+        return await self._serve(request, body, record, self._next_behavior(body))
 
-    async def _serve_in_slot(
+    async def _serve(
         self, request: web.Request, body: dict[str, Any], record: ChatRecord, behavior: Behavior
     ) -> web.StreamResponse:
+        """Answer one chat, in one of ``parallel`` slots when set (every provider's fake comes here,
+        so the slots and the busy answer beyond ``max_queue`` hold for each; the busy answer goes
+        through ``_answer``, in the provider's error shape)."""
+        if self.parallel is None:
+            return await self._serve_now(request, body, record, behavior)
         if self._slots is None:  # created on the server's own loop
             self._slots = asyncio.Semaphore(self.parallel or 1)
         if self.max_queue is not None and self._slots.locked() and self._waiting >= self.max_queue:
             self.busy_count += 1
-            return web.json_response({"error": BUSY.message}, status=BUSY.status)
+            return await self._answer(request, body, record, BUSY, 0.0)
         self._waiting += 1
         try:
             await self._slots.acquire()
         finally:
             self._waiting -= 1
         try:
-            return await self._serve(request, body, record, behavior)
+            return await self._serve_now(request, body, record, behavior)
         finally:
             self._slots.release()
 
-    async def _serve(
+    async def _serve_now(
         self, request: web.Request, body: dict[str, Any], record: ChatRecord, behavior: Behavior
     ) -> web.StreamResponse:
         self._in_flight += 1

@@ -104,7 +104,7 @@ class FakeOpenAI(FakeOllama):
             return web.json_response(openai_error(404, message, "model_not_found"), status=404)
 
         record = self._record(body, dict(request.headers))
-        # In-flight accounting and delays are FakeOllama's; only the answer's shape differs (_answer).
+        # Slots, in-flight accounting and delays are FakeOllama's; only the answer's shape differs (_answer).
         return await self._serve(request, body, record, self._next_behavior(body))
 
     async def _answer(

@@ -11,7 +11,7 @@ from collections.abc import Callable
 
 import pytest
 
-from async_llm_wrapper import AsyncOllamaClient
+from async_llm_wrapper import AsyncLLMClient
 from config import Settings
 from error_handler import LLMUnavailableError, ModelNotFoundError
 from llm_wrapper import build_chat_payload
@@ -29,7 +29,7 @@ def settings(make_settings: SettingsFactory) -> Settings:
 
 async def test_payload_as_the_fake_received_it(settings: Settings, fake_ollama: FakeOllama) -> None:
     messages, schema = chat_messages(settings, CONVERSATION_A)
-    async with AsyncOllamaClient(settings) as client:
+    async with AsyncLLMClient(settings) as client:
         result = await client.chat(messages, schema)
 
     [request] = fake_ollama.chat_requests
@@ -47,13 +47,13 @@ async def test_payload_as_the_fake_received_it(settings: Settings, fake_ollama: 
 
 async def test_numeric_keep_alive_is_sent_as_a_number(make_settings: SettingsFactory, fake_ollama: FakeOllama) -> None:
     settings = make_settings(ollama_keep_alive="300")
-    async with AsyncOllamaClient(settings) as client:
+    async with AsyncLLMClient(settings) as client:
         await client.chat(*chat_messages(settings, CONVERSATION_A))
     assert fake_ollama.chat_requests[0]["keep_alive"] == 300
 
 
 async def test_prefix_is_byte_identical_across_conversations(settings: Settings, fake_ollama: FakeOllama) -> None:
-    async with AsyncOllamaClient(settings) as client:
+    async with AsyncLLMClient(settings) as client:
         await client.chat(*chat_messages(settings, CONVERSATION_A))
         await client.chat(*chat_messages(settings, CONVERSATION_B))
     first, second = fake_ollama.chat_requests
@@ -66,7 +66,7 @@ async def test_prefix_is_byte_identical_across_conversations(settings: Settings,
 @pytest.mark.parametrize("case", list(ERROR_CASES.values()), ids=list(ERROR_CASES))
 async def test_failures_raise_typed_errors(settings: Settings, fake_ollama: FakeOllama, case: ErrorCase) -> None:
     fake_ollama.enqueue(case.behavior)
-    async with AsyncOllamaClient(settings) as client:
+    async with AsyncLLMClient(settings) as client:
         with pytest.raises(case.error) as info:
             await client.chat(*chat_messages(settings, CONVERSATION_A))
         assert type(info.value) is case.error
@@ -80,7 +80,7 @@ async def test_failures_raise_typed_errors(settings: Settings, fake_ollama: Fake
 async def test_model_not_pulled_on_the_server(make_settings: SettingsFactory, fake_ollama: FakeOllama) -> None:
     fake_ollama.models = ["mistral:latest"]
     settings = make_settings()
-    async with AsyncOllamaClient(settings) as client:
+    async with AsyncLLMClient(settings) as client:
         with pytest.raises(ModelNotFoundError) as info:
             await client.chat(*chat_messages(settings, CONVERSATION_A))
     assert "'llama3'" in info.value.message
@@ -90,7 +90,7 @@ async def test_model_not_pulled_on_the_server(make_settings: SettingsFactory, fa
 async def test_connection_refused_names_the_endpoint(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
     settings = make_settings(ollama_endpoint=endpoint)
-    async with AsyncOllamaClient(settings) as client:
+    async with AsyncLLMClient(settings) as client:
         with pytest.raises(LLMUnavailableError) as info:
             await client.chat(*chat_messages(settings, CONVERSATION_A))
     assert endpoint in info.value.message
@@ -98,27 +98,27 @@ async def test_connection_refused_names_the_endpoint(make_settings: SettingsFact
 
 
 async def test_check_ready(make_settings: SettingsFactory, fake_ollama: FakeOllama) -> None:
-    async with AsyncOllamaClient(make_settings()) as client:
+    async with AsyncLLMClient(make_settings()) as client:
         await client.check_ready()
     fake_ollama.models = ["other:latest"]
-    async with AsyncOllamaClient(make_settings()) as client:
+    async with AsyncLLMClient(make_settings()) as client:
         with pytest.raises(ModelNotFoundError):
             await client.check_ready()
-    async with AsyncOllamaClient(make_settings(ollama_model="other")) as client:
+    async with AsyncLLMClient(make_settings(ollama_model="other")) as client:
         await client.check_ready()  # "other" == "other:latest"
     assert fake_ollama.chat_count == 0
 
 
 async def test_check_ready_unreachable(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
-    async with AsyncOllamaClient(make_settings(ollama_endpoint=endpoint)) as client:
+    async with AsyncLLMClient(make_settings(ollama_endpoint=endpoint)) as client:
         with pytest.raises(LLMUnavailableError) as info:
             await client.check_ready()
     assert endpoint in info.value.message
 
 
 async def test_used_outside_async_with(settings: Settings) -> None:
-    client = AsyncOllamaClient(settings)
+    client = AsyncLLMClient(settings)
     with pytest.raises(RuntimeError, match="async with"):
         await client.chat(*chat_messages(settings, CONVERSATION_A))
 
@@ -132,7 +132,7 @@ async def test_concurrent_chats_respect_the_connection_limit(
         {"conversation_number": str(i), "messages": [{"sender": "customer", "text": f"question number {i}"}]}
         for i in range(8)
     ]
-    async with AsyncOllamaClient(settings, max_connections=2) as client:
+    async with AsyncLLMClient(settings, max_connections=2) as client:
         results = await asyncio.gather(*(client.chat(*chat_messages(settings, c)) for c in conversations))
     assert len(results) == 8
     assert fake_ollama.chat_count == 8
@@ -145,6 +145,6 @@ async def test_concurrent_chats_respect_the_connection_limit(
 async def test_scripted_reply_is_returned(settings: Settings, fake_ollama: FakeOllama) -> None:
     content = json.dumps({"categorization": "x", "intent": "Other", "topic": "Other", "sentiment": "Neutral"})
     fake_ollama.enqueue(Reply(content=content))
-    async with AsyncOllamaClient(settings) as client:
+    async with AsyncLLMClient(settings) as client:
         result = await client.chat(*chat_messages(settings, CONVERSATION_A))
     assert result.content == content

@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 
 from aggregator import validate_conversation
-from async_llm_wrapper import AsyncOllamaClient
+from async_llm_wrapper import AsyncLLMClient
 from classifier import Classification, Confidence, ConversationClassifier, extract_json_object, parse_classification
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError, LLMOutputError
-from llm_wrapper import OllamaClient
+from llm_wrapper import LLMClient
 from prompt_builder import Taxonomy, load_taxonomy
 from tests.fake_ollama import FakeOllama, Reply
 
@@ -203,7 +203,7 @@ def test_classify_with_the_sync_client(make_settings: Callable[..., Settings], f
     settings = make_settings()
     classifier = ConversationClassifier.from_settings(settings)
     fake_ollama.enqueue(Reply(content="```json\n" + json.dumps({**GOOD, "intent": "ORDER status"}) + "\n```"))
-    with OllamaClient(settings) as client:
+    with LLMClient(settings) as client:
         outcome = classifier.classify(validate_conversation(CONVERSATION), client)
     assert outcome.classification.model_dump(exclude={"confidence", "needs_review"}) == EXPECTED.model_dump(
         exclude={"confidence", "needs_review"}
@@ -224,7 +224,7 @@ async def test_classify_async_with_the_async_client(
     settings = make_settings()
     classifier = ConversationClassifier.from_settings(settings)
     fake_ollama.enqueue(Reply(content=json.dumps({"classification": GOOD})))
-    async with AsyncOllamaClient(settings) as client:
+    async with AsyncLLMClient(settings) as client:
         outcome = await classifier.classify_async(validate_conversation(CONVERSATION), client)
     assert outcome.classification == EXPECTED.model_copy(
         update={"confidence": Confidence(intent=1.0, topic=1.0, sentiment=1.0)}

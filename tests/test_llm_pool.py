@@ -17,13 +17,13 @@ from typing import Any
 import pytest
 
 from aggregator import ConversationIn
-from async_llm_wrapper import AsyncOllamaClient
+from async_llm_wrapper import AsyncLLMClient
 from classifier import ConversationClassifier
 from config import Settings, load_settings
 from config.settings import AUTO_CONCURRENCY_CEILING
 from error_handler import ConfigError, LLMServerError, LLMUnavailableError
 from llm_pool import AdaptiveLimiter, AsyncLLMPool, ConcurrencyController, LLMPool, concurrency_limit, server_name
-from llm_wrapper import OllamaClient
+from llm_wrapper import LLMClient
 from tests.fake_ollama import BUSY, RUNNER_CRASHED, FakeOllama, Reply
 from utils.retry_utils import CircuitState
 
@@ -105,14 +105,14 @@ def test_server_names_carry_no_credentials_or_path() -> None:
 def test_the_fake_serves_a_fixed_number_at_a_time_and_answers_busy_beyond_its_queue() -> None:
     with FakeOllama(latency=0.2, parallel=2, max_queue=2) as fake:
         settings = settings_for(fake.url)
-        with OllamaClient(settings) as client, ThreadPoolExecutor(8) as threads:
+        with LLMClient(settings) as client, ThreadPoolExecutor(8) as threads:
             outcomes = list(threads.map(lambda i: _outcome(client, i), range(8)))
         assert fake.max_in_flight == 2
         assert outcomes.count("busy") == fake.busy_count >= 1
         assert outcomes.count("ok") == 8 - fake.busy_count
 
 
-def _outcome(client: OllamaClient, i: int) -> str:
+def _outcome(client: LLMClient, i: int) -> str:
     try:
         client.chat(messages(i), SCHEMA)
     except LLMServerError:
@@ -128,7 +128,7 @@ def _outcome(client: OllamaClient, i: int) -> str:
 async def test_each_call_goes_to_the_server_with_the_fewest_in_flight(fakes: list[FakeOllama]) -> None:
     first, second, _ = fakes
     first.enqueue(Reply(delay=1.0))  # the first call holds the first server
-    async with AsyncLLMPool(settings_for(first.url, second.url), AsyncOllamaClient) as pool:
+    async with AsyncLLMPool(settings_for(first.url, second.url), AsyncLLMClient) as pool:
         slow = asyncio.ensure_future(pool.chat(messages(0), SCHEMA))
         assert await asyncio.to_thread(first.wait_for_chats, 1)
         for i in range(1, 5):  # one at a time: the second server has 0 in flight, the first 1
@@ -141,7 +141,7 @@ async def test_each_call_goes_to_the_server_with_the_fewest_in_flight(fakes: lis
 async def test_concurrent_calls_are_spread_over_the_servers(fakes: list[FakeOllama]) -> None:
     for fake in fakes:
         fake.latency = 0.05
-    async with AsyncLLMPool(settings_for(*(f.url for f in fakes)), AsyncOllamaClient) as pool:
+    async with AsyncLLMPool(settings_for(*(f.url for f in fakes)), AsyncLLMClient) as pool:
         await asyncio.gather(*(pool.chat(messages(i), SCHEMA) for i in range(30)))
     assert [f.chat_count for f in fakes] == [10, 10, 10]
 
@@ -149,7 +149,7 @@ async def test_concurrent_calls_are_spread_over_the_servers(fakes: list[FakeOlla
 def test_the_sync_pool_routes_worker_threads_too(fakes: list[FakeOllama]) -> None:
     for fake in fakes[:2]:
         fake.latency = 0.05
-    with LLMPool(settings_for(fakes[0].url, fakes[1].url), OllamaClient) as pool, ThreadPoolExecutor(6) as threads:
+    with LLMPool(settings_for(fakes[0].url, fakes[1].url), LLMClient) as pool, ThreadPoolExecutor(6) as threads:
         list(threads.map(lambda i: pool.chat(messages(i), SCHEMA), range(24)))
         assert sum(pool.distribution().values()) == 24
     assert fakes[0].chat_count >= 6 and fakes[1].chat_count >= 6
@@ -162,9 +162,9 @@ async def test_the_classifier_uses_a_pool_as_it_uses_a_client(fakes: list[FakeOl
     conversation = ConversationIn.model_validate(
         {"conversation_number": "7", "messages": [{"sender": "customer", "text": "Where is my parcel?"}]}
     )
-    async with AsyncLLMPool(settings, AsyncOllamaClient) as pool:
+    async with AsyncLLMPool(settings, AsyncLLMClient) as pool:
         outcome = await classifier.classify_async(conversation, pool)
-    with LLMPool(settings, OllamaClient) as pool:
+    with LLMPool(settings, LLMClient) as pool:
         assert classifier.classify(conversation, pool).classification == outcome.classification
 
 
@@ -173,7 +173,7 @@ async def test_the_classifier_uses_a_pool_as_it_uses_a_client(fakes: list[FakeOl
 
 async def test_a_dead_server_gets_no_share_and_no_call_fails(fakes: list[FakeOllama]) -> None:
     settings = settings_for(fakes[0].url, dead_url(), fakes[1].url)
-    async with AsyncLLMPool(settings, AsyncOllamaClient) as pool:
+    async with AsyncLLMPool(settings, AsyncLLMClient) as pool:
         await asyncio.gather(*(pool.chat(messages(i), SCHEMA) for i in range(20)))
         dead = pool.servers[1]
         # Calls that were already on their way when it failed twice (the threshold) failed
@@ -188,7 +188,7 @@ async def test_a_dead_server_gets_no_share_and_no_call_fails(fakes: list[FakeOll
 
 async def test_a_server_found_dead_at_start_up_is_skipped_from_the_first_call(fakes: list[FakeOllama]) -> None:
     settings = settings_for(dead_url(), fakes[0].url)
-    async with AsyncLLMPool(settings, AsyncOllamaClient) as pool:
+    async with AsyncLLMPool(settings, AsyncLLMClient) as pool:
         await pool.check_ready()  # one server is enough
         statuses = await pool.readiness()
         assert [s.ready for s in statuses] == [False, True]
@@ -200,7 +200,7 @@ async def test_a_server_found_dead_at_start_up_is_skipped_from_the_first_call(fa
 
 
 async def test_no_ready_server_raises_the_typed_error() -> None:
-    async with AsyncLLMPool(settings_for(dead_url(), dead_url()), AsyncOllamaClient) as pool:
+    async with AsyncLLMPool(settings_for(dead_url(), dead_url()), AsyncLLMClient) as pool:
         with pytest.raises(LLMUnavailableError):
             await pool.check_ready()
 
@@ -208,7 +208,7 @@ async def test_no_ready_server_raises_the_typed_error() -> None:
 async def test_a_busy_servers_share_moves_to_the_others(fakes: list[FakeOllama]) -> None:
     busy, healthy, _ = fakes
     busy.responder = lambda request: BUSY
-    async with AsyncLLMPool(settings_for(busy.url, healthy.url), AsyncOllamaClient) as pool:
+    async with AsyncLLMPool(settings_for(busy.url, healthy.url), AsyncLLMClient) as pool:
         for i in range(10):
             await pool.chat(messages(i), SCHEMA)  # refused by the busy one: sent on, never an error
         assert pool.servers[0].breaker.state is CircuitState.OPEN
@@ -219,7 +219,7 @@ async def test_a_failing_servers_share_moves_away_and_comes_back_after_recovery(
     sick, healthy, _ = fakes
     sick.responder = lambda request: RUNNER_CRASHED
     clock = ManualClock()
-    async with AsyncLLMPool(settings_for(sick.url, healthy.url), AsyncOllamaClient, clock=clock) as pool:
+    async with AsyncLLMPool(settings_for(sick.url, healthy.url), AsyncLLMClient, clock=clock) as pool:
         failures = 0
         for i in range(10):
             try:
@@ -244,7 +244,7 @@ async def test_with_every_circuit_open_a_call_probes_the_server_paused_longest(f
     settings = settings_for(fakes[0].url, fakes[1].url, circuit_breaker_failure_threshold=1)
     for fake in fakes[:2]:
         fake.responder = lambda request: RUNNER_CRASHED
-    async with AsyncLLMPool(settings, AsyncOllamaClient, clock=clock) as pool:
+    async with AsyncLLMPool(settings, AsyncLLMClient, clock=clock) as pool:
         for i in range(2):
             with pytest.raises(LLMServerError):
                 await pool.chat(messages(i), SCHEMA)
@@ -265,7 +265,7 @@ async def test_with_every_probe_in_flight_the_caller_gets_a_typed_error_and_can_
 ) -> None:
     settings = settings_for(fakes[0].url, circuit_breaker_failure_threshold=1, circuit_breaker_recovery_seconds=0.3)
     fakes[0].enqueue(RUNNER_CRASHED, Reply(delay=1.0))
-    async with AsyncLLMPool(settings, AsyncOllamaClient) as pool:
+    async with AsyncLLMPool(settings, AsyncLLMClient) as pool:
         with pytest.raises(LLMServerError):
             await pool.chat(messages(0), SCHEMA)
         slow_probe = asyncio.ensure_future(pool.chat(messages(1), SCHEMA))
@@ -279,10 +279,10 @@ async def test_with_every_probe_in_flight_the_caller_gets_a_typed_error_and_can_
 
 
 def test_the_sync_pool_fails_over_and_raises_the_typed_error_when_all_are_down(fakes: list[FakeOllama]) -> None:
-    with LLMPool(settings_for(dead_url(), fakes[0].url), OllamaClient) as pool:
+    with LLMPool(settings_for(dead_url(), fakes[0].url), LLMClient) as pool:
         assert pool.chat(messages(0), SCHEMA).content
         assert [s.ready for s in pool.readiness()] == [False, True]
-    with LLMPool(settings_for(dead_url(), dead_url()), OllamaClient) as pool:
+    with LLMPool(settings_for(dead_url(), dead_url()), LLMClient) as pool:
         with pytest.raises(LLMUnavailableError):
             pool.chat(messages(0), SCHEMA)
         with pytest.raises(LLMUnavailableError):
@@ -290,7 +290,7 @@ def test_the_sync_pool_fails_over_and_raises_the_typed_error_when_all_are_down(f
 
 
 def test_the_sync_pool_is_safe_across_threads(fakes: list[FakeOllama]) -> None:
-    with LLMPool(settings_for(*(f.url for f in fakes)), OllamaClient) as pool:
+    with LLMPool(settings_for(*(f.url for f in fakes)), LLMClient) as pool:
         barrier = threading.Barrier(6)
 
         def burst(worker: int) -> None:
@@ -380,7 +380,7 @@ async def test_the_adaptive_limiter_holds_the_controllers_limit() -> None:
 
 async def test_auto_concurrency_observes_the_pools_calls(fakes: list[FakeOllama]) -> None:
     settings = settings_for(fakes[0].url, fakes[1].url, batch_max_concurrent="auto")
-    async with AsyncLLMPool(settings, AsyncOllamaClient) as pool:
+    async with AsyncLLMPool(settings, AsyncLLMClient) as pool:
         limiter = concurrency_limit(settings, pool)
         assert isinstance(limiter, AdaptiveLimiter) and limiter.controller.limit == 2
         assert pool.observer is limiter.controller

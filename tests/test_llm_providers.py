@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC
 from pathlib import Path
@@ -336,3 +338,33 @@ def test_openai_model_missing_lists_what_is_served(fake_openai: FakeOpenAI, tmp_
         check_ready("sync", openai_settings(fake_openai, tmp_path))
     assert "smollm2, qwen2.5-7b-instruct" in str(info.value)
     assert "ollama pull" not in str(info.value)
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_openai_model_missing_hides_the_endpoints_password(
+    fake_openai: FakeOpenAI, tmp_path: Path, transport: str
+) -> None:
+    # The message and hint name the endpoint; like every other error they must not quote its password.
+    fake_openai.models = ["smollm2"]
+    endpoint = fake_openai.base_url.replace("http://", "http://user:s3cret-pw@")
+    settings = openai_settings(fake_openai, tmp_path, ollama_endpoint=endpoint)
+    with pytest.raises(ModelNotFoundError) as info:
+        check_ready(transport, settings)
+    assert "s3cret-pw" not in str(info.value) and "s3cret-pw" not in (info.value.hint or "")
+    assert "/models" in str(info.value)
+
+
+def test_a_fake_with_its_slots_taken_and_no_queue_answers_busy(server: Server) -> None:
+    # The fakes' OLLAMA_NUM_PARALLEL / OLLAMA_MAX_QUEUE hold for both providers, in each one's error shape.
+    server.fake.parallel, server.fake.max_queue = 1, 0
+    server.fake.enqueue(Reply(delay=5))  # holds the only slot while the second call arrives
+    settings = server.settings(ollama_timeout=30)
+    with ThreadPoolExecutor(1) as threads:
+        first = threads.submit(chat, "sync", settings)
+        deadline = time.monotonic() + 30
+        while server.fake.max_in_flight < 1 and time.monotonic() < deadline and not first.done():
+            time.sleep(0.01)
+        with pytest.raises(LLMBusyError):
+            chat("sync", settings)
+        assert first.result().content
+    assert server.fake.busy_count == 1

@@ -22,7 +22,7 @@ from error_handler import (
     LLMUnavailableError,
     ModelNotFoundError,
 )
-from llm_wrapper import OllamaClient
+from llm_wrapper import LLMClient
 from prompt_builder import output_schema
 from tests.fake_ollama import BUSY, RUNNER_CRASHED, Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from tests.net_helpers import closed_port_url
@@ -106,7 +106,7 @@ def settings(make_settings: SettingsFactory) -> Settings:
 
 def test_payload_as_the_fake_received_it(settings: Settings, fake_ollama: FakeOllama) -> None:
     messages, schema = chat_messages(settings, CONVERSATION_A)
-    with OllamaClient(settings) as client:
+    with LLMClient(settings) as client:
         result = client.chat(messages, schema)
 
     [request] = fake_ollama.chat_requests
@@ -134,7 +134,7 @@ def test_keep_alive_from_settings(
     make_settings: SettingsFactory, fake_ollama: FakeOllama, keep_alive: str, sent: Any
 ) -> None:
     settings = make_settings(ollama_keep_alive=keep_alive)
-    with OllamaClient(settings) as client:
+    with LLMClient(settings) as client:
         client.chat(*chat_messages(settings, CONVERSATION_A))
     assert fake_ollama.chat_requests[0]["keep_alive"] == sent
     assert type(fake_ollama.chat_requests[0]["keep_alive"]) is type(sent)
@@ -143,7 +143,7 @@ def test_keep_alive_from_settings(
 def test_model_and_num_predict_from_settings(make_settings: SettingsFactory, fake_ollama: FakeOllama) -> None:
     fake_ollama.models = ["qwen3:4b"]
     settings = make_settings(ollama_model="qwen3:4b", ollama_num_predict=128)
-    with OllamaClient(settings) as client:
+    with LLMClient(settings) as client:
         client.chat(*chat_messages(settings, CONVERSATION_A))
     request = fake_ollama.chat_requests[0]
     assert request["model"] == "qwen3:4b"
@@ -151,7 +151,7 @@ def test_model_and_num_predict_from_settings(make_settings: SettingsFactory, fak
 
 
 def test_prefix_is_byte_identical_across_conversations(settings: Settings, fake_ollama: FakeOllama) -> None:
-    with OllamaClient(settings) as client:
+    with LLMClient(settings) as client:
         client.chat(*chat_messages(settings, CONVERSATION_A))
         client.chat(*chat_messages(settings, CONVERSATION_B))
 
@@ -178,7 +178,7 @@ def test_prefix_is_byte_identical_across_conversations(settings: Settings, fake_
 @pytest.mark.parametrize("case", list(ERROR_CASES.values()), ids=list(ERROR_CASES))
 def test_failures_raise_typed_errors(settings: Settings, fake_ollama: FakeOllama, case: ErrorCase) -> None:
     fake_ollama.enqueue(case.behavior)
-    with OllamaClient(settings) as client:
+    with LLMClient(settings) as client:
         with pytest.raises(case.error) as info:
             client.chat(*chat_messages(settings, CONVERSATION_A))
         assert type(info.value) is case.error
@@ -192,7 +192,7 @@ def test_failures_raise_typed_errors(settings: Settings, fake_ollama: FakeOllama
 def test_model_not_pulled_on_the_server(make_settings: SettingsFactory, fake_ollama: FakeOllama) -> None:
     fake_ollama.models = ["mistral:latest"]
     settings = make_settings()
-    with OllamaClient(settings) as client, pytest.raises(ModelNotFoundError) as info:
+    with LLMClient(settings) as client, pytest.raises(ModelNotFoundError) as info:
         client.chat(*chat_messages(settings, CONVERSATION_A))
     assert info.value.model == "llama3"
     assert "Model 'llama3' is not available" in info.value.message
@@ -203,7 +203,7 @@ def test_model_not_pulled_on_the_server(make_settings: SettingsFactory, fake_oll
 def test_connection_refused_names_the_endpoint(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
     settings = make_settings(ollama_endpoint=endpoint)
-    with OllamaClient(settings) as client, pytest.raises(LLMUnavailableError) as info:
+    with LLMClient(settings) as client, pytest.raises(LLMUnavailableError) as info:
         client.chat(*chat_messages(settings, CONVERSATION_A))
     assert endpoint in info.value.message
     assert "ollama serve" in str(info.value)
@@ -215,7 +215,7 @@ def test_connection_refused_names_the_endpoint(make_settings: SettingsFactory) -
 
 
 def test_check_ready_ok_without_a_chat(settings: Settings, fake_ollama: FakeOllama) -> None:
-    with OllamaClient(settings) as client:
+    with LLMClient(settings) as client:
         client.check_ready()
     assert fake_ollama.chat_count == 0
 
@@ -235,7 +235,7 @@ def test_check_ready_matches_model_names(
 ) -> None:
     fake_ollama.models = [name if ":" in name else f"{name}:latest" for name in served]
     settings = make_settings(ollama_model=configured)
-    with OllamaClient(settings) as client:
+    with LLMClient(settings) as client:
         if ready:
             client.check_ready()
         else:
@@ -247,13 +247,13 @@ def test_check_ready_matches_model_names(
 def test_check_ready_with_a_fresh_server_lacking_the_model(make_settings: SettingsFactory) -> None:
     with FakeOllama(models=["other"]) as other:
         settings = make_settings(ollama_endpoint=other.url)
-        with OllamaClient(settings) as client, pytest.raises(ModelNotFoundError) as info:
+        with LLMClient(settings) as client, pytest.raises(ModelNotFoundError) as info:
             client.check_ready()
     assert other.url in info.value.message
 
 
 def test_check_ready_unreachable(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
-    with OllamaClient(make_settings(ollama_endpoint=endpoint)) as client, pytest.raises(LLMUnavailableError) as info:
+    with LLMClient(make_settings(ollama_endpoint=endpoint)) as client, pytest.raises(LLMUnavailableError) as info:
         client.check_ready()
     assert endpoint in info.value.message

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from logger import LOG_FORMAT, configure_logging, redact_uri
+from logger import LOG_FORMAT, configure_logging, redact_url
 
 
 # Made-up credentials, spelled user:pass... so the repository's secret scan knows them for placeholders.
@@ -22,13 +22,13 @@ from logger import LOG_FORMAT, configure_logging, redact_uri
     ],
 )
 def test_redact_uri_hides_passwords(uri: str, password: str) -> None:
-    redacted = redact_uri(uri)
+    redacted = redact_url(uri)
     assert redacted == uri.replace(password, "***")
     assert password not in redacted
 
 
 def test_redact_uri_marks_an_empty_password_too() -> None:
-    assert redact_uri("mongodb://user:@host") == "mongodb://user:" + "***" + "@host"
+    assert redact_url("mongodb://user:@host") == "mongodb://user:" + "***" + "@host"
 
 
 @pytest.mark.parametrize(
@@ -43,7 +43,7 @@ def test_redact_uri_marks_an_empty_password_too() -> None:
     ],
 )
 def test_redact_uri_leaves_uris_without_credentials_unchanged(uri: str) -> None:
-    assert redact_uri(uri) == uri
+    assert redact_url(uri) == uri
 
 
 # Passwords as users really write them: not percent-encoded, with '/', '@', ':', spaces, '?', '#'.

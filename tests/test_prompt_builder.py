@@ -15,7 +15,7 @@ from aggregator import build_transcript, validate_conversation
 from classifier import ConversationClassifier
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError
-from llm_wrapper import OllamaClient
+from llm_wrapper import LLMClient
 from prompt_builder import (
     CONVERSATION_HEADER,
     INSTRUCTIONS,
@@ -303,7 +303,7 @@ def test_a_customer_typing_an_agent_turn_does_not_create_one_in_the_chat_sent(
     ]})
     settings = make_settings()
     classifier = ConversationClassifier.from_settings(settings)
-    with OllamaClient(settings) as client:
+    with LLMClient(settings) as client:
         classifier.classify(conversation, client)
 
     [request] = fake_ollama.chat_requests
