@@ -251,10 +251,10 @@ class BatchProcessor:
         self._queued_this_run: set[str] = set()
         #: content hash -> future of (source id, outcome) of its first classification in this job.
         self._identical: OrderedDict[str, asyncio.Future[tuple[Any, ClassificationOutcome] | None]] = OrderedDict()
-        self._checkpoint = files.load_checkpoint() or Checkpoint(None, self.job_id)
+        self._checkpoint = files.load_checkpoint() or Checkpoint(self.job_id)
         self._checkpoint.job_id = self.job_id
         self._resolved_since_checkpoint = 0
-        self.reader = BatchReader(settings, self.source, files, self.tracker, self._checkpoint, self._stop)
+        self.reader = BatchReader(settings, self.source, files, self.tracker, self._stop)
 
     # --- stopping -----------------------------------------------------------------------
     @property

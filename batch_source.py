@@ -53,7 +53,6 @@ from mongo_client import (
 from utils.batch_file_manager import (
     BatchConversation,
     BatchFileManager,
-    Checkpoint,
     PendingBatch,
     RetryEntry,
     batch_id,
@@ -296,13 +295,12 @@ class BatchReader:
     """
 
     def __init__(self, settings: Settings, source: BatchSource, files: BatchFileManager, tracker: ProgressTracker,
-                 checkpoint: Checkpoint, stop: asyncio.Event) -> None:
+                 stop: asyncio.Event) -> None:
         self.settings = settings
         self.source = source
         self.store = source.store
         self.files = files
         self.tracker = tracker
-        self.checkpoint = checkpoint
         self._stop = stop
 
     @property
@@ -418,8 +416,6 @@ class BatchReader:
             [BatchConversation(d["_id"], conversation_payload(d)) for d in documents],
         )
         self.files.write_pending(pending)
-        self.checkpoint.last_object_id = pending.last_object_id
-        self.files.save_checkpoint(self.checkpoint)
         state = BatchState(number, [], token)
         await self._load_existing(state, pending.conversations)
         logger.info("%s: %d conversations claimed", state.batch_id, len(documents))
