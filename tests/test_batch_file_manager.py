@@ -281,7 +281,6 @@ def test_an_unreadable_legacy_retry_queue_is_quarantined(tmp_path: Path) -> None
     legacy = tmp_path / "batch_003_retry_queue.json"
     legacy.write_text('[{"conversation_id": "a", "sta')
     assert files.retry_queue_numbers() == []
-    assert files.queued_conversation_ids() == set()
     assert (tmp_path / "quarantine" / legacy.name).read_text() == '[{"conversation_id": "a", "sta'
 
 
@@ -469,14 +468,13 @@ def test_saving_an_empty_retry_queue_deletes_the_file(tmp_path: Path) -> None:
     assert files.retry_queue_numbers() == []
 
 
-def test_retry_queue_numbers_and_queued_conversation_ids(tmp_path: Path) -> None:
+def test_retry_queue_numbers(tmp_path: Path) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
     files.save_retry_queue(12, [_write_failed("c")])
     files.save_retry_queue(3, [_llm_failed("a"), _write_failed("b")])
     files.write_pending(PendingBatch(5, "job", [_conversation("d", 1)]))
     assert files.retry_queue_numbers() == [3, 12]
-    assert files.queued_conversation_ids() == {"a", "b", "c"}
 
 
 def test_legacy_retry_queue_that_is_not_a_list_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

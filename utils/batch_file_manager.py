@@ -686,9 +686,6 @@ class BatchFileManager:
     def retry_queue_numbers(self) -> list[int]:
         return [n for n in self._numbers("retry_queue") if self._journal(n).live]
 
-    def queued_conversation_ids(self) -> set[str]:
-        return {entry.conversation_id for n in self.retry_queue_numbers() for entry in self.load_retry_queue(n)}
-
     # --- checkpoint ---------------------------------------------------------------------
     def load_checkpoint(self) -> Checkpoint | None:
         path = self.directory / self.CHECKPOINT
