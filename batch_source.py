@@ -43,12 +43,12 @@ from pymongo.errors import PyMongoError
 from config import Settings
 from mongo_client import (
     STATUS_FAILED,
-    STATUS_PENDING,
     STATUS_PROCESSED,
     STATUS_PROCESSING,
     STATUS_SKIPPED,
     MongoStore,
     storage_error,
+    unprocessed_filter,
 )
 from utils.batch_file_manager import (
     BatchConversation,
@@ -90,7 +90,7 @@ def claimable_filter(
 ) -> dict[str, Any]:
     """Documents this worker may take now."""
     branches: list[dict[str, Any]] = [
-        {"status": {"$in": [STATUS_PENDING, None]}},
+        unprocessed_filter(include_failed=False),
         {"status": STATUS_PROCESSING, "lease_expires_at": {"$lt": now}},
         # 'processing' without a lease: left by a processor of before leases; nobody renews it.
         {"status": STATUS_PROCESSING, "lease_expires_at": {"$exists": False}},
