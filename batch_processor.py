@@ -222,7 +222,6 @@ class BatchProcessor:
         files: BatchFileManager,
         progress: ProgressReporter,
         options: RunOptions,
-        source: BatchSource | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -233,7 +232,7 @@ class BatchProcessor:
         self.tracker = progress.tracker
         self.options = options
         self.job_id = progress.tracker.job_id
-        self.source = source or BatchSource(
+        self.source = BatchSource(
             store,
             worker_id=settings.batch_worker_id or default_worker_id(),
             home=f"{socket.gethostname()}:{files.directory.resolve()}",
