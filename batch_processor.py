@@ -222,7 +222,6 @@ class BatchProcessor:
         files: BatchFileManager,
         progress: ProgressReporter,
         options: RunOptions,
-        source: BatchSource | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -233,7 +232,7 @@ class BatchProcessor:
         self.tracker = progress.tracker
         self.options = options
         self.job_id = progress.tracker.job_id
-        self.source = source or BatchSource(
+        self.source = BatchSource(
             store,
             worker_id=settings.batch_worker_id or default_worker_id(),
             home=f"{socket.gethostname()}:{files.directory.resolve()}",
@@ -251,10 +250,10 @@ class BatchProcessor:
         self._queued_this_run: set[str] = set()
         #: content hash -> future of (source id, outcome) of its first classification in this job.
         self._identical: OrderedDict[str, asyncio.Future[tuple[Any, ClassificationOutcome] | None]] = OrderedDict()
-        self._checkpoint = files.load_checkpoint() or Checkpoint(None, self.job_id)
+        self._checkpoint = files.load_checkpoint() or Checkpoint(self.job_id)
         self._checkpoint.job_id = self.job_id
         self._resolved_since_checkpoint = 0
-        self.reader = BatchReader(settings, self.source, files, self.tracker, self._checkpoint, self._stop)
+        self.reader = BatchReader(settings, self.source, files, self.tracker, self._stop)
 
     # --- stopping -----------------------------------------------------------------------
     @property

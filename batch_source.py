@@ -43,17 +43,16 @@ from pymongo.errors import PyMongoError
 from config import Settings
 from mongo_client import (
     STATUS_FAILED,
-    STATUS_PENDING,
     STATUS_PROCESSED,
     STATUS_PROCESSING,
     STATUS_SKIPPED,
     MongoStore,
     storage_error,
+    unprocessed_filter,
 )
 from utils.batch_file_manager import (
     BatchConversation,
     BatchFileManager,
-    Checkpoint,
     PendingBatch,
     RetryEntry,
     batch_id,
@@ -91,7 +90,7 @@ def claimable_filter(
 ) -> dict[str, Any]:
     """Documents this worker may take now."""
     branches: list[dict[str, Any]] = [
-        {"status": {"$in": [STATUS_PENDING, None]}},
+        unprocessed_filter(include_failed=False),
         {"status": STATUS_PROCESSING, "lease_expires_at": {"$lt": now}},
         # 'processing' without a lease: left by a processor of before leases; nobody renews it.
         {"status": STATUS_PROCESSING, "lease_expires_at": {"$exists": False}},
@@ -296,13 +295,12 @@ class BatchReader:
     """
 
     def __init__(self, settings: Settings, source: BatchSource, files: BatchFileManager, tracker: ProgressTracker,
-                 checkpoint: Checkpoint, stop: asyncio.Event) -> None:
+                 stop: asyncio.Event) -> None:
         self.settings = settings
         self.source = source
         self.store = source.store
         self.files = files
         self.tracker = tracker
-        self.checkpoint = checkpoint
         self._stop = stop
 
     @property
@@ -418,8 +416,6 @@ class BatchReader:
             [BatchConversation(d["_id"], conversation_payload(d)) for d in documents],
         )
         self.files.write_pending(pending)
-        self.checkpoint.last_object_id = pending.last_object_id
-        self.files.save_checkpoint(self.checkpoint)
         state = BatchState(number, [], token)
         await self._load_existing(state, pending.conversations)
         logger.info("%s: %d conversations claimed", state.batch_id, len(documents))

@@ -281,14 +281,13 @@ def test_an_unreadable_legacy_retry_queue_is_quarantined(tmp_path: Path) -> None
     legacy = tmp_path / "batch_003_retry_queue.json"
     legacy.write_text('[{"conversation_id": "a", "sta')
     assert files.retry_queue_numbers() == []
-    assert files.queued_conversation_ids() == set()
     assert (tmp_path / "quarantine" / legacy.name).read_text() == '[{"conversation_id": "a", "sta'
 
 
 def test_a_damaged_checkpoint_or_target_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
-    files.save_checkpoint(Checkpoint(str(ObjectId()), "job"))
+    files.save_checkpoint(Checkpoint("job"))
     _truncate(tmp_path / "checkpoint.json")
     assert files.load_checkpoint() is None
     assert (tmp_path / "quarantine" / "checkpoint.json").exists()
@@ -469,14 +468,13 @@ def test_saving_an_empty_retry_queue_deletes_the_file(tmp_path: Path) -> None:
     assert files.retry_queue_numbers() == []
 
 
-def test_retry_queue_numbers_and_queued_conversation_ids(tmp_path: Path) -> None:
+def test_retry_queue_numbers(tmp_path: Path) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
     files.save_retry_queue(12, [_write_failed("c")])
     files.save_retry_queue(3, [_llm_failed("a"), _write_failed("b")])
     files.write_pending(PendingBatch(5, "job", [_conversation("d", 1)]))
     assert files.retry_queue_numbers() == [3, 12]
-    assert files.queued_conversation_ids() == {"a", "b", "c"}
 
 
 def test_legacy_retry_queue_that_is_not_a_list_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -495,17 +493,17 @@ def test_checkpoint_save_and_load(tmp_path: Path) -> None:
     files = BatchFileManager(tmp_path)
     files.prepare()
     assert files.load_checkpoint() is None
-    oid = str(ObjectId())
-    checkpoint = Checkpoint(last_object_id=oid, job_id="batch_20250924_103000", conversations_resolved=50,
-                            updated_at="")
+    checkpoint = Checkpoint(job_id="batch_20250924_103000", conversations_resolved=50, updated_at="")
     files.save_checkpoint(checkpoint)
     loaded = files.load_checkpoint()
     assert loaded is not None
-    assert loaded.last_object_id == oid
     assert loaded.job_id == "batch_20250924_103000"
     assert loaded.conversations_resolved == 50
     assert loaded.updated_at  # stamped on save
     assert loaded == checkpoint
+    # A checkpoint of an earlier version (with the last _id read, never used to read) still loads.
+    (tmp_path / "checkpoint.json").write_text('{"last_object_id": "abc", "job_id": "old", "conversations_resolved": 7}')
+    assert files.load_checkpoint() == Checkpoint("old", 7, "")
 
 
 # --- folder: prepare and lock -----------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 from batch_source import BatchReader
 from config import load_settings
-from utils.batch_file_manager import BatchFileManager, Checkpoint
+from utils.batch_file_manager import BatchFileManager
 from utils.progress import ProgressTracker
 
 
@@ -48,7 +48,7 @@ async def read_all(tmp_path: Path) -> tuple[list[Any], LeaseExpiresBetweenQuerie
     files = BatchFileManager(tmp_path)
     files.prepare()
     reader = BatchReader(settings, source, files, ProgressTracker("job_test"),  # type: ignore[arg-type]
-                         Checkpoint(None, "job_test"), asyncio.Event())
+                         asyncio.Event())
     read = []
     async for _state, todo in reader.claimed(None):
         read.extend(c.object_id for c in todo)

@@ -313,7 +313,8 @@ def test_a_failing_reporter_does_not_hide_the_outcome(caplog: pytest.LogCaptureF
     failing, healthy = Recorder(fail_on_close=True), Recorder()
     progress = ProgressReporter(tracker, [failing, healthy])
     with caplog.at_level(logging.ERROR, logger="utils.progress"):
-        snapshot = progress.close("completed")
+        progress.finish("completed")
+        snapshot = progress.close()
     assert snapshot.status == "completed"
     assert healthy.closed == [snapshot]
     assert any("Recorder" in message for message in _progress_messages(caplog))

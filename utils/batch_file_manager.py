@@ -6,7 +6,7 @@
     ├── batch_001_pending.json      conversations read from MongoDB, not yet all resolved
     ├── batch_001_retry_queue.jsonl failures of batch 001: llm_failed / write_failed entries (a journal)
     ├── batch_001_completed.json    marker: every conversation of batch 001 was resolved
-    ├── checkpoint.json             last ObjectId read into a batch file, and counts
+    ├── checkpoint.json             the last job and its count of resolved conversations
     ├── quarantine/                 unreadable or truncated batch files, moved aside (never deleted)
     └── progress_<job>.json / .csv  progress of a job (utils/progress.py)
 
@@ -387,9 +387,8 @@ class RetryJournal:
 
 @dataclass
 class Checkpoint:
-    """Where reading stopped: the last ObjectId written into a batch file, and running counts."""
+    """Running counts of the folder's jobs (informational: reading resumes from claims in MongoDB)."""
 
-    last_object_id: str | None
     job_id: str
     conversations_resolved: int = 0
     updated_at: str = field(default_factory=iso_now)
@@ -687,9 +686,6 @@ class BatchFileManager:
     def retry_queue_numbers(self) -> list[int]:
         return [n for n in self._numbers("retry_queue") if self._journal(n).live]
 
-    def queued_conversation_ids(self) -> set[str]:
-        return {entry.conversation_id for n in self.retry_queue_numbers() for entry in self.load_retry_queue(n)}
-
     # --- checkpoint ---------------------------------------------------------------------
     def load_checkpoint(self) -> Checkpoint | None:
         path = self.directory / self.CHECKPOINT
@@ -698,14 +694,13 @@ class BatchFileManager:
         try:
             data = read_json(path)
             return Checkpoint(
-                last_object_id=data.get("last_object_id"),
                 job_id=str(data.get("job_id", "")),
                 conversations_resolved=int(data.get("conversations_resolved", 0)),
                 updated_at=str(data.get("updated_at", "")),
             )
         except (BatchFileError, AttributeError, TypeError, ValueError) as e:
             problem = _problem(e) if isinstance(e, BatchFileError) else f"not a checkpoint: {e}"
-            self.quarantine(path, problem, consequence="reading starts again from the first unprocessed conversation")
+            self.quarantine(path, problem, consequence="its running count starts again")
             return None
 
     def save_checkpoint(self, checkpoint: Checkpoint) -> None:

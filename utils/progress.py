@@ -277,10 +277,8 @@ class ProgressReporter:
         self._final = self.tracker.snapshot()
         return self._final
 
-    def close(self, status: str | None = None) -> ProgressSnapshot:
+    def close(self) -> ProgressSnapshot:
         """Close every reporter with the final snapshot (once; later calls return it again)."""
-        if status is not None and not self._closed:
-            self.finish(status)
         if self._final is None:
             self.finish("failed")  # closed without an outcome: the job never said it finished
         assert self._final is not None
