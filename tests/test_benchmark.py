@@ -100,7 +100,8 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
     assert prompt[-1][8].startswith("yes")  # the synthetic conversation is cut to the budget
 
     processors = table_after(text, "### 6. Several processors")
-    assert [row[0].split(" ")[0] for row in processors] == ["1", "3", "2,"]
+    skewed = ["2"] if benchmark.FAKETIME else []  # one of two processors' clock ahead (libfaketime)
+    assert [row[0].split(" ")[0] for row in processors] == ["1", "3", *skewed, "2,"]
     for row in processors:
         assert all(NUMBER.match(cell) for cell in row[1:6]), row
         assert row[3] == "0"  # duplicate results: never, whatever the timing
@@ -115,7 +116,7 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
         assert float(row[5].replace(",", "")) > 0
 
     targets = table_after(text, "**Targets**")
-    assert len(targets) == 5 + 3 + 4 and all(row[2] in ("PASS", "MISS") for row in targets)
+    assert len(targets) == 5 + 3 + 2 * len(skewed) + 4 and all(row[2] in ("PASS", "MISS") for row in targets)
 
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
 
