@@ -337,7 +337,6 @@ class BatchProcessor:
         status = "failed"
         await self._with_storage_retries("read of the server's time", self.source.sync_clock)
         renewer = asyncio.create_task(self._renew_leases(), name="lease renewal")
-        left = Leftovers({})
         try:
             if self.settings.batch_processor_mode == "continuous":
                 await self._run_continuously()
