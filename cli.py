@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "python batch_processor.py",
         "Classify the conversations of a MongoDB collection with a local Ollama model: "
-        "intent, topic, sentiment and a one-line categorization, written to a results collection. "
+        "the label fields of the taxonomy (intent, topic, sentiment by default) and a one-line categorization, "
+        "written to a results collection. "
         "Crash-safe: rerun after any interruption and it continues where it stopped.",
         EPILOG,
     )

@@ -457,11 +457,15 @@ def _label_colours(labels: list[str]) -> dict[str, str]:
     return colours
 
 
-def _integer_ticks(axis: Any) -> None:
-    # The default AutoLocator is a MaxNLocator.
+def _tidy(axes: Any, counts_on: str) -> None:
+    """Whole-number ticks and a light grid on the counts' axis (``"x"`` or ``"y"``); no top or right frame."""
     from matplotlib.ticker import MaxNLocator
 
-    cast(MaxNLocator, axis.get_major_locator()).set_params(integer=True)
+    # The default AutoLocator is a MaxNLocator.
+    cast(MaxNLocator, getattr(axes, f"{counts_on}axis").get_major_locator()).set_params(integer=True)
+    axes.grid(axis=counts_on, alpha=0.3)
+    axes.set_axisbelow(True)
+    axes.spines[["top", "right"]].set_visible(False)
 
 
 def _stacked_bars(axes: Any, report: Report, kind: str, colours: dict[str, str], *, legend: bool) -> None:
@@ -480,10 +484,7 @@ def _stacked_bars(axes: Any, report: Report, kind: str, colours: dict[str, str],
     axes.set_title(f"{_title(kind)} (stacked by {split.replace('_', ' ')})", loc="left", fontsize=11)
     axes.set_xlabel("results")
     axes.set_xlim(0, max(left + [1]) * 1.08)
-    _integer_ticks(axes.xaxis)
-    axes.grid(axis="x", alpha=0.3)
-    axes.set_axisbelow(True)
-    axes.spines[["top", "right"]].set_visible(False)
+    _tidy(axes, "x")
     axes.set_yticks(range(len(labels)), [_marked(report, kind, label) for label in labels])
     if legend:  # above the plot, right of its title: it never hides a bar
         axes.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=len(report.labels[split]), fontsize=8,
@@ -501,10 +502,7 @@ def _split_bars(axes: Any, report: Report, colours: dict[str, str]) -> None:
     axes.set_title(_title(split), loc="left", fontsize=11)
     axes.set_ylabel("results")
     axes.set_ylim(0, max(values + [1]) * 1.2)
-    _integer_ticks(axes.yaxis)
-    axes.grid(axis="y", alpha=0.3)
-    axes.set_axisbelow(True)
-    axes.spines[["top", "right"]].set_visible(False)
+    _tidy(axes, "y")
 
 
 def write_chart(report: Report, path: Path) -> None:
