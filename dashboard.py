@@ -67,6 +67,7 @@ class FieldCounts(BaseModel):
     """One label field of the taxonomy (TAXONOMY_FILE) and how often each of its labels was given."""
 
     name: str = Field(description="The field's key in classification (classification.<name>).")
+    title: str = Field(description="The name as people read it ('Product line' for product_line).")
     description: str = Field(description="What the field says, from the taxonomy file.")
     customer_only: bool = Field(description="Judged from the customer's turns only.")
     labels: list[str] = Field(description="The field's labels, in the taxonomy's order.")
@@ -295,7 +296,8 @@ def shape_stats(facets: dict[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
     return {
         "total": (facets.get("total") or [{"n": 0}])[0]["n"],
         "fields": [
-            {"name": f.name, "description": f.description, "customer_only": f.customer_only, "labels": f.names,
+            {"name": f.name, "title": f.title, "description": f.description, "customer_only": f.customer_only,
+             "labels": f.names,
              "counts": [{"label": str(r["_id"]), "count": r["n"]} for r in facets.get(_facet(f.name), [])]}
             for f in taxonomy.fields
         ],

@@ -171,8 +171,9 @@ class Report:
     database: str
     collection: str
     job: str | None
-    #: The taxonomy's label fields, in its order.
+    #: The taxonomy's label fields, in its order, and their headings ('Intent').
     fields: list[str] = field(default_factory=list)
+    titles: dict[str, str] = field(default_factory=dict)
     total: int = 0
     #: Source conversations with status 'skipped' (no customer turn): never classified, counted apart.
     skipped: int = 0
@@ -265,7 +266,8 @@ def _ordered(known: list[str], found: Counter[str]) -> tuple[list[str], list[str
 
 def build_report(collection: Collection[Any], taxonomy: Taxonomy, *, database: str, job: str | None) -> Report:
     fields = taxonomy.field_names
-    report = Report(database=database, collection=collection.name, job=job, fields=fields)
+    report = Report(database=database, collection=collection.name, job=job, fields=fields,
+                    titles={f.name: f.title for f in taxonomy.fields})
     counts: dict[str, Counter[str]] = {kind: Counter() for kind in fields}
     crossings: dict[tuple[str, str], Counter[tuple[str, str]]] = {
         (r, c): Counter() for r in fields for c in fields if r != c}
@@ -373,12 +375,6 @@ def _marked(report: Report, kind: str, label: str) -> str:
     return f"{label} *" if label in report.unknown[kind] else label
 
 
-def _title(kind: str) -> str:
-    """A field's name as a heading: 'intent' -> 'Intent', 'product_line' -> 'Product line'."""
-    text = kind.replace("_", " ")
-    return text[:1].upper() + text[1:]
-
-
 def _percent(part: int, whole: int) -> str:
     return f"{100 * part / whole:.1f}%" if whole else "-"
 
@@ -412,9 +408,9 @@ def print_tables(report: Report) -> None:
     split = report.split
     columns = report.labels[split]
     for kind in report.others:
-        table = Table(title=f"{_title(kind)} by {split.replace('_', ' ')}", box=box.SIMPLE_HEAD, show_footer=True,
-                      title_justify="left")
-        table.add_column(_title(kind), footer="Total")
+        table = Table(title=f"{report.titles[kind]} by {split.replace('_', ' ')}", box=box.SIMPLE_HEAD,
+                      show_footer=True, title_justify="left")
+        table.add_column(report.titles[kind], footer="Total")
         table.add_column("Results", justify="right", footer=str(report.total))
         table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
         cells = report.crossings[kind, split]
@@ -428,8 +424,8 @@ def print_tables(report: Report) -> None:
                 style="dim" if n == 0 else None,
             )
         console.print(table)
-    table = Table(title=_title(split), box=box.SIMPLE_HEAD, show_footer=True, title_justify="left")
-    table.add_column(_title(split), footer="Total")
+    table = Table(title=report.titles[split], box=box.SIMPLE_HEAD, show_footer=True, title_justify="left")
+    table.add_column(report.titles[split], footer="Total")
     table.add_column("Results", justify="right", footer=str(report.total))
     table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
     for label in columns:
@@ -481,7 +477,7 @@ def _stacked_bars(axes: Any, report: Report, kind: str, colours: dict[str, str],
     for y, total in enumerate(left):
         axes.annotate(str(total), (total, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
     axes.invert_yaxis()  # taxonomy order from the top
-    axes.set_title(f"{_title(kind)} (stacked by {split.replace('_', ' ')})", loc="left", fontsize=11)
+    axes.set_title(f"{report.titles[kind]} (stacked by {split.replace('_', ' ')})", loc="left", fontsize=11)
     axes.set_xlabel("results")
     axes.set_xlim(0, max(left + [1]) * 1.08)
     _tidy(axes, "x")
@@ -499,7 +495,7 @@ def _split_bars(axes: Any, report: Report, colours: dict[str, str]) -> None:
     bars = axes.bar([_marked(report, split, label) for label in labels], values,
                     color=[colours[label] for label in labels], width=0.6)
     axes.bar_label(bars, labels=[f"{v} ({_percent(v, report.total)})" for v in values], fontsize=8, padding=2)
-    axes.set_title(_title(split), loc="left", fontsize=11)
+    axes.set_title(report.titles[split], loc="left", fontsize=11)
     axes.set_ylabel("results")
     axes.set_ylim(0, max(values + [1]) * 1.2)
     _tidy(axes, "y")

@@ -20,12 +20,6 @@
     return LABEL_COLOURS[label] || PALETTE[index % PALETTE.length];
   }
 
-  // "product_line" -> "Product line": how the taxonomy's field names are shown.
-  function title(name) {
-    var text = name.replace(/_/g, " ");
-    return text.charAt(0).toUpperCase() + text.slice(1);
-  }
-
   // The figure of one label field (created on first sight): caption, canvas, table.
   function fieldFigure(field) {
     var figure = document.querySelector('#charts figure[data-field="' + field.name + '"]');
@@ -42,7 +36,7 @@
       box.appendChild(canvas);
       var details = document.createElement("details");
       var summary = document.createElement("summary");
-      summary.textContent = title(field.name) + " as a table";
+      summary.textContent = field.title + " as a table";
       var table = document.createElement("table");
       table.className = "data";
       table.dataset.testid = "table-" + field.name;
@@ -53,7 +47,7 @@
       figure.appendChild(details);
       $("charts").appendChild(figure);
     }
-    var captionText = title(field.name) + (field.customer_only ? " (customer's turns)" : "");
+    var captionText = field.title + (field.customer_only ? " (customer's turns)" : "");
     figure.querySelector("figcaption").textContent = captionText;
     figure.title = field.description || "";
     return figure;

@@ -125,7 +125,7 @@ def test_stats_match_the_database(dashboard_api: RunningAPI, mongo_db: Any) -> N
         assert counts == sorted(counts, reverse=True)
     [sentiment] = [f for f in body["fields"] if f["name"] == "sentiment"]
     assert sentiment["customer_only"] is True and sentiment["labels"] == ["Positive", "Neutral", "Negative"]
-    assert sentiment["description"] == "how the customer feels"
+    assert sentiment["description"] == "how the customer feels" and sentiment["title"] == "Sentiment"
     days = Counter(r["processing_metadata"]["processed_at"].strftime("%Y-%m-%d") for r in results)
     assert {d["date"]: d["total"] for d in body["per_day"]} == dict(days)
     assert [d["date"] for d in body["per_day"]] == sorted(days)
