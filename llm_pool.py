@@ -9,7 +9,7 @@ classifier asks of a client, ``chat(messages, schema)`` and ``check_ready()``, s
 
 * Routing: each call goes to the server with the fewest calls in flight (ties in turn), among
   the servers whose circuit is closed, or open with its pause over (that call is the probe).
-* Each server has its own :class:`utils.retry_utils.CircuitBreaker`: consecutive failures that
+* Each server has its own :class:`utils.circuit_breaker.CircuitBreaker`: consecutive failures that
   say the server is in trouble (unreachable, busy, 5xx, timeouts; not a bad answer of a working
   model) open it, so its share moves to the others; after the pause one probe tries it again and
   its success brings the server back.
@@ -39,7 +39,7 @@ from urllib.parse import urlsplit
 from config import Settings
 from error_handler import LLMBusyError, LLMError, LLMOutputError, LLMUnavailableError, ModelNotFoundError
 from logger import redact_url
-from utils.retry_utils import CircuitBreaker, CircuitState, counts_against_ollama
+from utils.circuit_breaker import CircuitBreaker, CircuitState
 
 logger = logging.getLogger(__name__)
 
@@ -66,40 +66,10 @@ def server_name(url: str) -> str:
     return f"{parts.scheme}://{host}:{port}"
 
 
-class ServerBreaker(CircuitBreaker):
-    """The project's circuit breaker, asked without waiting whether a call may go to its server now."""
-
-    def try_acquire(self) -> bool | None:
-        """None: not now (open and pausing, or its probe in flight). False: closed, call.
-        True: the pause is over and this call is the probe (it must end in record_success,
-        record_failure or cancel_probe)."""
-        if self._state is CircuitState.CLOSED:
-            return False
-        if self._state is CircuitState.OPEN and self.seconds_until_probe() <= 0:
-            logger.info("circuit %s half-open: sending one probe request", self.name)
-            self._transition(CircuitState.HALF_OPEN)
-            return True
-        return None
-
-    def seconds_until_probe(self) -> float:
-        """0 when a call may go now; the rest of the pause when open; inf while the probe is out."""
-        if self._state is CircuitState.CLOSED:
-            return 0.0
-        if self._state is CircuitState.HALF_OPEN:
-            return float("inf")
-        return max(0.0, self._opened_at + self.recovery_timeout - self._clock())
-
-    def probe_early(self) -> None:
-        """Make the next call the probe now, before the pause is over (every other server is paused too)."""
-        if self._state is CircuitState.OPEN:
-            logger.info("circuit %s half-open early: every server is paused, probing this one", self.name)
-            self._transition(CircuitState.HALF_OPEN)
-
-    def trip(self, error: BaseException) -> None:
-        """Open now (the server failed its readiness check): no call is wasted finding out again."""
-        if self._state is CircuitState.CLOSED:
-            self._consecutive_failures = max(self._consecutive_failures, self.failure_threshold - 1)
-            self.record_failure(error)
+def counts_against_server(error: BaseException) -> bool:
+    """Failures that say the LLM server itself is in trouble (unreachable, busy, 5xx, timeouts, a
+    missing model): they count towards its circuit. A bad answer of a working model does not."""
+    return isinstance(error, LLMError) and not isinstance(error, LLMOutputError)
 
 
 @dataclass
@@ -109,7 +79,7 @@ class Server:
     url: str
     name: str
     client: Any
-    breaker: ServerBreaker
+    breaker: CircuitBreaker
     in_flight: int = 0
     answered: int = 0  # calls it answered (a bad answer included: the server worked)
     failed: int = 0  # calls that failed against the server
@@ -154,9 +124,9 @@ class _Routing:
         for url in urls:
             name = server_name(url)
             # One server keeps the breaker's familiar name in the log ("circuit Ollama open ...").
-            breaker = ServerBreaker(settings.circuit_breaker_failure_threshold,
-                                    settings.circuit_breaker_recovery_seconds,
-                                    name="Ollama" if len(urls) == 1 else f"LLM server {name}", clock=clock)
+            breaker = CircuitBreaker(settings.circuit_breaker_failure_threshold,
+                                     settings.circuit_breaker_recovery_seconds,
+                                     name="Ollama" if len(urls) == 1 else f"LLM server {name}", clock=clock)
             self.servers.append(Server(url, name, factory(settings.model_copy(update={"ollama_endpoint": url})),
                                        breaker))
         self.observer: CallObserver | None = None
@@ -192,9 +162,9 @@ class _Routing:
         paused = [s for s in self.servers if s not in tried and s.breaker.state is CircuitState.OPEN]
         if paused:
             server = min(paused, key=lambda s: s.breaker.seconds_until_probe())
-            server.breaker.probe_early()
-            server.in_flight += 1
-            return server, True
+            if server.breaker.probe_early():
+                server.in_flight += 1
+                return server, True
         return None
 
     def release(self, server: Server, probe: bool, error: BaseException | None) -> None:
@@ -203,7 +173,7 @@ class _Routing:
         if error is None or isinstance(error, LLMOutputError):
             server.answered += 1
             server.breaker.record_success()  # the server answered; a bad answer is the model's fault
-        elif counts_against_ollama(error):
+        elif counts_against_server(error):
             server.failed += 1
             server.last_error = str(error)
             server.breaker.record_failure(error)

@@ -21,11 +21,30 @@ from async_llm_wrapper import AsyncLLMClient
 from classifier import ConversationClassifier
 from config import Settings, load_settings
 from config.settings import AUTO_CONCURRENCY_CEILING
-from error_handler import ConfigError, LLMServerError, LLMUnavailableError
-from llm_pool import AdaptiveLimiter, AsyncLLMPool, ConcurrencyController, LLMPool, concurrency_limit, server_name
+from error_handler import (
+    ConfigError,
+    InputError,
+    LLMBusyError,
+    LLMOutputError,
+    LLMRequestRejectedError,
+    LLMServerError,
+    LLMTimeoutError,
+    LLMUnavailableError,
+    ModelNotFoundError,
+    StorageUnavailableError,
+)
+from llm_pool import (
+    AdaptiveLimiter,
+    AsyncLLMPool,
+    ConcurrencyController,
+    LLMPool,
+    concurrency_limit,
+    counts_against_server,
+    server_name,
+)
 from llm_wrapper import LLMClient
 from tests.fake_ollama import BUSY, RUNNER_CRASHED, FakeOllama, Reply
-from utils.retry_utils import CircuitState
+from utils.circuit_breaker import CircuitState
 
 SCHEMA: dict[str, Any] = {"type": "object"}
 
@@ -169,6 +188,27 @@ async def test_the_classifier_uses_a_pool_as_it_uses_a_client(fakes: list[FakeOl
 
 
 # --- dead, busy and recovering servers ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "counts"),
+    [
+        (LLMUnavailableError("down"), True),
+        (LLMTimeoutError("slow"), True),
+        (LLMServerError("500"), True),
+        (LLMBusyError("busy"), True),
+        (ModelNotFoundError("llama3", "http://localhost:11434"), True),
+        (LLMRequestRejectedError("400"), True),
+        (LLMOutputError("not JSON"), False),
+        (StorageUnavailableError("MongoDB down"), False),
+        (InputError("bad"), False),
+        (TimeoutError(), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_what_counts_against_a_servers_circuit(error: BaseException, counts: bool) -> None:
+    assert counts_against_server(error) is counts
+
 
 
 async def test_a_dead_server_gets_no_share_and_no_call_fails(fakes: list[FakeOllama]) -> None:
