@@ -464,7 +464,10 @@ def _add_classification_routes(app: FastAPI) -> None:
         responses={503: ERROR_RESPONSES[503]},
     )
     async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, Any]:
-        """Ready when at least one LLM server answers with the model; each server is reported."""
+        """Ready when at least one LLM server answers with the model; each server is reported.
+
+        It only reports: however slow or failed a server's answer here, its circuit breaker is left
+        as it is (only /classify calls move it), so an unauthenticated probe cannot pause a server."""
         # None ready: the first server's typed error (503 with its hint).
         statuses = await run_in_threadpool(lambda: llm_client.readiness(require_one=True))
         return {"status": "ready", "model": settings.ollama_model, "endpoint": _endpoint_names(llm_client),

@@ -128,7 +128,7 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
             await store.ping()
             # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
             files.claim(data_identity(settings))
-            await llm.check_ready()
+            await llm.check_ready(pause_failed=True)  # a server that fails it gets no call until its probe
             await store.ensure_indexes()
             async with build_progress(ProgressTracker(new_job_id()), components, files.directory) as progress:
                 progress.reporters.append(JobRecorder(store.uri, settings, progress.tracker.job_id))  # dashboard

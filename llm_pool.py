@@ -210,6 +210,13 @@ class _Routing:
         """Calls answered per server, by name."""
         return {s.name: s.answered for s in self.servers}
 
+    def pause_failed(self, errors: list[LLMError | None]) -> None:
+        """Open the circuit of each server whose readiness check failed (only for a check its owner
+        trusts to decide routing: the batch processor's start-up check; never /ready)."""
+        for server, error in zip(self.servers, errors, strict=True):
+            if error is not None:
+                server.breaker.trip(error)
+
 
 class _Failover:
     """One call's way through the servers, shared by the sync and the async pool: the servers tried
@@ -251,7 +258,7 @@ def _ready_result(routing: _Routing, errors: list[LLMError | None]) -> None:
     failures = [error for error in errors if error is not None]
     for server, error in zip(routing.servers, errors, strict=True):
         if error is not None and len(routing.servers) > 1:
-            logger.warning("LLM server %s is not ready (its share goes to the others): %s", server.name, error)
+            logger.warning("LLM server %s is not ready: %s", server.name, error)
     if len(failures) == len(routing.servers):
         raise failures[0]
 
@@ -299,12 +306,11 @@ class LLMPool:
         """One classification call on the least busy server; raises an ``LLMError`` when none can answer."""
         return self._call("chat", messages, schema)
 
-    def _check(self, server: Server) -> LLMError | None:
+    @staticmethod
+    def _check(server: Server) -> LLMError | None:
         try:
             server.client.check_ready()
         except LLMError as e:
-            with self._lock:
-                server.breaker.trip(e)
             return e
         return None
 
@@ -316,8 +322,9 @@ class LLMPool:
             return list(threads.map(self._check, self.servers))
 
     def readiness(self, *, require_one: bool = False) -> list[ServerStatus]:
-        """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened.
-        With ``require_one``, raise the first server's error when none is ready."""
+        """Check every server (``check_ready`` of its client) and report; breakers are left as they are
+        (``/ready`` is unauthenticated: a slow answer to it must not pause a server). With
+        ``require_one``, raise the first server's error when none is ready."""
         errors = self._check_all()
         if require_one:
             _ready_result(self._routing, errors)
@@ -325,7 +332,8 @@ class LLMPool:
             return self._routing.statuses(errors)
 
     def check_ready(self) -> None:
-        """Raise the first server's error unless at least one server is ready; log each one that is not."""
+        """Raise the first server's error unless at least one server is ready; log each one that is not.
+        Reports only, like :meth:`readiness`."""
         _ready_result(self._routing, self._check_all())
 
 
@@ -410,23 +418,29 @@ class AsyncLLMPool:
             try:
                 await server.client.check_ready()
             except LLMError as e:
-                server.breaker.trip(e)
                 return e
             return None
 
         return list(await asyncio.gather(*(check(s) for s in self.servers)))
 
     async def readiness(self, *, require_one: bool = False) -> list[ServerStatus]:
-        """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened.
+        """Check every server (``check_ready`` of its client) and report; breakers are left as they are.
         With ``require_one``, raise the first server's error when none is ready."""
         errors = await self._check_all()
         if require_one:
             _ready_result(self._routing, errors)
         return self._routing.statuses(errors)
 
-    async def check_ready(self) -> None:
-        """Raise the first server's error unless at least one server is ready; log each one that is not."""
-        _ready_result(self._routing, await self._check_all())
+    async def check_ready(self, *, pause_failed: bool = False) -> None:
+        """Raise the first server's error unless at least one server is ready; log each one that is not.
+
+        ``pause_failed``: also open the circuit of each server that failed, so that no call is spent
+        finding out again (the batch processor's start-up check, made once by the process itself
+        before any work; a readiness probe from outside only reports)."""
+        errors = await self._check_all()
+        if pause_failed:
+            self._routing.pause_failed(errors)
+        _ready_result(self._routing, errors)
 
 
 # --- --max-concurrent auto ------------------------------------------------------------------------

@@ -83,6 +83,8 @@ class FakeOpenAI(FakeOllama):
         return web.json_response(openai_error(401, "Invalid API Key"), status=401)
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self.ready_delay:
+            await asyncio.sleep(self.ready_delay)
         denied = self._unauthorized(request)
         if denied is not None:
             return denied

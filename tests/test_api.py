@@ -630,6 +630,25 @@ def test_ready_503_when_ollama_is_unreachable(
     assert "ollama serve" in error["hint"]
 
 
+def test_a_slow_ready_never_pauses_a_server(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    # Issue 16 item 9: /ready is unauthenticated and only reports. A readiness answer that came too
+    # late (here at start-up and on /ready) must not open the server's circuit: its share of
+    # /classify would go to the others for CIRCUIT_BREAKER_RECOVERY_SECONDS (or be refused with 503).
+    with FakeOllama() as slow:
+        slow.ready_delay = 3.0  # beyond the readiness timeout: min(5 s, OLLAMA_TIMEOUT)
+        api = start_api(make_settings(ollama_endpoint=f"{slow.url},{fake_ollama.url}", ollama_timeout=2))
+        response = http.get(f"{api.url}/ready", timeout=30)
+        assert response.status_code == 200, response.text  # the other server is ready
+        servers = {status["server"]: status for status in response.json()["servers"]}
+        assert servers[slow.url]["ready"] is False and "did not answer" in servers[slow.url]["error"]
+        assert servers[slow.url]["circuit"] == "closed"
+        for _ in range(4):
+            assert post(http, api, CONVERSATION).status_code == 200
+        assert (slow.chat_count, fake_ollama.chat_count) == (2, 2)  # the slow server keeps its share
+
+
 def test_docs_are_served(http: requests.Session, api_server: RunningAPI) -> None:
     response = http.get(f"{api_server.url}/docs", timeout=10)
     assert response.status_code == 200

@@ -229,7 +229,7 @@ async def test_a_dead_server_gets_no_share_and_no_call_fails(fakes: list[FakeOll
 async def test_a_server_found_dead_at_start_up_is_skipped_from_the_first_call(fakes: list[FakeOllama]) -> None:
     settings = settings_for(dead_url(), fakes[0].url)
     async with AsyncLLMPool(settings, AsyncLLMClient) as pool:
-        await pool.check_ready()  # one server is enough
+        await pool.check_ready(pause_failed=True)  # the batch processor's start-up check; one server is enough
         statuses = await pool.readiness()
         assert [s.ready for s in statuses] == [False, True]
         assert statuses[0].circuit == "open" and "Cannot reach" in (statuses[0].error or "")
@@ -237,6 +237,22 @@ async def test_a_server_found_dead_at_start_up_is_skipped_from_the_first_call(fa
         for i in range(5):
             await pool.chat(messages(i), SCHEMA)
         assert pool.servers[0].failed == 0 and fakes[0].chat_count == 5
+
+
+async def test_readiness_reports_and_never_moves_a_breaker(fakes: list[FakeOllama]) -> None:
+    # Issue 16 item 9: /ready (the sync pool's readiness) is a report; only calls move breakers.
+    fakes[0].ready_delay = 2  # too slow for the readiness timeout, min(5 s, OLLAMA_TIMEOUT = 1 s)
+    settings = settings_for(fakes[0].url, dead_url(), fakes[1].url, ollama_timeout=1)
+    with LLMPool(settings, LLMClient) as pool:
+        pool.check_ready()
+        statuses = pool.readiness(require_one=True)
+        assert [(s.ready, s.circuit) for s in statuses] == [(False, "closed"), (False, "closed"), (True, "closed")]
+        assert "did not answer" in (statuses[0].error or "") and "Cannot reach" in (statuses[1].error or "")
+    async with AsyncLLMPool(settings, AsyncLLMClient) as async_pool:
+        await async_pool.check_ready()
+        assert [s.breaker.state for s in async_pool.servers] == [CircuitState.CLOSED] * 3
+        await async_pool.check_ready(pause_failed=True)  # only the start-up check that asks for it pauses
+        assert [s.breaker.state for s in async_pool.servers] == [CircuitState.OPEN] * 2 + [CircuitState.CLOSED]
 
 
 async def test_no_ready_server_raises_the_typed_error() -> None:
