@@ -38,6 +38,7 @@ from urllib.parse import urlsplit
 
 from config import Settings
 from error_handler import LLMBusyError, LLMError, LLMOutputError, LLMUnavailableError, ModelNotFoundError
+from llm_wrapper import server_kind
 from logger import redact_url
 from utils.circuit_breaker import CircuitBreaker, CircuitState
 
@@ -123,10 +124,11 @@ class _Routing:
         urls = settings.llm_endpoints
         for url in urls:
             name = server_name(url)
-            # One server keeps the breaker's familiar name in the log ("circuit Ollama open ...").
+            # One server keeps the name messages give it ("circuit Ollama open ...", or "the LLM server").
             breaker = CircuitBreaker(settings.circuit_breaker_failure_threshold,
                                      settings.circuit_breaker_recovery_seconds,
-                                     name="Ollama" if len(urls) == 1 else f"LLM server {name}", clock=clock)
+                                     name=server_kind(settings) if len(urls) == 1 else f"LLM server {name}",
+                                     clock=clock)
             self.servers.append(Server(url, name, factory(settings.model_copy(update={"ollama_endpoint": url})),
                                        breaker))
         self.observer: CallObserver | None = None

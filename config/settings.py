@@ -50,7 +50,7 @@ class Settings(BaseModel):
     )
 
     # --- LLM provider and confidence ----------------------------------------------------
-    llm_provider: Literal["ollama", "openai"] = Field(
+    llm_provider: str = Field(
         "ollama",
         description="ollama: Ollama's /api/chat; openai: any OpenAI-compatible server "
         "(OLLAMA_ENDPOINT is then its base URL, e.g. http://localhost:8000/v1).",
@@ -193,6 +193,17 @@ class Settings(BaseModel):
     @classmethod
     def _lower_provider(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("llm_provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        # The provider table is the one list of names: a provider is one entry there, nothing here.
+        # Imported when a value is checked, not with this module (llm_wrapper imports the settings).
+        from llm_wrapper import PROVIDERS
+
+        if value not in PROVIDERS:
+            raise ValueError(f"must be one of {', '.join(PROVIDERS)}")
+        return value
 
     @field_validator("llm_api_key", mode="before")
     @classmethod

@@ -943,7 +943,7 @@ def _own_cpu() -> float:
 def section_api(ctx: Context) -> SectionResult:
     from aggregator import validate_conversation
     from classifier import ConversationClassifier
-    from llm_wrapper import build_chat_payload
+    from llm_wrapper import provider_for
 
     preset = ctx.preset
     samples = load_samples()
@@ -958,8 +958,8 @@ def section_api(ctx: Context) -> SectionResult:
         classifier = ConversationClassifier.from_settings(settings)
         api_bodies = [json.dumps(body).encode() for body in samples]
         fake_bodies = [
-            json.dumps(build_chat_payload(settings, classifier.prepare(validate_conversation(body)).messages,
-                                          classifier.schema)).encode()
+            json.dumps(provider_for(settings).build_payload(
+                settings, classifier.prepare(validate_conversation(body)).messages, classifier.schema)).encode()
             for body in samples
         ]
         for clients in preset.api_levels:
@@ -1005,7 +1005,7 @@ def section_api(ctx: Context) -> SectionResult:
         f"process, one aiohttp session (keep-alive) per level, {preset.api_requests:,} measured requests per "
         f"level after {preset.api_warmup} warm-up requests, the {len(samples)} conversations of "
         "data/sample_conversations.json in turn. The fake is measured the same way with the payload the API "
-        "sends it (llm_wrapper.build_chat_payload of ConversationClassifier.prepare). Latencies of 200 answers; "
+        "sends it (the Ollama provider's build_payload of ConversationClassifier.prepare). Latencies of 200 answers; "
         "anything else counts as an error.",
         [("clients", "right"), ("endpoint", "left"), ("requests", "right"), ("errors", "right"),
          ("p50 (ms)", "right"), ("p95 (ms)", "right"), ("p99 (ms)", "right"), ("requests/s", "right"),

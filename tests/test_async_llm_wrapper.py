@@ -14,7 +14,7 @@ import pytest
 from async_llm_wrapper import AsyncLLMClient
 from config import Settings
 from error_handler import LLMUnavailableError, ModelNotFoundError
-from llm_wrapper import build_chat_payload
+from llm_wrapper import build_ollama_payload
 from tests.fake_ollama import FakeOllama, Reply
 from tests.net_helpers import closed_port_url
 from tests.test_llm_wrapper import CONVERSATION_A, CONVERSATION_B, ERROR_CASES, ErrorCase, chat_messages
@@ -33,7 +33,7 @@ async def test_payload_as_the_fake_received_it(settings: Settings, fake_ollama: 
         result = await client.chat(messages, schema)
 
     [request] = fake_ollama.chat_requests
-    assert request == build_chat_payload(settings, messages, schema)  # the shared payload, as sent by sync
+    assert request == build_ollama_payload(settings, messages, schema)  # the shared payload, as sent by sync
     assert request["model"] == "llama3"
     assert request["stream"] is False
     assert request["think"] is False
