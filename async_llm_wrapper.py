@@ -62,7 +62,7 @@ class AsyncLLMClient:
     async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes, Mapping[str, str]]:
         if self._session is None:
             raise RuntimeError("AsyncLLMClient used outside 'async with'")
-        url = f"{self.settings.ollama_endpoint}{path}"
+        url = f"{self.settings.llm_endpoint}{path}"
         try:
             async with self._session.request(method, url, **kwargs) as response:
                 return response.status, await response.read(), response.headers

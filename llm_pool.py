@@ -1,8 +1,8 @@
 """Several LLM servers behind the interface of one client: least-busy routing, a breaker per server.
 
-``OLLAMA_ENDPOINT`` may list several base URLs (``settings.llm_endpoints``). A pool holds one
+``LLM_ENDPOINT`` may list several base URLs (``settings.llm_endpoints``). A pool holds one
 client per server, each built by the provider's factory from the settings with that server's URL
-(``settings.model_copy(update={"ollama_endpoint": url})``), so the pool knows nothing of the
+(``settings.model_copy(update={"llm_endpoint": url})``), so the pool knows nothing of the
 provider: Ollama's ``/api/chat`` or an OpenAI-compatible server alike. It offers what the
 classifier asks of a client, ``chat(messages, schema)`` and ``check_ready()``, so
 ``classifier.classify(conversation, pool)`` works unchanged.
@@ -129,7 +129,7 @@ class _Routing:
                                      settings.circuit_breaker_recovery_seconds,
                                      name=server_kind(settings) if len(urls) == 1 else f"LLM server {name}",
                                      clock=clock)
-            self.servers.append(Server(url, name, factory(settings.model_copy(update={"ollama_endpoint": url})),
+            self.servers.append(Server(url, name, factory(settings.model_copy(update={"llm_endpoint": url})),
                                        breaker))
         self.observer: CallObserver | None = None
         self._turn = 0
@@ -196,7 +196,7 @@ class _Routing:
         return LLMUnavailableError(
             f"No LLM server can take a call: each of the {len(self.servers)} server(s) is paused after failures "
             f"and being probed" + (f" (last failures: {failures})" if failures else "") + ".",
-            hint="Retry in a moment; check the servers named by OLLAMA_ENDPOINT (running, with the model?).",
+            hint="Retry in a moment; check the servers named by LLM_ENDPOINT (running, with the model?).",
             endpoint=", ".join(s.name for s in self.servers),
         )
 

@@ -149,7 +149,7 @@ def server_kind(settings: Settings, *, capital: bool = False) -> str:
 
 def server_name(settings: Settings) -> str:
     """The LLM server's URL as errors and logs show it: without its password."""
-    return redact_url(settings.ollama_endpoint)
+    return redact_url(settings.llm_endpoint)
 
 
 def unavailable_error(settings: Settings, reason: str) -> LLMUnavailableError:
@@ -167,7 +167,7 @@ def request_failed_error(settings: Settings, url: str, error: Exception) -> LLME
         if isinstance(error, ValueError):  # e.g. requests' InvalidURL: '/' in a password cuts the host short
             return LLMUnavailableError(
                 f"Cannot reach {server_kind(settings)} at {where}: the URL cannot be parsed ({type(error).__name__}).",
-                hint="Percent-encode special characters of the user name and password in OLLAMA_ENDPOINT "
+                hint="Percent-encode special characters of the user name and password in LLM_ENDPOINT "
                 "(/ as %2F, @ as %40, : as %3A, space as %20).",
                 endpoint=server_name(settings),
             )
@@ -234,7 +234,7 @@ def _keep_alive(value: str) -> str | int:
 def build_ollama_payload(settings: Settings, messages: list[dict[str, str]], schema: dict[str, Any]) -> dict[str, Any]:
     """Ollama: the body of ``POST /api/chat``: non-streaming, no thinking, deterministic, bounded, schema-bound."""
     return {
-        "model": settings.ollama_model,
+        "model": settings.llm_model,
         "messages": messages,
         "stream": False,
         "think": False,
@@ -254,7 +254,7 @@ def ollama_error(status: int, body: bytes, settings: Settings, headers: Mapping[
     """Ollama: the typed error for a non-200 answer."""
     message = _ollama_message(body)
     if status == 404:
-        return ModelNotFoundError(settings.ollama_model, server_name(settings))
+        return ModelNotFoundError(settings.llm_model, server_name(settings))
     if status in (429, 503):
         return LLMBusyError(
             f"Ollama is busy: {message}",
@@ -287,7 +287,7 @@ def read_ollama_answer(data: Any, settings: Settings) -> ChatResult:
         raise LLMOutputError("The model answered with empty content.")
     return ChatResult(
         content=content,
-        model=str(data.get("model", settings.ollama_model)),
+        model=str(data.get("model", settings.llm_model)),
         done_reason=done_reason,
         total_duration_ns=data.get("total_duration"),
         load_duration_ns=data.get("load_duration"),
@@ -312,8 +312,8 @@ def check_ollama_models(body: bytes, settings: Settings) -> None:
         names = {_with_latest(str(m.get("name") or m.get("model"))) for m in models}
     except (ValueError, AttributeError) as e:
         raise LLMServerError(f"Ollama's /api/tags answer is not the expected JSON: {body[:120]!r}") from e
-    if _with_latest(settings.ollama_model) not in names:
-        raise ModelNotFoundError(settings.ollama_model, server_name(settings))
+    if _with_latest(settings.llm_model) not in names:
+        raise ModelNotFoundError(settings.llm_model, server_name(settings))
 
 
 # --- OpenAI-compatible servers ---------------------------------------------------------------
@@ -327,7 +327,7 @@ _MODEL_MISSING = re.compile(r"model\b.*\b(does not exist|not found|not exist|is 
 def build_openai_payload(settings: Settings, messages: list[dict[str, str]], schema: dict[str, Any]) -> dict[str, Any]:
     """The body of ``POST {endpoint}/chat/completions``: the same messages and schema as Ollama's."""
     return {
-        "model": settings.ollama_model,
+        "model": settings.llm_model,
         "messages": messages,
         "stream": False,
         "temperature": 0,
@@ -348,11 +348,11 @@ def _openai_message(body: bytes) -> str:
 def openai_model_missing(settings: Settings, served: list[str] | None = None) -> ModelNotFoundError:
     listed = f" It serves: {', '.join(served[:10])}." if served else ""
     return ModelNotFoundError(
-        settings.ollama_model,
+        settings.llm_model,
         server_name(settings),
         server="LLM server",
-        hint=f"Set OLLAMA_MODEL to a model the server serves (GET {server_name(settings)}/models lists them), "
-        f"and check that OLLAMA_ENDPOINT is its base URL, usually ending in /v1.{listed}",
+        hint=f"Set LLM_MODEL to a model the server serves (GET {server_name(settings)}/models lists them), "
+        f"and check that LLM_ENDPOINT is its base URL, usually ending in /v1.{listed}",
     )
 
 
@@ -428,7 +428,7 @@ def read_openai_answer(data: Any, settings: Settings) -> ChatResult:
     logprobs = _object(choice.get("logprobs"))
     return ChatResult(
         content=content.strip(),
-        model=str(data.get("model") or settings.ollama_model),
+        model=str(data.get("model") or settings.llm_model),
         done_reason=finish_reason,
         total_duration_ns=(prompt_ns or 0) + (predicted_ns or 0) if timings else None,
         prompt_eval_count=evaluated,
@@ -449,9 +449,9 @@ def check_openai_models(body: bytes, settings: Settings) -> None:
     except (ValueError, KeyError, TypeError) as e:
         raise LLMServerError(
             f"The LLM server's /models answer is not the expected JSON: {body[:120]!r}",
-            hint="Check that OLLAMA_ENDPOINT is the server's OpenAI-compatible base URL, usually ending in /v1.",
+            hint="Check that LLM_ENDPOINT is the server's OpenAI-compatible base URL, usually ending in /v1.",
         ) from e
-    if settings.ollama_model not in served:
+    if settings.llm_model not in served:
         raise openai_model_missing(settings, served)
 
 
@@ -509,7 +509,7 @@ PROVIDERS: dict[str, Provider] = {
         read_answer=read_ollama_answer,
         map_error=ollama_error,
         check_models=check_ollama_models,
-        unavailable_hint="Start Ollama (`ollama serve`) or set OLLAMA_ENDPOINT to where it runs.",
+        unavailable_hint="Start Ollama (`ollama serve`) or set LLM_ENDPOINT to where it runs.",
     ),
     "openai": Provider(
         display_name="the LLM server",
@@ -520,7 +520,7 @@ PROVIDERS: dict[str, Provider] = {
         map_error=openai_error,
         check_models=check_openai_models,
         unavailable_hint="Start the OpenAI-compatible server (vLLM, llama-server, LM Studio, ...) or set "
-        "OLLAMA_ENDPOINT to its base URL, e.g. http://localhost:8000/v1.",
+        "LLM_ENDPOINT to its base URL, e.g. http://localhost:8000/v1.",
         headers=bearer_headers,
     ),
 }
@@ -585,7 +585,7 @@ class LLMClient:
         self._session.close()
 
     def _request(self, method: str, path: str, timeout: Any, **kwargs: Any) -> requests.Response:
-        url = f"{self.settings.ollama_endpoint}{path}"
+        url = f"{self.settings.llm_endpoint}{path}"
         try:
             return self._session.request(method, url, timeout=timeout, **kwargs)
         except requests.exceptions.ConnectionError as e:

@@ -89,7 +89,7 @@ async def test_model_not_pulled_on_the_server(make_settings: SettingsFactory, fa
 
 async def test_connection_refused_names_the_endpoint(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
-    settings = make_settings(ollama_endpoint=endpoint)
+    settings = make_settings(llm_endpoint=endpoint)
     async with AsyncLLMClient(settings) as client:
         with pytest.raises(LLMUnavailableError) as info:
             await client.chat(*chat_messages(settings, CONVERSATION_A))
@@ -104,14 +104,14 @@ async def test_check_ready(make_settings: SettingsFactory, fake_ollama: FakeOlla
     async with AsyncLLMClient(make_settings()) as client:
         with pytest.raises(ModelNotFoundError):
             await client.check_ready()
-    async with AsyncLLMClient(make_settings(ollama_model="other")) as client:
+    async with AsyncLLMClient(make_settings(llm_model="other")) as client:
         await client.check_ready()  # "other" == "other:latest"
     assert fake_ollama.chat_count == 0
 
 
 async def test_check_ready_unreachable(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
-    async with AsyncLLMClient(make_settings(ollama_endpoint=endpoint)) as client:
+    async with AsyncLLMClient(make_settings(llm_endpoint=endpoint)) as client:
         with pytest.raises(LLMUnavailableError) as info:
             await client.check_ready()
     assert endpoint in info.value.message

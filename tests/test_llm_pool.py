@@ -61,7 +61,7 @@ def dead_url() -> str:
 
 
 def settings_for(*urls: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"ollama_endpoint": ",".join(urls), "ollama_timeout": 5,
+    values: dict[str, Any] = {"llm_endpoint": ",".join(urls), "ollama_timeout": 5,
                               "circuit_breaker_failure_threshold": 2, "circuit_breaker_recovery_seconds": 60}
     values.update(overrides)
     return load_settings(values, environ={}, env_file=None)
@@ -90,7 +90,7 @@ def fakes() -> Iterator[list[FakeOllama]]:
 
 def test_one_endpoint_works_as_before() -> None:
     settings = settings_for("http://localhost:11434/")
-    assert settings.ollama_endpoint == "http://localhost:11434"
+    assert settings.llm_endpoint == "http://localhost:11434"
     assert settings.llm_endpoints == ["http://localhost:11434"]
 
 
@@ -101,8 +101,8 @@ def test_a_comma_separated_list_names_several_servers() -> None:
 
 @pytest.mark.parametrize("value", ["http://a:1,b:2", "http://a:1,,http://b:2", "http://a:1,http://a:1/", " , "])
 def test_a_bad_list_is_a_clear_configuration_error(value: str) -> None:
-    with pytest.raises(ConfigError, match="OLLAMA_ENDPOINT"):
-        load_settings({}, environ={"OLLAMA_ENDPOINT": value}, env_file=None)
+    with pytest.raises(ConfigError, match="LLM_ENDPOINT"):
+        load_settings({}, environ={"LLM_ENDPOINT": value}, env_file=None)
 
 
 def test_max_concurrent_auto_turns_the_controller_on_with_a_ceiling() -> None:
@@ -455,7 +455,7 @@ async def test_auto_concurrency_observes_the_pools_calls(fakes: list[FakeOllama]
 
 @pytest.fixture
 def batch_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, mongo_uri: str, mongo_db: Any) -> Any:
-    """``batch_run(urls, n, *flags)``: n pending conversations, then ``cli.main`` with OLLAMA_ENDPOINT=urls."""
+    """``batch_run(urls, n, *flags)``: n pending conversations, then ``cli.main`` with LLM_ENDPOINT=urls."""
     import cli
     from config import env_name
 
@@ -463,7 +463,7 @@ def batch_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, mongo_uri: str, mo
         for name in Settings.model_fields:
             monkeypatch.delenv(env_name(name), raising=False)
         env = {"MONGODB_CONNECTION_STRING": mongo_uri, "MONGODB_DATABASE_NAME": mongo_db.name,
-               "OLLAMA_ENDPOINT": ",".join(urls), "OLLAMA_TIMEOUT": "10",
+               "LLM_ENDPOINT": ",".join(urls), "OLLAMA_TIMEOUT": "10",
                "BATCH_FILES_DIR": str(tmp_path / "batch_files"), "BATCH_MONITORING_MODE": "production",
                "OLLAMA_RETRY_BASE_SECONDS": "0.01", "MONGODB_RETRY_BASE_SECONDS": "0.01",
                "CIRCUIT_BREAKER_RECOVERY_SECONDS": "30", "MONGODB_TIMEOUT_MS": "5000"}

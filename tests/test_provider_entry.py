@@ -34,7 +34,7 @@ from tests.net_helpers import closed_port_url
 
 
 def tiny_payload(settings: Settings, messages: list[dict[str, str]], schema: dict[str, Any]) -> dict[str, Any]:
-    return {"model": settings.ollama_model, "messages": messages, "schema": schema,
+    return {"model": settings.llm_model, "messages": messages, "schema": schema,
             "limit": settings.ollama_num_predict}
 
 
@@ -52,8 +52,8 @@ def tiny_error(status: int, body: bytes, settings: Settings, headers: Mapping[st
 
 
 def tiny_models(body: bytes, settings: Settings) -> None:
-    if settings.ollama_model not in json.loads(body)["loaded"]:
-        raise LLMServerError(f"the tiny server has not loaded {settings.ollama_model}")
+    if settings.llm_model not in json.loads(body)["loaded"]:
+        raise LLMServerError(f"the tiny server has not loaded {settings.llm_model}")
 
 
 TINY = Provider(
@@ -105,7 +105,7 @@ class FakeTiny(FakeOllama):
 
 
 def tiny_settings(url: str, tmp_path: Path) -> Settings:
-    return load_settings({"llm_provider": "tiny", "ollama_endpoint": url, "ollama_timeout": 5,
+    return load_settings({"llm_provider": "tiny", "llm_endpoint": url, "ollama_timeout": 5,
                           "batch_files_dir": tmp_path / "batch_files"}, environ={}, env_file=None)
 
 
