@@ -3,7 +3,8 @@
 ``LLM_ENDPOINT`` may list several base URLs (``settings.llm_endpoints``). A pool holds one
 client per server, each built by the provider's factory from the settings with that server's URL
 (``settings.model_copy(update={"llm_endpoint": url})``), so the pool knows nothing of the
-provider: Ollama's ``/api/chat`` or an OpenAI-compatible server alike. It offers what the
+provider (beyond the name log lines give a lone server: ``llm_wrapper.server_kind``): Ollama's
+``/api/chat`` or an OpenAI-compatible server alike. It offers what the
 classifier asks of a client, ``chat(messages, schema)`` and ``check_ready()``, so
 ``classifier.classify(conversation, pool)`` works unchanged.
 
