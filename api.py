@@ -154,7 +154,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503,
         "model_not_found",
         "Model 'llama3' is not available on the Ollama server at http://localhost:11434.",
-        "Run `ollama pull llama3` there, or set OLLAMA_MODEL to a model it has.",
+        "Run `ollama pull llama3` there, or set LLM_MODEL to a model it has.",
     ),
     504: _error_example(504, "llm_timeout", "Ollama at http://localhost:11434 did not answer within 120 s."),
 }
@@ -349,7 +349,7 @@ async def _report_ollama_readiness(ollama: LLMPool) -> None:
     except LLMError as e:
         logger.warning("Ollama is not ready: %s /classify answers 503 until it is.", e)
     else:
-        logger.info("Ollama at %s is ready with model %s", _endpoint_names(ollama), ollama.settings.ollama_model)
+        logger.info("Ollama at %s is ready with model %s", _endpoint_names(ollama), ollama.settings.llm_model)
 
 
 def _endpoint_names(ollama: LLMPool) -> str:
@@ -365,11 +365,11 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         pipeline = classifier or ConversationClassifier.from_settings(settings)
         pool_size = settings.api_max_concurrency + SPARE_CONNECTIONS
-        # One client per LLM server (OLLAMA_ENDPOINT may list several); each call to the least busy.
+        # One client per LLM server (LLM_ENDPOINT may list several); each call to the least busy.
         with LLMPool(settings, lambda server: create_llm_client(server, pool_size=pool_size)) as ollama:
             logger.info(
                 "API ready: model %s at %s, %s, prompt prefix %d chars",
-                settings.ollama_model,
+                settings.llm_model,
                 _endpoint_names(ollama),
                 pipeline.taxonomy.summary(),
                 pipeline.prompt_builder.prefix_chars,
@@ -480,10 +480,13 @@ def _add_classification_routes(app: FastAPI) -> None:
         responses={503: ERROR_RESPONSES[503]},
     )
     async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, Any]:
-        """Ready when at least one LLM server answers with the model; each server is reported."""
+        """Ready when at least one LLM server answers with the model; each server is reported.
+
+        It only reports: however slow or failed a server's answer here, its circuit breaker is left
+        as it is (only /classify calls move it), so an unauthenticated probe cannot pause a server."""
         # None ready: the first server's typed error (503 with its hint).
         statuses = await run_in_threadpool(lambda: llm_client.readiness(require_one=True))
-        return {"status": "ready", "model": settings.ollama_model, "endpoint": _endpoint_names(llm_client),
+        return {"status": "ready", "model": settings.llm_model, "endpoint": _endpoint_names(llm_client),
                 "servers": [status.as_dict() for status in statuses]}
 
 

@@ -124,12 +124,12 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     classifier = ConversationClassifier.from_settings(settings)
     files = BatchFileManager(settings.batch_files_dir)
     with files.locked():
-        # One client per LLM server (OLLAMA_ENDPOINT may list several), routed by the pool.
+        # One client per LLM server (LLM_ENDPOINT may list several), routed by the pool.
         async with MongoStore.connect(settings) as store, AsyncLLMPool(settings, create_async_llm_client) as llm:
             await store.ping()
             # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
             files.claim(data_identity(settings))
-            await llm.check_ready()
+            await llm.check_ready(pause_failed=True)  # a server that fails it gets no call until its probe
             await store.ensure_indexes(classifier.taxonomy.field_names)
             async with build_progress(ProgressTracker(new_job_id()), components, files.directory) as progress:
                 progress.reporters.append(JobRecorder(store.uri, settings, progress.tracker.job_id))  # dashboard

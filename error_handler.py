@@ -127,7 +127,7 @@ class ModelNotFoundError(LLMError):
     def __init__(self, model: str, endpoint: str, *, server: str = "Ollama server", hint: str | None = None) -> None:
         super().__init__(
             f"Model '{model}' is not available on the {server} at {endpoint}.",
-            hint=hint or f"Run `ollama pull {model}` there, or set OLLAMA_MODEL to a model it has.",
+            hint=hint or f"Run `ollama pull {model}` there, or set LLM_MODEL to a model it has.",
             model=model,
         )
         self.model = model

@@ -1,14 +1,16 @@
 """The one settings object of the project.
 
 Every setting has an environment variable named after the field in upper case
-(``ollama_endpoint`` -> ``OLLAMA_ENDPOINT``). Values come from, highest first:
-explicit overrides (the command line), the process environment, a ``.env``
-file, and the defaults below. This is the only module that reads the
-environment; everything else receives a :class:`Settings` as an argument.
+(``llm_endpoint`` -> ``LLM_ENDPOINT``); a few are also read under a former name
+(:data:`FORMER_NAMES`). Values come from, highest first: explicit overrides (the
+command line), the process environment, a ``.env`` file, and the defaults below.
+This is the only module that reads the environment; everything else receives a
+:class:`Settings` as an argument.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -19,6 +21,8 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, f
 
 from error_handler import ConfigError
 from logger import redact_url
+
+logger = logging.getLogger(__name__)
 
 CONFIG_DIR = Path(__file__).resolve().parent
 
@@ -34,13 +38,19 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    # --- Ollama -------------------------------------------------------------------------
-    ollama_endpoint: str = Field(
+    # --- The LLM server -----------------------------------------------------------------
+    llm_endpoint: str = Field(
         "http://localhost:11434",
-        description="Base URL of the Ollama server, or several separated by commas (each call goes to the "
-        "least busy one).",
+        description="Base URL of the LLM server (LLM_PROVIDER=openai: its OpenAI-compatible base URL, e.g. "
+        "http://localhost:8000/v1), or several separated by commas (each call goes to the least busy one). "
+        "Also read as OLLAMA_ENDPOINT, its former name (when both are set, LLM_ENDPOINT wins).",
     )
-    ollama_model: str = Field("llama3", min_length=1, description="Ollama model used for classification.")
+    llm_model: str = Field(
+        "llama3",
+        min_length=1,
+        description="Model used for classification. Also read as OLLAMA_MODEL, its former name (when both are set, "
+        "LLM_MODEL wins).",
+    )
     ollama_timeout: float = Field(120.0, gt=0, description="Seconds to wait for one Ollama answer.")
     ollama_keep_alive: str = Field("5m", description="How long Ollama keeps the model loaded after a request.")
     ollama_num_predict: int = Field(256, ge=32, le=4096, description="Maximum tokens the model may generate.")
@@ -50,10 +60,10 @@ class Settings(BaseModel):
     )
 
     # --- LLM provider and confidence ----------------------------------------------------
-    llm_provider: Literal["ollama", "openai"] = Field(
+    llm_provider: str = Field(
         "ollama",
-        description="ollama: Ollama's /api/chat; openai: any OpenAI-compatible server "
-        "(OLLAMA_ENDPOINT is then its base URL, e.g. http://localhost:8000/v1).",
+        description="The LLM server's API, a name of llm_wrapper.PROVIDERS: ollama (Ollama's /api/chat) or "
+        "openai (any OpenAI-compatible server).",
     )
     # SecretStr: repr(), str() and logs show '**********', never the key.
     llm_api_key: SecretStr | None = Field(
@@ -164,7 +174,7 @@ class Settings(BaseModel):
         300.0, ge=0, description="Pause before trying Ollama again after the circuit opened."
     )
 
-    @field_validator("ollama_endpoint")
+    @field_validator("llm_endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str) -> str:
         urls = [url.strip().rstrip("/") for url in value.split(",")]
@@ -194,6 +204,17 @@ class Settings(BaseModel):
     def _lower_provider(cls, value: Any) -> Any:
         return value.strip().lower() if isinstance(value, str) else value
 
+    @field_validator("llm_provider")
+    @classmethod
+    def _known_provider(cls, value: str) -> str:
+        # The provider table is the one list of names: a provider is one entry there, nothing here.
+        # Imported when a value is checked, not with this module (llm_wrapper imports the settings).
+        from llm_wrapper import PROVIDERS
+
+        if value not in PROVIDERS:
+            raise ValueError(f"must be one of {', '.join(PROVIDERS)}")
+        return value
+
     @field_validator("llm_api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, value: Any) -> Any:
@@ -206,8 +227,8 @@ class Settings(BaseModel):
 
     @property
     def llm_endpoints(self) -> list[str]:
-        """The LLM servers' base URLs (OLLAMA_ENDPOINT split at commas), in the order given."""
-        return self.ollama_endpoint.split(",")
+        """The LLM servers' base URLs (LLM_ENDPOINT split at commas), in the order given."""
+        return self.llm_endpoint.split(",")
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -215,9 +236,36 @@ class Settings(BaseModel):
         return self.mongodb_connection_string.strip().lower() == EMBEDDED_DATABASE
 
 
+#: Settings also read under an older environment variable: the design's OLLAMA_* names, from before
+#: the provider table (the endpoint and the model serve every provider). Both names set in one source
+#: (the environment, or the .env file): the new name wins, and a warning names the ignored one. Not
+#: an error, because deployments mix them while they move: docker-compose.yml sets LLM_ENDPOINT for
+#: its network over a .env that may still say OLLAMA_ENDPOINT=http://localhost:11434. Across sources
+#: the usual precedence holds, whichever name each uses (OLLAMA_MODEL in the environment beats
+#: LLM_MODEL in .env).
+FORMER_NAMES: dict[str, str] = {"llm_endpoint": "OLLAMA_ENDPOINT", "llm_model": "OLLAMA_MODEL"}
+
+
 def env_name(field_name: str) -> str:
     """The environment variable that sets ``field_name``."""
     return field_name.upper()
+
+
+def env_names(field_name: str) -> tuple[str, ...]:
+    """Every environment variable that sets ``field_name``: its own, then its former name if it has one.
+    (A child process's environment that sets a setting drops them all from the parent's: no stale one.)"""
+    former = FORMER_NAMES.get(field_name)
+    return (env_name(field_name),) if former is None else (env_name(field_name), former)
+
+
+def _read(source: Mapping[str, str | None], field_name: str, where: str) -> tuple[str, str] | None:
+    """``(variable, value)`` setting ``field_name`` in one source, under its name or its former one."""
+    found = [(name, value) for name in env_names(field_name) if (value := source.get(name)) is not None]
+    if len({value for _, value in found}) > 1:
+        (new, _), (old, _) = found  # no values: an endpoint may carry a password
+        logger.warning("%s is ignored: %s is set too (in %s), to another value, and wins. %s is the former name "
+                       "of %s: remove it.", old, new, where, old, new)
+    return found[0] if found else None
 
 
 def field_help(field_name: str) -> str:
@@ -252,12 +300,11 @@ def load_settings(
         file_values = dotenv_values(env_file)
 
     values: dict[str, Any] = {}
+    origin: dict[str, str] = {}  # the variable each value came from, for the error messages
     for name in Settings.model_fields:
-        key = env_name(name)
-        if key in environ:
-            values[name] = environ[key]
-        elif file_values.get(key) is not None:
-            values[name] = file_values[key]
+        found = _read(environ, name, "the environment") or _read(file_values, name, str(env_file))
+        if found is not None:
+            origin[name], values[name] = found
     for name, value in (overrides or {}).items():
         if value is not None:
             values[name] = value
@@ -268,7 +315,8 @@ def load_settings(
         problems = []
         for err in e.errors():
             name = str(err["loc"][0]) if err["loc"] else "?"
-            source = "command line" if overrides and overrides.get(name) is not None else env_name(name)
+            given = overrides is not None and overrides.get(name) is not None
+            source = "command line" if given else origin.get(name, env_name(name))
             value = values.get(name)
             shown = redact_url(value) if isinstance(value, str) else value  # a URL's password never shows
             problems.append(f"{source}={shown!r}: {err['msg']}")

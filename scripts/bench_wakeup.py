@@ -25,7 +25,7 @@ from typing import Any
 
 from pymongo import MongoClient
 
-from config import Settings, env_name
+from config import Settings, env_names
 from tests.fake_ollama import FakeOllama
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,11 +50,11 @@ def conversation(i: int) -> dict[str, Any]:
 def measure(uri: str, ollama_url: str, *, change_streams: bool, inserts: int, interval: float,
             rng: random.Random) -> list[float]:
     database = f"wakeup_{'streams' if change_streams else 'polling'}"
-    env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in Settings.model_fields}}
+    env = {k: v for k, v in os.environ.items() if k not in {e for n in Settings.model_fields for e in env_names(n)}}
     with tempfile.TemporaryDirectory() as work, MongoClient[dict[str, Any]](uri) as client:
         db = client[database]
         env.update({
-            "MONGODB_CONNECTION_STRING": uri, "MONGODB_DATABASE_NAME": database, "OLLAMA_ENDPOINT": ollama_url,
+            "MONGODB_CONNECTION_STRING": uri, "MONGODB_DATABASE_NAME": database, "LLM_ENDPOINT": ollama_url,
             "BATCH_FILES_DIR": str(Path(work) / "batch_files"), "BATCH_MONITORING_MODE": "production",
             "BATCH_CHANGE_STREAMS": "true" if change_streams else "false", "LOG_LEVEL": "WARNING",
         })

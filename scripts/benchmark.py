@@ -45,7 +45,7 @@ Sections (``--only`` takes a comma-separated subset):
     with one SIGKILLed after a third of the results (target: the other finishes everything within
     the lease plus the one-processor time).
 ``servers``
-    Several LLM servers (``OLLAMA_ENDPOINT`` a comma-separated list): fake Ollama subprocesses
+    Several LLM servers (``LLM_ENDPOINT`` a comma-separated list): fake Ollama subprocesses
     that each serve ``--parallel`` chats at a time at a fixed latency (like ``OLLAMA_NUM_PARALLEL``).
     The processor at the same per-server concurrency with 1, 2 and 4 servers (target: >= 0.9 of
     linear), 3 servers of which one is dead from the start, and 3 of which one is SIGKILLed
@@ -103,7 +103,7 @@ from typing import Any
 # The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
 ROOT = Path(__file__).resolve().parents[1]
 
-from config import Settings, env_name, load_settings  # noqa: E402
+from config import Settings, env_names, load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, run_command  # noqa: E402
 from utils.batch_file_manager import atomic_write_text  # noqa: E402
 from utils.command_line import command_parser, free_port  # noqa: E402
@@ -249,7 +249,7 @@ def port_open(port: int) -> bool:
 
 def clean_env(values: dict[str, str]) -> dict[str, str]:
     """The environment for a subprocess: none of the developer's settings, then ``values``."""
-    settings_names = {env_name(name) for name in Settings.model_fields}
+    settings_names = {variable for name in Settings.model_fields for variable in env_names(name)}
     env = {
         key: value for key, value in os.environ.items()
         if key not in settings_names and not key.startswith(("MONGODB_", "OLLAMA_", "BATCH_", "API_"))
@@ -471,7 +471,7 @@ class Context:
         directory = self.new_dir("api")
         log = directory / "api.log"
         port = free_port()
-        env = clean_env({"OLLAMA_ENDPOINT": ollama_url, "OLLAMA_MODEL": MODEL, "OLLAMA_TIMEOUT": "30",
+        env = clean_env({"LLM_ENDPOINT": ollama_url, "LLM_MODEL": MODEL, "OLLAMA_TIMEOUT": "30",
                          "LOG_LEVEL": "INFO"})
         command = [sys.executable, str(ROOT / "main.py"), "--host", "127.0.0.1", "--port", str(port)]
         process = self.processes.start("API", command, cwd=directory, env=env, log=log, port=port)
@@ -574,8 +574,8 @@ def run_processor(ctx: Context, *, what: str, fake: Service, n: int, max_concurr
             "MONGODB_RESULTS_COLLECTION": RESULTS_COLLECTION,
             "MONGODB_BATCH_SIZE": str(batch_size),
             "MONGODB_TIMEOUT_MS": "30000",
-            "OLLAMA_ENDPOINT": endpoint or fake.url,  # endpoint: several servers, comma-separated
-            "OLLAMA_MODEL": MODEL,
+            "LLM_ENDPOINT": endpoint or fake.url,  # endpoint: several servers, comma-separated
+            "LLM_MODEL": MODEL,
             "OLLAMA_TIMEOUT": "60",
             "BATCH_PROCESSOR_MODE": "batch",
             "BATCH_MAX_CONCURRENT": str(max_concurrent),
@@ -947,7 +947,7 @@ def _own_cpu() -> float:
 def section_api(ctx: Context) -> SectionResult:
     from aggregator import validate_conversation
     from classifier import ConversationClassifier
-    from llm_wrapper import build_chat_payload
+    from llm_wrapper import provider_for
 
     preset = ctx.preset
     samples = load_samples()
@@ -958,12 +958,12 @@ def section_api(ctx: Context) -> SectionResult:
     errors_at_50: int | None = None
     with ctx.fake_ollama(0.0) as fake, ctx.api(fake.url) as api:
         fake_url, api_url = fake.url, api.url
-        settings = load_settings({"ollama_endpoint": fake_url, "ollama_model": MODEL}, environ={}, env_file=None)
+        settings = load_settings({"llm_endpoint": fake_url, "llm_model": MODEL}, environ={}, env_file=None)
         classifier = ConversationClassifier.from_settings(settings)
         api_bodies = [json.dumps(body).encode() for body in samples]
         fake_bodies = [
-            json.dumps(build_chat_payload(settings, classifier.prepare(validate_conversation(body)).messages,
-                                          classifier.schema)).encode()
+            json.dumps(provider_for(settings).build_payload(
+                settings, classifier.prepare(validate_conversation(body)).messages, classifier.schema)).encode()
             for body in samples
         ]
         for clients in preset.api_levels:
@@ -1009,7 +1009,7 @@ def section_api(ctx: Context) -> SectionResult:
         f"process, one aiohttp session (keep-alive) per level, {preset.api_requests:,} measured requests per "
         f"level after {preset.api_warmup} warm-up requests, the {len(samples)} conversations of "
         "data/sample_conversations.json in turn. The fake is measured the same way with the payload the API "
-        "sends it (llm_wrapper.build_chat_payload of ConversationClassifier.prepare). Latencies of 200 answers; "
+        "sends it (the Ollama provider's build_payload of ConversationClassifier.prepare). Latencies of 200 answers; "
         "anything else counts as an error.",
         [("clients", "right"), ("endpoint", "left"), ("requests", "right"), ("errors", "right"),
          ("p50 (ms)", "right"), ("p95 (ms)", "right"), ("p99 (ms)", "right"), ("requests/s", "right"),
@@ -1052,7 +1052,7 @@ def section_prompt(ctx: Context) -> SectionResult:
     rows: list[list[str]] = []
     chart: dict[str, Any] = {"names": [], "prefix": [], "conversation": []}
     with ctx.fake_ollama(0.0) as fake:
-        settings = load_settings({"ollama_endpoint": fake.url, "ollama_model": MODEL}, environ={}, env_file=None)
+        settings = load_settings({"llm_endpoint": fake.url, "llm_model": MODEL}, environ={}, env_file=None)
         classifier = ConversationClassifier.from_settings(settings)
         prepared = sorted(
             ((body, classifier.prepare(validate_conversation(body))) for body in samples),
@@ -1120,7 +1120,7 @@ def _start_processor(ctx: Context, db: Database, database: str, fake_url: str, n
         "MONGODB_CONNECTION_STRING": db.uri, "MONGODB_DATABASE_NAME": database,
         "MONGODB_SOURCE_COLLECTION": SOURCE_COLLECTION, "MONGODB_RESULTS_COLLECTION": RESULTS_COLLECTION,
         "MONGODB_BATCH_SIZE": str(PROCESSORS_BATCH_SIZE), "MONGODB_TIMEOUT_MS": "30000",
-        "OLLAMA_ENDPOINT": fake_url, "OLLAMA_MODEL": MODEL, "OLLAMA_TIMEOUT": "60",
+        "LLM_ENDPOINT": fake_url, "LLM_MODEL": MODEL, "OLLAMA_TIMEOUT": "60",
         "BATCH_MAX_CONCURRENT": str(max_concurrent), "BATCH_FILES_DIR": str(directory / "batch_files"),
         "BATCH_MONITORING_MODE": "production", "BATCH_LEASE_SECONDS": repr(lease), "BATCH_WORKER_ID": name,
         "LOG_LEVEL": "INFO",
@@ -1308,7 +1308,7 @@ def section_servers(ctx: Context) -> SectionResult:
                           killed and throughput["killed"] >= 0.9 * two))
     return SectionResult(
         "servers",
-        f"`python batch_processor.py --max-concurrent N` with `OLLAMA_ENDPOINT` listing several fake Ollama "
+        f"`python batch_processor.py --max-concurrent N` with `LLM_ENDPOINT` listing several fake Ollama "
         f"servers (`python -m tests.fake_ollama --parallel {parallel}`: each serves {parallel} chats at a time, "
         f"like `OLLAMA_NUM_PARALLEL={parallel}`, at {latency:g} s each; more wait in its queue). N = {parallel} "
         "per server listed, the same per-server concurrency in every run; conversations in proportion to the "

@@ -128,8 +128,8 @@ async def classify_all(settings: Any, classifier: ConversationClassifier, conver
 
 def run(name: str, slots: int, conversations: list[dict[str, Any]], variant: str = "current") -> Run:
     with LlamaServer(parallel=slots) as server:
-        settings = load_settings({"llm_provider": "openai", "ollama_endpoint": server.base_url,
-                                  "ollama_model": server.alias, "ollama_timeout": 900}, environ={}, env_file=None)
+        settings = load_settings({"llm_provider": "openai", "llm_endpoint": server.base_url,
+                                  "llm_model": server.alias, "ollama_timeout": 900}, environ={}, env_file=None)
         classifier = ConversationClassifier.from_settings(settings)
         if variant == "compact":
             compact_few_shots(classifier)

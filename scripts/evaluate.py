@@ -24,7 +24,7 @@ not scored (its other fields are), because no prediction could ever match it.
 Classification
 --------------
 The same pipeline as the API: directly (``ConversationClassifier`` and the LLM client the settings
-name: ``OLLAMA_ENDPOINT``, ``OLLAMA_MODEL``, ...) or, with ``--url``, by ``POST /classify`` to a
+name: ``LLM_ENDPOINT``, ``LLM_MODEL``, ...) or, with ``--url``, by ``POST /classify`` to a
 running API. ``--max-concurrent`` defaults to 1 because a server that batches parallel requests
 (llama.cpp, vLLM) does not give repeatable answers at temperature 0; raise it for speed.
 
@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON list, JSON Lines or CSV of conversations with expected labels")
     parser.add_argument("--url", help="classify through a running API (e.g. http://localhost:8000) "
                         "instead of calling the LLM server directly [default: direct]")
-    parser.add_argument("--model", help="model to evaluate, overrides OLLAMA_MODEL (direct runs only)")
+    parser.add_argument("--model", help="model to evaluate, overrides LLM_MODEL (direct runs only)")
     parser.add_argument("--taxonomy", type=Path, metavar="FILE",
                         help="taxonomy file, overrides TAXONOMY_FILE [default: the setting]")
     parser.add_argument("--max-concurrent", type=positive_int, default=1, metavar="N",
@@ -349,7 +349,7 @@ def _confidences(classification: dict[str, Any]) -> dict[str, float | None]:
 
 def make_llm_client(settings: Settings) -> AsyncLLMPool:
     """The LLM client of a direct run, as the batch processor builds it: any provider, and every
-    server OLLAMA_ENDPOINT lists."""
+    server LLM_ENDPOINT lists."""
     return AsyncLLMPool(settings, create_async_llm_client)
 
 
@@ -394,7 +394,7 @@ async def run_direct(items: list[LabelledItem], settings: Settings, pipeline: Co
         with _progress(len(items)) as progress:
             task = progress.add_task("classify", total=len(items))
             predictions = await classify_all(items, classify, max_concurrent, lambda: progress.advance(task))
-    return settings.ollama_model, predictions
+    return settings.llm_model, predictions
 
 
 def _api_error(status: int, body: bytes) -> tuple[str, str]:
@@ -675,9 +675,9 @@ def render_chart(report: dict[str, Any]) -> bytes:
 
 def load_run_settings(args: argparse.Namespace) -> Settings:
     if args.url and args.model:
-        raise UsageError("--model only applies to direct runs: the API of --url uses its own OLLAMA_MODEL",
-                         hint="Restart the API with OLLAMA_MODEL set, or drop --url.")
-    return load_settings({"ollama_model": args.model, "taxonomy_file": args.taxonomy,
+        raise UsageError("--model only applies to direct runs: the API of --url uses its own LLM_MODEL",
+                         hint="Restart the API with LLM_MODEL set, or drop --url.")
+    return load_settings({"llm_model": args.model, "taxonomy_file": args.taxonomy,
                           "batch_max_concurrent": min(args.max_concurrent, 256)})
 
 

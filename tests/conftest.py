@@ -50,7 +50,7 @@ def make_settings(fake_ollama: FakeOllama, tmp_path: Path) -> SettingsFactory:
 
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "ollama_endpoint": fake_ollama.url,
+            "llm_endpoint": fake_ollama.url,
             "ollama_timeout": 5,
             "batch_files_dir": tmp_path / "batch_files",
         }

@@ -165,6 +165,8 @@ class FakeOllama:
         self.port = port
         self.models = [_with_latest(m) for m in models]
         self.latency = latency
+        # Seconds the readiness answer (GET /api/tags, the OpenAI fake's /v1/models) takes.
+        self.ready_delay = 0.0
         # Like Ollama's OLLAMA_NUM_PARALLEL / OLLAMA_MAX_QUEUE: at most `parallel` chats are
         # served at a time, the rest wait; beyond `max_queue` waiting, 503 "server busy".
         self.parallel = parallel
@@ -244,6 +246,8 @@ class FakeOllama:
         return web.json_response({"version": "0.12.6"})
 
     async def _tags(self, request: web.Request) -> web.Response:
+        if self.ready_delay:
+            await asyncio.sleep(self.ready_delay)
         models = [
             {
                 "name": name,

@@ -1,6 +1,6 @@
 """A fake OpenAI-compatible HTTP server on loopback (llama.cpp's llama-server, vLLM, LM Studio).
 
-It speaks the real shapes, under ``/v1`` as those servers do (so ``OLLAMA_ENDPOINT`` is
+It speaks the real shapes, under ``/v1`` as those servers do (so ``LLM_ENDPOINT`` is
 ``fake.url + "/v1"``, the way users configure them):
 
 * ``GET /v1/models`` -> ``{"object": "list", "data": [{"id", "object": "model", "created", "owned_by"}]}``
@@ -64,7 +64,7 @@ class FakeOpenAI(FakeOllama):
 
     @property
     def base_url(self) -> str:
-        """What users set OLLAMA_ENDPOINT to."""
+        """What users set LLM_ENDPOINT to."""
         return f"{self.url}/v1"
 
     def build_app(self) -> web.Application:
@@ -83,6 +83,8 @@ class FakeOpenAI(FakeOllama):
         return web.json_response(openai_error(401, "Invalid API Key"), status=401)
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self.ready_delay:
+            await asyncio.sleep(self.ready_delay)
         denied = self._unauthorized(request)
         if denied is not None:
             return denied

@@ -496,7 +496,7 @@ def test_custom_small_limit(
 
 def test_ollama_unreachable(http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI) -> None:
     endpoint = closed_port_url()
-    api = start_api(make_settings(ollama_endpoint=endpoint))
+    api = start_api(make_settings(llm_endpoint=endpoint))
     error = error_of(post(http, api, CONVERSATION), 503)
     assert error["type"] == "llm_unavailable"
     assert endpoint in error["message"]
@@ -595,7 +595,7 @@ def test_health_makes_no_llm_call(http: requests.Session, api_server: RunningAPI
 def test_health_is_ok_even_without_ollama(
     http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI
 ) -> None:
-    api = start_api(make_settings(ollama_endpoint=closed_port_url()))
+    api = start_api(make_settings(llm_endpoint=closed_port_url()))
     assert http.get(f"{api.url}/health", timeout=10).status_code == 200
 
 
@@ -623,11 +623,30 @@ def test_ready_503_when_ollama_is_unreachable(
     http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI
 ) -> None:
     endpoint = closed_port_url()
-    api = start_api(make_settings(ollama_endpoint=endpoint))
+    api = start_api(make_settings(llm_endpoint=endpoint))
     error = error_of(http.get(f"{api.url}/ready", timeout=10), 503)
     assert error["type"] == "llm_unavailable"
     assert endpoint in error["message"]
     assert "ollama serve" in error["hint"]
+
+
+def test_a_slow_ready_never_pauses_a_server(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    # Issue 16 item 9: /ready is unauthenticated and only reports. A readiness answer that came too
+    # late (here at start-up and on /ready) must not open the server's circuit: its share of
+    # /classify would go to the others for CIRCUIT_BREAKER_RECOVERY_SECONDS (or be refused with 503).
+    with FakeOllama() as slow:
+        slow.ready_delay = 3.0  # beyond the readiness timeout: min(5 s, OLLAMA_TIMEOUT)
+        api = start_api(make_settings(llm_endpoint=f"{slow.url},{fake_ollama.url}", ollama_timeout=2))
+        response = http.get(f"{api.url}/ready", timeout=30)
+        assert response.status_code == 200, response.text  # the other server is ready
+        servers = {status["server"]: status for status in response.json()["servers"]}
+        assert servers[slow.url]["ready"] is False and "did not answer" in servers[slow.url]["error"]
+        assert servers[slow.url]["circuit"] == "closed"
+        for _ in range(4):
+            assert post(http, api, CONVERSATION).status_code == 200
+        assert (slow.chat_count, fake_ollama.chat_count) == (2, 2)  # the slow server keeps its share
 
 
 def test_docs_are_served(http: requests.Session, api_server: RunningAPI) -> None:
@@ -923,7 +942,7 @@ def test_a_client_that_left_before_its_turn_never_reaches_the_model(
     assert sum("left before its turn" in r.getMessage() for r in caplog.records) == 20
 
 
-# --- secrets: credentials in OLLAMA_ENDPOINT appear in no answer and no log line ------------
+# --- secrets: credentials in LLM_ENDPOINT appear in no answer and no log line ------------
 
 # Placeholder credentials (user:pass-...), written as users write them: not percent-encoded.
 PASSWORDS = ["pass-tok3n", "pass-7q/xZ@9k w0rd"]
@@ -950,8 +969,8 @@ def test_credentials_in_the_endpoint_appear_in_no_answer_and_no_log_line(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     answers: list[str] = []
-    served = start_api(make_settings(ollama_endpoint=_with_credentials(fake_ollama.url, password), ollama_timeout=1))
-    refused = start_api(make_settings(ollama_endpoint=_with_credentials(closed_port_url(), password)))
+    served = start_api(make_settings(llm_endpoint=_with_credentials(fake_ollama.url, password), ollama_timeout=1))
+    refused = start_api(make_settings(llm_endpoint=_with_credentials(closed_port_url(), password)))
     for api in (served, refused):
         for response in (http.get(f"{api.url}/ready", timeout=10), post(http, api, CONVERSATION)):
             answers.append(response.text)

@@ -184,7 +184,7 @@ def test_compose_file_parses_and_wires_the_services():
         service = services[name]
         assert service["build"] == "."
         assert set(service["environment"]) <= SETTING_NAMES
-        assert service["environment"]["OLLAMA_ENDPOINT"] == "http://ollama:11434"
+        assert service["environment"]["LLM_ENDPOINT"] == "http://ollama:11434"
         assert service["environment"]["MONGODB_CONNECTION_STRING"].startswith("mongodb://mongodb:")
         assert service["depends_on"]["ollama-pull"]["condition"] == "service_completed_successfully"
     assert services["api"]["command"] == ["python", "main.py"]

@@ -222,9 +222,9 @@ def _respond(request: dict) -> Reply:
 def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str) -> None:
     """The script reads its settings from the environment and ./.env: only the test's count."""
     monkeypatch.chdir(tmp_path)
-    for name in ("OLLAMA_MODEL", "TAXONOMY_FILE", "FEW_SHOTS_FILE", "LLM_PROVIDER"):
+    for name in ("LLM_MODEL", "OLLAMA_MODEL", "TAXONOMY_FILE", "FEW_SHOTS_FILE", "LLM_PROVIDER"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OLLAMA_ENDPOINT", endpoint)
+    monkeypatch.setenv("LLM_ENDPOINT", endpoint)
 
 
 @pytest.fixture
@@ -386,7 +386,7 @@ def test_wrong_output_suffix_is_refused(e2e_file: Path, capsys: pytest.CaptureFi
 
 def test_unreachable_llm_server_exits_4(e2e_file: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("OLLAMA_ENDPOINT", closed_port_url())
+    monkeypatch.setenv("LLM_ENDPOINT", closed_port_url())
     code, err = _run([str(e2e_file)], capsys)
     assert code == 4 and err.startswith("error: ") and "Traceback" not in err
 

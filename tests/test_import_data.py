@@ -380,7 +380,7 @@ def test_imported_samples_are_all_classified_by_the_batch_processor(
     import_env, monkeypatch, tmp_path, mongo_db, fake_ollama: FakeOllama, capsys
 ):
     assert run_import(capsys, str(SAMPLES_FILE), "--no-progress")[0] == import_data.EXIT_OK
-    for key, value in {"OLLAMA_ENDPOINT": fake_ollama.url, "OLLAMA_TIMEOUT": "10",
+    for key, value in {"LLM_ENDPOINT": fake_ollama.url, "OLLAMA_TIMEOUT": "10",
                        "BATCH_FILES_DIR": str(tmp_path / "batch_files"), "BATCH_MONITORING_MODE": "production",
                        "OLLAMA_RETRY_BASE_SECONDS": "0.01", "MONGODB_RETRY_BASE_SECONDS": "0.01"}.items():
         monkeypatch.setenv(key, value)
