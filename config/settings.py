@@ -13,6 +13,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -167,17 +168,27 @@ class Settings(BaseModel):
     @field_validator("ollama_endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str) -> str:
+        # The messages name the one bad server, redacted; the whole value (every server's
+        # password) is never repeated (load_settings leaves it out: _MESSAGE_NAMES_THE_VALUE).
         urls = [url.strip().rstrip("/") for url in value.split(",")]
         if not any(urls):
             raise ValueError("must name at least one server, e.g. http://localhost:11434")
-        for url in urls:
+        for number, url in enumerate(urls, 1):
+            which = f"server {number} of {len(urls)}, " if len(urls) > 1 else ""
             if not url.startswith(("http://", "https://")):
                 raise ValueError(
-                    f"{redact_url(url)!r} must start with http:// or https://, e.g. http://localhost:11434 "
+                    f"{which}{redact_url(url)!r}, must start with http:// or https://, e.g. http://localhost:11434 "
                     "(several servers: separated by commas)"
                 )
-        if len(set(urls)) != len(urls):
-            raise ValueError("lists a server twice")
+            try:
+                urlsplit(url)  # what every URL of the project is split with (llm_pool names servers by it)
+            except ValueError:  # its message is not shown: it may quote the credentials
+                raise ValueError(
+                    f"{which}{redact_url(url)!r}, is not a URL: check the brackets of an IPv6 address, and "
+                    "percent-encode special characters of a user name or password (/ as %2F, @ as %40)"
+                ) from None
+            if url in urls[:number - 1]:
+                raise ValueError(f"{which}{redact_url(url)!r}, is listed twice")
         return ",".join(urls)
 
     @model_validator(mode="before")
@@ -213,6 +224,11 @@ class Settings(BaseModel):
     def uses_embedded_database(self) -> bool:
         """True when MongoDB is the local development SecantusDB started on demand."""
         return self.mongodb_connection_string.strip().lower() == EMBEDDED_DATABASE
+
+
+#: Settings whose validation message names the culprit itself (one server of a list): the whole
+#: value is not repeated beside it.
+_MESSAGE_NAMES_THE_VALUE = frozenset({"ollama_endpoint"})
 
 
 def env_name(field_name: str) -> str:
@@ -269,7 +285,11 @@ def load_settings(
         for err in e.errors():
             name = str(err["loc"][0]) if err["loc"] else "?"
             source = "command line" if overrides and overrides.get(name) is not None else env_name(name)
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if name in _MESSAGE_NAMES_THE_VALUE:
+                problems.append(f"{source}: {message}")
+                continue
             value = values.get(name)
             shown = redact_url(value) if isinstance(value, str) else value  # a URL's password never shows
-            problems.append(f"{source}={shown!r}: {err['msg']}")
+            problems.append(f"{source}={shown!r}: {message}")
         raise ConfigError("Invalid configuration: " + "; ".join(problems)) from e
