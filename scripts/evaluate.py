@@ -35,7 +35,8 @@ A table on the console; ``--output`` writes the report as JSON::
                 "per_label": {label: {"precision", "recall", "f1", "support"}},
                 "confusion": {"labels": [...], "matrix": [[...]]}}}}
 
-``n`` counts the items sent for classification, ``errors`` those whose classification failed;
+``n`` counts the items sent for classification, ``errors`` those whose classification failed
+(an unexpected exception too: ``unexpected_error``, logged with its traceback; the report goes on);
 a field's ``n`` counts the items scored on it (classified, with an expected label in the taxonomy),
 and a field nobody labelled is left out. Confusion rows are the expected labels, columns the
 predicted ones, both in ``labels`` order (the taxonomy's, for the labels present in the expected or
@@ -364,6 +365,10 @@ async def classify_all(items: list[LabelledItem], classify: Classify, max_concur
             except ClassifierError as e:
                 logger.warning("%s (%s) failed: %s", item.where, item.conversation.conversation_number, e)
                 return Prediction(item, error=f"{e.code}: {e.message}")
+            except Exception as e:  # a bug or a server's garbage: this item's failure, not the report's
+                logger.warning("%s (%s) failed unexpectedly", item.where, item.conversation.conversation_number,
+                               exc_info=True)
+                return Prediction(item, error=f"unexpected_error: {type(e).__name__}: {e}")
             finally:
                 on_done()
         labels = {name: str(classification.get(name)) for name in FIELDS}
