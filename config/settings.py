@@ -29,6 +29,9 @@ EMBEDDED_DATABASE = "embedded"
 #: BATCH_MAX_CONCURRENT=auto: the most conversations at once the controller may reach.
 AUTO_CONCURRENCY_CEILING = 64
 
+#: API_MAX_WAITING when not set: this many waiting requests per LLM slot (API_MAX_CONCURRENCY).
+WAITING_PER_SLOT = 2
+
 
 class Settings(BaseModel):
     """All configuration, validated. Field descriptions double as CLI and README help."""
@@ -88,6 +91,13 @@ class Settings(BaseModel):
     )
     api_queue_timeout: float = Field(
         30.0, gt=0, description="Seconds a request may wait for its turn before it gets 503 llm_busy."
+    )
+    api_max_waiting: int = Field(
+        WAITING_PER_SLOT * 8,
+        ge=0,
+        le=100_000,
+        description=f"Requests that may wait for their turn at once per API process (each holds its body); "
+        f"beyond them, 503 llm_busy at once. Default: {WAITING_PER_SLOT} x API_MAX_CONCURRENCY.",
     )
 
     # --- MongoDB ------------------------------------------------------------------------
@@ -198,6 +208,19 @@ class Settings(BaseModel):
         # sizes pools by it, and turns the adaptive controller on.
         if isinstance(data, dict) and str(data.get("batch_max_concurrent", "")).strip().lower() == "auto":
             data = {**data, "batch_max_concurrent": AUTO_CONCURRENCY_CEILING, "batch_auto_concurrency": True}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _waiting_follows_concurrency(cls, data: Any) -> Any:
+        # API_MAX_WAITING not given: a multiple of the concurrency given. An unreadable concurrency
+        # is left to its own validation (and its own message); the field's default stands meanwhile.
+        if isinstance(data, dict) and data.get("api_max_waiting") is None:
+            try:
+                concurrency = int(str(data.get("api_max_concurrency", 8)).strip())
+            except ValueError:
+                return data
+            data = {**data, "api_max_waiting": WAITING_PER_SLOT * max(concurrency, 1)}
         return data
 
     @field_validator("llm_provider", mode="before")
