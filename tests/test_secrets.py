@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import subprocess
 import sys
 from collections.abc import Callable
@@ -24,12 +23,13 @@ import pytest
 import requests
 
 from async_llm_wrapper import create_async_llm_client
-from config import Settings, env_name
+from config import Settings
 from error_handler import ClassifierError, ConfigError, LLMError, StorageError
 from logger import redact_url
 from mongo_client import MongoStore, sync_database
 from tests.conftest import RunningAPI, SettingsFactory
 from tests.net_helpers import closed_port_url
+from tests.test_main import clean_env
 
 ROOT = Path(__file__).resolve().parents[1]
 CONVERSATION = {"conversation_number": "1", "messages": [{"sender": "customer", "text": "Where is my order?"}]}
@@ -86,14 +86,6 @@ def logged(caplog: pytest.LogCaptureFixture) -> list[str]:
     """Every record as formatted (tracebacks included), and each message and exception on its own."""
     records = [f"{r.getMessage()} {r.exc_info[1] if r.exc_info else ''}" for r in caplog.records]
     return [caplog.text, *records]
-
-
-def clean_env(**variables: str) -> dict[str, str]:
-    env = {"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"}
-    for name, info in Settings.model_fields.items():
-        env[env_name(name)] = str(info.default)
-    env.update(variables)
-    return env
 
 
 def _main_py_output(variable: str, value: str) -> str:
