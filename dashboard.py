@@ -356,10 +356,14 @@ def _day(name: str, value: str | None) -> date | None:
     if not value:
         return None
     try:
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError as e:
         raise InputError(f"'{name}' must be a day written YYYY-MM-DD, got {value[:40]!r}.", field=name,
                          status_code=422) from e
+    if day == date.max:  # a range ends at the next day's start, which cannot be written (a 500 before)
+        raise InputError(f"'{name}' must be a day written YYYY-MM-DD up to {date.max - timedelta(days=1)}, "
+                         f"got {value[:40]!r}.", field=name, status_code=422)
+    return day
 
 
 def get_dashboard_database(request: Request) -> DashboardDatabase:

@@ -120,7 +120,7 @@ def _token_logprobs(entries: Any) -> tuple[TokenLogprob, ...] | None:
                 if isinstance(alt, dict) and isinstance(alt.get("token"), str)
             )
             tokens.append(TokenLogprob(entry["token"], float(entry["logprob"]), top))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
             return None  # a malformed entry: no confidence, never an error
     return tuple(tokens)
 

@@ -170,8 +170,17 @@ def _client_options(settings: Settings, appname: str) -> dict[str, Any]:
 
 
 def invalid_uri_error(uri: str, error: Exception) -> StorageUnavailableError:
+    shown = redact_url(uri)
+    if shown != uri:
+        # PyMongo split a URI with credentials in the wrong place: its message may quote a piece of
+        # the password ('Bad database name "word@host/db"' for an unencoded '/'). Its type only.
+        return StorageUnavailableError(
+            f"Invalid MongoDB connection string {shown!r}: PyMongo cannot parse it ({type(error).__name__}).",
+            hint="Fix MONGODB_CONNECTION_STRING (mongodb://user:password@host:27017); percent-encode special "
+            "characters of the user name and password (/ as %2F, @ as %40, : as %3A).",
+        )
     return StorageUnavailableError(
-        f"Invalid MongoDB connection string {redact_url(uri)!r}: {error}",
+        f"Invalid MongoDB connection string {shown!r}: {error}",
         hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
     )
 

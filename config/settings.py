@@ -15,6 +15,7 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -31,6 +32,9 @@ EMBEDDED_DATABASE = "embedded"
 
 #: BATCH_MAX_CONCURRENT=auto: the most conversations at once the controller may reach.
 AUTO_CONCURRENCY_CEILING = 64
+
+#: API_MAX_WAITING when not set: this many waiting requests per LLM slot (API_MAX_CONCURRENCY).
+WAITING_PER_SLOT = 2
 
 
 class Settings(BaseModel):
@@ -97,6 +101,13 @@ class Settings(BaseModel):
     )
     api_queue_timeout: float = Field(
         30.0, gt=0, description="Seconds a request may wait for its turn before it gets 503 llm_busy."
+    )
+    api_max_waiting: int = Field(
+        WAITING_PER_SLOT * 8,
+        ge=0,
+        le=100_000,
+        description=f"Requests that may wait for their turn at once per API process (each holds its body); "
+        f"beyond them, 503 llm_busy at once. Default: {WAITING_PER_SLOT} x API_MAX_CONCURRENCY.",
     )
 
     # --- MongoDB ------------------------------------------------------------------------
@@ -177,17 +188,27 @@ class Settings(BaseModel):
     @field_validator("llm_endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str) -> str:
+        # The messages name the one bad server, redacted; the whole value (every server's
+        # password) is never repeated (load_settings leaves it out: _MESSAGE_NAMES_THE_VALUE).
         urls = [url.strip().rstrip("/") for url in value.split(",")]
         if not any(urls):
             raise ValueError("must name at least one server, e.g. http://localhost:11434")
-        for url in urls:
+        for number, url in enumerate(urls, 1):
+            which = f"server {number} of {len(urls)}, " if len(urls) > 1 else ""
             if not url.startswith(("http://", "https://")):
                 raise ValueError(
-                    f"{redact_url(url)!r} must start with http:// or https://, e.g. http://localhost:11434 "
+                    f"{which}{redact_url(url)!r}, must start with http:// or https://, e.g. http://localhost:11434 "
                     "(several servers: separated by commas)"
                 )
-        if len(set(urls)) != len(urls):
-            raise ValueError("lists a server twice")
+            try:
+                urlsplit(url)  # what every URL of the project is split with (llm_pool names servers by it)
+            except ValueError:  # its message is not shown: it may quote the credentials
+                raise ValueError(
+                    f"{which}{redact_url(url)!r}, is not a URL: check the brackets of an IPv6 address, and "
+                    "percent-encode special characters of a user name or password (/ as %2F, @ as %40)"
+                ) from None
+            if url in urls[:number - 1]:
+                raise ValueError(f"{which}{redact_url(url)!r}, is listed twice")
         return ",".join(urls)
 
     @model_validator(mode="before")
@@ -197,6 +218,19 @@ class Settings(BaseModel):
         # sizes pools by it, and turns the adaptive controller on.
         if isinstance(data, dict) and str(data.get("batch_max_concurrent", "")).strip().lower() == "auto":
             data = {**data, "batch_max_concurrent": AUTO_CONCURRENCY_CEILING, "batch_auto_concurrency": True}
+        return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _waiting_follows_concurrency(cls, data: Any) -> Any:
+        # API_MAX_WAITING not given: a multiple of the concurrency given. An unreadable concurrency
+        # is left to its own validation (and its own message); the field's default stands meanwhile.
+        if isinstance(data, dict) and data.get("api_max_waiting") is None:
+            try:
+                concurrency = int(str(data.get("api_max_concurrency", 8)).strip())
+            except ValueError:
+                return data
+            data = {**data, "api_max_waiting": WAITING_PER_SLOT * max(concurrency, 1)}
         return data
 
     @field_validator("llm_provider", mode="before")
@@ -244,6 +278,11 @@ class Settings(BaseModel):
 #: the usual precedence holds, whichever name each uses (OLLAMA_MODEL in the environment beats
 #: LLM_MODEL in .env).
 FORMER_NAMES: dict[str, str] = {"llm_endpoint": "OLLAMA_ENDPOINT", "llm_model": "OLLAMA_MODEL"}
+
+
+#: Settings whose validation message names the culprit itself (one server of a list): the whole
+#: value is not repeated beside it.
+_MESSAGE_NAMES_THE_VALUE = frozenset({"llm_endpoint"})
 
 
 def env_name(field_name: str) -> str:
@@ -317,7 +356,11 @@ def load_settings(
             name = str(err["loc"][0]) if err["loc"] else "?"
             given = overrides is not None and overrides.get(name) is not None
             source = "command line" if given else origin.get(name, env_name(name))
+            message = str(err["msg"]).removeprefix("Value error, ")
+            if name in _MESSAGE_NAMES_THE_VALUE:
+                problems.append(f"{source}: {message}")
+                continue
             value = values.get(name)
             shown = redact_url(value) if isinstance(value, str) else value  # a URL's password never shows
-            problems.append(f"{source}={shown!r}: {err['msg']}")
+            problems.append(f"{source}={shown!r}: {message}")
         raise ConfigError("Invalid configuration: " + "; ".join(problems)) from e

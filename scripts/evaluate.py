@@ -16,7 +16,8 @@ Input
   taxonomy (``intent``, ``topic``, ``sentiment`` by default; empty cells: not scored) and
   optionally ``conversation_number``.
 
-An item that cannot be read (not an object, no ``expected``, an invalid conversation) is named by
+An item that cannot be read (not an object, no ``expected``, an invalid conversation, nested too
+deeply for the JSON decoder) is named by
 its place (``item 3`` of a JSON list, ``line 7`` of JSON Lines, ``row 4`` of a CSV) and skipped.
 An expected label outside the taxonomy is reported and counted apart: that field of that item is
 not scored (its other fields are), because no prediction could ever match it.
@@ -37,7 +38,8 @@ A table on the console; ``--output`` writes the report as JSON::
                 "per_label": {label: {"precision", "recall", "f1", "support"}},
                 "confusion": {"labels": [...], "matrix": [[...]]}}}}
 
-``n`` counts the items sent for classification, ``errors`` those whose classification failed;
+``n`` counts the items sent for classification, ``errors`` those whose classification failed
+(an unexpected exception too: ``unexpected_error``, logged with its traceback; the report goes on);
 a field's ``n`` counts the items scored on it (classified, with an expected label in the taxonomy),
 and a field nobody labelled is left out. Confusion rows are the expected labels, columns the
 predicted ones, both in ``labels`` order (the taxonomy's, for the labels present in the expected or
@@ -91,6 +93,7 @@ from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from prompt_builder import Taxonomy, load_taxonomy
 from utils.command_line import command_parser, positive_int
+from utils.json_items import UnreadableItem, json_list_items, json_value
 
 logger = logging.getLogger("evaluate")
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,21 +218,26 @@ def read_raw_items(path: Path, fields: list[str]) -> tuple[list[tuple[str, Any]]
         raise UsageError(f"the labelled file {path} is empty")
     if stripped.startswith("[") and path.suffix.lower() not in (".jsonl", ".ndjson"):
         try:
-            data = json.loads(text)
+            data = json_list_items(text)  # an item nested too deeply is that item's problem
         except ValueError as e:
             raise UsageError(f"{path} is not valid JSON: {e}",
                              hint="Give a JSON list of items, JSON Lines, or a CSV file.") from e
-        return [(f"item {i}", value) for i, value in enumerate(data, 1)], []
+        return [(f"item {i}", _readable(value)) for i, value in enumerate(data, 1)], []
     items: list[tuple[str, Any]] = []
     broken: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            items.append((f"line {number}", json.loads(line)))
+            items.append((f"line {number}", _readable(json_value(line))))
         except ValueError as e:
             broken.append(f"line {number}: not a JSON value ({e})")
     return items, broken
+
+
+def _readable(value: Any) -> Any:
+    """An item as read_item takes it: one the decoder could not hold becomes the ValueError saying why."""
+    return ValueError(value.reason) if isinstance(value, UnreadableItem) else value
 
 
 def parse_turns(conversation: str) -> list[dict[str, str]]:
@@ -289,7 +297,7 @@ def _check_expected(raw: Any, fields: list[str]) -> dict[str, str]:
 def read_item(where: str, raw: Any, index: int, taxonomy: Taxonomy, into: LabelledSet) -> None:
     """Validate one item; add it to ``into`` (usable, malformed, off-taxonomy labels)."""
     try:
-        if isinstance(raw, ValueError):  # a CSV row whose conversation could not be read
+        if isinstance(raw, ValueError):  # a CSV row whose conversation could not be read, an unreadable item
             raise raw
         if not isinstance(raw, dict):
             raise ValueError(f"an item must be a JSON object, not {type(raw).__name__}")
@@ -368,6 +376,10 @@ async def classify_all(items: list[LabelledItem], classify: Classify, max_concur
             except ClassifierError as e:
                 logger.warning("%s (%s) failed: %s", item.where, item.conversation.conversation_number, e)
                 return Prediction(item, error=f"{e.code}: {e.message}")
+            except Exception as e:  # a bug or a server's garbage: this item's failure, not the report's
+                logger.warning("%s (%s) failed unexpectedly", item.where, item.conversation.conversation_number,
+                               exc_info=True)
+                return Prediction(item, error=f"unexpected_error: {type(e).__name__}: {e}")
             finally:
                 on_done()
         labels = {name: str(value) for name, value in classification.items() if name not in NOT_LABELS}

@@ -284,10 +284,49 @@ INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str
         "body",
         "Infinity",
     ),
+    # Python reads these as inf: not NaN, yet no JSON answer can carry them back (a 500 after the call).
+    "1e999 in an echoed field": (
+        {
+            "data": b'{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi", "score": 1e999}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "1e999",
+    ),
+    "-1e400 as a timestamp": (
+        {
+            "data": b'{"conversation_number": "1", '
+            b'"messages": [{"sender": "customer", "text": "hi", "timestamp": -1E+400}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "-1E+400",
+    ),
+    "1e999 as the conversation number": (
+        {
+            "data": b'{"conversation_number": 1e999, "messages": [{"sender": "customer", "text": "hi"}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "too large",
+    ),
     "unpaired surrogate in a text": (
         {
             "data": b'{"conversation_number": "1", '
             b'"messages": [{"sender": "customer", "text": "broken \\ud800 emoji"}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "surrogate",
+    ),
+    "unpaired surrogate in a UTF-16 body (no escape needed)": (
+        {
+            "data": '{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi \ud800"}]}'.encode(
+                "utf-16-le", "surrogatepass"),
             "headers": {"Content-Type": "application/json"},
         },
         (400,),
@@ -891,7 +930,7 @@ def test_a_request_that_cannot_start_in_time_gets_503_llm_busy(
 def test_requests_beyond_the_limit_wait_their_turn(
     make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
 ) -> None:
-    api = start_api(make_settings(api_max_concurrency=2, api_queue_timeout=60))
+    api = start_api(make_settings(api_max_concurrency=2, api_queue_timeout=60, api_max_waiting=6))
     fake_ollama.latency = 0.2
 
     def classify(i: int) -> int:
@@ -903,6 +942,55 @@ def test_requests_beyond_the_limit_wait_their_turn(
     assert statuses == [200] * 8
     assert fake_ollama.chat_count == 8
     assert fake_ollama.max_in_flight == 2
+
+
+def _wait_for_log(caplog: pytest.LogCaptureFixture, fragment: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(fragment in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"no log record with {fragment!r}"
+        time.sleep(0.02)
+
+
+def test_requests_beyond_api_max_waiting_get_503_at_once(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    start_api: StartAPI,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="api_dependencies")
+    api = start_api(make_settings(api_max_concurrency=1, api_max_waiting=2, api_queue_timeout=60, ollama_timeout=30))
+    with _occupy_the_only_slot(api, fake_ollama, seconds=4), ThreadPoolExecutor(2) as waiting:
+        waiters = [waiting.submit(requests.post, f"{api.url}/classify", json=CONVERSATION, timeout=60)
+                   for _ in range(2)]
+        _wait_for_log(caplog, "request admitted: 3 in this process")  # the slot's holder and two waiting
+        response = post(http, api, CONVERSATION)
+        error = error_of(response, 503)
+        assert error["type"] == "llm_busy" and "API_MAX_WAITING" in error["hint"]
+        assert error["max_waiting"] == 2
+        assert int(response.headers["Retry-After"]) > 0
+        assert fake_ollama.chat_count == 1  # answered before any of the waiting ones reached the model
+        assert [w.result().status_code for w in waiters] == [200, 200]  # the two waiting got their turn
+    assert fake_ollama.chat_count == 3
+
+
+def test_a_dozen_large_bodies_beyond_the_bound_are_refused_and_health_answers(
+    make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings(api_max_concurrency=1, api_max_waiting=2, api_queue_timeout=60, ollama_timeout=30))
+    text = "My parcel has not arrived. " * 400  # ~10 KB a message, ~0.9 MB a body
+    body = {"conversation_number": "big", "messages": [
+        {"sender": "customer" if i % 2 == 0 else "agent", "text": text} for i in range(85)]}
+    assert 800_000 < len(json.dumps(body)) < api.settings.api_max_body_bytes
+
+    def classify(_: int) -> int:
+        return requests.post(f"{api.url}/classify", json=body, timeout=60).status_code
+
+    with _occupy_the_only_slot(api, fake_ollama, seconds=3), ThreadPoolExecutor(12) as pool:
+        statuses = pool.map(classify, range(12))
+        assert requests.get(f"{api.url}/health", timeout=30).json() == {"status": "ok"}
+        assert sorted(statuses) == [200] * 2 + [503] * 10  # every refused client got its answer
+    assert fake_ollama.chat_count == 3
 
 
 def _abandon_requests(api: RunningAPI, count: int) -> None:
@@ -928,7 +1016,7 @@ def test_a_client_that_left_before_its_turn_never_reaches_the_model(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="api")
-    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=60, ollama_timeout=30))
+    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=60, ollama_timeout=30, api_max_waiting=20))
     with _occupy_the_only_slot(api, fake_ollama, seconds=3):
         _abandon_requests(api, 20)
         # Wait until the API has seen every hang-up (or, as before the fix, the model got the requests).

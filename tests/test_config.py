@@ -87,7 +87,7 @@ def test_default_environ_is_the_process_environment(monkeypatch: pytest.MonkeyPa
         ("LLM_ENDPOINT", "localhost:11434", "http://"),
         ("LLM_MODEL", "", "LLM_MODEL=''"),
         # A setting given by its former name: the message names the variable the user set.
-        ("OLLAMA_ENDPOINT", "localhost:11434", "OLLAMA_ENDPOINT='localhost:11434'"),
+        ("OLLAMA_ENDPOINT", "localhost:11434", "OLLAMA_ENDPOINT: 'localhost:11434', must start with http://"),
         ("OLLAMA_MODEL", "", "OLLAMA_MODEL=''"),
     ],
 )
@@ -216,3 +216,15 @@ def test_every_field_has_an_env_name_and_help() -> None:
     # Paths inside the project are shown relative to it, not as this machine's absolute path.
     assert "default: config/taxonomy.json]" in field_help("taxonomy_file")
     assert "%" not in field_help("batch_monitoring_mode").replace("%%", "")
+
+
+def test_api_max_waiting_follows_the_concurrency_unless_given() -> None:
+    assert load().api_max_waiting == 2 * load().api_max_concurrency == 16
+    assert load(environ={"API_MAX_CONCURRENCY": "3"}).api_max_waiting == 6
+    assert load({"api_max_concurrency": 3}, environ={"API_MAX_WAITING": "0"}).api_max_waiting == 0
+    with pytest.raises(ConfigError, match="API_MAX_WAITING='-1'"):
+        load(environ={"API_MAX_WAITING": "-1"})
+    # An unreadable concurrency is reported as itself, not as a problem of the waiting bound.
+    with pytest.raises(ConfigError) as raised:
+        load(environ={"API_MAX_CONCURRENCY": "many"})
+    assert "API_MAX_CONCURRENCY='many'" in str(raised.value) and "API_MAX_WAITING" not in str(raised.value)

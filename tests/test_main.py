@@ -212,5 +212,5 @@ def test_uvicorn_main_app_with_a_bad_setting_fails_to_start_with_one_line(
 def test_a_bad_endpoint_with_credentials_is_reported_without_the_password() -> None:
     result = run_main(env=clean_env(LLM_ENDPOINT="ftp://user:pass-s3cr/et@llm.example:11434"))
     assert result.returncode == 3
-    assert "LLM_ENDPOINT='ftp://user:***@llm.example:11434'" in result.stderr
+    assert "LLM_ENDPOINT: 'ftp://user:***@llm.example:11434', must start with http://" in result.stderr
     assert "s3cr" not in result.stderr
