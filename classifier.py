@@ -140,6 +140,13 @@ def extract_json_object(content: str, keys: list[str] | None = None) -> dict[str
         except ValueError:
             position = text.find("{", position + 1)
             continue
+        except RecursionError as e:
+            # Nested past the interpreter's limit: every later "{" of the run is nested as deep, so
+            # scanning on would only repeat the failure (quadratic). An unusable answer, not a 500.
+            raise LLMOutputError(
+                "The model's answer holds no JSON object that can be read (nested too deeply).",
+                answer=_preview(content),
+            ) from e
         if isinstance(value, dict):
             if {label_key(k) for k in value} & wanted:
                 return value

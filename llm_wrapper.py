@@ -218,7 +218,7 @@ def _answer_json(body: bytes, who: str) -> Any:
     """The JSON of an HTTP 200 answer; a body that is not JSON is the server's fault (LLMOutputError)."""
     try:
         return json.loads(body)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past the interpreter's limit
         raise LLMOutputError(f"{who} answered HTTP 200 with a body that is not JSON: {body[:120]!r}") from e
 
 

@@ -179,12 +179,13 @@ def test_non_string_or_empty_label_is_unusable(value: object) -> None:
         "[1, 2, 3]",
         "<think>{\"intent\": \"Order Status\"}</think> no answer after thinking",
         "{\"intent\": \"Order Status\", \"topic\": ",  # cut off
+        '{"intent": ' * 5000 + '"Order Status"' + "}" * 5000,  # past the recursion limit: was RecursionError
     ],
 )
 def test_no_json_object_is_unusable(content: str) -> None:
     with pytest.raises(LLMOutputError) as info:
         extract_json_object(content)
-    assert "no JSON object" in info.value.message
+    assert "no JSON object" in info.value.message  # also when nested too deeply to read
 
 
 def test_wrapper_without_the_keys_is_unusable() -> None:

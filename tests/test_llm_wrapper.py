@@ -81,6 +81,10 @@ ERROR_CASES: dict[str, ErrorCase] = {
     "200 not json": ErrorCase(
         RawReply(200, b"<html>captive portal</html>", "text/html"), LLMOutputError, ("not JSON", "captive portal")
     ),
+    # json.loads recurses per level: a body nested past the recursion limit raised RecursionError (a 500).
+    "200 json nested too deeply": ErrorCase(
+        RawReply(200, b"[" * 100_000 + b"]" * 100_000, "application/json"), LLMOutputError, ("not JSON",)
+    ),
     "200 json without message": ErrorCase(
         RawReply(200, b'{"done": true}', "application/json"), LLMOutputError, ("no message.content",)
     ),
