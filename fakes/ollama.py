@@ -18,7 +18,7 @@ requests, in order) or :attr:`FakeOllama.responder` (a function of the request).
 ``prompt_eval_count`` simulates Ollama's prompt cache: only the part of the prompt
 that differs from the previous request is counted (about 4 characters a token).
 
-Run standalone (benchmarks): ``python -m tests.fake_ollama --port 11434 --latency 0.5``.
+Run standalone (benchmarks): ``python -m fakes.ollama --port 11434 --latency 0.5``.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ It speaks the real shapes, under ``/v1`` as those servers do (so ``LLM_ENDPOINT`
   "timings": {...}}`` (``timings`` as llama.cpp adds them);
 * failures as ``{"error": {"message", "type", "code"}}``: 404 ``model_not_found`` for a model it
   does not serve, 401 without the right ``Authorization: Bearer`` when ``api_key`` is set, and
-  whatever a test scripts with the behaviours of :mod:`tests.fake_ollama` (an ``ErrorReply`` is
+  whatever a test scripts with the behaviours of :mod:`fakes.ollama` (an ``ErrorReply`` is
   sent in the OpenAI error shape, with its headers, e.g. ``Retry-After``).
 
 A scripted ``Reply(done_reason="length")`` becomes ``finish_reason: "length"``. The default answer
@@ -30,7 +30,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_ollama import (
+from fakes.ollama import (
     CHARS_PER_TOKEN,
     Behavior,
     ChatRecord,

@@ -3,7 +3,7 @@
     python -m scripts.bench_wakeup [--inserts N] [--poll-interval S]
 
 Runs the REAL processor (``python batch_processor.py --mode continuous``) twice against SecantusDB
-(its own server, in memory) and the test suite's fake Ollama (zero latency): once with
+(its own server, in memory) and the fake Ollama of fakes/ollama.py (zero latency): once with
 ``BATCH_CHANGE_STREAMS=false`` (it sleeps ``--poll-interval`` between polls), once with change
 streams. Each run inserts N conversations one at a time, at a random moment of the poll cycle
 (a random pause of 0 to S seconds after the previous result), and measures the wall time from
@@ -26,7 +26,7 @@ from typing import Any
 from pymongo import MongoClient
 
 from config import Settings, env_names
-from tests.fake_ollama import FakeOllama
+from fakes.ollama import FakeOllama
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -4,7 +4,7 @@
                                 [--output FILE.md] [--chart FILE.png]
 
 Runs the REAL batch processor (``python batch_processor.py``) and the REAL API (``python
-main.py``) as subprocesses against the test suite's fake Ollama (``python -m tests.fake_ollama``,
+main.py``) as subprocesses against the fake Ollama (``python -m fakes.ollama``,
 its own subprocess, fixed latency) and SecantusDB (``python -m secantus``, its own subprocess,
 data in a temporary folder), and writes ``docs/benchmarks.md`` (tables, targets with PASS/MISS,
 the machine and the exact command) and a PNG chart (``docs/benchmarks.png``, matplotlib Agg).
@@ -145,8 +145,8 @@ FILE_HEADER = """\
 # Benchmarks
 
 Measured by [`scripts/benchmark.py`](../scripts/benchmark.py) (issue #5): the real batch processor
-(`python batch_processor.py`) and the real API (`python main.py`) run as subprocesses against the
-test suite's fake Ollama (`tests/fake_ollama.py`, its own process, fixed latency) and SecantusDB
+(`python batch_processor.py`) and the real API (`python main.py`) run as subprocesses against
+the fake Ollama (`fakes/ollama.py`, its own process, fixed latency) and SecantusDB
 (a MongoDB-wire-compatible server, its own process). Nothing here is estimated: every number
 comes from the run it is listed under, on the machine described there.
 
@@ -451,7 +451,7 @@ class Context:
         """A fake Ollama subprocess with a fixed latency (serving ``parallel`` chats at a time), stopped afterwards."""
         directory = self.new_dir(f"fake_ollama_{latency:g}")
         log = directory / "fake_ollama.log"
-        command = [sys.executable, "-m", "tests.fake_ollama", "--host", "127.0.0.1", "--port", "0",
+        command = [sys.executable, "-m", "fakes.ollama", "--host", "127.0.0.1", "--port", "0",
                    "--latency", repr(latency)] + (["--parallel", str(parallel)] if parallel else [])
         process = self.processes.start("fake Ollama", command, cwd=directory,
                                        env=clean_env({"PYTHONPATH": str(ROOT)}), log=log)
@@ -1230,7 +1230,7 @@ def _wait_processors(ctx: Context, what: str, runs: list[tuple[subprocess.Popen[
 
 def _llm_calls(fake: Any) -> tuple[int, int]:
     """(calls, conversations sent more than once) from the fake's records."""
-    from tests.fake_ollama import last_user_content
+    from fakes.ollama import last_user_content
 
     per_conversation: dict[str, int] = {}
     for request in fake.chat_requests:
@@ -1249,7 +1249,7 @@ def _duplicates(db: Database, name: str) -> int:
 
 def section_processors(ctx: Context) -> SectionResult:
     """N processors on one collection: exactly-once results and LLM calls; take-over after a SIGKILL."""
-    from tests.fake_ollama import FakeOllama
+    from fakes.ollama import FakeOllama
 
     preset = ctx.preset
     n, latency, lease, concurrency = (preset.processors_size, preset.processors_latency, preset.processors_lease,
@@ -1391,7 +1391,7 @@ def section_servers(ctx: Context) -> SectionResult:
     return SectionResult(
         "servers",
         f"`python batch_processor.py --max-concurrent N` with `LLM_ENDPOINT` listing several fake Ollama "
-        f"servers (`python -m tests.fake_ollama --parallel {parallel}`: each serves {parallel} chats at a time, "
+        f"servers (`python -m fakes.ollama --parallel {parallel}`: each serves {parallel} chats at a time, "
         f"like `OLLAMA_NUM_PARALLEL={parallel}`, at {latency:g} s each; more wait in its queue). N = {parallel} "
         "per server listed, the same per-server concurrency in every run; conversations in proportion to the "
         "live servers. A fresh SecantusDB per run. Ideal = live servers x parallel / latency; throughput is "

@@ -1,6 +1,6 @@
 """Shared fixtures: real servers on loopback, each stopped by the fixture that started it.
 
-* ``fake_ollama``: the fake Ollama HTTP server of ``tests/fake_ollama.py`` (fresh per test).
+* ``fake_ollama``: the fake Ollama HTTP server of ``fakes/ollama.py`` (fresh per test).
 * ``make_settings``: settings that ignore the developer's environment and ``.env``.
 * ``api_server``: the real FastAPI app under uvicorn on a loopback port.
 * ``mongo_uri`` / ``mongo_db``: a SecantusDB server (MongoDB wire protocol) for the
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from config import Settings, load_settings
-from tests.fake_ollama import FakeOllama
+from fakes.ollama import FakeOllama
 
 SettingsFactory = Callable[..., Settings]
 

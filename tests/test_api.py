@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from config import Settings
+from fakes.ollama import BUSY, RUNNER_CRASHED, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from tests.conftest import RunningAPI
-from tests.fake_ollama import BUSY, RUNNER_CRASHED, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from tests.net_helpers import closed_port_url
 
 SettingsFactory = Callable[..., Settings]

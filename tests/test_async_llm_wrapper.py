@@ -14,8 +14,8 @@ import pytest
 from async_llm_wrapper import AsyncLLMClient
 from config import Settings
 from error_handler import LLMUnavailableError, ModelNotFoundError
+from fakes.ollama import FakeOllama, Reply
 from llm_wrapper import build_ollama_payload
-from tests.fake_ollama import FakeOllama, Reply
 from tests.net_helpers import closed_port_url
 from tests.test_llm_wrapper import CONVERSATION_A, CONVERSATION_B, ERROR_CASES, ErrorCase, chat_messages
 

@@ -27,7 +27,7 @@ import cli
 import error_handler
 from aggregator import content_hash, validate_conversation
 from config import Settings, env_name
-from tests.fake_ollama import ErrorReply, FakeOllama, Reply, last_user_content
+from fakes.ollama import ErrorReply, FakeOllama, Reply, last_user_content
 from tests.net_helpers import free_port
 from utils.batch_file_manager import BatchFileManager, RetryJournal
 

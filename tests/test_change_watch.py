@@ -22,7 +22,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from config import Settings, env_name
-from tests.fake_ollama import FakeOllama
+from fakes.ollama import FakeOllama
 from utils.change_watch import ChangeWatcher
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ from async_llm_wrapper import AsyncLLMClient
 from classifier import Classification, ConversationClassifier, extract_json_object, parse_classification
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError, LLMOutputError
+from fakes.ollama import FakeOllama, Reply
 from llm_wrapper import LLMClient
 from prompt_builder import Taxonomy, load_taxonomy
-from tests.fake_ollama import FakeOllama, Reply
 
 TAXONOMY = load_taxonomy(CONFIG_DIR / "taxonomy.json")
 URGENCY = load_taxonomy(CONFIG_DIR / "taxonomy-urgency.example.json")

@@ -19,8 +19,8 @@ from aggregator import validate_conversation
 from classifier import ConversationClassifier
 from confidence import label_confidence, label_confidences
 from config import Settings
+from fakes.ollama import FakeOllama, Reply
 from llm_wrapper import TokenLogprob
-from tests.fake_ollama import FakeOllama, Reply
 from tests.test_llm_providers import TRANSPORTS, Server, run, server  # noqa: F401 - the fixture
 
 SENTIMENTS = ["Positive", "Neutral", "Negative"]

@@ -59,7 +59,7 @@ def test_labelled_set_holds_hard_cases_with_notes(labelled: list[dict]) -> None:
 
 # --- metrics against hand-computed values -----------------------------------------------------
 
-from tests.fake_ollama import FakeOllama, Reply  # noqa: E402
+from fakes.ollama import FakeOllama, Reply  # noqa: E402
 from tests.net_helpers import closed_port_url  # noqa: E402
 from tests.scripts import load_script  # noqa: E402
 
@@ -210,7 +210,7 @@ E2E_ITEMS = [
 
 
 def _respond(request: dict) -> Reply:
-    from tests.fake_ollama import last_user_content
+    from fakes.ollama import last_user_content
 
     content = last_user_content(request)
     for word, answer in ANSWERS.items():
@@ -298,7 +298,7 @@ def test_every_field_of_the_taxonomy_present_in_expected_is_scored(
     urgency_of = {"parcel": "Medium", "refund": "High", "password": "High"}
 
     def respond(request: dict) -> Reply:
-        from tests.fake_ollama import last_user_content
+        from fakes.ollama import last_user_content
 
         word = next(w for w in ANSWERS if w in last_user_content(request))
         return Reply(json.dumps({"categorization": "scripted", **ANSWERS[word], "urgency": urgency_of[word]}))
@@ -426,7 +426,7 @@ def test_an_oracle_scores_100_percent_on_the_labelled_set(
     Together with the chance-level baseline of docs/quality.md, this shows that the scores come
     from the answers, and that every conversation of the set goes through the pipeline.
     """
-    from tests.fake_ollama import last_user_content
+    from fakes.ollama import last_user_content
 
     keys = [(" ".join(_first_customer_text(item).split()), item["expected"]) for item in labelled]
 

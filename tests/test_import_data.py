@@ -20,7 +20,7 @@ import pytest
 
 import cli
 from config import Settings, env_name
-from tests.fake_ollama import FakeOllama
+from fakes.ollama import FakeOllama
 from tests.net_helpers import free_port
 from tests.scripts import load_script
 

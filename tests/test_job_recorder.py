@@ -10,8 +10,8 @@ import pytest
 
 import cli
 from config import Settings, env_name
+from fakes.ollama import FakeOllama
 from tests.conftest import SettingsFactory
-from tests.fake_ollama import FakeOllama
 from tests.net_helpers import free_port
 from utils.job_recorder import JobRecorder
 from utils.progress import ProgressTracker

@@ -33,6 +33,7 @@ from error_handler import (
     ModelNotFoundError,
     StorageUnavailableError,
 )
+from fakes.ollama import BUSY, RUNNER_CRASHED, FakeOllama, Reply
 from llm_pool import (
     AdaptiveLimiter,
     AsyncLLMPool,
@@ -43,7 +44,6 @@ from llm_pool import (
     server_name,
 )
 from llm_wrapper import LLMClient
-from tests.fake_ollama import BUSY, RUNNER_CRASHED, FakeOllama, Reply
 from utils.circuit_breaker import CircuitState
 
 SCHEMA: dict[str, Any] = {"type": "object"}

@@ -30,9 +30,9 @@ from error_handler import (
     LLMUnavailableError,
     ModelNotFoundError,
 )
+from fakes.ollama import Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
+from fakes.openai import FakeOpenAI
 from llm_wrapper import ChatResult, LLMClient, create_llm_client, retry_after_seconds
-from tests.fake_ollama import Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
-from tests.fake_openai import FakeOpenAI
 from tests.net_helpers import closed_port_url
 from tests.test_llm_wrapper import CONVERSATION_A, CONVERSATION_B, chat_messages
 

@@ -22,9 +22,9 @@ from error_handler import (
     LLMUnavailableError,
     ModelNotFoundError,
 )
+from fakes.ollama import BUSY, RUNNER_CRASHED, Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from llm_wrapper import LLMClient
 from prompt_builder import output_schema
-from tests.fake_ollama import BUSY, RUNNER_CRASHED, Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from tests.net_helpers import closed_port_url
 
 SettingsFactory = Callable[..., Settings]

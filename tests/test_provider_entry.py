@@ -24,10 +24,10 @@ from async_llm_wrapper import create_async_llm_client
 from classifier import ConversationClassifier
 from config import Settings, load_settings
 from error_handler import ConfigError, LLMBusyError, LLMError, LLMOutputError, LLMServerError, LLMUnavailableError
+from fakes.ollama import Behavior, ChatRecord, ErrorReply, FakeOllama, Reply, default_classification
 from llm_pool import AsyncLLMPool
 from llm_wrapper import ChatResult, Provider, create_llm_client
 from tests.conftest import RunningAPI
-from tests.fake_ollama import Behavior, ChatRecord, ErrorReply, FakeOllama, Reply, default_classification
 from tests.net_helpers import closed_port_url
 
 # --- the new provider: everything it needs is this entry -------------------------------------------
