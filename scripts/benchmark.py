@@ -9,50 +9,10 @@ its own subprocess, fixed latency) and SecantusDB (``python -m secantus``, its o
 data in a temporary folder), and writes ``docs/benchmarks.md`` (tables, targets with PASS/MISS,
 the machine and the exact command) and a PNG chart (``docs/benchmarks.png``, matplotlib Agg).
 
-Sections (``--only`` takes a comma-separated subset):
-
-``concurrency``
-    Fake latency 0.5 s; ``--max-concurrent`` 1, 5, 10, 20. Throughput from the processor's own
-    job clock: the final ``progress_<job>.json``'s ``successful / elapsed_seconds`` (Python
-    start-up, index creation and the service checks are not in it). Efficiency = throughput /
-    ideal, ideal = concurrency / latency. Target: efficiency >= 0.95 at 10.
-``overhead``
-    Fake latency 0; the processor (``--max-concurrent 10``, batch size 100) beside a baseline
-    doing only the same MongoDB reads and writes with PyMongo's AsyncMongoClient on the same
-    data: ``_id > last`` batches of 100 with the same status filter, ``update_many`` to
-    processing, then per conversation (``asyncio.Semaphore(10)``) an upsert of a result of the
-    same shape and an update of the source status to processed. Fresh database per run, the
-    processor's indexes created for the baseline too. Target: ours / baseline >= 0.8.
-``memory``
-    Fake latency 0; peak RSS of the processor process (``os.wait4`` on its pid: ``ru_maxrss``
-    of that child alone, taken by a small launcher process: see ``RUSAGE_LAUNCHER``) over a
-    small and a large collection. Target: the larger run within 10 % of the smaller.
-``api``
-    p50/p95/p99 latency and requests/s of ``POST /classify`` at 1, 10 and 50 concurrent
-    clients against a zero-latency fake, beside the fake's own latency measured the same way
-    (``POST /api/chat`` with the payload the API sends). asyncio load generator, one
-    aiohttp session (keep-alive) per level, warm-up requests not counted, non-200 answers
-    counted as errors. Target: p50 overhead under 5 ms at 1 client; no error at 50. Then
-    ``GET /health`` alone and while a dozen ~0.9 MB bodies of 15,000 short turns wait for the
-    API's one LLM slot (API_MAX_CONCURRENCY=1), and the API's peak RSS (``VmHWM``). Target:
-    /health under 100 ms at worst meanwhile.
-``prompt``
-    Prompt characters per request, split into the cached prefix (system prompt + few-shots)
-    and the conversation, and the fake's ``prompt_eval_count`` for a cold cache and with the
-    prefix cached, for the shortest, median and longest sample conversation and a synthetic
-    conversation over the character budget: real requests through ``LLMClient``.
-``processors``
-    Several processors on one collection (issue 9), each its own batch folder and worker id:
-    1 and 3 started together (duplicate results, LLM calls counted per conversation by a fake
-    Ollama in the benchmark process; targets: 0 duplicates, calls <= conversations + 1 %), and 2
-    with one SIGKILLed after a third of the results (target: the other finishes everything within
-    the lease plus the one-processor time).
-``servers``
-    Several LLM servers (``LLM_ENDPOINT`` a comma-separated list): fake Ollama subprocesses
-    that each serve ``--parallel`` chats at a time at a fixed latency (like ``OLLAMA_NUM_PARALLEL``).
-    The processor at the same per-server concurrency with 1, 2 and 4 servers (target: >= 0.9 of
-    linear), 3 servers of which one is dead from the start, and 3 of which one is SIGKILLed
-    mid-run (target: both complete with >= 0.9 of the 2-server throughput).
+Sections (``--only`` takes a comma-separated subset, ``--help`` lists them): the registry
+``SECTIONS`` of scripts/bench/sections.py, in the order they run; what each measures and its
+targets is the docstring of its function there. A new section is one entry in that registry
+(scripts/bench/sections.py says how).
 
 Presets: fast (default, a few minutes), ``--full`` (the issue's sizes), ``--smoke`` (tiny
 sizes, seconds: run by the test suite so the script never rots; its numbers mean nothing).
@@ -81,14 +41,11 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from error_handler import EXIT_FAILURE, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE, UsageError, run_command
-from scripts.bench.api_latency import section_api
-from scripts.bench.batch_throughput import section_concurrency, section_memory, section_overhead
 from scripts.bench.harness import (
     PRESETS,
     ROOT,
@@ -97,9 +54,6 @@ from scripts.bench.harness import (
     Context,
     Processes,
 )
-from scripts.bench.llm_servers import section_servers
-from scripts.bench.processors import section_processors
-from scripts.bench.prompt_size import section_prompt
 from scripts.bench.render import (
     machine_info,
     previous_runs,
@@ -109,7 +63,8 @@ from scripts.bench.render import (
     write_chart,
     write_markdown,
 )
-from scripts.bench.results import SECTION_TITLES, SECTIONS, SectionResult
+from scripts.bench.results import SectionResult
+from scripts.bench.sections import SECTION_NAMES, SECTIONS, Section
 from utils.command_line import command_parser
 
 # Exit codes (error_handler): 0 every section ran, the file and the chart are written (targets may be
@@ -120,27 +75,16 @@ DEFAULT_OUTPUT = ROOT / "docs" / "benchmarks.md"
 DEFAULT_CHART = ROOT / "docs" / "benchmarks.png"
 
 
-SECTION_RUNNERS: dict[str, Callable[[Context], SectionResult]] = {
-    "concurrency": section_concurrency,
-    "overhead": section_overhead,
-    "memory": section_memory,
-    "api": section_api,
-    "prompt": section_prompt,
-    "processors": section_processors,
-    "servers": section_servers,
-}
-
-
 # --- command line ----------------------------------------------------------------------------------
 
 
-def _sections(text: str) -> list[str]:
+def _sections(text: str) -> list[Section]:
     names = [name.strip().lower() for name in text.split(",") if name.strip()]
-    unknown = [name for name in names if name not in SECTIONS]
+    unknown = [name for name in names if name not in SECTION_NAMES]
     if unknown or not names:
         raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(unknown) or '(none)'}; "
-                                         f"choose from {', '.join(SECTIONS)}")
-    return [name for name in SECTIONS if name in names]
+                                         f"choose from {', '.join(SECTION_NAMES)}")
+    return [section for section in SECTIONS if section.key in names]
 
 
 def _label(text: str) -> str:
@@ -155,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
         "python -m scripts.benchmark",
         "Benchmark the batch processor and the API (real subprocesses) against the fake Ollama "
         "and SecantusDB; write the tables to a markdown file and a PNG chart.",
-        f"sections: {', '.join(SECTIONS)}\n\nexit codes:\n  {EXIT_OK} done (targets may be missed: see "
+        f"sections: {', '.join(SECTION_NAMES)}\n\nexit codes:\n  {EXIT_OK} done (targets may be missed: see "
         f"the file)   {EXIT_FAILURE} a step failed (nothing written)\n  {EXIT_USAGE} bad command line or "
         f"unwritable output   {EXIT_INTERRUPTED} interrupted",
     )
@@ -163,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--full", action="store_true", help="the issue's sizes (e.g. 20,000 conversations for memory)")
     size.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the test suite's run)")
     parser.add_argument("--only", type=_sections, metavar="SECTION[,SECTION]",
-                        help=f"run only these sections ({', '.join(SECTIONS)}) [default: all]")
+                        help=f"run only these sections ({', '.join(SECTION_NAMES)}) [default: all]")
     parser.add_argument("--label", type=_label, metavar="TEXT",
                         help="name of this run in the file, e.g. before / after [default: the preset's name]")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="FILE.md",
@@ -186,12 +130,13 @@ def _check_outputs(output: Path, chart: Path) -> None:
 
 def run(args: argparse.Namespace, argv: list[str], console: Any) -> int:
     preset = PRESETS["full" if args.full else "smoke" if args.smoke else "fast"]
-    selected = args.only or list(SECTIONS)
+    selected: list[Section] = args.only or list(SECTIONS)
     label = args.label or preset.name
     command = "python -m scripts.benchmark" + (" " + shlex.join(argv) if argv else "")
     date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     started = time.monotonic()
-    console.print(f"[bold]Benchmark[/] preset {preset.name}, sections {', '.join(selected)}", highlight=False)
+    names = ", ".join(section.key for section in selected)
+    console.print(f"[bold]Benchmark[/] preset {preset.name}, sections {names}", highlight=False)
 
     processes = Processes()
     sections: list[SectionResult] = []
@@ -201,10 +146,10 @@ def run(args: argparse.Namespace, argv: list[str], console: Any) -> int:
             ctx = Context(preset, processes, Path(workdir),
                           say=lambda text: console.print(text, style="dim", highlight=False))
             try:
-                for name in selected:
-                    current = SECTION_TITLES[name]
+                for entry in selected:
+                    current = entry.title
                     console.print(f"[bold]{current}[/]", highlight=False)
-                    section = SECTION_RUNNERS[name](ctx)
+                    section = entry.run(ctx)
                     sections.append(section)
                     print_section(console, section)
             finally:

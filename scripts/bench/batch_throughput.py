@@ -34,6 +34,11 @@ from scripts.bench.results import SectionResult, Target, _f
 
 
 def section_concurrency(ctx: Context) -> SectionResult:
+    """Fake latency 0.5 s; ``--max-concurrent`` 1, 5, 10, 20. Throughput from the processor's own
+    job clock: the final ``progress_<job>.json``'s ``successful / elapsed_seconds`` (Python
+    start-up, index creation and the service checks are not in it). Efficiency = throughput /
+    ideal, ideal = concurrency / latency. Target: efficiency >= 0.95 at 10.
+    """
     latency = ctx.preset.concurrency_latency
     rows: list[list[str]] = []
     chart: dict[str, list[Any]] = {"levels": [], "measured": [], "ideal": []}
@@ -176,6 +181,13 @@ def _median_cpu(values: list[float | None]) -> float | None:
 
 
 def section_overhead(ctx: Context) -> SectionResult:
+    """Fake latency 0; the processor (``--max-concurrent 10``, batch size 100) beside a baseline
+    doing only the same MongoDB reads and writes with PyMongo's AsyncMongoClient on the same
+    data: ``_id > last`` batches of 100 with the same status filter, ``update_many`` to
+    processing, then per conversation (``asyncio.Semaphore(10)``) an upsert of a result of the
+    same shape and an update of the source status to processed. Fresh database per run, the
+    processor's indexes created for the baseline too. Target: ours / baseline >= 0.8.
+    """
     n, concurrency, batch_size = ctx.preset.overhead_size, ctx.preset.overhead_concurrency, ctx.preset.batch_size
     repeats = ctx.preset.overhead_repeats
     ours: list[ProcessorRun] = []
@@ -239,6 +251,10 @@ def section_overhead(ctx: Context) -> SectionResult:
 
 
 def section_memory(ctx: Context) -> SectionResult:
+    """Fake latency 0; peak RSS of the processor process (``os.wait4`` on its pid: ``ru_maxrss``
+    of that child alone, taken by a small launcher process: see ``RUSAGE_LAUNCHER``) over a
+    small and a large collection. Target: the larger run within 10 % of the smaller.
+    """
     small, large = ctx.preset.memory_sizes
     runs: list[ProcessorRun] = []
     with ctx.fake_ollama(0.0) as fake:
@@ -268,3 +284,36 @@ def section_memory(ctx: Context) -> SectionResult:
                         growth <= 0.10)],
         chart={"sizes": [small, large], "peak_mib": [run.peak_rss_kb / 1024 for run in runs]},
     )
+
+
+def draw_concurrency(axes: Any, data: dict[str, Any]) -> None:
+    """Throughput per --max-concurrent (bars) against the ideal (line); bar labels: efficiency."""
+    x = list(range(len(data["levels"])))
+    bars = axes.bar(x, data["measured"], width=0.6, color="#1f77b4", label="measured")
+    axes.plot(x, data["ideal"], "o--", color="#d1453b", label="ideal (concurrency / latency)")
+    ratios = [f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"], strict=True)]
+    axes.bar_label(bars, labels=ratios, fontsize=8, padding=2)
+    axes.set_xticks(list(x), [str(level) for level in data["levels"]])
+    axes.set_xlabel("--max-concurrent (bar label: efficiency)")
+    axes.set_ylabel("conversations/s")
+    axes.legend(fontsize=8, frameon=False)
+    axes.grid(axis="y", alpha=0.3)
+
+
+def draw_overhead(axes: Any, data: dict[str, Any]) -> None:
+    """The processor's and the baseline's throughput."""
+    bars = axes.bar(["batch processor", "PyMongo baseline"], [data["ours"], data["baseline"]],
+                    color=["#1f77b4", "#9aa0a6"], width=0.5)
+    axes.bar_label(bars, labels=[f"{data['ours']:.0f}", f"{data['baseline']:.0f}"], fontsize=8, padding=2)
+    axes.set_ylabel("conversations/s")
+    axes.set_xlabel(f"ratio {data['ratio']:.2f} (target >= 0.8)")
+    axes.grid(axis="y", alpha=0.3)
+
+
+def draw_memory(axes: Any, data: dict[str, Any]) -> None:
+    """Peak RSS of the small and the large run."""
+    labels = [f"{n:,} conversations" for n in data["sizes"]]
+    bars = axes.bar(labels, data["peak_mib"], color="#2e9e57", width=0.5)
+    axes.bar_label(bars, labels=[f"{v:.1f} MiB" for v in data["peak_mib"]], fontsize=8, padding=2)
+    axes.set_ylabel("peak RSS (MiB)")
+    axes.grid(axis="y", alpha=0.3)

@@ -28,6 +28,12 @@ def _dead_url() -> str:
 
 
 def section_servers(ctx: Context) -> SectionResult:
+    """Several LLM servers (``LLM_ENDPOINT`` a comma-separated list): fake Ollama subprocesses
+    that each serve ``--parallel`` chats at a time at a fixed latency (like ``OLLAMA_NUM_PARALLEL``).
+    The processor at the same per-server concurrency with 1, 2 and 4 servers (target: >= 0.9 of
+    linear), 3 servers of which one is dead from the start, and 3 of which one is SIGKILLed
+    mid-run (target: both complete with >= 0.9 of the 2-server throughput).
+    """
     preset = ctx.preset
     latency, parallel, per_server = preset.servers_latency, preset.servers_parallel, preset.servers_per_server
     rows: list[list[str]] = []
@@ -98,6 +104,20 @@ def section_servers(ctx: Context) -> SectionResult:
         targets=targets,
         chart=chart,
     )
+
+
+def draw_servers(axes: Any, data: dict[str, Any]) -> None:
+    """Throughput per server set (bars) against the ideal (line); bar labels: efficiency."""
+    x = list(range(len(data["labels"])))
+    bars = axes.bar(x, data["measured"], width=0.6, color="#1f77b4", label="measured")
+    axes.plot(x, data["ideal"], "o--", color="#d1453b", label="ideal (live servers x parallel / latency)")
+    ratios = [f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"], strict=True)]
+    axes.bar_label(bars, labels=ratios, fontsize=8, padding=2)
+    axes.set_xticks(x, [label.replace(", ", "\n") for label in data["labels"]], fontsize=7)
+    axes.set_xlabel("LLM servers (bar label: efficiency)")
+    axes.set_ylabel("conversations/s")
+    axes.legend(fontsize=8, frameon=False)
+    axes.grid(axis="y", alpha=0.3)
 
 
 class _KillWhenProgressed:

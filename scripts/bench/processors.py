@@ -88,7 +88,14 @@ def _duplicates(db: Database, name: str) -> int:
 
 
 def section_processors(ctx: Context) -> SectionResult:
-    """N processors on one collection: exactly-once results and LLM calls; take-over after a SIGKILL."""
+    """N processors on one collection: exactly-once results and LLM calls; take-over after a SIGKILL.
+
+    Several processors on one collection (issue 9), each its own batch folder and worker id:
+    1 and 3 started together (duplicate results, LLM calls counted per conversation by a fake
+    Ollama in the benchmark process; targets: 0 duplicates, calls <= conversations + 1 %), and 2
+    with one SIGKILLed after a third of the results (target: the other finishes everything within
+    the lease plus the one-processor time).
+    """
     from fakes.ollama import FakeOllama
 
     preset = ctx.preset

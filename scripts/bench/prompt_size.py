@@ -34,6 +34,11 @@ def synthetic_long_conversation(char_budget: int) -> dict[str, Any]:
 
 
 def section_prompt(ctx: Context) -> SectionResult:
+    """Prompt characters per request, split into the cached prefix (system prompt + few-shots)
+    and the conversation, and the fake's ``prompt_eval_count`` for a cold cache and with the
+    prefix cached, for the shortest, median and longest sample conversation and a synthetic
+    conversation over the character budget: real requests through ``LLMClient``.
+    """
     from aggregator import validate_conversation
     from classifier import ConversationClassifier
     from llm_wrapper import LLMClient
@@ -96,3 +101,15 @@ def section_prompt(ctx: Context) -> SectionResult:
         notes=[f"Character budget (CONVERSATION_CHAR_BUDGET): {settings.conversation_char_budget:,}."],
         chart=chart,
     )
+
+
+def draw_prompt(axes: Any, data: dict[str, Any]) -> None:
+    """Characters per request: the cached prefix and the conversation, stacked."""
+    y = list(range(len(data["names"])))
+    axes.barh(y, data["prefix"], color="#9aa0a6", label="cached prefix")
+    axes.barh(y, data["conversation"], left=data["prefix"], color="#1f77b4", label="conversation")
+    axes.set_yticks(y, data["names"])
+    axes.invert_yaxis()
+    axes.set_xlabel("prompt characters per request")
+    axes.legend(fontsize=8, frameon=False, loc="upper right")
+    axes.grid(axis="x", alpha=0.3)

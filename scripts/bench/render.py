@@ -195,11 +195,12 @@ def print_section(console: Any, section: SectionResult) -> None:
 
 
 def write_chart(path: Path, sections: list[SectionResult], title: str) -> None:
-    """One panel per section, drawn by the Agg renderer (no display, no pyplot state)."""
+    """One panel per section that has chart data, drawn by its own ``draw`` (sections.py) on the Agg
+    renderer (no display, no pyplot state); the title, frame and layout are the same for every panel."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    panels = [s for s in sections if s.chart]
+    panels = [s for s in sections if s.chart and s.draw is not None]
     columns = 2 if len(panels) > 1 else 1
     rows = math.ceil(len(panels) / columns)
     figure = Figure(figsize=(12, 4.2 * rows + 0.8), layout="constrained")
@@ -207,61 +208,9 @@ def write_chart(path: Path, sections: list[SectionResult], title: str) -> None:
     figure.suptitle(title, fontsize=12)
     for index, section in enumerate(panels):
         axes = figure.add_subplot(rows, columns, index + 1)
-        data = section.chart
-        if section.key == "concurrency":
-            x = list(range(len(data["levels"])))
-            bars = axes.bar(x, data["measured"], width=0.6, color="#1f77b4", label="measured")
-            axes.plot(x, data["ideal"], "o--", color="#d1453b", label="ideal (concurrency / latency)")
-            ratios = [f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"], strict=True)]
-            axes.bar_label(bars, labels=ratios, fontsize=8, padding=2)
-            axes.set_xticks(list(x), [str(level) for level in data["levels"]])
-            axes.set_xlabel("--max-concurrent (bar label: efficiency)")
-            axes.set_ylabel("conversations/s")
-            axes.legend(fontsize=8, frameon=False)
-        elif section.key == "overhead":
-            bars = axes.bar(["batch processor", "PyMongo baseline"], [data["ours"], data["baseline"]],
-                            color=["#1f77b4", "#9aa0a6"], width=0.5)
-            axes.bar_label(bars, labels=[f"{data['ours']:.0f}", f"{data['baseline']:.0f}"], fontsize=8, padding=2)
-            axes.set_ylabel("conversations/s")
-            axes.set_xlabel(f"ratio {data['ratio']:.2f} (target >= 0.8)")
-        elif section.key == "memory":
-            labels = [f"{n:,} conversations" for n in data["sizes"]]
-            bars = axes.bar(labels, data["peak_mib"], color="#2e9e57", width=0.5)
-            axes.bar_label(bars, labels=[f"{v:.1f} MiB" for v in data["peak_mib"]], fontsize=8, padding=2)
-            axes.set_ylabel("peak RSS (MiB)")
-        elif section.key == "api":
-            x = list(range(len(data["levels"])))
-            width = 0.38
-            for offset, key, colour, name in ((-width / 2, "api", "#1f77b4", "API /classify"),
-                                              (width / 2, "fake", "#9aa0a6", "fake /api/chat")):
-                p50 = [v[0] for v in data[key]]
-                upper = [v[2] - v[0] for v in data[key]]
-                axes.bar([i + offset for i in x], p50, width=width, color=colour, label=f"{name} p50",
-                         yerr=[[0] * len(p50), upper], capsize=3)
-            axes.set_xticks(x, [str(level) for level in data["levels"]])
-            axes.set_xlabel("concurrent clients (whisker: p99)")
-            axes.set_ylabel("latency (ms)")
-            axes.legend(fontsize=8, frameon=False)
-        elif section.key == "prompt":
-            y = list(range(len(data["names"])))
-            axes.barh(y, data["prefix"], color="#9aa0a6", label="cached prefix")
-            axes.barh(y, data["conversation"], left=data["prefix"], color="#1f77b4", label="conversation")
-            axes.set_yticks(y, data["names"])
-            axes.invert_yaxis()
-            axes.set_xlabel("prompt characters per request")
-            axes.legend(fontsize=8, frameon=False, loc="upper right")
-        elif section.key == "servers":
-            x = list(range(len(data["labels"])))
-            bars = axes.bar(x, data["measured"], width=0.6, color="#1f77b4", label="measured")
-            axes.plot(x, data["ideal"], "o--", color="#d1453b", label="ideal (live servers x parallel / latency)")
-            ratios = [f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"], strict=True)]
-            axes.bar_label(bars, labels=ratios, fontsize=8, padding=2)
-            axes.set_xticks(x, [label.replace(", ", "\n") for label in data["labels"]], fontsize=7)
-            axes.set_xlabel("LLM servers (bar label: efficiency)")
-            axes.set_ylabel("conversations/s")
-            axes.legend(fontsize=8, frameon=False)
+        assert section.draw is not None  # panels have one
+        section.draw(axes, section.chart)
         axes.set_title(section.title, loc="left", fontsize=11)
-        axes.grid(axis="x" if section.key == "prompt" else "y", alpha=0.3)
         axes.set_axisbelow(True)
         axes.spines[["top", "right"]].set_visible(False)
     figure.savefig(path, format="png", dpi=100)

@@ -3,22 +3,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
-
-SECTIONS = ("concurrency", "overhead", "memory", "api", "prompt", "processors", "servers")
-SECTION_TITLES = {
-    "concurrency": "1. Concurrency scaling",
-    "overhead": "2. Pipeline overhead",
-    "memory": "3. Memory",
-    "api": "4. API latency",
-    "prompt": "5. Prompt size",
-    "processors": "6. Several processors",
-    "servers": "7. Several LLM servers",
-}
-
-
-# --- results --------------------------------------------------------------------------------
 
 
 @dataclass
@@ -37,10 +24,9 @@ class SectionResult:
     notes: list[str] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
     chart: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def title(self) -> str:
-        return SECTION_TITLES[self.key]
+    # From the section's entry in sections.SECTIONS (Section.run): its heading and chart panel.
+    title: str = ""
+    draw: Callable[[Any, dict[str, Any]], None] | None = None
 
 
 def _f(value: float, digits: int = 1) -> str:
