@@ -16,12 +16,12 @@ from scripts.bench.harness import (
     MODEL,
     BenchmarkError,
     Context,
-    _cpu,
-    _cpu_delta,
+    cpu_delta,
     cpu_seconds,
+    cpu_text,
     load_samples,
 )
-from scripts.bench.results import SectionResult, Target, _f, percentile
+from scripts.bench.results import SectionResult, Target, fmt, percentile
 
 # --- 4. API --------------------------------------------------------------------------------------
 
@@ -154,7 +154,7 @@ def measure_waiting_bodies(ctx: Context) -> tuple[str, Target]:
             f"{', '.join(f'{statuses.count(s)} x {s}' for s in sorted(set(statuses)))}. GET /health alone: "
             f"p50 {percentile(idle, 50):.1f} ms; meanwhile ({len(loaded)} requests): p50 "
             f"{percentile(loaded, 50):.1f} ms, max {worst:.1f} ms. The API's peak resident memory: "
-            f"{_f(rss_before or 0, 0)} MB before, {_f(rss_after or 0, 0)} MB after.")
+            f"{fmt(rss_before or 0, 0)} MB before, {fmt(rss_after or 0, 0)} MB after.")
     return note, Target(f"API: /health under 100 ms at worst while {count} large bodies wait",
                         f"{worst:.1f} ms", worst < 100)
 
@@ -203,7 +203,7 @@ def section_api(ctx: Context) -> SectionResult:
                 result = asyncio.run(load_test(url, bodies, clients=clients, requests=preset.api_requests,
                                                warmup=preset.api_warmup))
                 after = (cpu_seconds(api.pid), cpu_seconds(fake.pid), _own_cpu())
-                result.cpu = [_cpu_delta(b, a) for b, a in zip(before, after, strict=True)]
+                result.cpu = [cpu_delta(b, a) for b, a in zip(before, after, strict=True)]
                 if not result.latencies_ms:
                     raise BenchmarkError(f"api ({clients} clients): every request to {url} failed "
                                          f"({result.first_error})")
@@ -217,11 +217,11 @@ def section_api(ctx: Context) -> SectionResult:
                 overhead_at_1 = overhead
             if clients == 50:
                 errors_at_50 = api_result.errors
-            for label, result, extra in (("POST /classify (API)", api_result, _f(overhead, 2)),
+            for label, result, extra in (("POST /classify (API)", api_result, fmt(overhead, 2)),
                                          ("POST /api/chat (fake, direct)", fake_result, "")):
-                rows.append([str(clients), label, f"{result.requests:,}", str(result.errors), _f(result.p(50), 2),
-                             _f(result.p(95), 2), _f(result.p(99), 2), _f(result.requests / result.seconds, 1),
-                             extra, " / ".join(_cpu(c) for c in result.cpu)])
+                rows.append([str(clients), label, f"{result.requests:,}", str(result.errors), fmt(result.p(50), 2),
+                             fmt(result.p(95), 2), fmt(result.p(99), 2), fmt(result.requests / result.seconds, 1),
+                             extra, " / ".join(cpu_text(c) for c in result.cpu)])
             chart["levels"].append(clients)
             chart["api"].append((api_result.p(50), api_result.p(95), api_result.p(99)))
             chart["fake"].append((fake_result.p(50), fake_result.p(95), fake_result.p(99)))

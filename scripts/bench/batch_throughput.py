@@ -21,14 +21,14 @@ from scripts.bench.harness import (
     BenchmarkError,
     Context,
     ProcessorRun,
-    _cpu,
-    _cpu_delta,
     check_written,
+    cpu_delta,
     cpu_seconds,
+    cpu_text,
     run_processor,
     seed_database,
 )
-from scripts.bench.results import SectionResult, Target, _f
+from scripts.bench.results import SectionResult, Target, fmt
 
 # --- 1. concurrency -----------------------------------------------------------------------------
 
@@ -52,15 +52,15 @@ def section_concurrency(ctx: Context) -> SectionResult:
             efficiency = run.throughput / ideal
             if level == 10:
                 efficiency_at_10 = efficiency
-            rows.append([str(level), f"{n:,}", _f(run.elapsed_seconds, 2), _f(run.throughput, 2), _f(ideal, 2),
-                         _f(efficiency, 3), run.cpu_split()])
+            rows.append([str(level), f"{n:,}", fmt(run.elapsed_seconds, 2), fmt(run.throughput, 2), fmt(ideal, 2),
+                         fmt(efficiency, 3), run.cpu_split()])
             chart["levels"].append(level)
             chart["measured"].append(run.throughput)
             chart["ideal"].append(ideal)
     targets = []
     if efficiency_at_10 is not None:
         targets.append(Target("Concurrency: efficiency at --max-concurrent 10 >= 0.95",
-                              _f(efficiency_at_10, 3), efficiency_at_10 >= 0.95))
+                              fmt(efficiency_at_10, 3), efficiency_at_10 >= 0.95))
     return SectionResult(
         "concurrency",
         f"`python batch_processor.py --max-concurrent N --batch-size {ctx.preset.batch_size}` against the fake "
@@ -167,7 +167,7 @@ def _baseline_run(ctx: Context, n: int) -> tuple[float, float, float | None]:
         except Exception as e:
             raise BenchmarkError(f"overhead (PyMongo baseline): {type(e).__name__}: {e}") from e
         own_after = resource.getrusage(resource.RUSAGE_SELF)
-        database_cpu = _cpu_delta(database_cpu, cpu_seconds(db.pid))
+        database_cpu = cpu_delta(database_cpu, cpu_seconds(db.pid))
         if done != n:
             raise BenchmarkError(f"overhead (PyMongo baseline): {done} conversations written, expected {n}")
         check_written(db, database, n, "overhead (PyMongo baseline)")
@@ -178,6 +178,11 @@ def _baseline_run(ctx: Context, n: int) -> tuple[float, float, float | None]:
 def _median_cpu(values: list[float | None]) -> float | None:
     known = [v for v in values if v is not None]
     return statistics.median(known) if len(known) == len(values) and known else None
+
+
+def _median_cpus(own: list[float | None], database: list[float | None]) -> str:
+    """The CPU column of the overhead table: own process / SecantusDB, medians over the runs."""
+    return f"{cpu_text(_median_cpu(own))} / {cpu_text(_median_cpu(database))}"
 
 
 def section_overhead(ctx: Context) -> SectionResult:
@@ -206,14 +211,14 @@ def section_overhead(ctx: Context) -> SectionResult:
     ratio = ours_rate / base_rate
     pair_ratios = [a / b for a, b in zip(ours_rates, base_rates, strict=True)]
     rows = [
-        ["batch processor (classify + write)", f"{n:,}", str(repeats), _f(ours_rate, 1),
-         ", ".join(_f(r, 1) for r in ours_rates),
-         f"{_cpu(_median_cpu([r.cpu_processor for r in ours]))} / {_cpu(_median_cpu([r.cpu_database for r in ours]))}"],
-        ["PyMongo baseline (the same reads and writes only)", f"{n:,}", str(repeats), _f(base_rate, 1),
-         ", ".join(_f(r, 1) for r in base_rates),
-         f"{_cpu(_median_cpu([c for _, c, _ in baseline]))} / {_cpu(_median_cpu([d for _, _, d in baseline]))}"],
-        ["ratio ours / baseline (medians; each pair)", "", "", _f(ratio, 3),
-         ", ".join(_f(r, 2) for r in pair_ratios), ""],
+        ["batch processor (classify + write)", f"{n:,}", str(repeats), fmt(ours_rate, 1),
+         ", ".join(fmt(r, 1) for r in ours_rates),
+         _median_cpus([r.cpu_processor for r in ours], [r.cpu_database for r in ours])],
+        ["PyMongo baseline (the same reads and writes only)", f"{n:,}", str(repeats), fmt(base_rate, 1),
+         ", ".join(fmt(r, 1) for r in base_rates),
+         _median_cpus([c for _, c, _ in baseline], [d for _, _, d in baseline])],
+        ["ratio ours / baseline (medians; each pair)", "", "", fmt(ratio, 3),
+         ", ".join(fmt(r, 2) for r in pair_ratios), ""],
     ]
     return SectionResult(
         "overhead",
@@ -241,7 +246,7 @@ def section_overhead(ctx: Context) -> SectionResult:
             "the database is the bottleneck of that side, and the ratio says how much the processor slows the "
             "database path down (on this stand-in server), not how fast MongoDB would be.",
         ],
-        targets=[Target("Overhead: processor throughput >= 0.8 x the PyMongo baseline", _f(ratio, 3),
+        targets=[Target("Overhead: processor throughput >= 0.8 x the PyMongo baseline", fmt(ratio, 3),
                         ratio >= 0.8)],
         chart={"ours": ours_rate, "baseline": base_rate, "ratio": ratio},
     )
@@ -263,8 +268,8 @@ def section_memory(ctx: Context) -> SectionResult:
             runs.append(run_processor(ctx, what=f"memory ({n} conversations)", fake=fake, n=n,
                                       max_concurrent=ctx.preset.overhead_concurrency, latency=0.0))
     growth = (runs[1].peak_rss_kb - runs[0].peak_rss_kb) / runs[0].peak_rss_kb
-    rows = [[f"{run.conversations:,}", _f(run.peak_rss_kb / 1024, 1), _f(run.elapsed_seconds, 2),
-             _f(run.throughput, 1), run.cpu_split()] for run in runs]
+    rows = [[f"{run.conversations:,}", fmt(run.peak_rss_kb / 1024, 1), fmt(run.elapsed_seconds, 2),
+             fmt(run.throughput, 1), run.cpu_split()] for run in runs]
     rows.append([f"growth {small:,} -> {large:,}", f"{100 * growth:+.1f} %", "", "", ""])
     return SectionResult(
         "memory",

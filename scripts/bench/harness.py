@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from config import Settings, env_names
-from scripts.bench.results import _f
+from scripts.bench.results import fmt
 from utils.command_line import free_port
 
 # The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
@@ -222,12 +222,12 @@ def cpu_seconds(pid: int) -> float | None:
         return None
 
 
-def _cpu_delta(before: float | None, after: float | None) -> float | None:
+def cpu_delta(before: float | None, after: float | None) -> float | None:
     return None if before is None or after is None else after - before
 
 
-def _cpu(value: float | None) -> str:
-    return "n/a" if value is None else _f(value, 2)
+def cpu_text(value: float | None) -> str:
+    return "n/a" if value is None else fmt(value, 2)
 
 
 @dataclass
@@ -400,7 +400,7 @@ class ProcessorRun:
         return self.successful / self.elapsed_seconds if self.elapsed_seconds > 0 else 0.0
 
     def cpu_split(self) -> str:
-        return f"{_cpu(self.cpu_processor)} / {_cpu(self.cpu_database)} / {_cpu(self.cpu_fake)}"
+        return f"{cpu_text(self.cpu_processor)} / {cpu_text(self.cpu_database)} / {cpu_text(self.cpu_fake)}"
 
 
 CPU_SPLIT_COLUMN = ("CPU s: processor / SecantusDB / fake", "right")
@@ -457,8 +457,8 @@ def run_processor(ctx: Context, *, what: str, fake: Service, n: int, max_concurr
             wall = time.perf_counter() - started
         finally:
             ctx.processes.stop(process)
-        database_cpu = _cpu_delta(database_cpu, cpu_seconds(db.pid))
-        fake_cpu = _cpu_delta(fake_cpu, cpu_seconds(fake.pid))
+        database_cpu = cpu_delta(database_cpu, cpu_seconds(db.pid))
+        fake_cpu = cpu_delta(fake_cpu, cpu_seconds(fake.pid))
         try:
             usage = json.loads(report.read_text(encoding="utf-8"))
         except (OSError, ValueError) as e:

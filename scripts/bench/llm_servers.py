@@ -16,7 +16,7 @@ from scripts.bench.harness import (
     Service,
     run_processor,
 )
-from scripts.bench.results import SectionResult, Target, _f
+from scripts.bench.results import SectionResult, Target, fmt
 from utils.command_line import free_port
 
 # --- 7. several LLM servers ------------------------------------------------------------------------
@@ -48,8 +48,8 @@ def section_servers(ctx: Context) -> SectionResult:
                             latency=latency, endpoint=endpoint, during=during)
         ideal = live * parallel / latency
         throughput[key] = run.throughput
-        rows.append([label, str(servers), f"{n:,}", str(parallel * servers), _f(run.elapsed_seconds, 2),
-                     _f(run.throughput, 2), _f(ideal, 2), _f(run.throughput / ideal, 3)])
+        rows.append([label, str(servers), f"{n:,}", str(parallel * servers), fmt(run.elapsed_seconds, 2),
+                     fmt(run.throughput, 2), fmt(ideal, 2), fmt(run.throughput / ideal, 3)])
         chart["labels"].append(label)
         chart["measured"].append(run.throughput)
         chart["ideal"].append(ideal)
@@ -77,12 +77,12 @@ def section_servers(ctx: Context) -> SectionResult:
 
     one = throughput["1"]
     targets = [Target(f"Servers: {k} servers' throughput >= 0.9 of {k} x 1 server's",
-                      _f(throughput[str(k)] / (k * one), 3), throughput[str(k)] >= 0.9 * k * one) for k in (2, 4)]
+                      fmt(throughput[str(k)] / (k * one), 3), throughput[str(k)] >= 0.9 * k * one) for k in (2, 4)]
     two = throughput["2"]
     targets.append(Target("Servers: 3 with 1 dead from the start: throughput >= 0.9 of 2 servers'",
-                          _f(throughput["dead"] / two, 3), throughput["dead"] >= 0.9 * two))
+                          fmt(throughput["dead"] / two, 3), throughput["dead"] >= 0.9 * two))
     targets.append(Target("Servers: 3 with 1 killed mid-run: throughput >= 0.9 of 2 servers'",
-                          _f(throughput["killed"] / two, 3) if killed else "not killed mid-run",
+                          fmt(throughput["killed"] / two, 3) if killed else "not killed mid-run",
                           killed and throughput["killed"] >= 0.9 * two))
     return SectionResult(
         "servers",

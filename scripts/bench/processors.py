@@ -24,7 +24,7 @@ from scripts.bench.harness import (
     log_tail,
     seed_database,
 )
-from scripts.bench.results import SectionResult, Target, _f
+from scripts.bench.results import SectionResult, Target, fmt
 
 PROCESSORS_CONCURRENCY = 5
 PROCESSORS_BATCH_SIZE = 20
@@ -121,7 +121,7 @@ def section_processors(ctx: Context) -> SectionResult:
                 calls, repeated = _llm_calls(fake)
                 duplicates = _duplicates(db, database)
             label = f"{count} started together" if count > 1 else "1 (reference)"
-            rows.append([label, f"{n:,}", _f(wall[str(count)], 1), str(duplicates), f"{calls:,}", str(repeated),
+            rows.append([label, f"{n:,}", fmt(wall[str(count)], 1), str(duplicates), f"{calls:,}", str(repeated),
                          "-"])
             if count == 3:
                 targets.append(Target("Processors: 3 started together, duplicate results = 0", str(duplicates),
@@ -155,10 +155,10 @@ def section_processors(ctx: Context) -> SectionResult:
             calls, repeated = _llm_calls(fake)
             duplicates = _duplicates(db, database)
         bound = lease + wall["1"]
-        rows.append([f"2, one SIGKILLed ({held} claims held)", f"{n:,}", _f(elapsed, 1), str(duplicates),
-                     f"{calls:,}", str(repeated), _f(bound, 1)])
+        rows.append([f"2, one SIGKILLed ({held} claims held)", f"{n:,}", fmt(elapsed, 1), str(duplicates),
+                     f"{calls:,}", str(repeated), fmt(bound, 1)])
         targets.append(Target("Processors: one of 2 SIGKILLed, the other finishes within lease + one processor's time",
-                              f"{_f(elapsed, 1)} s <= {_f(bound, 1)} s", elapsed <= bound))
+                              f"{fmt(elapsed, 1)} s <= {fmt(bound, 1)} s", elapsed <= bound))
     return SectionResult(
         "processors",
         f"`python batch_processor.py` processes, each with its own batch folder and worker id, on one collection "

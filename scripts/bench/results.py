@@ -29,7 +29,7 @@ class SectionResult:
     draw: Callable[[Any, dict[str, Any]], None] | None = None
 
 
-def _f(value: float, digits: int = 1) -> str:
+def fmt(value: float, digits: int = 1) -> str:
     return f"{value:,.{digits}f}"
 
 
