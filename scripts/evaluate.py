@@ -71,7 +71,6 @@ from typing import Any
 import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from aggregator import ConversationIn, validate_conversation
 from async_llm_wrapper import create_async_llm_client
@@ -92,6 +91,7 @@ from error_handler import (
 from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from prompt_builder import Taxonomy, load_taxonomy
+from scripts.tables import Column, console_table, markdown_table
 from utils.command_line import command_parser, positive_int
 from utils.json_items import UnreadableItem, json_list_items, json_value
 
@@ -571,25 +571,22 @@ def _pct(value: float) -> str:
 
 
 def print_report(report: dict[str, Any], labelled: LabelledSet, failures: list[Prediction], console: Console) -> None:
-    summary = Table(title=f"{report['n']} conversations, model {report['model']}, "
-                    f"{report['seconds_per_item']:.2f} s per conversation")
-    for column in ("field", "scored", "accuracy", "macro-F1"):
-        summary.add_column(column, justify="left" if column == "field" else "right")
+    summary = console_table(f"{report['n']} conversations, model {report['model']}, "
+                            f"{report['seconds_per_item']:.2f} s per conversation",
+                            [("field", "left"), ("scored", "right"), ("accuracy", "right"), ("macro-F1", "right")])
     for name, metrics in report["fields"].items():
         summary.add_row(name, str(metrics["n"]), _pct(metrics["accuracy"]), f"{metrics['macro_f1']:.3f}")
     console.print(summary)
     for name, metrics in report["fields"].items():
-        table = Table(title=f"{name}: per label")
-        for column in ("label", "precision", "recall", "F1", "support"):
-            table.add_column(column, justify="left" if column == "label" else "right")
+        table = console_table(f"{name}: per label", [("label", "left"), *((column, "right") for column in (
+            "precision", "recall", "F1", "support"))])
         for label, scores in metrics["per_label"].items():
             table.add_row(label, f"{scores['precision']:.2f}", f"{scores['recall']:.2f}", f"{scores['f1']:.2f}",
                           str(scores["support"]))
         console.print(table)
         if "calibration" in metrics:
-            table = Table(title=f"{name}: accuracy per confidence bucket")
-            for column in ("confidence", "n", "accuracy", "mean confidence"):
-                table.add_column(column, justify="right")
+            table = console_table(f"{name}: accuracy per confidence bucket",
+                                  [(column, "right") for column in ("confidence", "n", "accuracy", "mean confidence")])
             for bucket in metrics["calibration"]:
                 low, high = bucket["range"]
                 table.add_row(f"{low:.1f}-{high:.1f}", str(bucket["n"]), _pct(bucket["accuracy"]),
@@ -614,13 +611,10 @@ def not_scored_lines(labelled: LabelledSet, failures: list[Prediction]) -> list[
     return lines
 
 
-def _md_row(cells: list[Any]) -> str:
-    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
-
-
 def _md_table(header: list[str], rows: list[list[Any]], right_from: int = 1) -> list[str]:
-    align = ["---" if i < right_from else "---:" for i in range(len(header))]
-    return [_md_row(header), _md_row(align), *(_md_row(row) for row in rows), ""]
+    """The lines of a Markdown table (the columns from ``right_from`` on right-aligned) and a blank one."""
+    columns: list[Column] = [(name, "left" if i < right_from else "right") for i, name in enumerate(header)]
+    return [markdown_table(columns, rows), ""]
 
 
 def render_markdown(report: dict[str, Any], labelled: LabelledSet, failures: list[Prediction], source: str) -> str:

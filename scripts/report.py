@@ -64,7 +64,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
@@ -82,7 +82,11 @@ from error_handler import (  # noqa: E402
 from logger import configure_logging  # noqa: E402
 from mongo_client import STATUS_SKIPPED, storage_error, sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
+from scripts.tables import Column, console_table  # noqa: E402
 from utils.command_line import command_parser  # noqa: E402
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 logger = logging.getLogger("report")
 
@@ -391,10 +395,18 @@ def header_line(report: Report) -> str:
     return line
 
 
+def _counts_table(report: Report, kind: str, title: str, split_labels: list[str]) -> Table:
+    """A table of ``kind``'s labels: results and share of all, then a column per label of the split
+    field (``split_labels``); totals in the footer."""
+    columns: list[Column] = [(report.titles[kind], "left"), ("Results", "right"), ("% of all", "right"),
+                             *((label, "right") for label in split_labels)]
+    footers = ["Total", str(report.total), _percent(report.total, report.total),
+               *(str(report.counts[report.split][label]) for label in split_labels)]
+    return console_table(title, columns, footers)
+
+
 def print_tables(report: Report) -> None:
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(file=sys.stdout, highlight=False)
     if not console.is_terminal:
@@ -408,14 +420,8 @@ def print_tables(report: Report) -> None:
     split = report.split
     columns = report.labels[split]
     for kind in report.others:
-        table = Table(title=f"{report.titles[kind]} by {split.replace('_', ' ')}", box=box.SIMPLE_HEAD,
-                      show_footer=True, title_justify="left")
-        table.add_column(report.titles[kind], footer="Total")
-        table.add_column("Results", justify="right", footer=str(report.total))
-        table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
+        table = _counts_table(report, kind, f"{report.titles[kind]} by {split.replace('_', ' ')}", columns)
         cells = report.crossings[kind, split]
-        for column in columns:
-            table.add_column(column, justify="right", footer=str(report.counts[split][column]))
         for label in report.labels[kind]:
             n = report.counts[kind][label]
             table.add_row(
@@ -424,10 +430,7 @@ def print_tables(report: Report) -> None:
                 style="dim" if n == 0 else None,
             )
         console.print(table)
-    table = Table(title=report.titles[split], box=box.SIMPLE_HEAD, show_footer=True, title_justify="left")
-    table.add_column(report.titles[split], footer="Total")
-    table.add_column("Results", justify="right", footer=str(report.total))
-    table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
+    table = _counts_table(report, split, report.titles[split], [])
     for label in columns:
         n = report.counts[split][label]
         table.add_row(_marked(report, split, label), str(n), _percent(n, report.total),

@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 from scripts import benchmark
-from scripts.bench.harness import PRESETS, RUSAGE_LAUNCHER, STARTED_PROCESSES
+from scripts.bench.harness import PRESETS, RUSAGE_LAUNCHER, STARTED_PROCESSES, port_open
 from scripts.bench.render import render_run, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,14 +34,6 @@ def child_pids() -> set[int]:
         if int(fields[1]) == os.getpid():
             children.add(int(stat.parent.name))
     return children
-
-
-def port_accepts(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def table_after(text: str, heading: str) -> list[list[str]]:
@@ -127,7 +118,7 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
     for name, pid, port in started:
         assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) is still there"
         if port is not None:
-            assert not port_accepts(port), f"{name} still listens on {port}"
+            assert not port_open(port), f"{name} still listens on {port}"
 
 
 def test_a_second_run_is_written_above_the_first(tmp_path):

@@ -24,6 +24,7 @@ from typing import Any
 
 from config import Settings, env_names
 from scripts.bench.results import fmt
+from scripts.tables import Column
 from utils.command_line import free_port
 
 # The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
@@ -403,7 +404,7 @@ class ProcessorRun:
         return f"{cpu_text(self.cpu_processor)} / {cpu_text(self.cpu_database)} / {cpu_text(self.cpu_fake)}"
 
 
-CPU_SPLIT_COLUMN = ("CPU s: processor / SecantusDB / fake", "right")
+CPU_SPLIT_COLUMN: Column = ("CPU s: processor / SecantusDB / fake", "right")
 CPU_SPLIT_NOTE = ("CPU s: user + system CPU seconds each process used during the run (the processor's from "
                   "`os.wait4`, its start-up and imports included; the servers' from /proc); the machine has "
                   "{cores} core(s). A server whose CPU seconds come close to the job time is the bottleneck.")

@@ -18,6 +18,7 @@ from scripts.bench.harness import (
     Preset,
 )
 from scripts.bench.results import SectionResult
+from scripts.tables import Column, console_table, markdown_table
 from utils.batch_file_manager import atomic_write_text
 
 RUN_HEADING = re.compile(r"^## Run: ", re.MULTILINE)
@@ -110,17 +111,7 @@ def machine_info() -> dict[str, str]:
 # --- output ----------------------------------------------------------------------------------------
 
 
-def markdown_table(columns: list[tuple[str, str]], rows: list[list[str]]) -> str:
-    def cell(text: str) -> str:
-        return text.replace("|", "\\|")
-
-    lines = ["| " + " | ".join(cell(name) for name, _ in columns) + " |",
-             "|" + "|".join("---:" if align == "right" else "---" for _, align in columns) + "|"]
-    lines += ["| " + " | ".join(cell(value) for value in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def targets_table(sections: list[SectionResult]) -> tuple[list[tuple[str, str]], list[list[str]]]:
+def targets_table(sections: list[SectionResult]) -> tuple[list[Column], list[list[str]]]:
     rows = [[t.description, t.measured, "PASS" if t.passed else "MISS"] for s in sections for t in s.targets]
     return [("target", "left"), ("measured", "right"), ("result", "left")], rows
 
@@ -178,12 +169,7 @@ def write_markdown(path: Path, run_text: str) -> None:
 
 
 def print_section(console: Any, section: SectionResult) -> None:
-    from rich import box
-    from rich.table import Table
-
-    table = Table(title=section.title, box=box.SIMPLE_HEAD, title_justify="left")
-    for name, align in section.columns:
-        table.add_column(name, justify="right" if align == "right" else "left")
+    table = console_table(section.title, section.columns)
     for row in section.rows:
         table.add_row(*row)
     console.print(table)

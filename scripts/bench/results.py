@@ -7,6 +7,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from scripts.tables import Column
+
 
 @dataclass
 class Target:
@@ -19,7 +21,7 @@ class Target:
 class SectionResult:
     key: str
     intro: str
-    columns: list[tuple[str, str]]  # (heading, "left" | "right")
+    columns: list[Column]  # (heading, "left" | "right")
     rows: list[list[str]]
     notes: list[str] = field(default_factory=list)
     targets: list[Target] = field(default_factory=list)
