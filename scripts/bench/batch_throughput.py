@@ -28,6 +28,7 @@ from scripts.bench.harness import (
     run_processor,
     seed_database,
 )
+from scripts.bench.render import bars_against_ideal
 from scripts.bench.results import SectionResult, Target, fmt
 
 # --- 1. concurrency -----------------------------------------------------------------------------
@@ -293,16 +294,8 @@ def section_memory(ctx: Context) -> SectionResult:
 
 def draw_concurrency(axes: Any, data: dict[str, Any]) -> None:
     """Throughput per --max-concurrent (bars) against the ideal (line); bar labels: efficiency."""
-    x = list(range(len(data["levels"])))
-    bars = axes.bar(x, data["measured"], width=0.6, color="#1f77b4", label="measured")
-    axes.plot(x, data["ideal"], "o--", color="#d1453b", label="ideal (concurrency / latency)")
-    ratios = [f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"], strict=True)]
-    axes.bar_label(bars, labels=ratios, fontsize=8, padding=2)
-    axes.set_xticks(list(x), [str(level) for level in data["levels"]])
-    axes.set_xlabel("--max-concurrent (bar label: efficiency)")
-    axes.set_ylabel("conversations/s")
-    axes.legend(fontsize=8, frameon=False)
-    axes.grid(axis="y", alpha=0.3)
+    bars_against_ideal(axes, [str(level) for level in data["levels"]], data["measured"], data["ideal"],
+                       ideal_label="ideal (concurrency / latency)", xlabel="--max-concurrent (bar label: efficiency)")
 
 
 def draw_overhead(axes: Any, data: dict[str, Any]) -> None:

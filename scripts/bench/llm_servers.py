@@ -16,6 +16,7 @@ from scripts.bench.harness import (
     Service,
     run_processor,
 )
+from scripts.bench.render import bars_against_ideal
 from scripts.bench.results import SectionResult, Target, fmt
 from utils.command_line import free_port
 
@@ -108,16 +109,9 @@ def section_servers(ctx: Context) -> SectionResult:
 
 def draw_servers(axes: Any, data: dict[str, Any]) -> None:
     """Throughput per server set (bars) against the ideal (line); bar labels: efficiency."""
-    x = list(range(len(data["labels"])))
-    bars = axes.bar(x, data["measured"], width=0.6, color="#1f77b4", label="measured")
-    axes.plot(x, data["ideal"], "o--", color="#d1453b", label="ideal (live servers x parallel / latency)")
-    ratios = [f"{m / i:.2f}" for m, i in zip(data["measured"], data["ideal"], strict=True)]
-    axes.bar_label(bars, labels=ratios, fontsize=8, padding=2)
-    axes.set_xticks(x, [label.replace(", ", "\n") for label in data["labels"]], fontsize=7)
-    axes.set_xlabel("LLM servers (bar label: efficiency)")
-    axes.set_ylabel("conversations/s")
-    axes.legend(fontsize=8, frameon=False)
-    axes.grid(axis="y", alpha=0.3)
+    bars_against_ideal(axes, [label.replace(", ", "\n") for label in data["labels"]], data["measured"], data["ideal"],
+                       ideal_label="ideal (live servers x parallel / latency)",
+                       xlabel="LLM servers (bar label: efficiency)", tick_fontsize=7)
 
 
 class _KillWhenProgressed:

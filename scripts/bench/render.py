@@ -180,6 +180,22 @@ def print_section(console: Any, section: SectionResult) -> None:
         console.print(f"  {verdict} {target.description}: {target.measured}", highlight=False)
 
 
+def bars_against_ideal(axes: Any, ticks: list[str], measured: list[float], ideal: list[float], *, ideal_label: str,
+                       xlabel: str, tick_fontsize: float | str = "medium") -> None:
+    """A chart panel of throughput: measured as bars, the ideal as a dashed line, each bar labelled with
+    its efficiency (measured / ideal)."""
+    x = list(range(len(ticks)))
+    bars = axes.bar(x, measured, width=0.6, color="#1f77b4", label="measured")
+    axes.plot(x, ideal, "o--", color="#d1453b", label=ideal_label)
+    ratios = [f"{m / i:.2f}" for m, i in zip(measured, ideal, strict=True)]
+    axes.bar_label(bars, labels=ratios, fontsize=8, padding=2)
+    axes.set_xticks(x, ticks, fontsize=tick_fontsize)
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("conversations/s")
+    axes.legend(fontsize=8, frameon=False)
+    axes.grid(axis="y", alpha=0.3)
+
+
 def write_chart(path: Path, sections: list[SectionResult], title: str) -> None:
     """One panel per section that has chart data, drawn by its own ``draw`` (sections.py) on the Agg
     renderer (no display, no pyplot state); the title, frame and layout are the same for every panel."""
