@@ -4,15 +4,16 @@
                                 [--output FILE.md] [--chart FILE.png]
 
 Runs the REAL batch processor (``python batch_processor.py``) and the REAL API (``python
-main.py``) as subprocesses against the fake Ollama (``python -m fakes.ollama``,
-its own subprocess, fixed latency) and SecantusDB (``python -m secantus``, its own subprocess,
-data in a temporary folder), and writes ``docs/benchmarks.md`` (tables, targets with PASS/MISS,
+main.py``) as subprocesses against the fake Ollama (``python -m fakes.ollama``, its own
+subprocess, fixed latency) and SecantusDB (``python -m secantus``, its own subprocess, data in a
+temporary folder), and writes ``docs/benchmarks.md`` (tables, targets with PASS/MISS,
 the machine and the exact command) and a PNG chart (``docs/benchmarks.png``, matplotlib Agg).
 
 Sections (``--only`` takes a comma-separated subset, ``--help`` lists them): the registry
 ``SECTIONS`` of scripts/bench/sections.py, in the order they run; what each measures and its
-targets is the docstring of its function there. A new section is one entry in that registry
-(scripts/bench/sections.py says how).
+targets is the docstring of its ``section_*`` function (scripts/bench/, a module per area). A new
+section is one entry in that registry (scripts/bench/sections.py says how); the harness, the
+sections and the report are the package scripts/bench (its ``__init__`` lists the modules).
 
 Presets: fast (default, a few minutes), ``--full`` (the issue's sizes), ``--smoke`` (tiny
 sizes, seconds: run by the test suite so the script never rots; its numbers mean nothing).
