@@ -81,6 +81,12 @@ class AsyncLLMClient:
         status, body, headers = await self._request("POST", self.protocol.chat_path, json=payload)
         return self.protocol.parse_chat(status, body, self.settings, headers)
 
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text from EMBEDDING_MODEL; raises an ``LLMError`` on any failure."""
+        payload = self.protocol.build_embed(self.settings, texts)
+        status, body, headers = await self._request("POST", self.protocol.embed_path, json=payload)
+        return self.protocol.parse_embed(status, body, self.settings, len(texts), headers)
+
     async def check_ready(self) -> None:
         """Raise unless the server answers and has the configured model (lists its models, no inference)."""
         timeout = aiohttp.ClientTimeout(total=min(READY_TIMEOUT_SECONDS, self.settings.ollama_timeout))

@@ -476,6 +476,70 @@ def require_openai_model(
         raise openai_model_missing(settings, served)
 
 
+# --- embeddings (similar reviewed conversations, retrieval.py) ------------------------------
+
+#: How much of a transcript is embedded: embedding models have short contexts, and llama.cpp
+#: refuses (rather than cuts) an input longer than its batch.
+EMBED_CHARS = 2000
+
+
+def build_ollama_embed_payload(settings: Settings, texts: list[str]) -> dict[str, Any]:
+    """The body of Ollama's ``POST /api/embed``: EMBEDDING_MODEL, one input per text, cut to its context."""
+    return {"model": settings.embedding_model, "input": [text[:EMBED_CHARS] for text in texts], "truncate": True,
+            "keep_alive": _keep_alive(settings.ollama_keep_alive)}
+
+
+def build_openai_embed_payload(settings: Settings, texts: list[str]) -> dict[str, Any]:
+    """The body of ``POST {endpoint}/embeddings`` (OpenAI-compatible)."""
+    return {"model": settings.embedding_model, "input": [text[:EMBED_CHARS] for text in texts],
+            "encoding_format": "float"}
+
+
+def _vectors(rows: Any, count: int, who: str) -> list[list[float]]:
+    if not isinstance(rows, list) or len(rows) != count:
+        raise LLMOutputError(f"{who}'s embeddings answer has {len(rows) if isinstance(rows, list) else 'no'} "
+                             f"vectors for {count} inputs.")
+    vectors = []
+    for row in rows:
+        if not isinstance(row, list) or not row or not all(isinstance(v, (int, float)) for v in row):
+            raise LLMOutputError(f"{who}'s embeddings answer holds a vector that is not a list of numbers.")
+        vectors.append([float(v) for v in row])
+    if len({len(v) for v in vectors}) > 1:
+        raise LLMOutputError(f"{who}'s embeddings answer holds vectors of different lengths.")
+    return vectors
+
+
+def _embedding_model_missing(settings: Settings, error: LLMError) -> LLMError:
+    # The chat model's hint would be wrong here: it is EMBEDDING_MODEL that is missing.
+    if isinstance(error, ModelNotFoundError):
+        return ModelNotFoundError(settings.embedding_model, server_name(settings), server=server_kind(settings),
+                                  hint="Set EMBEDDING_MODEL to an embedding model the server has "
+                                  f"(Ollama: `ollama pull {settings.embedding_model}`), or leave it empty for "
+                                  "the lexical index.")
+    return error
+
+
+def parse_ollama_embed_response(status: int, body: bytes, settings: Settings, count: int,
+                                headers: Mapping[str, str] | None = None) -> list[list[float]]:
+    """Ollama's ``{"embeddings": [[...], ...]}``, one vector per input, in order."""
+    if status != 200:
+        raise _embedding_model_missing(settings, error_from_response(status, body, settings, headers))
+    data = _answer_json(body, "Ollama")
+    return _vectors(data.get("embeddings") if isinstance(data, dict) else None, count, "Ollama")
+
+
+def parse_openai_embed_response(status: int, body: bytes, settings: Settings, count: int,
+                                headers: Mapping[str, str] | None = None) -> list[list[float]]:
+    """``{"data": [{"index", "embedding"}, ...]}``, put back in input order by ``index``."""
+    if status != 200:
+        raise _embedding_model_missing(settings, openai_error_from_response(status, body, settings, headers))
+    data = _answer_json(body, "The LLM server")
+    rows = data.get("data") if isinstance(data, dict) else None
+    if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+        rows = [r.get("embedding") for r in sorted(rows, key=lambda r: int(r.get("index", 0)))]
+    return _vectors(rows, count, "The LLM server")
+
+
 # --- the provider, chosen once from the settings --------------------------------------------
 
 
@@ -489,11 +553,16 @@ class Protocol:
     build_payload: Callable[[Settings, list[dict[str, str]], dict[str, Any]], dict[str, Any]]
     parse_chat: Callable[[int, bytes, Settings, Mapping[str, str] | None], ChatResult]
     check_models: Callable[[bytes, int, Settings, Mapping[str, str] | None], None]
+    embed_path: str
+    build_embed: Callable[[Settings, list[str]], dict[str, Any]]
+    parse_embed: Callable[[int, bytes, Settings, int, Mapping[str, str] | None], list[list[float]]]
 
 
-OLLAMA = Protocol("ollama", "/api/chat", "/api/tags", build_chat_payload, parse_chat_response, require_model)
+OLLAMA = Protocol("ollama", "/api/chat", "/api/tags", build_chat_payload, parse_chat_response, require_model,
+                  "/api/embed", build_ollama_embed_payload, parse_ollama_embed_response)
 OPENAI = Protocol(
-    "openai", "/chat/completions", "/models", build_openai_payload, parse_openai_response, require_openai_model
+    "openai", "/chat/completions", "/models", build_openai_payload, parse_openai_response, require_openai_model,
+    "/embeddings", build_openai_embed_payload, parse_openai_embed_response,
 )
 
 
@@ -562,6 +631,13 @@ class LLMClient:
         payload = self.protocol.build_payload(self.settings, messages, schema)
         response = self._request("POST", self.protocol.chat_path, self._timeout, json=payload)
         return self.protocol.parse_chat(response.status_code, response.content, self.settings, response.headers)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text from EMBEDDING_MODEL; raises an :class:`LLMError` on any failure."""
+        payload = self.protocol.build_embed(self.settings, texts)
+        response = self._request("POST", self.protocol.embed_path, self._timeout, json=payload)
+        return self.protocol.parse_embed(response.status_code, response.content, self.settings, len(texts),
+                                         response.headers)
 
     def check_ready(self) -> None:
         """Raise unless the server answers and has the configured model (lists its models, no inference)."""
