@@ -120,27 +120,33 @@ class FewShotRetriever:
         self.source: Callable[[], Awaitable[ExampleIndex]] | None = None
         self._clock = clock
         self._loaded_at: float | None = None
+        self._stale = False
+        self._lock: asyncio.Lock | None = None
         self._loading: asyncio.Task[None] | None = None
         self._last_warning = -WARN_EVERY_SECONDS
 
     def mark_stale(self) -> None:
-        """Read the index again before the next conversation (a review changed it)."""
-        self._loaded_at = None if self._loaded_at is None else self._loaded_at - self.refresh_seconds
+        """Read the index again, and wait for it, before the next conversation (a review changed it)."""
+        self._stale = True
 
     async def refresh_if_stale(self) -> None:
-        """Read the index when it never was (waiting for it), or in the background when it is old."""
+        """Read the index when it never was or a review changed it (waiting for it), or in the
+        background when it is older than FEW_SHOT_REFRESH_SECONDS (the current one serves meanwhile)."""
         if self.source is None:
             return
-        if self._loading is not None and not self._loading.done():
-            if self._loaded_at is None:
-                await asyncio.shield(self._loading)
+        if self._loaded_at is None or self._stale:
+            if self._lock is None:
+                self._lock = asyncio.Lock()
+            async with self._lock:
+                if self._loaded_at is None or self._stale:
+                    self._stale = False
+                    if self._loading is not None and not self._loading.done():
+                        await self._loading  # an older read must not land after this one
+                    await self._load()
             return
-        now = self._clock()
-        if self._loaded_at is None:
+        if self._clock() - self._loaded_at >= self.refresh_seconds and (
+                self._loading is None or self._loading.done()):
             self._loading = asyncio.ensure_future(self._load())
-            await asyncio.shield(self._loading)
-        elif now - self._loaded_at >= self.refresh_seconds:
-            self._loading = asyncio.ensure_future(self._load())  # the current index serves meanwhile
 
     async def _load(self) -> None:
         assert self.source is not None
