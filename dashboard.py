@@ -36,6 +36,7 @@ from api_dependencies import SettingsDep
 from config import Settings
 from error_handler import ClassifierError, InputError, StorageUnavailableError
 from mongo_client import invalid_uri_error, mongo_connection, unreachable_error
+from reviews import agreement_from, agreement_group, effective_label
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ class ReviewShare(BaseModel):
     share: float | None = Field(description="needs_review / with_confidence; null when no result has confidences.")
 
 
+class Agreement(BaseModel):
+    n: int = Field(description="Results in the range whose current review set this field.")
+    accuracy: float | None = Field(description="Share of those where the model's label equals the reviewer's; "
+                                   "null when n is 0.")
+
+
 class Failure(BaseModel):
     conversation_number: str | None
     failure_type: str | None
@@ -93,6 +100,8 @@ class StatsResponse(BaseModel):
     sentiment: list[LabelCount]
     per_day: list[DayCounts]
     review: ReviewShare
+    agreement: dict[str, Agreement] = Field(
+        description="Per label field: how often the model agreed with the reviewers (the live quality figure).")
     statuses: dict[str, int] = Field(description="Source conversations per status (all jobs, all dates).")
     failures: list[Failure] = Field(description=f"The {FAILURES_SHOWN} latest failed conversations in the range.")
     job_ids: list[str] = Field(description="Batch jobs that wrote results (for the job filter).")
@@ -221,7 +230,8 @@ def results_match(date_from: date | None, date_to: date | None, job: str | None)
 
 
 def _label(field: str) -> dict[str, Any]:
-    return {"$ifNull": [f"$classification.{field}", NO_LABEL]}
+    # The effective label: a current review's, else the model's (reviews.py).
+    return {"$ifNull": [effective_label(field), NO_LABEL]}
 
 
 def stats_pipeline(match: dict[str, Any]) -> list[dict[str, Any]]:
@@ -236,6 +246,7 @@ def stats_pipeline(match: dict[str, Any]) -> list[dict[str, Any]]:
             "needs_review": {"$sum": {"$cond": [{"$eq": ["$classification.needs_review", True]}, 1, 0]}},
         }}],
         "day_total": [{"$group": {"_id": day, "n": {"$sum": 1}}}],
+        "agreement": [agreement_group(LABEL_FIELDS)],
     }
     for field in LABEL_FIELDS:
         facets[field] = [{"$group": {"_id": _label(field), "n": {"$sum": 1}}}, {"$sort": {"n": -1, "_id": 1}}]
@@ -254,6 +265,7 @@ def shape_stats(facets: dict[str, Any]) -> dict[str, Any]:
             entry = days.get(row["_id"].get("day"))
             if entry is not None:
                 entry[field][str(row["_id"]["label"])] = row["n"]
+    agreement = agreement_from((facets.get("agreement") or [None])[0], LABEL_FIELDS)
     review = (facets.get("review") or [{}])[0]
     with_confidence = int(review.get("with_confidence", 0))
     needs_review = int(review.get("needs_review", 0))
@@ -261,6 +273,7 @@ def shape_stats(facets: dict[str, Any]) -> dict[str, Any]:
         "total": (facets.get("total") or [{"n": 0}])[0]["n"],
         **{f: [{"label": str(r["_id"]), "count": r["n"]} for r in facets.get(f, [])] for f in LABEL_FIELDS},
         "per_day": [days[d] for d in sorted(days)],
+        "agreement": agreement,
         "review": {
             "with_confidence": with_confidence,
             "needs_review": needs_review,
