@@ -256,3 +256,25 @@ def test_reclassifying_changed_content_makes_the_review_stale_not_gone(review_ap
     # Reviewing again starts from the new content.
     again = review(review_api, item["id"], {"labels": {"topic": "Orders/Returns"}}).json()
     assert again["review"]["labels"] == {"topic": "Orders/Returns"} and again["review"]["stale"] is False
+
+
+def test_stats_count_effective_labels_and_agreement(review_api: RunningAPI, mongo_db: Any) -> None:
+    seed_reviewable(mongo_db)
+    before = requests.get(f"{review_api.url}/api/stats", timeout=30).json()
+    assert before["agreement"] == {f: {"n": 0, "accuracy": None} for f in ("intent", "topic", "sentiment")}
+    r1, r4 = item_of(review_api, "r1"), item_of(review_api, "r4")
+    # r1: the model was wrong on intent, right on topic; r4: right on everything the reviewer set.
+    review(review_api, r1["id"], {"labels": {"intent": "Complaint", "topic": "Account/Billing"}})
+    review(review_api, r4["id"], {"labels": {"intent": "Technical Support", "sentiment": "Negative"}})
+    stats = requests.get(f"{review_api.url}/api/stats", timeout=30).json()
+    assert stats["agreement"] == {"intent": {"n": 2, "accuracy": 0.5}, "topic": {"n": 1, "accuracy": 1.0},
+                                  "sentiment": {"n": 1, "accuracy": 1.0}}
+    intents = {row["label"]: row["count"] for row in stats["intent"]}
+    assert intents["Complaint"] == 1 and "Billing Question" not in intents
+    day = stats["per_day"][0]
+    assert day["intent"]["Complaint"] == 1
+    # A stale review counts neither as a label nor as agreement.
+    mongo_db["sentimental_analysis"].update_one({"conversation_number": "r1"}, {"$set": {"content_hash": "new"}})
+    stale = requests.get(f"{review_api.url}/api/stats", timeout=30).json()
+    assert stale["agreement"]["intent"] == {"n": 1, "accuracy": 1.0}
+    assert {row["label"]: row["count"] for row in stale["intent"]}["Billing Question"] == 1
