@@ -36,6 +36,7 @@ from access import ReaderDep
 from aggregator import validate_conversation
 from api_dependencies import ClassifierDep, LLMClientDep, SettingsDep
 from dashboard import STATIC_DIR, DashboardDatabaseDep, results_match
+from dashboard import _day as query_day  # the dashboard's reading of from/to: one rule for both pages
 from error_handler import InputError, NotFoundError
 from retrieval import ExampleIndex, label_fields, mongo_source
 from reviews import (
@@ -79,15 +80,6 @@ def _bool(name: str, value: str | None) -> bool | None:
     raise InputError(f"'{name}' must be true or false, got {value[:40]!r}.", field=name)
 
 
-def _day(name: str, value: str | None) -> date | None:
-    if not value:
-        return None
-    try:
-        return date.fromisoformat(value)
-    except ValueError as e:
-        raise InputError(f"'{name}' must be a day written YYYY-MM-DD, got {value[:40]!r}.", field=name) from e
-
-
 def _limit(value: str | None) -> int:
     if value is None or value == "":
         return DEFAULT_LIMIT
@@ -124,7 +116,7 @@ def list_pipeline(params: dict[str, str], fields: list[str], canonical: Any, sou
     if order not in ORDERS:
         raise InputError(f"'order' must be one of {', '.join(ORDERS)}.", field="order")
     limit = _limit(params.get("limit"))
-    date_from, date_to = _day("from", params.get("from")), _day("to", params.get("to"))
+    date_from, date_to = query_day("from", params.get("from")), query_day("to", params.get("to"))
     if date_from and date_to and date_from > date_to:
         raise InputError(f"'from' ({date_from}) is after 'to' ({date_to}).", field="from")
     if date_to == date.max:

@@ -165,13 +165,13 @@ class FewShotRetriever:
         self.index = index
         self._loaded_at = started
 
+    def _wants_vector(self, index: ExampleIndex, embed: object) -> bool:
+        return self.uses_embeddings and embed is not None and index.vectors is not None and bool(len(index))
+
     def select(self, text: str, exclude: str | None, embed: Embed | None) -> list[ReviewedExample]:
         """The examples for a conversation (synchronous: the API's worker threads)."""
-        index = self.index
-        if not len(index):
-            return []
-        vector = None
-        if self.uses_embeddings and embed is not None and index.vectors is not None:
+        index, vector = self.index, None
+        if embed is not None and self._wants_vector(index, embed):
             try:
                 vector = embed([text])[0]
             except LLMError as e:
@@ -181,11 +181,8 @@ class FewShotRetriever:
     async def select_async(self, text: str, exclude: str | None, embed: AsyncEmbed | None) -> list[ReviewedExample]:
         """The examples for a conversation (asynchronous: the batch processor, evaluate)."""
         await self.refresh_if_stale()
-        index = self.index
-        if not len(index):
-            return []
-        vector = None
-        if self.uses_embeddings and embed is not None and index.vectors is not None:
+        index, vector = self.index, None
+        if embed is not None and self._wants_vector(index, embed):
             try:
                 vector = (await embed([text]))[0]
             except LLMError as e:

@@ -268,7 +268,10 @@
   function start() {
     var params = new URLSearchParams(window.location.search);
     Promise.all([request("/api/taxonomy"), request("/api/session")]).then(function (answers) {
-      fields = answers[0].fields;
+      // Labels as names, whether the taxonomy lists them as strings or as {name, description}.
+      fields = answers[0].fields.map(function (f) {
+        return { name: f.name, labels: f.labels.map(function (l) { return typeof l === "string" ? l : l.name; }) };
+      });
       var session = answers[1];
       csrf = session.csrf_token;
       $("who").textContent = session.via === "loopback" ? "local (no login needed on this address)" : session.user;

@@ -80,14 +80,20 @@ class FakeOpenAI(FakeOllama):
         app.router.add_post("/v1/embeddings", self._embeddings)
         return app
 
-    async def _embeddings(self, request: web.Request) -> web.Response:
+    async def _read(self, request: web.Request) -> tuple[Any, web.Response | None]:
+        """The request's JSON body, or the answer to give instead (401 without the key, 400 not JSON)."""
         denied = self._unauthorized(request)
         if denied is not None:
-            return denied
+            return None, denied
         try:
-            body = await request.json()
+            return await request.json(), None
         except ValueError:
-            return web.json_response(openai_error(400, "Failed to parse the request body as JSON"), status=400)
+            return None, web.json_response(openai_error(400, "Failed to parse the request body as JSON"), status=400)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body, refused = await self._read(request)
+        if refused is not None:
+            return refused
         status, message, texts = self._embed_request(
             body, lambda model: model in self.embedding_models + self.models)
         if status != 200:
@@ -115,13 +121,9 @@ class FakeOpenAI(FakeOllama):
         return web.json_response({"object": "list", "data": data})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        denied = self._unauthorized(request)
-        if denied is not None:
-            return denied
-        try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response(openai_error(400, "Failed to parse the request body as JSON"), status=400)
+        body, refused = await self._read(request)
+        if refused is not None:
+            return refused
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return web.json_response(openai_error(400, "'messages' is required"), status=400)
         if body.get("model") not in self.models:
