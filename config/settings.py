@@ -280,7 +280,7 @@ def parse_api_tokens(value: str) -> dict[str, str]:
         name, token = name.strip(), token.strip()
         if not sep or not _TOKEN_NAME.fullmatch(name):
             raise ValueError(f"entry {place} must be 'name:token' with a name of letters, digits and _.@- "
-                             "(e.g. alice:s3cret-token,bob:another-token)")
+                             "(e.g. alice:<token>,bob:<token>)")
         if len(token) < MIN_TOKEN_CHARS:
             raise ValueError(f"the token of {name!r} is shorter than {MIN_TOKEN_CHARS} characters")
         if name in names:
