@@ -40,7 +40,7 @@ from api_dependencies import (
     SettingsDep,
     lifespan_state,
 )
-from classifier import Classification, ConversationClassifier
+from classifier import Classification, ConversationClassifier, document_label_fields
 from config import Settings, load_settings
 from error_handler import (
     ClassifierError,
@@ -57,6 +57,7 @@ from error_handler import (
 from llm_pool import LLMPool
 from llm_wrapper import create_llm_client
 from logger import configure_logging
+from prompt_builder import Taxonomy
 
 logger = logging.getLogger(__name__)
 
@@ -365,6 +366,7 @@ def _endpoint_names(ollama: LLMPool) -> str:
 
 def create_app(settings: Settings, *, classifier: ConversationClassifier | None = None) -> FastAPI:
     """The FastAPI application for ``settings``; building it reads and connects nothing (the lifespan does)."""
+    documented: list[Taxonomy] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
@@ -373,13 +375,13 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
         # One client per LLM server (OLLAMA_ENDPOINT may list several); each call to the least busy.
         with LLMPool(settings, lambda server: create_llm_client(server, pool_size=pool_size)) as ollama:
             logger.info(
-                "API ready: model %s at %s, %d intents, %d topics, prompt prefix %d chars",
+                "API ready: model %s at %s, %s, prompt prefix %d chars",
                 settings.ollama_model,
                 _endpoint_names(ollama),
-                len(pipeline.taxonomy.intents),
-                len(pipeline.taxonomy.topics),
+                pipeline.taxonomy.summary(),
                 pipeline.prompt_builder.prefix_chars,
             )
+            documented.append(pipeline.taxonomy)  # /openapi.json names the taxonomy's label fields
             # Say at once whether Ollama is there, without holding up start-up.
             startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
             # The lifespan state: every request sees it on request.state (see api_dependencies).
@@ -391,9 +393,9 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
         title="Customer Support Conversation Classifier",
         version=API_VERSION,
         description=(
-            "Classifies a customer-support conversation into intent, topic and sentiment "
-            "(judged from the customer's turns only), plus a one-line categorization, "
-            "with a local model served by Ollama."
+            "Classifies a customer-support conversation into the label fields of its taxonomy "
+            "(TAXONOMY_FILE; by default intent, topic and sentiment, judged from the customer's turns only), "
+            "plus a one-line categorization, with a local model served by Ollama."
         ),
         lifespan=lifespan,
         docs_url=None,  # /docs is served by dashboard.install with local Swagger UI assets (works offline)
@@ -403,6 +405,7 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
     app.add_middleware(JSONBodyOnlyMiddleware, form_paths=access.FORM_PATHS)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     _install_error_handlers(app)
+    _document_label_fields(app, documented)
     _add_classification_routes(app)
     # Routers of other parts are included here, one line each; they take what they need from
     # api_dependencies.
@@ -410,6 +413,21 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
     access.install(app)  # /login, /logout, /api/session
     conversations.install(app)  # /api/conversations..., /conversations (its database is the dashboard's)
     return app
+
+
+def _document_label_fields(app: FastAPI, taxonomies: list[Taxonomy]) -> None:
+    """``/openapi.json`` names the label fields and labels of the taxonomy the lifespan loaded in
+    ``Classification`` (the model itself cannot: the fields are the taxonomy file's)."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        fresh = app.openapi_schema is None
+        schema = build()  # cached by FastAPI after the first call
+        if fresh and taxonomies:
+            document_label_fields(schema["components"]["schemas"]["Classification"], taxonomies[-1])
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
 
 def _add_classification_routes(app: FastAPI) -> None:
@@ -447,14 +465,12 @@ def _add_classification_routes(app: FastAPI) -> None:
             return Response(status_code=CLIENT_CLOSED_REQUEST)
         field = conversation.source_field
         logger.info(
-            "classified conversation %s (%d %s) in %d ms: %s / %s / %s",
+            "classified conversation %s (%d %s) in %d ms: %s",
             conversation.conversation_number,
             len(raw[field]),
             field,
             (time.perf_counter() - started) * 1000,
-            outcome.classification.intent,
-            outcome.classification.topic,
-            outcome.classification.sentiment,
+            " / ".join(outcome.classification.labels.values()),
         )
         return JSONResponse(
             {

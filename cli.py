@@ -62,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "python batch_processor.py",
         "Classify the conversations of a MongoDB collection with a local Ollama model: "
-        "intent, topic, sentiment and a one-line categorization, written to a results collection. "
+        "the label fields of the taxonomy (intent, topic, sentiment by default) and a one-line categorization, "
+        "written to a results collection. "
         "Crash-safe: rerun after any interruption and it continues where it stopped.",
         EPILOG,
     )
@@ -130,7 +131,7 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
             # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
             files.claim(data_identity(settings))
             await llm.check_ready()
-            await store.ensure_indexes()
+            await store.ensure_indexes(classifier.taxonomy.field_names)
             if classifier.retriever is not None:  # FEW_SHOT_SOURCE reviewed/both: examples from this database
                 classifier.retriever.source = mongo_source(store.results.database, settings, classifier.taxonomy,
                                                            llm.embed if settings.embedding_model else None)

@@ -1,7 +1,8 @@
 """Per-label confidence from token log-probabilities (pure functions, no I/O).
 
-For each of intent, topic and sentiment: the probability of the chosen label among the labels
-the taxonomy allows, read where the model wrote the label. What real servers return makes this
+For each label field of the taxonomy (intent, topic, sentiment, ...: the caller passes every field's
+labels): the probability of the chosen label among the labels the field allows, read where the model
+wrote the label. What real servers return makes this
 more than "the probability of the first token" (measured on llama.cpp with this project's prompt):
 
 * log-probabilities are the model's *before* the schema's grammar filtered them, so the top tokens
@@ -132,7 +133,7 @@ def label_confidence(tokens: Sequence[TokenLogprob], key: str, allowed: Sequence
 def label_confidences(
     tokens: Sequence[TokenLogprob] | None, allowed: dict[str, Sequence[str]]
 ) -> dict[str, LabelConfidence | None] | None:
-    """``label_confidence`` for every key of ``allowed`` (kind -> labels); None without log-probabilities."""
+    """``label_confidence`` for every key of ``allowed`` (label field -> its labels); None without log-probabilities."""
     if not tokens:
         return None
     return {key: label_confidence(tokens, key, labels) for key, labels in allowed.items()}

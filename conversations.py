@@ -7,7 +7,8 @@
 * ``GET /api/conversations/{id}``: one of them with its transcript (roles and times).
 * ``POST /api/conversations/{id}/review``: ``{"labels": {field: label}, "note"}``; 200 with the
   updated item, 422 for an unknown field or a label outside the taxonomy, 404 for an unknown id.
-* ``GET /conversations``: the page (``static/conversations.html``); ``GET /api/taxonomy``: its fields.
+* ``GET /conversations``: the page (``static/conversations.html``; its fields come from the
+  dashboard's ``GET /api/taxonomy``).
 
 Every endpoint but the page and the taxonomy serves customer data and depends on
 ``access.ReaderDep``. The rules for effective labels, stale reviews and ids are ``reviews.py``'s;
@@ -38,7 +39,7 @@ from api_dependencies import ClassifierDep, LLMClientDep, SettingsDep
 from dashboard import STATIC_DIR, DashboardDatabaseDep, results_match
 from dashboard import _day as query_day  # the dashboard's reading of from/to: one rule for both pages
 from error_handler import InputError, NotFoundError
-from retrieval import ExampleIndex, label_fields, mongo_source
+from retrieval import ExampleIndex, mongo_source
 from reviews import (
     CURRENT_REVIEW,
     check_note,
@@ -251,7 +252,7 @@ async def list_conversations(request: Request, principal: ReaderDep, settings: S
     """Query parameters: one per label field (``intent=...``), ``needs_review``, ``reviewed``
     (true/false), ``from``/``to`` (YYYY-MM-DD), ``job``, ``q`` (text in the transcript), ``order``
     (``newest`` or ``confidence``: lowest first), ``limit`` (1-500, default 50), ``cursor``."""
-    fields = label_fields(classifier.taxonomy)
+    fields = classifier.taxonomy.field_names
     pipeline, order, limit = list_pipeline(_query_params(request), fields, classifier.taxonomy.canonical,
                                            settings.mongodb_source_collection)
     database = await holder.database(settings)
@@ -279,7 +280,7 @@ async def get_conversation(principal: ReaderDep, settings: SettingsDep, classifi
         source = await database[settings.mongodb_source_collection].find_one({"_id": source_id})
     except PyMongoError as e:
         raise holder.unavailable(e) from e
-    return {**item_view(result, label_fields(classifier.taxonomy)), "transcript": transcript_of(source)}
+    return {**item_view(result, classifier.taxonomy.field_names), "transcript": transcript_of(source)}
 
 
 @router.post("/api/conversations/{conversation_id}/review",
@@ -290,7 +291,7 @@ async def review_conversation(request: Request, principal: ReaderDep, settings: 
     """Body ``{"labels": {field: label, ...}, "note": "..."}`` (any subset of the fields). The model's
     labels stay as they were; the review records who (the token's name) and when."""
     labels, note = _review_body(await request.body(), classifier)
-    fields = label_fields(classifier.taxonomy)
+    fields = classifier.taxonomy.field_names
     database = await holder.database(settings)
     results = database[settings.mongodb_results_collection]
     try:
@@ -322,14 +323,8 @@ def _review_body(body: bytes, classifier: Any) -> tuple[dict[str, str], str | No
     extra = sorted(set(data) - {"labels", "note"})
     if extra:
         raise InputError(f"Unknown key {extra[0][:60]!r}; a review has 'labels' and 'note'.", field=extra[0][:60])
-    fields = label_fields(classifier.taxonomy)
+    fields = classifier.taxonomy.field_names
     return check_review_labels(data.get("labels"), classifier.taxonomy, fields), check_note(data.get("note"))
-
-
-@router.get("/api/taxonomy", summary="The label fields and their labels (for filters and review forms)")
-async def taxonomy(classifier: ClassifierDep) -> dict[str, Any]:
-    return {"fields": [{"name": field, "labels": classifier.taxonomy.names(field)}
-                       for field in label_fields(classifier.taxonomy)]}
 
 
 @router.get("/conversations", include_in_schema=False)

@@ -38,7 +38,7 @@ from aggregator import ConversationIn, build_transcript, content_hash, validate_
 from config import Settings
 from error_handler import ClassifierError, InputError, LLMError
 from mongo_client import storage_error
-from prompt_builder import OUTPUT_KEYS, Taxonomy
+from prompt_builder import CATEGORIZATION, Taxonomy
 from reviews import effective_labels, review_is_current
 
 logger = logging.getLogger(__name__)
@@ -215,9 +215,9 @@ def example_of(item: Reviewed, char_budget: int, fields: Sequence[str]) -> Revie
     transcript = build_transcript(item.conversation.turns(), char_budget,
                                   conversation_number=item.conversation.conversation_number)
     # A labelled file has no categorization: the labels themselves say what the conversation is about.
-    output = {"categorization": item.categorization or " / ".join(item.labels[f] for f in fields), **item.labels}
+    output = {CATEGORIZATION: item.categorization or " / ".join(item.labels[f] for f in fields)}
     return ReviewedExample(content_hash(item.conversation), transcript.text,
-                           {key: output[key] for key in OUTPUT_KEYS if key in output})
+                           {**output, **{f: item.labels[f] for f in fields}})
 
 
 async def build_index(items: Iterable[Reviewed], settings: Settings, fields: Sequence[str], *,
@@ -329,7 +329,7 @@ def _key(value: Any) -> Any:
 def mongo_source(database: Any, settings: Settings, taxonomy: Taxonomy,
                  embed: AsyncEmbed | None) -> Callable[[], Awaitable[ExampleIndex]]:
     """The ``source`` of a retriever reading reviewed conversations from MongoDB."""
-    fields = label_fields(taxonomy)
+    fields = taxonomy.field_names
     store = EmbeddingStore(database[settings.mongodb_embeddings_collection])
 
     async def load() -> ExampleIndex:
@@ -337,10 +337,3 @@ def mongo_source(database: Any, settings: Settings, taxonomy: Taxonomy,
         return await build_index(items, settings, fields, embed=embed, store=store)
 
     return load
-
-
-def label_fields(taxonomy: Taxonomy) -> list[str]:
-    """The taxonomy's label fields, in its order."""
-    from prompt_builder import LABEL_KINDS
-
-    return [kind for kind in LABEL_KINDS if taxonomy.names(kind)]

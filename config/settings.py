@@ -68,7 +68,7 @@ class Settings(BaseModel):
     )
 
     # --- Prompt -------------------------------------------------------------------------
-    taxonomy_file: Path = Field(CONFIG_DIR / "taxonomy.json", description="Labels and their descriptions.")
+    taxonomy_file: Path = Field(CONFIG_DIR / "taxonomy.json", description="Label fields and labels.")
     few_shots_file: Path = Field(CONFIG_DIR / "few_shots.json", description="Few-shot examples.")
     conversation_char_budget: int = Field(
         12000,

@@ -686,7 +686,9 @@ async def _baseline(uri: str, database: str, concurrency: int, batch_size: int) 
     from pymongo import ASCENDING, AsyncMongoClient
 
     from batch_processor import BATCH_LOOKAHEAD, PROCESSOR_VERSION
-    from mongo_client import RESULT_INDEXES, SOURCE_INDEXES, STATUS_PROCESSED, STATUS_PROCESSING, unprocessed_filter
+    from config import load_settings
+    from mongo_client import SOURCE_INDEXES, STATUS_PROCESSED, STATUS_PROCESSING, result_indexes, unprocessed_filter
+    from prompt_builder import load_taxonomy
 
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
         uri, maxPoolSize=max(20, 2 * concurrency), tz_aware=True, appname="benchmark-baseline"
@@ -695,7 +697,9 @@ async def _baseline(uri: str, database: str, concurrency: int, batch_size: int) 
         db = client[database]
         source, results = db[SOURCE_COLLECTION], db[RESULTS_COLLECTION]
         await client.admin.command("ping")
-        for collection, indexes in ((source, SOURCE_INDEXES), (results, RESULT_INDEXES)):
+        # The processor's indexes: those of its (default) taxonomy's label fields included.
+        label_fields = load_taxonomy(load_settings({}, environ={}, env_file=None).taxonomy_file).field_names
+        for collection, indexes in ((source, SOURCE_INDEXES), (results, result_indexes(label_fields))):
             for keys, options in indexes:
                 await collection.create_index(keys, **options)
         semaphore = asyncio.Semaphore(concurrency)
@@ -813,7 +817,7 @@ def section_overhead(ctx: Context) -> SectionResult:
         f"then per conversation (asyncio.Semaphore({concurrency})) an upsert of a result of the same shape on "
         "`source_conversation_id` and an update of the source status to processed; the next batch is read "
         "while the current one finishes, as the processor does. Every run on a fresh SecantusDB server with "
-        "the processor's indexes (mongo_client.SOURCE_INDEXES / RESULT_INDEXES); processor and baseline runs "
+        "the processor's indexes (mongo_client.SOURCE_INDEXES / result_indexes); processor and baseline runs "
         "alternate.",
         [("run", "left"), ("conversations", "right"), ("runs", "right"), ("conv/s (median)", "right"),
          ("conv/s (each run)", "right"), ("CPU s: own process / SecantusDB (median)", "right")],

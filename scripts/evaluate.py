@@ -8,11 +8,13 @@ Input
 -----
 * JSON (a list) or JSON Lines (one item a line; ``.jsonl``/``.ndjson``, or any file that does not
   start with ``[``): each item a ``/classify`` body (``messages`` or ``tweets``) plus
-  ``"expected": {"intent": ..., "topic": ..., "sentiment": ...}`` (any subset of the three) and an
-  optional ``note``. Without a ``conversation_number`` the item's position is used.
+  ``"expected": {"intent": ..., "topic": ..., "sentiment": ...}`` (any subset of the label fields of
+  the taxonomy: every field present is scored) and an optional ``note``. Without a
+  ``conversation_number`` the item's position is used.
 * CSV (``.csv``) with a header: ``conversation`` (one turn per line, ``Customer:`` / ``Agent:``
-  prefixes; a line without a prefix continues the turn above), ``intent``, ``topic``, ``sentiment``
-  (empty cells: not scored) and optionally ``conversation_number``.
+  prefixes; a line without a prefix continues the turn above), one column per label field of the
+  taxonomy (``intent``, ``topic``, ``sentiment`` by default; empty cells: not scored) and
+  optionally ``conversation_number``.
 
 An item that cannot be read (not an object, no ``expected``, an invalid conversation) is named by
 its place (``item 3`` of a JSON list, ``line 7`` of JSON Lines, ``row 4`` of a CSV) and skipped.
@@ -31,7 +33,7 @@ Output
 A table on the console; ``--output`` writes the report as JSON::
 
     {"n": int, "model": str, "errors": int, "seconds_per_item": float,
-     "fields": {"intent"|"topic"|"sentiment": {"n": int, "accuracy": float, "macro_f1": float,
+     "fields": {FIELD: {"n": int, "accuracy": float, "macro_f1": float,
                 "per_label": {label: {"precision", "recall", "f1", "support"}},
                 "confusion": {"labels": [...], "matrix": [[...]]}}}}
 
@@ -90,14 +92,16 @@ from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from mongo_client import MongoStore
 from prompt_builder import Taxonomy, load_taxonomy
-from retrieval import AsyncEmbed, ExampleIndex, Reviewed, build_index, label_fields, mongo_source
+from retrieval import AsyncEmbed, ExampleIndex, Reviewed, build_index, mongo_source
 from utils.command_line import command_parser, positive_int
 
 logger = logging.getLogger("evaluate")
 ROOT = Path(__file__).resolve().parents[1]
 
-FIELDS = ("intent", "topic", "sentiment")
 NOT_IN_BODY = ("expected", "note")  # keys of a labelled item that are not part of the /classify body
+NOT_LABELS = ("categorization", "confidence", "needs_review")  # keys of a classification that are not label fields
+PROMPT_TOKENS = "_prompt_tokens"  # a direct run's prompt size, carried beside the classification
+MISSING_LABEL = "(missing)"  # a prediction without the field (an API of --url with another taxonomy)
 # EXIT_INCOMPLETE (5): the report is written, but some items were skipped or could not be classified
 CALIBRATION_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 API_TIMEOUT_SECONDS = 300.0  # above the API's default OLLAMA_TIMEOUT (120 s): its own 504 arrives first
@@ -209,11 +213,12 @@ def _read_text(path: Path) -> str:
         raise UsageError(f"cannot read the labelled file {path}: {e}") from e
 
 
-def read_raw_items(path: Path) -> tuple[list[tuple[str, Any]], list[str]]:
-    """The file's items as (place, value), and the places that are not even JSON (JSON Lines)."""
+def read_raw_items(path: Path, fields: list[str]) -> tuple[list[tuple[str, Any]], list[str]]:
+    """The file's items as (place, value), and the places that are not even JSON (JSON Lines);
+    ``fields`` are the taxonomy's label fields (a CSV file's label columns)."""
     text = _read_text(path)
     if path.suffix.lower() == ".csv":
-        return _csv_items(text, path), []
+        return _csv_items(text, path, fields), []
     stripped = text.lstrip()
     if not stripped:
         raise UsageError(f"the labelled file {path} is empty")
@@ -254,12 +259,12 @@ def parse_turns(conversation: str) -> list[dict[str, str]]:
     return messages
 
 
-def _csv_items(text: str, path: Path) -> list[tuple[str, Any]]:
+def _csv_items(text: str, path: Path, fields: list[str]) -> list[tuple[str, Any]]:
     reader = csv.DictReader(io.StringIO(text, newline=""))
     columns = [name.strip().lower() for name in reader.fieldnames or []]
     if "conversation" not in columns:
         raise UsageError(f"the CSV file {path} has no 'conversation' column (columns: {', '.join(columns) or 'none'})",
-                         hint="Columns: conversation, intent, topic, sentiment (and optionally conversation_number).")
+                         hint=f"Columns: conversation, {', '.join(fields)} (and optionally conversation_number).")
     reader.fieldnames = columns
     items: list[tuple[str, Any]] = []
     for number, row in enumerate(reader, 1):
@@ -269,7 +274,7 @@ def _csv_items(text: str, path: Path) -> list[tuple[str, Any]]:
         except ValueError as e:
             items.append((where, ValueError(str(e))))
             continue
-        expected = {name: (row.get(name) or "").strip() for name in FIELDS if (row.get(name) or "").strip()}
+        expected = {name: (row.get(name) or "").strip() for name in fields if (row.get(name) or "").strip()}
         body: dict[str, Any] = {"messages": messages, "expected": expected}
         if (row.get("conversation_number") or "").strip():
             body["conversation_number"] = row["conversation_number"].strip()
@@ -277,12 +282,13 @@ def _csv_items(text: str, path: Path) -> list[tuple[str, Any]]:
     return items
 
 
-def _check_expected(raw: Any) -> dict[str, str]:
+def _check_expected(raw: Any, fields: list[str]) -> dict[str, str]:
     if not isinstance(raw, dict) or not raw:
-        raise ValueError("'expected' must be an object with intent, topic and/or sentiment")
-    unknown = sorted(set(raw) - set(FIELDS))
+        raise ValueError(f"'expected' must be an object with labels of {', '.join(fields)} (any of them)")
+    unknown = sorted(set(raw) - set(fields))
     if unknown:
-        raise ValueError(f"'expected' has unknown key(s) {', '.join(map(repr, unknown))}; use {', '.join(FIELDS)}")
+        raise ValueError(f"'expected' has unknown key(s) {', '.join(map(repr, unknown))}: the taxonomy's fields are "
+                         f"{', '.join(fields)}")
     for name, value in raw.items():
         if not isinstance(value, str) or not value.strip():
             raise ValueError(f"expected {name} must be a non-empty string, not {value!r}")
@@ -296,7 +302,7 @@ def read_item(where: str, raw: Any, index: int, taxonomy: Taxonomy, into: Labell
             raise raw
         if not isinstance(raw, dict):
             raise ValueError(f"an item must be a JSON object, not {type(raw).__name__}")
-        expected_raw = _check_expected(raw.get("expected"))
+        expected_raw = _check_expected(raw.get("expected"), taxonomy.field_names)
         body = {key: value for key, value in raw.items() if key not in NOT_IN_BODY}
         body.setdefault("conversation_number", f"item-{index}")
         conversation = validate_conversation(body)
@@ -318,7 +324,7 @@ def read_item(where: str, raw: Any, index: int, taxonomy: Taxonomy, into: Labell
 
 
 def load_labelled(path: Path, taxonomy: Taxonomy, limit: int | None = None) -> LabelledSet:
-    raw_items, broken = read_raw_items(path)
+    raw_items, broken = read_raw_items(path, taxonomy.field_names)
     labelled = LabelledSet(malformed=list(broken))
     for index, (where, raw) in enumerate(raw_items, 1):
         if limit is not None and len(labelled.items) >= limit:
@@ -345,8 +351,7 @@ def _confidences(classification: dict[str, Any]) -> dict[str, float | None]:
     if not isinstance(raw, dict):
         return {}
     values: dict[str, float | None] = {}
-    for name in FIELDS:
-        value = raw.get(name)
+    for name, value in raw.items():
         ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
         values[name] = float(value) if ok and value is not None else None
     return values
@@ -375,8 +380,8 @@ async def classify_all(items: list[LabelledItem], classify: Classify, max_concur
                 return Prediction(item, error=f"{e.code}: {e.message}")
             finally:
                 on_done()
-        labels = {name: str(classification.get(name)) for name in FIELDS}
-        tokens = classification.get("_prompt_tokens")
+        tokens = classification.pop(PROMPT_TOKENS, None)
+        labels = {name: str(value) for name, value in classification.items() if name not in NOT_LABELS}
         return Prediction(item, labels, _confidences(classification),
                           prompt_tokens=tokens if isinstance(tokens, int) else None)
 
@@ -402,7 +407,7 @@ def examples_from_file(path: Path, settings: Settings, taxonomy: Taxonomy,
             labels = {k: v for k, v in labels.items() if isinstance(v, str)} if isinstance(labels, dict) else {}
             items.append(Reviewed(item.conversation, {**labels, **item.expected},
                                   str(item.body.get("categorization") or "")))
-        return await build_index(items, settings, label_fields(taxonomy), embed=embed)
+        return await build_index(items, settings, taxonomy.field_names, embed=embed)
 
     return load
 
@@ -436,7 +441,7 @@ async def run_direct(items: list[LabelledItem], settings: Settings, pipeline: Co
         async def classify(item: LabelledItem) -> dict[str, Any]:
             outcome = await pipeline.classify_async(item.conversation, client)
             # Its "confidence" is {field: float | None} or None; the prompt's size rides along.
-            return {**outcome.classification.model_dump(), "_prompt_tokens": outcome.chat.prompt_tokens}
+            return {**outcome.classification.model_dump(), PROMPT_TOKENS: outcome.chat.prompt_tokens}
 
         with _progress(len(items)) as progress:
             task = progress.add_task("classify", total=len(items))
@@ -556,12 +561,12 @@ def field_metrics(expected: list[str], predicted: list[str], taxonomy_labels: li
 
 def build_report(predictions: list[Prediction], model: str, seconds: float, taxonomy: Taxonomy) -> dict[str, Any]:
     fields: dict[str, Any] = {}
-    for name in FIELDS:
+    for name in taxonomy.field_names:
         scored = [p for p in predictions if p.labels is not None and name in p.item.expected]
         if scored:
             fields[name] = field_metrics(
                 [p.item.expected[name] for p in scored],
-                [p.labels[name] for p in scored if p.labels is not None],
+                [p.labels.get(name, MISSING_LABEL) for p in scored if p.labels is not None],
                 taxonomy.names(name),
                 [p.confidence.get(name) for p in scored],
             )

@@ -44,7 +44,6 @@ from error_handler import (
 from logger import configure_logging
 from mongo_client import storage_error, sync_database
 from prompt_builder import load_taxonomy
-from retrieval import label_fields
 from reviews import effective_labels, review_is_current, reviewed_labels
 from utils.batch_file_manager import atomic_write_text
 from utils.command_line import command_parser
@@ -129,7 +128,7 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     output: Path = args.output
     if not output.parent.is_dir():
         raise UsageError(f"--output {output}: the folder {output.parent} does not exist")
-    fields = label_fields(load_taxonomy(settings.taxonomy_file))
+    fields = load_taxonomy(settings.taxonomy_file).field_names
     with sync_database(settings, appname=APP_NAME) as database:
         lines, left_out = export(database, settings, fields, args.since)
     try:

@@ -73,7 +73,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     taxonomy = load_taxonomy(load_settings(environ={}, env_file=None).taxonomy_file)
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as folder, LlamaServer(
-            parallel=1, extra_args=["--embeddings", "--pooling", "mean"]) as server:
+            parallel=1, extra_args=["--embeddings", "--pooling", "mean", "--ubatch-size", "2048"]) as server:
         pool, scored = split(LABELLED, Path(folder))
         items = load_labelled(scored, taxonomy, args.limit).items
         pool_size = len(load_labelled(pool, taxonomy).items)

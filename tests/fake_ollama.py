@@ -108,14 +108,22 @@ def last_user_content(request: dict[str, Any]) -> str:
 
 
 def default_classification(request: dict[str, Any]) -> dict[str, str]:
-    """A valid answer for the request's schema, chosen by a hash of its last user message."""
+    """A valid answer for the request's schema, chosen by a hash of its last user message: each
+    ``enum`` property gets one of its values, each free-text property a sentence. Without a schema,
+    just a categorization."""
     schema = request.get("format") if isinstance(request.get("format"), dict) else {}
     properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
     digest = zlib.crc32(last_user_content(request).encode())
     answer = {"categorization": "Customer contacts support about their issue"}
-    for i, key in enumerate(("intent", "topic", "sentiment")):
-        enum = properties.get(key, {}).get("enum") or ["Other" if key != "sentiment" else "Neutral"]
-        answer[key] = enum[(digest >> (8 * i)) % len(enum)]
+    enums = 0
+    for key, spec in properties.items():
+        enum = spec.get("enum") if isinstance(spec, dict) else None
+        if enum:
+            # A byte of the hash per field (the fifth field reuses the first byte, rotated).
+            answer[key] = enum[((digest >> (8 * (enums % 4))) + enums // 4) % len(enum)]
+            enums += 1
+        else:
+            answer.setdefault(key, "Customer contacts support about their issue")
     return answer
 
 

@@ -28,7 +28,7 @@ StartAPI = Callable[[Settings], RunningAPI]
 
 ROOT = Path(__file__).resolve().parents[1]
 TAXONOMY = json.loads((ROOT / "config" / "taxonomy.json").read_text(encoding="utf-8"))
-LABELS = {kind: {entry["name"] for entry in TAXONOMY[kind + "s"]} for kind in ("intent", "topic", "sentiment")}
+LABELS = {field["name"]: {entry["name"] for entry in field["labels"]} for field in TAXONOMY["fields"]}
 SAMPLES = json.loads((ROOT / "data" / "sample_conversations.json").read_text(encoding="utf-8"))
 
 CONVERSATION = {
@@ -132,9 +132,9 @@ def test_default_answer_labels_are_taxonomy_values(http: requests.Session, api_s
     body = post(http, api_server, CONVERSATION).json()
     classification = body["classification"]
     assert set(classification) == {"categorization", "intent", "topic", "sentiment", "confidence", "needs_review"}
-    for kind in ("intent", "topic", "sentiment"):
-        assert classification[kind] in LABELS[kind]
-        assert 0 <= classification["confidence"][kind] <= 1
+    for name, labels in LABELS.items():
+        assert classification[name] in labels
+        assert 0 <= classification["confidence"][name] <= 1
     assert body["conversation_number"] == "12345"
     assert body["messages"] == CONVERSATION["messages"]
     assert "tweets" not in body
@@ -656,6 +656,29 @@ def test_openapi_has_examples_and_error_responses(http: requests.Session, api_se
     assert "/health" in document["paths"]
 
 
+def test_a_fourth_label_field_is_answered_and_documented(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    """TAXONOMY_FILE alone adds a field: the schema sent, the answer and /openapi.json follow it."""
+    api = start_api(make_settings(taxonomy_file=ROOT / "config" / "taxonomy-urgency.example.json"))
+    body = post(http, api, CONVERSATION).json()
+    classification = body["classification"]
+    assert list(classification) == ["categorization", "intent", "topic", "sentiment", "urgency", "confidence",
+                                    "needs_review"]
+    assert classification["urgency"] in ("Low", "Medium", "High")
+    assert set(classification["confidence"]) == {"intent", "topic", "sentiment", "urgency"}
+    [request] = fake_ollama.chat_requests
+    assert request["format"]["properties"]["urgency"] == {"type": "string", "enum": ["Low", "Medium", "High"]}
+    assert "urgency" in request["format"]["required"]
+
+    schema = http.get(f"{api.url}/openapi.json", timeout=10).json()["components"]["schemas"]["Classification"]
+    assert schema["properties"]["urgency"]["enum"] == ["Low", "Medium", "High"]
+    assert schema["properties"]["urgency"]["description"] == "how soon the customer needs an answer"
+    assert schema["properties"]["intent"]["enum"] == sorted(LABELS["intent"], key=list(
+        entry["name"] for entry in TAXONOMY["fields"][0]["labels"]).index)
+    assert {"categorization", "intent", "topic", "sentiment", "urgency"} <= set(schema["required"])
+
+
 def test_unknown_path_is_a_json_404(http: requests.Session, api_server: RunningAPI) -> None:
     error = error_of(http.get(f"{api_server.url}/nope", timeout=10), 404)
     assert error["type"] == "not_found"
@@ -805,7 +828,7 @@ def test_routes_get_their_classifier_through_a_dependency(
     from classifier import ConversationClassifier
 
     taxonomy = json.loads(json.dumps(TAXONOMY))
-    taxonomy["intents"] = [{"name": name, "description": f"{name} things."} for name in ("Zebra", "Other")]
+    taxonomy["fields"][0]["labels"] = [{"name": name, "description": f"{name} things."} for name in ("Zebra", "Other")]
     (tmp_path / "taxonomy.json").write_text(json.dumps(taxonomy), encoding="utf-8")
     few_shots = tmp_path / "few_shots.json"
     few_shots.write_text("[]", encoding="utf-8")

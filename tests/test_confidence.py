@@ -156,7 +156,7 @@ def test_known_logprobs_give_known_confidence_with_both_providers(
     classification = outcome.classification
     assert classification.sentiment == "Positive"
     assert classification.confidence is not None
-    assert classification.confidence.model_dump() == {
+    assert classification.confidence == {
         "intent": 1.0, "topic": 1.0, "sentiment": round(0.41 / 0.93, 4)
     }
     assert classification.needs_review is review  # the label is kept either way

@@ -258,6 +258,11 @@ def test_reclassifying_changed_content_makes_the_review_stale_not_gone(review_ap
     assert again["review"]["labels"] == {"topic": "Orders/Returns"} and again["review"]["stale"] is False
 
 
+def counts(stats: dict[str, Any], field: str) -> dict[str, int]:
+    [entry] = [f for f in stats["fields"] if f["name"] == field]
+    return {row["label"]: row["count"] for row in entry["counts"]}
+
+
 def test_stats_count_effective_labels_and_agreement(review_api: RunningAPI, mongo_db: Any) -> None:
     seed_reviewable(mongo_db)
     before = requests.get(f"{review_api.url}/api/stats", timeout=30).json()
@@ -269,12 +274,12 @@ def test_stats_count_effective_labels_and_agreement(review_api: RunningAPI, mong
     stats = requests.get(f"{review_api.url}/api/stats", timeout=30).json()
     assert stats["agreement"] == {"intent": {"n": 2, "accuracy": 0.5}, "topic": {"n": 1, "accuracy": 1.0},
                                   "sentiment": {"n": 1, "accuracy": 1.0}}
-    intents = {row["label"]: row["count"] for row in stats["intent"]}
+    intents = counts(stats, "intent")
     assert intents["Complaint"] == 1 and "Billing Question" not in intents
     day = stats["per_day"][0]
-    assert day["intent"]["Complaint"] == 1
+    assert day["labels"]["intent"]["Complaint"] == 1
     # A stale review counts neither as a label nor as agreement.
     mongo_db["sentimental_analysis"].update_one({"conversation_number": "r1"}, {"$set": {"content_hash": "new"}})
     stale = requests.get(f"{review_api.url}/api/stats", timeout=30).json()
     assert stale["agreement"]["intent"] == {"n": 1, "accuracy": 1.0}
-    assert {row["label"]: row["count"] for row in stale["intent"]}["Billing Question"] == 1
+    assert counts(stale, "intent")["Billing Question"] == 1

@@ -291,6 +291,57 @@ def test_end_to_end_via_the_api_gives_the_same_report(
     assert "item 4 (e4): llm_bad_output: The model's answer holds no JSON object." in capsys.readouterr().out
 
 
+def test_every_field_of_the_taxonomy_present_in_expected_is_scored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_ollama: FakeOllama, capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--taxonomy with a fourth field: expected.urgency (JSON) or an urgency column (CSV) is scored."""
+    urgency_of = {"parcel": "Medium", "refund": "High", "password": "High"}
+
+    def respond(request: dict) -> Reply:
+        from tests.fake_ollama import last_user_content
+
+        word = next(w for w in ANSWERS if w in last_user_content(request))
+        return Reply(json.dumps({"categorization": "scripted", **ANSWERS[word], "urgency": urgency_of[word]}))
+
+    fake_ollama.responder = respond
+    _isolate(monkeypatch, tmp_path, fake_ollama.url)
+    labelled = tmp_path / "set.json"
+    labelled.write_text(json.dumps([
+        {**E2E_ITEMS[0], "expected": {**E2E_ITEMS[0]["expected"], "urgency": "medium"}},  # right
+        {**E2E_ITEMS[1], "expected": {**E2E_ITEMS[1]["expected"], "urgency": "Low"}},  # wrong
+        E2E_ITEMS[2],  # no urgency: scored on its other fields
+    ]))
+    out = tmp_path / "report.json"
+    taxonomy = str(ROOT / "config" / "taxonomy-urgency.example.json")
+    assert evaluate.main([str(labelled), "--taxonomy", taxonomy, "--output", str(out)]) == evaluate.EXIT_OK
+    report = json.loads(out.read_text())
+    assert list(report["fields"]) == ["intent", "topic", "sentiment", "urgency"]
+    assert (report["fields"]["urgency"]["n"], report["fields"]["urgency"]["accuracy"]) == (2, 0.5)
+    assert report["fields"]["urgency"]["confusion"]["labels"] == ["Low", "Medium", "High"]
+    assert report["fields"]["intent"]["n"] == 3
+    assert "urgency" in capsys.readouterr().out  # the console table has its row
+
+    csv_file = tmp_path / "set.csv"
+    csv_file.write_text("conversation,intent,urgency\n\"Customer: where is my parcel\",Order Status,High\n"
+                        "\"Customer: a refund please\",Refund Request,High\n")
+    assert evaluate.main([str(csv_file), "--taxonomy", taxonomy, "--output", str(out)]) == evaluate.EXIT_OK
+    report = json.loads(out.read_text())
+    assert set(report["fields"]) == {"intent", "urgency"}
+    assert report["fields"]["urgency"]["accuracy"] == 0.5  # parcel: Medium answered, High expected
+
+
+def test_expected_keys_are_the_taxonomys_fields(tmp_path: Path) -> None:
+    path = tmp_path / "set.json"
+    path.write_text(json.dumps([_item("Where is it?", intent="Order Status", urgency="High")]))
+    labelled = evaluate.load_labelled(path, _taxonomy())  # the default taxonomy has no urgency
+    assert labelled.items == []
+    assert labelled.malformed == ["item 1: 'expected' has unknown key(s) 'urgency': the taxonomy's fields are "
+                                  "intent, topic, sentiment"]
+    urgency = load_taxonomy(ROOT / "config" / "taxonomy-urgency.example.json")
+    [item] = evaluate.load_labelled(path, urgency).items
+    assert item.expected == {"intent": "Order Status", "urgency": "High"}
+
+
 # --- bad input and unavailable servers: clear messages, exit codes ----------------------------
 
 

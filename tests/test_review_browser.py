@@ -79,7 +79,8 @@ def test_log_in_filter_open_review_and_see_the_dashboard_change(
 
     stats = requests.get(f"{review_api.url}/api/stats", timeout=30).json()
     assert stats["agreement"]["intent"] == {"n": 0, "accuracy": None}
-    complaints = {row["label"]: row["count"] for row in stats["intent"]}["Complaint"]
+    [intent_counts] = [f["counts"] for f in stats["fields"] if f["name"] == "intent"]
+    complaints = {row["label"]: row["count"] for row in intent_counts}["Complaint"]
 
     # Correct the intent: the list, the detail and the database show the review, by alice.
     Select(browser.find_element(By.ID, "review-intent")).select_by_visible_text("Service Outage")
