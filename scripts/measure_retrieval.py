@@ -9,9 +9,9 @@ run: ``ConversationClassifier.classify_async`` on llama.cpp's llama-server with 
 OpenAI-compatible provider, one request at a time):
 
 * ``static``: the examples of config/few_shots.json (FEW_SHOT_SOURCE=static, the default);
-* ``reviewed (BM25)``: only the k most similar pool items, by words;
-* ``both (BM25)``: the static examples, then the k most similar pool items;
-* ``reviewed (embeddings)``: the k most similar by the server's own ``/v1/embeddings`` (llama-server
+* ``reviewed-bm25``: only the k most similar pool items, by words;
+* ``both-bm25``: the static examples, then the k most similar pool items;
+* ``reviewed-embeddings``: the k most similar by the server's own ``/v1/embeddings`` (llama-server
   started with ``--embeddings --pooling mean``; SmolLM2 is a chat model, so these are weak embeddings).
 
 Reported per configuration: accuracy and macro-F1 per field, prompt tokens and seconds per item.
@@ -34,7 +34,7 @@ from typing import Any
 
 from classifier import ConversationClassifier
 from config import load_settings
-from error_handler import run_command
+from error_handler import UsageError, run_command
 from prompt_builder import load_taxonomy
 from scripts.evaluate import build_report, load_labelled, run_direct
 from scripts.llama_server import LlamaServer
@@ -45,9 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 LABELLED = ROOT / "data" / "labelled_conversations.json"
 DOC = ROOT / "docs" / "quality.md"
 START, END = "<!-- retrieval:start -->", "<!-- retrieval:end -->"
-#: (name, FEW_SHOT_SOURCE, embeddings?)
-CONFIGURATIONS = (("static", "static", False), ("reviewed (BM25)", "reviewed", False),
-                  ("both (BM25)", "both", False), ("reviewed (embeddings)", "reviewed", True))
+#: name -> (FEW_SHOT_SOURCE, embeddings?)
+CONFIGURATIONS = {"static": ("static", False), "reviewed-bm25": ("reviewed", False), "both-bm25": ("both", False),
+                  "reviewed-embeddings": ("reviewed", True)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,6 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "few-shot examples, on llama-server with SmolLM2-135M.", "")
     parser.add_argument("--k", type=positive_int, default=3, help="FEW_SHOT_K [default: 3]")
     parser.add_argument("--limit", type=positive_int, help="only the first N scored items")
+    parser.add_argument("--configurations", default=",".join(CONFIGURATIONS), metavar="A,B",
+                        help=f"which to run, in this order [default: {','.join(CONFIGURATIONS)}]")
     parser.add_argument("--write", action="store_true", help=f"write the table into {DOC.relative_to(ROOT)}")
     return parser
 
@@ -72,12 +74,16 @@ def split(path: Path, folder: Path) -> tuple[Path, Path]:
 def measure(args: argparse.Namespace) -> dict[str, Any]:
     taxonomy = load_taxonomy(load_settings(environ={}, env_file=None).taxonomy_file)
     rows: list[dict[str, Any]] = []
+    # One server for every configuration (chat and embeddings): their figures compare with each other.
     with tempfile.TemporaryDirectory() as folder, LlamaServer(
             parallel=1, extra_args=["--embeddings", "--pooling", "mean", "--ubatch-size", "2048"]) as server:
         pool, scored = split(LABELLED, Path(folder))
         items = load_labelled(scored, taxonomy, args.limit).items
         pool_size = len(load_labelled(pool, taxonomy).items)
-        for name, source, embeddings in CONFIGURATIONS:
+        for name in args.configurations.split(","):
+            if name not in CONFIGURATIONS:
+                raise UsageError(f"unknown configuration {name!r}; choose from {', '.join(CONFIGURATIONS)}")
+            source, embeddings = CONFIGURATIONS[name]
             settings = load_settings({
                 "llm_provider": "openai", "ollama_endpoint": server.base_url, "ollama_model": server.alias,
                 "ollama_timeout": 300, "few_shot_source": source, "few_shot_k": args.k,
@@ -93,7 +99,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
                                           for f, m in report["fields"].items())
                   + f", {report['prompt_tokens_per_item']} prompt tokens, {report['seconds_per_item']} s/item",
                   flush=True)
-    return {"rows": rows, "scored": len(items), "pool": pool_size, "k": args.k,
+    flags = [f"--k {args.k}", f"--configurations {args.configurations}"] + ([f"--limit {args.limit}"] if args.limit
+                                                                            else [])
+    command = "python -m scripts.measure_retrieval " + " ".join(flags)
+    return {"rows": rows, "scored": len(items), "pool": pool_size, "k": args.k, "command": command,
             "when": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
             "machine": f"{platform.machine()}, {platform.python_version()}"}
 
@@ -104,9 +113,9 @@ def markdown(result: dict[str, Any]) -> str:
               "errors"]
     lines = [START, "",
              f"Measured {result['when']} on this machine ({result['machine']}), llama-server with SmolLM2-135M, "
-             f"one request at a time: {result['scored']} scored conversations (odd positions of "
+             f"one request at a time: {result['scored']} scored conversations (the first odd positions of "
              f"data/labelled_conversations.json), a pool of {result['pool']} \"reviewed\" ones (even positions), "
-             f"FEW_SHOT_K={result['k']}.", "",
+             f"FEW_SHOT_K={result['k']}. Command: `{result['command']}`.", "",
              "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in result["rows"]:
         cells = [row["name"]]
