@@ -45,8 +45,9 @@ logger = logging.getLogger(__name__)
 
 #: Reviewed conversations read into the index at most (the most recently reviewed).
 MAX_EXAMPLES = 5000
-#: Texts per embeddings request while embedding reviewed conversations.
-EMBED_BATCH = 32
+#: Texts per embeddings request while embedding reviewed conversations: small, so that one request
+#: of long transcripts stays well within OLLAMA_TIMEOUT on a slow server (docs/quality.md).
+EMBED_BATCH = 8
 #: A failing embeddings call is logged at most this often (the lexical index answers meanwhile).
 WARN_EVERY_SECONDS = 60.0
 
