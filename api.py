@@ -30,6 +30,8 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
+import access
+import conversations
 import dashboard
 from aggregator import ConversationIn, Message, Tweet, validate_conversation
 from api_dependencies import (
@@ -49,6 +51,7 @@ from error_handler import (
     InputError,
     LLMBusyError,
     LLMError,
+    NotAuthenticatedError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
     error_body,
@@ -250,18 +253,20 @@ class JSONBodyOnlyMiddleware:
     Browsers send cross-site forms and ``text/plain`` bodies without asking the server first (no
     CORS preflight), so a web page could otherwise make a visitor's browser trigger
     classifications; a JSON Content-Type cannot be sent that way. Requests without a body
-    (GET, an empty POST) pass.
+    (GET, an empty POST) pass, and so do POSTs to ``form_paths`` (the login form, which guards
+    itself: access.py).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, form_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
+        self.form_paths = form_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = dict(scope.get("headers") or [])
             has_body = headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
             content_type = headers.get(b"content-type", b"").decode("latin-1")
-            if has_body and not is_json_media_type(content_type):
+            if has_body and not is_json_media_type(content_type) and scope.get("path") not in self.form_paths:
                 error = UnsupportedMediaTypeError(content_type)
                 logger.warning("%s %s -> 415: %s", scope.get("method"), scope.get("path"), error.message)
                 await _error_response(error)(scope, receive, send)
@@ -342,6 +347,8 @@ async def _read_body(request: Request) -> bytes:
 
 def _error_response(error: ClassifierError) -> JSONResponse:
     headers = {"Retry-After": str(error.retry_after_seconds)} if isinstance(error, LLMBusyError) else None
+    if isinstance(error, NotAuthenticatedError):
+        headers = {"WWW-Authenticate": 'Bearer realm="conversations"'}
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
@@ -417,7 +424,7 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
             startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
             # The lifespan state: every request sees it on request.state (see api_dependencies).
             slots = LLMSlots(settings.api_max_concurrency, settings.api_queue_timeout, settings.api_max_waiting)
-            yield lifespan_state(settings, pipeline, ollama, slots)
+            yield {**lifespan_state(settings, pipeline, ollama, slots), **access.lifespan_state(settings)}
             startup_check.cancel()
 
     app = FastAPI(
@@ -433,7 +440,7 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
         redoc_url=None,  # ReDoc loads its script from a CDN
     )
     # The last added runs first: the size limit, then the media type.
-    app.add_middleware(JSONBodyOnlyMiddleware)
+    app.add_middleware(JSONBodyOnlyMiddleware, form_paths=access.FORM_PATHS)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     _install_error_handlers(app)
     _document_label_fields(app, documented)
@@ -442,6 +449,8 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
     # Routers of other parts are included here, one line each; they take what they need from
     # api_dependencies.
     dashboard.install(app)  # GET /dashboard, /api/stats, /api/jobs, /static, offline /docs
+    access.install(app)  # /login, /logout, /api/session
+    conversations.install(app)  # /api/conversations..., /conversations (its database is the dashboard's)
     return app
 
 
@@ -497,7 +506,11 @@ def _add_classification_routes(app: FastAPI) -> None:
         }}}},
     )
     async def classify(
-        request: Request, classifier: ClassifierDep, llm_client: LLMClientDep, llm_slots: LLMSlotsDep
+        request: Request,
+        classifier: ClassifierDep,
+        llm_client: LLMClientDep,
+        llm_slots: LLMSlotsDep,
+        _: conversations.FreshExamplesDep,
     ) -> Response:
         # The body is read here, not declared as a parameter: FastAPI would parse and validate it on
         # the event loop, before any bound on waiting requests applies (see read_classify_body).

@@ -20,8 +20,10 @@ from llm_wrapper import (
     READY_TIMEOUT_SECONDS,
     ChatResult,
     dropped_error,
+    embed_request,
     provider_for,
     read_chat,
+    read_embed,
     read_ready,
     request_failed_error,
     timeout_error,
@@ -82,6 +84,12 @@ class AsyncLLMClient:
         payload = self.provider.build_payload(self.settings, messages, schema)
         status, body, headers = await self._request("POST", self.provider.chat_path, json=payload)
         return read_chat(self.provider, self.settings, status, body, headers)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text from EMBEDDING_MODEL; raises an ``LLMError`` on any failure."""
+        path, payload = embed_request(self.provider, self.settings, texts)
+        status, body, headers = await self._request("POST", path, json=payload)
+        return read_embed(self.provider, self.settings, status, body, len(texts), headers)
 
     async def check_ready(self) -> None:
         """Raise unless the server answers and has the configured model (lists its models, no inference)."""

@@ -30,6 +30,7 @@ from error_handler import (
 from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from mongo_client import MongoStore, data_identity
+from retrieval import mongo_source
 from utils.batch_file_manager import BatchFileManager
 from utils.command_line import command_parser, positive_float, positive_int, settings_epilog
 from utils.job_recorder import JobRecorder
@@ -131,6 +132,9 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
             files.claim(data_identity(settings))
             await llm.check_ready(pause_failed=True)  # a server that fails it gets no call until its probe
             await store.ensure_indexes(classifier.taxonomy.field_names)
+            if classifier.retriever is not None:  # FEW_SHOT_SOURCE reviewed/both: examples from this database
+                classifier.retriever.source = mongo_source(store.results.database, settings, classifier.taxonomy,
+                                                           llm.embed if settings.embedding_model else None)
             async with build_progress(ProgressTracker(new_job_id()), components, files.directory) as progress:
                 progress.reporters.append(JobRecorder(store.uri, settings, progress.tracker.job_id))  # dashboard
                 processor = BatchProcessor(settings, store, llm, classifier, files, progress, options)

@@ -101,6 +101,27 @@ class UnsupportedMediaTypeError(InputError):
         )
 
 
+class NotAuthenticatedError(ClassifierError):
+    """No credentials, or wrong ones, for an endpoint that serves customer data (HTTP 401)."""
+
+    code = "unauthorized"
+    status_code = 401
+
+
+class ForbiddenError(ClassifierError):
+    """Credentials are not enough: a missing CSRF token, or no API_TOKENS on a non-loopback API (HTTP 403)."""
+
+    code = "forbidden"
+    status_code = 403
+
+
+class NotFoundError(ClassifierError):
+    """The thing named in the URL does not exist (HTTP 404)."""
+
+    code = "not_found"
+    status_code = 404
+
+
 class LLMError(ClassifierError):
     """Base of every failure of the classification call to Ollama."""
 

@@ -309,6 +309,10 @@ class LLMPool:
         """One classification call on the least busy server; raises an ``LLMError`` when none can answer."""
         return self._call("chat", messages, schema)
 
+    def embed(self, texts: list[str]) -> Any:
+        """Embeddings of ``texts`` (EMBEDDING_MODEL) from the least busy server."""
+        return self._call("embed", texts)
+
     @staticmethod
     def _check(server: Server) -> LLMError | None:
         try:
@@ -399,6 +403,10 @@ class AsyncLLMPool:
     async def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> Any:
         """One classification call on the least busy server; raises an ``LLMError`` when none can answer."""
         return await self._call("chat", messages, schema)
+
+    async def embed(self, texts: list[str]) -> Any:
+        """Embeddings of ``texts`` (EMBEDDING_MODEL) from the least busy server."""
+        return await self._call("embed", texts)
 
     async def wait_for_server(self) -> None:
         """Return when some server may take a call: at once unless every circuit is open.

@@ -462,11 +462,69 @@ def bearer_headers(settings: Settings) -> dict[str, str]:
     return {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"}
 
 
+def no_headers(settings: Settings) -> dict[str, str]:
+    return {}
+
+
+# --- embeddings (similar reviewed conversations, retrieval.py) ------------------------------
+
+#: How much of a transcript is embedded: embedding models have short contexts, and llama.cpp
+#: refuses (rather than cuts) an input longer than its batch.
+EMBED_CHARS = 2000
+
+
+def build_ollama_embed_payload(settings: Settings, texts: list[str]) -> dict[str, Any]:
+    """The body of Ollama's ``POST /api/embed``: EMBEDDING_MODEL, one input per text, cut to its context."""
+    return {"model": settings.embedding_model, "input": [text[:EMBED_CHARS] for text in texts], "truncate": True,
+            "keep_alive": _keep_alive(settings.ollama_keep_alive)}
+
+
+def build_openai_embed_payload(settings: Settings, texts: list[str]) -> dict[str, Any]:
+    """The body of ``POST {endpoint}/embeddings`` (OpenAI-compatible)."""
+    return {"model": settings.embedding_model, "input": [text[:EMBED_CHARS] for text in texts],
+            "encoding_format": "float"}
+
+
+def _vectors(rows: Any, count: int, who: str) -> list[list[float]]:
+    if not isinstance(rows, list) or len(rows) != count:
+        raise LLMOutputError(f"{who}'s embeddings answer has {len(rows) if isinstance(rows, list) else 'no'} "
+                             f"vectors for {count} inputs.")
+    vectors = []
+    for row in rows:
+        if not isinstance(row, list) or not row or not all(isinstance(v, (int, float)) for v in row):
+            raise LLMOutputError(f"{who}'s embeddings answer holds a vector that is not a list of numbers.")
+        vectors.append([float(v) for v in row])
+    if len({len(v) for v in vectors}) > 1:
+        raise LLMOutputError(f"{who}'s embeddings answer holds vectors of different lengths.")
+    return vectors
+
+
+def _embedding_model_missing(settings: Settings, error: LLMError) -> LLMError:
+    # The chat model's hint would be wrong here: it is EMBEDDING_MODEL that is missing.
+    if isinstance(error, ModelNotFoundError):
+        return ModelNotFoundError(settings.embedding_model, server_name(settings), server=server_kind(settings),
+                                  hint="Set EMBEDDING_MODEL to an embedding model the server has "
+                                  f"(Ollama: `ollama pull {settings.embedding_model}`), or leave it empty for "
+                                  "the lexical index.")
+    return error
+
+
+def read_ollama_embeddings(data: Any, count: int, who: str) -> list[list[float]]:
+    """Ollama's ``{"embeddings": [[...], ...]}``, one vector per input, in order."""
+    return _vectors(data.get("embeddings") if isinstance(data, dict) else None, count, who)
+
+
+def read_openai_embeddings(data: Any, count: int, who: str) -> list[list[float]]:
+    """``{"data": [{"index", "embedding"}, ...]}``, put back in input order by ``index``."""
+    rows = data.get("data") if isinstance(data, dict) else None
+    if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+        rows = [r.get("embedding") for r in sorted(rows, key=lambda r: int(r.get("index", 0)))]
+    return _vectors(rows, count, who)
+
+
 # --- the provider table ------------------------------------------------------------------------
 
 
-def no_headers(settings: Settings) -> dict[str, str]:
-    return {}
 
 
 @dataclass(frozen=True)
@@ -494,6 +552,12 @@ class Provider:
     unavailable_hint: str
     #: Headers every request carries (credentials).
     headers: Callable[[Settings], dict[str, str]] = no_headers
+    #: Embeddings (retrieval of similar reviewed conversations): the path, the body of one call
+    #: (settings, texts), and the JSON of an HTTP 200 answer -> one vector per text (data, count,
+    #: server name). None: the provider has no embeddings API (retrieval then uses its lexical index).
+    embed_path: str | None = None
+    build_embed: Callable[[Settings, list[str]], dict[str, Any]] | None = None
+    read_embeddings: Callable[[Any, int, str], list[list[float]]] | None = None
 
     def server_kind(self, *, capital: bool = False) -> str:
         return self.display_name[:1].upper() + self.display_name[1:] if capital else self.display_name
@@ -510,6 +574,9 @@ PROVIDERS: dict[str, Provider] = {
         map_error=ollama_error,
         check_models=check_ollama_models,
         unavailable_hint="Start Ollama (`ollama serve`) or set LLM_ENDPOINT to where it runs.",
+        embed_path="/api/embed",
+        build_embed=build_ollama_embed_payload,
+        read_embeddings=read_ollama_embeddings,
     ),
     "openai": Provider(
         display_name="the LLM server",
@@ -522,6 +589,9 @@ PROVIDERS: dict[str, Provider] = {
         unavailable_hint="Start the OpenAI-compatible server (vLLM, llama-server, LM Studio, ...) or set "
         "LLM_ENDPOINT to its base URL, e.g. http://localhost:8000/v1.",
         headers=bearer_headers,
+        embed_path="/embeddings",
+        build_embed=build_openai_embed_payload,
+        read_embeddings=read_openai_embeddings,
     ),
 }
 
@@ -538,6 +608,25 @@ def read_chat(
     if status != 200:
         raise provider.map_error(status, body, settings, headers)
     return provider.read_answer(_answer_json(body, provider.server_kind(capital=True)), settings)
+
+
+def embed_request(provider: Provider, settings: Settings, texts: list[str]) -> tuple[str, dict[str, Any]]:
+    """The path and body of one embeddings call; LLMRequestRejectedError when the provider has none."""
+    if provider.embed_path is None or provider.build_embed is None:
+        raise LLMRequestRejectedError(f"{provider.server_kind(capital=True)} has no embeddings API in this project.")
+    return provider.embed_path, provider.build_embed(settings, texts)
+
+
+def read_embed(
+    provider: Provider, settings: Settings, status: int, body: bytes, count: int,
+    headers: Mapping[str, str] | None = None,
+) -> list[list[float]]:
+    """The answer to an embeddings call: one vector per text, in order, or the typed error."""
+    if status != 200:
+        raise _embedding_model_missing(settings, provider.map_error(status, body, settings, headers))
+    who = provider.server_kind(capital=True)
+    assert provider.read_embeddings is not None  # embed_request refused a provider without it
+    return provider.read_embeddings(_answer_json(body, who), count, who)
 
 
 def read_ready(
@@ -602,6 +691,13 @@ class LLMClient:
         payload = self.provider.build_payload(self.settings, messages, schema)
         response = self._request("POST", self.provider.chat_path, self._timeout, json=payload)
         return read_chat(self.provider, self.settings, response.status_code, response.content, response.headers)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text from EMBEDDING_MODEL; raises an :class:`LLMError` on any failure."""
+        path, payload = embed_request(self.provider, self.settings, texts)
+        response = self._request("POST", path, self._timeout, json=payload)
+        return read_embed(self.provider, self.settings, response.status_code, response.content, len(texts),
+                          response.headers)
 
     def check_ready(self) -> None:
         """Raise unless the server answers and has the configured model (lists its models, no inference)."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -110,6 +111,34 @@ class Settings(BaseModel):
         f"beyond them, 503 llm_busy at once. Default: {WAITING_PER_SLOT} x API_MAX_CONCURRENCY.",
     )
 
+    # --- Access to conversations (access.py) ---------------------------------------------
+    # SecretStr: repr(), str() and logs show '**********', never a token.
+    api_tokens: SecretStr | None = Field(
+        None,
+        description="Who may read transcripts and review labels: 'name:token' pairs separated by commas "
+        "(clients send 'Authorization: Bearer <token>', browsers log in on /login); empty: only an API bound to "
+        "a loopback API_HOST serves them.",
+    )
+    api_session_hours: float = Field(
+        8.0, gt=0, le=24 * 30, description="How long a browser's login (/login) lasts before it must log in again."
+    )
+
+    # --- Few-shot examples from reviewed conversations (retrieval.py) -------------------
+    few_shot_source: Literal["static", "reviewed", "both"] = Field(
+        "static",
+        description="static: the examples of FEW_SHOTS_FILE; reviewed: for each conversation the FEW_SHOT_K most "
+        "similar reviewed ones; both: the static ones, then the reviewed ones.",
+    )
+    few_shot_k: int = Field(3, ge=1, le=20, description="Reviewed examples added to each prompt.")
+    embedding_model: str = Field(
+        "",
+        description="Model of the LLM server's embeddings endpoint that finds similar reviewed conversations; "
+        "empty: a lexical index (BM25).",
+    )
+    few_shot_refresh_seconds: float = Field(
+        60.0, gt=0, description="How often the reviewed examples are read again from MongoDB."
+    )
+
     # --- MongoDB ------------------------------------------------------------------------
     mongodb_connection_string: str = Field(
         "mongodb://localhost:27017",
@@ -122,6 +151,10 @@ class Settings(BaseModel):
     )
     mongodb_jobs_collection: str = Field(
         "jobs", min_length=1, description="Where batch jobs record their progress (read by the dashboard)."
+    )
+    mongodb_embeddings_collection: str = Field(
+        "conversation_embeddings", min_length=1,
+        description="Where the embeddings of reviewed conversations are kept (computed once per model).",
     )
     mongodb_batch_size: int = Field(100, ge=1, le=10000, description="Conversations per batch file.")
     mongodb_max_retries: int = Field(3, ge=0, le=10, description="Retries of a transient MongoDB failure.")
@@ -254,6 +287,18 @@ class Settings(BaseModel):
     def _empty_key_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
+    @field_validator("api_tokens", mode="before")
+    @classmethod
+    def _empty_tokens_are_none(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @field_validator("api_tokens")
+    @classmethod
+    def _tokens_parse(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None:
+            parse_api_tokens(value.get_secret_value())  # raises ValueError naming the entry, never a token
+        return value
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _upper_level(cls, value: Any) -> Any:
@@ -263,6 +308,11 @@ class Settings(BaseModel):
     def llm_endpoints(self) -> list[str]:
         """The LLM servers' base URLs (LLM_ENDPOINT split at commas), in the order given."""
         return self.llm_endpoint.split(",")
+
+    @property
+    def api_token_names(self) -> dict[str, str]:
+        """API_TOKENS as {token: name} (empty when unset). Never log it."""
+        return {} if self.api_tokens is None else parse_api_tokens(self.api_tokens.get_secret_value())
 
     @property
     def uses_embedded_database(self) -> bool:
@@ -283,6 +333,37 @@ FORMER_NAMES: dict[str, str] = {"llm_endpoint": "OLLAMA_ENDPOINT", "llm_model": 
 #: Settings whose validation message names the culprit itself (one server of a list): the whole
 #: value is not repeated beside it.
 _MESSAGE_NAMES_THE_VALUE = frozenset({"llm_endpoint"})
+
+
+_TOKEN_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+#: Shorter tokens are guessable: refuse them at start-up rather than serve transcripts behind them.
+MIN_TOKEN_CHARS = 8
+
+
+def parse_api_tokens(value: str) -> dict[str, str]:
+    """``"alice:tok-a,bob:tok-b"`` as ``{token: name}``; a ValueError names the bad entry by its
+    place and its name, never by its token."""
+    tokens: dict[str, str] = {}
+    names: set[str] = set()
+    for place, entry in enumerate((e.strip() for e in value.split(",")), 1):
+        name, sep, token = entry.partition(":")
+        name, token = name.strip(), token.strip()
+        if not sep or not _TOKEN_NAME.fullmatch(name):
+            raise ValueError(f"entry {place} must be 'name:token' with a name of letters, digits and _.@- "
+                             "(e.g. alice:<token>,bob:<token>)")
+        if len(token) < MIN_TOKEN_CHARS:
+            raise ValueError(f"the token of {name!r} is shorter than {MIN_TOKEN_CHARS} characters")
+        if name in names:
+            raise ValueError(f"{name!r} is named twice")
+        if token in tokens:
+            raise ValueError(f"{name!r} has the same token as {tokens[token]!r}")
+        names.add(name)
+        tokens[token] = name
+    return tokens
+
+
+def _is_secret(field_name: str) -> bool:
+    return "SecretStr" in str(Settings.model_fields[field_name].annotation)
 
 
 def env_name(field_name: str) -> str:
@@ -362,5 +443,7 @@ def load_settings(
                 continue
             value = values.get(name)
             shown = redact_url(value) if isinstance(value, str) else value  # a URL's password never shows
+            if name in Settings.model_fields and _is_secret(name):
+                shown = "**********"  # a token or key never shows, not even a malformed one
             problems.append(f"{source}={shown!r}: {message}")
         raise ConfigError("Invalid configuration: " + "; ".join(problems)) from e

@@ -9,6 +9,9 @@ It speaks the real shapes, under ``/v1`` as those servers do (so ``LLM_ENDPOINT`
   {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}}], "usage": {"prompt_tokens",
   "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens"}},
   "timings": {...}}`` (``timings`` as llama.cpp adds them);
+* ``POST /v1/embeddings`` -> ``{"object": "list", "data": [{"object": "embedding", "index",
+  "embedding"}], "model", "usage": {"prompt_tokens", "total_tokens"}}`` (vectors of
+  :func:`fakes.ollama.fake_embedding`);
 * failures as ``{"error": {"message", "type", "code"}}``: 404 ``model_not_found`` for a model it
   does not serve, 401 without the right ``Authorization: Bearer`` when ``api_key`` is set, and
   whatever a test scripts with the behaviours of :mod:`fakes.ollama` (an ``ErrorReply`` is
@@ -40,6 +43,7 @@ from fakes.ollama import (
     RawReply,
     Reply,
     default_classification,
+    fake_embedding,
     logprobs_for,
 )
 
@@ -60,6 +64,7 @@ class FakeOpenAI(FakeOllama):
         super().__init__(**kwargs)
         # OpenAI-compatible servers use model ids as given: no ":latest".
         self.models = list(models)
+        self.embedding_models = [m.removesuffix(":latest") for m in self.embedding_models]
         self.api_key = api_key
 
     @property
@@ -72,7 +77,33 @@ class FakeOpenAI(FakeOllama):
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         return app
+
+    async def _read(self, request: web.Request) -> tuple[Any, web.Response | None]:
+        """The request's JSON body, or the answer to give instead (401 without the key, 400 not JSON)."""
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return None, denied
+        try:
+            return await request.json(), None
+        except ValueError:
+            return None, web.json_response(openai_error(400, "Failed to parse the request body as JSON"), status=400)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body, refused = await self._read(request)
+        if refused is not None:
+            return refused
+        status, message, texts = self._embed_request(
+            body, lambda model: model in self.embedding_models + self.models)
+        if status != 200:
+            return web.json_response(openai_error(status, message), status=status)
+        tokens = sum(max(1, len(t) // CHARS_PER_TOKEN) for t in texts)
+        return web.json_response({
+            "object": "list", "model": body["model"],
+            "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(t)} for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -92,13 +123,9 @@ class FakeOpenAI(FakeOllama):
         return web.json_response({"object": "list", "data": data})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        denied = self._unauthorized(request)
-        if denied is not None:
-            return denied
-        try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response(openai_error(400, "Failed to parse the request body as JSON"), status=400)
+        body, refused = await self._read(request)
+        if refused is not None:
+            return refused
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return web.json_response(openai_error(400, "'messages' is required"), status=400)
         if body.get("model") not in self.models:

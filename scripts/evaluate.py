@@ -63,7 +63,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -90,7 +91,9 @@ from error_handler import (
 )
 from llm_pool import AsyncLLMPool
 from logger import configure_logging
+from mongo_client import MongoStore
 from prompt_builder import Taxonomy, load_taxonomy
+from retrieval import AsyncEmbed, ExampleIndex, Reviewed, build_index, mongo_source
 from scripts.tables import Column, console_table, markdown_table
 from utils.command_line import command_parser, positive_int
 from utils.json_items import UnreadableItem, json_list_items, json_value
@@ -100,6 +103,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 NOT_IN_BODY = ("expected", "note")  # keys of a labelled item that are not part of the /classify body
 NOT_LABELS = ("categorization", "confidence", "needs_review")  # keys of a classification that are not label fields
+PROMPT_TOKENS = "_prompt_tokens"  # a direct run's prompt size, carried beside the classification
 MISSING_LABEL = "(missing)"  # a prediction without the field (an API of --url with another taxonomy)
 # EXIT_INCOMPLETE (5): the report is written, but some items were skipped or could not be classified
 CALIBRATION_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -161,6 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-concurrent", type=positive_int, default=1, metavar="N",
                         help="conversations classified at once [default: 1, repeatable answers]")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N usable items")
+    parser.add_argument("--few-shot-source", choices=("static", "reviewed", "both"),
+                        help="overrides FEW_SHOT_SOURCE (direct runs only) [default: the setting]")
+    parser.add_argument("--examples", type=Path, metavar="REVIEWED_FILE",
+                        help="the reviewed examples to retrieve from: a labelled file (export_reviewed's output) "
+                        "instead of MongoDB's reviewed conversations [default: MongoDB]")
     parser.add_argument("--output", type=_suffixed(".json"), metavar="report.json",
                         help="write the report as JSON")
     parser.add_argument("--markdown", type=_suffixed(".md"), metavar="report.md",
@@ -341,6 +350,7 @@ class Prediction:
     labels: dict[str, str] | None = None  # None: the classification failed
     confidence: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None
+    prompt_tokens: int | None = None  # direct runs: the whole prompt, as the server counted it
 
 
 def _confidences(classification: dict[str, Any]) -> dict[str, float | None]:
@@ -382,8 +392,10 @@ async def classify_all(items: list[LabelledItem], classify: Classify, max_concur
                 return Prediction(item, error=f"unexpected_error: {type(e).__name__}: {e}")
             finally:
                 on_done()
+        tokens = classification.pop(PROMPT_TOKENS, None)
         labels = {name: str(value) for name, value in classification.items() if name not in NOT_LABELS}
-        return Prediction(item, labels, _confidences(classification))
+        return Prediction(item, labels, _confidences(classification),
+                          prompt_tokens=tokens if isinstance(tokens, int) else None)
 
     return list(await asyncio.gather(*(one(item) for item in items)))
 
@@ -394,14 +406,54 @@ def _progress(total: int) -> Progress:
                     console=console, transient=True, disable=not console.is_terminal or total == 0)
 
 
+def examples_from_file(path: Path, settings: Settings, taxonomy: Taxonomy,
+                       embed: AsyncEmbed | None) -> Callable[[], Awaitable[ExampleIndex]]:
+    """Retrieved examples read from a labelled file: ``labels`` (export_reviewed writes the effective
+    labels there) or else ``expected``; a conversation of the scored set is never its own example."""
+
+    async def load() -> ExampleIndex:
+        pool = load_labelled(path, taxonomy)
+        items = []
+        for item in pool.items:
+            labels = item.body.get("labels")
+            labels = {k: v for k, v in labels.items() if isinstance(v, str)} if isinstance(labels, dict) else {}
+            items.append(Reviewed(item.conversation, {**labels, **item.expected},
+                                  str(item.body.get("categorization") or "")))
+        return await build_index(items, settings, taxonomy.field_names, embed=embed)
+
+    return load
+
+
+@asynccontextmanager
+async def bound_examples(pipeline: ConversationClassifier, settings: Settings, client: AsyncLLMPool,
+                         examples: Path | None) -> AsyncIterator[None]:
+    """Bind the retriever (FEW_SHOT_SOURCE reviewed/both) to ``examples``, or else to MongoDB."""
+    retriever = pipeline.retriever
+    embed = client.embed if settings.embedding_model else None
+    if retriever is None:
+        yield
+    elif examples is not None:
+        retriever.source = examples_from_file(examples, settings, pipeline.taxonomy, embed)
+        yield
+    else:
+        async with MongoStore.connect(settings) as store:
+            await store.ping()
+            retriever.source = mongo_source(store.results.database, settings, pipeline.taxonomy, embed)
+            yield
+
+
 async def run_direct(items: list[LabelledItem], settings: Settings, pipeline: ConversationClassifier,
-                     max_concurrent: int) -> tuple[str, list[Prediction]]:
-    async with make_llm_client(settings) as client:
+                     max_concurrent: int, examples: Path | None = None) -> tuple[str, list[Prediction]]:
+    async with make_llm_client(settings) as client, bound_examples(pipeline, settings, client, examples):
         await client.check_ready()  # an unreachable server or a missing model stops here, once
+        if pipeline.retriever is not None:
+            await pipeline.retriever.refresh_if_stale()
+            logger.info("few-shot retrieval from %d reviewed example(s)", len(pipeline.retriever.index))
 
         async def classify(item: LabelledItem) -> dict[str, Any]:
             outcome = await pipeline.classify_async(item.conversation, client)
-            return outcome.classification.model_dump()  # its "confidence" is {field: float | None} or None
+            # Its "confidence" is {field: float | None} or None; the prompt's size rides along.
+            return {**outcome.classification.model_dump(), PROMPT_TOKENS: outcome.chat.prompt_tokens}
 
         with _progress(len(items)) as progress:
             task = progress.add_task("classify", total=len(items))
@@ -530,12 +582,14 @@ def build_report(predictions: list[Prediction], model: str, seconds: float, taxo
                 taxonomy.names(name),
                 [p.confidence.get(name) for p in scored],
             )
+    tokens = [p.prompt_tokens for p in predictions if p.prompt_tokens is not None]
     return {
         "n": len(predictions),
         "model": model,
         "fields": fields,
         "errors": sum(p.labels is None for p in predictions),
         "seconds_per_item": round(seconds / len(predictions), 3) if predictions else 0.0,
+        "prompt_tokens_per_item": round(sum(tokens) / len(tokens), 1) if tokens else None,
     }
 
 
@@ -683,8 +737,15 @@ def load_run_settings(args: argparse.Namespace) -> Settings:
     if args.url and args.model:
         raise UsageError("--model only applies to direct runs: the API of --url uses its own LLM_MODEL",
                          hint="Restart the API with LLM_MODEL set, or drop --url.")
-    return load_settings({"llm_model": args.model, "taxonomy_file": args.taxonomy,
-                          "batch_max_concurrent": min(args.max_concurrent, 256)})
+    if args.url and (args.few_shot_source or args.examples):
+        raise UsageError("--few-shot-source and --examples only apply to direct runs: the API of --url uses its own "
+                         "FEW_SHOT_SOURCE and reviewed conversations")
+    settings = load_settings({"llm_model": args.model, "taxonomy_file": args.taxonomy,
+                              "batch_max_concurrent": min(args.max_concurrent, 256),
+                              "few_shot_source": args.few_shot_source})
+    if args.examples is not None and settings.few_shot_source == "static":
+        raise UsageError("--examples needs retrieved examples: add --few-shot-source reviewed (or both)")
+    return settings
 
 
 def write_outputs(args: argparse.Namespace, report: dict[str, Any], labelled: LabelledSet,
@@ -717,7 +778,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if pipeline is None:
         model, predictions = asyncio.run(run_via_api(labelled.items, args.url, args.max_concurrent))
     else:
-        model, predictions = asyncio.run(run_direct(labelled.items, settings, pipeline, args.max_concurrent))
+        model, predictions = asyncio.run(run_direct(labelled.items, settings, pipeline, args.max_concurrent,
+                                                    args.examples))
     report = build_report(predictions, model, time.perf_counter() - started, taxonomy)
     failures = [p for p in predictions if p.labels is None]
     print_report(report, labelled, failures, Console())

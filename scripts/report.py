@@ -16,6 +16,9 @@ No result document is loaded into Python. The same pipeline takes the first and 
 ``processing_metadata.processed_at`` (a date as the batch processor writes it, or an
 ISO-8601 string as in the design document's example).
 
+The labels counted are the effective ones: a reviewer's correction (a current ``review``, see
+README 'Reviewing labels') wins over the model's label; a stale review does not count.
+
 Labels are listed in taxonomy order, each taxonomy label even with no results (zeros
 keep every report the same shape and the crossing tables rectangular). Labels found in
 the data but not in the taxonomy (an old taxonomy, a hand-edited result) follow the
@@ -82,6 +85,7 @@ from error_handler import (  # noqa: E402
 from logger import configure_logging  # noqa: E402
 from mongo_client import STATUS_SKIPPED, storage_error, sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
+from reviews import effective_label  # noqa: E402
 from scripts.tables import Column, console_table  # noqa: E402
 from utils.command_line import command_parser  # noqa: E402
 
@@ -250,7 +254,8 @@ def counts_pipeline(job: str | None, fields: list[str]) -> list[dict[str, Any]]:
     return [
         {"$match": _match(job)},
         {"$group": {
-            "_id": {kind: f"$classification.{kind}" for kind in fields},
+            # The effective labels: a current review's, else the model's (reviews.py).
+            "_id": {kind: effective_label(kind) for kind in fields},
             "count": {"$sum": 1},
             "needs_review": {"$sum": {"$cond": [{"$eq": ["$classification.needs_review", True]}, 1, 0]}},
             "first_date": {"$min": _typed(at, "date")},

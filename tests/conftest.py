@@ -38,6 +38,22 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """Commands run in-process (``evaluate.main``, ``export_reviewed.main``, ...) configure logging for
+    the whole process (evaluate sets the root to ERROR): put the root logger back after each test, so
+    a test's log assertions never depend on which tests ran before it."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        if handler not in handlers and getattr(handler, "_classifier_handler", False):
+            root.removeHandler(handler)
+
+
 @pytest.fixture
 def fake_ollama() -> Iterator[FakeOllama]:
     with FakeOllama() as fake:

@@ -237,7 +237,7 @@ def e2e_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_ollama: FakeO
 
 
 def _check_e2e_report(report: dict) -> None:
-    assert set(report) == {"n", "model", "fields", "errors", "seconds_per_item"}
+    assert set(report) == {"n", "model", "fields", "errors", "seconds_per_item", "prompt_tokens_per_item"}
     assert report["n"] == 4 and report["errors"] == 1 and report["model"] == "llama3"
     assert isinstance(report["seconds_per_item"], float)
     assert set(report["fields"]) == {"intent", "topic", "sentiment"}

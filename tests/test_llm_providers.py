@@ -30,7 +30,7 @@ from error_handler import (
     LLMUnavailableError,
     ModelNotFoundError,
 )
-from fakes.ollama import Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
+from fakes.ollama import Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply, fake_embedding
 from fakes.openai import FakeOpenAI
 from llm_wrapper import ChatResult, LLMClient, create_llm_client, retry_after_seconds
 from tests.net_helpers import closed_port_url
@@ -368,3 +368,23 @@ def test_a_fake_with_its_slots_taken_and_no_queue_answers_busy(server: Server) -
             chat("sync", settings)
         assert first.result().content
     assert server.fake.busy_count == 1
+
+
+# --- embeddings (few-shot retrieval, EMBEDDING_MODEL) ---------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_embeddings_come_back_one_per_text_in_order(server: Server, transport: str) -> None:
+    settings = server.settings(embedding_model="nomic-embed-text")
+    texts = ["where is my order", "refund please", "router is down"]
+    vectors = run(transport, settings, lambda client: client.embed(texts))
+    assert vectors == [fake_embedding(t) for t in texts]
+    assert server.fake.embed_requests == [texts]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_missing_embedding_model_names_embedding_model(server: Server, transport: str) -> None:
+    settings = server.settings(embedding_model="no-such-embedder")
+    with pytest.raises(ModelNotFoundError) as error:
+        run(transport, settings, lambda client: client.embed(["hello"]))
+    assert "no-such-embedder" in str(error.value) and "EMBEDDING_MODEL" in str(error.value)

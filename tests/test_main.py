@@ -23,7 +23,7 @@ def clean_env(**variables: str) -> dict[str, str]:
     """Every setting at its default, then ``variables``: a developer's .env cannot leak in."""
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"}
     for name, info in Settings.model_fields.items():
-        env[env_name(name)] = str(info.default)
+        env[env_name(name)] = "" if info.default is None else str(info.default)  # unset, not the word "None"
     env.update(variables)
     return env
 
