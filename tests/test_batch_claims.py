@@ -27,8 +27,8 @@ import tests.test_batch_processor as batch
 from aggregator import content_hash, validate_conversation
 from batch_processor import BatchProcessor, new_job_id
 from batch_source import BatchSource
+from fakes.ollama import Reply, default_classification, last_user_content
 from mongo_client import MongoStore, ProcessingMetadata, ResultDocument
-from tests.fake_ollama import Reply, default_classification, last_user_content
 from utils.identical_cache import ENTRY_OVERHEAD_BYTES, IdenticalCache, Reusable
 
 # The processor tests' fixtures, shared (assigned rather than imported: they are parameters below).
