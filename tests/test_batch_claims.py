@@ -111,7 +111,7 @@ async def test_the_result_upsert_is_fenced_by_the_claim_generation(make_settings
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri, tz_aware=True)
     try:
         store = MongoStore(client, settings, uri=mongo_uri)
-        await store.ensure_indexes()
+        await store.ensure_indexes(("intent", "topic", "sentiment"))
 
         def result(generation: int, label: str) -> ResultDocument:
             metadata = ProcessingMetadata(datetime.now(UTC), "llama3", 5, "t", "job")
