@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from scripts import benchmark
 from scripts.bench.harness import PRESETS, RUSAGE_LAUNCHER, STARTED_PROCESSES, port_open
 from scripts.bench.processors import FAKETIME
@@ -50,6 +52,9 @@ def table_after(text: str, heading: str) -> list[list[str]]:
     return rows[2:]  # skip the header and the |---| line
 
 
+# A hang guard, not a speed limit: seven sections of real subprocesses took over the suite's 180 s on
+# a loaded 2-core machine (load average 7, 2026-12-02; section 6 alone took 75 s of it there).
+@pytest.mark.timeout(480)
 def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
     output, chart = tmp_path / "b.md", tmp_path / "b.png"
     before = child_pids()
