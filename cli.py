@@ -135,8 +135,12 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
             if classifier.retriever is not None:  # FEW_SHOT_SOURCE reviewed/both: examples from this database
                 classifier.retriever.source = mongo_source(store.results.database, settings, classifier.taxonomy,
                                                            llm.embed if settings.embedding_model else None)
-            async with build_progress(ProgressTracker(new_job_id()), components, files.directory) as progress:
-                progress.reporters.append(JobRecorder(store.uri, settings, progress.tracker.job_id))  # dashboard
+            tracker = ProgressTracker(new_job_id())
+            # The recorder's block encloses the progress's: closing the progress gives it the final state,
+            # leaving its own block waits for that to be written.
+            async with (JobRecorder(store.uri, settings, tracker.job_id) as recorder,
+                        build_progress(tracker, components, files.directory) as progress):
+                progress.reporters.append(recorder)  # the dashboard's list of jobs
                 processor = BatchProcessor(settings, store, llm, classifier, files, progress, options)
                 loop = asyncio.get_running_loop()
                 for signum in (signal.SIGINT, signal.SIGTERM):
