@@ -648,6 +648,18 @@ def _could_not_connect(error: requests.exceptions.ConnectionError) -> bool:
     return isinstance(reason, NewConnectionError)
 
 
+def _environment_once(session: requests.Session, endpoint: str) -> None:
+    """Read the proxy, CA bundle and ``~/.netrc`` settings of the environment for ``endpoint`` once,
+    as requests would on every request: every call goes to that endpoint, and requests' own lookup
+    (every environment variable scanned, twice, per request) was a good part of the API's overhead
+    per ``/classify`` (issue 19)."""
+    found = session.merge_environment_settings(endpoint, {}, None, None, None)
+    session.proxies.update(found["proxies"])
+    session.verify, session.cert = found["verify"], found["cert"]
+    session.auth = requests.utils.get_netrc_auth(endpoint)  # None without an entry for its host
+    session.trust_env = False
+
+
 class LLMClient:
     """Synchronous client of the configured provider (its :class:`Provider` entry) over one pooled ``requests.Session``;
     close it (or use ``with``). Build it with :func:`create_llm_client`."""
@@ -662,6 +674,7 @@ class LLMClient:
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
+        _environment_once(self._session, settings.llm_endpoint)
         self._timeout = (min(CONNECT_TIMEOUT_SECONDS, settings.ollama_timeout), settings.ollama_timeout)
 
     def __enter__(self) -> LLMClient:
