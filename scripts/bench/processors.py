@@ -12,7 +12,6 @@ from typing import Any
 from scripts.bench.harness import (
     MODEL,
     RESULTS_COLLECTION,
-    ROOT,
     SOURCE_COLLECTION,
     STARTED_PROCESSES,
     STOP_TIMEOUT_SECONDS,
@@ -47,7 +46,7 @@ def _start_processor(ctx: Context, db: Database, database: str, fake_url: str, n
         "BATCH_MONITORING_MODE": "production", "BATCH_LEASE_SECONDS": repr(lease), "BATCH_WORKER_ID": name,
         "LOG_LEVEL": "INFO",
     })
-    command = [sys.executable, str(ROOT / "batch_processor.py"), "--mode", "batch"]
+    command = [sys.executable, str(ctx.code / "batch_processor.py"), "--mode", "batch"]
     process = ctx.processes.start(f"batch processor {name}", command, cwd=directory, env=env, log=log)
     STARTED_PROCESSES.append(("batch processor", process.pid, None))
     return process, log
