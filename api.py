@@ -35,6 +35,7 @@ import conversations
 import dashboard
 from aggregator import ConversationIn, Message, Tweet, validate_conversation
 from api_dependencies import (
+    INLINE_BYTES,
     ClassifierDep,
     ClientLeftError,
     LLMClientDep,
@@ -305,8 +306,8 @@ def _finite_float(text: str) -> float:
 
 def read_classify_body(body: bytes) -> tuple[dict[str, Any], ConversationIn]:
     """The body of ``POST /classify`` parsed once: the JSON as received (echoed in the answer) and the
-    validated conversation. Run in a worker thread: a 1 MB body is milliseconds of CPU that the
-    event loop (``/health``, every other request) must not wait for.
+    validated conversation. A large body is read in a worker thread (``LLMSlots.read``): a 1 MB body
+    is milliseconds of CPU that the event loop (``/health``, every other request) must not wait for.
 
     Everything the answer could not carry back fails here with a 400, before the LLM call, not as a
     500 after it: NaN and Infinity, numbers that read as infinity (``1e999``), unpaired surrogate
@@ -522,6 +523,7 @@ def _add_classification_routes(app: FastAPI) -> None:
                 logger.info("a client left before its turn, its body unread; not sent to the model")
                 return Response(status_code=CLIENT_CLOSED_REQUEST)
             raw, conversation = await llm_slots.read(read_classify_body, body)
+            body_bytes = len(body)
             del body  # parsed: the bytes can go while the request waits for its turn
             try:
                 outcome = await llm_slots.run(request, classifier.classify, conversation, llm_client)
@@ -537,7 +539,9 @@ def _add_classification_routes(app: FastAPI) -> None:
                 field: raw[field],  # the body as received, echoed unchanged
                 "classification": outcome.classification.model_dump(),
             }
-            response = await run_in_threadpool(JSONResponse, answer)  # serialising a large echo is CPU too
+            # Serialising a large echo is CPU too: in a worker thread, as parsing it was.
+            response = (JSONResponse(answer) if body_bytes <= INLINE_BYTES
+                        else await run_in_threadpool(JSONResponse, answer))
         logger.info(
             "classified conversation %s (%d %s) in %d ms: %s",
             conversation.conversation_number,

@@ -31,6 +31,13 @@ logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
+#: Bodies (and answers) up to this size are parsed (serialised) on the event loop: a typical conversation
+#: is a few kB, a fraction of a millisecond of CPU, while each hop to a worker thread and back costs about
+#: as much again in wake-ups (issue 19). Larger ones go to a worker thread, so that a dozen bodies of a
+#: megabyte never stall the loop (/health, every other request; issue 16 item 8). 8 kB of short turns
+#: (the costly shape: every turn a model to validate) is about 150 turns, 1-2 ms of validation.
+INLINE_BYTES = 8 * 1024
+
 
 class ClientLeftError(Exception):
     """The client hung up while its request waited for an LLM slot: nothing is sent to the model."""
@@ -82,9 +89,12 @@ class LLMSlots:
         finally:
             self._admitted -= 1
 
-    async def read(self, function: Callable[..., T], *args: Any) -> T:
-        """``function(*args)`` (parsing and validating a body) in the one worker thread for reading."""
-        return await anyio.to_thread.run_sync(function, *args, limiter=self._reading)
+    async def read(self, function: Callable[[bytes], T], body: bytes) -> T:
+        """``function(body)`` (parsing and validating a body): at once for a small body, else in the one
+        worker thread for reading."""
+        if len(body) <= INLINE_BYTES:
+            return function(body)
+        return await anyio.to_thread.run_sync(function, body, limiter=self._reading)
 
     async def run(self, request: Request, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in a worker thread once a slot is free; raises :class:`LLMBusyError`
@@ -94,6 +104,13 @@ class LLMSlots:
 
     @asynccontextmanager
     async def _slot(self, request: Request) -> AsyncIterator[None]:
+        if not self._semaphore.locked():  # a slot is free and nobody waits: no waiting to watch
+            await self._semaphore.acquire()  # (returns at once)
+            try:
+                yield
+            finally:
+                self._semaphore.release()
+            return
         acquiring = asyncio.ensure_future(self._semaphore.acquire())
         leaving = asyncio.ensure_future(_until_client_left(request))
         try:

@@ -379,7 +379,8 @@ def query_day(name: str, value: str | None) -> date | None:
     return day
 
 
-def get_dashboard_database(request: Request) -> DashboardDatabase:
+async def get_dashboard_database(request: Request) -> DashboardDatabase:
+    # A coroutine: FastAPI would run a plain function in a worker thread, a hop on every /classify.
     return request.state.dashboard_database
 
 

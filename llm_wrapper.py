@@ -30,11 +30,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from typing import Any
-
-import requests
-from requests.adapters import HTTPAdapter
-from urllib3.exceptions import MaxRetryError, NewConnectionError
+from typing import TYPE_CHECKING, Any
 
 from config import Settings
 from error_handler import (
@@ -48,6 +44,12 @@ from error_handler import (
     ModelNotFoundError,
 )
 from logger import redact_url
+
+if TYPE_CHECKING:
+    import requests
+# requests (with urllib3) is imported by the synchronous client below, the API's: the batch processor
+# reads the provider table here but never makes a synchronous call, and its start-up need not pay
+# for the import (issue 19).
 
 logger = logging.getLogger(__name__)
 
@@ -640,6 +642,9 @@ def read_ready(
 
 def _could_not_connect(error: requests.exceptions.ConnectionError) -> bool:
     """True when no connection was made (refused, unknown host), False when one was dropped."""
+    import requests
+    from urllib3.exceptions import MaxRetryError, NewConnectionError
+
     if isinstance(error, requests.exceptions.ConnectTimeout):
         return True
     reason = error.args[0] if error.args else None
@@ -648,11 +653,28 @@ def _could_not_connect(error: requests.exceptions.ConnectionError) -> bool:
     return isinstance(reason, NewConnectionError)
 
 
+def _environment_once(session: requests.Session, endpoint: str) -> None:
+    """Read the proxy, CA bundle and ``~/.netrc`` settings of the environment for ``endpoint`` once,
+    as requests would on every request: every call goes to that endpoint, and requests' own lookup
+    (every environment variable scanned, twice, per request) was a good part of the API's overhead
+    per ``/classify`` (issue 19)."""
+    import requests.utils
+
+    found = session.merge_environment_settings(endpoint, {}, None, None, None)
+    session.proxies.update(found["proxies"])
+    session.verify, session.cert = found["verify"], found["cert"]
+    session.auth = requests.utils.get_netrc_auth(endpoint)  # None without an entry for its host
+    session.trust_env = False
+
+
 class LLMClient:
     """Synchronous client of the configured provider (its :class:`Provider` entry) over one pooled ``requests.Session``;
     close it (or use ``with``). Build it with :func:`create_llm_client`."""
 
     def __init__(self, settings: Settings, *, pool_size: int = 64) -> None:
+        import requests
+        from requests.adapters import HTTPAdapter
+
         self.settings = settings
         self.provider = provider_for(settings)
         self._session = requests.Session()
@@ -662,6 +684,7 @@ class LLMClient:
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
+        _environment_once(self._session, settings.llm_endpoint)
         self._timeout = (min(CONNECT_TIMEOUT_SECONDS, settings.ollama_timeout), settings.ollama_timeout)
 
     def __enter__(self) -> LLMClient:
@@ -674,6 +697,8 @@ class LLMClient:
         self._session.close()
 
     def _request(self, method: str, path: str, timeout: Any, **kwargs: Any) -> requests.Response:
+        import requests  # (imported already by __init__: a dictionary lookup)
+
         url = f"{self.settings.llm_endpoint}{path}"
         try:
             return self._session.request(method, url, timeout=timeout, **kwargs)

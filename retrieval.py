@@ -27,10 +27,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import bm25s
-import numpy as np
 from pymongo import ReplaceOne
 from pymongo.errors import PyMongoError
 
@@ -40,6 +38,12 @@ from error_handler import ClassifierError, InputError, LLMError
 from mongo_client import storage_error
 from prompt_builder import CATEGORIZATION, Taxonomy
 from reviews import effective_labels, review_is_current
+
+if TYPE_CHECKING:
+    import bm25s
+    import numpy as np
+# numpy and bm25s (which loads scipy) are imported where an index is built or searched, not here:
+# they cost about a second of start-up (issue 19), and only FEW_SHOT_SOURCE=reviewed/both uses them.
 
 logger = logging.getLogger(__name__)
 
@@ -72,6 +76,8 @@ class ExampleIndex:
         self.vectors = vectors
         self._bm25: bm25s.BM25 | None = None
         if self.examples:
+            import bm25s
+
             self._bm25 = bm25s.BM25()
             self._bm25.index(_tokens([e.text for e in self.examples]), show_progress=False)
 
@@ -84,6 +90,8 @@ class ExampleIndex:
         has embeddings, else by ``text``), the most similar LAST (nearest the conversation)."""
         if not self.examples:
             return []
+        import numpy as np
+
         if vector is not None and self.vectors is not None and len(vector) == self.vectors.shape[1]:
             query = np.asarray(vector, dtype=np.float32)
             scores = self.vectors @ (query / (np.linalg.norm(query) or 1.0))
@@ -98,11 +106,15 @@ class ExampleIndex:
 
 
 def _tokens(texts: list[str]) -> Any:
+    import bm25s
+
     # English stop words dropped: "the", "my", "is" say nothing about intent or topic.
     return bm25s.tokenize(texts, stopwords="en", show_progress=False)
 
 
 def unit_rows(vectors: Sequence[Sequence[float]]) -> np.ndarray:
+    import numpy as np
+
     matrix = np.asarray(vectors, dtype=np.float32)
     norms = np.linalg.norm(matrix, axis=1, keepdims=True)
     norms[norms == 0] = 1.0

@@ -1,7 +1,7 @@
 """Benchmarks (GitHub issue #5): batch throughput, pipeline overhead, memory, API latency, prompt size.
 
     python -m scripts.benchmark [--full | --smoke] [--only SECTION[,SECTION]] [--label TEXT]
-                                [--output FILE.md] [--chart FILE.png]
+                                [--output FILE.md] [--chart FILE.png] [--code DIR]
 
 Runs the REAL batch processor (``python batch_processor.py``) and the REAL API (``python
 main.py``) as subprocesses against the fake Ollama (``python -m fakes.ollama``, its own
@@ -115,7 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
                         help="markdown file; earlier runs in it are kept below this one [default: docs/benchmarks.md]")
     parser.add_argument("--chart", type=Path, default=DEFAULT_CHART, metavar="FILE.png",
                         help="PNG chart of this run, replaced [default: docs/benchmarks.png]")
+    parser.add_argument("--code", type=_code_tree, default=ROOT, metavar="DIR",
+                        help="run the main.py and batch_processor.py of this checkout (e.g. the commit before "
+                        "a change, for a before/after pair), with this tree's harness and fakes "
+                        "[default: this tree]")
     return parser
+
+
+def _code_tree(text: str) -> Path:
+    path = Path(text).expanduser().resolve()
+    missing = [name for name in ("main.py", "batch_processor.py") if not (path / name).is_file()]
+    if missing:
+        raise argparse.ArgumentTypeError(f"{path} has no {' or '.join(missing)}: not a checkout of this project")
+    return path
 
 
 def _check_outputs(output: Path, chart: Path) -> None:
@@ -145,7 +157,7 @@ def run(args: argparse.Namespace, argv: list[str], console: Any) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="benchmark_") as workdir:
             ctx = Context(preset, processes, Path(workdir),
-                          say=lambda text: console.print(text, style="dim", highlight=False))
+                          say=lambda text: console.print(text, style="dim", highlight=False), code=args.code)
             try:
                 for entry in selected:
                     current = entry.title
@@ -167,7 +179,7 @@ def run(args: argparse.Namespace, argv: list[str], console: Any) -> int:
         write_chart(args.chart, sections, title)
     except OSError as e:
         raise UsageError(f"cannot write the chart {args.chart}: {e.strerror or e}") from e
-    run_text = render_run(label, date, command, preset, seconds, machine_info(), sections, chart_link)
+    run_text = render_run(label, date, command, preset, seconds, machine_info(args.code), sections, chart_link)
     write_markdown(args.output, run_text)
     columns, rows = targets_table(sections)
     console.print(f"\n[bold]Targets[/] ({seconds:.0f} s in all)", highlight=False)

@@ -6,6 +6,7 @@ here; every failing answer is checked to be JSON ``{"error": {"type", "message",
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import time
@@ -75,6 +76,28 @@ def error_of(response: requests.Response, status: int) -> dict[str, Any]:
 
 def text_of(error: dict[str, Any]) -> str:
     return f"{error['message']} {error.get('hint', '')}"
+
+
+# --- the request path ------------------------------------------------------------------------
+
+
+def test_no_route_depends_on_a_plain_function(make_settings: Callable[..., Settings]) -> None:
+    # FastAPI runs a plain-function dependency in its thread pool: a worker-thread hop on every request
+    # (the dashboard's database getter cost /classify one; issue 19). Dependencies are coroutines.
+    from fastapi.dependencies.models import Dependant
+
+    from api import create_app
+
+    def calls(dependant: Dependant) -> Iterator[Any]:
+        for dependency in dependant.dependencies:
+            yield dependency.call
+            yield from calls(dependency)
+
+    app = create_app(make_settings())
+    plain = sorted({f"{route.path}: {call.__module__}.{call.__qualname__}"
+                    for route in app.routes if isinstance(getattr(route, "dependant", None), Dependant)
+                    for call in calls(route.dependant) if not inspect.iscoroutinefunction(call)})
+    assert plain == []
 
 
 # --- 200 ------------------------------------------------------------------------------------

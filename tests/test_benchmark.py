@@ -111,9 +111,16 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
         assert all(NUMBER.match(cell) for cell in row[1:8]), row
         assert float(row[5].replace(",", "")) > 0
 
+    startup = table_after(text, "### 8. Fixed cost of a run")
+    assert [row[0] for row in startup] == ["wall time, start to exit (s)", "CPU seconds of the process",
+                                           "job clock (s)"]
+    for row in startup:
+        assert NUMBER.match(row[1]) and float(row[1]) > 0, row
+    assert "load avg:" in text
+
     targets = table_after(text, "**Targets**")
-    # (the last 1: /health at worst while large bodies wait for the API's one LLM slot)
-    assert len(targets) == 5 + 3 + 2 * len(skewed) + 4 + 1 and all(row[2] in ("PASS", "MISS") for row in targets)
+    # (+1: /health at worst while large bodies wait for the API's one LLM slot; +1: the fixed cost)
+    assert len(targets) == 5 + 3 + 2 * len(skewed) + 4 + 1 + 1 and all(row[2] in ("PASS", "MISS") for row in targets)
     assert re.search(r"Large bodies waiting: 2 POST /classify .* answers 2 x 200\. GET /health alone: p50 ", text)
 
     assert chart.read_bytes()[:8] == PNG_SIGNATURE
@@ -182,3 +189,31 @@ def test_peak_rss_is_the_processes_own_not_the_benchmark_processes(tmp_path):
     usage = json.loads(report.read_text())
     assert usage["exit_code"] == 0
     assert usage["maxrss_kb"] < 100 * 1024  # a bare Python: ~10 MiB, not this process's 200+
+    assert 0 < usage["wall_seconds"] < 60  # the child's own start to exit
+
+
+def test_code_runs_another_checkout_s_processor_and_is_named(tmp_path):
+    other = tmp_path / "other_checkout"
+    other.mkdir()
+    (other / "main.py").symlink_to(ROOT / "main.py")
+    # Its processor: this tree's, after leaving a mark that it was the one started.
+    (other / "batch_processor.py").write_text(
+        "import pathlib, runpy, sys\n"
+        "pathlib.Path(__file__).with_name('started').touch()\n"
+        f"sys.path.insert(0, {str(ROOT)!r})\n"
+        f"runpy.run_path({str(ROOT / 'batch_processor.py')!r}, run_name='__main__')\n", encoding="utf-8")
+    output = tmp_path / "b.md"
+    code = benchmark.main(["--smoke", "--only", "startup", "--code", str(other), "--output", str(output),
+                           "--chart", str(tmp_path / "b.png")])
+    assert code == benchmark.EXIT_OK
+    assert (other / "started").exists()
+    text = output.read_text(encoding="utf-8")
+    assert f"code run:    {other.resolve()} (unknown): its main.py and batch_processor.py (--code)" in text
+    assert table_after(text, "### 8. Fixed cost of a run")
+
+
+def test_code_must_be_a_checkout(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.main(["--smoke", "--only", "startup", "--code", str(tmp_path)])
+    assert exit_info.value.code == benchmark.EXIT_USAGE
+    assert "has no main.py or batch_processor.py" in capsys.readouterr().err

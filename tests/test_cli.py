@@ -7,6 +7,8 @@ import argparse
 import logging
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +240,14 @@ def test_free_port_is_free() -> None:
     port = free_port()
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", port))
+
+
+def test_start_up_imports_only_what_a_batch_run_uses() -> None:
+    # The processor's fixed cost is mostly imports (issue 19): the API's synchronous HTTP client
+    # (requests, urllib3), the retrieval's numpy/scipy/bm25s and the console bar's rich are loaded
+    # where they are used.
+    probe = ("import sys, cli; print(sorted(m for m in ('requests', 'urllib3', 'numpy', 'scipy', 'bm25s', "
+             "'rich') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert out == "[]"

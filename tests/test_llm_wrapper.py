@@ -154,6 +154,19 @@ def test_model_and_num_predict_from_settings(make_settings: SettingsFactory, fak
     assert request["options"]["num_predict"] == 128
 
 
+def test_the_environment_s_proxy_is_used(make_settings: SettingsFactory, fake_ollama: FakeOllama,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # The client reads the proxy settings once (requests would on every request: issue 19), not never.
+    for name in ("NO_PROXY", "no_proxy", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", fake_ollama.url)  # the fake serves the proxied request itself
+    settings = make_settings(llm_endpoint="http://llm.invalid:11434", ollama_timeout=5)
+    with LLMClient(settings) as client:
+        client.chat(*chat_messages(settings, CONVERSATION_A))
+    [record] = fake_ollama.chat_records
+    assert record.headers["Host"] == "llm.invalid:11434"  # sent to the proxy, for the endpoint
+
+
 def test_prefix_is_byte_identical_across_conversations(settings: Settings, fake_ollama: FakeOllama) -> None:
     with LLMClient(settings) as client:
         client.chat(*chat_messages(settings, CONVERSATION_A))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -63,6 +65,17 @@ def test_embeddings_rank_by_cosine_similarity() -> None:
 
 def test_an_empty_index_gives_no_examples() -> None:
     assert ExampleIndex([]).nearest(3, text="hello") == []
+
+
+def test_numpy_and_bm25s_are_loaded_only_by_an_index_with_examples() -> None:
+    # They cost about a second of every start (issue 19); most deployments never retrieve examples.
+    probe = ("import sys, api, cli; loaded = sorted(m for m in ('numpy', 'scipy', 'bm25s') if m in sys.modules); "
+             "from retrieval import ExampleIndex; ExampleIndex([]); "
+             "print(loaded, 'bm25s' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert out == "[] False"
+    assert ExampleIndex(EXAMPLES).nearest(1, text="my parcel is late")  # and the index still works
 
 
 # --- the API -------------------------------------------------------------------------------------

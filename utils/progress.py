@@ -21,12 +21,14 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Protocol
-
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from typing import TYPE_CHECKING, Protocol
 
 from utils.batch_file_manager import atomic_write_json
+
+if TYPE_CHECKING:
+    from rich.console import Console
+# rich is imported by the console bar that uses it: a run without the bar (production mode) need
+# not pay for the import at start-up (issue 19).
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +164,16 @@ class ConsoleProgressReporter:
     """``|████----| 60.0% 600/1000 Success: 580 Failed: 20 Rate: 2.5/s ETA 0:02:40``."""
 
     def __init__(self, console: Console | None = None) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TaskProgressColumn,
+            TextColumn,
+            TimeRemainingColumn,
+        )
+
         self._progress = Progress(
             TextColumn("[bold]{task.description}"),
             BarColumn(),

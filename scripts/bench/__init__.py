@@ -6,7 +6,8 @@
 * ``results``: what a section returns (``SectionResult``: table, notes, targets, chart data);
 * the sections, by area: ``batch_throughput`` (1-3: concurrency, overhead, memory),
   ``api_latency`` (4), ``prompt_size`` (5), ``processors`` (6: several processors on one
-  collection), ``llm_servers`` (7: several LLM servers);
+  collection), ``llm_servers`` (7: several LLM servers), ``startup`` (8: the processor's fixed
+  cost, a run on an empty collection);
 * ``sections``: the registry of sections in the order they run: adding a section is one entry
   there (its docstring says how);
 * ``render``: the Markdown file (earlier runs kept, newest first), the console tables, the chart,

@@ -25,6 +25,9 @@ from scripts.bench.results import SectionResult, Target, fmt, percentile
 
 # --- 4. API --------------------------------------------------------------------------------------
 
+#: What the API may add to a /classify at one client, p50 (issue 19; the first target, issue 5, was 5 ms).
+OVERHEAD_TARGET_MS = 1.5
+
 
 @dataclass
 class LoadResult:
@@ -164,7 +167,8 @@ def section_api(ctx: Context) -> SectionResult:
     clients against a zero-latency fake, beside the fake's own latency measured the same way
     (``POST /api/chat`` with the payload the API sends). asyncio load generator, one
     aiohttp session (keep-alive) per level, warm-up requests not counted, non-200 answers
-    counted as errors. Target: p50 overhead under 5 ms at 1 client; no error at 50. Then
+    counted as errors. Target: p50 overhead at most 1.5 ms at 1 client (issue 19; issue 5 asked
+    for 5 ms); no error at 50. Then
     ``GET /health`` alone and while a dozen ~0.9 MB bodies of 15,000 short turns wait for the
     API's one LLM slot (API_MAX_CONCURRENCY=1), and the API's peak RSS (``VmHWM``). Target:
     /health under 100 ms at worst meanwhile.
@@ -229,8 +233,8 @@ def section_api(ctx: Context) -> SectionResult:
     notes.append(waiting_note)
     targets = [waiting_target]
     if overhead_at_1 is not None:
-        targets.append(Target("API: p50 overhead (API p50 - fake p50) under 5 ms at 1 client",
-                              f"{overhead_at_1:.2f} ms", overhead_at_1 < 5.0))
+        targets.append(Target(f"API: p50 overhead (API p50 - fake p50) at most {OVERHEAD_TARGET_MS:g} ms at 1 client",
+                              f"{overhead_at_1:.2f} ms", overhead_at_1 <= OVERHEAD_TARGET_MS))
     if errors_at_50 is not None:
         targets.append(Target("API: no error at 50 clients", f"{errors_at_50} errors", errors_at_50 == 0))
     return SectionResult(

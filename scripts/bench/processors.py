@@ -13,7 +13,6 @@ from typing import Any
 from scripts.bench.harness import (
     MODEL,
     RESULTS_COLLECTION,
-    ROOT,
     SOURCE_COLLECTION,
     STARTED_PROCESSES,
     STOP_TIMEOUT_SECONDS,
@@ -52,7 +51,7 @@ def _start_processor(ctx: Context, db: Database, database: str, fake_url: str, n
         "BATCH_MONITORING_MODE": "production", "BATCH_LEASE_SECONDS": repr(lease), "BATCH_WORKER_ID": name,
         "LOG_LEVEL": "INFO",
     })
-    command = [sys.executable, str(ROOT / "batch_processor.py"), "--mode", "batch"]
+    command = [sys.executable, str(ctx.code / "batch_processor.py"), "--mode", "batch"]
     if clock_ahead is not None:
         command = [FAKETIME or "faketime", "-f", f"+{clock_ahead:g}s", *command]
     process = ctx.processes.start(f"batch processor {name}", command, cwd=directory, env=env, log=log)

@@ -69,7 +69,7 @@ def git_commit(root: Path = ROOT) -> str:
         return "unknown"
 
 
-def machine_info() -> dict[str, str]:
+def machine_info(code: Path = ROOT) -> dict[str, str]:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -105,6 +105,10 @@ def machine_info() -> dict[str, str]:
         "Python": f"{platform.python_implementation()} {platform.python_version()}",
         "packages": ", ".join(versions),
         "git commit": git_commit() + " (uncommitted changes are not detected)",
+        **({"code run": f"{code} ({git_commit(code)}): its main.py and batch_processor.py (--code)"}
+           if code.resolve() != ROOT.resolve() else {}),
+        # The machine is shared: wall times and latencies depend on what else runs.
+        "load avg": "{:.1f} / {:.1f} / {:.1f} (1 / 5 / 15 min, at the end of the run)".format(*os.getloadavg()),
     }
 
 

@@ -34,6 +34,7 @@ from scripts.bench.llm_servers import draw_servers, section_servers
 from scripts.bench.processors import section_processors
 from scripts.bench.prompt_size import draw_prompt, section_prompt
 from scripts.bench.results import SectionResult
+from scripts.bench.startup import section_startup
 
 
 @dataclass(frozen=True)
@@ -57,5 +58,6 @@ SECTIONS: tuple[Section, ...] = (
     Section("prompt", "5. Prompt size", section_prompt, draw_prompt),
     Section("processors", "6. Several processors", section_processors),
     Section("servers", "7. Several LLM servers", section_servers, draw_servers),
+    Section("startup", "8. Fixed cost of a run", section_startup),
 )
 SECTION_NAMES = tuple(section.key for section in SECTIONS)
