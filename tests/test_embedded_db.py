@@ -18,8 +18,9 @@ from pymongo import MongoClient, WriteConcern
 
 from config import Settings, load_settings
 from error_handler import ConfigError, StorageUnavailableError
+from utils.child_process import threads_running
 from utils.command_line import free_port
-from utils.embedded_db import PID_FILE, _threads_running, embedded_database
+from utils.embedded_db import PID_FILE, embedded_database
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,9 +65,12 @@ def _client(uri: str) -> MongoClient[dict[str, Any]]:
 @pytest.fixture(autouse=True)
 def stopped_gracefully(caplog: pytest.LogCaptureFixture) -> Any:
     """Every database of a test is stopped by SIGTERM, never killed (a kill is logged as a warning)."""
-    with caplog.at_level(logging.DEBUG, logger="utils.embedded_db"):
+    # The stop itself is utils.child_process's (shared with the embedded model).
+    loggers = ("utils.embedded_db", "utils.child_process")
+    with caplog.at_level(logging.DEBUG, logger="utils.embedded_db"), caplog.at_level(logging.DEBUG,
+                                                                                    logger="utils.child_process"):
         yield
-    kills = [r.getMessage() for r in caplog.records if r.name == "utils.embedded_db" and r.levelno >= logging.WARNING
+    kills = [r.getMessage() for r in caplog.records if r.name in loggers and r.levelno >= logging.WARNING
              and not r.getMessage().startswith("stopping a stale embedded database")]  # not ours: a crashed run's
     assert kills == []
 
@@ -147,7 +151,7 @@ with embedded_database(load_settings({"embedded_db_path": sys.argv[2]}, environ=
 
 
 # True while a thread of the pid runs (a zombie, holding no port and no file, counts as gone).
-_alive = _threads_running
+_alive = threads_running
 
 
 def _wait_gone(pid: int, bound: float = 60.0) -> bool:
