@@ -14,8 +14,8 @@ import asyncio
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import Body, FastAPI, Request
@@ -32,6 +32,7 @@ from aggregator import ConversationIn, Message, Tweet
 from api_dependencies import (
     ClassifierDep,
     ClientLeftError,
+    EmbeddedLLMDep,
     LLMClientDep,
     LLMSlots,
     LLMSlotsDep,
@@ -54,6 +55,8 @@ from error_handler import (
 from llm_pool import LLMPool
 from llm_wrapper import create_llm_client
 from logger import configure_logging
+from utils.embedded_llm import NOTE as EMBEDDED_NOTE
+from utils.embedded_llm import embedded_llm
 
 logger = logging.getLogger(__name__)
 
@@ -233,6 +236,31 @@ class BodySizeLimitMiddleware:
         await JSONResponse(error_body(error), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
+class StartupErrorMiddleware:
+    """A start-up that fails with one of our errors (the embedded model cannot start) is reported as
+    ``error: <message> <hint>``, in one line like a configuration error, not as Starlette's traceback.
+
+    The lifespan puts the error in ``errors`` before it re-raises; Starlette then sends
+    ``lifespan.startup.failed`` with the traceback's text, which this replaces.
+    """
+
+    def __init__(self, app: ASGIApp, errors: list[ClassifierError]) -> None:
+        self.app = app
+        self.errors = errors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: ASGIMessage) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.errors:
+                message = {**message, "message": f"error: {self.errors[-1]}"}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
+
+
 def is_json_media_type(content_type: str) -> bool:
     """``application/json`` or ``application/<anything>+json``, any parameters (charset) and case."""
     media_type = content_type.split(";", 1)[0].strip().lower()
@@ -356,18 +384,36 @@ def _endpoint_names(ollama: LLMPool) -> str:
     return ", ".join(server.name for server in ollama.servers)
 
 
+@contextmanager
+def _llm_started(settings: Settings, errors: list[ClassifierError]) -> Iterator[Settings]:
+    """The settings of the LLM calls: with OLLAMA_ENDPOINT=embedded, those of the embedded model,
+    started here for the app's life. The lifespan calls this in the event loop's thread, blocking
+    (nothing is served yet): a child dies with the thread that started it. An error of the start
+    goes to ``errors`` too (StartupErrorMiddleware reports it in one line)."""
+    with ExitStack() as stack:
+        try:
+            llm_settings = stack.enter_context(embedded_llm(settings))
+        except ClassifierError as e:
+            errors.append(e)
+            raise
+        yield llm_settings
+
+
 def create_app(settings: Settings, *, classifier: ConversationClassifier | None = None) -> FastAPI:
     """The FastAPI application for ``settings``; building it reads and connects nothing (the lifespan does)."""
+
+    startup_errors: list[ClassifierError] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         pipeline = classifier or ConversationClassifier.from_settings(settings)
         pool_size = settings.api_max_concurrency + SPARE_CONNECTIONS
         # One client per LLM server (OLLAMA_ENDPOINT may list several); each call to the least busy.
-        with LLMPool(settings, lambda server: create_llm_client(server, pool_size=pool_size)) as ollama:
+        with _llm_started(settings, startup_errors) as llm_settings, \
+                LLMPool(llm_settings, lambda server: create_llm_client(server, pool_size=pool_size)) as ollama:
             logger.info(
                 "API ready: model %s at %s, %d intents, %d topics, prompt prefix %d chars",
-                settings.ollama_model,
+                llm_settings.ollama_model,
                 _endpoint_names(ollama),
                 len(pipeline.taxonomy.intents),
                 len(pipeline.taxonomy.topics),
@@ -377,7 +423,8 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
             startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
             # The lifespan state: every request sees it on request.state (see api_dependencies).
             slots = LLMSlots(settings.api_max_concurrency, settings.api_queue_timeout)
-            yield lifespan_state(settings, pipeline, ollama, slots)
+            yield lifespan_state(llm_settings, pipeline, ollama, slots,
+                                 embedded_llm=EMBEDDED_NOTE if settings.uses_embedded_llm else None)
             startup_check.cancel()
 
     app = FastAPI(
@@ -395,6 +442,7 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
     # The last added runs first: the size limit, then the media type.
     app.add_middleware(JSONBodyOnlyMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(StartupErrorMiddleware, errors=startup_errors)
     _install_error_handlers(app)
     _add_classification_routes(app)
     # Routers of other parts are included here, one line each; they take what they need from
@@ -463,12 +511,15 @@ def _add_classification_routes(app: FastAPI) -> None:
         summary="Readiness: Ollama answers and the model is pulled",
         responses={503: ERROR_RESPONSES[503]},
     )
-    async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, Any]:
+    async def ready(settings: SettingsDep, llm_client: LLMClientDep, embedded: EmbeddedLLMDep) -> dict[str, Any]:
         """Ready when at least one LLM server answers with the model; each server is reported."""
         # None ready: the first server's typed error (503 with its hint).
         statuses = await run_in_threadpool(lambda: llm_client.readiness(require_one=True))
-        return {"status": "ready", "model": settings.ollama_model, "endpoint": _endpoint_names(llm_client),
-                "servers": [status.as_dict() for status in statuses]}
+        answer = {"status": "ready", "model": settings.ollama_model, "endpoint": _endpoint_names(llm_client),
+                  "servers": [status.as_dict() for status in statuses]}
+        if embedded:  # nobody should take its labels for a real model's
+            answer["embedded"] = embedded
+        return answer
 
 
 class _AppFromEnvironment:

@@ -91,10 +91,13 @@ async def _until_client_left(request: Request) -> None:
 
 
 def lifespan_state(
-    settings: Settings, classifier: ConversationClassifier, llm_client: LLMPool, llm_slots: LLMSlots
+    settings: Settings, classifier: ConversationClassifier, llm_client: LLMPool, llm_slots: LLMSlots,
+    *, embedded_llm: str | None = None,
 ) -> dict[str, Any]:
-    """The lifespan state the dependencies below read: one place names its keys."""
-    return {"settings": settings, "classifier": classifier, "llm_client": llm_client, "llm_slots": llm_slots}
+    """The lifespan state the dependencies below read: one place names its keys. ``embedded_llm``
+    describes the embedded model when the API runs it (OLLAMA_ENDPOINT=embedded), else None."""
+    return {"settings": settings, "classifier": classifier, "llm_client": llm_client, "llm_slots": llm_slots,
+            "embedded_llm": embedded_llm}
 
 
 def get_settings(request: Request) -> Settings:
@@ -113,7 +116,12 @@ def get_llm_slots(request: Request) -> LLMSlots:
     return request.state.llm_slots
 
 
+def get_embedded_llm(request: Request) -> str | None:
+    return request.state.embedded_llm
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ClassifierDep = Annotated[ConversationClassifier, Depends(get_classifier)]
 LLMClientDep = Annotated[LLMPool, Depends(get_llm_client)]
 LLMSlotsDep = Annotated[LLMSlots, Depends(get_llm_slots)]
+EmbeddedLLMDep = Annotated[str | None, Depends(get_embedded_llm)]

@@ -1,4 +1,5 @@
-"""The monitoring dashboard: ``GET /dashboard``, its JSON (``/api/stats``, ``/api/jobs``) and offline ``/docs``.
+"""The monitoring dashboard: ``GET /dashboard``, its JSON (``/api/stats``, ``/api/jobs``, ``/api/model``) and
+offline ``/docs``.
 
 Everything here reads MongoDB and nothing else needs it: the client is created lazily on the
 first dashboard request (with a short server-selection timeout) and closed by this router's
@@ -32,7 +33,7 @@ from pymongo import DESCENDING, AsyncMongoClient
 from pymongo.errors import PyMongoError
 from starlette.concurrency import run_in_threadpool
 
-from api_dependencies import SettingsDep
+from api_dependencies import EmbeddedLLMDep, SettingsDep
 from config import Settings
 from error_handler import ClassifierError, InputError, StorageUnavailableError
 from mongo_client import invalid_uri_error, mongo_connection, unreachable_error
@@ -119,6 +120,12 @@ class Job(BaseModel):
     rate: float = Field(0.0, description="Conversations per second over the last minute.")
     eta: datetime | None = Field(None, description="Estimated completion (running jobs).")
     percentage: float = 0.0
+
+
+class ModelResponse(BaseModel):
+    model: str = Field(description="The model the API classifies with (OLLAMA_MODEL, or the embedded model's id).")
+    embedded: str | None = Field(description="Set when that is the embedded model (OLLAMA_ENDPOINT=embedded): "
+                                 "its name, and that its labels are rough.")
 
 
 class JobsResponse(BaseModel):
@@ -389,6 +396,16 @@ async def jobs(
         raise holder.unavailable(e) from e
     views = [job_view(doc, now) for doc in docs]
     return {"running": sum(1 for v in views if v["status"] == "running"), "jobs": views}
+
+
+@router.get(
+    "/api/model",
+    summary="The model the API classifies with, and whether it is the embedded one (no LLM call)",
+    response_model=ModelResponse,
+    tags=["dashboard"],
+)
+async def model(settings: SettingsDep, embedded: EmbeddedLLMDep) -> dict[str, Any]:
+    return {"model": settings.ollama_model, "embedded": embedded}
 
 
 @router.get("/dashboard", include_in_schema=False)

@@ -24,6 +24,9 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 #: The value of MONGODB_CONNECTION_STRING that starts a local SecantusDB child process.
 EMBEDDED_DATABASE = "embedded"
+#: The value of OLLAMA_ENDPOINT that starts llama.cpp's llama-server with the packaged small model
+#: as a child process (utils/embedded_llm.py).
+EMBEDDED_LLM = "embedded"
 
 #: BATCH_MAX_CONCURRENT=auto: the most conversations at once the controller may reach.
 AUTO_CONCURRENCY_CEILING = 64
@@ -38,7 +41,7 @@ class Settings(BaseModel):
     ollama_endpoint: str = Field(
         "http://localhost:11434",
         description="Base URL of the Ollama server, or several separated by commas (each call goes to the "
-        "least busy one).",
+        "least busy one); 'embedded': a small model on llama.cpp started for the run (rough labels, for trying).",
     )
     ollama_model: str = Field("llama3", min_length=1, description="Ollama model used for classification.")
     ollama_timeout: float = Field(120.0, gt=0, description="Seconds to wait for one Ollama answer.")
@@ -47,6 +50,11 @@ class Settings(BaseModel):
     ollama_max_retries: int = Field(3, ge=0, le=10, description="Batch: retries of a transient LLM failure.")
     ollama_retry_base_seconds: float = Field(
         2.0, ge=0, description="Batch: first LLM retry delay; doubles each retry (2, 4, 8 s)."
+    )
+    llama_server_bin: str = Field(
+        "",
+        description="OLLAMA_ENDPOINT=embedded: llama.cpp's llama-server to run; empty: the one `make run` builds "
+        "(~/.cache/support-classifier), else llama-server on PATH.",
     )
 
     # --- LLM provider and confidence ----------------------------------------------------
@@ -167,6 +175,8 @@ class Settings(BaseModel):
     @field_validator("ollama_endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str) -> str:
+        if value.strip().lower() == EMBEDDED_LLM:
+            return EMBEDDED_LLM
         urls = [url.strip().rstrip("/") for url in value.split(",")]
         if not any(urls):
             raise ValueError("must name at least one server, e.g. http://localhost:11434")
@@ -174,7 +184,7 @@ class Settings(BaseModel):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(
                     f"{redact_url(url)!r} must start with http:// or https://, e.g. http://localhost:11434 "
-                    "(several servers: separated by commas)"
+                    f"(several servers: separated by commas), or be '{EMBEDDED_LLM}'"
                 )
         if len(set(urls)) != len(urls):
             raise ValueError("lists a server twice")
@@ -208,6 +218,11 @@ class Settings(BaseModel):
     def llm_endpoints(self) -> list[str]:
         """The LLM servers' base URLs (OLLAMA_ENDPOINT split at commas), in the order given."""
         return self.ollama_endpoint.split(",")
+
+    @property
+    def uses_embedded_llm(self) -> bool:
+        """True when the LLM is the packaged small model, started on demand (utils/embedded_llm.py)."""
+        return self.ollama_endpoint == EMBEDDED_LLM
 
     @property
     def uses_embedded_database(self) -> bool:
