@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -37,6 +37,7 @@ from api_dependencies import EmbeddedLLMDep, SettingsDep
 from config import Settings
 from error_handler import ClassifierError, InputError, StorageUnavailableError
 from mongo_client import invalid_uri_error, mongo_connection, unreachable_error
+from utils.child_process import ThreadOwned
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ class DashboardDatabase:
 
     def __init__(self) -> None:
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
-        self._embedded = ExitStack()
+        self._connection: ThreadOwned[tuple[str, dict[str, Any]]] | None = None
         self._lock = asyncio.Lock()
         self.uri = ""
 
@@ -170,8 +171,9 @@ class DashboardDatabase:
     async def _connect(self, settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
         try:
             # Starting the embedded database blocks (a child process); keep the event loop free meanwhile.
-            uri, options = await run_in_threadpool(self._embedded.enter_context,
-                                                   mongo_connection(settings, DASHBOARD_APPNAME))
+            # It is started by a thread of its own: a pool's worker may be retired, and the child with it.
+            self._connection = ThreadOwned(mongo_connection(settings, DASHBOARD_APPNAME), name="dashboard-database")
+            uri, options = await run_in_threadpool(self._connection.enter)
         except ClassifierError as e:
             raise StorageUnavailableError(f"The embedded database is not available: {e.message}",
                                           hint=e.hint) from e
@@ -191,7 +193,9 @@ class DashboardDatabase:
         if self._client is not None:
             await self._client.close()
             self._client = None
-        await run_in_threadpool(self._embedded.close)
+        if self._connection is not None:
+            await run_in_threadpool(self._connection.close)
+            self._connection = None
 
 
 @asynccontextmanager

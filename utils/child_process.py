@@ -26,13 +26,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Generic, TypeVar, cast
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 STOP_TIMEOUT_SECONDS = 15.0
 TERM_REPEAT_SECONDS = 1.0
@@ -54,7 +57,8 @@ def die_with_parent() -> Callable[[], None] | None:
     SIGKILL, not SIGTERM: nobody is left to repeat a SIGTERM the server misses (see :func:`stop`).
     The signal follows the *thread* that started the child: callers start it from a thread that
     lives as long as it (the main thread: the CLI, the importer, the event loop of the batch
-    processor and of the API), never from a pool's worker thread, which may end any time.
+    processor and of the API, or a :class:`ThreadOwned`), never from a pool's worker thread,
+    which may end any time.
     """
     if not sys.platform.startswith("linux"):
         return None
@@ -206,6 +210,58 @@ def stop_stale(server: Leftover, timeout: float = STOP_TIMEOUT_SECONDS) -> bool:
     while process_info(pid) is not None and time.monotonic() < deadline + timeout:
         time.sleep(0.05)  # after SIGKILL: until the kernel has released its files
     return process_info(pid) is None
+
+
+# --- the thread that owns a child -----------------------------------------------------------------
+
+
+class ThreadOwned(Generic[T]):
+    """A context manager entered, and later exited, in a thread of its own that lives until :meth:`close`.
+
+    PR_SET_PDEATHSIG follows the *thread* that started a child. Code that must not block its event
+    loop starts children from a pool's worker thread (Starlette's ``run_in_threadpool``), and anyio
+    retires a worker idle for 10 s: the kernel then kills the child with it. Entered through this
+    class instead (``await run_in_threadpool(owned.enter)``), the child belongs to a thread that
+    ends only when :meth:`close` exits the context.
+    """
+
+    def __init__(self, context: AbstractContextManager[T], *, name: str = "child-owner") -> None:
+        self._context = context
+        self._entered = threading.Event()
+        self._closing = threading.Event()
+        self._value: T | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._own, name=name, daemon=True)
+
+    def _own(self) -> None:
+        try:
+            with self._context as value:
+                self._value = value
+                self._entered.set()
+                self._closing.wait()
+        except BaseException as e:  # raised by enter() (entering failed) or close() (exiting did)
+            self._error = e
+        finally:
+            self._entered.set()
+
+    def enter(self) -> T:
+        """Enter the context in the owner thread (blocks until it is entered); raises what entering raised."""
+        self._thread.start()
+        self._entered.wait()
+        if self._error is not None:
+            self._thread.join()  # it has ended: nothing to close
+            error, self._error = self._error, None
+            raise error
+        return cast(T, self._value)
+
+    def close(self) -> None:
+        """Exit the context (blocks until it is exited, the child stopped); harmless twice or unentered."""
+        self._closing.set()
+        if self._thread.is_alive():
+            self._thread.join()
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
 
 
 # --- the life cycle -------------------------------------------------------------------------------
