@@ -44,7 +44,9 @@ class Settings(BaseModel):
         "least busy one); 'embedded': a small model on llama.cpp started for the run (rough labels, for trying).",
     )
     ollama_model: str = Field("llama3", min_length=1, description="Ollama model used for classification.")
-    ollama_timeout: float = Field(120.0, gt=0, description="Seconds to wait for one Ollama answer.")
+    ollama_timeout: float = Field(
+        120.0, gt=0, description="Seconds to wait for one Ollama answer (unset with OLLAMA_ENDPOINT=embedded: 600)."
+    )
     ollama_keep_alive: str = Field("5m", description="How long Ollama keeps the model loaded after a request.")
     ollama_num_predict: int = Field(256, ge=32, le=4096, description="Maximum tokens the model may generate.")
     ollama_max_retries: int = Field(3, ge=0, le=10, description="Batch: retries of a transient LLM failure.")

@@ -136,7 +136,6 @@ def run_small(settings: Settings, chart: Path, batch_files: Path) -> int:
     env = {
         "OLLAMA_ENDPOINT": EMBEDDED_LLM,
         "LLM_ENDPOINT": EMBEDDED_LLM,  # its provider-neutral name, should the environment hold another
-        "OLLAMA_TIMEOUT": "600",  # CPU only, and the machine may be busy
         "BATCH_MAX_CONCURRENT": "2",
         "MONGODB_DATABASE_NAME": SMALL_DATABASE,
     }

@@ -22,6 +22,7 @@ from utils.child_process import PidFile
 from utils.command_line import free_port
 from utils.embedded_llm import (
     ALIAS,
+    ANSWER_TIMEOUT_SECONDS,
     MODEL_FILE,
     MODEL_PACKAGE,
     NOTE,
@@ -201,3 +202,6 @@ def test_the_embedded_settings_use_the_openai_provider() -> None:
     settings = served_settings(_settings(ollama_endpoint="embedded", llm_api_key="secret"), server)
     assert (settings.llm_provider, settings.ollama_endpoint, settings.ollama_model, settings.llm_api_key) == (
         "openai", "http://127.0.0.1:1234/v1", ALIAS, None)
+    assert settings.ollama_timeout == ANSWER_TIMEOUT_SECONDS  # a shared CPU: not a GPU server's 120 s
+    chosen = served_settings(_settings(ollama_endpoint="embedded", ollama_timeout=30), server)
+    assert chosen.ollama_timeout == 30  # the user's choice stays

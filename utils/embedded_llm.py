@@ -69,6 +69,10 @@ CONTEXT_PER_SLOT = 4608
 #: more, and further requests queue in the server.
 SLOTS = 2
 START_TIMEOUT_SECONDS = 120.0  # a cold start on a busy 2-core machine takes seconds, not minutes
+#: OLLAMA_TIMEOUT when the user set none: the model shares a CPU with the API or the processor (and
+#: whatever else runs), so an answer that takes a second on a quiet machine can take a minute or more
+#: on a busy one, the first (the prompt prefix not cached yet) most of all. 120 s is a GPU server's default.
+ANSWER_TIMEOUT_SECONDS = 600.0
 INSTALL_HINT = "`make run` and `make demo` install both"
 
 
@@ -140,11 +144,15 @@ def locate(settings: Settings) -> tuple[Path, Path]:
 
 
 def served_settings(settings: Settings, server: LlamaServer) -> Settings:
-    """``settings`` pointed at a running embedded server: the OpenAI-compatible provider, its model id."""
-    return settings.model_copy(update={
+    """``settings`` pointed at a running embedded server: the OpenAI-compatible provider, its model
+    id, and (unless OLLAMA_TIMEOUT was set) :data:`ANSWER_TIMEOUT_SECONDS`."""
+    update: dict[str, object] = {
         "llm_provider": "openai", "ollama_endpoint": server.base_url, "ollama_model": server.alias,
         "llm_api_key": None,  # a loopback child of ours asks for none; a configured key stays with its server
-    })
+    }
+    if "ollama_timeout" not in settings.model_fields_set:
+        update["ollama_timeout"] = ANSWER_TIMEOUT_SECONDS
+    return settings.model_copy(update=update)
 
 
 @contextmanager

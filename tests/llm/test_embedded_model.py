@@ -51,7 +51,7 @@ pytestmark = pytest.mark.timeout(1800)
 def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
     env = {key: value for key, value in os.environ.items() if key not in {env_name(n) for n in Settings.model_fields}}
     env.update({"XDG_CACHE_HOME": str(tmp_path / "cache"), "OLLAMA_ENDPOINT": "embedded",
-                "LLAMA_SERVER_BIN": BINARY, "OLLAMA_TIMEOUT": "300", **variables})
+                "LLAMA_SERVER_BIN": BINARY, **variables})  # OLLAMA_TIMEOUT: the embedded default
     return env
 
 
@@ -135,8 +135,10 @@ def test_the_api_classifies_with_the_embedded_model_and_names_it(start_main: Any
         assert http.get(f"{api.url}/api/model", timeout=30).json() == {"model": ALIAS, "embedded": NOTE}
     assert "WARNING - utils.embedded_llm - using the embedded model SmolLM2-135M" in api.log.read_text()
 
-    api.process.send_signal(signal.SIGTERM)  # as Ctrl-C on make run
-    assert api.process.wait(120) == 0
+    api.process.send_signal(signal.SIGTERM)  # as a service manager stops it
+    # uvicorn shuts down, then re-raises the signal it caught: the exit status says SIGTERM.
+    assert api.process.wait(120) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete." in api.log.read_text()
     assert _wait_gone(server), "llama-server outlived the API that stopped"
     assert list(_runs(tmp_path).glob("llama-server-*")) == []  # pid file and log removed
     assert "Traceback" not in api.log.read_text()
