@@ -139,7 +139,11 @@ def test_the_api_classifies_with_the_embedded_model_and_names_it(start_main: Any
     # uvicorn shuts down, then re-raises the signal it caught: the exit status says SIGTERM.
     assert api.process.wait(120) in (0, -signal.SIGTERM)
     assert "Application shutdown complete." in api.log.read_text()
-    assert _wait_gone(server), "llama-server outlived the API that stopped"
+    try:
+        assert _wait_gone(server), "llama-server outlived the API that stopped"
+    finally:
+        if threads_running(server):  # the test failed: still, leave no server behind
+            os.kill(server, signal.SIGKILL)
     assert list(_runs(tmp_path).glob("llama-server-*")) == []  # pid file and log removed
     assert "Traceback" not in api.log.read_text()
 
@@ -153,8 +157,11 @@ def test_the_model_server_dies_with_its_killed_api_and_the_next_start_clears_its
 
     api.process.send_signal(signal.SIGKILL)  # as the OOM killer would: no chance to stop its child
     api.process.wait(60)
-
-    assert _wait_gone(server), "llama-server outlived its killed parent"
+    try:
+        assert _wait_gone(server), "llama-server outlived its killed parent"
+    finally:
+        if threads_running(server):  # the test failed: still, leave no server behind
+            os.kill(server, signal.SIGKILL)
     assert pid_file.exists()  # the record of a run that ended without stopping its server
     with LlamaServer(binary=BINARY, runs=_runs(tmp_path)) as again:
         assert not pid_file.exists()  # recognised: names no running server any more
