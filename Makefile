@@ -15,7 +15,7 @@ EMBEDDED_UNLESS_SET = if [ -z "$$MONGODB_CONNECTION_STRING" ] && ! grep -qs '^MO
 EMBEDDED_LLM_UNLESS_SET = if [ -z "$$LLM_ENDPOINT$$OLLAMA_ENDPOINT" ] && ! grep -qsE '^(LLM|OLLAMA)_ENDPOINT=' .env \
 	  && $(BIN)/python -m scripts.llama_server --fallback; then \
 	  $(MAKE) -s --no-print-directory $(VENV)/.llm && $(BIN)/python -m scripts.llama_server --build >/dev/null || exit; \
-	  export OLLAMA_ENDPOINT=embedded; fi
+	  export LLM_ENDPOINT=embedded; fi
 
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev run test test-llm demo demo-small bench evaluate lint clean

@@ -187,14 +187,14 @@ class FailureWindow:
 
 
 FAILURE_FIXES = {
-    "llm_bad_output": "The model's answers are not usable classifications: check OLLAMA_MODEL (a model that "
+    "llm_bad_output": "The model's answers are not usable classifications: check LLM_MODEL (a model that "
     "follows JSON schemas), TAXONOMY_FILE and FEW_SHOTS_FILE; try one conversation with python -m scripts.api_client.",
     "llm_timeout": "The model is too slow: raise OLLAMA_TIMEOUT, or lower --max-concurrent.",
-    "llm_unavailable": "Ollama cannot be reached: check that it runs at OLLAMA_ENDPOINT (ollama serve).",
+    "llm_unavailable": "Ollama cannot be reached: check that it runs at LLM_ENDPOINT (ollama serve).",
     "llm_server_error": "Ollama fails while answering: check its log (out of memory? a crashed runner?).",
     "llm_busy": "Ollama is overloaded: lower --max-concurrent, or raise OLLAMA_NUM_PARALLEL on the server.",
-    "model_not_found": "The model is not on the server: ollama pull it, or set OLLAMA_MODEL.",
-    "llm_request_rejected": "Ollama rejects the requests: check OLLAMA_MODEL and OLLAMA_NUM_PREDICT.",
+    "model_not_found": "The model is not on the server: ollama pull it, or set LLM_MODEL.",
+    "llm_request_rejected": "Ollama rejects the requests: check LLM_MODEL and OLLAMA_NUM_PREDICT.",
 }
 
 
@@ -290,7 +290,7 @@ class BatchProcessor:
             "job %s started: worker %s, mode %s, batch size %d, %d concurrent, lease %.0f s, model %s, data %s, "
             "batch files %s",
             self.job_id, self.source.worker_id, self.settings.batch_processor_mode, self.settings.mongodb_batch_size,
-            self.settings.batch_max_concurrent, self.settings.batch_lease_seconds, self.settings.ollama_model,
+            self.settings.batch_max_concurrent, self.settings.batch_lease_seconds, self.settings.llm_model,
             self.store.description, self.files.directory,
         )
         status = "failed"

@@ -3,8 +3,10 @@
 Models do not always answer with bare JSON, even with a schema: parsing tolerates code
 fences, ``<think>`` blocks, prose around the object, a ``{"classification": {...}}``
 wrapper, and odd case or spacing in keys and labels. Labels are normalised to the
-taxonomy's spelling. An intent or topic outside the taxonomy becomes ``Other`` (a
-warning); a missing key or an unknown sentiment makes the answer unusable.
+taxonomy's spelling. Every key of the taxonomy's fields is required. A label outside the
+taxonomy becomes the field's ``Other`` when the field has that label (a warning), and makes the
+answer unusable (:class:`LLMOutputError`) when it has not: with the default taxonomy, an unknown
+intent or topic is ``Other``, an unknown sentiment is an error.
 
 :class:`ConversationClassifier` is the pipeline both front doors share:
 aggregate -> prompt -> (sync or async) LLM call -> parse.
@@ -16,25 +18,27 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator import ConversationIn, Transcript, build_transcript
+from aggregator import ConversationIn, Transcript, build_transcript, content_hash
 from confidence import label_confidences
 from config import Settings
 from error_handler import LLMOutputError
 from prompt_builder import (
-    FALLBACK_LABEL,
-    LABEL_KINDS,
-    OUTPUT_KEYS,
+    CATEGORIZATION,
+    Example,
+    LabelField,
     PromptBuilder,
     Taxonomy,
     label_key,
     load_few_shots,
     load_taxonomy,
 )
+from retrieval import FewShotRetriever
 
 if TYPE_CHECKING:
     from llm_wrapper import ChatResult
@@ -46,9 +50,12 @@ MAX_CATEGORIZATION_CHARS = 300
 
 
 class ChatClient(Protocol):
-    """What :meth:`ConversationClassifier.classify` needs: an LLM client or a pool of them (the API)."""
+    """What :meth:`ConversationClassifier.classify` needs: an LLM client or a pool of them (the API).
+    ``embed`` is called only with retrieved few-shot examples by embeddings (EMBEDDING_MODEL)."""
 
     def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult: ...
+
+    def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
 class AsyncChatClient(Protocol):
@@ -56,41 +63,66 @@ class AsyncChatClient(Protocol):
 
     async def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult: ...
 
+    async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
-class Confidence(BaseModel):
-    """Per label: the probability of the chosen label among the allowed ones (see confidence.py)."""
 
-    intent: float | None = Field(None, ge=0, le=1, description="Confidence of the intent, or null.")
-    topic: float | None = Field(None, ge=0, le=1, description="Confidence of the topic, or null.")
-    sentiment: float | None = Field(None, ge=0, le=1, description="Confidence of the sentiment, or null.")
+Probability = Annotated[float, Field(ge=0, le=1)]
 
 
 class Classification(BaseModel):
-    """The four labels of a conversation; intent, topic and sentiment are taxonomy values."""
+    """The labels of a conversation: ``categorization`` (free text) and one key per label field of
+    the taxonomy (``intent``, ``topic``, ``sentiment`` by default), each a label of that field."""
+
+    model_config = ConfigDict(extra="allow")
+    #: The label fields: field name -> label (the keys the taxonomy declares, so not declared here).
+    __pydantic_extra__: dict[str, str] = Field(init=False)
 
     categorization: str = Field(description="One line saying what the customer wants.")
-    intent: str = Field(description="Why the customer wrote (taxonomy intent).")
-    topic: str = Field(description="What it is about (taxonomy topic).")
-    sentiment: str = Field(description="The customer's sentiment: Positive, Neutral or Negative.")
-    confidence: Confidence | None = Field(
-        None, description="From the model's token log-probabilities; null when the server gave none."
+    confidence: dict[str, Probability | None] | None = Field(
+        None,
+        description="Per label field, the probability of the chosen label among the field's labels (from the "
+        "model's token log-probabilities; null for a field whose confidence could not be read); null when the "
+        "server gave no log-probabilities.",
     )
     needs_review: bool = Field(
         False, description="A label's confidence is below CONFIDENCE_THRESHOLD (the labels are kept)."
     )
+
+    @property
+    def labels(self) -> dict[str, str]:
+        """Field name -> label, in the taxonomy's order."""
+        return dict(self.__pydantic_extra__ or {})
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]:
+        """The stored and answered shape: the labels right after ``categorization``, as the model writes them."""
+        data = super().model_dump(**kwargs)
+        first = [key for key in (CATEGORIZATION, *self.labels) if key in data]
+        return {**{key: data[key] for key in first}, **{k: v for k, v in data.items() if k not in first}}
+
+
+def document_label_fields(schema: dict[str, Any], taxonomy: Taxonomy) -> None:
+    """Name the taxonomy's fields and labels in ``Classification``'s OpenAPI ``schema`` (changed in place)."""
+    properties = schema.setdefault("properties", {})
+    for field in taxonomy.fields:
+        properties[field.name] = {
+            "type": "string", "enum": field.names, "title": field.title,
+            "description": field.description or f"A label of the taxonomy's field {field.name!r}.",
+        }
+    required = schema.setdefault("required", [])
+    required.extend(name for name in taxonomy.field_names if name not in required)
 
 
 def with_confidence(
     classification: Classification, chat: ChatResult, taxonomy: Taxonomy, threshold: float
 ) -> Classification:
     """``classification`` with its label confidences and ``needs_review`` (below ``threshold``)."""
-    found = label_confidences(chat.logprobs, {kind: taxonomy.names(kind) for kind in LABEL_KINDS})
+    found = label_confidences(chat.logprobs, {field.name: field.names for field in taxonomy.fields})
     if found is None:
         return classification
-    values = {kind: (round(c.confidence, 4) if c is not None else None) for kind, c in found.items()}
+    values = {name: (round(c.confidence, 4) if c is not None else None) for name, c in found.items()}
     # A label whose confidence could not be read is not "below" the threshold: it is unknown.
     needs_review = threshold > 0 and any(v is not None and v < threshold for v in values.values())
-    return classification.model_copy(update={"confidence": Confidence(**values), "needs_review": needs_review})
+    return classification.model_copy(update={"confidence": values, "needs_review": needs_review})
 
 
 def _preview(content: str, limit: int = 120) -> str:
@@ -98,13 +130,15 @@ def _preview(content: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def extract_json_object(content: str) -> dict[str, Any]:
-    """The first JSON object in ``content`` that looks like a classification.
+def extract_json_object(content: str, keys: list[str] | None = None) -> dict[str, Any]:
+    """The first JSON object in ``content`` that looks like a classification (has one of ``keys``,
+    the answer's keys, or a ``classification`` key), else the first JSON object.
 
     Skips ``<think>`` blocks, code fences and prose; raises :class:`LLMOutputError`
     when there is none.
     """
     text = _THINK_BLOCK.sub("", content)
+    wanted = {"classification", *(label_key(k) for k in keys or [CATEGORIZATION])}
     decoder = json.JSONDecoder()
     first_object: dict[str, Any] | None = None
     position = text.find("{")
@@ -114,9 +148,15 @@ def extract_json_object(content: str) -> dict[str, Any]:
         except ValueError:
             position = text.find("{", position + 1)
             continue
+        except RecursionError as e:
+            # Nested past the interpreter's limit: every later "{" of the run is nested as deep, so
+            # scanning on would only repeat the failure (quadratic). An unusable answer, not a 500.
+            raise LLMOutputError(
+                "The model's answer holds no JSON object that can be read (nested too deeply).",
+                answer=_preview(content),
+            ) from e
         if isinstance(value, dict):
-            keys = {label_key(k) for k in value}
-            if keys & {"classification", *OUTPUT_KEYS}:
+            if {label_key(k) for k in value} & wanted:
                 return value
             first_object = first_object or value
         position = text.find("{", end)
@@ -127,15 +167,15 @@ def extract_json_object(content: str) -> dict[str, Any]:
 
 def parse_classification(content: str, taxonomy: Taxonomy, *, conversation_number: str = "?") -> Classification:
     """Parse and validate the model's answer against ``taxonomy``."""
-    obj = extract_json_object(content)
+    obj = extract_json_object(content, taxonomy.output_keys)
     by_key = {label_key(k): v for k, v in obj.items()}
     wrapped = by_key.get("classification")
     if isinstance(wrapped, dict):
         by_key = {label_key(k): v for k, v in wrapped.items()}
 
     values: dict[str, str] = {}
-    for key in OUTPUT_KEYS:
-        value = by_key.get(key)
+    for key in taxonomy.output_keys:
+        value = by_key.get(label_key(key))
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
         if not isinstance(value, str) or not value.strip():
@@ -143,30 +183,30 @@ def parse_classification(content: str, taxonomy: Taxonomy, *, conversation_numbe
             raise LLMOutputError(f"The model's answer is unusable: '{key}' {problem}.", answer=_preview(content))
         values[key] = value.strip()
 
-    for kind in LABEL_KINDS:
-        canonical = taxonomy.canonical(kind, values[kind])
-        if canonical is None:
-            if kind == "sentiment":
-                raise LLMOutputError(
-                    f"The model's answer is unusable: sentiment {values[kind]!r} is not one of "
-                    f"{taxonomy.names('sentiment')}.",
-                    answer=_preview(content),
-                )
-            logger.warning(
-                "conversation %s: %s %r is not in the taxonomy; using %r",
-                conversation_number,
-                kind,
-                values[kind],
-                FALLBACK_LABEL,
-            )
-            canonical = taxonomy.canonical(kind, FALLBACK_LABEL)
-        values[kind] = canonical or FALLBACK_LABEL
+    for field in taxonomy.fields:
+        values[field.name] = _normalised_label(field, values[field.name], content, conversation_number)
 
-    categorization = " ".join(values["categorization"].split())
+    categorization = " ".join(values[CATEGORIZATION].split())
     if len(categorization) > MAX_CATEGORIZATION_CHARS:
         categorization = categorization[: MAX_CATEGORIZATION_CHARS - 1] + "…"
-    values["categorization"] = categorization
+    values[CATEGORIZATION] = categorization
     return Classification(**values)
+
+
+def _normalised_label(field: LabelField, raw: str, content: str, conversation_number: str) -> str:
+    """``raw`` in the taxonomy's spelling; outside the taxonomy, the field's ``Other`` (a warning),
+    or :class:`LLMOutputError` for a field without ``Other``."""
+    canonical = field.canonical(raw)
+    if canonical is not None:
+        return canonical
+    if field.fallback is None:
+        raise LLMOutputError(
+            f"The model's answer is unusable: {field.name} {raw!r} is not one of {field.names}.",
+            answer=_preview(content),
+        )
+    logger.warning("conversation %s: %s %r is not in the taxonomy; using %r",
+                   conversation_number, field.name, raw, field.fallback)
+    return field.fallback
 
 
 @dataclass(frozen=True)
@@ -187,37 +227,51 @@ class ClassificationOutcome:
 
 
 class ConversationClassifier:
-    """The shared pipeline: builds the prompt for a conversation and reads the model's answer."""
+    """The shared pipeline: builds the prompt for a conversation and reads the model's answer.
 
-    def __init__(self, taxonomy: Taxonomy, prompt_builder: PromptBuilder, *, confidence_threshold: float = 0.0) -> None:
+    With a ``retriever`` (FEW_SHOT_SOURCE reviewed or both), each prompt also carries the reviewed
+    conversations most similar to this one, after the fixed prefix (retrieval.py).
+    """
+
+    def __init__(self, taxonomy: Taxonomy, prompt_builder: PromptBuilder, *, confidence_threshold: float = 0.0,
+                 retriever: FewShotRetriever | None = None) -> None:
         self.taxonomy = taxonomy
         self.prompt_builder = prompt_builder
         self.confidence_threshold = confidence_threshold
+        self.retriever = retriever
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConversationClassifier:
         """Load the taxonomy and few-shot files named by ``settings`` (raises ConfigError)."""
         taxonomy = load_taxonomy(settings.taxonomy_file)
-        few_shots = load_few_shots(settings.few_shots_file, taxonomy)
+        # FEW_SHOT_SOURCE=reviewed: the reviewed examples replace the file's; both: they follow them.
+        static = load_few_shots(settings.few_shots_file, taxonomy) if settings.few_shot_source != "reviewed" else []
+        retriever = FewShotRetriever(settings) if settings.few_shot_source != "static" else None
         return cls(
             taxonomy,
-            PromptBuilder(taxonomy, few_shots, settings.conversation_char_budget),
+            PromptBuilder(taxonomy, static, settings.conversation_char_budget),
             confidence_threshold=settings.confidence_threshold,
+            retriever=retriever,
         )
 
     @property
     def schema(self) -> dict[str, Any]:
         return self.prompt_builder.schema
 
-    def prepare(self, conversation: ConversationIn) -> PreparedConversation:
+    def transcript(self, conversation: ConversationIn) -> Transcript:
         transcript = build_transcript(
             conversation.turns(),
             self.prompt_builder.char_budget,
             conversation_number=conversation.conversation_number,
         )
         logger.debug("conversation %s transcript:\n%s", conversation.conversation_number, transcript.text)
+        return transcript
+
+    def prepare(self, conversation: ConversationIn, examples: Sequence[Example] = (),
+                transcript: Transcript | None = None) -> PreparedConversation:
+        transcript = transcript or self.transcript(conversation)
         return PreparedConversation(
-            conversation.conversation_number, self.prompt_builder.build_messages(transcript.text), transcript
+            conversation.conversation_number, self.prompt_builder.build_messages(transcript.text, examples), transcript
         )
 
     def _finish(self, prepared: PreparedConversation, chat: ChatResult, started: float) -> ClassificationOutcome:
@@ -228,29 +282,35 @@ class ConversationClassifier:
         duration_ms = int((time.perf_counter() - started) * 1000)
         logger.debug(
             "conversation %s classified in %d ms (%d turns, %d chars, prompt tokens %s, output tokens %s): "
-            "intent=%s topic=%s sentiment=%s",
+            "%s",
             prepared.conversation_number,
             duration_ms,
             prepared.transcript.turn_count,
             len(prepared.transcript.text),
             chat.prompt_eval_count,
             chat.eval_count,
-            classification.intent,
-            classification.topic,
-            classification.sentiment,
+            " ".join(f"{name}={label}" for name, label in classification.labels.items()),
         )
         return ClassificationOutcome(classification, chat, prepared.transcript, duration_ms)
 
     def classify(self, conversation: ConversationIn, client: ChatClient) -> ClassificationOutcome:
         """Classify with the synchronous client (the API)."""
         started = time.perf_counter()
-        prepared = self.prepare(conversation)
+        transcript = self.transcript(conversation)
+        examples: Sequence[Example] = ()
+        if self.retriever is not None:
+            examples = self.retriever.select(transcript.text, content_hash(conversation), client.embed)
+        prepared = self.prepare(conversation, examples, transcript)
         chat = client.chat(prepared.messages, self.schema)
         return self._finish(prepared, chat, started)
 
     async def classify_async(self, conversation: ConversationIn, client: AsyncChatClient) -> ClassificationOutcome:
         """Classify with the asynchronous client (the batch processor)."""
         started = time.perf_counter()
-        prepared = self.prepare(conversation)
+        transcript = self.transcript(conversation)
+        examples: Sequence[Example] = ()
+        if self.retriever is not None:
+            examples = await self.retriever.select_async(transcript.text, content_hash(conversation), client.embed)
+        prepared = self.prepare(conversation, examples, transcript)
         chat = await client.chat(prepared.messages, self.schema)
         return self._finish(prepared, chat, started)

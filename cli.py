@@ -30,6 +30,7 @@ from error_handler import (
 from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from mongo_client import MongoStore, data_identity
+from retrieval import mongo_source
 from utils.batch_file_manager import BatchFileManager
 from utils.command_line import command_parser, positive_float, positive_int, settings_epilog
 from utils.embedded_llm import embedded_llm
@@ -62,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "python batch_processor.py",
         "Classify the conversations of a MongoDB collection with a local Ollama model: "
-        "intent, topic, sentiment and a one-line categorization, written to a results collection. "
+        "the label fields of the taxonomy (intent, topic, sentiment by default) and a one-line categorization, "
+        "written to a results collection. "
         "Crash-safe: rerun after any interruption and it continues where it stopped.",
         EPILOG,
     )
@@ -124,13 +126,16 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     classifier = ConversationClassifier.from_settings(settings)
     files = BatchFileManager(settings.batch_files_dir)
     with files.locked():
-        # One client per LLM server (OLLAMA_ENDPOINT may list several), routed by the pool.
+        # One client per LLM server (LLM_ENDPOINT may list several), routed by the pool.
         async with MongoStore.connect(settings) as store, AsyncLLMPool(settings, create_async_llm_client) as llm:
             await store.ping()
             # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
             files.claim(data_identity(settings))
-            await llm.check_ready()
-            await store.ensure_indexes()
+            await llm.check_ready(pause_failed=True)  # a server that fails it gets no call until its probe
+            await store.ensure_indexes(classifier.taxonomy.field_names)
+            if classifier.retriever is not None:  # FEW_SHOT_SOURCE reviewed/both: examples from this database
+                classifier.retriever.source = mongo_source(store.results.database, settings, classifier.taxonomy,
+                                                           llm.embed if settings.embedding_model else None)
             async with build_progress(ProgressTracker(new_job_id()), components, files.directory) as progress:
                 progress.reporters.append(JobRecorder(store.uri, settings, progress.tracker.job_id))  # dashboard
                 processor = BatchProcessor(settings, store, llm, classifier, files, progress, options)
@@ -162,7 +167,7 @@ def _run_from_args(args: argparse.Namespace) -> int:
     # Without the log component only problems are logged; the console bar shows progress.
     configure_logging(settings.log_level if "logs" in components or args.verbose else "WARNING")
     options = RunOptions(limit=args.limit, retry_failed=args.retry_failed)
-    # OLLAMA_ENDPOINT=embedded: the embedded model runs for the run, started from the main thread
+    # LLM_ENDPOINT=embedded: the embedded model runs for the run, started from the main thread
     # (a child dies with the thread that started it).
     with embedded_llm(settings) as llm_settings:
         return asyncio.run(run(llm_settings, options, components))

@@ -1,7 +1,8 @@
 """Per-label confidence from token log-probabilities (pure functions, no I/O).
 
-For each of intent, topic and sentiment: the probability of the chosen label among the labels
-the taxonomy allows, read where the model wrote the label. What real servers return makes this
+For each label field of the taxonomy (intent, topic, sentiment, ...: the caller passes every field's
+labels): the probability of the chosen label among the labels the field allows, read where the model
+wrote the label. What real servers return makes this
 more than "the probability of the first token" (measured on llama.cpp with this project's prompt):
 
 * log-probabilities are the model's *before* the schema's grammar filtered them, so the top tokens
@@ -15,6 +16,10 @@ more than "the probability of the first token" (measured on llama.cpp with this 
 * the result is renormalised over the allowed labels. The chosen token's probability alone is
   never the answer: with ``Positive`` 0.41 chosen against ``Negative`` 0.52 in three spellings,
   the confidence of Positive is 0.44, not 0.41 (and not 1.0, which the grammar would suggest).
+
+A log-probability no model gives (above 0, NaN, infinite, not a number) where a label is read
+makes that label's confidence unknown (None), never an error: the answer was paid for, and its
+labels stand without it. ``-inf`` is a probability of 0.
 """
 
 from __future__ import annotations
@@ -25,6 +30,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llm_wrapper import TokenLogprob
+
+#: Log-probabilities up to this much above 0 are rounding (servers send 1e-7 for a certain token).
+_ROUNDING = 1e-4
+
+
+class _Unreadable(Exception):
+    """A log-probability that is not one: the confidence of the label being read is unknown."""
+
+
+def _probability(logprob: object) -> float:
+    """``exp(logprob)``, or :class:`_Unreadable` for anything that is not a log-probability."""
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+        raise _Unreadable
+    try:
+        value = float(logprob)
+    except OverflowError:  # an integer of hundreds of digits
+        raise _Unreadable from None
+    if math.isnan(value) or value > _ROUNDING:  # +inf included; exp(1000) would overflow
+        raise _Unreadable
+    return min(1.0, math.exp(value))
 
 
 @dataclass(frozen=True)
@@ -75,7 +100,7 @@ def _distribution(
     shared: list[tuple[float, list[str]]] = []
     allowed = 0.0
     for text, logprob in alternatives.items():
-        p = math.exp(logprob)
+        p = _probability(logprob)
         rest = _after_lead(text, lead) if lead else text
         if rest is None:
             continue
@@ -107,7 +132,8 @@ def _distribution(
 
 def label_confidence(tokens: Sequence[TokenLogprob], key: str, allowed: Sequence[str]) -> LabelConfidence | None:
     """The confidence of the label written for ``key``; None when it cannot be read from ``tokens``
-    (no such key, a label outside ``allowed``, or no probability on any allowed label)."""
+    (no such key, a label outside ``allowed``, no probability on any allowed label, or a
+    log-probability that is not one where the label was read)."""
     text_parts, starts, offset = [], [], 0
     for token in tokens:
         starts.append(offset)
@@ -122,7 +148,10 @@ def label_confidence(tokens: Sequence[TokenLogprob], key: str, allowed: Sequence
     if chosen is None or chosen not in allowed:
         return None
     index = next(i for i in range(len(tokens)) if starts[i] <= start < starts[i] + len(tokens[i].token))
-    result = _distribution(tokens, index, "", text[starts[index] : start], allowed)
+    try:
+        result = _distribution(tokens, index, "", text[starts[index] : start], allowed)
+    except _Unreadable:
+        return None
     if result is None:
         return None
     distribution, allowed_share = result
@@ -132,7 +161,7 @@ def label_confidence(tokens: Sequence[TokenLogprob], key: str, allowed: Sequence
 def label_confidences(
     tokens: Sequence[TokenLogprob] | None, allowed: dict[str, Sequence[str]]
 ) -> dict[str, LabelConfidence | None] | None:
-    """``label_confidence`` for every key of ``allowed`` (kind -> labels); None without log-probabilities."""
+    """``label_confidence`` for every key of ``allowed`` (label field -> its labels); None without log-probabilities."""
     if not tokens:
         return None
     return {key: label_confidence(tokens, key, labels) for key, labels in allowed.items()}

@@ -1,5 +1,5 @@
-"""The monitoring dashboard: ``GET /dashboard``, its JSON (``/api/stats``, ``/api/jobs``, ``/api/model``) and
-offline ``/docs``.
+"""The monitoring dashboard: ``GET /dashboard``, its JSON (``/api/stats``, ``/api/jobs``,
+``/api/taxonomy``, ``/api/model``) and offline ``/docs``.
 
 Everything here reads MongoDB and nothing else needs it: the client is created lazily on the
 first dashboard request (with a short server-selection timeout) and closed by this router's
@@ -10,6 +10,8 @@ Statistics come from one aggregation pipeline over the results collection whose 
 ``processing_metadata.processed_at`` (and ``batch_job_id``) is served by the indexes that
 ``mongo_client`` creates; the source collection is only counted by status (the status index).
 Jobs are the documents :mod:`utils.job_recorder` keeps up to date in the jobs collection.
+The label fields counted are the taxonomy's (the classifier the API loaded): the page draws one
+chart per field that ``/api/stats`` lists, and names none itself.
 
 :func:`install` wires it all into the app: the router, ``/static`` and the Swagger UI page.
 """
@@ -33,10 +35,12 @@ from pymongo import DESCENDING, AsyncMongoClient
 from pymongo.errors import PyMongoError
 from starlette.concurrency import run_in_threadpool
 
-from api_dependencies import EmbeddedLLMDep, SettingsDep
+from api_dependencies import ClassifierDep, EmbeddedLLMDep, SettingsDep
 from config import Settings
 from error_handler import ClassifierError, InputError, StorageUnavailableError
 from mongo_client import invalid_uri_error, mongo_connection, unreachable_error
+from prompt_builder import Taxonomy
+from reviews import agreement_from, agreement_group, effective_label
 from utils.child_process import ThreadOwned
 
 logger = logging.getLogger(__name__)
@@ -52,7 +56,6 @@ JOBS_SHOWN = 20
 #: (the recorder writes at least every 10 s while its process lives).
 STALE_AFTER = timedelta(seconds=60)
 SOURCE_STATUSES = ("pending", "processing", "processed", "failed", "skipped")
-LABEL_FIELDS = ("intent", "topic", "sentiment")
 NO_LABEL = "(none)"
 
 
@@ -62,18 +65,34 @@ class LabelCount(BaseModel):
     count: int
 
 
+class FieldCounts(BaseModel):
+    """One label field of the taxonomy (TAXONOMY_FILE) and how often each of its labels was given."""
+
+    name: str = Field(description="The field's key in classification (classification.<name>).")
+    title: str = Field(description="The name as people read it ('Product line' for product_line).")
+    description: str = Field(description="What the field says, from the taxonomy file.")
+    customer_only: bool = Field(description="Judged from the customer's turns only.")
+    labels: list[str] = Field(description="The field's labels, in the taxonomy's order.")
+    counts: list[LabelCount] = Field(description=f"Results per label, most frequent first (labels no longer in "
+                                     f"the taxonomy included; {NO_LABEL} for results without the field).")
+
+
 class DayCounts(BaseModel):
     date: str = Field(description="UTC day, YYYY-MM-DD.")
     total: int
-    intent: dict[str, int]
-    topic: dict[str, int]
-    sentiment: dict[str, int]
+    labels: dict[str, dict[str, int]] = Field(description="Per label field: results per label that day.")
 
 
 class ReviewShare(BaseModel):
     with_confidence: int = Field(description="Results that carry label confidences.")
     needs_review: int = Field(description="Results flagged needs_review (a confidence below CONFIDENCE_THRESHOLD).")
     share: float | None = Field(description="needs_review / with_confidence; null when no result has confidences.")
+
+
+class Agreement(BaseModel):
+    n: int = Field(description="Results in the range whose current review set this field.")
+    accuracy: float | None = Field(description="Share of those where the model's label equals the reviewer's; "
+                                   "null when n is 0.")
 
 
 class Failure(BaseModel):
@@ -90,17 +109,36 @@ class StatsResponse(BaseModel):
     date_to: date | None = Field(alias="to", description="Last UTC day included (none: up to now).")
     job: str | None = Field(description="Only results of this batch job.")
     total: int = Field(description="Results in the range.")
-    intent: list[LabelCount]
-    topic: list[LabelCount]
-    sentiment: list[LabelCount]
+    fields: list[FieldCounts] = Field(description="Every label field of the taxonomy, in its order.")
     per_day: list[DayCounts]
     review: ReviewShare
+    agreement: dict[str, Agreement] = Field(
+        description="Per label field: how often the model agreed with the reviewers (the live quality figure).")
     statuses: dict[str, int] = Field(description="Source conversations per status (all jobs, all dates).")
     failures: list[Failure] = Field(description=f"The {FAILURES_SHOWN} latest failed conversations in the range.")
     job_ids: list[str] = Field(description="Batch jobs that wrote results (for the job filter).")
     generated_at: datetime
 
     model_config = {"populate_by_name": True}
+
+
+class TaxonomyLabel(BaseModel):
+    name: str
+    description: str
+
+
+class TaxonomyField(BaseModel):
+    name: str = Field(description="The field's key in classification (classification.<name>).")
+    description: str
+    customer_only: bool = Field(description="Judged from the customer's turns only.")
+    labels: list[TaxonomyLabel] = Field(description="In the taxonomy's order.")
+
+
+class TaxonomyResponse(BaseModel):
+    """The taxonomy the API classifies with (TAXONOMY_FILE), as a version 2 taxonomy file holds it."""
+
+    version: int = Field(description="Always 2: the format of the answer, whatever the file's.")
+    fields: list[TaxonomyField] = Field(description="The label fields, in the order of the answer's keys.")
 
 
 class Job(BaseModel):
@@ -124,8 +162,8 @@ class Job(BaseModel):
 
 
 class ModelResponse(BaseModel):
-    model: str = Field(description="The model the API classifies with (OLLAMA_MODEL, or the embedded model's id).")
-    embedded: str | None = Field(description="Set when that is the embedded model (OLLAMA_ENDPOINT=embedded): "
+    model: str = Field(description="The model the API classifies with (LLM_MODEL, or the embedded model's id).")
+    embedded: str | None = Field(description="Set when that is the embedded model (LLM_ENDPOINT=embedded): "
                                  "its name, and that its labels are rough.")
 
 
@@ -232,11 +270,16 @@ def results_match(date_from: date | None, date_to: date | None, job: str | None)
 
 
 def _label(field: str) -> dict[str, Any]:
-    return {"$ifNull": [f"$classification.{field}", NO_LABEL]}
+    # The effective label: a current review's, else the model's (reviews.py).
+    return {"$ifNull": [effective_label(field), NO_LABEL]}
 
 
-def stats_pipeline(match: dict[str, Any]) -> list[dict[str, Any]]:
-    """One pass over the matching results: label counts, per-day counts, review share."""
+def _facet(field: str) -> str:
+    return f"by_{field}"  # never "total" or "review", whatever the taxonomy names its fields
+
+
+def stats_pipeline(match: dict[str, Any], label_fields: list[str]) -> list[dict[str, Any]]:
+    """One pass over the matching results: label counts per field, per-day counts, review share."""
     day = {"$dateToString": {"format": "%Y-%m-%d", "date": "$processing_metadata.processed_at"}}
     facets: dict[str, Any] = {
         "total": [{"$group": {"_id": None, "n": {"$sum": 1}}}],
@@ -247,31 +290,41 @@ def stats_pipeline(match: dict[str, Any]) -> list[dict[str, Any]]:
             "needs_review": {"$sum": {"$cond": [{"$eq": ["$classification.needs_review", True]}, 1, 0]}},
         }}],
         "day_total": [{"$group": {"_id": day, "n": {"$sum": 1}}}],
+        "agreement": [agreement_group(label_fields)],
     }
-    for field in LABEL_FIELDS:
-        facets[field] = [{"$group": {"_id": _label(field), "n": {"$sum": 1}}}, {"$sort": {"n": -1, "_id": 1}}]
-        facets[f"day_{field}"] = [{"$group": {"_id": {"day": day, "label": _label(field)}, "n": {"$sum": 1}}}]
+    for field in label_fields:
+        facets[_facet(field)] = [{"$group": {"_id": _label(field), "n": {"$sum": 1}}},
+                                 {"$sort": {"n": -1, "_id": 1}}]
+        facets[f"day_{_facet(field)}"] = [
+            {"$group": {"_id": {"day": day, "label": _label(field)}, "n": {"$sum": 1}}}]
     return [{"$match": match}, {"$facet": facets}]
 
 
-def shape_stats(facets: dict[str, Any]) -> dict[str, Any]:
+def shape_stats(facets: dict[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
     """The pipeline's one document as the fields of :class:`StatsResponse`."""
     days: dict[str, dict[str, Any]] = {}
     for row in facets.get("day_total", []):
         if row["_id"] is not None:  # a result without processed_at has no day
-            days[row["_id"]] = {"date": row["_id"], "total": row["n"], **{f: {} for f in LABEL_FIELDS}}
-    for field in LABEL_FIELDS:
-        for row in facets.get(f"day_{field}", []):
+            days[row["_id"]] = {"date": row["_id"], "total": row["n"], "labels": {f: {} for f in taxonomy.field_names}}
+    for field in taxonomy.field_names:
+        for row in facets.get(f"day_{_facet(field)}", []):
             entry = days.get(row["_id"].get("day"))
             if entry is not None:
-                entry[field][str(row["_id"]["label"])] = row["n"]
+                entry["labels"][field][str(row["_id"]["label"])] = row["n"]
+    agreement = agreement_from((facets.get("agreement") or [None])[0], taxonomy.field_names)
     review = (facets.get("review") or [{}])[0]
     with_confidence = int(review.get("with_confidence", 0))
     needs_review = int(review.get("needs_review", 0))
     return {
         "total": (facets.get("total") or [{"n": 0}])[0]["n"],
-        **{f: [{"label": str(r["_id"]), "count": r["n"]} for r in facets.get(f, [])] for f in LABEL_FIELDS},
+        "fields": [
+            {"name": f.name, "title": f.title, "description": f.description, "customer_only": f.customer_only,
+             "labels": f.names,
+             "counts": [{"label": str(r["_id"]), "count": r["n"]} for r in facets.get(_facet(f.name), [])]}
+            for f in taxonomy.fields
+        ],
         "per_day": [days[d] for d in sorted(days)],
+        "agreement": agreement,
         "review": {
             "with_confidence": with_confidence,
             "needs_review": needs_review,
@@ -321,15 +374,19 @@ def job_view(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
 
 
 # --- endpoints --------------------------------------------------------------------------------
-def _day(name: str, value: str | None) -> date | None:
+def query_day(name: str, value: str | None) -> date | None:
     """A query parameter's UTC day; a clear 422 (not a validation dump) when it is not YYYY-MM-DD."""
     if not value:
         return None
     try:
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError as e:
         raise InputError(f"'{name}' must be a day written YYYY-MM-DD, got {value[:40]!r}.", field=name,
                          status_code=422) from e
+    if day == date.max:  # a range ends at the next day's start, which cannot be written (a 500 before)
+        raise InputError(f"'{name}' must be a day written YYYY-MM-DD up to {date.max - timedelta(days=1)}, "
+                         f"got {value[:40]!r}.", field=name, status_code=422)
+    return day
 
 
 def get_dashboard_database(request: Request) -> DashboardDatabase:
@@ -349,6 +406,7 @@ DashboardDatabaseDep = Annotated[DashboardDatabase, Depends(get_dashboard_databa
 )
 async def stats(
     settings: SettingsDep,
+    classifier: ClassifierDep,
     holder: DashboardDatabaseDep,
     from_: Annotated[str | None, Query(alias="from", description="First UTC day, YYYY-MM-DD.",
                                        json_schema_extra={"format": "date"})] = None,
@@ -357,7 +415,7 @@ async def stats(
     job: Annotated[str | None, Query(max_length=200,
                                      description="A batch job id (processing_metadata.batch_job_id).")] = None,
 ) -> dict[str, Any]:
-    date_from, date_to = _day("from", from_), _day("to", to)
+    date_from, date_to = query_day("from", from_), query_day("to", to)
     if date_from and date_to and date_from > date_to:
         raise InputError(f"'from' ({date_from}) is after 'to' ({date_to}).", field="from", status_code=422)
     database = await holder.database(settings)
@@ -365,7 +423,8 @@ async def stats(
     source = database[settings.mongodb_source_collection]
     job = job or None
     try:
-        facets = await (await results.aggregate(stats_pipeline(results_match(date_from, date_to, job)))).to_list(1)
+        pipeline = stats_pipeline(results_match(date_from, date_to, job), classifier.taxonomy.field_names)
+        facets = await (await results.aggregate(pipeline)).to_list(1)
         statuses = await _source_statuses(source)
         failures = await _latest_failures(source, date_from, date_to)
         job_ids = sorted(str(j) for j in await results.distinct("processing_metadata.batch_job_id") if j)
@@ -373,10 +432,20 @@ async def stats(
         raise holder.unavailable(e) from e
     return {
         "from": date_from, "to": date_to, "job": job,
-        **shape_stats(facets[0] if facets else {}),
+        **shape_stats(facets[0] if facets else {}, classifier.taxonomy),
         "statuses": statuses, "failures": failures, "job_ids": job_ids,
         "generated_at": datetime.now(UTC),
     }
+
+
+@router.get(
+    "/api/taxonomy",
+    summary="The label fields and labels the API classifies with (TAXONOMY_FILE)",
+    response_model=TaxonomyResponse,
+    tags=["dashboard"],
+)
+async def taxonomy(classifier: ClassifierDep) -> dict[str, Any]:
+    return classifier.taxonomy.as_dict()
 
 
 @router.get(
@@ -409,7 +478,7 @@ async def jobs(
     tags=["dashboard"],
 )
 async def model(settings: SettingsDep, embedded: EmbeddedLLMDep) -> dict[str, Any]:
-    return {"model": settings.ollama_model, "embedded": embedded}
+    return {"model": settings.llm_model, "embedded": embedded}
 
 
 @router.get("/dashboard", include_in_schema=False)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -61,11 +61,14 @@ RESULT_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
     ([("source_conversation_id", ASCENDING)], {"unique": True}),
     ([("processing_metadata.batch_job_id", ASCENDING)], {}),
     ([("processing_metadata.processed_at", ASCENDING)], {}),
-    ([("classification.intent", ASCENDING)], {}),
-    ([("classification.topic", ASCENDING)], {}),
-    ([("classification.sentiment", ASCENDING)], {}),
     ([("content_hash", ASCENDING)], {}),
 ]
+
+
+def result_indexes(label_fields: Iterable[str]) -> list[tuple[list[tuple[str, int]], dict[str, Any]]]:
+    """The results collection's indexes: :data:`RESULT_INDEXES` and one per label field of the
+    taxonomy (``classification.<field>``: the dashboard, the report and review filters use them)."""
+    return [*RESULT_INDEXES, *(([(f"classification.{name}", ASCENDING)], {}) for name in label_fields)]
 
 
 @dataclass
@@ -111,6 +114,10 @@ class ProcessingMetadata:
 @dataclass
 class ResultDocument:
     """One result: the only place its shape is defined (docs/architecture.md#results-and-indexes).
+
+    ``classification`` is ``classifier.Classification.model_dump()``: ``categorization``, one key
+    per label field of the taxonomy (``classification.<field>``), ``confidence`` ({field: p} or
+    None) and ``needs_review``.
 
     ``source_conversation_id`` is the source ``_id`` as it is, of any BSON type;
     ``content_hash`` (aggregator.content_hash) tells a later run whether the conversation
@@ -163,8 +170,17 @@ def _client_options(settings: Settings, appname: str) -> dict[str, Any]:
 
 
 def invalid_uri_error(uri: str, error: Exception) -> StorageUnavailableError:
+    shown = redact_url(uri)
+    if shown != uri:
+        # PyMongo split a URI with credentials in the wrong place: its message may quote a piece of
+        # the password ('Bad database name "word@host/db"' for an unencoded '/'). Its type only.
+        return StorageUnavailableError(
+            f"Invalid MongoDB connection string {shown!r}: PyMongo cannot parse it ({type(error).__name__}).",
+            hint="Fix MONGODB_CONNECTION_STRING (mongodb://user:password@host:27017); percent-encode special "
+            "characters of the user name and password (/ as %2F, @ as %40, : as %3A).",
+        )
     return StorageUnavailableError(
-        f"Invalid MongoDB connection string {redact_url(uri)!r}: {error}",
+        f"Invalid MongoDB connection string {shown!r}: {error}",
         hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
     )
 
@@ -288,9 +304,10 @@ class MongoStore:
         except PyMongoError as e:
             raise unreachable_error(self.uri, e) from e
 
-    async def ensure_indexes(self) -> None:
-        """Create the indexes of docs/architecture.md#results-and-indexes (idempotent)."""
-        for collection, indexes in ((self.source, SOURCE_INDEXES), (self.results, RESULT_INDEXES)):
+    async def ensure_indexes(self, label_fields: Iterable[str]) -> None:
+        """Create the indexes of docs/architecture.md#results-and-indexes (idempotent), one per
+        label field of the taxonomy among them."""
+        for collection, indexes in ((self.source, SOURCE_INDEXES), (self.results, result_indexes(label_fields))):
             for keys, options in indexes:
                 try:
                     await collection.create_index(keys, **options)

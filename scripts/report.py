@@ -1,19 +1,23 @@
-"""Report on the classifications: counts by intent, topic and sentiment, and their crossings.
+"""Report on the classifications: counts per label field of the taxonomy, and their crossings.
 
     python -m scripts.report [--format table|csv|json] [--chart FILE.png] [--job BATCH_JOB_ID]
 
 Reads the results collection of the batch processor with its MongoDB settings
 (MONGODB_CONNECTION_STRING, 'embedded' included, MONGODB_DATABASE_NAME,
-MONGODB_RESULTS_COLLECTION; environment, then ``.env``) and the taxonomy (TAXONOMY_FILE).
+MONGODB_RESULTS_COLLECTION; environment, then ``.env``) and the taxonomy (TAXONOMY_FILE), whose
+label fields (intent, topic and sentiment by default) are the report's.
 
 Counting
 --------
-MongoDB does the counting: one aggregation pipeline groups the results by
-(intent, topic, sentiment) - at most intents x topics x sentiments rows, whatever the
-number of results - and every count and crossing of the report is a sum over those rows.
+MongoDB does the counting: one aggregation pipeline groups the results by their labels of every
+field - at most the product of the fields' label counts, whatever the number of results - and
+every count and crossing of the report is a sum over those rows.
 No result document is loaded into Python. The same pipeline takes the first and last
 ``processing_metadata.processed_at`` (a date as the batch processor writes it, or an
 ISO-8601 string as in the design document's example).
+
+The labels counted are the effective ones: a reviewer's correction (a current ``review``, see
+README 'Reviewing labels') wins over the model's label; a stale review does not count.
 
 Labels are listed in taxonomy order, each taxonomy label even with no results (zeros
 keep every report the same shape and the crossing tables rectangular). Labels found in
@@ -23,26 +27,29 @@ Labels are compared exactly: the classifier stores the taxonomy's spelling.
 
 Formats
 -------
-* ``table`` (default): rich tables for intents and topics (results, share of all
-  results, and the split by sentiment) and sentiments, with totals; a header line
-  gives the number of results, database.collection and the processed_at range.
-* ``json``: one object: ``total``, ``database``, ``collection``, ``batch_job_id``,
-  ``processed_at`` ({"first", "last"}, ISO 8601 UTC or null), ``by_intent``,
-  ``by_topic``, ``by_sentiment`` ({label: count}), ``intent_by_sentiment``,
-  ``topic_by_sentiment``, ``intent_by_topic`` ({row label: {column label: count}}),
-  ``unknown_labels`` ({"intent"|"topic"|"sentiment": [labels outside the taxonomy]}),
-  ``needs_review`` (results whose ``classification.needs_review`` is true: a label's confidence
-  was below CONFIDENCE_THRESHOLD when classified) and
-  ``skipped_no_customer_turn``: source conversations the batch processor did not send to the
-  model because they have no customer turn (status ``skipped``; not part of ``total``).
-* ``csv``: one long table with the header ``section,row,column,count``; ``section`` is
-  a key of the JSON report: ``total`` (row and column empty), ``by_intent``,
-  ``by_topic``, ``by_sentiment`` (column empty), ``intent_by_sentiment``,
-  ``topic_by_sentiment``, ``intent_by_topic``. Every section sums to the total; a last row
-  ``skipped_no_customer_turn`` counts the conversations skipped apart.
+With the default taxonomy, FIELD is intent, topic or sentiment and the crossings are
+``intent_by_topic``, ``intent_by_sentiment`` and ``topic_by_sentiment``: every pair of fields,
+``A_by_B`` with A before B in the taxonomy.
 
-``--chart FILE.png`` also writes bar charts (intents and topics stacked by sentiment,
-and sentiments) with matplotlib's Agg renderer: no display needed.
+* ``table`` (default): one rich table per field (results, share of all results, and the split
+  by the field with the fewest labels, the sentiment by default), that field's own table last,
+  with totals; a header line gives the number of results, database.collection and the
+  processed_at range.
+* ``json``: one object: ``total``, ``database``, ``collection``, ``batch_job_id``,
+  ``processed_at`` ({"first", "last"}, ISO 8601 UTC or null), ``by_FIELD`` ({label: count})
+  per field, the crossings ({row label: {column label: count}}),
+  ``unknown_labels`` ({FIELD: [labels outside the taxonomy]}),
+  ``skipped_no_customer_turn``: source conversations the batch processor did not send to the
+  model because they have no customer turn (status ``skipped``; not part of ``total``) and
+  ``needs_review`` (results whose ``classification.needs_review`` is true: a label's confidence
+  was below CONFIDENCE_THRESHOLD when classified).
+* ``csv``: one long table with the header ``section,row,column,count``; ``section`` is
+  a key of the JSON report: ``total`` (row and column empty), ``by_FIELD`` (column empty), or a
+  crossing. Every section sums to the total; a last row ``skipped_no_customer_turn`` counts the
+  conversations skipped apart.
+
+``--chart FILE.png`` also writes bar charts (each field stacked by the field with the fewest
+labels, and that field's own bars) with matplotlib's Agg renderer: no display needed.
 
 An empty report (no results yet, or none for ``--job``) is not an error: it exits 0,
 prints the report with zero counts and says why on stderr.
@@ -60,7 +67,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
@@ -78,7 +85,12 @@ from error_handler import (  # noqa: E402
 from logger import configure_logging  # noqa: E402
 from mongo_client import STATUS_SKIPPED, storage_error, sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
+from reviews import effective_label  # noqa: E402
+from scripts.tables import Column, console_table  # noqa: E402
 from utils.command_line import command_parser  # noqa: E402
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 logger = logging.getLogger("report")
 
@@ -86,15 +98,8 @@ logger = logging.getLogger("report")
 # or none for --job), 1 a MongoDB query failed after the connection check (e.g. not authorized),
 # 2 bad command line or an unwritable chart file, 3 invalid settings or taxonomy, 4 MongoDB unreachable.
 
-KINDS = ("intent", "topic", "sentiment")
 MISSING_LABEL = "(missing)"
 CSV_HEADER = ("section", "row", "column", "count")
-#: The crossings of the report: (key, row kind, column kind).
-CROSSINGS = (
-    ("intent_by_sentiment", "intent", "sentiment"),
-    ("topic_by_sentiment", "topic", "sentiment"),
-    ("intent_by_topic", "intent", "topic"),
-)
 NO_RESULTS_HINT = "run python batch_processor.py first"
 APP_NAME = "support-classifier-report"  # the client's name in MongoDB's logs and currentOp
 LATEST_JOBS_SHOWN = 5
@@ -105,16 +110,18 @@ settings (environment or .env, as for the batch processor):
   MONGODB_DATABASE_NAME       database (default customer_support)
   MONGODB_RESULTS_COLLECTION  the classifications (default sentimental_analysis)
   MONGODB_TIMEOUT_MS          server selection timeout (default 30000)
-  TAXONOMY_FILE               label order (default config/taxonomy.json)
+  TAXONOMY_FILE               the label fields and their label order (default config/taxonomy.json)
 
 labels are listed in taxonomy order, zeros included; labels found in the results but not
 in the taxonomy follow, most frequent first.
 
-csv: one long table, header {",".join(CSV_HEADER)}; section is total, by_intent, by_topic,
-by_sentiment (column empty), intent_by_sentiment, topic_by_sentiment or intent_by_topic
-(row label x column label). Each section sums to the total. json: the same sections as keys
-of one object, plus database, collection, batch_job_id, processed_at and unknown_labels.
-The intent x topic crossing is in json and csv only (too wide for a table).
+csv: one long table, header {",".join(CSV_HEADER)}; section is total, by_FIELD (column empty)
+for each label field (by_intent, by_topic, by_sentiment by default) or A_by_B for each pair of
+fields, A before B in the taxonomy (intent_by_topic, intent_by_sentiment, topic_by_sentiment;
+row label x column label). Each section sums to the total. json: the same sections as keys of
+one object, plus database, collection, batch_job_id, processed_at and unknown_labels. Tables
+and chart split each field by the field with the fewest labels (the sentiment by default); the
+other crossings are in json and csv only (too wide for a table).
 
 exit codes:
   {EXIT_OK} report printed; also an empty one (no results yet, or none for --job): the reason goes to stderr
@@ -144,15 +151,15 @@ def _job_id(text: str) -> str:
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "python -m scripts.report",
-        "Count the classifications of the results collection by intent, topic and sentiment, "
-        "and cross them (intent x sentiment, topic x sentiment, intent x topic). MongoDB does the counting.",
+        "Count the classifications of the results collection by each label field of the taxonomy "
+        "(intent, topic and sentiment by default), and cross every pair of fields. MongoDB does the counting.",
         EPILOG,
     )
     parser.add_argument("--format", choices=["table", "csv", "json"], default="table",
                         help="table: rich tables with totals and percentages; csv: one long table "
                         "(section,row,column,count); json: one object [default: table]")
     parser.add_argument("--chart", type=_png_path, metavar="FILE.png",
-                        help="also write bar charts (intents and topics stacked by sentiment, sentiments) "
+                        help="also write bar charts (each field stacked by the one with the fewest labels) "
                         "to this PNG file, replacing it [default: no chart]")
     parser.add_argument("--job", type=_job_id, metavar="BATCH_JOB_ID",
                         help="only the results of this batch job (processing_metadata.batch_job_id, e.g. "
@@ -172,6 +179,9 @@ class Report:
     database: str
     collection: str
     job: str | None
+    #: The taxonomy's label fields, in its order, and their headings ('Intent').
+    fields: list[str] = field(default_factory=list)
+    titles: dict[str, str] = field(default_factory=dict)
     total: int = 0
     #: Source conversations with status 'skipped' (no customer turn): never classified, counted apart.
     skipped: int = 0
@@ -181,12 +191,29 @@ class Report:
     labels: dict[str, list[str]] = field(default_factory=dict)
     unknown: dict[str, list[str]] = field(default_factory=dict)
     counts: dict[str, Counter[str]] = field(default_factory=dict)
+    #: Every ordered pair of fields (row field, column field) -> (row label, column label) -> count.
     crossings: dict[tuple[str, str], Counter[tuple[str, str]]] = field(default_factory=dict)
 
     def crossing(self, row_kind: str, column_kind: str) -> dict[str, dict[str, int]]:
         cells = self.crossings[row_kind, column_kind]
         return {row: {column: cells[row, column] for column in self.labels[column_kind]}
                 for row in self.labels[row_kind]}
+
+    @property
+    def pairs(self) -> list[tuple[str, str, str]]:
+        """The crossings of the JSON and CSV reports: (key, row field, column field), every pair of
+        fields once, the row field first in the taxonomy."""
+        return [(f"{a}_by_{b}", a, b) for i, a in enumerate(self.fields) for b in self.fields[i + 1:]]
+
+    @property
+    def split(self) -> str:
+        """The field the tables and the chart split the others by: the one with the fewest labels
+        (the first of those), so the fewest columns and colours."""
+        return min(self.fields, key=lambda name: len(self.labels[name]))
+
+    @property
+    def others(self) -> list[str]:
+        return [name for name in self.fields if name != self.split]
 
 
 def _label(value: Any) -> str:
@@ -217,8 +244,8 @@ def _typed(path: str, bson_type: str) -> dict[str, Any]:
     return {"$cond": [{"$eq": [{"$type": path}, bson_type]}, path, None]}
 
 
-def counts_pipeline(job: str | None) -> list[dict[str, Any]]:
-    """One group per (intent, topic, sentiment) present, with its count and processed_at range.
+def counts_pipeline(job: str | None, fields: list[str]) -> list[dict[str, Any]]:
+    """One group per combination of labels of the ``fields`` present, with its count and processed_at range.
 
     Dates and strings are ranged apart: BSON orders every string before every date. Strings
     compare as text, which is time order for ISO-8601 strings written alike (all in UTC, "Z").
@@ -227,7 +254,8 @@ def counts_pipeline(job: str | None) -> list[dict[str, Any]]:
     return [
         {"$match": _match(job)},
         {"$group": {
-            "_id": {kind: f"$classification.{kind}" for kind in KINDS},
+            # The effective labels: a current review's, else the model's (reviews.py).
+            "_id": {kind: effective_label(kind) for kind in fields},
             "count": {"$sum": 1},
             "needs_review": {"$sum": {"$cond": [{"$eq": ["$classification.needs_review", True]}, 1, 0]}},
             "first_date": {"$min": _typed(at, "date")},
@@ -246,30 +274,33 @@ def _ordered(known: list[str], found: Counter[str]) -> tuple[list[str], list[str
 
 
 def build_report(collection: Collection[Any], taxonomy: Taxonomy, *, database: str, job: str | None) -> Report:
-    report = Report(database=database, collection=collection.name, job=job)
-    counts: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
-    crossings: dict[tuple[str, str], Counter[tuple[str, str]]] = {(r, c): Counter() for _, r, c in CROSSINGS}
+    fields = taxonomy.field_names
+    report = Report(database=database, collection=collection.name, job=job, fields=fields,
+                    titles={f.name: f.title for f in taxonomy.fields})
+    counts: dict[str, Counter[str]] = {kind: Counter() for kind in fields}
+    crossings: dict[tuple[str, str], Counter[tuple[str, str]]] = {
+        (r, c): Counter() for r in fields for c in fields if r != c}
     moments: list[datetime] = []
     started = time.monotonic()
     try:
-        groups = list(collection.aggregate(counts_pipeline(job)))
+        groups = list(collection.aggregate(counts_pipeline(job, fields)))
     except PyMongoError as e:
         raise storage_error(e, f"aggregation on {database}.{collection.name}") from e
     for group in groups:
         key = group["_id"] if isinstance(group.get("_id"), dict) else {}
-        labels = {kind: _label(key.get(kind)) for kind in KINDS}
+        labels = {kind: _label(key.get(kind)) for kind in fields}
         n = int(group["count"])
         report.total += n
         report.needs_review += int(group.get("needs_review") or 0)
-        for kind in KINDS:
+        for kind in fields:
             counts[kind][labels[kind]] += n
-        for _, row_kind, column_kind in CROSSINGS:
+        for row_kind, column_kind in crossings:
             crossings[row_kind, column_kind][labels[row_kind], labels[column_kind]] += n
         for name in ("first_date", "last_date", "first_text", "last_text"):
             moment = _as_utc(group.get(name))
             if moment is not None:
                 moments.append(moment)
-    for kind in KINDS:
+    for kind in fields:
         report.labels[kind], report.unknown[kind] = _ordered(taxonomy.names(kind), counts[kind])
     report.counts = counts
     report.crossings = crossings
@@ -321,11 +352,11 @@ def as_dict(report: Report) -> dict[str, Any]:
         "batch_job_id": report.job,
         "processed_at": {"first": _iso(report.first), "last": _iso(report.last)},
     }
-    for kind in KINDS:
+    for kind in report.fields:
         data[f"by_{kind}"] = {label: report.counts[kind][label] for label in report.labels[kind]}
-    for key, row_kind, column_kind in CROSSINGS:
+    for key, row_kind, column_kind in report.pairs:
         data[key] = report.crossing(row_kind, column_kind)
-    data["unknown_labels"] = {kind: report.unknown[kind] for kind in KINDS}
+    data["unknown_labels"] = {kind: report.unknown[kind] for kind in report.fields}
     data["skipped_no_customer_turn"] = report.skipped
     data["needs_review"] = report.needs_review
     return data
@@ -333,9 +364,9 @@ def as_dict(report: Report) -> dict[str, Any]:
 
 def csv_rows(report: Report) -> list[tuple[str, str, str, int]]:
     rows: list[tuple[str, str, str, int]] = [("total", "", "", report.total)]
-    for kind in KINDS:
+    for kind in report.fields:
         rows += [(f"by_{kind}", label, "", report.counts[kind][label]) for label in report.labels[kind]]
-    for key, row_kind, column_kind in CROSSINGS:
+    for key, row_kind, column_kind in report.pairs:
         for row, columns in report.crossing(row_kind, column_kind).items():
             rows += [(key, row, column, count) for column, count in columns.items()]
     rows.append(("skipped_no_customer_turn", "", "", report.skipped))
@@ -369,10 +400,18 @@ def header_line(report: Report) -> str:
     return line
 
 
+def _counts_table(report: Report, kind: str, title: str, split_labels: list[str]) -> Table:
+    """A table of ``kind``'s labels: results and share of all, then a column per label of the split
+    field (``split_labels``); totals in the footer."""
+    columns: list[Column] = [(report.titles[kind], "left"), ("Results", "right"), ("% of all", "right"),
+                             *((label, "right") for label in split_labels)]
+    footers = ["Total", str(report.total), _percent(report.total, report.total),
+               *(str(report.counts[report.split][label]) for label in split_labels)]
+    return console_table(title, columns, footers)
+
+
 def print_tables(report: Report) -> None:
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(file=sys.stdout, highlight=False)
     if not console.is_terminal:
@@ -383,30 +422,23 @@ def print_tables(report: Report) -> None:
                       "no customer turn (status 'skipped', not sent to the model)")
     if report.total == 0:
         return  # tables of zeros say nothing; the reason is on stderr (json and csv keep their shape)
-    sentiments = report.labels["sentiment"]
-    for kind, title in (("intent", "Intents"), ("topic", "Topics")):
-        table = Table(title=f"{title} by sentiment", box=box.SIMPLE_HEAD, show_footer=True, title_justify="left")
-        table.add_column(kind.capitalize(), footer="Total")
-        table.add_column("Results", justify="right", footer=str(report.total))
-        table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
-        cells = report.crossings[kind, "sentiment"]
-        for sentiment in sentiments:
-            table.add_column(sentiment, justify="right", footer=str(report.counts["sentiment"][sentiment]))
+    split = report.split
+    columns = report.labels[split]
+    for kind in report.others:
+        table = _counts_table(report, kind, f"{report.titles[kind]} by {split.replace('_', ' ')}", columns)
+        cells = report.crossings[kind, split]
         for label in report.labels[kind]:
             n = report.counts[kind][label]
             table.add_row(
                 _marked(report, kind, label), str(n), _percent(n, report.total),
-                *(str(cells[label, sentiment]) for sentiment in sentiments),
+                *(str(cells[label, column]) for column in columns),
                 style="dim" if n == 0 else None,
             )
         console.print(table)
-    table = Table(title="Sentiments", box=box.SIMPLE_HEAD, show_footer=True, title_justify="left")
-    table.add_column("Sentiment", footer="Total")
-    table.add_column("Results", justify="right", footer=str(report.total))
-    table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
-    for label in sentiments:
-        n = report.counts["sentiment"][label]
-        table.add_row(_marked(report, "sentiment", label), str(n), _percent(n, report.total),
+    table = _counts_table(report, split, report.titles[split], [])
+    for label in columns:
+        n = report.counts[split][label]
+        table.add_row(_marked(report, split, label), str(n), _percent(n, report.total),
                       style="dim" if n == 0 else None)
     console.print(table)
     if any(report.unknown.values()):
@@ -415,33 +447,80 @@ def print_tables(report: Report) -> None:
 
 # --- chart --------------------------------------------------------------------------------
 
-# Colours of the usual sentiments; other labels take the next colours of the tab10 cycle.
-SENTIMENT_COLOURS = {"positive": "#2e9e57", "neutral": "#9aa0a6", "negative": "#d1453b"}
+# Colours of labels that say what they mean (the default sentiments); other labels take the next
+# colours of the tab10 cycle.
+LABEL_COLOURS = {"positive": "#2e9e57", "neutral": "#9aa0a6", "negative": "#d1453b"}
 OTHER_COLOURS = ("#1f77b4", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#bcbd22", "#17becf")
 
 
-def _sentiment_colours(sentiments: list[str]) -> dict[str, str]:
+def _label_colours(labels: list[str]) -> dict[str, str]:
     colours: dict[str, str] = {}
-    others = iter(OTHER_COLOURS * (len(sentiments) // len(OTHER_COLOURS) + 1))
-    for label in sentiments:
-        colours[label] = SENTIMENT_COLOURS.get(label.casefold()) or next(others)
+    others = iter(OTHER_COLOURS * (len(labels) // len(OTHER_COLOURS) + 1))
+    for label in labels:
+        colours[label] = LABEL_COLOURS.get(label.casefold()) or next(others)
     return colours
 
 
+def _tidy(axes: Any, counts_on: str) -> None:
+    """Whole-number ticks and a light grid on the counts' axis (``"x"`` or ``"y"``); no top or right frame."""
+    from matplotlib.ticker import MaxNLocator
+
+    # The default AutoLocator is a MaxNLocator.
+    cast(MaxNLocator, getattr(axes, f"{counts_on}axis").get_major_locator()).set_params(integer=True)
+    axes.grid(axis=counts_on, alpha=0.3)
+    axes.set_axisbelow(True)
+    axes.spines[["top", "right"]].set_visible(False)
+
+
+def _stacked_bars(axes: Any, report: Report, kind: str, colours: dict[str, str], *, legend: bool) -> None:
+    """``kind``'s labels as horizontal bars, each stacked by the labels of the report's split field."""
+    split = report.split
+    labels = report.labels[kind]
+    cells = report.crossings[kind, split]
+    left = [0] * len(labels)
+    for column in report.labels[split]:
+        widths = [cells[label, column] for label in labels]
+        axes.barh(labels, widths, left=left, color=colours[column], label=column, height=0.7)
+        left = [a + b for a, b in zip(left, widths, strict=True)]
+    for y, total in enumerate(left):
+        axes.annotate(str(total), (total, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    axes.invert_yaxis()  # taxonomy order from the top
+    axes.set_title(f"{report.titles[kind]} (stacked by {split.replace('_', ' ')})", loc="left", fontsize=11)
+    axes.set_xlabel("results")
+    axes.set_xlim(0, max(left + [1]) * 1.08)
+    _tidy(axes, "x")
+    axes.set_yticks(range(len(labels)), [_marked(report, kind, label) for label in labels])
+    if legend:  # above the plot, right of its title: it never hides a bar
+        axes.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=len(report.labels[split]), fontsize=8,
+                    frameon=False)
+
+
+def _split_bars(axes: Any, report: Report, colours: dict[str, str]) -> None:
+    """The split field's own counts as vertical bars."""
+    split = report.split
+    labels = report.labels[split]
+    values = [report.counts[split][label] for label in labels]
+    bars = axes.bar([_marked(report, split, label) for label in labels], values,
+                    color=[colours[label] for label in labels], width=0.6)
+    axes.bar_label(bars, labels=[f"{v} ({_percent(v, report.total)})" for v in values], fontsize=8, padding=2)
+    axes.set_title(report.titles[split], loc="left", fontsize=11)
+    axes.set_ylabel("results")
+    axes.set_ylim(0, max(values + [1]) * 1.2)
+    _tidy(axes, "y")
+
+
 def write_chart(report: Report, path: Path) -> None:
-    """Bar charts of the report as a PNG, drawn by the Agg renderer (no display, no pyplot state)."""
+    """Bar charts of the report as a PNG, drawn by the Agg renderer (no display, no pyplot state):
+    each field stacked by the split field, then the split field's own bars."""
     # Imported here: matplotlib takes a while to import, and only --chart needs it.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    from matplotlib.ticker import MaxNLocator
 
-    sentiments = report.labels["sentiment"]
-    colours = _sentiment_colours(sentiments)
-    rows = {kind: len(report.labels[kind]) for kind in ("intent", "topic")}
-    height = 1.6 + 0.32 * (rows["intent"] + rows["topic"]) + 2.2
-    figure = Figure(figsize=(11, height), layout="constrained")
+    colours = _label_colours(report.labels[report.split])
+    rows = [len(report.labels[kind]) for kind in report.others]
+    figure = Figure(figsize=(11, 1.6 + 0.32 * sum(rows) + 2.2), layout="constrained")
     FigureCanvasAgg(figure)
-    grid = figure.add_gridspec(3, 1, height_ratios=[rows["intent"] + 1.5, rows["topic"] + 1.5, 5.5])
+    grid = figure.add_gridspec(len(rows) + 1, 1, height_ratios=[n + 1.5 for n in rows] + [5.5])
     title = f"{report.total} classified conversations - {report.database}.{report.collection}"
     if report.job is not None:
         title += f" - batch job {report.job}"
@@ -450,44 +529,9 @@ def write_chart(report: Report, path: Path) -> None:
     elif report.first and report.last:
         title += f"\nprocessed {report.first:%Y-%m-%d %H:%M} to {report.last:%Y-%m-%d %H:%M} UTC"
     figure.suptitle(title, fontsize=12)
-
-    for position, (kind, heading) in enumerate((("intent", "Intents"), ("topic", "Topics"))):
-        axes = figure.add_subplot(grid[position])
-        labels = report.labels[kind]
-        cells = report.crossings[kind, "sentiment"]
-        left = [0] * len(labels)
-        for sentiment in sentiments:
-            widths = [cells[label, sentiment] for label in labels]
-            axes.barh(labels, widths, left=left, color=colours[sentiment], label=sentiment, height=0.7)
-            left = [a + b for a, b in zip(left, widths, strict=True)]
-        for y, total in enumerate(left):
-            axes.annotate(str(total), (total, y), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
-        axes.invert_yaxis()  # taxonomy order from the top
-        axes.set_title(f"{heading} (stacked by sentiment)", loc="left", fontsize=11)
-        axes.set_xlabel("results")
-        axes.set_xlim(0, max(left + [1]) * 1.08)
-        # The default AutoLocator is a MaxNLocator.
-        cast(MaxNLocator, axes.xaxis.get_major_locator()).set_params(integer=True)
-        axes.grid(axis="x", alpha=0.3)
-        axes.set_axisbelow(True)
-        axes.spines[["top", "right"]].set_visible(False)
-        axes.set_yticks(range(len(labels)), [_marked(report, kind, label) for label in labels])
-        if position == 0:  # above the plot, right of its title: it never hides a bar
-            axes.legend(loc="lower right", bbox_to_anchor=(1, 1), ncols=len(sentiments), fontsize=8, frameon=False)
-
-    axes = figure.add_subplot(grid[2])
-    values = [report.counts["sentiment"][label] for label in sentiments]
-    bars = axes.bar([_marked(report, "sentiment", label) for label in sentiments], values,
-                    color=[colours[label] for label in sentiments], width=0.6)
-    axes.bar_label(bars, labels=[f"{v} ({_percent(v, report.total)})" for v in values], fontsize=8, padding=2)
-    axes.set_title("Sentiments", loc="left", fontsize=11)
-    axes.set_ylabel("results")
-    axes.set_ylim(0, max(values + [1]) * 1.2)
-    cast(MaxNLocator, axes.yaxis.get_major_locator()).set_params(integer=True)
-    axes.grid(axis="y", alpha=0.3)
-    axes.set_axisbelow(True)
-    axes.spines[["top", "right"]].set_visible(False)
-
+    for position, kind in enumerate(report.others):
+        _stacked_bars(figure.add_subplot(grid[position]), report, kind, colours, legend=position == 0)
+    _split_bars(figure.add_subplot(grid[len(rows)]), report, colours)
     if any(report.unknown.values()):
         # supxlabel, not figure.text: the constrained layout makes room for it.
         figure.supxlabel("* not in the taxonomy (TAXONOMY_FILE)", x=0.01, ha="left", fontsize=8)

@@ -7,7 +7,8 @@
   var SLOW_MS = 30000;  // otherwise: notice a job that starts
   // Okabe-Ito palette: told apart with the common colour-vision deficiencies.
   var PALETTE = ["#0072B2", "#E69F00", "#009E73", "#CC79A7", "#56B4E9", "#D55E00", "#F0E442", "#000000", "#999999"];
-  var SENTIMENT_COLOURS = { Negative: "#D55E00", Neutral: "#8C8C8C", Positive: "#009E73", Mixed: "#CC79A7" };
+  // Labels whose colour says what they mean (any field that uses them: usually the sentiment's).
+  var LABEL_COLOURS = { Negative: "#D55E00", Neutral: "#8C8C8C", Positive: "#009E73", Mixed: "#CC79A7" };
 
   var charts = {};
   var timer = null;
@@ -15,9 +16,77 @@
 
   function $(id) { return document.getElementById(id); }
 
-  function colourFor(field, label, index) {
-    if (field === "sentiment" && SENTIMENT_COLOURS[label]) { return SENTIMENT_COLOURS[label]; }
-    return PALETTE[index % PALETTE.length];
+  function colourFor(label, index) {
+    return LABEL_COLOURS[label] || PALETTE[index % PALETTE.length];
+  }
+
+  // The figure of one label field (created on first sight): caption, canvas, table.
+  function fieldFigure(field) {
+    var figure = document.querySelector('#charts figure[data-field="' + field.name + '"]');
+    if (!figure) {
+      figure = document.createElement("figure");
+      figure.className = "chart";
+      figure.dataset.field = field.name;
+      var caption = document.createElement("figcaption");
+      var box = document.createElement("div");
+      box.className = "canvas-box";
+      var canvas = document.createElement("canvas");
+      canvas.id = "chart-" + field.name;
+      canvas.setAttribute("role", "img");
+      box.appendChild(canvas);
+      var details = document.createElement("details");
+      var summary = document.createElement("summary");
+      summary.textContent = field.title + " as a table";
+      var table = document.createElement("table");
+      table.className = "data";
+      table.dataset.testid = "table-" + field.name;
+      details.appendChild(summary);
+      details.appendChild(table);
+      figure.appendChild(caption);
+      figure.appendChild(box);
+      figure.appendChild(details);
+      $("charts").appendChild(figure);
+    }
+    var captionText = field.title + (field.customer_only ? " (customer's turns)" : "");
+    figure.querySelector("figcaption").textContent = captionText;
+    figure.title = field.description || "";
+    return figure;
+  }
+
+  // One figure per field of /api/stats, in its order (the taxonomy's); figures of fields no longer
+  // there (the API restarted with another taxonomy) go.
+  function drawFields(fields) {
+    var names = fields.map(function (f) { return f.name; });
+    Array.prototype.slice.call($("charts").children).forEach(function (figure) {
+      if (names.indexOf(figure.dataset.field) < 0) {
+        if (charts[figure.dataset.field]) { charts[figure.dataset.field].destroy(); delete charts[figure.dataset.field]; }
+        figure.remove();
+      }
+    });
+    fields.forEach(function (field) {
+      fieldFigure(field);
+      drawDistribution(field);
+    });
+  }
+
+  // The trend's "split by" choices are the fields; the first time, the one with fewest labels.
+  function fillTrendChoices(fields) {
+    var select = $("trend-field");
+    var chosen = select.value;
+    var names = fields.map(function (f) { return f.name; });
+    if (names.join("\n") !== Array.prototype.map.call(select.options, function (o) { return o.value; }).join("\n")) {
+      select.textContent = "";
+      fields.forEach(function (field) {
+        var option = document.createElement("option");
+        option.value = field.name;
+        option.textContent = field.name;
+        select.appendChild(option);
+      });
+    }
+    if (names.indexOf(chosen) < 0 && fields.length) {
+      chosen = fields.reduce(function (a, b) { return b.labels.length < a.labels.length ? b : a; }).name;
+    }
+    select.value = chosen;
   }
 
   function isoDay(d) { return d.toISOString().slice(0, 10); }
@@ -134,22 +203,39 @@
     canvas.dataset.rendered = "true";
   }
 
-  function drawDistribution(field, rows) {
+  // The conversations page filtered like the dashboard (and by a field's label, when given).
+  function conversationsLink(field, label, extra) {
+    var query = new URLSearchParams(currentFilters());
+    if (field) { query.set(field, label); }
+    Object.keys(extra || {}).forEach(function (k) { query.set(k, extra[k]); });
+    return "/conversations?" + query.toString();
+  }
+
+  function drawAgreement(agreement) {
+    var parts = Object.keys(agreement || {}).filter(function (f) { return agreement[f].n > 0; }).map(function (f) {
+      var a = agreement[f];
+      return f + " " + Math.round(100 * a.accuracy) + "% (" + Math.round(a.accuracy * a.n) + " of " + a.n + ")";
+    });
+    $("agreement").textContent = parts.length ? parts.join("; ") : "no reviews yet";
+  }
+
+  function drawDistribution(field) {
+    var rows = field.counts;
     var labels = rows.map(function (r) { return r.label; });
     var counts = rows.map(function (r) { return r.count; });
     var total = counts.reduce(function (a, b) { return a + b; }, 0);
-    var canvas = $("chart-" + field);
-    canvas.setAttribute("aria-label", field + " distribution: " + (rows.length ? rows.map(function (r) {
+    var canvas = $("chart-" + field.name);
+    canvas.setAttribute("aria-label", field.name + " distribution: " + (rows.length ? rows.map(function (r) {
       return r.label + " " + r.count;
     }).join(", ") : "no results"));
-    upsertChart(field, canvas, {
+    upsertChart(field.name, canvas, {
       type: "bar",
       data: {
         labels: labels,
         datasets: [{
           label: "Conversations",
           data: counts,
-          backgroundColor: labels.map(function (l, i) { return colourFor(field, l, i); }),
+          backgroundColor: labels.map(function (l, i) { return colourFor(l, i); }),
         }],
       },
       options: {
@@ -163,9 +249,14 @@
           } } },
         },
         scales: { x: { beginAtZero: true, ticks: { precision: 0 } } },
+        // A bar opens the conversations with that label (in the same date range and job).
+        onClick: function (event, elements) {
+          if (elements.length) { window.location.href = conversationsLink(field.name, labels[elements[0].index]); }
+        },
+        onHover: function (event, elements) { event.native.target.style.cursor = elements.length ? "pointer" : ""; },
       },
     });
-    fillTable(document.querySelector('[data-testid="table-' + field + '"]'), [field, "conversations", "share"],
+    fillTable(document.querySelector('[data-testid="table-' + field.name + '"]'), [field.name, "conversations", "share"],
       rows.map(function (r) { return [r.label, r.count, (total ? (100 * r.count / total).toFixed(1) : "0.0") + "%"]; }));
   }
 
@@ -173,15 +264,17 @@
     var field = $("trend-field").value;
     var days = stats.per_day.map(function (d) { return d.date; });
     var labelTotals = {};
+    function countsOf(day) { return day.labels[field] || {}; }
     stats.per_day.forEach(function (d) {
-      Object.keys(d[field]).forEach(function (l) { labelTotals[l] = (labelTotals[l] || 0) + d[field][l]; });
+      var counts = countsOf(d);
+      Object.keys(counts).forEach(function (l) { labelTotals[l] = (labelTotals[l] || 0) + counts[l]; });
     });
     var labels = Object.keys(labelTotals).sort(function (a, b) { return labelTotals[b] - labelTotals[a] || (a < b ? -1 : 1); });
     var datasets = labels.map(function (label, i) {
       return {
         label: label,
-        data: stats.per_day.map(function (d) { return d[field][label] || 0; }),
-        backgroundColor: colourFor(field, label, i),
+        data: stats.per_day.map(function (d) { return countsOf(d)[label] || 0; }),
+        backgroundColor: colourFor(label, i),
       };
     });
     var canvas = $("chart-trend");
@@ -200,7 +293,7 @@
     });
     fillTable(document.querySelector('[data-testid="table-trend"]'), ["day", "total"].concat(labels),
       stats.per_day.map(function (d) {
-        return [d.date, d.total].concat(labels.map(function (l) { return d[field][l] || 0; }));
+        return [d.date, d.total].concat(labels.map(function (l) { return countsOf(d)[l] || 0; }));
       }));
   }
 
@@ -224,9 +317,12 @@
     $("review").textContent = stats.review.share === null ? "no confidences"
       : (100 * stats.review.share).toFixed(1) + "% (" + fmtNumber(stats.review.needs_review) + " of " +
         fmtNumber(stats.review.with_confidence) + ")";
+    $("review-link").href = conversationsLink(null, null, { needs_review: "true", reviewed: "false", order: "confidence" });
+    drawAgreement(stats.agreement);
     $("pending").textContent = fmtNumber(stats.statuses.pending);
     $("failed").textContent = fmtNumber(stats.statuses.failed);
-    ["intent", "topic", "sentiment"].forEach(function (field) { drawDistribution(field, stats[field]); });
+    drawFields(stats.fields);
+    fillTrendChoices(stats.fields);
     drawTrend(stats);
     drawFailures(stats.failures);
   }
@@ -237,7 +333,7 @@
     else { box.hidden = true; box.textContent = ""; }
   }
 
-  // The embedded model (OLLAMA_ENDPOINT=embedded) is for trying the tool: nobody should take its labels
+  // The embedded model (LLM_ENDPOINT=embedded) is for trying the tool: nobody should take its labels
   // for a real model's. Asked once: the API's model does not change while the page is open.
   function showModel() {
     return getJSON("/api/model").then(function (body) {

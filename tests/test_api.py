@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from config import Settings
+from fakes.ollama import BUSY, RUNNER_CRASHED, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from tests.conftest import RunningAPI
-from tests.fake_ollama import BUSY, RUNNER_CRASHED, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from tests.net_helpers import closed_port_url
 
 SettingsFactory = Callable[..., Settings]
@@ -28,7 +28,7 @@ StartAPI = Callable[[Settings], RunningAPI]
 
 ROOT = Path(__file__).resolve().parents[1]
 TAXONOMY = json.loads((ROOT / "config" / "taxonomy.json").read_text(encoding="utf-8"))
-LABELS = {kind: {entry["name"] for entry in TAXONOMY[kind + "s"]} for kind in ("intent", "topic", "sentiment")}
+LABELS = {field["name"]: {entry["name"] for entry in field["labels"]} for field in TAXONOMY["fields"]}
 SAMPLES = json.loads((ROOT / "data" / "sample_conversations.json").read_text(encoding="utf-8"))
 
 CONVERSATION = {
@@ -132,9 +132,9 @@ def test_default_answer_labels_are_taxonomy_values(http: requests.Session, api_s
     body = post(http, api_server, CONVERSATION).json()
     classification = body["classification"]
     assert set(classification) == {"categorization", "intent", "topic", "sentiment", "confidence", "needs_review"}
-    for kind in ("intent", "topic", "sentiment"):
-        assert classification[kind] in LABELS[kind]
-        assert 0 <= classification["confidence"][kind] <= 1
+    for name, labels in LABELS.items():
+        assert classification[name] in labels
+        assert 0 <= classification["confidence"][name] <= 1
     assert body["conversation_number"] == "12345"
     assert body["messages"] == CONVERSATION["messages"]
     assert "tweets" not in body
@@ -284,10 +284,49 @@ INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str
         "body",
         "Infinity",
     ),
+    # Python reads these as inf: not NaN, yet no JSON answer can carry them back (a 500 after the call).
+    "1e999 in an echoed field": (
+        {
+            "data": b'{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi", "score": 1e999}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "1e999",
+    ),
+    "-1e400 as a timestamp": (
+        {
+            "data": b'{"conversation_number": "1", '
+            b'"messages": [{"sender": "customer", "text": "hi", "timestamp": -1E+400}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "-1E+400",
+    ),
+    "1e999 as the conversation number": (
+        {
+            "data": b'{"conversation_number": 1e999, "messages": [{"sender": "customer", "text": "hi"}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "too large",
+    ),
     "unpaired surrogate in a text": (
         {
             "data": b'{"conversation_number": "1", '
             b'"messages": [{"sender": "customer", "text": "broken \\ud800 emoji"}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "surrogate",
+    ),
+    "unpaired surrogate in a UTF-16 body (no escape needed)": (
+        {
+            "data": '{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi \ud800"}]}'.encode(
+                "utf-16-le", "surrogatepass"),
             "headers": {"Content-Type": "application/json"},
         },
         (400,),
@@ -496,7 +535,7 @@ def test_custom_small_limit(
 
 def test_ollama_unreachable(http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI) -> None:
     endpoint = closed_port_url()
-    api = start_api(make_settings(ollama_endpoint=endpoint))
+    api = start_api(make_settings(llm_endpoint=endpoint))
     error = error_of(post(http, api, CONVERSATION), 503)
     assert error["type"] == "llm_unavailable"
     assert endpoint in error["message"]
@@ -595,7 +634,7 @@ def test_health_makes_no_llm_call(http: requests.Session, api_server: RunningAPI
 def test_health_is_ok_even_without_ollama(
     http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI
 ) -> None:
-    api = start_api(make_settings(ollama_endpoint=closed_port_url()))
+    api = start_api(make_settings(llm_endpoint=closed_port_url()))
     assert http.get(f"{api.url}/health", timeout=10).status_code == 200
 
 
@@ -623,11 +662,30 @@ def test_ready_503_when_ollama_is_unreachable(
     http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI
 ) -> None:
     endpoint = closed_port_url()
-    api = start_api(make_settings(ollama_endpoint=endpoint))
+    api = start_api(make_settings(llm_endpoint=endpoint))
     error = error_of(http.get(f"{api.url}/ready", timeout=10), 503)
     assert error["type"] == "llm_unavailable"
     assert endpoint in error["message"]
     assert "ollama serve" in error["hint"]
+
+
+def test_a_slow_ready_never_pauses_a_server(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    # Issue 16 item 9: /ready is unauthenticated and only reports. A readiness answer that came too
+    # late (here at start-up and on /ready) must not open the server's circuit: its share of
+    # /classify would go to the others for CIRCUIT_BREAKER_RECOVERY_SECONDS (or be refused with 503).
+    with FakeOllama() as slow:
+        slow.ready_delay = 3.0  # beyond the readiness timeout: min(5 s, OLLAMA_TIMEOUT)
+        api = start_api(make_settings(llm_endpoint=f"{slow.url},{fake_ollama.url}", ollama_timeout=2))
+        response = http.get(f"{api.url}/ready", timeout=30)
+        assert response.status_code == 200, response.text  # the other server is ready
+        servers = {status["server"]: status for status in response.json()["servers"]}
+        assert servers[slow.url]["ready"] is False and "did not answer" in servers[slow.url]["error"]
+        assert servers[slow.url]["circuit"] == "closed"
+        for _ in range(4):
+            assert post(http, api, CONVERSATION).status_code == 200
+        assert (slow.chat_count, fake_ollama.chat_count) == (2, 2)  # the slow server keeps its share
 
 
 def test_docs_are_served(http: requests.Session, api_server: RunningAPI) -> None:
@@ -654,6 +712,29 @@ def test_openapi_has_examples_and_error_responses(http: requests.Session, api_se
     assert schemas["ClassifyResponse"]["examples"][0]["classification"]["intent"] == "Order Status"
     assert "503" in document["paths"]["/ready"]["get"]["responses"]
     assert "/health" in document["paths"]
+
+
+def test_a_fourth_label_field_is_answered_and_documented(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    """TAXONOMY_FILE alone adds a field: the schema sent, the answer and /openapi.json follow it."""
+    api = start_api(make_settings(taxonomy_file=ROOT / "config" / "taxonomy-urgency.example.json"))
+    body = post(http, api, CONVERSATION).json()
+    classification = body["classification"]
+    assert list(classification) == ["categorization", "intent", "topic", "sentiment", "urgency", "confidence",
+                                    "needs_review"]
+    assert classification["urgency"] in ("Low", "Medium", "High")
+    assert set(classification["confidence"]) == {"intent", "topic", "sentiment", "urgency"}
+    [request] = fake_ollama.chat_requests
+    assert request["format"]["properties"]["urgency"] == {"type": "string", "enum": ["Low", "Medium", "High"]}
+    assert "urgency" in request["format"]["required"]
+
+    schema = http.get(f"{api.url}/openapi.json", timeout=10).json()["components"]["schemas"]["Classification"]
+    assert schema["properties"]["urgency"]["enum"] == ["Low", "Medium", "High"]
+    assert schema["properties"]["urgency"]["description"] == "how soon the customer needs an answer"
+    assert schema["properties"]["intent"]["enum"] == sorted(LABELS["intent"], key=list(
+        entry["name"] for entry in TAXONOMY["fields"][0]["labels"]).index)
+    assert {"categorization", "intent", "topic", "sentiment", "urgency"} <= set(schema["required"])
 
 
 def test_unknown_path_is_a_json_404(http: requests.Session, api_server: RunningAPI) -> None:
@@ -805,7 +886,7 @@ def test_routes_get_their_classifier_through_a_dependency(
     from classifier import ConversationClassifier
 
     taxonomy = json.loads(json.dumps(TAXONOMY))
-    taxonomy["intents"] = [{"name": name, "description": f"{name} things."} for name in ("Zebra", "Other")]
+    taxonomy["fields"][0]["labels"] = [{"name": name, "description": f"{name} things."} for name in ("Zebra", "Other")]
     (tmp_path / "taxonomy.json").write_text(json.dumps(taxonomy), encoding="utf-8")
     few_shots = tmp_path / "few_shots.json"
     few_shots.write_text("[]", encoding="utf-8")
@@ -849,7 +930,7 @@ def test_a_request_that_cannot_start_in_time_gets_503_llm_busy(
 def test_requests_beyond_the_limit_wait_their_turn(
     make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
 ) -> None:
-    api = start_api(make_settings(api_max_concurrency=2, api_queue_timeout=60))
+    api = start_api(make_settings(api_max_concurrency=2, api_queue_timeout=60, api_max_waiting=6))
     fake_ollama.latency = 0.2
 
     def classify(i: int) -> int:
@@ -861,6 +942,55 @@ def test_requests_beyond_the_limit_wait_their_turn(
     assert statuses == [200] * 8
     assert fake_ollama.chat_count == 8
     assert fake_ollama.max_in_flight == 2
+
+
+def _wait_for_log(caplog: pytest.LogCaptureFixture, fragment: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(fragment in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"no log record with {fragment!r}"
+        time.sleep(0.02)
+
+
+def test_requests_beyond_api_max_waiting_get_503_at_once(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    start_api: StartAPI,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="api_dependencies")
+    api = start_api(make_settings(api_max_concurrency=1, api_max_waiting=2, api_queue_timeout=60, ollama_timeout=30))
+    with _occupy_the_only_slot(api, fake_ollama, seconds=4), ThreadPoolExecutor(2) as waiting:
+        waiters = [waiting.submit(requests.post, f"{api.url}/classify", json=CONVERSATION, timeout=60)
+                   for _ in range(2)]
+        _wait_for_log(caplog, "request admitted: 3 in this process")  # the slot's holder and two waiting
+        response = post(http, api, CONVERSATION)
+        error = error_of(response, 503)
+        assert error["type"] == "llm_busy" and "API_MAX_WAITING" in error["hint"]
+        assert error["max_waiting"] == 2
+        assert int(response.headers["Retry-After"]) > 0
+        assert fake_ollama.chat_count == 1  # answered before any of the waiting ones reached the model
+        assert [w.result().status_code for w in waiters] == [200, 200]  # the two waiting got their turn
+    assert fake_ollama.chat_count == 3
+
+
+def test_a_dozen_large_bodies_beyond_the_bound_are_refused_and_health_answers(
+    make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings(api_max_concurrency=1, api_max_waiting=2, api_queue_timeout=60, ollama_timeout=30))
+    text = "My parcel has not arrived. " * 400  # ~10 KB a message, ~0.9 MB a body
+    body = {"conversation_number": "big", "messages": [
+        {"sender": "customer" if i % 2 == 0 else "agent", "text": text} for i in range(85)]}
+    assert 800_000 < len(json.dumps(body)) < api.settings.api_max_body_bytes
+
+    def classify(_: int) -> int:
+        return requests.post(f"{api.url}/classify", json=body, timeout=60).status_code
+
+    with _occupy_the_only_slot(api, fake_ollama, seconds=3), ThreadPoolExecutor(12) as pool:
+        statuses = pool.map(classify, range(12))
+        assert requests.get(f"{api.url}/health", timeout=30).json() == {"status": "ok"}
+        assert sorted(statuses) == [200] * 2 + [503] * 10  # every refused client got its answer
+    assert fake_ollama.chat_count == 3
 
 
 def _abandon_requests(api: RunningAPI, count: int) -> None:
@@ -886,7 +1016,7 @@ def test_a_client_that_left_before_its_turn_never_reaches_the_model(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="api")
-    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=60, ollama_timeout=30))
+    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=60, ollama_timeout=30, api_max_waiting=20))
     with _occupy_the_only_slot(api, fake_ollama, seconds=3):
         _abandon_requests(api, 20)
         # Wait until the API has seen every hang-up (or, as before the fix, the model got the requests).
@@ -900,7 +1030,7 @@ def test_a_client_that_left_before_its_turn_never_reaches_the_model(
     assert sum("left before its turn" in r.getMessage() for r in caplog.records) == 20
 
 
-# --- secrets: credentials in OLLAMA_ENDPOINT appear in no answer and no log line ------------
+# --- secrets: credentials in LLM_ENDPOINT appear in no answer and no log line ------------
 
 # Placeholder credentials (user:pass-...), written as users write them: not percent-encoded.
 PASSWORDS = ["pass-tok3n", "pass-7q/xZ@9k w0rd"]
@@ -927,8 +1057,8 @@ def test_credentials_in_the_endpoint_appear_in_no_answer_and_no_log_line(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     answers: list[str] = []
-    served = start_api(make_settings(ollama_endpoint=_with_credentials(fake_ollama.url, password), ollama_timeout=1))
-    refused = start_api(make_settings(ollama_endpoint=_with_credentials(closed_port_url(), password)))
+    served = start_api(make_settings(llm_endpoint=_with_credentials(fake_ollama.url, password), ollama_timeout=1))
+    refused = start_api(make_settings(llm_endpoint=_with_credentials(closed_port_url(), password)))
     for api in (served, refused):
         for response in (http.get(f"{api.url}/ready", timeout=10), post(http, api, CONVERSATION)):
             answers.append(response.text)

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from config import Settings
+from fakes.ollama import RUNNER_CRASHED, FakeOllama, Reply, last_user_content
 from tests.conftest import RunningAPI
-from tests.fake_ollama import RUNNER_CRASHED, FakeOllama, Reply, last_user_content
 from tests.net_helpers import closed_port_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,7 +60,7 @@ def test_sample_file_is_classified(
     assert fake_ollama.chat_count == len(SAMPLES)
     answers = json.loads(output.read_text(encoding="utf-8"))
     assert [a["conversation_number"] for a in answers] == [str(s["conversation_number"]) for s in SAMPLES]
-    intents = {entry["name"] for entry in TAXONOMY["intents"]}
+    intents = {entry["name"] for entry in TAXONOMY["fields"][0]["labels"]}
     for answer, sample in zip(answers, SAMPLES, strict=True):
         assert answer["status"] == 200
         assert answer["tweets"] == sample["tweets"]

@@ -27,7 +27,7 @@ import cli
 import error_handler
 from aggregator import content_hash, validate_conversation
 from config import Settings, env_name
-from tests.fake_ollama import ErrorReply, FakeOllama, Reply, last_user_content
+from fakes.ollama import ErrorReply, FakeOllama, Reply, last_user_content
 from tests.net_helpers import free_port
 from utils.batch_file_manager import BatchFileManager, RetryJournal
 
@@ -94,7 +94,7 @@ def batch_env(
     env = {
         "MONGODB_CONNECTION_STRING": mongo_uri,
         "MONGODB_DATABASE_NAME": mongo_db_name,
-        "OLLAMA_ENDPOINT": fake_ollama.url,
+        "LLM_ENDPOINT": fake_ollama.url,
         "OLLAMA_TIMEOUT": "10",
         "BATCH_FILES_DIR": str(tmp_path / "batch_files"),
         "BATCH_MONITORING_MODE": "production",
@@ -382,7 +382,7 @@ def test_unreachable_mongodb_is_a_one_line_error(batch_env, monkeypatch, capsys)
 
 def test_unreachable_ollama_is_a_one_line_error(batch_env, monkeypatch, mongo_db, capsys):
     port = free_port()
-    monkeypatch.setenv("OLLAMA_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("LLM_ENDPOINT", f"http://127.0.0.1:{port}")
     assert cli.main([]) == cli.EXIT_UNAVAILABLE
     err = capsys.readouterr().err
     assert f"error: Cannot reach Ollama at http://127.0.0.1:{port}" in err
@@ -391,7 +391,7 @@ def test_unreachable_ollama_is_a_one_line_error(batch_env, monkeypatch, mongo_db
 
 
 def test_missing_model_names_the_pull_command(batch_env, monkeypatch, mongo_db, capsys):
-    monkeypatch.setenv("OLLAMA_MODEL", "qwen3:8b")
+    monkeypatch.setenv("LLM_MODEL", "qwen3:8b")
     assert cli.main([]) == cli.EXIT_UNAVAILABLE
     assert "ollama pull qwen3:8b" in capsys.readouterr().err
 
@@ -885,7 +885,7 @@ def test_a_job_whose_model_answers_are_mostly_unusable_stops_and_leaves_the_rest
 
     err = capsys.readouterr().err
     assert "error: Stopped:" in err and "failed because of the model" in err
-    assert "llm_bad_output" in err and "OLLAMA_MODEL" in err and "BATCH_MAX_FAILURE_RATE=0" in err
+    assert "llm_bad_output" in err and "LLM_MODEL" in err and "BATCH_MAX_FAILURE_RATE=0" in err
     assert "Traceback" not in err
     assert fake_ollama.chat_count < 30  # it stopped early, not after burning the collection
     # Nothing the model failed on was marked failed: all of it is recoverable.

@@ -22,7 +22,7 @@ import pytest
 from pymongo import AsyncMongoClient
 
 from config import Settings, env_name
-from tests.fake_ollama import FakeOllama
+from fakes.ollama import FakeOllama
 from utils.change_watch import ChangeWatcher
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +126,7 @@ def processor_env(tmp_path: Path, mongo_uri: str, mongo_db_name: str, fake_ollam
     env.update({
         "MONGODB_CONNECTION_STRING": mongo_uri,
         "MONGODB_DATABASE_NAME": mongo_db_name,
-        "OLLAMA_ENDPOINT": fake_ollama.url,
+        "LLM_ENDPOINT": fake_ollama.url,
         "BATCH_FILES_DIR": str(tmp_path / "batch_files"),
         "BATCH_MONITORING_MODE": "production",
         "MONGODB_TIMEOUT_MS": "5000",

@@ -11,14 +11,15 @@ import pytest
 
 from aggregator import validate_conversation
 from async_llm_wrapper import AsyncLLMClient
-from classifier import Classification, Confidence, ConversationClassifier, extract_json_object, parse_classification
+from classifier import Classification, ConversationClassifier, extract_json_object, parse_classification
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError, LLMOutputError
+from fakes.ollama import FakeOllama, Reply
 from llm_wrapper import LLMClient
 from prompt_builder import Taxonomy, load_taxonomy
-from tests.fake_ollama import FakeOllama, Reply
 
 TAXONOMY = load_taxonomy(CONFIG_DIR / "taxonomy.json")
+URGENCY = load_taxonomy(CONFIG_DIR / "taxonomy-urgency.example.json")
 GOOD = {
     "categorization": "Customer asks where the order is",
     "intent": "Order Status",
@@ -127,6 +128,35 @@ def test_unknown_sentiment_is_unusable() -> None:
     assert "Positive" in error.message  # says what was allowed
 
 
+def test_the_fallback_rule_is_the_taxonomys_a_field_with_other_falls_back_else_unusable(tmp_path: Path) -> None:
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"version": 2, "fields": [
+        {"name": "mood", "labels": ["Calm", "Other"]},  # has Other: falls back
+        {"name": "topic", "labels": ["Billing", "Travel"]},  # no Other: unusable
+    ]}), encoding="utf-8")
+    taxonomy = load_taxonomy(path)
+    result = parse(json.dumps({"categorization": "x", "mood": "Furious", "topic": "travel"}), taxonomy)
+    assert result.labels == {"mood": "Other", "topic": "Travel"}
+    with pytest.raises(LLMOutputError) as info:
+        parse(json.dumps({"categorization": "x", "mood": "Calm", "topic": "Weather"}), taxonomy)
+    assert "topic 'Weather' is not one of ['Billing', 'Travel']" in info.value.message
+
+
+def test_a_fourth_field_is_parsed_and_required() -> None:
+    result = parse(json.dumps({**GOOD, "Urgency": " HIGH "}), URGENCY)
+    assert result.labels == {"intent": "Order Status", "topic": "Shipping/Delivery", "sentiment": "Neutral",
+                             "urgency": "High"}
+    assert result.urgency == "High"  # type: ignore[attr-defined]  # a label field is an attribute too
+    assert list(result.model_dump()) == ["categorization", "intent", "topic", "sentiment", "urgency",
+                                         "confidence", "needs_review"]
+    with pytest.raises(LLMOutputError) as info:
+        parse(json.dumps(GOOD), URGENCY)
+    assert "'urgency' is missing" in info.value.message
+    with pytest.raises(LLMOutputError) as info:
+        parse(json.dumps({**GOOD, "urgency": "Yesterday"}), URGENCY)  # no Other among its labels
+    assert "urgency 'Yesterday' is not one of ['Low', 'Medium', 'High']" in info.value.message
+
+
 @pytest.mark.parametrize("key", ["categorization", "intent", "topic", "sentiment"])
 def test_missing_key_is_unusable(key: str) -> None:
     answer = {k: v for k, v in GOOD.items() if k != key}
@@ -149,12 +179,13 @@ def test_non_string_or_empty_label_is_unusable(value: object) -> None:
         "[1, 2, 3]",
         "<think>{\"intent\": \"Order Status\"}</think> no answer after thinking",
         "{\"intent\": \"Order Status\", \"topic\": ",  # cut off
+        '{"intent": ' * 5000 + '"Order Status"' + "}" * 5000,  # past the recursion limit: was RecursionError
     ],
 )
 def test_no_json_object_is_unusable(content: str) -> None:
     with pytest.raises(LLMOutputError) as info:
         extract_json_object(content)
-    assert "no JSON object" in info.value.message
+    assert "no JSON object" in info.value.message  # also when nested too deeply to read
 
 
 def test_wrapper_without_the_keys_is_unusable() -> None:
@@ -210,7 +241,7 @@ def test_classify_with_the_sync_client(make_settings: Callable[..., Settings], f
     )
     # "ORDER status" is not the taxonomy's spelling: its confidence cannot be read (null, not a guess).
     assert outcome.classification.confidence is not None
-    assert outcome.classification.confidence.model_dump() == {"intent": None, "topic": 1.0, "sentiment": 1.0}
+    assert outcome.classification.confidence == {"intent": None, "topic": 1.0, "sentiment": 1.0}
     assert outcome.transcript.text == 'Customer: "My parcel never arrived."\nAgent: "Sorry, let me check."'
     assert outcome.chat.prompt_eval_count is not None and outcome.chat.eval_count is not None
     [request] = fake_ollama.chat_requests
@@ -227,7 +258,7 @@ async def test_classify_async_with_the_async_client(
     async with AsyncLLMClient(settings) as client:
         outcome = await classifier.classify_async(validate_conversation(CONVERSATION), client)
     assert outcome.classification == EXPECTED.model_copy(
-        update={"confidence": Confidence(intent=1.0, topic=1.0, sentiment=1.0)}
+        update={"confidence": {"intent": 1.0, "topic": 1.0, "sentiment": 1.0}}
     )
     assert fake_ollama.chat_count == 1
 

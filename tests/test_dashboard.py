@@ -5,6 +5,7 @@ The browser test of the page itself is in ``tests/test_dashboard_browser.py``.
 
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from collections.abc import Callable
@@ -15,14 +16,20 @@ import pytest
 import requests
 from bson import ObjectId
 
+import cli
+from config import CONFIG_DIR
 from dashboard import results_match, stats_pipeline
-from mongo_client import RESULT_INDEXES
+from mongo_client import result_indexes
+from prompt_builder import load_taxonomy
 from tests.conftest import RunningAPI, SettingsFactory
 from tests.net_helpers import free_port
+from tests.test_batch_processor import RESULTS, batch_env, insert, make_conversation  # noqa: F401  (a fixture)
 
 INTENTS = ["Order Status", "Complaint", "Refund Request"]
 TOPICS = ["Shipping/Delivery", "Account/Billing"]
 SENTIMENTS = ["Negative", "Neutral", "Positive"]
+DEFAULT_FIELDS = load_taxonomy(CONFIG_DIR / "taxonomy.json").field_names
+URGENCY_FILE = CONFIG_DIR / "taxonomy-urgency.example.json"
 NOW = datetime.now(UTC).replace(microsecond=0)
 
 
@@ -57,7 +64,7 @@ def seed(database: Any, *, days: int = 3, per_day: int = 7) -> list[dict[str, An
                 },
             })
     database["sentimental_analysis"].insert_many(results)
-    for index, options in RESULT_INDEXES:
+    for index, options in result_indexes(DEFAULT_FIELDS):
         database["sentimental_analysis"].create_index(index, **options)
     database["conversation_set"].insert_many(
         [{"conversation_number": f"p{i}", "status": "pending"} for i in range(3)]
@@ -92,20 +99,39 @@ def expected_counts(results: list[dict[str, Any]], field: str) -> dict[str, int]
     return dict(Counter(r["classification"][field] for r in results))
 
 
+def counts_of(body: dict[str, Any], field: str) -> dict[str, int]:
+    """One field's label counts in an /api/stats answer."""
+    [entry] = [f for f in body["fields"] if f["name"] == field]
+    return {row["label"]: row["count"] for row in entry["counts"]}
+
+
+def classify_with_a_fourth_field(database: Any, monkeypatch: pytest.MonkeyPatch, n: int = 12) -> list[dict[str, Any]]:
+    """``n`` conversations through the real batch processor with TAXONOMY_FILE = the urgency example
+    (needs the ``batch_env`` fixture); returns the result documents it wrote."""
+    insert(database, [make_conversation(i, f"@AcmeCare conversation {i}: my parcel is late") for i in range(n)])
+    monkeypatch.setenv("TAXONOMY_FILE", str(URGENCY_FILE))
+    assert cli.main([]) == cli.EXIT_OK
+    return list(database[RESULTS].find())
+
+
 def test_stats_match_the_database(dashboard_api: RunningAPI, mongo_db: Any) -> None:
     results = seed(mongo_db)
     body = requests.get(f"{dashboard_api.url}/api/stats", timeout=30).json()
     assert body["total"] == len(results)
-    for field in ("intent", "topic", "sentiment"):
-        assert {row["label"]: row["count"] for row in body[field]} == expected_counts(results, field)
-        counts = [row["count"] for row in body[field]]
+    assert [f["name"] for f in body["fields"]] == DEFAULT_FIELDS
+    for field in body["fields"]:
+        assert counts_of(body, field["name"]) == expected_counts(results, field["name"])
+        counts = [row["count"] for row in field["counts"]]
         assert counts == sorted(counts, reverse=True)
+    [sentiment] = [f for f in body["fields"] if f["name"] == "sentiment"]
+    assert sentiment["customer_only"] is True and sentiment["labels"] == ["Positive", "Neutral", "Negative"]
+    assert sentiment["description"] == "how the customer feels" and sentiment["title"] == "Sentiment"
     days = Counter(r["processing_metadata"]["processed_at"].strftime("%Y-%m-%d") for r in results)
     assert {d["date"]: d["total"] for d in body["per_day"]} == dict(days)
     assert [d["date"] for d in body["per_day"]] == sorted(days)
     for entry in body["per_day"]:
         on_day = [r for r in results if r["processing_metadata"]["processed_at"].strftime("%Y-%m-%d") == entry["date"]]
-        assert entry["sentiment"] == expected_counts(on_day, "sentiment")
+        assert entry["labels"] == {field: expected_counts(on_day, field) for field in DEFAULT_FIELDS}
     with_confidence = [r for r in results if "confidence" in r["classification"]]
     flagged = [r for r in with_confidence if r["classification"]["needs_review"]]
     assert body["review"] == {
@@ -129,17 +155,42 @@ def test_stats_filters_by_date_range_and_job(dashboard_api: RunningAPI, mongo_db
     in_range = [r for r in results if r["processing_metadata"]["processed_at"].date() >= yesterday]
     assert body["total"] == len(in_range) > 0
     assert body["from"] == str(yesterday) and body["to"] == str(today)
-    assert {row["label"]: row["count"] for row in body["intent"]} == expected_counts(in_range, "intent")
+    assert counts_of(body, "intent") == expected_counts(in_range, "intent")
 
     body = requests.get(f"{dashboard_api.url}/api/stats", params={"job": "batch_b"}, timeout=30).json()
     of_job = [r for r in results if r["processing_metadata"]["batch_job_id"] == "batch_b"]
     assert body["total"] == len(of_job) > 0
     assert body["job"] == "batch_b"
-    assert {row["label"]: row["count"] for row in body["topic"]} == expected_counts(of_job, "topic")
+    assert counts_of(body, "topic") == expected_counts(of_job, "topic")
 
     body = requests.get(f"{dashboard_api.url}/api/stats", params={"job": "no_such_job"}, timeout=30).json()
-    assert body["total"] == 0 and body["intent"] == [] and body["per_day"] == []
+    assert body["total"] == 0 and counts_of(body, "intent") == {} and body["per_day"] == []
     assert body["review"] == {"with_confidence": 0, "needs_review": 0, "share": None}
+
+
+@pytest.mark.usefixtures("batch_env")  # the processor's environment: this database and the fake Ollama
+def test_a_fourth_field_goes_from_the_taxonomy_file_to_the_stats(
+    make_settings: SettingsFactory, start_api: Callable[..., RunningAPI], mongo_db: Any, mongo_uri: str,
+    mongo_db_name: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TAXONOMY_FILE is the only change: results, their indexes, /api/stats and /api/taxonomy follow."""
+    results = classify_with_a_fourth_field(mongo_db, monkeypatch)
+    assert all(r["classification"]["urgency"] in ("Low", "Medium", "High") for r in results)
+    assert all(set(r["classification"]["confidence"]) == {*DEFAULT_FIELDS, "urgency"} for r in results)
+    indexes = [v["key"] for v in mongo_db[RESULTS].index_information().values()]
+    assert [("classification.urgency", 1)] in indexes
+
+    api = start_api(make_settings(taxonomy_file=URGENCY_FILE, mongodb_connection_string=mongo_uri,
+                                  mongodb_database_name=mongo_db_name))
+    body = requests.get(f"{api.url}/api/stats", timeout=30).json()
+    assert [f["name"] for f in body["fields"]] == [*DEFAULT_FIELDS, "urgency"]
+    assert counts_of(body, "urgency") == expected_counts(results, "urgency")
+    assert len(counts_of(body, "urgency")) > 1  # the fake's answers spread over the labels
+    assert all(set(day["labels"]) == {*DEFAULT_FIELDS, "urgency"} for day in body["per_day"])
+    taxonomy = requests.get(f"{api.url}/api/taxonomy", timeout=30).json()
+    assert taxonomy == load_taxonomy(URGENCY_FILE).as_dict()
+    assert taxonomy["fields"][3]["labels"][2] == {
+        "name": "High", "description": json.loads(URGENCY_FILE.read_text())["fields"][3]["labels"][2]["description"]}
 
 
 def test_stats_reject_a_reversed_or_malformed_range(dashboard_api: RunningAPI, mongo_db: Any) -> None:
@@ -151,6 +202,25 @@ def test_stats_reject_a_reversed_or_malformed_range(dashboard_api: RunningAPI, m
     assert response.status_code == 422
     assert response.json()["error"] == {"type": "invalid_input", "field": "from",
                                         "message": "'from' must be a day written YYYY-MM-DD, got 'yesterday'."}
+
+
+@pytest.mark.parametrize("name", ["from", "to"])
+@pytest.mark.parametrize("day", ["9999-12-31", "10000-01-01", "0000-12-31", "2026-02-30"])
+def test_stats_reject_a_day_out_of_range_with_422(dashboard_api: RunningAPI, mongo_db: Any, name: str,
+                                                   day: str) -> None:
+    # 9999-12-31: its end (the next day's start) cannot be written; the others are no days at all.
+    response = requests.get(f"{dashboard_api.url}/api/stats", params={name: day}, timeout=30)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["field"]) == ("invalid_input", name)
+    assert day in error["message"] and "YYYY-MM-DD" in error["message"]
+
+
+def test_stats_accept_the_first_and_last_days_that_can_be_written(dashboard_api: RunningAPI, mongo_db: Any) -> None:
+    results = seed(mongo_db)
+    body = requests.get(f"{dashboard_api.url}/api/stats", params={"from": "0001-01-01", "to": "9999-12-30"},
+                        timeout=30).json()
+    assert body["total"] == len(results)
 
 
 def test_jobs_most_recent_first_and_silent_ones_unresponsive(dashboard_api: RunningAPI, mongo_db: Any) -> None:
@@ -169,7 +239,8 @@ def test_jobs_most_recent_first_and_silent_ones_unresponsive(dashboard_api: Runn
 def test_stats_pipeline_uses_the_results_indexes(mongo_db: Any) -> None:
     seed(mongo_db)
     for match in (results_match(NOW.date(), NOW.date(), None), results_match(None, None, "batch_a")):
-        plan = mongo_db.command("explain", {"aggregate": "sentimental_analysis", "pipeline": stats_pipeline(match),
+        pipeline = stats_pipeline(match, DEFAULT_FIELDS)
+        plan = mongo_db.command("explain", {"aggregate": "sentimental_analysis", "pipeline": pipeline,
                                             "cursor": {}})
         assert "IXSCAN" in str(plan), plan
         assert "COLLSCAN" not in str(plan), plan

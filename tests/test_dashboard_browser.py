@@ -22,7 +22,8 @@ from bson import ObjectId
 
 from api_dependencies import get_embedded_llm
 from tests.conftest import RunningAPI, SettingsFactory
-from tests.test_dashboard import NOW, seed
+from tests.test_batch_processor import RESULTS, batch_env  # noqa: F401  (a fixture)
+from tests.test_dashboard import DEFAULT_FIELDS, NOW, URGENCY_FILE, classify_with_a_fourth_field, seed
 from utils.embedded_llm import NOTE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,25 +95,38 @@ def db_label_counts(database: Any, field: str) -> dict[str, int]:
             for label in labels}
 
 
+def assert_charts_show_the_database(driver: Any, database: Any, fields: list[str]) -> None:
+    """One chart and one table per label field, each with the database's counts."""
+    for field in fields:
+        shown = {row[0]: int(row[1]) for row in table_rows(driver, f"table-{field}")}
+        assert shown == db_label_counts(database, field), field
+        drawn = driver.execute_script(
+            "const c = Chart.getChart('chart-' + arguments[0]);"
+            "return {labels: c.data.labels, data: c.data.datasets[0].data, area: c.chartArea.width > 0};", field)
+        assert dict(zip(drawn["labels"], drawn["data"], strict=True)) == shown
+        assert drawn["area"]
+
+
+def figure_captions(driver: Any) -> list[str]:
+    return driver.execute_script(
+        "return Array.from(document.querySelectorAll('#charts figcaption')).map(e => e.textContent);")
+
+
 def test_dashboard_shows_the_database_and_refreshes_while_a_job_runs(
     browser: Any, dashboard_api: RunningAPI, mongo_db: Any, tmp_path: Path
 ) -> None:
     seed(mongo_db)
     browser.get(f"{dashboard_api.url}/dashboard")
     wait_until(browser, "return document.body.dataset.state", "ready")
-    for chart in ("intent", "topic", "sentiment", "trend"):
+    for chart in [*DEFAULT_FIELDS, "trend"]:
         wait_until(browser, f"return document.getElementById('chart-{chart}').dataset.rendered", "true")
 
     results = mongo_db["sentimental_analysis"]
     assert text_of(browser, "total") == str(results.count_documents({}))
-    for field in ("intent", "topic", "sentiment"):
-        shown = {row[0]: int(row[1]) for row in table_rows(browser, f"table-{field}")}
-        assert shown == db_label_counts(mongo_db, field), field
-        drawn = browser.execute_script(
-            "const c = Chart.getChart('chart-' + arguments[0]);"
-            "return {labels: c.data.labels, data: c.data.datasets[0].data, area: c.chartArea.width > 0};", field)
-        assert dict(zip(drawn["labels"], drawn["data"], strict=True)) == shown
-        assert drawn["area"]
+    assert_charts_show_the_database(browser, mongo_db, DEFAULT_FIELDS)
+    assert figure_captions(browser) == ["Intent", "Topic", "Sentiment (customer's turns)"]
+    # The trend is split by the field with the fewest labels at first.
+    assert browser.execute_script("return document.getElementById('trend-field').value") == "sentiment"
     per_day = {row[0]: int(row[1]) for row in table_rows(browser, "table-trend")}
     days: dict[str, int] = {}
     for doc in results.find({}, {"processing_metadata.processed_at": 1}):
@@ -158,6 +172,37 @@ def test_dashboard_shows_the_database_and_refreshes_while_a_job_runs(
     wait_until(browser, "return document.querySelector('tr[data-job=\"batch_a\"] td:nth-child(4)').textContent", "17")
 
 
+@pytest.mark.usefixtures("batch_env")  # the processor's environment: this database and the fake Ollama
+def test_a_fourth_label_field_goes_from_the_taxonomy_file_to_the_page(
+    browser: Any, make_settings: SettingsFactory, start_api: Callable[..., RunningAPI], mongo_db: Any,
+    mongo_uri: str, mongo_db_name: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+) -> None:
+    """TAXONOMY_FILE = the urgency example, and nothing else: the batch processor classifies with four
+    fields, and the page draws a fourth chart from /api/stats with the database's counts."""
+    results = classify_with_a_fourth_field(mongo_db, monkeypatch)
+    api = start_api(make_settings(taxonomy_file=URGENCY_FILE, mongodb_connection_string=mongo_uri,
+                                  mongodb_database_name=mongo_db_name))
+    browser.get(f"{api.url}/dashboard")
+    wait_until(browser, "return document.body.dataset.state", "ready")
+    wait_until(browser, "return document.getElementById('chart-urgency').dataset.rendered", "true")
+    assert text_of(browser, "total") == str(len(results))
+    assert_charts_show_the_database(browser, mongo_db[RESULTS].database, [*DEFAULT_FIELDS, "urgency"])
+    assert figure_captions(browser) == ["Intent", "Topic", "Sentiment (customer's turns)", "Urgency"]
+    assert browser.execute_script(
+        "return document.querySelector('figure[data-field=\"urgency\"]').title") == \
+        "how soon the customer needs an answer"
+    choices = browser.execute_script(
+        "return Array.from(document.getElementById('trend-field').options).map(o => o.value);")
+    assert choices == [*DEFAULT_FIELDS, "urgency"]
+    browser.execute_script("const s = document.getElementById('trend-field'); s.value = 'urgency';"
+                           "s.dispatchEvent(new Event('change'));")
+    header = browser.execute_script(
+        "return Array.from(document.querySelectorAll('[data-testid=\"table-trend\"] thead th'))"
+        ".map(e => e.textContent);")
+    assert header[:2] == ["day", "total"] and set(header[2:]) == set(db_label_counts(mongo_db, "urgency"))
+    assert browser.save_screenshot(str(tmp_path / "dashboard-urgency.png"))  # to look at, when in doubt
+
+
 def test_dashboard_filters_by_job_and_fits_a_phone(
     browser: Any, dashboard_api: RunningAPI, mongo_db: Any, tmp_path: Path
 ) -> None:
@@ -191,7 +236,7 @@ def test_dashboard_says_why_it_is_empty_without_mongodb(
 def test_dashboard_says_when_the_labels_are_the_embedded_models(
     browser: Any, make_settings: SettingsFactory, start_api: Callable[..., RunningAPI]
 ) -> None:
-    # The lifespan's state with OLLAMA_ENDPOINT=embedded (the real start: tests/llm/test_embedded_model.py).
+    # The lifespan's state with LLM_ENDPOINT=embedded (the real start: tests/llm/test_embedded_model.py).
     api = start_api(make_settings(mongodb_connection_string=" "), {get_embedded_llm: lambda: NOTE})
     browser.get(f"{api.url}/dashboard")
     wait_until(browser, "return document.getElementById('embedded').dataset.checked", "true")

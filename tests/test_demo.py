@@ -16,7 +16,7 @@ from tests.net_helpers import closed_port_url
 def _env(tmp_path: Path, ollama: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in Settings.model_fields}}
     env.update({
-        "OLLAMA_ENDPOINT": ollama,
+        "LLM_ENDPOINT": ollama,
         "MONGODB_CONNECTION_STRING": "embedded",
         "EMBEDDED_DB_PATH": str(tmp_path / "db"),
         "MONGODB_TIMEOUT_MS": "10000",
@@ -48,7 +48,7 @@ def test_on_the_embedded_model_without_its_pieces_the_demo_names_what_to_install
     result = _demo(tmp_path, env)
     assert result.returncode == 3, result.stdout + result.stderr
     assert "Note: the embedded model, SmolLM2-135M (llama.cpp), labels are rough" in result.stdout
-    assert "OLLAMA_ENDPOINT=embedded (the packaged small model) cannot start" in result.stderr
+    assert "LLM_ENDPOINT=embedded (the packaged small model) cannot start" in result.stderr
     assert "make demo" in result.stderr  # make installs both
     assert not (tmp_path / "db").exists()  # it stopped before touching the database
     assert not (tmp_path / ".env").exists()
@@ -90,9 +90,9 @@ def test_with_the_development_database_and_no_env_file_the_demo_writes_one(tmp_p
 
 def test_an_existing_env_file_is_never_touched(tmp_path):
     env_file = tmp_path / ".env"
-    env_file.write_text("OLLAMA_MODEL=qwen2.5:7b\n")
+    env_file.write_text("LLM_MODEL=qwen2.5:7b\n")
     assert remember_embedded_database(_settings("embedded"), tmp_path) is None
-    assert env_file.read_text() == "OLLAMA_MODEL=qwen2.5:7b\n"
+    assert env_file.read_text() == "LLM_MODEL=qwen2.5:7b\n"
 
 
 def test_with_another_mongodb_no_env_file_is_written_and_the_user_is_told(tmp_path):

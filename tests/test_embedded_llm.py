@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from api_dependencies import get_embedded_llm
-from config import EMBEDDED_LLM, Settings, env_name, load_settings
+from config import EMBEDDED_LLM, Settings, env_names, load_settings
 from error_handler import ConfigError
 from tests.conftest import RunningAPI, SettingsFactory
 from tests.net_helpers import closed_port_url
@@ -26,6 +26,7 @@ from utils.embedded_llm import (
     MODEL_FILE,
     MODEL_PACKAGE,
     NOTE,
+    PROVIDER,
     clear_stale_servers,
     embedded_llm,
     locate,
@@ -43,20 +44,26 @@ def _settings(**overrides: object) -> Settings:
 
 @pytest.mark.parametrize("value", ["embedded", " Embedded ", "EMBEDDED"])
 def test_embedded_is_a_value_of_the_endpoint(value: str) -> None:
-    settings = _settings(ollama_endpoint=value)
-    assert settings.ollama_endpoint == EMBEDDED_LLM
+    settings = _settings(llm_endpoint=value)
+    assert settings.llm_endpoint == EMBEDDED_LLM
     assert settings.uses_embedded_llm
     assert not _settings().uses_embedded_llm
 
 
+@pytest.mark.parametrize("variable", ["LLM_ENDPOINT", "OLLAMA_ENDPOINT"])
+def test_embedded_is_read_under_either_name(variable: str) -> None:
+    settings = load_settings(environ={variable: "embedded"}, env_file=None)
+    assert settings.uses_embedded_llm
+
+
 def test_embedded_is_not_one_server_among_others() -> None:
     with pytest.raises(ConfigError) as raised:
-        _settings(ollama_endpoint="embedded,http://localhost:11434")
+        _settings(llm_endpoint="embedded,http://localhost:11434")
     assert "or be 'embedded'" in raised.value.message
 
 
 def test_other_settings_pass_through_and_start_nothing(tmp_path: Path) -> None:
-    settings = _settings(ollama_endpoint="http://127.0.0.1:9")
+    settings = _settings(llm_endpoint="http://127.0.0.1:9")
     with embedded_llm(settings, runs=tmp_path / "run") as used:
         assert used is settings
     assert not (tmp_path / "run").exists()
@@ -70,7 +77,7 @@ def test_missing_pieces_are_named_with_what_to_install(tmp_path: Path, monkeypat
     # unimportable (find_spec returns None for it); monkeypatch restores the real entry afterwards.
     monkeypatch.setitem(sys.modules, MODEL_PACKAGE, None)
     missing_binary = tmp_path / "no-such-llama-server"
-    settings = _settings(ollama_endpoint="embedded", llama_server_bin=str(missing_binary))
+    settings = _settings(llm_endpoint="embedded", llama_server_bin=str(missing_binary))
     with pytest.raises(ConfigError) as raised, embedded_llm(settings, runs=tmp_path / "run"):
         pytest.fail("started without its pieces")
     message, hint = raised.value.message, raised.value.hint or ""
@@ -84,7 +91,7 @@ def test_without_a_build_the_error_says_how_to_build(tmp_path: Path, monkeypatch
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no cached build there
     monkeypatch.setenv("PATH", str(tmp_path))  # and no llama-server on PATH
     with pytest.raises(ConfigError) as raised:
-        locate(_settings(ollama_endpoint="embedded"))
+        locate(_settings(llm_endpoint="embedded"))
     assert "python -m scripts.llama_server --build" in raised.value.message
 
 
@@ -110,8 +117,12 @@ def failing_server(tmp_path: Path) -> Path:
 
 
 def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in {env_name(n) for n in Settings.model_fields}}
-    env.update({"XDG_CACHE_HOME": str(tmp_path / "cache"), "OLLAMA_ENDPOINT": "embedded", **variables})
+    """No setting of this environment under any name; the embedded model (LLM_ENDPOINT, unless
+    ``variables`` name it by its former name OLLAMA_ENDPOINT)."""
+    settings = {name for field in Settings.model_fields for name in env_names(field)}
+    env = {key: value for key, value in os.environ.items() if key not in settings}
+    endpoint = {} if "OLLAMA_ENDPOINT" in variables else {"LLM_ENDPOINT": "embedded"}
+    env.update({"XDG_CACHE_HOME": str(tmp_path / "cache"), **endpoint, **variables})
     return env
 
 
@@ -138,7 +149,7 @@ def test_the_api_names_what_to_install(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(ROOT / "main.py")], cwd=tmp_path, env=env, capture_output=True,
                             text=True, timeout=120)
     assert result.returncode == 3, result.stderr
-    assert "error: OLLAMA_ENDPOINT=embedded (the packaged small model) cannot start" in result.stderr
+    assert "error: LLM_ENDPOINT=embedded (the packaged small model) cannot start" in result.stderr
     assert "LLAMA_SERVER_BIN=" in result.stderr
     assert "Traceback" not in result.stderr
 
@@ -146,8 +157,10 @@ def test_the_api_names_what_to_install(tmp_path: Path) -> None:
 def test_the_batch_processor_stops_in_one_line_when_llama_server_fails_to_start(
     tmp_path: Path, model_package: Path, failing_server: Path
 ) -> None:
-    env = _env(tmp_path, LLAMA_SERVER_BIN=str(failing_server), PYTHONPATH=str(model_package),
-               BATCH_FILES_DIR=str(tmp_path / "batch_files"), MONGODB_CONNECTION_STRING=closed_port_url())
+    # By the former name of the setting: it starts the embedded model as well.
+    env = _env(tmp_path, OLLAMA_ENDPOINT="embedded", LLAMA_SERVER_BIN=str(failing_server),
+               PYTHONPATH=str(model_package), BATCH_FILES_DIR=str(tmp_path / "batch_files"),
+               MONGODB_CONNECTION_STRING=closed_port_url())
     result = subprocess.run([sys.executable, str(ROOT / "batch_processor.py")], cwd=tmp_path, env=env,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 4, result.stderr  # EXIT_UNAVAILABLE, before MongoDB is even tried
@@ -161,7 +174,7 @@ def test_the_batch_processor_stops_in_one_line_when_llama_server_fails_to_start(
 def test_ready_and_api_model_name_the_embedded_model(
     make_settings: SettingsFactory, start_api: Callable[..., RunningAPI]
 ) -> None:
-    # The embedded state as the lifespan sets it with OLLAMA_ENDPOINT=embedded (the real start is in tests/llm).
+    # The embedded state as the lifespan sets it with LLM_ENDPOINT=embedded (the real start is in tests/llm).
     api = start_api(make_settings(), {get_embedded_llm: lambda: NOTE})
     with requests.Session() as http:
         ready = http.get(f"{api.url}/ready", timeout=10)
@@ -194,14 +207,17 @@ def test_pid_files_naming_no_embedded_server_are_removed_and_nothing_is_stopped(
     assert list(runs.glob("*.pid")) == []
 
 
-def test_the_embedded_settings_use_the_openai_provider() -> None:
+def test_the_embedded_settings_use_the_openai_compatible_entry_of_the_provider_table() -> None:
+    from llm_wrapper import PROVIDERS, provider_for
     from utils.embedded_llm import LlamaServer, served_settings
 
     server = LlamaServer(binary="/nonexistent")
     server.port = 1234
-    settings = served_settings(_settings(ollama_endpoint="embedded", llm_api_key="secret"), server)
-    assert (settings.llm_provider, settings.ollama_endpoint, settings.ollama_model, settings.llm_api_key) == (
-        "openai", "http://127.0.0.1:1234/v1", ALIAS, None)
+    settings = served_settings(_settings(llm_endpoint="embedded", llm_api_key="secret"), server)
+    assert (settings.llm_provider, settings.llm_endpoint, settings.llm_model, settings.llm_api_key) == (
+        PROVIDER, "http://127.0.0.1:1234/v1", ALIAS, None)
+    # llama-server's API: OpenAI-compatible chat completions, /v1/models for readiness.
+    assert provider_for(settings) is PROVIDERS["openai"]
     assert settings.ollama_timeout == ANSWER_TIMEOUT_SECONDS  # a shared CPU: not a GPU server's 120 s
-    chosen = served_settings(_settings(ollama_endpoint="embedded", ollama_timeout=30), server)
+    chosen = served_settings(_settings(llm_endpoint="embedded", ollama_timeout=30), server)
     assert chosen.ollama_timeout == 30  # the user's choice stays

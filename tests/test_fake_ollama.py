@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.fake_ollama import (
+from fakes.ollama import (
     BUSY,
     RUNNER_CRASHED,
     Disconnect,
@@ -90,8 +90,24 @@ def test_non_streaming_chat_has_ollamas_shape(http: requests.Session, fake_ollam
     assert set(data) >= STATS
     answer = json.loads(data["message"]["content"])
     assert answer == default_classification(chat_body())
-    for key in ("intent", "topic", "sentiment"):
+    assert list(answer) == SCHEMA["required"]
+    for key in SCHEMA["required"][1:]:
         assert answer[key] in SCHEMA["properties"][key]["enum"]
+
+
+def test_the_default_answer_follows_the_schema_it_receives() -> None:
+    """Any label field of the schema gets one of its labels: a fourth field needs no change here."""
+    schema = {**SCHEMA, "properties": {**SCHEMA["properties"],
+                                       "urgency": {"type": "string", "enum": ["Low", "Medium", "High"]}}}
+    seen = set()
+    for i in range(40):
+        answer = default_classification(chat_body(f"Customer: {i}", format=schema))
+        assert set(answer) == set(schema["properties"])
+        assert answer["urgency"] in ("Low", "Medium", "High")
+        seen.add(answer["urgency"])
+    assert seen == {"Low", "Medium", "High"}  # the hash spreads the answers over the labels
+    assert default_classification(chat_body(format=None)) == {
+        "categorization": "Customer contacts support about their issue"}
 
 
 def test_default_answer_is_deterministic_per_conversation(http: requests.Session, fake_ollama: FakeOllama) -> None:
@@ -199,7 +215,7 @@ def test_records_and_prompt_cache(http: requests.Session, fake_ollama: FakeOllam
 
 def test_standalone_help() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tests.fake_ollama", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "fakes.ollama", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0
     assert "--latency" in result.stdout and "--model" in result.stdout

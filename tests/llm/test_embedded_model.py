@@ -1,4 +1,5 @@
-"""OLLAMA_ENDPOINT=embedded with the real llama-server and SmolLM2-135M (make test-llm).
+"""LLM_ENDPOINT=embedded (OLLAMA_ENDPOINT, its former name, too) with the real llama-server and
+SmolLM2-135M (make test-llm).
 
 ``python main.py`` and ``python batch_processor.py`` start the embedded model as their child and
 classify through it; it stops with them, dies with a killed parent (kill -9), and a server a
@@ -24,7 +25,7 @@ import pytest
 import requests
 
 from classifier import ConversationClassifier
-from config import Settings, env_name, load_settings
+from config import Settings, env_names, load_settings
 from tests.test_dashboard_browser import CHROMEDRIVER, CHROMIUM, browser, wait_until  # noqa: F401 (fixture)
 from utils.child_process import PidFile, process_info, threads_running
 from utils.command_line import free_port
@@ -49,9 +50,12 @@ pytestmark = pytest.mark.timeout(1800)
 
 
 def _env(tmp_path: Path, **variables: str) -> dict[str, str]:
-    env = {key: value for key, value in os.environ.items() if key not in {env_name(n) for n in Settings.model_fields}}
-    env.update({"XDG_CACHE_HOME": str(tmp_path / "cache"), "OLLAMA_ENDPOINT": "embedded",
-                "LLAMA_SERVER_BIN": BINARY, **variables})  # OLLAMA_TIMEOUT: the embedded default
+    """No setting of this environment under any name; the embedded model (LLM_ENDPOINT, unless
+    ``variables`` name it by its former name OLLAMA_ENDPOINT). OLLAMA_TIMEOUT: the embedded default."""
+    settings = {name for field in Settings.model_fields for name in env_names(field)}
+    env = {key: value for key, value in os.environ.items() if key not in settings}
+    endpoint = {} if "OLLAMA_ENDPOINT" in variables else {"LLM_ENDPOINT": "embedded"}
+    env.update({"XDG_CACHE_HOME": str(tmp_path / "cache"), "LLAMA_SERVER_BIN": BINARY, **endpoint, **variables})
     return env
 
 
@@ -86,7 +90,7 @@ class API:
 
 @pytest.fixture
 def start_main(tmp_path: Path) -> Iterator[Any]:
-    """``start_main()``: ``python main.py`` on OLLAMA_ENDPOINT=embedded, waited for until /ready answers 200."""
+    """``start_main()``: ``python main.py`` on LLM_ENDPOINT=embedded, waited for until /ready answers 200."""
     started: list[subprocess.Popen[bytes]] = []
 
     def start() -> API:
@@ -212,8 +216,10 @@ def test_the_batch_processor_classifies_with_the_embedded_model_and_stops_it(
     tmp_path: Path, mongo_uri: str, mongo_db_name: str, mongo_db: Any
 ) -> None:
     mongo_db["conversation_set"].insert_many([dict(conversation) for conversation in SAMPLE[:4]])
-    env = _env(tmp_path, MONGODB_CONNECTION_STRING=mongo_uri, MONGODB_DATABASE_NAME=mongo_db_name,
-               BATCH_FILES_DIR=str(tmp_path / "batch_files"), BATCH_MAX_CONCURRENT="2")
+    # The former name of the setting starts it as well.
+    env = _env(tmp_path, OLLAMA_ENDPOINT="embedded", MONGODB_CONNECTION_STRING=mongo_uri,
+               MONGODB_DATABASE_NAME=mongo_db_name, BATCH_FILES_DIR=str(tmp_path / "batch_files"),
+               BATCH_MAX_CONCURRENT="2")
     result = subprocess.run([sys.executable, str(ROOT / "batch_processor.py"), "--monitoring-mode", "production"],
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1200)
     assert result.returncode == 0, result.stdout + result.stderr

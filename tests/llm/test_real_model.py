@@ -24,7 +24,6 @@ from llm_wrapper import create_llm_client
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLE = json.loads((ROOT / "data" / "sample_conversations.json").read_text(encoding="utf-8"))
-KINDS = ("intent", "topic", "sentiment")
 
 SettingsFactory = Callable[..., Settings]
 
@@ -34,7 +33,7 @@ pytestmark = pytest.mark.timeout(1800)
 
 def assert_valid(classification: dict[str, Any], classifier: ConversationClassifier) -> None:
     """Labels in the taxonomy, a categorization, and a confidence in [0, 1] for every label."""
-    for kind in KINDS:
+    for kind in classifier.taxonomy.field_names:
         assert classification[kind] in classifier.taxonomy.names(kind), (kind, classification)
         confidence = classification["confidence"][kind]
         assert isinstance(confidence, float) and 0 <= confidence <= 1, (kind, classification)
@@ -45,7 +44,7 @@ def assert_valid(classification: dict[str, Any], classifier: ConversationClassif
 def test_ready_lists_the_served_model(real_settings: SettingsFactory) -> None:
     with create_llm_client(real_settings()) as client:
         client.check_ready()
-    with create_llm_client(real_settings(ollama_model="llama3")) as client, pytest.raises(ModelNotFoundError) as info:
+    with create_llm_client(real_settings(llm_model="llama3")) as client, pytest.raises(ModelNotFoundError) as info:
         client.check_ready()
     assert "smollm2-135m" in str(info.value)  # the hint lists what the server serves
 
@@ -75,9 +74,23 @@ def test_confidence_threshold_marks_results_for_review(real_settings: SettingsFa
         outcome = classifier.classify(validate_conversation(SAMPLE[5]), client)
     confidence = outcome.classification.confidence
     assert confidence is not None
-    values = [confidence.intent, confidence.topic, confidence.sentiment]
+    values = list(confidence.values())
+    assert len(values) == 3
     assert all(v is not None and 0 <= v <= 1 for v in values)
     assert outcome.classification.needs_review == any(v < 0.999 for v in values if v is not None)
+
+
+def test_a_fourth_label_field_from_the_taxonomy_file(real_settings: SettingsFactory) -> None:
+    """The server's grammar follows a schema with four enums: urgency is answered and has a confidence."""
+    from aggregator import validate_conversation
+
+    settings = real_settings(taxonomy_file=ROOT / "config" / "taxonomy-urgency.example.json")
+    classifier = ConversationClassifier.from_settings(settings)
+    with create_llm_client(settings) as client:
+        outcome = classifier.classify(validate_conversation(SAMPLE[1]), client)
+    classification = outcome.classification.model_dump()
+    assert classifier.taxonomy.field_names[-1] == "urgency"
+    assert_valid(classification, classifier)
 
 
 def test_a_prompt_beyond_the_context_is_rejected_not_truncated(real_settings: SettingsFactory) -> None:
@@ -111,8 +124,8 @@ def test_batch_job_over_the_sample_conversations(
         monkeypatch.delenv(env_name(name), raising=False)
     env = {
         "LLM_PROVIDER": "openai",
-        "OLLAMA_ENDPOINT": settings.ollama_endpoint,
-        "OLLAMA_MODEL": settings.ollama_model,
+        "LLM_ENDPOINT": settings.llm_endpoint,
+        "LLM_MODEL": settings.llm_model,
         "OLLAMA_TIMEOUT": "300",
         "MONGODB_CONNECTION_STRING": mongo_uri,
         "MONGODB_DATABASE_NAME": mongo_db_name,
