@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,7 +17,7 @@ from pymongo import MongoClient, WriteConcern
 
 from config import Settings, load_settings
 from error_handler import ConfigError, StorageUnavailableError
-from utils.child_process import threads_running
+from utils.child_process import accepts_connections, threads_running
 from utils.command_line import free_port
 from utils.embedded_db import PID_FILE, embedded_database
 
@@ -31,14 +30,6 @@ def _settings(data_dir: Path) -> Settings:
 
 def _port(uri: str) -> int:
     return int(uri.rstrip("/").rsplit(":", 1)[1])
-
-
-def _accepts_connections(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _database_children(port: int, parent_pid: int | None = None) -> list[int]:
@@ -86,7 +77,7 @@ def test_embedded_database_serves_pymongo_and_stops_on_exit(tmp_path: Path) -> N
             assert client.demo.items.find_one({"name": "first"}, {"_id": 0}) == {"name": "first", "n": 1}
         finally:
             client.close()
-    assert not _accepts_connections(port)
+    assert not accepts_connections(port)
     assert _database_children(port) == []
     assert (tmp_path / "db" / "secantusdb.log").exists()
 
@@ -121,7 +112,7 @@ def test_two_embedded_databases_on_one_folder_are_refused(tmp_path: Path) -> Non
             assert client.admin.command("ping")["ok"] == 1
         finally:
             client.close()
-    assert not _accepts_connections(port)
+    assert not accepts_connections(port)
     assert _database_children(port) == []
 
 
@@ -187,7 +178,7 @@ def test_server_dies_with_its_killed_parent_and_a_new_start_works(tmp_path: Path
 
         assert _wait_gone(server), "the embedded database outlived its killed parent"
         assert (record.get("pid"), record.get("owner_pid")) == (server, parent.pid)  # for a stale server's sake
-        assert not _accepts_connections(_port(uri))
+        assert not accepts_connections(_port(uri))
         with embedded_database(_settings(data_dir)) as again:
             client = _client(again)
             try:
@@ -221,9 +212,9 @@ def test_stale_server_of_a_crashed_run_is_stopped_at_start_up(tmp_path: Path, ca
                                text=True, check=True)
         (data_dir / PID_FILE).write_text(json.dumps({"pid": stale.pid, "owner_pid": int(owner.stdout), "port": port}))
         deadline = time.monotonic() + 60
-        while not _accepts_connections(port) and time.monotonic() < deadline:
+        while not accepts_connections(port) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _accepts_connections(port)
+        assert accepts_connections(port)
 
         with embedded_database(_settings(data_dir)) as uri:
             assert stale.poll() is not None  # stopped before the new server started
