@@ -59,7 +59,7 @@ from error_handler import (
     invalid_conversation,
 )
 from llm_pool import LLMPool
-from llm_wrapper import create_llm_client
+from llm_wrapper import create_llm_client, server_kind
 from logger import configure_logging
 from prompt_builder import Taxonomy
 from utils.embedded_llm import NOTE as EMBEDDED_NOTE
@@ -416,13 +416,16 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 async def _report_ollama_readiness(ollama: LLMPool) -> None:
-    """Log whether Ollama answers and has the model; /classify answers 503 until it does."""
+    """Log whether the LLM server answers and has the model; /classify answers 503 until it does.
+    The server is named as its provider names it (an OpenAI-compatible one, such as the embedded
+    model's llama-server, is not Ollama)."""
+    kind = server_kind(ollama.settings, capital=True)
     try:
         await run_in_threadpool(ollama.check_ready)
     except LLMError as e:
-        logger.warning("Ollama is not ready: %s /classify answers 503 until it is.", e)
+        logger.warning("%s is not ready: %s /classify answers 503 until it is.", kind, e)
     else:
-        logger.info("Ollama at %s is ready with model %s", _endpoint_names(ollama), ollama.settings.llm_model)
+        logger.info("%s at %s is ready with model %s", kind, _endpoint_names(ollama), ollama.settings.llm_model)
 
 
 def _endpoint_names(ollama: LLMPool) -> str:
