@@ -115,8 +115,11 @@ def print_summary(summary: RunSummary, settings: Settings) -> None:
         f"  already done      {p.already_classified}",
         f"  skipped           {p.skipped}" + ("   (no customer turn: status 'skipped', nothing to classify)"
                                                if p.skipped else ""),
+        f"  lost claim        {p.lost_claims}" + ("   (taken over or reset while this processor worked: the newer "
+                                                  "result stands)" if p.lost_claims else ""),
         f"  rate              {p.successful / p.elapsed_seconds if p.elapsed_seconds else 0:.2f} conversations/s",
         f"  results           {settings.mongodb_database_name}.{settings.mongodb_results_collection}",
+        f"  left              {summary.left.describe()}",
     ]
     print("\n".join(lines), flush=True)
 
