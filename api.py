@@ -16,8 +16,8 @@ import logging
 import math
 import re
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -38,6 +38,7 @@ from api_dependencies import (
     INLINE_BYTES,
     ClassifierDep,
     ClientLeftError,
+    EmbeddedLLMDep,
     LLMClientDep,
     LLMSlots,
     LLMSlotsDep,
@@ -59,9 +60,11 @@ from error_handler import (
     invalid_conversation,
 )
 from llm_pool import LLMPool
-from llm_wrapper import create_llm_client
+from llm_wrapper import create_llm_client, server_kind
 from logger import configure_logging
 from prompt_builder import Taxonomy
+from utils.embedded_llm import NOTE as EMBEDDED_NOTE
+from utils.embedded_llm import embedded_llm
 
 logger = logging.getLogger(__name__)
 
@@ -241,6 +244,31 @@ class BodySizeLimitMiddleware:
         await JSONResponse(error_body(error), status_code=413, headers={"Connection": "close"})(scope, receive, send)
 
 
+class StartupErrorMiddleware:
+    """A start-up that fails with one of our errors (the embedded model cannot start) is reported as
+    ``error: <message> <hint>``, in one line like a configuration error, not as Starlette's traceback.
+
+    The lifespan puts the error in ``errors`` before it re-raises; Starlette then sends
+    ``lifespan.startup.failed`` with the traceback's text, which this replaces.
+    """
+
+    def __init__(self, app: ASGIApp, errors: list[ClassifierError]) -> None:
+        self.app = app
+        self.errors = errors
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_one_line(message: ASGIMessage) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.errors:
+                message = {**message, "message": f"error: {self.errors[-1]}"}
+            await send(message)
+
+        await self.app(scope, receive, send_one_line)
+
+
 def is_json_media_type(content_type: str) -> bool:
     """``application/json`` or ``application/<anything>+json``, any parameters (charset) and case."""
     media_type = content_type.split(";", 1)[0].strip().lower()
@@ -389,13 +417,16 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 async def _report_ollama_readiness(ollama: LLMPool) -> None:
-    """Log whether Ollama answers and has the model; /classify answers 503 until it does."""
+    """Log whether the LLM server answers and has the model; /classify answers 503 until it does.
+    The server is named as its provider names it (an OpenAI-compatible one, such as the embedded
+    model's llama-server, is not Ollama)."""
+    kind = server_kind(ollama.settings, capital=True)
     try:
         await run_in_threadpool(ollama.check_ready)
     except LLMError as e:
-        logger.warning("Ollama is not ready: %s /classify answers 503 until it is.", e)
+        logger.warning("%s is not ready: %s /classify answers 503 until it is.", kind, e)
     else:
-        logger.info("Ollama at %s is ready with model %s", _endpoint_names(ollama), ollama.settings.llm_model)
+        logger.info("%s at %s is ready with model %s", kind, _endpoint_names(ollama), ollama.settings.llm_model)
 
 
 def _endpoint_names(ollama: LLMPool) -> str:
@@ -403,19 +434,36 @@ def _endpoint_names(ollama: LLMPool) -> str:
     return ", ".join(server.name for server in ollama.servers)
 
 
+@contextmanager
+def _llm_started(settings: Settings, errors: list[ClassifierError]) -> Iterator[Settings]:
+    """The settings of the LLM calls: with LLM_ENDPOINT=embedded, those of the embedded model,
+    started here for the app's life. The lifespan calls this in the event loop's thread, blocking
+    (nothing is served yet): a child dies with the thread that started it. An error of the start
+    goes to ``errors`` too (StartupErrorMiddleware reports it in one line)."""
+    with ExitStack() as stack:
+        try:
+            llm_settings = stack.enter_context(embedded_llm(settings))
+        except ClassifierError as e:
+            errors.append(e)
+            raise
+        yield llm_settings
+
+
 def create_app(settings: Settings, *, classifier: ConversationClassifier | None = None) -> FastAPI:
     """The FastAPI application for ``settings``; building it reads and connects nothing (the lifespan does)."""
     documented: list[Taxonomy] = []
+    startup_errors: list[ClassifierError] = []
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         pipeline = classifier or ConversationClassifier.from_settings(settings)
         pool_size = settings.api_max_concurrency + SPARE_CONNECTIONS
         # One client per LLM server (LLM_ENDPOINT may list several); each call to the least busy.
-        with LLMPool(settings, lambda server: create_llm_client(server, pool_size=pool_size)) as ollama:
+        with _llm_started(settings, startup_errors) as llm_settings, \
+                LLMPool(llm_settings, lambda server: create_llm_client(server, pool_size=pool_size)) as ollama:
             logger.info(
                 "API ready: model %s at %s, %s, prompt prefix %d chars",
-                settings.llm_model,
+                llm_settings.llm_model,
                 _endpoint_names(ollama),
                 pipeline.taxonomy.summary(),
                 pipeline.prompt_builder.prefix_chars,
@@ -425,7 +473,9 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
             startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
             # The lifespan state: every request sees it on request.state (see api_dependencies).
             slots = LLMSlots(settings.api_max_concurrency, settings.api_queue_timeout, settings.api_max_waiting)
-            yield {**lifespan_state(settings, pipeline, ollama, slots), **access.lifespan_state(settings)}
+            embedded = EMBEDDED_NOTE if settings.uses_embedded_llm else None
+            yield {**lifespan_state(llm_settings, pipeline, ollama, slots, embedded_llm=embedded),
+                   **access.lifespan_state(settings)}
             startup_check.cancel()
 
     app = FastAPI(
@@ -443,6 +493,7 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
     # The last added runs first: the size limit, then the media type.
     app.add_middleware(JSONBodyOnlyMiddleware, form_paths=access.FORM_PATHS)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
+    app.add_middleware(StartupErrorMiddleware, errors=startup_errors)
     _install_error_handlers(app)
     _document_label_fields(app, documented)
     _add_classification_routes(app)
@@ -561,15 +612,18 @@ def _add_classification_routes(app: FastAPI) -> None:
         summary="Readiness: Ollama answers and the model is pulled",
         responses={503: ERROR_RESPONSES[503]},
     )
-    async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, Any]:
+    async def ready(settings: SettingsDep, llm_client: LLMClientDep, embedded: EmbeddedLLMDep) -> dict[str, Any]:
         """Ready when at least one LLM server answers with the model; each server is reported.
 
         It only reports: however slow or failed a server's answer here, its circuit breaker is left
         as it is (only /classify calls move it), so an unauthenticated probe cannot pause a server."""
         # None ready: the first server's typed error (503 with its hint).
         statuses = await run_in_threadpool(lambda: llm_client.readiness(require_one=True))
-        return {"status": "ready", "model": settings.llm_model, "endpoint": _endpoint_names(llm_client),
-                "servers": [status.as_dict() for status in statuses]}
+        answer = {"status": "ready", "model": settings.llm_model, "endpoint": _endpoint_names(llm_client),
+                  "servers": [status.as_dict() for status in statuses]}
+        if embedded:  # nobody should take its labels for a real model's
+            answer["embedded"] = embedded
+        return answer
 
 
 class _AppFromEnvironment:

@@ -154,10 +154,13 @@ async def _until_client_left(request: Request) -> None:
 
 
 def lifespan_state(
-    settings: Settings, classifier: ConversationClassifier, llm_client: LLMPool, llm_slots: LLMSlots
+    settings: Settings, classifier: ConversationClassifier, llm_client: LLMPool, llm_slots: LLMSlots,
+    *, embedded_llm: str | None = None,
 ) -> dict[str, Any]:
-    """The lifespan state the dependencies below read: one place names its keys."""
-    return {"settings": settings, "classifier": classifier, "llm_client": llm_client, "llm_slots": llm_slots}
+    """The lifespan state the dependencies below read: one place names its keys. ``embedded_llm``
+    describes the embedded model when the API runs it (LLM_ENDPOINT=embedded), else None."""
+    return {"settings": settings, "classifier": classifier, "llm_client": llm_client, "llm_slots": llm_slots,
+            "embedded_llm": embedded_llm}
 
 
 # Coroutines: FastAPI would run plain functions in a worker thread, a needless hop per request.
@@ -177,7 +180,12 @@ async def get_llm_slots(request: Request) -> LLMSlots:
     return request.state.llm_slots
 
 
+async def get_embedded_llm(request: Request) -> str | None:
+    return request.state.embedded_llm
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ClassifierDep = Annotated[ConversationClassifier, Depends(get_classifier)]
 LLMClientDep = Annotated[LLMPool, Depends(get_llm_client)]
 LLMSlotsDep = Annotated[LLMSlots, Depends(get_llm_slots)]
+EmbeddedLLMDep = Annotated[str | None, Depends(get_embedded_llm)]

@@ -34,6 +34,7 @@ from mongo_client import MongoStore, data_identity
 from retrieval import mongo_source
 from utils.batch_file_manager import BatchFileManager
 from utils.command_line import command_parser, positive_float, positive_int, settings_epilog
+from utils.embedded_llm import embedded_llm
 from utils.job_recorder import JobRecorder
 from utils.progress import ProgressTracker, build_progress, monitoring_components
 
@@ -174,7 +175,10 @@ def _run_from_args(args: argparse.Namespace) -> int:
     # Without the log component only problems are logged; the console bar shows progress.
     configure_logging(settings.log_level if "logs" in components or args.verbose else "WARNING")
     options = RunOptions(limit=args.limit, retry_failed=args.retry_failed)
-    return asyncio.run(run(settings, options, components))
+    # LLM_ENDPOINT=embedded: the embedded model runs for the run, started from the main thread
+    # (a child dies with the thread that started it).
+    with embedded_llm(settings) as llm_settings:
+        return asyncio.run(run(llm_settings, options, components))
 
 
 def exit_fast(code: int) -> NoReturn:

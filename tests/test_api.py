@@ -21,6 +21,7 @@ import requests
 
 from config import Settings
 from fakes.ollama import BUSY, RUNNER_CRASHED, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
+from fakes.openai import FakeOpenAI
 from tests.conftest import RunningAPI
 from tests.net_helpers import closed_port_url
 
@@ -813,6 +814,19 @@ def test_start_up_says_whether_ollama_is_ready(make_settings, start_api, fake_ol
         assert time.monotonic() < deadline, [r.message for r in caplog.records]
         time.sleep(0.02)
     assert fake_ollama.chat_count == 0  # the check lists models; it runs no inference
+
+
+def test_start_up_names_the_llm_server_as_its_provider_does(make_settings, start_api, caplog):
+    # An OpenAI-compatible server (vLLM, the embedded model's llama-server) is not Ollama.
+    caplog.set_level(logging.INFO, logger="api")
+    with FakeOpenAI() as fake_openai:
+        start_api(make_settings(llm_provider="openai", llm_endpoint=fake_openai.base_url))
+        deadline = time.monotonic() + 5
+        while not any("is ready with model llama3" in r.message for r in caplog.records):
+            assert time.monotonic() < deadline, [r.message for r in caplog.records]
+            time.sleep(0.02)
+    [line] = [r.message for r in caplog.records if "is ready with model" in r.message]
+    assert line.startswith("The LLM server at "), line
 
 
 # --- wiring: dependencies, the body-limit middleware, one error wording ----------------------

@@ -20,9 +20,11 @@ from typing import Any
 import pytest
 from bson import ObjectId
 
+from api_dependencies import get_embedded_llm
 from tests.conftest import RunningAPI, SettingsFactory
 from tests.test_batch_processor import RESULTS, batch_env  # noqa: F401  (a fixture)
 from tests.test_dashboard import DEFAULT_FIELDS, NOW, URGENCY_FILE, classify_with_a_fourth_field, seed
+from utils.embedded_llm import NOTE
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -227,6 +229,20 @@ def test_dashboard_says_why_it_is_empty_without_mongodb(
     wait_until(browser, "return document.body.dataset.state", "error")
     message = browser.execute_script("return document.getElementById('error').textContent")
     assert "MongoDB is not configured" in message and "MONGODB_CONNECTION_STRING" in message
+    wait_until(browser, "return document.getElementById('embedded').dataset.checked", "true")
+    assert browser.execute_script("return document.getElementById('embedded').hidden")  # a real model
+
+
+def test_dashboard_says_when_the_labels_are_the_embedded_models(
+    browser: Any, make_settings: SettingsFactory, start_api: Callable[..., RunningAPI]
+) -> None:
+    # The lifespan's state with LLM_ENDPOINT=embedded (the real start: tests/llm/test_embedded_model.py).
+    api = start_api(make_settings(mongodb_connection_string=" "), {get_embedded_llm: lambda: NOTE})
+    browser.get(f"{api.url}/dashboard")
+    wait_until(browser, "return document.getElementById('embedded').dataset.checked", "true")
+    assert browser.execute_script("return document.getElementById('embedded').hidden") is False
+    notice = browser.execute_script("return document.getElementById('embedded').textContent")
+    assert f"embedded model {NOTE}" in notice and "LLM_ENDPOINT" in notice
 
 
 def test_docs_render_from_local_assets(browser: Any, api_server: RunningAPI) -> None:

@@ -43,6 +43,17 @@ def test_without_ollama_the_demo_stops_at_once_with_the_fix(tmp_path):
     assert not (tmp_path / ".env").exists()
 
 
+def test_on_the_embedded_model_without_its_pieces_the_demo_names_what_to_install(tmp_path):
+    env = {**_env(tmp_path, "embedded"), "LLAMA_SERVER_BIN": str(tmp_path / "no-llama-server")}
+    result = _demo(tmp_path, env)
+    assert result.returncode == 3, result.stdout + result.stderr
+    assert "Note: the embedded model, SmolLM2-135M (llama.cpp), labels are rough" in result.stdout
+    assert "LLM_ENDPOINT=embedded (the packaged small model) cannot start" in result.stderr
+    assert "make demo" in result.stderr  # make installs both
+    assert not (tmp_path / "db").exists()  # it stopped before touching the database
+    assert not (tmp_path / ".env").exists()
+
+
 def test_the_demo_imports_classifies_and_reports_and_can_run_again(tmp_path, fake_ollama):
     env = _env(tmp_path, fake_ollama.url)
     first = _demo(tmp_path, env)

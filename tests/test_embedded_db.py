@@ -6,7 +6,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,8 +17,9 @@ from pymongo import MongoClient, WriteConcern
 
 from config import Settings, load_settings
 from error_handler import ConfigError, StorageUnavailableError
+from utils.child_process import accepts_connections, threads_running
 from utils.command_line import free_port
-from utils.embedded_db import PID_FILE, _threads_running, embedded_database
+from utils.embedded_db import PID_FILE, embedded_database
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,14 +30,6 @@ def _settings(data_dir: Path) -> Settings:
 
 def _port(uri: str) -> int:
     return int(uri.rstrip("/").rsplit(":", 1)[1])
-
-
-def _accepts_connections(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def _database_children(port: int, parent_pid: int | None = None) -> list[int]:
@@ -64,9 +56,12 @@ def _client(uri: str) -> MongoClient[dict[str, Any]]:
 @pytest.fixture(autouse=True)
 def stopped_gracefully(caplog: pytest.LogCaptureFixture) -> Any:
     """Every database of a test is stopped by SIGTERM, never killed (a kill is logged as a warning)."""
-    with caplog.at_level(logging.DEBUG, logger="utils.embedded_db"):
+    # The stop itself is utils.child_process's (shared with the embedded model).
+    loggers = ("utils.embedded_db", "utils.child_process")
+    with caplog.at_level(logging.DEBUG, logger="utils.embedded_db"), caplog.at_level(logging.DEBUG,
+                                                                                    logger="utils.child_process"):
         yield
-    kills = [r.getMessage() for r in caplog.records if r.name == "utils.embedded_db" and r.levelno >= logging.WARNING
+    kills = [r.getMessage() for r in caplog.records if r.name in loggers and r.levelno >= logging.WARNING
              and not r.getMessage().startswith("stopping a stale embedded database")]  # not ours: a crashed run's
     assert kills == []
 
@@ -82,7 +77,7 @@ def test_embedded_database_serves_pymongo_and_stops_on_exit(tmp_path: Path) -> N
             assert client.demo.items.find_one({"name": "first"}, {"_id": 0}) == {"name": "first", "n": 1}
         finally:
             client.close()
-    assert not _accepts_connections(port)
+    assert not accepts_connections(port)
     assert _database_children(port) == []
     assert (tmp_path / "db" / "secantusdb.log").exists()
 
@@ -117,7 +112,7 @@ def test_two_embedded_databases_on_one_folder_are_refused(tmp_path: Path) -> Non
             assert client.admin.command("ping")["ok"] == 1
         finally:
             client.close()
-    assert not _accepts_connections(port)
+    assert not accepts_connections(port)
     assert _database_children(port) == []
 
 
@@ -147,7 +142,7 @@ with embedded_database(load_settings({"embedded_db_path": sys.argv[2]}, environ=
 
 
 # True while a thread of the pid runs (a zombie, holding no port and no file, counts as gone).
-_alive = _threads_running
+_alive = threads_running
 
 
 def _wait_gone(pid: int, bound: float = 60.0) -> bool:
@@ -183,7 +178,7 @@ def test_server_dies_with_its_killed_parent_and_a_new_start_works(tmp_path: Path
 
         assert _wait_gone(server), "the embedded database outlived its killed parent"
         assert (record.get("pid"), record.get("owner_pid")) == (server, parent.pid)  # for a stale server's sake
-        assert not _accepts_connections(_port(uri))
+        assert not accepts_connections(_port(uri))
         with embedded_database(_settings(data_dir)) as again:
             client = _client(again)
             try:
@@ -217,9 +212,9 @@ def test_stale_server_of_a_crashed_run_is_stopped_at_start_up(tmp_path: Path, ca
                                text=True, check=True)
         (data_dir / PID_FILE).write_text(json.dumps({"pid": stale.pid, "owner_pid": int(owner.stdout), "port": port}))
         deadline = time.monotonic() + 60
-        while not _accepts_connections(port) and time.monotonic() < deadline:
+        while not accepts_connections(port) and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert _accepts_connections(port)
+        assert accepts_connections(port)
 
         with embedded_database(_settings(data_dir)) as uri:
             assert stale.poll() is not None  # stopped before the new server started

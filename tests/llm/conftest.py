@@ -6,6 +6,7 @@ port, and stopped when the session ends, whatever happened.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from config import Settings, load_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 
-from scripts.llama_server import LlamaServer  # noqa: E402
+from utils.embedded_llm import LlamaServer  # noqa: E402
 
 #: Slots of the test server: two requests at once, as the API and the batch processor send them.
 PARALLEL = 2
@@ -24,7 +25,8 @@ PARALLEL = 2
 
 @pytest.fixture(scope="session")
 def llama() -> Iterator[LlamaServer]:
-    with LlamaServer(parallel=PARALLEL) as server:
+    # make test-llm builds llama-server once and names it in LLAMA_SERVER_BIN.
+    with LlamaServer(binary=os.environ.get("LLAMA_SERVER_BIN", ""), parallel=PARALLEL) as server:
         yield server
 
 
