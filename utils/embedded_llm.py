@@ -42,8 +42,6 @@ from functools import partial
 from pathlib import Path
 from types import TracebackType
 
-import requests
-
 from config import Settings
 from error_handler import ConfigError, LlamaServerError
 from utils.child_process import PidFile, child_server, leftover, log_tail, stop_stale
@@ -256,6 +254,10 @@ class LlamaServer:
         return self
 
     def _healthy(self) -> bool:
+        # Imported here: the batch processor loads this module on every run, and requests is the
+        # API's client (its import is part of the fixed cost issue 19 won back).
+        import requests
+
         try:
             # 503 while the model loads, 200 once it serves.
             return requests.get(f"{self.url}/health", timeout=2).status_code == 200
