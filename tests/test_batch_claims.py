@@ -27,8 +27,8 @@ import tests.test_batch_processor as batch
 from aggregator import content_hash, validate_conversation
 from batch_processor import BatchProcessor, new_job_id
 from batch_source import BatchSource
+from fakes.ollama import Reply, default_classification, last_user_content
 from mongo_client import MongoStore, ProcessingMetadata, ResultDocument
-from tests.fake_ollama import Reply, default_classification, last_user_content
 from utils.identical_cache import ENTRY_OVERHEAD_BYTES, IdenticalCache, Reusable
 
 # The processor tests' fixtures, shared (assigned rather than imported: they are parameters below).
@@ -111,7 +111,7 @@ async def test_the_result_upsert_is_fenced_by_the_claim_generation(make_settings
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri, tz_aware=True)
     try:
         store = MongoStore(client, settings, uri=mongo_uri)
-        await store.ensure_indexes()
+        await store.ensure_indexes(["intent", "topic", "sentiment"])
 
         def result(generation: int, label: str) -> ResultDocument:
             metadata = ProcessingMetadata(datetime.now(UTC), "llama3", 5, "t", "job")
