@@ -74,10 +74,9 @@ from utils.batch_file_manager import (
     BatchFileManager,
     Checkpoint,
     RetryEntry,
-    iso_now,
-    utc_now,
 )
 from utils.change_watch import ChangeWatcher
+from utils.clock import iso_now, utc_now
 from utils.identical_cache import IdenticalCache, Reusable
 from utils.progress import ProgressReporter, ProgressSnapshot
 from utils.retry_utils import retrying

@@ -15,8 +15,8 @@ import sys
 from pathlib import Path
 
 from scripts import benchmark
-from scripts.bench.processors import FAKETIME
 from scripts.bench.harness import PRESETS, RUSAGE_LAUNCHER, STARTED_PROCESSES, port_open
+from scripts.bench.processors import FAKETIME
 from scripts.bench.render import render_run, write_markdown
 
 ROOT = Path(__file__).resolve().parents[1]

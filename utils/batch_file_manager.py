@@ -36,18 +36,25 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 from bson import json_util
 
 from error_handler import BatchFileError, BatchFolderError
+from utils.atomic_files import (
+    JSON_OPTIONS,
+    atomic_write_json,
+    atomic_write_text,
+    dumps_json,
+    fsync_directory,
+    read_json,
+)
+from utils.clock import iso_now, utc_now
 
 logger = logging.getLogger(__name__)
 
 _BATCH_FILE = re.compile(r"^batch_(\d+)_(pending|retry_queue|completed)\.jsonl?$")
-_JSON_OPTIONS = json_util.JSONOptions(json_mode=json_util.JSONMode.RELAXED, tz_aware=True)
 # Journal keys: canonical Extended JSON tells 1 from 1.0 and keeps embedded documents hashable.
 _KEY_OPTIONS = json_util.JSONOptions(json_mode=json_util.JSONMode.CANONICAL, tz_aware=True)
 #: A journal is compacted once it is this much larger than twice its live entries.
@@ -58,66 +65,6 @@ MAX_REASON_CHARS = 2000
 WRITE_FAILED_CONVERSATION_FIELDS = ("conversation_number",)
 
 RetryStatus = Literal["llm_failed", "write_failed"]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
-def iso_now() -> str:
-    return utc_now().isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def _dumps(path: Path, data: Any, indent: int | None = None) -> str:
-    try:
-        return json_util.dumps(data, json_options=_JSON_OPTIONS, indent=indent)
-    except (TypeError, ValueError) as e:  # serialize before touching the disk: no temp file left behind
-        raise BatchFileError(f"Cannot write {path}: the data is not JSON-serializable: {e}") from e
-
-
-def atomic_write_json(path: Path, data: Any) -> None:
-    """Write ``data`` to ``path`` so that readers see the old or the new file, never half of one."""
-    atomic_write_text(path, _dumps(path, data, indent=1))
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, ``os.replace``, fsync of the folder)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise BatchFileError(f"Cannot write {path}: {e}", hint="Check free disk space and permissions.") from e
-    _fsync_directory(path.parent)
-
-
-def _fsync_directory(directory: Path) -> None:
-    # The rename is only durable once the directory entry is on disk.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json_util.loads(path.read_text(encoding="utf-8"), json_options=_JSON_OPTIONS)
-    except (OSError, ValueError) as e:
-        raise BatchFileError(
-            f"Cannot read batch file {path}: {e}",
-            hint="Move the file out of the batch files folder if it is not needed; its conversations "
-            "stay in status 'processing' and are picked up again with --retry-failed.",
-        ) from e
 
 
 @dataclass
@@ -259,7 +206,7 @@ class RetryJournal:
                 lines = lines[:-1]
             for number, line in enumerate(lines, 1):
                 try:
-                    op = json_util.loads(line.decode("utf-8"), json_options=_JSON_OPTIONS)
+                    op = json_util.loads(line.decode("utf-8"), json_options=JSON_OPTIONS)
                     self._apply(op, len(line) + 1, read=True)
                 except (ValueError, KeyError, TypeError, AttributeError) as e:
                     problems.append(f"line {number} is unreadable ({type(e).__name__}: {e})")
@@ -338,7 +285,7 @@ class RetryJournal:
         """Append ``ops`` (fsynced), applying them to the live state; compact when the dead lines dominate."""
         if not ops:
             return
-        lines = [(_dumps(self.path, op) + "\n").encode("utf-8") for op in ops]
+        lines = [(dumps_json(self.path, op) + "\n").encode("utf-8") for op in ops]
         if not self.path.exists() and self.legacy_path is not None and self.legacy_path.exists():
             for op, line in zip(ops, lines, strict=True):
                 self._apply(op, len(line))
@@ -353,7 +300,7 @@ class RetryJournal:
         except OSError as e:
             raise BatchFileError(f"Cannot write {self.path}: {e}", hint="Check free disk space and permissions.") from e
         if new_file:
-            _fsync_directory(directory)
+            fsync_directory(directory)
         for op, line in zip(ops, lines, strict=True):
             self._apply(op, len(line))
             self.journal_bytes += len(line)
@@ -367,13 +314,13 @@ class RetryJournal:
         if not self.live:
             self.remove()
             return
-        lines = [_dumps(self.path, {"op": "put", "entry": record}) + "\n" for record in self.live.values()]
+        lines = [dumps_json(self.path, {"op": "put", "entry": record}) + "\n" for record in self.live.values()]
         atomic_write_text(self.path, "".join(lines))
         self._sizes = {key: len(line.encode("utf-8")) for key, line in zip(self.live, lines, strict=True)}
         self.journal_bytes = sum(self._sizes.values())
         if self.legacy_path is not None and self.legacy_path.exists():
             self.legacy_path.unlink()
-            _fsync_directory(self.path.parent)
+            fsync_directory(self.path.parent)
 
     def remove(self) -> None:
         self.live.clear()
@@ -382,7 +329,7 @@ class RetryJournal:
         for path in (self.path, self.legacy_path):
             if path is not None:
                 path.unlink(missing_ok=True)
-        _fsync_directory(self.path.parent)
+        fsync_directory(self.path.parent)
 
 
 @dataclass
@@ -542,8 +489,8 @@ class BatchFileManager:
                 f"Batch file {path} is unreadable ({problem}) and cannot be moved to {folder}: {e}",
                 hint="Move it out of the batch files folder by hand, then start again.",
             ) from e
-        _fsync_directory(folder)
-        _fsync_directory(self.directory)
+        fsync_directory(folder)
+        fsync_directory(self.directory)
         logger.warning("batch file %s is unreadable (%s); %s to %s%s", path, problem,
                        "a copy was saved" if copy else "moved", target, f"; {consequence}" if consequence else "")
         return target

@@ -26,7 +26,7 @@ from typing import Protocol
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 
-from utils.batch_file_manager import atomic_write_json
+from utils.atomic_files import atomic_write_json
 
 logger = logging.getLogger(__name__)
 

@@ -101,8 +101,8 @@ def section_processors(ctx: Context) -> SectionResult:
     1 and 3 started together (duplicate results, LLM calls counted per conversation by a fake
     Ollama in the benchmark process; targets: 0 duplicates, calls <= conversations + 1 %), 2
     started together with one clock far ahead under libfaketime (issue 16; same targets; skipped
-    without ``faketime``), and 2 with one SIGKILLed after a third of the results (target: the other finishes everything within
-    the lease plus the one-processor time).
+    without ``faketime``), and 2 with one SIGKILLed after a third of the results (target: the other
+    finishes everything within the lease plus the one-processor time).
     """
     from fakes.ollama import FakeOllama
 
