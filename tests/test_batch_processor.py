@@ -29,7 +29,8 @@ from aggregator import content_hash, validate_conversation
 from config import Settings, env_name
 from fakes.ollama import ErrorReply, FakeOllama, Reply, last_user_content
 from tests.net_helpers import free_port
-from utils.batch_file_manager import BatchFileManager, RetryJournal
+from utils.batch_file_manager import BatchFileManager
+from utils.retry_queue import RetryQueue
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "support-classifier-batch"
@@ -75,9 +76,9 @@ def results_per_source(db: Any) -> dict[Any, int]:
 
 def queue_entries(path: Path) -> list[dict[str, Any]]:
     """The live entries of a retry-queue journal, as stored."""
-    journal = RetryJournal(path)
-    journal.load()
-    return list(journal.live.values())
+    queue = RetryQueue(path)
+    queue.load()
+    return [entry.to_json() for entry in queue]
 
 
 def batch_files(directory: Path) -> list[str]:
@@ -236,9 +237,9 @@ def test_llm_failures_are_retried_queued_and_finally_marked_failed(batch_env, fi
     [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
     [entry] = queue_entries(queue)
     assert entry["status"] == "llm_failed"
-    assert entry["conversation_id"] == bad  # the BSON value, kept through Extended JSON
+    assert entry["source_id"] == bad  # the BSON value, kept through Extended JSON
     assert entry["retry_count"] == 1
-    assert entry["classification_result"] is None
+    assert entry["result"] is None
     assert "HTTP 500" in entry["reason"]
     assert entry["conversation_data"]["conversation_number"] == "5009"
     assert mongo_db[SOURCE].find_one({"_id": bad})["status"] == "processing"
@@ -287,9 +288,9 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
     entries = queue_entries(queue)
     assert {e["status"] for e in entries} == {"write_failed"}
-    assert sorted(str(e["conversation_id"]) for e in entries) == sorted(str(i) for i in ids)
-    assert all(isinstance(e["conversation_id"], ObjectId) for e in entries)  # the BSON type survives
-    assert all(e["classification_result"]["intent"] for e in entries)
+    assert sorted(str(e["source_id"]) for e in entries) == sorted(str(i) for i in ids)
+    assert all(isinstance(e["source_id"], ObjectId) for e in entries)  # the BSON type survives
+    assert all(e["result"]["classification"]["intent"] for e in entries)  # the result whose write failed
     assert all("Document failed validation" in e["reason"] for e in entries)
     capsys.readouterr()
 
@@ -298,7 +299,7 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     assert fake_ollama.chat_count == 5  # written from the queue, the LLM was not asked again
     assert results_per_source(mongo_db) == {i: 1 for i in ids}
     stored = {r["source_conversation_id"]: r["classification"] for r in mongo_db[RESULTS].find()}
-    assert stored == {e["conversation_id"]: e["classification_result"] for e in entries}
+    assert stored == {e["source_id"]: e["result"]["classification"] for e in entries}
     assert statuses(mongo_db) == {"processed": 5}
     assert not list(files_dir.glob("batch_*_retry_queue.jsonl"))
 
@@ -902,7 +903,7 @@ def test_a_job_whose_model_answers_are_mostly_unusable_stops_and_leaves_the_rest
 
 
 def test_failure_window_counts_model_failures_over_the_last_n():
-    from batch_processor import FailureWindow
+    from batch_recorder import FailureWindow
 
     window = FailureWindow(4, 0.25)
     assert not window.record(("llm_bad_output", "x"))
