@@ -48,14 +48,15 @@ from batch_source import (
     OthersClaims,
     default_worker_id,
     id_key,
+    with_storage_retries,
 )
-from batch_worker import PROCESSOR_VERSION, BatchWorker
+from batch_worker import BatchWorker
 from classifier import ConversationClassifier
 from config import Settings
 from error_handler import StorageError
 from llm_pool import AsyncLLMPool, concurrency_limit
 from mongo_client import MongoStore
-from retry_policy import Policy, RetryPolicy, retried
+from retry_policy import Policy, RetryPolicy
 from utils.batch_file_manager import BatchConversation, BatchFileManager
 from utils.change_watch import ChangeWatcher
 from utils.clock import utc_now
@@ -64,8 +65,6 @@ from utils.progress import ProgressReporter, ProgressSnapshot, ProgressTracker
 from utils.retry_queue import RetryEntry
 
 logger = logging.getLogger(__name__)
-
-__all__ = ["PROCESSOR_VERSION", "BATCH_LOOKAHEAD", "BatchProcessor", "RunOptions", "RunSummary", "new_job_id"]
 
 #: Batches in flight at once: the next one is read and queued while the current one finishes.
 BATCH_LOOKAHEAD = 2
@@ -239,7 +238,7 @@ class BatchProcessor:
             self.store.description, self.files.directory,
         )
         status = "failed"
-        await retried(self.policy, Outcome.WRITE_FAILED, "read of the server's time", self.source.sync_clock)
+        await with_storage_retries(self.settings, "read of the server's time", self.source.sync_clock)
         leases = LeaseRenewal(self.source)
         leases.start()
         try:
@@ -404,8 +403,8 @@ class BatchProcessor:
         claims, so that batch-mode processors elsewhere do not wait for them."""
         ids = [entry.source_id for entry in state.queue]
         try:
-            await retried(self.policy, Outcome.WRITE_FAILED, "update of parked claims",
-                          lambda: self.source.park(ids, state.token))
+            await with_storage_retries(self.settings, "update of parked claims",
+                                       lambda: self.source.park(ids, state.token))
         except StorageError as e:
             logger.warning("%s: could not mark %d queued conversations as parked (%s); processors in batch mode "
                            "may wait for them up to a lease", state.batch_id, len(ids), e)
