@@ -391,6 +391,11 @@ class BatchProcessor:
     async def _retry_pass(self, state: BatchState) -> None:
         if not state.queue or self.stopping:
             return
+        if state.retry_after > 0:  # the retry policy asked for a pause before the queue's pass
+            logger.info("%s: %d queued conversations are retried in %.1f s", state.batch_id, len(state.queue),
+                        state.retry_after)
+            if not await self._pause(state.retry_after):
+                return
         logger.info("%s: retrying %d queued conversations", state.batch_id, len(state.queue))
         items = [self._item(state, entry.source_id, entry.conversation_data, entry) for entry in state.queue]
         await asyncio.gather(*(self._spawn(self._process_item(state, item)) for item in items),

@@ -132,7 +132,7 @@ class Recorder:
         if outcome in FAILURES:
             decision = self.policy.decide(outcome, Attempts(passes=item.passes), error)
             if decision.verdict is not Verdict.GIVE_UP:
-                self._queue(state, item, Attempt(outcome, error, attempt.result))
+                self._queue(state, item, Attempt(outcome, error, attempt.result), decision.after)
                 return
         await self._give_up(state, item, outcome, error)
 
@@ -166,8 +166,9 @@ class Recorder:
             lambda: self.source.finish(item.source_id, item.claim, status, reason=reason, error_type=error_type),
         )
 
-    def _queue(self, state: BatchState, item: WorkItem, attempt: Attempt) -> None:
-        """Put a failure in its batch's retry queue, or record another failed pass of a queued one."""
+    def _queue(self, state: BatchState, item: WorkItem, attempt: Attempt, after: float) -> None:
+        """Put a failure in its batch's retry queue (its pass ``after`` seconds from now), or record
+        another failed pass of a queued one."""
         reason, code = describe(attempt.error)
         kept = attempt.result.to_mongo() if attempt.result is not None else None
         entry = item.entry
@@ -178,7 +179,7 @@ class Recorder:
             logger.warning("conversation %s queued for retry (%s): %s", item.number, entry.status, reason)
             if isinstance(attempt.error, LLMError):  # the model failed it, after its retries
                 self._window_record((code, reason))
-            state.resolved(item.key)
+            state.queued(item.key, after)
             self._checkpointed()
         else:
             if kept is None and attempt.outcome is Outcome.WRITE_FAILED:

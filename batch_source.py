@@ -416,6 +416,8 @@ class BatchState:
     has_pending_file: bool = True
     successful: int = 0
     failed: int = 0
+    #: Seconds the batch's retry-queue pass waits first: the longest the retry policy asked for.
+    retry_after: float = 0.0
 
     @property
     def batch_id(self) -> str:
@@ -423,6 +425,11 @@ class BatchState:
 
     def claim_of(self, key: str) -> Claim:
         return Claim(self.token, self.generations[key])
+
+    def queued(self, key: str, after: float) -> None:
+        """A conversation of the batch went to its retry queue, for a pass ``after`` seconds from now."""
+        self.unresolved.discard(key)
+        self.retry_after = max(self.retry_after, after)
 
     def resolved(self, key: str, kind: str | None = None) -> None:
         """A conversation of the batch left its hands (``kind`` ``success`` or ``failed``: counted)."""

@@ -8,8 +8,9 @@ Three tiers, each a :class:`Verdict` of :meth:`RetryPolicy.decide`:
    again in place after ``base, 2*base, 4*base`` s plus jitter (:func:`utils.retry_utils.backoff`),
    ``OLLAMA_MAX_RETRIES`` / ``MONGODB_MAX_RETRIES`` times.
 2. **Queue**: the attempt failed (``llm_failed``, ``write_failed``): the conversation goes to its
-   batch's retry queue, retried in the pass after the batch (``after`` seconds: 0, the pass follows
-   the batch) and on the next start, ``BATCH_RETRY_QUEUE_ATTEMPTS`` passes in all.
+   batch's retry queue, retried in the pass after the batch (``after`` seconds later:
+   ``queue_after_seconds``, 0 by default: the pass follows the batch) and on the next start,
+   ``BATCH_RETRY_QUEUE_ATTEMPTS`` passes in all.
 3. **Give up**: invalid input at once, other failures once the passes are spent: status ``failed``
    with the reason; ``--retry-failed`` (a person's decision) takes them up again in a later run.
 

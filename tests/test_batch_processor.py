@@ -26,8 +26,11 @@ from bson import ObjectId
 import cli
 import error_handler
 from aggregator import content_hash, validate_conversation
+from batch_outcome import Outcome
+from batch_processor import BatchProcessor
 from config import Settings, env_name
 from fakes.ollama import ErrorReply, FakeOllama, Reply, last_user_content
+from retry_policy import Attempts, Decision, RetryPolicy, Verdict
 from tests.net_helpers import free_port
 from utils.batch_file_manager import BatchFileManager
 from utils.retry_queue import RetryQueue
@@ -263,6 +266,31 @@ def test_llm_failures_are_retried_queued_and_finally_marked_failed(batch_env, fi
     assert repaired["status"] == "processed"
     assert "failure_reason" not in repaired
     assert results_per_source(mongo_db)[bad] == 1
+
+
+def test_a_retry_policy_passed_in_decides_the_tiers(batch_env, monkeypatch, mongo_db, fake_ollama, caplog):
+    # The retry policy is the processor's to be given (retry_policy.py): this one never retries a call in
+    # place and asks for a pause before the queue's pass. One 500 answer: queued, paused, then written.
+    class QueueAtOnce(RetryPolicy):
+        def decide(self, outcome: Outcome, attempts: Attempts, error: BaseException | None = None) -> Decision:
+            if attempts.calls is not None:
+                return Decision(Verdict.GIVE_UP)  # no in-place retry
+            return super().decide(outcome, attempts, error)
+
+    class WithPolicy(BatchProcessor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs, policy=QueueAtOnce(queue_passes=2, queue_after_seconds=0.3))
+
+    monkeypatch.setattr(cli, "BatchProcessor", WithPolicy)
+    fake_ollama.enqueue(ErrorReply(500, "llama runner process has terminated"))
+    insert(mongo_db, [make_conversation(1)])
+
+    assert cli.main([]) == cli.EXIT_OK
+
+    assert fake_ollama.chat_count == 2  # the failed call was not retried in place: once more in the pass
+    assert "queued for retry (llm_failed)" in caplog.text  # (the default policy retries it in place)
+    assert "queued conversations are retried in 0.3 s" in caplog.text
+    assert statuses(mongo_db) == {"processed": 1}
 
 
 def test_unusable_model_output_is_queued_as_llm_failed(batch_env, files_dir, mongo_db, fake_ollama):
