@@ -45,6 +45,7 @@ from bson import json_util
 from pymongo.errors import PyMongoError
 
 from config import Settings
+from error_handler import StorageError
 from mongo_client import (
     STATUS_FAILED,
     STATUS_PROCESSED,
@@ -54,14 +55,8 @@ from mongo_client import (
     storage_error,
     unprocessed_filter,
 )
-from utils.batch_file_manager import (
-    BatchConversation,
-    BatchFileManager,
-    PendingBatch,
-    RetryEntry,
-    batch_id,
-)
-from utils.progress import ProgressTracker
+from utils.batch_file_manager import BatchConversation, BatchFileManager, PendingBatch, batch_id
+from utils.retry_queue import RetryQueue
 from utils.retry_utils import retrying
 from utils.server_clock import ServerClock
 
@@ -330,6 +325,72 @@ class BatchSource:
         return result.matched_count == 1
 
 
+class LeaseRenewal:
+    """The leases of everything a worker holds (``claimed_by``), renewed three times per lease period
+    from :meth:`start` until :meth:`stop`; :meth:`release` lets them expire now (at the end of a run)."""
+
+    #: How long :meth:`stop` waits for the renewal task to end before cancelling it.
+    STOP_SECONDS = 5.0
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+        self._done = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._renew(), name="lease renewal")
+
+    async def _renew(self) -> None:
+        """Renew until stopped.
+
+        Stopped by an event, not by cancelling it: on Python 3.11 asyncio.wait_for (which PyMongo's
+        send uses) can swallow a cancellation that arrives as its operation completes (CPython
+        gh-86296), and a cancelled loop that swallowed it would run on and hold the end of the run.
+        A renewal that fails, expectedly or not, is logged and tried again: a dead renewal task
+        would let the leases run out under the processor's feet.
+        """
+        interval = self.source.lease.total_seconds() / 3
+        while not self._done.is_set():
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._done.wait(), timeout=interval)
+            if self._done.is_set():
+                return
+            try:
+                await self.source.renew()
+            except StorageError as e:
+                logger.warning("lease renewal failed (%s); trying again in %.1f s", e, interval)
+            except Exception:
+                logger.exception("lease renewal failed unexpectedly; trying again in %.1f s", interval)
+
+    async def stop(self) -> None:
+        self._done.set()
+        renewer = self._task
+        if renewer is None:
+            return
+        done, _ = await asyncio.wait({renewer}, timeout=self.STOP_SECONDS)
+        if not done:  # stuck in a renewal: cancel it, without waiting on it again
+            renewer.cancel()
+            logger.warning("lease renewal did not stop within %.0f s; cancelled", self.STOP_SECONDS)
+        elif not renewer.cancelled() and renewer.exception() is not None:  # a bug; the release runs anyway
+            logger.error("lease renewal ended with an error", exc_info=renewer.exception())
+
+    async def release(self) -> int:
+        """Release what this worker still holds; returns how many claims (0 when it could not)."""
+        worker = self.source.worker_id
+        try:
+            released = await self.source.release()
+        except StorageError as e:
+            logger.warning("could not release the claims of %s (%s); they expire on their own", worker, e)
+            return 0
+        except Exception:
+            logger.exception("could not release the claims of %s; they expire on their own", worker)
+            return 0
+        if released:
+            logger.info("%d claimed conversations left unfinished: released for the next run or another processor",
+                        released)
+        return released
+
+
 async def with_storage_retries(settings: Settings, what: str, operation: Callable[[], Awaitable[T]]) -> T:
     """Run a MongoDB operation, retrying transient failures (MONGODB_MAX_RETRIES, 1/2/4 s)."""
     policy = retrying(what, max_retries=settings.mongodb_max_retries, base_delay=settings.mongodb_retry_base_seconds)
@@ -345,7 +406,7 @@ class BatchState:
     left of it and its retry queue."""
 
     number: int
-    queue: list[RetryEntry]
+    queue: RetryQueue
     token: str
     #: id_key -> claim_generation of the documents this processor holds under ``token``.
     generations: dict[str, int] = field(default_factory=dict)
@@ -355,6 +416,8 @@ class BatchState:
     has_pending_file: bool = True
     successful: int = 0
     failed: int = 0
+    #: Seconds the batch's retry-queue pass waits first: the longest the retry policy asked for.
+    retry_after: float = 0.0
 
     @property
     def batch_id(self) -> str:
@@ -362,6 +425,19 @@ class BatchState:
 
     def claim_of(self, key: str) -> Claim:
         return Claim(self.token, self.generations[key])
+
+    def queued(self, key: str, after: float) -> None:
+        """A conversation of the batch went to its retry queue, for a pass ``after`` seconds from now."""
+        self.unresolved.discard(key)
+        self.retry_after = max(self.retry_after, after)
+
+    def resolved(self, key: str, kind: str | None = None) -> None:
+        """A conversation of the batch left its hands (``kind`` ``success`` or ``failed``: counted)."""
+        self.unresolved.discard(key)
+        if kind == "success":
+            self.successful += 1
+        elif kind == "failed":
+            self.failed += 1
 
 
 Batches = AsyncGenerator[tuple[BatchState, list[BatchConversation]], None]
@@ -393,22 +469,19 @@ class BatchReader:
     """What a processor works on next, in order: its own pending batch files (claimed again),
     its retry queues without a pending file, then newly claimed batches.
 
-    Writes the pending batch files (the processor's crash journal) and keeps the tracker's
-    expected total; :class:`BatchProcessor` does the work and records the outcomes.
+    It yields batches and writes the pending batch files (the processor's crash journal); the
+    processor decides when to stop reading (it stops asking), keeps the job's totals, does the work
+    and records the outcomes. ``pause(seconds)`` is how it waits for other processors' claims: the
+    processor's sleep, False when the run is stopping.
     """
 
-    def __init__(self, settings: Settings, source: BatchSource, files: BatchFileManager, tracker: ProgressTracker,
-                 stop: asyncio.Event) -> None:
+    def __init__(self, settings: Settings, source: BatchSource, files: BatchFileManager,
+                 pause: Callable[[float], Awaitable[bool]]) -> None:
         self.settings = settings
         self.source = source
         self.store = source.store
         self.files = files
-        self.tracker = tracker
-        self._stop = stop
-
-    @property
-    def stopping(self) -> bool:
-        return self._stop.is_set()
+        self._pause = pause
 
     async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         return await with_storage_retries(self.settings, what, operation)
@@ -416,30 +489,26 @@ class BatchReader:
     async def _reclaim(self, what: str, ids: list[Any]) -> tuple[str, dict[str, int]]:
         return await self._retrying(f"claim of {what}", lambda: self.source.reclaim(ids))
 
-    def _keep_claimed(self, number: int, queue: list[RetryEntry], won: dict[str, int]) -> list[RetryEntry]:
-        """The queue entries still this processor's; the others are dropped from the queue file."""
-        kept = [entry for entry in queue if id_key(entry.conversation_id) in won]
-        if len(kept) != len(queue):
+    def _keep_claimed(self, number: int, queue: RetryQueue, won: dict[str, int]) -> None:
+        """Drop from the queue the entries that are not this processor's any more."""
+        gone = [entry.source_id for entry in queue if id_key(entry.source_id) not in won]
+        if gone:
             logger.warning("%s: %d queued conversations were finished or taken over by another processor "
-                           "meanwhile; dropped from the retry queue", batch_id(number), len(queue) - len(kept))
-            self.files.save_retry_queue(number, kept)
-        return kept
+                           "meanwhile; dropped from the retry queue", batch_id(number), len(gone))
+            queue.remove_all(gone)
 
     async def recovered(self) -> Batches:
         """Pending files of an earlier run, claimed again; minus what sits in a queue or is no longer ours."""
         for number in self.files.pending_numbers():
-            if self.stopping:
-                return
             pending = self.files.load_pending(number)
-            queue = self.files.load_retry_queue(number)
-            ids = [c.object_id for c in pending.conversations] + [e.conversation_id for e in queue]
+            queue = self.files.retry_queue(number)
+            ids = [c.source_id for c in pending.conversations] + [e.source_id for e in queue]
             token, won = await self._reclaim("recovered conversations", ids)
-            queue = self._keep_claimed(number, queue, won)
-            queued = {id_key(entry.conversation_id) for entry in queue}
-            left = [c for c in pending.conversations if id_key(c.object_id) not in queued]
-            todo = [c for c in left if id_key(c.object_id) in won]
+            self._keep_claimed(number, queue, won)
+            queued = {id_key(entry.source_id) for entry in queue}
+            left = [c for c in pending.conversations if id_key(c.source_id) not in queued]
+            todo = [c for c in left if id_key(c.source_id) in won]
             state = BatchState(number, queue, token, won)
-            self.tracker.add_total(len(todo) + len(queue))
             await self._load_existing(state, todo)
             logger.info(
                 "recovering %s: %d of %d conversations left, %d in its retry queue, %d finished or taken over "
@@ -452,31 +521,34 @@ class BatchReader:
         """The retry queues of batches that have no pending file any more, claimed again."""
         pending = set(self.files.pending_numbers())
         for number in self.files.retry_queue_numbers():
-            if self.stopping or number in pending:
+            if number in pending:
                 continue
-            queue = self.files.load_retry_queue(number)
-            token, won = await self._reclaim("queued conversations", [e.conversation_id for e in queue])
-            state = BatchState(number, self._keep_claimed(number, queue, won), token, won, has_pending_file=False)
-            self.tracker.add_total(len(state.queue))
-            yield state
+            queue = self.files.retry_queue(number)
+            token, won = await self._reclaim("queued conversations", [e.source_id for e in queue])
+            self._keep_claimed(number, queue, won)
+            yield BatchState(number, queue, token, won, has_pending_file=False)
+
+    async def claimable(self, limit: int | None) -> int:
+        """How many documents are claimable now (at most ``limit``): the job's expected total."""
+        count = await self._retrying("count of unprocessed conversations", self.source.count_claimable)
+        return count if limit is None else min(count, limit)
 
     async def claimed(self, limit: int | None) -> Batches:
         """Claim unprocessed documents, ``batch_size`` at a time, until none is left (or ``limit``)."""
         size = self.settings.mongodb_batch_size
         remaining = limit
-        expected = await self._retrying("count of unprocessed conversations", self.source.count_claimable)
-        expected = expected if remaining is None else min(expected, remaining)
-        self.tracker.add_total(expected)
-        fetched = 0
         waiting: _WaitForOthers | None = None
-        while not self.stopping and (remaining is None or remaining > 0):
+        while remaining is None or remaining > 0:
             want = size if remaining is None else min(size, remaining)
             token, documents = await self._retrying("claim of unprocessed conversations",
                                                     partial(self.source.claim, want))
             if not documents:
                 if waiting is None:
                     waiting = _WaitForOthers(self.source)
-                if await self._wait_for_others(waiting):
+                seconds = await self._wait_for_others(waiting)
+                if seconds is not None:
+                    if not await self._pause(seconds):
+                        return
                     continue
                 # Nothing worth waiting for is left, but a lease may have expired between the claim
                 # above and that check: claim once more before calling the run done.
@@ -485,18 +557,12 @@ class BatchReader:
                 if not documents:
                     break
             waiting = None
-            fetched += len(documents)
-            if fetched > expected:  # documents arrived (or were given back) during the run
-                self.tracker.add_total(fetched - expected)
-                expected = fetched
             if remaining is not None:
                 remaining -= len(documents)
             yield await self._start_batch(token, documents)
-        if fetched < expected:  # fewer than counted (taken by another processor, or the count was stale)
-            self.tracker.add_total(fetched - expected)
 
-    async def _wait_for_others(self, waiting: _WaitForOthers) -> bool:
-        """Batch mode, nothing claimable: whether to wait (a while) and claim again.
+    async def _wait_for_others(self, waiting: _WaitForOthers) -> float | None:
+        """Batch mode, nothing claimable: how long to wait before claiming again; None: do not wait.
 
         Other processors' claims may yet come back: finished, or expired when their processor
         died. Waiting is for the working ones only (a claim parked in another processor's retry
@@ -505,20 +571,18 @@ class BatchReader:
         processor lives and finishes it. Continuous mode polls again anyway.
         """
         if self.settings.batch_processor_mode != "batch":
-            return False
+            return None
         others = await self._retrying("count of claimed conversations", self.source.claims_of_others)
         if not others.working:
-            return False
+            return None
         if not waiting.started(others):
             logger.info("nothing left to claim; %d conversations claimed by other live processors: waiting up to "
                         "%.0f s for them to finish or expire", others.working, waiting.seconds_left())
         if waiting.seconds_left() <= 0:
             logger.info("%d conversations are still claimed by other processors that renew their leases: they "
                         "finish them; this run stops waiting", others.working)
-            return False
-        with suppress(TimeoutError):
-            await asyncio.wait_for(self._stop.wait(), timeout=min(self._claim_wait_seconds(), waiting.seconds_left()))
-        return True
+            return None
+        return min(self._claim_wait_seconds(), waiting.seconds_left())
 
     def _claim_wait_seconds(self) -> float:
         return min(self.settings.batch_poll_interval, max(self.settings.batch_lease_seconds / 10, 0.1), 5.0)
@@ -533,7 +597,8 @@ class BatchReader:
             [BatchConversation(d["_id"], conversation_payload(d)) for d in documents],
         )
         self.files.write_pending(pending)
-        state = BatchState(number, [], token, {id_key(d["_id"]): int(d["claim_generation"]) for d in documents})
+        state = BatchState(number, self.files.retry_queue(number), token,
+                           {id_key(d["_id"]): int(d["claim_generation"]) for d in documents})
         await self._load_existing(state, pending.conversations)
         logger.info("%s: %d conversations claimed", state.batch_id, len(documents))
         return state, pending.conversations
@@ -541,7 +606,7 @@ class BatchReader:
     async def _load_existing(self, state: BatchState, conversations: list[BatchConversation]) -> None:
         """Remember the content hashes of results that already exist: those conversations are not
         classified again unless their transcript changed."""
-        ids = [c.object_id for c in conversations]
+        ids = [c.source_id for c in conversations]
         found = await self._retrying("read of existing results", lambda: self.store.result_hashes(ids))
         state.existing = {id_key(source_id): digest for source_id, digest in found}
-        state.unresolved = {id_key(c.object_id) for c in conversations}
+        state.unresolved = {id_key(c.source_id) for c in conversations}

@@ -134,7 +134,7 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
         async with MongoStore.connect(settings) as store, AsyncLLMPool(settings, create_async_llm_client) as llm:
             await store.ping()
             # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
-            files.claim(data_identity(settings))
+            files.tie_to(data_identity(settings))
             await llm.check_ready(pause_failed=True)  # a server that fails it gets no call until its probe
             await store.ensure_indexes(classifier.taxonomy.field_names)
             if classifier.retriever is not None:  # FEW_SHOT_SOURCE reviewed/both: examples from this database

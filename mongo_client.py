@@ -146,6 +146,18 @@ class ResultDocument:
             data["claim_generation"] = self.claim_generation
         return data
 
+    @classmethod
+    def from_mongo(cls, data: dict[str, Any]) -> ResultDocument:
+        """A result as :meth:`to_mongo` gave it (kept in a retry-queue entry whose write failed)."""
+        return cls(
+            conversation_number=str(data["conversation_number"]),
+            source_conversation_id=data["source_conversation_id"],
+            classification=dict(data["classification"]),
+            content_hash=data.get("content_hash"),
+            processing_metadata=ProcessingMetadata.from_mongo(data["processing_metadata"]),
+            claim_generation=data.get("claim_generation"),
+        )
+
 
 def not_newer_than(generation: int | None) -> dict[str, Any]:
     """Filter on results that a claim of ``generation`` may replace: written under the same or an

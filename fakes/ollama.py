@@ -32,8 +32,6 @@ import asyncio
 import json
 import math
 import re
-import signal
-import socket
 import threading
 import time
 import zlib
@@ -44,6 +42,8 @@ from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
+
+from fakes.loopback import LoopbackServer
 
 CHARS_PER_TOKEN = 4
 
@@ -177,8 +177,11 @@ class ChatRecord:
     headers: dict[str, str] = field(default_factory=dict)
 
 
-class FakeOllama:
-    """The fake server. ``with FakeOllama() as fake: ... fake.url ...`` or start()/stop()."""
+class FakeOllama(LoopbackServer):
+    """The fake server. ``with FakeOllama() as fake: ... fake.url ...`` or start()/stop()
+    (the lifecycle: :class:`fakes.loopback.LoopbackServer`)."""
+
+    name = "fake Ollama"
 
     def __init__(
         self,
@@ -191,8 +194,7 @@ class FakeOllama:
         max_queue: int | None = None,
         embedding_models: tuple[str, ...] | list[str] = ("nomic-embed-text",),
     ) -> None:
-        self.host = host
-        self.port = port
+        super().__init__(host=host, port=port)
         self.models = [_with_latest(m) for m in models]
         self.embedding_models = [_with_latest(m) for m in embedding_models]
         #: The texts of every embeddings request, oldest first (one list per request).
@@ -216,10 +218,6 @@ class FakeOllama:
         self._previous_messages: list[dict[str, Any]] = []
         self._in_flight = 0
         self.max_in_flight = 0
-        self._thread: threading.Thread | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._runner: web.AppRunner | None = None
-        self._socket: socket.socket | None = None
 
     # --- scripting ----------------------------------------------------------------------
     def enqueue(self, *behaviors: Behavior) -> None:
@@ -262,10 +260,6 @@ class FakeOllama:
                 return True
             time.sleep(0.01)
         return self.chat_count >= count
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
 
     # --- HTTP handlers ------------------------------------------------------------------
     def build_app(self) -> web.Application:
@@ -452,80 +446,6 @@ class FakeOllama:
         await response.write_eof()
         return response
 
-    # --- lifecycle ----------------------------------------------------------------------
-    async def _start_site(self) -> None:
-        self._runner = web.AppRunner(self.build_app(), shutdown_timeout=0.2, handler_cancellation=True,
-                                     access_log=None)
-        await self._runner.setup()
-        assert self._socket is not None, "the socket is bound before the site starts"
-        await web.SockSite(self._runner, self._socket).start()
-
-    def start(self) -> FakeOllama:
-        """Serve in a background thread; returns once the port accepts connections."""
-        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._socket.bind((self.host, self.port))
-        self._socket.listen(512)
-        self.port = self._socket.getsockname()[1]
-        self._loop = asyncio.new_event_loop()
-        ready = threading.Event()
-
-        def serve() -> None:
-            assert self._loop is not None
-            asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self._start_site())
-            ready.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=serve, name="fake-ollama", daemon=True)
-        self._thread.start()
-        if not ready.wait(10):
-            raise RuntimeError("fake Ollama did not start")
-        return self
-
-    def stop(self) -> None:
-        """Stop serving and release the port and the thread."""
-        if self._loop is None:
-            return
-        loop = self._loop
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), loop).result(10)
-        loop.call_soon_threadsafe(loop.stop)
-        if self._thread is not None:
-            self._thread.join(10)
-        loop.close()
-        if self._socket is not None:
-            self._socket.close()
-        self._loop = None
-        self._thread = None
-
-    def __enter__(self) -> FakeOllama:
-        return self.start()
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.stop()
-
-
-async def _serve_forever(fake: FakeOllama) -> None:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((fake.host, fake.port))
-    sock.listen(1024)
-    fake.port = sock.getsockname()[1]
-    fake._socket = sock
-    await fake._start_site()
-    print(f"fake Ollama listening on {fake.url} (latency {fake.latency:g} s, parallel {fake.parallel or 'any'}, "
-          f"models {', '.join(fake.models)})",
-          flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, stop.set)
-    await stop.wait()
-    assert fake._runner is not None
-    await fake._runner.cleanup()
-    sock.close()
-
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fake Ollama server for tests and benchmarks (loopback).")
@@ -542,7 +462,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fake = FakeOllama(host=args.host, port=args.port, models=args.model or ["llama3"], latency=args.latency,
                       parallel=args.parallel, max_queue=args.max_queue)
-    asyncio.run(_serve_forever(fake))
+    asyncio.run(fake.serve(lambda: print(
+        f"fake Ollama listening on {fake.url} (latency {fake.latency:g} s, parallel {fake.parallel or 'any'}, "
+        f"models {', '.join(fake.models)})", flush=True)))
     return 0
 
 

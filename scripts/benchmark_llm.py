@@ -33,7 +33,7 @@ from async_llm_wrapper import create_async_llm_client  # noqa: E402
 from classifier import ConversationClassifier  # noqa: E402
 from config import load_settings  # noqa: E402
 from error_handler import LLMError  # noqa: E402
-from utils.batch_file_manager import atomic_write_text  # noqa: E402
+from utils.atomic_files import atomic_write_text  # noqa: E402
 from utils.embedded_llm import LlamaServer  # noqa: E402
 
 SAMPLE = ROOT / "data" / "sample_conversations.json"

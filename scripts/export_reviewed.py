@@ -45,7 +45,7 @@ from logger import configure_logging
 from mongo_client import storage_error, sync_database
 from prompt_builder import load_taxonomy
 from reviews import effective_labels, review_is_current, reviewed_labels
-from utils.batch_file_manager import atomic_write_text
+from utils.atomic_files import atomic_write_text
 from utils.command_line import command_parser
 
 logger = logging.getLogger("export_reviewed")

@@ -39,7 +39,7 @@ from prompt_builder import load_taxonomy
 from scripts.evaluate import build_report, load_labelled, run_direct
 from scripts.llama_server import LlamaServer
 from scripts.tables import Column, markdown_table
-from utils.batch_file_manager import atomic_write_text
+from utils.atomic_files import atomic_write_text
 from utils.command_line import command_parser, positive_int
 
 ROOT = Path(__file__).resolve().parents[1]

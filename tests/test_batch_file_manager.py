@@ -1,4 +1,4 @@
-"""Unit tests of utils/batch_file_manager.py: atomic writes, batch files, retry queues, checkpoint, lock."""
+"""Unit tests of utils/batch_file_manager.py: batch files, checkpoint, lock (retry queues: test_retry_queue.py)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,12 @@ import pytest
 from bson import ObjectId
 
 from error_handler import EXIT_CONFIG, BatchFileError, BatchFolderError
+from utils.atomic_files import atomic_write_json, read_json
 from utils.batch_file_manager import (
     BatchConversation,
     BatchFileManager,
     Checkpoint,
     PendingBatch,
-    RetryEntry,
-    atomic_write_json,
-    read_json,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,64 +38,6 @@ def _conversation(oid: str, number: int) -> BatchConversation:
         created_at="2025-09-24T10:30:00Z",
     )
 
-
-# --- atomic_write_json / read_json ------------------------------------------------------------
-
-
-def test_atomic_write_round_trips_and_leaves_no_temp_file(tmp_path: Path) -> None:
-    path = tmp_path / "data.json"
-    data = {"a": 1, "b": [1, 2, {"c": "é"}], "d": None}
-    atomic_write_json(path, data)
-    assert read_json(path) == data
-    assert json.loads(path.read_text(encoding="utf-8")) == data  # plain JSON for plain data
-    atomic_write_json(path, {"replaced": True})
-    assert read_json(path) == {"replaced": True}
-    assert _temp_files(tmp_path) == []
-
-
-def test_atomic_write_of_unserializable_data_keeps_the_old_file(tmp_path: Path) -> None:
-    path = tmp_path / "data.json"
-    atomic_write_json(path, {"version": 1})
-    before = path.read_bytes()
-    with pytest.raises(BatchFileError) as raised:
-        atomic_write_json(path, {"version": 2, "bad": object()})
-    assert str(path) in raised.value.message
-    assert path.read_bytes() == before
-    assert _temp_files(tmp_path) == []
-
-
-def test_atomic_write_that_cannot_replace_the_target_cleans_up(tmp_path: Path) -> None:
-    # The target is a non-empty directory: the temporary file is written, os.replace fails.
-    # (Works as root too, unlike a read-only folder.)
-    target = tmp_path / "batch_001_pending.json"
-    target.mkdir()
-    (target / "keep.txt").write_text("old")
-    with pytest.raises(BatchFileError) as raised:
-        atomic_write_json(target, {"new": True})
-    assert raised.value.hint
-    assert (target / "keep.txt").read_text() == "old"
-    assert _temp_files(tmp_path) == []
-
-
-
-def test_objectid_and_datetime_round_trip_as_extended_json(tmp_path: Path) -> None:
-    path = tmp_path / "ext.json"
-    oid = ObjectId()
-    data = {"_id": oid, "nested": {"when": PROCESSED_AT, "ids": [oid]}}
-    atomic_write_json(path, data)
-    raw = json.loads(path.read_text(encoding="utf-8"))
-    assert raw["_id"] == {"$oid": str(oid)}
-    assert "$date" in raw["nested"]["when"]
-    loaded = read_json(path)
-    assert loaded == data
-    assert isinstance(loaded["_id"], ObjectId)
-    assert loaded["nested"]["when"].tzinfo is not None
-
-
-def test_read_json_of_a_missing_file_is_a_batch_file_error(tmp_path: Path) -> None:
-    with pytest.raises(BatchFileError) as raised:
-        read_json(tmp_path / "nope.json")
-    assert "nope.json" in raised.value.message
 
 
 # --- pending batches --------------------------------------------------------------------------
@@ -128,7 +68,7 @@ def test_pending_batch_round_trip_and_file_layout(tmp_path: Path) -> None:
     loaded = files.load_pending(1)
     assert loaded == batch
     assert loaded.batch_id == "batch_001"
-    assert loaded.first_object_id == first
+    assert loaded.conversations[0].source_id == first
 
 
 def test_next_batch_number_continues_after_any_kind_of_batch_file(tmp_path: Path) -> None:
@@ -232,56 +172,7 @@ def test_a_pending_file_changed_after_listing_is_read_again(tmp_path: Path) -> N
     files.write_pending(PendingBatch(1, "job", [_conversation("a", 1)]))
     assert files.pending_numbers() == [1]
     files.write_pending(PendingBatch(1, "job", [_conversation("b", 1), _conversation("c", 2)]))
-    assert [c.object_id for c in files.load_pending(1).conversations] == ["b", "c"]
-
-
-def test_a_retry_queue_with_a_torn_last_line_keeps_the_rest(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    files.save_retry_queue(1, [_llm_failed("a"), _write_failed("b")])
-    path = files.path(1, "retry_queue")
-    with open(path, "ab") as f:
-        f.write(b'{"op": "put", "entry": {"conversation_id": "c", "sta')  # a crash mid-append
-    original = path.read_bytes()
-    reader = BatchFileManager(tmp_path)
-    assert [e.conversation_id for e in reader.load_retry_queue(1)] == ["a", "b"]
-    assert (tmp_path / "quarantine" / path.name).read_bytes() == original
-    assert "cut short" in caplog.text and path.name in caplog.text
-    reader.add_retry_entry(1, _llm_failed("d"))  # appends after a clean line again
-    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["a", "b", "d"]
-
-
-def test_a_journal_whose_entries_were_all_resolved_is_removed_on_reading(tmp_path: Path) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    path = files.path(1, "retry_queue")
-    path.write_text(f'{{"op": "put", "entry": {json.dumps(_llm_failed("a").to_json())}}}\n'
-                    '{"op": "remove", "conversation_id": "a"}\n')  # a crash before the last resolve removed it
-    assert BatchFileManager(tmp_path).retry_queue_numbers() == []
-    assert not path.exists()
-
-
-def test_a_retry_queue_with_a_damaged_line_keeps_the_readable_entries(tmp_path: Path) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    files.save_retry_queue(1, [_llm_failed("a"), _llm_failed("b"), _llm_failed("c")])
-    path = files.path(1, "retry_queue")
-    lines = path.read_bytes().split(b"\n")
-    lines[1] = b"\x00garbage"
-    path.write_bytes(b"\n".join(lines))
-    reader = BatchFileManager(tmp_path)
-    assert reader.retry_queue_numbers() == [1]
-    assert [e.conversation_id for e in reader.load_retry_queue(1)] == ["a", "c"]
-    assert (tmp_path / "quarantine" / path.name).exists()
-
-
-def test_an_unreadable_legacy_retry_queue_is_quarantined(tmp_path: Path) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    legacy = tmp_path / "batch_003_retry_queue.json"
-    legacy.write_text('[{"conversation_id": "a", "sta')
-    assert files.retry_queue_numbers() == []
-    assert (tmp_path / "quarantine" / legacy.name).read_text() == '[{"conversation_id": "a", "sta'
+    assert [c.source_id for c in files.load_pending(1).conversations] == ["b", "c"]
 
 
 def test_a_damaged_checkpoint_or_target_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
@@ -292,7 +183,7 @@ def test_a_damaged_checkpoint_or_target_is_quarantined(tmp_path: Path, caplog: p
     assert files.load_checkpoint() is None
     assert (tmp_path / "quarantine" / "checkpoint.json").exists()
     (tmp_path / "target.json").write_text('{"target": "mongodb://loc')
-    files.claim("mongodb://localhost:27017 db.a -> b")
+    files.tie_to("mongodb://localhost:27017 db.a -> b")
     assert (tmp_path / "quarantine" / "target.json").exists()
     assert read_json(tmp_path / "target.json")["target"] == "mongodb://localhost:27017 db.a -> b"
     assert "checkpoint.json" in caplog.text and "target.json" in caplog.text
@@ -305,185 +196,6 @@ def test_pending_file_without_conversations_is_a_batch_file_error(tmp_path: Path
     with pytest.raises(BatchFileError) as raised:
         files.load_pending(1)
     assert "batch_001_pending.json" in raised.value.message
-
-
-# --- retry queues -----------------------------------------------------------------------------
-
-
-def _llm_failed(conversation_id: str) -> RetryEntry:
-    return RetryEntry(
-        conversation_id=conversation_id,
-        status="llm_failed",
-        conversation_data={"conversation_number": "1", "tweets": [{"text": "help"}]},
-        reason="Ollama did not answer within 120 s",
-        error_type="llm_timeout",
-        retry_count=1,
-    )
-
-
-def _write_failed(conversation_id: str) -> RetryEntry:
-    return RetryEntry(
-        conversation_id=conversation_id,
-        status="write_failed",
-        conversation_data={"conversation_number": "2", "tweets": [{"text": "refund"}]},
-        reason="MongoDB result write failed",
-        error_type="storage_unavailable",
-        classification_result={"intent": "Complaint", "topic": "Service Quality", "sentiment": "Negative",
-                               "categorization": "refund request"},
-        processing_metadata={"processed_at": PROCESSED_AT, "model_used": "llama3",
-                             "processing_duration_ms": 45000, "batch_job_id": "batch_20250924_103000"},
-    )
-
-
-def _journal_lines(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-
-
-def test_retry_queue_round_trip_with_both_states(tmp_path: Path) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    entries = [_llm_failed(str(ObjectId())), _write_failed(str(ObjectId()))]
-    files.save_retry_queue(4, entries)
-
-    lines = _journal_lines(tmp_path / "batch_004_retry_queue.jsonl")
-    assert [line["op"] for line in lines] == ["put", "put"]
-    raw = [line["entry"] for line in lines]
-    assert raw[0]["status"] == "llm_failed"
-    assert raw[0]["classification_result"] is None
-    assert raw[1]["status"] == "write_failed"
-    assert raw[1]["classification_result"]["intent"] == "Complaint"
-    for entry in raw:
-        assert {"conversation_id", "status", "classification_result", "conversation_data", "retry_count",
-                "failed_at"} <= entry.keys()
-    # A write_failed entry keeps what its retry needs: the paid classification, not the conversation.
-    assert raw[1]["conversation_data"] == {"conversation_number": "2"}
-    assert raw[0]["conversation_data"] == entries[0].conversation_data
-
-    for reader in (files, BatchFileManager(tmp_path)):  # from memory, and from the file
-        loaded = reader.load_retry_queue(4)
-        assert loaded[0] == entries[0]
-        assert loaded[1].conversation_data == {"conversation_number": "2"}
-        assert loaded[1].classification_result == entries[1].classification_result
-        assert loaded[1].processing_metadata is not None
-        assert loaded[1].processing_metadata["processed_at"] == PROCESSED_AT
-        assert isinstance(loaded[1].processing_metadata["processed_at"], datetime)
-
-
-def test_retry_queue_changes_are_appended_and_replayed(tmp_path: Path) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    a, b, c = _llm_failed("a"), _llm_failed("b"), _write_failed("c")
-    files.save_retry_queue(1, [a, b])
-    b.retry_count = 2
-    b.reason = "still down"
-    files.save_retry_queue(1, [a, b, c])
-    files.save_retry_queue(1, [b, c])
-    files.save_retry_queue(1, [b, c])  # nothing changed: nothing written
-    lines = _journal_lines(files.path(1, "retry_queue"))
-    assert [line["op"] for line in lines] == ["put", "put", "set", "put", "remove"]
-    assert lines[2] == {"op": "set", "conversation_id": "b", "fields": {"reason": "still down", "retry_count": 2}}
-    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["b", "c"]
-    assert BatchFileManager(tmp_path).load_retry_queue(1)[0].retry_count == 2
-
-    # The explicit operations do the same, one line each.
-    files.update_retry_entry(1, RetryEntry(**{**b.to_json(), "retry_count": 3}))
-    files.remove_retry_entry(1, "c")
-    files.add_retry_entry(1, _llm_failed("d"))
-    assert [line["op"] for line in _journal_lines(files.path(1, "retry_queue"))][-3:] == ["set", "remove", "put"]
-    reread = BatchFileManager(tmp_path).load_retry_queue(1)
-    assert [(e.conversation_id, e.retry_count) for e in reread] == [("b", 3), ("d", 1)]
-    files.remove_retry_entry(1, "b")
-    files.remove_retry_entry(1, "d")
-    assert not files.path(1, "retry_queue").exists()
-    assert files.retry_queue_numbers() == []
-
-
-def _bytes_written() -> int:
-    """Bytes this process has passed to write() so far (Linux /proc accounting)."""
-    for line in Path("/proc/self/io").read_text().splitlines():
-        if line.startswith("wchar:"):
-            return int(line.split()[1])
-    raise AssertionError("no wchar in /proc/self/io")
-
-
-def test_a_growing_retry_queue_writes_bytes_in_proportion_to_its_changes(tmp_path: Path) -> None:
-    # Regression: the queue was rewritten whole on each change; 300 failures of 4 KB wrote ~200 MB.
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    entries: list[RetryEntry] = []
-    start = _bytes_written()
-    for i in range(300):  # the batch processor's way: append, save the whole list
-        entry = _llm_failed(f"conversation-{i}")
-        entry.conversation_data = {"conversation_number": str(i), "tweets": [{"text": "x" * 4096}]}
-        entries.append(entry)
-        files.save_retry_queue(1, entries)
-    for entry in entries:  # a retry pass counts a failed attempt for each
-        entry.retry_count += 1
-    files.save_retry_queue(1, entries)
-    while entries:  # then they are resolved one by one
-        entries.pop(0)
-        files.save_retry_queue(1, entries)
-    written = _bytes_written() - start
-    payload = 300 * 4096
-    assert written < 4 * payload, f"{written} bytes written for {payload} bytes of queued conversations"
-    assert not files.path(1, "retry_queue").exists()
-
-
-def test_the_journal_is_compacted_when_dead_lines_dominate(tmp_path: Path) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    keep = _llm_failed("keep")
-    files.add_retry_entry(1, keep)
-    for i in range(200):
-        entry = _llm_failed(f"gone-{i}")
-        entry.conversation_data = {"conversation_number": str(i), "tweets": [{"text": "y" * 2048}]}
-        files.add_retry_entry(1, entry)
-        files.remove_retry_entry(1, entry.conversation_id)
-    path = files.path(1, "retry_queue")
-    assert path.stat().st_size < 2 * 2048 + 64 * 1024 + 4096  # not 200 dead entries
-    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(1)] == ["keep"]
-
-
-def test_a_legacy_retry_queue_list_is_read_and_migrated(tmp_path: Path) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    legacy = tmp_path / "batch_002_retry_queue.json"
-    atomic_write_json(legacy, [_llm_failed("a").to_json(), _write_failed("b").to_json()])
-    assert files.retry_queue_numbers() == [2]
-    assert [e.conversation_id for e in files.load_retry_queue(2)] == ["a", "b"]
-    files.remove_retry_entry(2, "a")
-    assert not legacy.exists()
-    assert [e.conversation_id for e in BatchFileManager(tmp_path).load_retry_queue(2)] == ["b"]
-
-
-def test_saving_an_empty_retry_queue_deletes_the_file(tmp_path: Path) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    files.save_retry_queue(1, [_llm_failed("a")])
-    assert files.path(1, "retry_queue").exists()
-    files.save_retry_queue(1, [])
-    assert not files.path(1, "retry_queue").exists()
-    assert files.load_retry_queue(1) == []
-    files.save_retry_queue(2, [])  # nothing to delete: no error
-    assert files.retry_queue_numbers() == []
-
-
-def test_retry_queue_numbers(tmp_path: Path) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    files.save_retry_queue(12, [_write_failed("c")])
-    files.save_retry_queue(3, [_llm_failed("a"), _write_failed("b")])
-    files.write_pending(PendingBatch(5, "job", [_conversation("d", 1)]))
-    assert files.retry_queue_numbers() == [3, 12]
-
-
-def test_legacy_retry_queue_that_is_not_a_list_is_quarantined(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    files = BatchFileManager(tmp_path)
-    files.prepare()
-    atomic_write_json(tmp_path / "batch_001_retry_queue.json", {"conversation_id": "a"})
-    assert files.load_retry_queue(1) == []
-    assert (tmp_path / "quarantine" / "batch_001_retry_queue.json").exists()
-    assert "batch_001_retry_queue.json" in caplog.text and "must hold a JSON list" in caplog.text
 
 
 # --- checkpoint -------------------------------------------------------------------------------

@@ -26,10 +26,14 @@ from bson import ObjectId
 import cli
 import error_handler
 from aggregator import content_hash, validate_conversation
+from batch_outcome import Outcome
+from batch_processor import BatchProcessor
 from config import Settings, env_name
 from fakes.ollama import ErrorReply, FakeOllama, Reply, last_user_content
+from retry_policy import Attempts, Decision, RetryPolicy, Verdict
 from tests.net_helpers import free_port
-from utils.batch_file_manager import BatchFileManager, RetryJournal
+from utils.batch_file_manager import BatchFileManager
+from utils.retry_queue import RetryQueue
 
 ROOT = Path(__file__).resolve().parents[1]
 APP_NAME = "support-classifier-batch"
@@ -75,9 +79,9 @@ def results_per_source(db: Any) -> dict[Any, int]:
 
 def queue_entries(path: Path) -> list[dict[str, Any]]:
     """The live entries of a retry-queue journal, as stored."""
-    journal = RetryJournal(path)
-    journal.load()
-    return list(journal.live.values())
+    queue = RetryQueue(path)
+    queue.load()
+    return [entry.to_json() for entry in queue]
 
 
 def batch_files(directory: Path) -> list[str]:
@@ -236,9 +240,9 @@ def test_llm_failures_are_retried_queued_and_finally_marked_failed(batch_env, fi
     [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
     [entry] = queue_entries(queue)
     assert entry["status"] == "llm_failed"
-    assert entry["conversation_id"] == bad  # the BSON value, kept through Extended JSON
+    assert entry["source_id"] == bad  # the BSON value, kept through Extended JSON
     assert entry["retry_count"] == 1
-    assert entry["classification_result"] is None
+    assert entry["result"] is None
     assert "HTTP 500" in entry["reason"]
     assert entry["conversation_data"]["conversation_number"] == "5009"
     assert mongo_db[SOURCE].find_one({"_id": bad})["status"] == "processing"
@@ -264,6 +268,31 @@ def test_llm_failures_are_retried_queued_and_finally_marked_failed(batch_env, fi
     assert results_per_source(mongo_db)[bad] == 1
 
 
+def test_a_retry_policy_passed_in_decides_the_tiers(batch_env, monkeypatch, mongo_db, fake_ollama, caplog):
+    # The retry policy is the processor's to be given (retry_policy.py): this one never retries a call in
+    # place and asks for a pause before the queue's pass. One 500 answer: queued, paused, then written.
+    class QueueAtOnce(RetryPolicy):
+        def decide(self, outcome: Outcome, attempts: Attempts, error: BaseException | None = None) -> Decision:
+            if attempts.calls is not None:
+                return Decision(Verdict.GIVE_UP)  # no in-place retry
+            return super().decide(outcome, attempts, error)
+
+    class WithPolicy(BatchProcessor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs, policy=QueueAtOnce(queue_passes=2, queue_after_seconds=0.3))
+
+    monkeypatch.setattr(cli, "BatchProcessor", WithPolicy)
+    fake_ollama.enqueue(ErrorReply(500, "llama runner process has terminated"))
+    insert(mongo_db, [make_conversation(1)])
+
+    assert cli.main([]) == cli.EXIT_OK
+
+    assert fake_ollama.chat_count == 2  # the failed call was not retried in place: once more in the pass
+    assert "queued for retry (llm_failed)" in caplog.text  # (the default policy retries it in place)
+    assert "queued conversations are retried in 0.3 s" in caplog.text
+    assert statuses(mongo_db) == {"processed": 1}
+
+
 def test_unusable_model_output_is_queued_as_llm_failed(batch_env, files_dir, mongo_db, fake_ollama):
     fake_ollama.responder = lambda request: (
         Reply(content="I think this customer is upset.") if "GARBLED" in last_user_content(request) else None
@@ -287,9 +316,9 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     [queue] = list(files_dir.glob("batch_*_retry_queue.jsonl"))
     entries = queue_entries(queue)
     assert {e["status"] for e in entries} == {"write_failed"}
-    assert sorted(str(e["conversation_id"]) for e in entries) == sorted(str(i) for i in ids)
-    assert all(isinstance(e["conversation_id"], ObjectId) for e in entries)  # the BSON type survives
-    assert all(e["classification_result"]["intent"] for e in entries)
+    assert sorted(str(e["source_id"]) for e in entries) == sorted(str(i) for i in ids)
+    assert all(isinstance(e["source_id"], ObjectId) for e in entries)  # the BSON type survives
+    assert all(e["result"]["classification"]["intent"] for e in entries)  # the result whose write failed
     assert all("Document failed validation" in e["reason"] for e in entries)
     capsys.readouterr()
 
@@ -298,7 +327,7 @@ def test_write_failures_land_later_without_a_second_llm_call(batch_env, files_di
     assert fake_ollama.chat_count == 5  # written from the queue, the LLM was not asked again
     assert results_per_source(mongo_db) == {i: 1 for i in ids}
     stored = {r["source_conversation_id"]: r["classification"] for r in mongo_db[RESULTS].find()}
-    assert stored == {e["conversation_id"]: e["classification_result"] for e in entries}
+    assert stored == {e["source_id"]: e["result"]["classification"] for e in entries}
     assert statuses(mongo_db) == {"processed": 5}
     assert not list(files_dir.glob("batch_*_retry_queue.jsonl"))
 
@@ -902,7 +931,7 @@ def test_a_job_whose_model_answers_are_mostly_unusable_stops_and_leaves_the_rest
 
 
 def test_failure_window_counts_model_failures_over_the_last_n():
-    from batch_processor import FailureWindow
+    from batch_recorder import FailureWindow
 
     window = FailureWindow(4, 0.25)
     assert not window.record(("llm_bad_output", "x"))

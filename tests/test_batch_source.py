@@ -14,7 +14,6 @@ from typing import Any
 from batch_source import BatchReader, OthersClaims
 from config import load_settings
 from utils.batch_file_manager import BatchFileManager
-from utils.progress import ProgressTracker
 
 
 class LeaseExpiresBetweenQueries:
@@ -47,11 +46,13 @@ async def read_all(tmp_path: Path) -> tuple[list[Any], LeaseExpiresBetweenQuerie
     source = LeaseExpiresBetweenQueries()
     files = BatchFileManager(tmp_path)
     files.prepare()
-    reader = BatchReader(settings, source, files, ProgressTracker("job_test"),  # type: ignore[arg-type]
-                         asyncio.Event())
+    async def pause(seconds: float) -> bool:
+        return True
+
+    reader = BatchReader(settings, source, files, pause)  # type: ignore[arg-type]
     read = []
     async for _state, todo in reader.claimed(None):
-        read.extend(c.object_id for c in todo)
+        read.extend(c.source_id for c in todo)
     return read, source
 
 

@@ -42,7 +42,8 @@ from tests.test_batch_processor import (
     pymongo_monitor_socket_leak_ignored,
     statuses,
 )
-from utils.batch_file_manager import BatchConversation, BatchFileManager, PendingBatch, read_json
+from utils.atomic_files import read_json
+from utils.batch_file_manager import BatchConversation, BatchFileManager, PendingBatch
 from utils.command_line import free_port, positive_float, positive_int
 
 # The batch processor's fixtures: this test's database, fake Ollama and batch files folder.

@@ -144,6 +144,22 @@ def test_record_requeue_resolved_moves_a_queued_conversation() -> None:
     assert tracker.processed == 6  # unchanged by the moves
 
 
+def test_record_resolved_counts_each_resting_state_once() -> None:
+    tracker = ProgressTracker("job", total=10, clock=FakeClock())
+    tracker.record_queued()  # two conversations queued for retry in this job
+    tracker.record_queued()
+    tracker.record_resolved("success", was_queued=True)  # left the queue: a success now
+    tracker.record_resolved("skipped", was_queued=True)  # left the queue some other way
+    assert (tracker.successful, tracker.skipped, tracker.queued_for_retry) == (1, 1, 0)
+    tracker.record_resolved("failed", was_queued=False)
+    tracker.record_resolved("already_classified", was_queued=False)  # not this job's work: out of the total
+    tracker.record_resolved("lost_claim", was_queued=False)
+    assert (tracker.failed, tracker.already_classified, tracker.lost_claims, tracker.total) == (1, 1, 1, 8)
+    assert tracker.processed == 3
+    with pytest.raises(ValueError, match="unknown resting state"):
+        tracker.record_resolved("queued", was_queued=False)
+
+
 # --- monitoring modes -------------------------------------------------------------------------
 
 

@@ -2,7 +2,7 @@
 mongo_client.storage_error (which driver errors are transient).
 
 Pure logic: real exception objects (our own and PyMongo's, constructed directly) and tenacity's
-own RetryCallState. The circuit breaker's tests are in tests/test_circuit_breaker.py.
+own loop. The circuit breaker's tests are in tests/test_circuit_breaker.py.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pymongo.errors import (
     ServerSelectionTimeoutError,
     WriteError,
 )
-from tenacity import AsyncRetrying, RetryCallState
+from tenacity import AsyncRetrying
 
 from error_handler import (
     InputError,
@@ -33,7 +33,7 @@ from error_handler import (
     StorageUnavailableError,
 )
 from mongo_client import is_transient_mongo_error, storage_error
-from utils.retry_utils import is_transient, retrying
+from utils.retry_utils import backoff, is_transient, retrying
 
 # --- the retry decision: .transient ----------------------------------------------------------
 
@@ -106,28 +106,20 @@ def test_storage_error_for_a_permanent_server_error() -> None:
     assert is_transient(wrapped) is False
 
 
-# --- backoff: tenacity's wait_exponential_jitter ------------------------------------------------
-
-
-def _retry_state(attempt_number: int) -> RetryCallState:
-    """A RetryCallState built the way tenacity builds one, at the given attempt."""
-    state = RetryCallState(retry_object=AsyncRetrying(), fn=None, args=(), kwargs={})
-    state.attempt_number = attempt_number
-    return state
+# --- backoff ------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(("base", "nominal"), [(2.0, [2.0, 4.0, 8.0]), (1.0, [1.0, 2.0, 4.0])])
 def test_the_llm_delays_are_2_4_8_and_the_mongodb_delays_1_2_4_plus_jitter(base: float, nominal: list[float]) -> None:
-    wait = retrying("x", max_retries=3, base_delay=base).wait
-    for attempt, delay in enumerate(nominal, 1):
-        delays = [wait(_retry_state(attempt)) for _ in range(300)]
+    for calls, delay in enumerate(nominal, 1):
+        delays = [backoff(calls, base) for _ in range(300)]
         assert all(delay <= d <= delay + base for d in delays)
         assert min(delays) < delay + base / 2 < max(delays)  # the jitter is really applied
+        assert backoff(calls, base, jitter=lambda low, high: high) == delay + base
 
 
 def test_delay_is_capped_at_the_maximum() -> None:
-    wait = retrying("x", max_retries=20, base_delay=2.0).wait
-    assert max(wait(_retry_state(10)) for _ in range(100)) <= 60.0
+    assert max(backoff(10, 2.0) for _ in range(100)) <= 60.0
 
 
 # --- retrying() -------------------------------------------------------------------------------

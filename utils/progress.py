@@ -23,7 +23,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
-from utils.batch_file_manager import atomic_write_json
+from utils.atomic_files import atomic_write_json
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -119,6 +119,30 @@ class ProgressTracker:
 
     def record_lost_claim(self) -> None:
         self.lost_claims += 1
+
+    def record_resolved(self, kind: str, *, was_queued: bool) -> None:
+        """A conversation of the job reached a resting state ``kind`` (``success``, ``failed``,
+        ``skipped``, ``already_classified``, ``lost_claim``); ``was_queued``: it was counted as queued
+        for retry in this job. Already classified and lost claims are not this job's work: out of the total."""
+        if was_queued and kind in ("success", "failed"):
+            self.record_requeue_resolved(kind == "success")
+            return
+        if was_queued:
+            self.queued_for_retry -= 1
+        if kind == "success":
+            self.record_success()
+        elif kind == "failed":
+            self.record_failed()
+        elif kind == "skipped":
+            self.record_skipped()
+        elif kind in ("already_classified", "lost_claim"):
+            if kind == "already_classified":
+                self.record_already_classified(1)
+            else:
+                self.record_lost_claim()
+            self.add_total(-1)
+        else:
+            raise ValueError(f"unknown resting state {kind!r}")
 
     def rate(self) -> float:
         """Conversations resolved per second over the last minute (or since the start)."""

@@ -86,7 +86,8 @@ async def _baseline(uri: str, database: str, concurrency: int, batch_size: int) 
     """The processor's MongoDB reads and writes and nothing else; returns (conversations, seconds)."""
     from pymongo import ASCENDING, AsyncMongoClient
 
-    from batch_processor import BATCH_LOOKAHEAD, PROCESSOR_VERSION
+    from batch_processor import BATCH_LOOKAHEAD
+    from batch_worker import PROCESSOR_VERSION
     from mongo_client import SOURCE_INDEXES, STATUS_PROCESSED, STATUS_PROCESSING, result_indexes, unprocessed_filter
     from prompt_builder import load_taxonomy
 

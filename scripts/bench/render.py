@@ -19,7 +19,7 @@ from scripts.bench.harness import (
 )
 from scripts.bench.results import SectionResult
 from scripts.tables import Column, console_table, markdown_table
-from utils.batch_file_manager import atomic_write_text
+from utils.atomic_files import atomic_write_text
 
 RUN_HEADING = re.compile(r"^## Run: ", re.MULTILINE)
 
