@@ -87,6 +87,34 @@ class Server:
     failed: int = 0  # calls that failed against the server
     last_error: str | None = None  # the last failure's message, for the error when none can be called
 
+    # The counters change only here: a call is taken (in flight) and finished (answered or failed).
+    def take(self) -> bool | None:
+        """Take a call if the breaker lets one through: whether it is the probe; None while paused."""
+        probe = self.breaker.try_acquire()
+        if probe is not None:
+            self.in_flight += 1
+        return probe
+
+    def take_early_probe(self) -> bool:
+        """Take a call as the probe before the pause is over (every server left is paused)."""
+        if not self.breaker.probe_early():
+            return False
+        self.in_flight += 1
+        return True
+
+    def finish(self, probe: bool, error: BaseException | None) -> None:
+        """Record how a call taken by :meth:`take` or :meth:`take_early_probe` ended: the counters, the breaker."""
+        self.in_flight -= 1
+        if error is None or isinstance(error, LLMOutputError):
+            self.answered += 1
+            self.breaker.record_success()  # the server answered; a bad answer is the model's fault
+        elif counts_against_server(error):
+            self.failed += 1
+            self.last_error = str(error)
+            self.breaker.record_failure(error)
+        elif probe:  # cancelled, or a bug: no verdict, but the next caller may probe at once
+            self.breaker.cancel_probe()
+
 
 @dataclass(frozen=True)
 class ServerStatus:
@@ -154,9 +182,8 @@ class _Routing:
             server = self.servers[i]
             if server in tried:
                 continue
-            probe = server.breaker.try_acquire()
+            probe = server.take()
             if probe is not None:
-                server.in_flight += 1
                 return server, probe
         # Every server left is paused. Rather than refuse, probe the one whose pause ends first: a
         # server that came back answers at once (no blackout of CIRCUIT_BREAKER_RECOVERY_SECONDS for
@@ -165,23 +192,13 @@ class _Routing:
         paused = [s for s in self.servers if s not in tried and s.breaker.state is CircuitState.OPEN]
         if paused:
             server = min(paused, key=lambda s: s.breaker.seconds_until_probe())
-            if server.breaker.probe_early():
-                server.in_flight += 1
+            if server.take_early_probe():
                 return server, True
         return None
 
     def release(self, server: Server, probe: bool, error: BaseException | None) -> None:
         """Record the outcome of a call on ``server``: its breaker, its counters, the observer."""
-        server.in_flight -= 1
-        if error is None or isinstance(error, LLMOutputError):
-            server.answered += 1
-            server.breaker.record_success()  # the server answered; a bad answer is the model's fault
-        elif counts_against_server(error):
-            server.failed += 1
-            server.last_error = str(error)
-            server.breaker.record_failure(error)
-        elif probe:  # cancelled, or a bug: no verdict, but the next caller may probe at once
-            server.breaker.cancel_probe()
+        server.finish(probe, error)
         if self.observer is not None:
             if error is None or isinstance(error, LLMOutputError):
                 self.observer.record()  # a finished call: throughput

@@ -134,6 +134,11 @@ class _CurrentStderr:
         sys.stderr.flush()
 
 
+class ProjectHandler(logging.StreamHandler):
+    """The handler :func:`configure_logging` installs: its class marks it, so a second call finds
+    and replaces it (and leaves handlers others installed, such as pytest's)."""
+
+
 def configure_logging(level: str = "INFO", *, stream: TextIO | None = None) -> None:
     """Send log records to ``stream`` (stderr) in the project's structured line format.
 
@@ -141,11 +146,10 @@ def configure_logging(level: str = "INFO", *, stream: TextIO | None = None) -> N
     """
     root = logging.getLogger()
     for handler in list(root.handlers):
-        if getattr(handler, "_classifier_handler", False):
+        if isinstance(handler, ProjectHandler):
             root.removeHandler(handler)
-    handler = logging.StreamHandler(stream or _CurrentStderr())
+    handler = ProjectHandler(stream or _CurrentStderr())
     handler.setFormatter(OneLineFormatter(LOG_FORMAT))
-    handler._classifier_handler = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level.upper())
     # At DEBUG everything speaks; otherwise the libraries only report problems.

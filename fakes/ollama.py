@@ -262,14 +262,9 @@ class FakeOllama(LoopbackServer):
         return self.chat_count >= count
 
     # --- HTTP handlers ------------------------------------------------------------------
-    def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_get("/", self._root)
-        app.router.add_get("/api/version", self._version)
-        app.router.add_get("/api/tags", self._tags)
-        app.router.add_post("/api/chat", self._chat)
-        app.router.add_post("/api/embed", self._embed)
-        return app
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/", self._root), web.get("/api/version", self._version), web.get("/api/tags", self._tags),
+                web.post("/api/chat", self._chat), web.post("/api/embed", self._embed)]
 
     def _embed_request(self, body: Any, model_ok: Callable[[str], bool]) -> tuple[int, str, list[str]]:
         """(status, error message, texts) of an embeddings request, the same checks for each provider."""

@@ -72,13 +72,9 @@ class FakeOpenAI(FakeOllama):
         """What users set LLM_ENDPOINT to."""
         return f"{self.url}/v1"
 
-    def build_app(self) -> web.Application:
-        app = web.Application(client_max_size=64 * 1024 * 1024)
-        app.router.add_get("/health", self._health)
-        app.router.add_get("/v1/models", self._models)
-        app.router.add_post("/v1/chat/completions", self._completions)
-        app.router.add_post("/v1/embeddings", self._embeddings)
-        return app
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/health", self._health), web.get("/v1/models", self._models),
+                web.post("/v1/chat/completions", self._completions), web.post("/v1/embeddings", self._embeddings)]
 
     async def _read(self, request: web.Request) -> tuple[Any, web.Response | None]:
         """The request's JSON body, or the answer to give instead (401 without the key, 400 not JSON)."""

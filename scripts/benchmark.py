@@ -66,7 +66,7 @@ from scripts.bench.render import (
 )
 from scripts.bench.results import SectionResult
 from scripts.bench.sections import SECTION_NAMES, SECTIONS, Section
-from utils.command_line import command_parser
+from utils.command_line import command_parser, non_empty_text
 
 # Exit codes (error_handler): 0 every section ran, the file and the chart are written (targets may be
 # missed); 1 a step failed (a server did not start, a run did not complete): nothing written; 2 bad
@@ -88,13 +88,6 @@ def _sections(text: str) -> list[Section]:
     return [section for section in SECTIONS if section.key in names]
 
 
-def _label(text: str) -> str:
-    text = " ".join(text.split())
-    if not text:
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "python -m scripts.benchmark",
@@ -109,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     size.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (the test suite's run)")
     parser.add_argument("--only", type=_sections, metavar="SECTION[,SECTION]",
                         help=f"run only these sections ({', '.join(SECTION_NAMES)}) [default: all]")
-    parser.add_argument("--label", type=_label, metavar="TEXT",
+    parser.add_argument("--label", type=non_empty_text, metavar="TEXT",
                         help="name of this run in the file, e.g. before / after [default: the preset's name]")
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT, metavar="FILE.md",
                         help="markdown file; earlier runs in it are kept below this one [default: docs/benchmarks.md]")

@@ -87,7 +87,7 @@ from mongo_client import STATUS_SKIPPED, storage_error, sync_database  # noqa: E
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
 from reviews import effective_label  # noqa: E402
 from scripts.tables import Column, console_table  # noqa: E402
-from utils.command_line import command_parser  # noqa: E402
+from utils.command_line import command_parser, non_empty_text  # noqa: E402
 
 if TYPE_CHECKING:
     from rich.table import Table
@@ -142,12 +142,6 @@ def _png_path(text: str) -> Path:
     return path
 
 
-def _job_id(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError("must not be empty")
-    return text.strip()
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = command_parser(
         "python -m scripts.report",
@@ -161,7 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chart", type=_png_path, metavar="FILE.png",
                         help="also write bar charts (each field stacked by the one with the fewest labels) "
                         "to this PNG file, replacing it [default: no chart]")
-    parser.add_argument("--job", type=_job_id, metavar="BATCH_JOB_ID",
+    parser.add_argument("--job", type=non_empty_text, metavar="BATCH_JOB_ID",
                         help="only the results of this batch job (processing_metadata.batch_job_id, e.g. "
                         "batch_20250924_103000, as printed by the batch processor) [default: all results]")
     parser.add_argument("--verbose", action="store_true",

@@ -45,12 +45,14 @@ def _root_logger_restored() -> Iterator[None]:
     a test's log assertions never depend on which tests ran before it."""
     import logging
 
+    from logger import ProjectHandler
+
     root = logging.getLogger()
     level, handlers = root.level, list(root.handlers)
     yield
     root.setLevel(level)
     for handler in list(root.handlers):
-        if handler not in handlers and getattr(handler, "_classifier_handler", False):
+        if handler not in handlers and isinstance(handler, ProjectHandler):
             root.removeHandler(handler)
 
 

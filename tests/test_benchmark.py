@@ -17,9 +17,10 @@ from pathlib import Path
 import pytest
 
 from scripts import benchmark
-from scripts.bench.harness import PRESETS, RUSAGE_LAUNCHER, STARTED_PROCESSES, port_open
+from scripts.bench.harness import PRESETS, RUSAGE_LAUNCHER, STARTED_PROCESSES
 from scripts.bench.processors import FAKETIME
 from scripts.bench.render import render_run, write_markdown
+from utils.child_process import accepts_connections
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -132,7 +133,7 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
     for name, pid, port in started:
         assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) is still there"
         if port is not None:
-            assert not port_open(port), f"{name} still listens on {port}"
+            assert not accepts_connections(port), f"{name} still listens on {port}"
 
 
 def test_a_second_run_is_written_above_the_first(tmp_path):

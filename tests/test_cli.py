@@ -44,7 +44,7 @@ from tests.test_batch_processor import (
 )
 from utils.atomic_files import read_json
 from utils.batch_file_manager import BatchConversation, BatchFileManager, PendingBatch
-from utils.command_line import free_port, positive_float, positive_int
+from utils.command_line import free_port, non_empty_text, positive_float, positive_int
 
 # The batch processor's fixtures: this test's database, fake Ollama and batch files folder.
 batch_env = test_batch_processor.batch_env
@@ -228,6 +228,13 @@ def test_positive_numbers_accept_what_they_should() -> None:
     for text in ("0", "-1", "nan", "x"):
         with pytest.raises(argparse.ArgumentTypeError):
             positive_float(text)
+
+
+def test_non_empty_text_folds_white_space_and_refuses_none() -> None:
+    assert non_empty_text("  before\n the  fix ") == "before the fix"
+    for text in ("", "  ", "\n\t"):
+        with pytest.raises(argparse.ArgumentTypeError, match="must not be empty"):
+            non_empty_text(text)
 
 
 def test_a_bad_count_on_the_command_line_is_a_usage_error(capsys):

@@ -46,7 +46,7 @@ def test_progress_and_final_state_are_recorded(make_settings: SettingsFactory, m
             recorder.update(tracker.snapshot())
             running = await wait_for(lambda: mongo_db["jobs"].find_one({"_id": "batch_test_1", "processed": 5}))
             tracker.record_requeue_resolved(True)
-            tracker.status = "completed"
+            tracker.finish("completed")
             recorder.close(tracker.snapshot())
         return running
 
@@ -78,7 +78,7 @@ def test_a_lost_mongodb_is_logged_and_the_job_goes_on(make_settings: SettingsFac
                 tracker.record_success()
                 recorder.update(tracker.snapshot())  # hands the snapshot to the writer task, never raises
                 await asyncio.sleep(0.4)  # (a write attempt fails meanwhile)
-            tracker.status = "completed"
+            tracker.finish("completed")
             recorder.close(tracker.snapshot())
         # leaving the block: a bounded wait for the last write, which fails
 

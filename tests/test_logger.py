@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from logger import LOG_FORMAT, configure_logging, redact_url
+from logger import LOG_FORMAT, ProjectHandler, configure_logging, redact_url
 
 
 # Made-up credentials, spelled user:pass... so the repository's secret scan knows them for placeholders.
@@ -108,7 +108,7 @@ def test_configure_logging_installs_one_formatted_handler(restore_logging: None)
     first, second = io.StringIO(), io.StringIO()
     configure_logging("info", stream=first)
     configure_logging("INFO", stream=second)  # called again: replaces, does not add
-    ours = [h for h in logging.getLogger().handlers if getattr(h, "_classifier_handler", False)]
+    ours = [h for h in logging.getLogger().handlers if isinstance(h, ProjectHandler)]
     assert len(ours) == 1
     assert logging.getLogger().level == logging.INFO
 

@@ -120,7 +120,7 @@ def test_no_eta_without_a_rate_or_once_done() -> None:
     clock.now += 5
     tracker.record_success()
     assert tracker.snapshot().estimated_completion is not None
-    tracker.status = "completed"
+    tracker.finish("completed")
     snapshot = tracker.snapshot()
     assert snapshot.estimated_completion is None
     assert snapshot.percentage_complete == 10.0
@@ -129,7 +129,7 @@ def test_no_eta_without_a_rate_or_once_done() -> None:
 def test_percentage_of_an_empty_job() -> None:
     tracker = ProgressTracker("job", 0, clock=FakeClock())
     assert tracker.snapshot().percentage_complete == 0.0
-    tracker.status = "completed"
+    tracker.finish("completed")
     assert tracker.snapshot().percentage_complete == 100.0
 
 
@@ -217,7 +217,7 @@ def test_progress_files_are_written_throttled_and_closed(tmp_path: Path) -> None
         reporter.update(tracker.snapshot())
         assert json.loads(json_path.read_text(encoding="utf-8"))["processed"] == 6
     finally:
-        tracker.status = "completed"
+        tracker.finish("completed")
         reporter.close(tracker.snapshot())
 
     assert reporter._csv_file.closed
@@ -265,7 +265,7 @@ def test_structured_logger_logs_at_the_interval_and_at_the_end(caplog: pytest.Lo
         clock.now += 5
         progress_log.update(tracker.snapshot())
         assert len(_progress_messages(caplog)) == 1
-        tracker.status = "completed"
+        tracker.finish("completed")
         progress_log.close(tracker.snapshot())
     messages = _progress_messages(caplog)
     assert len(messages) == 2
@@ -286,7 +286,7 @@ def test_console_reporter_renders_counts_and_rate() -> None:
     tracker = _tracker(FakeClock())
     reporter = ConsoleProgressReporter(console)
     reporter.update(tracker.snapshot())
-    tracker.status = "completed"
+    tracker.finish("completed")
     reporter.close(tracker.snapshot())
     text = output.getvalue()
     assert "Success: 3" in text

@@ -80,11 +80,8 @@ def tiny(monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeTiny]:
 
 
 class FakeTiny(FakeOllama):
-    def build_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/ready", self._ready)
-        app.router.add_post("/generate", self._generate)
-        return app
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/ready", self._ready), web.post("/generate", self._generate)]
 
     async def _ready(self, request: web.Request) -> web.Response:
         return web.json_response({"loaded": ["llama3"]})

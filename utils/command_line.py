@@ -44,6 +44,15 @@ def positive_float(text: str) -> float:
     return value
 
 
+def non_empty_text(text: str) -> str:
+    """argparse type: text with its runs of white space folded to one space (none at either end),
+    not empty: a label or an id typed with a stray space or newline is still the same one."""
+    value = " ".join(text.split())
+    if not value:
+        raise argparse.ArgumentTypeError("must not be empty")
+    return value
+
+
 def _default_text(name: str) -> str:
     default = Settings.model_fields[name].default
     project = CONFIG_DIR.parent

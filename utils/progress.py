@@ -120,6 +120,10 @@ class ProgressTracker:
     def record_lost_claim(self) -> None:
         self.lost_claims += 1
 
+    def finish(self, status: str) -> None:
+        """The job ended: ``completed``, ``stopped`` or ``failed`` (no longer ``running``)."""
+        self.status = status
+
     def record_resolved(self, kind: str, *, was_queued: bool) -> None:
         """A conversation of the job reached a resting state ``kind`` (``success``, ``failed``,
         ``skipped``, ``already_classified``, ``lost_claim``); ``was_queued``: it was counted as queued
@@ -317,7 +321,7 @@ class ProgressReporter:
 
     def finish(self, status: str) -> ProgressSnapshot:
         """Record the job's outcome (``completed``, ``stopped``, ``failed``); the reporters show it on closing."""
-        self.tracker.status = status
+        self.tracker.finish(status)
         self._final = self.tracker.snapshot()
         return self._final
 

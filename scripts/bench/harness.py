@@ -9,7 +9,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from typing import Any
 from config import Settings, env_names
 from scripts.bench.results import fmt
 from scripts.tables import Column
+from utils.child_process import accepts_connections
 from utils.command_line import free_port
 
 # The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
@@ -90,14 +90,6 @@ PRESETS = {
 
 
 # --- subprocesses ---------------------------------------------------------------------------
-
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def clean_env(values: dict[str, str]) -> dict[str, str]:
@@ -288,7 +280,7 @@ class Context:
         process = self.processes.start("SecantusDB", command, cwd=directory, env=clean_env({}), log=log, port=port)
         client = None
         try:
-            _wait_until(lambda: port_open(port), process, "SecantusDB", log)
+            _wait_until(lambda: accepts_connections(port), process, "SecantusDB", log)
             uri = f"mongodb://127.0.0.1:{port}/"
             client = MongoClient[dict[str, Any]](uri, serverSelectionTimeoutMS=10000, tz_aware=True)
             client.admin.command("ping")
