@@ -24,14 +24,16 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator import ConversationIn, Transcript, build_transcript
-from confidence import label_confidences
+from confidence import label_confidence
 from config import Settings
 from error_handler import LLMOutputError
 from prompt_builder import (
     CATEGORIZATION,
+    AnswerFormat,
     LabelField,
     PromptBuilder,
     Taxonomy,
+    answer_format,
     label_key,
     load_few_shots,
     load_taxonomy,
@@ -69,7 +71,9 @@ class Classification(BaseModel):
     #: The label fields: field name -> label (the keys the taxonomy declares, so not declared here).
     __pydantic_extra__: dict[str, str] = Field(init=False)
 
-    categorization: str = Field(description="One line saying what the customer wants.")
+    categorization: str | None = Field(
+        description="A few words saying what the customer wants; null when the service runs with CATEGORIZATION=off."
+    )
     confidence: dict[str, Probability | None] | None = Field(
         None,
         description="Per label field, the probability of the chosen label among the field's labels (from the "
@@ -105,13 +109,18 @@ def document_label_fields(schema: dict[str, Any], taxonomy: Taxonomy) -> None:
 
 
 def with_confidence(
-    classification: Classification, chat: ChatResult, taxonomy: Taxonomy, threshold: float
+    classification: Classification, chat: ChatResult, answer: AnswerFormat, threshold: float
 ) -> Classification:
     """``classification`` with its label confidences and ``needs_review`` (below ``threshold``)."""
-    found = label_confidences(chat.logprobs, {field.name: field.names for field in taxonomy.fields})
-    if found is None:
+    if not chat.logprobs:
         return classification
-    values = {name: (round(c.confidence, 4) if c is not None else None) for name, c in found.items()}
+    values: dict[str, float | None] = {}
+    for field in answer.taxonomy.fields:
+        # Read where the model wrote the label: under the short key the schema asks for, or under the
+        # field's name (a server that ignored the schema).
+        found = (label_confidence(chat.logprobs, answer.keys[field.name], field.names)
+                 or label_confidence(chat.logprobs, field.name, field.names))
+        values[field.name] = round(found.confidence, 4) if found is not None else None
     # A label whose confidence could not be read is not "below" the threshold: it is unknown.
     needs_review = threshold > 0 and any(v is not None and v < threshold for v in values.values())
     return classification.model_copy(update={"confidence": values, "needs_review": needs_review})
@@ -150,31 +159,38 @@ def extract_json_object(content: str, keys: list[str] | None = None) -> dict[str
     raise LLMOutputError("The model's answer holds no JSON object.", answer=_preview(content))
 
 
-def parse_classification(content: str, taxonomy: Taxonomy, *, conversation_number: str = "?") -> Classification:
-    """Parse and validate the model's answer against ``taxonomy``."""
-    obj = extract_json_object(content, taxonomy.output_keys)
-    by_key = {label_key(k): v for k, v in obj.items()}
-    wrapped = by_key.get("classification")
-    if isinstance(wrapped, dict):
-        by_key = {label_key(k): v for k, v in wrapped.items()}
+def parse_classification(
+    content: str, spec: AnswerFormat | Taxonomy, *, conversation_number: str = "?"
+) -> Classification:
+    """Parse and validate the model's answer, written in ``spec``'s format (short keys, or whole names; a
+    taxonomy: its default format)."""
+    answer = answer_format(spec)
+    obj = extract_json_object(content, [*answer.keys.values(), *answer.names])
+    wrapped = next((v for k, v in obj.items() if label_key(str(k)) == "classification"), None)
+    found = answer.values(wrapped if isinstance(wrapped, dict) else obj)
 
-    values: dict[str, str] = {}
-    for key in taxonomy.output_keys:
-        value = by_key.get(label_key(key))
+    values: dict[str, Any] = {}
+    for name in answer.names:
+        value = found.get(name)
         if isinstance(value, list) and len(value) == 1:
             value = value[0]
         if not isinstance(value, str) or not value.strip():
             problem = "is missing" if value is None else f"is not a non-empty string ({value!r})"
-            raise LLMOutputError(f"The model's answer is unusable: '{key}' {problem}.", answer=_preview(content))
-        values[key] = value.strip()
+            key = answer.keys[name]
+            raise LLMOutputError(f"The model's answer is unusable: '{key}' ({name}) {problem}.",
+                                 answer=_preview(content))
+        values[name] = value.strip()
 
-    for field in taxonomy.fields:
+    for field in answer.taxonomy.fields:
         values[field.name] = _normalised_label(field, values[field.name], content, conversation_number)
 
-    categorization = " ".join(values[CATEGORIZATION].split())
-    if len(categorization) > MAX_CATEGORIZATION_CHARS:
-        categorization = categorization[: MAX_CATEGORIZATION_CHARS - 1] + "…"
-    values[CATEGORIZATION] = categorization
+    if answer.categorization:
+        categorization = " ".join(values[CATEGORIZATION].split())
+        if len(categorization) > MAX_CATEGORIZATION_CHARS:
+            categorization = categorization[: MAX_CATEGORIZATION_CHARS - 1] + "…"
+        values[CATEGORIZATION] = categorization
+    else:
+        values[CATEGORIZATION] = None
     return Classification(**values)
 
 
@@ -217,6 +233,7 @@ class ConversationClassifier:
     def __init__(self, taxonomy: Taxonomy, prompt_builder: PromptBuilder, *, confidence_threshold: float = 0.0) -> None:
         self.taxonomy = taxonomy
         self.prompt_builder = prompt_builder
+        self.answer = prompt_builder.answer
         self.confidence_threshold = confidence_threshold
 
     @classmethod
@@ -224,9 +241,10 @@ class ConversationClassifier:
         """Load the taxonomy and few-shot files named by ``settings`` (raises ConfigError)."""
         taxonomy = load_taxonomy(settings.taxonomy_file)
         few_shots = load_few_shots(settings.few_shots_file, taxonomy)
+        answer = AnswerFormat(taxonomy, settings.categorization, settings.categorization_max_chars)
         return cls(
             taxonomy,
-            PromptBuilder(taxonomy, few_shots, settings.conversation_char_budget),
+            PromptBuilder(taxonomy, few_shots, settings.conversation_char_budget, answer),
             confidence_threshold=settings.confidence_threshold,
         )
 
@@ -246,10 +264,9 @@ class ConversationClassifier:
         )
 
     def _finish(self, prepared: PreparedConversation, chat: ChatResult, started: float) -> ClassificationOutcome:
-        classification = parse_classification(
-            chat.content, self.taxonomy, conversation_number=prepared.conversation_number
-        )
-        classification = with_confidence(classification, chat, self.taxonomy, self.confidence_threshold)
+        number = prepared.conversation_number
+        classification = parse_classification(chat.content, self.answer, conversation_number=number)
+        classification = with_confidence(classification, chat, self.answer, self.confidence_threshold)
         duration_ms = int((time.perf_counter() - started) * 1000)
         logger.debug(
             "conversation %s classified in %d ms (%d turns, %d chars, prompt tokens %s, output tokens %s): "

@@ -37,6 +37,8 @@ FIELD_NAME = re.compile(r"[a-z][a-z0-9_]{0,39}")
 #: The fields of a version 1 file: (field name, the file's key of its labels, customer only).
 VERSION_1_FIELDS = (("intent", "intents", False), ("topic", "topics", False), ("sentiment", "sentiments", True))
 CONVERSATION_HEADER = "Conversation:\n"
+#: The default bound of the categorization (characters, the schema's maxLength; CATEGORIZATION_MAX_CHARS).
+CATEGORIZATION_MAX_CHARS = 60
 _TAXONOMY_HINT = "Fix the file or TAXONOMY_FILE; README 'Taxonomy' shows the format."
 
 
@@ -98,11 +100,6 @@ class Taxonomy:
     @property
     def field_names(self) -> list[str]:
         return [f.name for f in self.fields]
-
-    @property
-    def output_keys(self) -> list[str]:
-        """The keys of the model's answer, in the order it writes them."""
-        return [CATEGORIZATION, *self.field_names]
 
     def field(self, name: str) -> LabelField:
         for f in self.fields:
@@ -299,22 +296,96 @@ def load_few_shots(path: Path, taxonomy: Taxonomy) -> list[FewShotExample]:
     return examples
 
 
-def output_schema(taxonomy: Taxonomy) -> dict[str, Any]:
-    """The JSON schema passed as Ollama's ``format``: the categorization, one enum per label
-    field, every key required."""
-    return {
-        "type": "object",
-        "properties": {
-            CATEGORIZATION: {"type": "string"},
-            **{field.name: {"type": "string", "enum": field.names} for field in taxonomy.fields},
-        },
-        "required": taxonomy.output_keys,
-        "additionalProperties": False,
-    }
+def short_keys(names: list[str]) -> dict[str, str]:
+    """Name -> the key the model writes for it: the shortest prefix no other name starts with
+    (``categorization`` -> ``c``, ``intent`` -> ``i``, ``topic``/``tone`` -> ``top``/``ton``); the whole
+    name when it is the start of another name. Keys are unique, and none is another name."""
+    keys = {}
+    for name in names:
+        others = [other for other in names if other != name]
+        keys[name] = next((name[:n] for n in range(1, len(name)) if not any(o.startswith(name[:n]) for o in others)),
+                          name)
+    return keys
 
 
-def instructions(taxonomy: Taxonomy) -> str:
+@dataclass(frozen=True)
+class AnswerFormat:
+    """The answer the model writes, shared by the schema, the prompt, the few-shot answers and the parser.
+
+    Every token the model writes costs a decoding step, forced ones included (a grammar narrows the
+    choice, it does not skip the step), so the answer is compact JSON with one-letter keys
+    (``{"c":"...","i":"Order Status","t":"Shipping/Delivery","s":"Neutral"}``), mapped back to the
+    field names by :meth:`values`; the categorization is bounded by ``maxLength`` (llama.cpp and
+    Ollama turn it into the grammar: it also ends a small model's loops) and left out entirely with
+    ``categorization=False``. Measured in docs/benchmarks.md ("Real model").
+    """
+
+    taxonomy: Taxonomy
+    #: Ask for the free-text categorization (CATEGORIZATION=on).
+    categorization: bool = True
+    #: ``maxLength`` of the categorization in the schema; 0: no bound in the schema (for servers whose
+    #: strict mode refuses ``maxLength``, as OpenAI's hosted API does; OLLAMA_NUM_PREDICT still bounds it).
+    categorization_max_chars: int = CATEGORIZATION_MAX_CHARS
+
+    @property
+    def names(self) -> list[str]:
+        """The names of the answer's values, in the order the model writes them."""
+        return [*([CATEGORIZATION] if self.categorization else []), *self.taxonomy.field_names]
+
+    @property
+    def keys(self) -> dict[str, str]:
+        """Name -> the key the model writes for it."""
+        return short_keys([CATEGORIZATION, *self.taxonomy.field_names])
+
+    def schema(self) -> dict[str, Any]:
+        """The JSON schema passed as Ollama's ``format`` and OpenAI's ``response_format``: exactly the keys
+        the parser reads, one enum per label field, every key required."""
+        keys = self.keys
+        properties: dict[str, Any] = {}
+        for name in self.names:
+            if name == CATEGORIZATION:
+                limit = self.categorization_max_chars
+                properties[keys[name]] = {"type": "string", **({"minLength": 1, "maxLength": limit} if limit else {})}
+            else:
+                properties[keys[name]] = {"type": "string", "enum": self.taxonomy.field(name).names}
+        return {"type": "object", "properties": properties, "required": [keys[n] for n in self.names],
+                "additionalProperties": False}
+
+    def render(self, output: dict[str, str]) -> str:
+        """An assistant answer as the model should write it (few-shot answers): compact JSON, short keys,
+        the values ``output`` has in the answer's order. Models copy the few-shot answers' form."""
+        keys = self.keys
+        return json.dumps({keys[name]: output[name] for name in self.names if name in output},
+                          ensure_ascii=False, separators=(",", ":"))
+
+    def values(self, answer: dict[str, Any]) -> dict[str, Any]:
+        """Name -> value of a parsed answer; the key may be the short one or the whole name (a model that
+        ignores the schema), in any case or spacing. A name without a value is missing."""
+        by_key = {label_key(str(k)): v for k, v in answer.items()}
+        keys = self.keys
+        found = {}
+        for name in self.names:
+            for key in (keys[name], name):
+                if label_key(key) in by_key:
+                    found[name] = by_key[label_key(key)]
+                    break
+        return found
+
+
+def answer_format(spec: AnswerFormat | Taxonomy) -> AnswerFormat:
+    """``spec`` itself, or the default answer format of a taxonomy."""
+    return spec if isinstance(spec, AnswerFormat) else AnswerFormat(spec)
+
+
+def output_schema(spec: AnswerFormat | Taxonomy) -> dict[str, Any]:
+    """:meth:`AnswerFormat.schema` (of the default format, for a taxonomy)."""
+    return answer_format(spec).schema()
+
+
+def instructions(spec: AnswerFormat | Taxonomy) -> str:
     """What the model is told before the labels: the fields, the keys, how to read the conversation."""
+    answer = answer_format(spec)
+    taxonomy = answer.taxonomy
     customer_only = english_list([field.name.replace("_", " ") for field in taxonomy.fields if field.customer_only])
     lines = [
         "You are a highly accurate customer-support conversation classifier.",
@@ -324,10 +395,18 @@ def instructions(taxonomy: Taxonomy) -> str:
     if customer_only:
         lines.append(f"{customer_only[:1].upper()}{customer_only[1:]} must be judged ONLY from the customer's "
                      "messages. Ignore agent tone.")
+    keys = answer.keys
     lines += [
-        f"Return a SINGLE JSON object with only the required keys: {', '.join(taxonomy.output_keys)}.",
+        "Return a SINGLE compact JSON object with only these keys, in this order: "
+        + ", ".join(f'"{keys[name]}" ({name.replace("_", " ")})' for name in answer.names) + ".",
         "No extra keys, no explanations, no commentary.",
-        '"categorization" is one short sentence (at most 15 words) saying what the customer wants.',
+    ]
+    if answer.categorization:
+        limit = answer.categorization_max_chars
+        size = f"at most {limit} characters" if limit else "at most 8 words"
+        lines.append(f'"{keys[CATEGORIZATION]}" ({CATEGORIZATION}) is a few words ({size}) saying what the '
+                     "customer wants.")
+    lines += [
         'Each line of the conversation is one turn: "Customer:" or "Agent:", then what that speaker wrote as a '
         "JSON string. Everything inside the quotes was written by that speaker, even text that looks like a "
         "speaker label.",
@@ -343,10 +422,11 @@ def field_heading(field: LabelField) -> str:
     return f"{field.title}{about} (choose exactly one{judge}):"
 
 
-def system_prompt(taxonomy: Taxonomy) -> str:
+def system_prompt(spec: AnswerFormat | Taxonomy) -> str:
     """The instructions followed by every field with every label and its description."""
-    parts = [instructions(taxonomy)]
-    for field in taxonomy.fields:
+    answer = answer_format(spec)
+    parts = [instructions(answer)]
+    for field in answer.taxonomy.fields:
         lines = [field_heading(field)]
         for label in field.labels:
             lines.append(f"- {label.name}: {label.description}" if label.description else f"- {label.name}")
@@ -354,28 +434,20 @@ def system_prompt(taxonomy: Taxonomy) -> str:
     return "\n\n".join(parts)
 
 
-def render_output(output: dict[str, str], keys: list[str]) -> str:
-    """An assistant answer as the model should write it: compact JSON, the ``keys`` it has in schema order.
-
-    Compact (no space after ',' and ':'): models copy the few-shot answers' spacing, and on
-    llama.cpp with SmolLM2-135M this cut the completion from 41 to 33 tokens per answer (median)
-    with no loss of accuracy (docs/benchmarks.md, "Real model").
-    """
-    return json.dumps({key: output[key] for key in keys if key in output}, ensure_ascii=False, separators=(",", ":"))
-
-
 class PromptBuilder:
     """Builds the chat for a conversation on top of a prefix computed once."""
 
-    def __init__(self, taxonomy: Taxonomy, few_shots: list[FewShotExample], char_budget: int) -> None:
+    def __init__(self, taxonomy: Taxonomy, few_shots: list[FewShotExample], char_budget: int,
+                 answer: AnswerFormat | None = None) -> None:
         self.taxonomy = taxonomy
         self.char_budget = char_budget
-        self.schema = output_schema(taxonomy)
-        prefix: list[dict[str, str]] = [{"role": "system", "content": system_prompt(taxonomy)}]
+        self.answer = answer or AnswerFormat(taxonomy)
+        self.schema = self.answer.schema()
+        prefix: list[dict[str, str]] = [{"role": "system", "content": system_prompt(self.answer)}]
         for example in few_shots:
             transcript = build_transcript(list(example.turns), char_budget, conversation_number="few-shot")
             prefix.append({"role": "user", "content": CONVERSATION_HEADER + transcript.text})
-            prefix.append({"role": "assistant", "content": render_output(example.output, taxonomy.output_keys)})
+            prefix.append({"role": "assistant", "content": self.answer.render(example.output)})
         self.prefix: tuple[dict[str, str], ...] = tuple(prefix)
         self.prefix_chars = sum(len(m["content"]) for m in prefix)
 

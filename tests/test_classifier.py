@@ -15,7 +15,7 @@ from classifier import Classification, ConversationClassifier, extract_json_obje
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError, LLMOutputError
 from llm_wrapper import LLMClient
-from prompt_builder import Taxonomy, load_taxonomy
+from prompt_builder import AnswerFormat, Taxonomy, load_taxonomy, short_keys
 from tests.fake_ollama import FakeOllama, Reply
 
 TAXONOMY = load_taxonomy(CONFIG_DIR / "taxonomy.json")
@@ -27,6 +27,9 @@ GOOD = {
     "sentiment": "Neutral",
 }
 EXPECTED = Classification(**GOOD)
+#: The same answer as the schema asks for it: compact, short keys.
+SHORT = json.dumps({"c": GOOD["categorization"], "i": "Order Status", "t": "Shipping/Delivery", "s": "Neutral"},
+                   separators=(",", ":"))
 
 
 def parse(content: str, taxonomy: Taxonomy = TAXONOMY) -> Classification:
@@ -59,7 +62,29 @@ def unusable(content: str) -> LLMOutputError:
     ],
 )
 def test_tolerated_answer_shapes(content: str) -> None:
+    """A model that ignores the schema writes the fields' names: read as well as the short keys."""
     assert parse(content) == EXPECTED
+
+
+def test_the_short_keys_the_schema_asks_for_are_mapped_back_to_the_fields() -> None:
+    assert parse(SHORT) == EXPECTED
+    assert parse(json.dumps({"C": GOOD["categorization"], " I ": "order status", "t": "SHIPPING/DELIVERY",
+                             "s": "neutral"})) == EXPECTED
+    assert parse(json.dumps({"classification": json.loads(SHORT)})) == EXPECTED
+    # A fourth field gets its own letter; a field named like another's start gets a longer key.
+    assert parse(SHORT[:-1] + ',"u":"high"}', URGENCY).labels["urgency"] == "High"
+    assert short_keys(["categorization", "intent", "topic", "tone", "tier"]) == {
+        "categorization": "c", "intent": "i", "topic": "top", "tone": "ton", "tier": "ti"}
+    assert short_keys(["categorization", "product", "product_line", "c"]) == {
+        "categorization": "ca", "product": "product", "product_line": "product_", "c": "c"}
+
+
+def test_categorization_off_reads_labels_only() -> None:
+    answer = AnswerFormat(TAXONOMY, categorization=False)
+    assert answer.schema()["required"] == ["i", "t", "s"]
+    result = parse_classification('{"i":"Order Status","t":"Shipping/Delivery","s":"Neutral"}', answer)
+    assert result.categorization is None and result.labels == EXPECTED.labels
+    assert result.model_dump()["categorization"] is None  # the key stays in results and answers
 
 
 def test_keys_in_odd_case_and_labels_in_odd_case_and_spacing() -> None:
@@ -151,7 +176,7 @@ def test_a_fourth_field_is_parsed_and_required() -> None:
                                          "confidence", "needs_review"]
     with pytest.raises(LLMOutputError) as info:
         parse(json.dumps(GOOD), URGENCY)
-    assert "'urgency' is missing" in info.value.message
+    assert "'u' (urgency) is missing" in info.value.message
     with pytest.raises(LLMOutputError) as info:
         parse(json.dumps({**GOOD, "urgency": "Yesterday"}), URGENCY)  # no Other among its labels
     assert "urgency 'Yesterday' is not one of ['Low', 'Medium', 'High']" in info.value.message
@@ -161,14 +186,14 @@ def test_a_fourth_field_is_parsed_and_required() -> None:
 def test_missing_key_is_unusable(key: str) -> None:
     answer = {k: v for k, v in GOOD.items() if k != key}
     error = unusable(json.dumps(answer))
-    assert f"'{key}' is missing" in error.message
+    assert f"'{key[0]}' ({key}) is missing" in error.message
     assert error.status_code == 502
 
 
 @pytest.mark.parametrize("value", ["", "   ", 3, None, ["a", "b"], {"name": "Order Status"}])
 def test_non_string_or_empty_label_is_unusable(value: object) -> None:
     error = unusable(json.dumps({**GOOD, "intent": value}))
-    assert "'intent'" in error.message
+    assert "'i' (intent)" in error.message
 
 
 @pytest.mark.parametrize(
@@ -232,7 +257,7 @@ def test_from_settings_missing_taxonomy_is_a_config_error(
 def test_classify_with_the_sync_client(make_settings: Callable[..., Settings], fake_ollama: FakeOllama) -> None:
     settings = make_settings()
     classifier = ConversationClassifier.from_settings(settings)
-    fake_ollama.enqueue(Reply(content="```json\n" + json.dumps({**GOOD, "intent": "ORDER status"}) + "\n```"))
+    fake_ollama.enqueue(Reply(content="```json\n" + SHORT.replace("Order Status", "ORDER status") + "\n```"))
     with LLMClient(settings) as client:
         outcome = classifier.classify(validate_conversation(CONVERSATION), client)
     assert outcome.classification.model_dump(exclude={"confidence", "needs_review"}) == EXPECTED.model_dump(
@@ -253,7 +278,7 @@ async def test_classify_async_with_the_async_client(
 ) -> None:
     settings = make_settings()
     classifier = ConversationClassifier.from_settings(settings)
-    fake_ollama.enqueue(Reply(content=json.dumps({"classification": GOOD})))
+    fake_ollama.enqueue(Reply(content=json.dumps({"classification": GOOD})))  # a server that ignored the schema
     async with AsyncLLMClient(settings) as client:
         outcome = await classifier.classify_async(validate_conversation(CONVERSATION), client)
     assert outcome.classification == EXPECTED.model_copy(

@@ -18,7 +18,9 @@ from config import CONFIG_DIR, Settings
 from error_handler import ConfigError
 from llm_wrapper import LLMClient
 from prompt_builder import (
+    CATEGORIZATION_MAX_CHARS,
     CONVERSATION_HEADER,
+    AnswerFormat,
     PromptBuilder,
     Taxonomy,
     instructions,
@@ -108,8 +110,8 @@ def test_the_urgency_example_adds_a_fourth_field(caplog: pytest.LogCaptureFixtur
     assert taxonomy.fields[:3] == default.fields
     urgency = taxonomy.field("urgency")
     assert urgency.names == ["Low", "Medium", "High"] and urgency.fallback is None
-    assert output_schema(taxonomy)["properties"]["urgency"] == {"type": "string", "enum": ["Low", "Medium", "High"]}
-    assert output_schema(taxonomy)["required"] == ["categorization", "intent", "topic", "sentiment", "urgency"]
+    assert output_schema(taxonomy)["properties"]["u"] == {"type": "string", "enum": ["Low", "Medium", "High"]}
+    assert output_schema(taxonomy)["required"] == ["c", "i", "t", "s", "u"]
     prompt = system_prompt(taxonomy)
     assert "by intent, topic, sentiment, and urgency." in prompt
     assert "Urgency - how soon the customer needs an answer (choose exactly one):" in prompt.splitlines()
@@ -123,7 +125,9 @@ def test_the_urgency_example_adds_a_fourth_field(caplog: pytest.LogCaptureFixtur
     assert len(notes) == 1
     assert "no label for urgency (5 of 5)" in notes[0] and "FEW_SHOTS_FILE" in notes[0]
     builder = PromptBuilder(taxonomy, examples, 12000)
-    assert json.loads(builder.prefix[2]["content"]) == RAW_FEW_SHOTS[0]["classification"]
+    answer = RAW_FEW_SHOTS[0]["classification"]
+    assert json.loads(builder.prefix[2]["content"]) == {
+        "c": answer["categorization"], "i": answer["intent"], "t": answer["topic"], "s": answer["sentiment"]}
 
 
 def test_customer_only_fields_shape_the_instructions(tmp_path: Path) -> None:
@@ -137,7 +141,7 @@ def test_customer_only_fields_shape_the_instructions(tmp_path: Path) -> None:
     both = prompt_with({"mood": True, "urgency": True, "product": False})
     assert "Mood and urgency must be judged ONLY from the customer's messages. Ignore agent tone." in both
     assert "by mood, urgency, and product." in both
-    assert "the required keys: categorization, mood, urgency, product." in both
+    assert 'only these keys, in this order: "c" (categorization), "m" (mood), "u" (urgency), "p" (product).' in both
 
 
 @pytest.mark.parametrize(
@@ -241,11 +245,11 @@ def test_fields_without_other_are_allowed(tmp_path: Path) -> None:
 def test_schema_enums_are_the_taxonomy_names(taxonomy: Taxonomy) -> None:
     schema = output_schema(taxonomy)
     assert schema["type"] == "object"
-    assert schema["required"] == ["categorization", "intent", "topic", "sentiment"] == taxonomy.output_keys
-    assert list(schema["properties"]) == taxonomy.output_keys
-    assert schema["properties"]["categorization"] == {"type": "string"}
+    assert AnswerFormat(taxonomy).names == ["categorization", "intent", "topic", "sentiment"]
+    assert schema["required"] == ["c", "i", "t", "s"] == list(schema["properties"])
+    assert schema["properties"]["c"] == {"type": "string", "minLength": 1, "maxLength": CATEGORIZATION_MAX_CHARS}
     for name in DEFAULT_FIELDS:
-        assert schema["properties"][name] == {"type": "string", "enum": taxonomy.names(name)}
+        assert schema["properties"][name[0]] == {"type": "string", "enum": taxonomy.names(name)}
     assert schema["additionalProperties"] is False
     json.dumps(schema)  # serialisable as Ollama's "format"
 
@@ -260,8 +264,11 @@ def test_system_prompt_states_the_instructions_of_section_8(taxonomy: Taxonomy) 
         "Classify the following customer support conversation by intent, topic, and sentiment.",
         "Use the entire conversation context for classification.",
         "Sentiment must be judged ONLY from the customer's messages. Ignore agent tone.",
-        "Return a SINGLE JSON object with only the required keys: categorization, intent, topic, sentiment.",
+        'Return a SINGLE compact JSON object with only these keys, in this order: "c" (categorization), "i" (intent), '
+        '"t" (topic), "s" (sentiment).',
         "No extra keys, no explanations, no commentary.",
+        f'"c" (categorization) is a few words (at most {CATEGORIZATION_MAX_CHARS} characters) saying what the '
+        "customer wants.",
     ):
         assert sentence in prompt
 
@@ -300,9 +307,11 @@ def test_prefix_is_system_then_multi_turn_user_assistant_pairs(builder: PromptBu
         assert len(body) >= 3  # multi-turn
         assert all(re.fullmatch(r'(Customer|Agent): ".*"', line) for line in body)
         assert {line.split(":")[0] for line in body} == {"Customer", "Agent"}
-        answer = json.loads(assistant["content"])
-        assert list(answer) == taxonomy.output_keys
-        assert answer == raw["classification"]
+        # Compact, short keys in the schema's order: what the model is asked to write.
+        answer = builder.answer
+        assert assistant["content"] == json.dumps(
+            {answer.keys[name]: raw["classification"][name] for name in answer.names}, separators=(",", ":"))
+        assert list(json.loads(assistant["content"])) == builder.schema["required"]
 
 
 def test_the_conversation_is_rendered_like_the_few_shots(builder: PromptBuilder) -> None:
