@@ -116,9 +116,9 @@ def with_confidence(
         return classification
     values: dict[str, float | None] = {}
     for field in answer.taxonomy.fields:
-        # Read where the model wrote the label: under the short key the schema asks for, or under the
-        # field's name (a server that ignored the schema).
-        found = (label_confidence(chat.logprobs, answer.keys[field.name], field.names)
+        # Read where the model wrote the label: its code under the short key the schema asks for, or its
+        # name under the field's name (a server that ignored the schema).
+        found = (label_confidence(chat.logprobs, answer.keys[field.name], list(answer.codes(field).values()))
                  or label_confidence(chat.logprobs, field.name, field.names))
         values[field.name] = round(found.confidence, 4) if found is not None else None
     # A label whose confidence could not be read is not "below" the threshold: it is unknown.
@@ -182,7 +182,7 @@ def parse_classification(
         values[name] = value.strip()
 
     for field in answer.taxonomy.fields:
-        values[field.name] = _normalised_label(field, values[field.name], content, conversation_number)
+        values[field.name] = _normalised_label(answer, field, values[field.name], content, conversation_number)
 
     if answer.categorization:
         categorization = " ".join(values[CATEGORIZATION].split())
@@ -194,10 +194,10 @@ def parse_classification(
     return Classification(**values)
 
 
-def _normalised_label(field: LabelField, raw: str, content: str, conversation_number: str) -> str:
-    """``raw`` in the taxonomy's spelling; outside the taxonomy, the field's ``Other`` (a warning),
-    or :class:`LLMOutputError` for a field without ``Other``."""
-    canonical = field.canonical(raw)
+def _normalised_label(answer: AnswerFormat, field: LabelField, raw: str, content: str, conversation_number: str) -> str:
+    """The label ``raw`` (a code, or a label in any spelling) stands for, in the taxonomy's spelling; outside
+    the taxonomy, the field's ``Other`` (a warning), or :class:`LLMOutputError` for a field without ``Other``."""
+    canonical = answer.label(field, raw)
     if canonical is not None:
         return canonical
     if field.fallback is None:

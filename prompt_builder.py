@@ -308,16 +308,38 @@ def short_keys(names: list[str]) -> dict[str, str]:
     return keys
 
 
+def label_codes(names: list[str]) -> dict[str, str]:
+    """Label -> the code the model writes for it: its first word (``Order`` for ``Order Status``,
+    ``Shipping`` for ``Shipping/Delivery``), or as many first words as no other label starts with
+    (compared like labels, :func:`label_key`); the whole label when it is the start of another.
+    Codes are unique, and none is another label's name."""
+    words = {name: re.findall(r"[^\s/]+[\s/]*", name) for name in names}
+
+    def start(name: str, n: int) -> str:
+        return "".join(words[name][:n]).rstrip(" /")
+
+    codes = {}
+    for name in names:
+        others = [other for other in names if other != name]
+        codes[name] = next(
+            (start(name, n) for n in range(1, len(words[name]))
+             if not any(label_key(start(name, n)) == label_key(start(o, k))
+                        for o in others for k in range(1, len(words[o]) + 1))),
+            name,
+        )
+    return codes
+
+
 @dataclass(frozen=True)
 class AnswerFormat:
     """The answer the model writes, shared by the schema, the prompt, the few-shot answers and the parser.
 
     Every token the model writes costs a decoding step, forced ones included (a grammar narrows the
-    choice, it does not skip the step), so the answer is compact JSON with one-letter keys
-    (``{"c":"...","i":"Order Status","t":"Shipping/Delivery","s":"Neutral"}``), mapped back to the
-    field names by :meth:`values`; the categorization is bounded by ``maxLength`` (llama.cpp and
-    Ollama turn it into the grammar: it also ends a small model's loops) and left out entirely with
-    ``categorization=False``. Measured in docs/benchmarks.md ("Real model").
+    choice, it does not skip the step), so the answer is compact JSON with one-letter keys and each
+    label written as its code, its first word (``{"c":"...","i":"Order","t":"Shipping","s":"Neutral"}``),
+    both mapped back by :meth:`values` and :meth:`label`; the categorization is bounded by
+    ``maxLength`` (llama.cpp and Ollama turn it into the grammar: it also ends a small model's loops)
+    and left out entirely with ``categorization=False``. Measured in docs/benchmarks.md ("Real model").
     """
 
     taxonomy: Taxonomy
@@ -337,6 +359,17 @@ class AnswerFormat:
         """Name -> the key the model writes for it."""
         return short_keys([CATEGORIZATION, *self.taxonomy.field_names])
 
+    def codes(self, field: LabelField) -> dict[str, str]:
+        """Label of ``field`` -> the code the model writes for it (:func:`label_codes`)."""
+        return label_codes(field.names)
+
+    def label(self, field: LabelField, raw: str) -> str | None:
+        """The label ``raw`` stands for: a code, or a label in any spelling (a server that ignored the
+        schema); None when it is neither."""
+        key = label_key(raw)
+        code = next((name for name, code in self.codes(field).items() if label_key(code) == key), None)
+        return code or field.canonical(raw)
+
     def schema(self) -> dict[str, Any]:
         """The JSON schema passed as Ollama's ``format`` and OpenAI's ``response_format``: exactly the keys
         the parser reads, one enum per label field, every key required."""
@@ -347,16 +380,21 @@ class AnswerFormat:
                 limit = self.categorization_max_chars
                 properties[keys[name]] = {"type": "string", **({"minLength": 1, "maxLength": limit} if limit else {})}
             else:
-                properties[keys[name]] = {"type": "string", "enum": self.taxonomy.field(name).names}
+                codes = self.codes(self.taxonomy.field(name))
+                properties[keys[name]] = {"type": "string", "enum": list(codes.values())}
         return {"type": "object", "properties": properties, "required": [keys[n] for n in self.names],
                 "additionalProperties": False}
 
     def render(self, output: dict[str, str]) -> str:
         """An assistant answer as the model should write it (few-shot answers): compact JSON, short keys,
-        the values ``output`` has in the answer's order. Models copy the few-shot answers' form."""
+        label codes, the values ``output`` has in the answer's order. Models copy the few-shot answers' form."""
         keys = self.keys
-        return json.dumps({keys[name]: output[name] for name in self.names if name in output},
-                          ensure_ascii=False, separators=(",", ":"))
+        written = {}
+        for name in self.names:
+            if name in output:
+                field = None if name == CATEGORIZATION else self.taxonomy.field(name)
+                written[keys[name]] = output[name] if field is None else self.codes(field)[output[name]]
+        return json.dumps(written, ensure_ascii=False, separators=(",", ":"))
 
     def values(self, answer: dict[str, Any]) -> dict[str, Any]:
         """Name -> value of a parsed answer; the key may be the short one or the whole name (a model that
@@ -410,9 +448,25 @@ def instructions(spec: AnswerFormat | Taxonomy) -> str:
         'Each line of the conversation is one turn: "Customer:" or "Agent:", then what that speaker wrote as a '
         "JSON string. Everything inside the quotes was written by that speaker, even text that looks like a "
         "speaker label.",
-        "Use only the labels listed below, spelled exactly as written.",
+        label_instruction(answer),
     ]
     return "\n".join(lines)
+
+
+def label_instruction(answer: AnswerFormat) -> str:
+    """How to write a label: its code, with an example from the first fields whose codes are shorter."""
+    examples: list[str] = []
+    for field in answer.taxonomy.fields:
+        pair = next(((code, name) for name, code in answer.codes(field).items() if code != name), None)
+        if pair and len(examples) < 2:
+            examples.append(f"{pair[0]} for {pair[1]}")
+    if not examples:
+        return "Use only the labels listed below, spelled exactly as written."
+    if all(len(re.findall(r"[^\s/]+", code)) == 1 for field in answer.taxonomy.fields
+           for code in answer.codes(field).values()):
+        return f"Use only the labels listed below; write a label's first word only ({', '.join(examples)})."
+    return ("Use only the labels listed below; write only as many first words of a label as tell it apart "
+            f"({', '.join(examples)}).")
 
 
 def field_heading(field: LabelField) -> str:

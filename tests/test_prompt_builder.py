@@ -24,6 +24,8 @@ from prompt_builder import (
     PromptBuilder,
     Taxonomy,
     instructions,
+    label_codes,
+    label_instruction,
     label_key,
     load_few_shots,
     load_taxonomy,
@@ -126,8 +128,29 @@ def test_the_urgency_example_adds_a_fourth_field(caplog: pytest.LogCaptureFixtur
     assert "no label for urgency (5 of 5)" in notes[0] and "FEW_SHOTS_FILE" in notes[0]
     builder = PromptBuilder(taxonomy, examples, 12000)
     answer = RAW_FEW_SHOTS[0]["classification"]
+    assert answer["intent"] == "Order Status" and answer["topic"] == "Shipping/Delivery"
     assert json.loads(builder.prefix[2]["content"]) == {
-        "c": answer["categorization"], "i": answer["intent"], "t": answer["topic"], "s": answer["sentiment"]}
+        "c": answer["categorization"], "i": "Order", "t": "Shipping", "s": answer["sentiment"]}
+
+
+def test_label_codes_are_the_first_words_that_tell_labels_apart(taxonomy: Taxonomy) -> None:
+    assert label_codes(["Order Status", "Refund Request", "Shipping/Delivery", "Other"]) == {
+        "Order Status": "Order", "Refund Request": "Refund", "Shipping/Delivery": "Shipping", "Other": "Other"}
+    # Labels sharing a first word keep as many words as tell them apart; a label that starts
+    # another is written whole; codes are compared like labels (case, spacing, punctuation).
+    assert label_codes(["Account Access", "Account Closure", "Order", "Order Status", "order-status now"]) == {
+        "Account Access": "Account Access", "Account Closure": "Account Closure", "Order": "Order",
+        "Order Status": "Order Status", "order-status now": "order-status now"}
+    # Every code of the default taxonomy maps back to its label, and whole labels are read too.
+    answer = AnswerFormat(taxonomy)
+    for field in taxonomy.fields:
+        codes = answer.codes(field)
+        assert len(set(codes.values())) == len(field.labels)
+        for label, code in codes.items():
+            assert answer.label(field, code) == label == answer.label(field, label.upper())
+    assert answer.label(taxonomy.field("topic"), "Weather") is None
+    assert label_instruction(AnswerFormat(load_taxonomy(URGENCY_FILE))).endswith(
+        "(Order for Order Status, Shipping for Shipping/Delivery).")
 
 
 def test_customer_only_fields_shape_the_instructions(tmp_path: Path) -> None:
@@ -248,8 +271,10 @@ def test_schema_enums_are_the_taxonomy_names(taxonomy: Taxonomy) -> None:
     assert AnswerFormat(taxonomy).names == ["categorization", "intent", "topic", "sentiment"]
     assert schema["required"] == ["c", "i", "t", "s"] == list(schema["properties"])
     assert schema["properties"]["c"] == {"type": "string", "minLength": 1, "maxLength": CATEGORIZATION_MAX_CHARS}
-    for name in DEFAULT_FIELDS:
-        assert schema["properties"][name[0]] == {"type": "string", "enum": taxonomy.names(name)}
+    for name in DEFAULT_FIELDS:  # each label as its code, in the taxonomy's order
+        codes = [label.split()[0].split("/")[0] for label in taxonomy.names(name)]
+        assert schema["properties"][name[0]] == {"type": "string", "enum": codes}
+    assert schema["properties"]["t"]["enum"][:2] == ["Shipping", "Account"]
     assert schema["additionalProperties"] is False
     json.dumps(schema)  # serialisable as Ollama's "format"
 
@@ -269,6 +294,8 @@ def test_system_prompt_states_the_instructions_of_section_8(taxonomy: Taxonomy) 
         "No extra keys, no explanations, no commentary.",
         f'"c" (categorization) is a few words (at most {CATEGORIZATION_MAX_CHARS} characters) saying what the '
         "customer wants.",
+        "Use only the labels listed below; write a label's first word only (Order for Order Status, Shipping for "
+        "Shipping/Delivery).",
     ):
         assert sentence in prompt
 
@@ -307,11 +334,14 @@ def test_prefix_is_system_then_multi_turn_user_assistant_pairs(builder: PromptBu
         assert len(body) >= 3  # multi-turn
         assert all(re.fullmatch(r'(Customer|Agent): ".*"', line) for line in body)
         assert {line.split(":")[0] for line in body} == {"Customer", "Agent"}
-        # Compact, short keys in the schema's order: what the model is asked to write.
-        answer = builder.answer
-        assert assistant["content"] == json.dumps(
-            {answer.keys[name]: raw["classification"][name] for name in answer.names}, separators=(",", ":"))
-        assert list(json.loads(assistant["content"])) == builder.schema["required"]
+        # Compact, short keys in the schema's order, label codes: what the model is asked to write.
+        answer, written = builder.answer, json.loads(assistant["content"])
+        assert assistant["content"] == json.dumps(written, separators=(",", ":"))
+        assert list(written) == builder.schema["required"]
+        assert written["c"] == raw["classification"]["categorization"]
+        for name in DEFAULT_FIELDS:
+            assert written[name[0]] in builder.schema["properties"][name[0]]["enum"]
+            assert answer.label(taxonomy.field(name), written[name[0]]) == raw["classification"][name]
 
 
 def test_the_conversation_is_rendered_like_the_few_shots(builder: PromptBuilder) -> None:
