@@ -345,8 +345,8 @@ class AnswerFormat:
     taxonomy: Taxonomy
     #: Ask for the free-text categorization (CATEGORIZATION=on).
     categorization: bool = True
-    #: ``maxLength`` of the categorization in the schema; 0: no bound in the schema (for servers whose
-    #: strict mode refuses ``maxLength``, as OpenAI's hosted API does; OLLAMA_NUM_PREDICT still bounds it).
+    #: ``maxLength`` of the categorization in the schema; 0: no bound in the schema (for a server that
+    #: refuses ``maxLength``; OLLAMA_NUM_PREDICT still bounds the answer).
     categorization_max_chars: int = CATEGORIZATION_MAX_CHARS
 
     @property

@@ -82,8 +82,8 @@ class Settings(BaseModel):
         60,
         ge=0,
         le=300,
-        description="Longest categorization (characters; the answer schema's maxLength); 0: no maxLength in the "
-        "schema, for servers whose strict mode refuses it (OpenAI's hosted API).",
+        description="Longest categorization (characters; the answer schema's maxLength, which the server enforces "
+        "while generating); 0: no maxLength in the schema, for a server that refuses it.",
     )
     conversation_char_budget: int = Field(
         12000,
