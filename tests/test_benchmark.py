@@ -183,3 +183,23 @@ def test_peak_rss_is_the_processes_own_not_the_benchmark_processes(tmp_path):
     usage = json.loads(report.read_text())
     assert usage["exit_code"] == 0
     assert usage["maxrss_kb"] < 100 * 1024  # a bare Python: ~10 MiB, not this process's 200+
+
+
+def test_the_real_model_benchmarks_client_runs_a_tree_against_a_server(tmp_path: Path) -> None:
+    """scripts/benchmark_llm's client side (the part that runs inside the tree under test, before or after)
+    against the fake OpenAI-compatible server: one line per conversation, with its labels and counts."""
+    from scripts import benchmark_llm
+    from tests.fake_openai import FakeOpenAI
+
+    with FakeOpenAI(models=["smollm2-135m"]) as fake:
+        job = {"endpoint": fake.base_url, "model": "smollm2-135m", "slots": 2, "settings": {"categorization": False},
+               "conversations": str(benchmark_llm.SAMPLE), "limit": 3}
+        wall, prefix_chars, answers = benchmark_llm.run_client(ROOT, job)
+        requests = fake.chat_requests
+    assert wall > 0 and prefix_chars > 1000
+    assert [a["number"] for a in answers] == ["1001", "1002", "1003"] and len(requests) == 3
+    for answer in answers:
+        assert set(answer["labels"]) == {"intent", "topic", "sentiment"} and answer["categorization"] is None
+        assert answer["completion"] > 0 and answer["expected"]
+    # The job's settings reached the pipeline: no categorization in the schema sent.
+    assert requests[0]["response_format"]["json_schema"]["schema"]["required"] == ["i", "t", "s"]
