@@ -28,6 +28,7 @@ from confidence import label_confidence
 from config import Settings
 from error_handler import LLMOutputError
 from prompt_builder import (
+    ARRAY,
     CATEGORIZATION,
     AnswerFormat,
     LabelField,
@@ -116,9 +117,10 @@ def with_confidence(
         return classification
     values: dict[str, float | None] = {}
     for field in answer.taxonomy.fields:
-        # Read where the model wrote the label: its code under the short key the schema asks for, or its
-        # name under the field's name (a server that ignored the schema).
-        found = (label_confidence(chat.logprobs, answer.keys[field.name], list(answer.codes(field).values()))
+        # Read where the model wrote the label's code: at its position in the array, or under its short key;
+        # else its name under the field's name (a server that ignored the schema).
+        where = answer.names.index(field.name) if answer.shape == ARRAY else answer.keys[field.name]
+        found = (label_confidence(chat.logprobs, where, list(answer.codes(field).values()))
                  or label_confidence(chat.logprobs, field.name, field.names))
         values[field.name] = round(found.confidence, 4) if found is not None else None
     # A label whose confidence could not be read is not "below" the threshold: it is unknown.
@@ -131,67 +133,86 @@ def _preview(content: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def extract_json_object(content: str, keys: list[str] | None = None) -> dict[str, Any]:
+def extract_json_object(content: str, keys: list[str] | None = None, *, arrays: bool = False) -> Any:
     """The first JSON object in ``content`` that looks like a classification (has one of ``keys``,
-    the answer's keys, or a ``classification`` key), else the first JSON object.
+    the answer's keys, or a ``classification`` key), else the first JSON object; with ``arrays``, a
+    JSON array of strings (the array answer) looks like one too.
 
     Skips ``<think>`` blocks, code fences and prose; raises :class:`LLMOutputError`
     when there is none.
     """
     text = _THINK_BLOCK.sub("", content)
     wanted = {"classification", *(label_key(k) for k in keys or [CATEGORIZATION])}
+    starts = "{[" if arrays else "{"
     decoder = json.JSONDecoder()
     first_object: dict[str, Any] | None = None
-    position = text.find("{")
+    position = _find_any(text, starts, 0)
     while position != -1:
         try:
             value, end = decoder.raw_decode(text, position)
         except ValueError:
-            position = text.find("{", position + 1)
+            position = _find_any(text, starts, position + 1)
             continue
         if isinstance(value, dict):
             if {label_key(k) for k in value} & wanted:
                 return value
             first_object = first_object or value
-        position = text.find("{", end)
+        elif value and all(isinstance(v, str) for v in value):
+            return value
+        position = _find_any(text, starts, end)
     if first_object is not None:
         return first_object
     raise LLMOutputError("The model's answer holds no JSON object.", answer=_preview(content))
 
 
+def _find_any(text: str, characters: str, start: int) -> int:
+    """The first position at or after ``start`` of any of ``characters``, -1 when there is none."""
+    found = [at for at in (text.find(c, start) for c in characters) if at != -1]
+    return min(found, default=-1)
+
+
 def parse_classification(
     content: str, spec: AnswerFormat | Taxonomy, *, conversation_number: str = "?"
 ) -> Classification:
-    """Parse and validate the model's answer, written in ``spec``'s format (short keys, or whole names; a
-    taxonomy: its default format)."""
+    """Parse and validate the model's answer, written in ``spec``'s format (an array, or an object with
+    short keys or whole names; a taxonomy: its default format)."""
     answer = answer_format(spec)
-    obj = extract_json_object(content, [*answer.keys.values(), *answer.names])
-    wrapped = next((v for k, v in obj.items() if label_key(str(k)) == "classification"), None)
-    found = answer.values(wrapped if isinstance(wrapped, dict) else obj)
+    value = extract_json_object(content, [*answer.keys.values(), *answer.names], arrays=answer.shape == ARRAY)
+    if isinstance(value, dict):
+        value = next((v for k, v in value.items() if label_key(str(k)) == "classification"), value)
+    if isinstance(value, list) and len(value) != len(answer.names):
+        raise LLMOutputError(f"The model's answer is unusable: {len(value)} values where {len(answer.names)} belong "
+                             f"({', '.join(answer.names)}).", answer=_preview(content))
+    found = answer.values(value)
 
     values: dict[str, Any] = {}
     for name in answer.names:
-        value = found.get(name)
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if not isinstance(value, str) or not value.strip():
-            problem = "is missing" if value is None else f"is not a non-empty string ({value!r})"
-            key = answer.keys[name]
-            raise LLMOutputError(f"The model's answer is unusable: '{key}' ({name}) {problem}.",
-                                 answer=_preview(content))
-        values[name] = value.strip()
+        item = found.get(name)
+        if isinstance(item, list) and len(item) == 1:
+            item = item[0]
+        if not isinstance(item, str) or not item.strip():
+            problem = "is missing" if item is None else f"is not a non-empty string ({item!r})"
+            where = answer.describe(name, keyed=isinstance(value, dict))
+            raise LLMOutputError(f"The model's answer is unusable: {where} {problem}.", answer=_preview(content))
+        values[name] = item.strip()
 
     for field in answer.taxonomy.fields:
         values[field.name] = _normalised_label(answer, field, values[field.name], content, conversation_number)
-
-    if answer.categorization:
-        categorization = " ".join(values[CATEGORIZATION].split())
-        if len(categorization) > MAX_CATEGORIZATION_CHARS:
-            categorization = categorization[: MAX_CATEGORIZATION_CHARS - 1] + "…"
-        values[CATEGORIZATION] = categorization
-    else:
-        values[CATEGORIZATION] = None
+    values[CATEGORIZATION] = _categorization(found[CATEGORIZATION], answer) if answer.categorization else None
     return Classification(**values)
+
+
+def _categorization(raw: str, answer: AnswerFormat) -> str:
+    """Whitespace collapsed; cut at a word with ``…`` when it reached the schema's bound (the grammar then
+    closed it, most likely in the middle of a word) or is longer than any categorization should be."""
+    text = " ".join(raw.split())
+    limit = answer.categorization_max_chars
+    if limit and len(raw) >= limit:
+        head = text[:limit]
+        return (head.rsplit(" ", 1)[0] if " " in head else head).rstrip(" ,;:-") + "…"
+    if len(text) > MAX_CATEGORIZATION_CHARS:
+        return text[: MAX_CATEGORIZATION_CHARS - 1] + "…"
+    return text
 
 
 def _normalised_label(answer: AnswerFormat, field: LabelField, raw: str, content: str, conversation_number: str) -> str:
@@ -241,7 +262,8 @@ class ConversationClassifier:
         """Load the taxonomy and few-shot files named by ``settings`` (raises ConfigError)."""
         taxonomy = load_taxonomy(settings.taxonomy_file)
         few_shots = load_few_shots(settings.few_shots_file, taxonomy)
-        answer = AnswerFormat(taxonomy, settings.categorization, settings.categorization_max_chars)
+        answer = AnswerFormat(taxonomy, settings.categorization, settings.categorization_max_chars,
+                              settings.answer_format)
         return cls(
             taxonomy,
             PromptBuilder(taxonomy, few_shots, settings.conversation_char_budget, answer),

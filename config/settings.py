@@ -79,11 +79,17 @@ class Settings(BaseModel):
         "(fewer tokens; categorization is null)."
     )
     categorization_max_chars: int = Field(
-        60,
+        40,
         ge=0,
         le=300,
         description="Longest categorization (characters; the answer schema's maxLength, which the server enforces "
         "while generating); 0: no maxLength in the schema, for a server that refuses it.",
+    )
+    answer_format: Literal["array", "object"] = Field(
+        "array",
+        description="array: the model answers [categorization, label, ...] (the fewest tokens); object: "
+        '{"c": ..., "i": ...} with one-letter keys, for a server whose strict mode refuses prefixItems '
+        "(OpenAI's hosted API).",
     )
     conversation_char_budget: int = Field(
         12000,

@@ -105,12 +105,16 @@ def last_user_content(request: dict[str, Any]) -> str:
 FREE_TEXT = "Customer contacts support about their issue"
 
 
-def default_classification(request: dict[str, Any]) -> dict[str, str]:
-    """A valid answer for the request's schema, chosen by a hash of its last user message: exactly the
-    schema's properties, in its order; each ``enum`` property gets one of its values, each free-text
-    property a sentence (cut to its ``maxLength``). Without a schema, just a categorization."""
+def default_classification(request: dict[str, Any]) -> dict[str, str] | list[str]:
+    """A valid answer for the request's schema, chosen by a hash of its last user message: an object of
+    exactly the schema's properties in its order, or an array of its ``prefixItems``; each ``enum``
+    value gets one of its values, each free-text value a sentence (cut to its ``maxLength``). Without a
+    schema, just a categorization."""
     schema = request.get("format") if isinstance(request.get("format"), dict) else {}
     properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    items = schema.get("prefixItems") if isinstance(schema, dict) else None
+    if isinstance(items, list) and items:
+        properties = {str(i): spec for i, spec in enumerate(items)}
     if not properties:
         return {"categorization": FREE_TEXT}
     digest = zlib.crc32(last_user_content(request).encode())
@@ -126,7 +130,7 @@ def default_classification(request: dict[str, Any]) -> dict[str, str]:
         else:
             limit = spec.get("maxLength")
             answer[key] = FREE_TEXT[:limit] if isinstance(limit, int) and limit > 0 else FREE_TEXT
-    return answer
+    return list(answer.values()) if items else answer
 
 
 def logprobs_for(content: str, reply: Reply, top: Any) -> list[dict[str, Any]]:

@@ -17,7 +17,7 @@ import requests
 
 from aggregator import validate_conversation
 from classifier import ConversationClassifier
-from confidence import label_confidence, label_confidences
+from confidence import label_confidence
 from config import Settings
 from llm_wrapper import TokenLogprob
 from tests.fake_ollama import FakeOllama, Reply
@@ -116,9 +116,22 @@ def test_no_confidence_when_it_cannot_be_read(tokens: list[TokenLogprob]) -> Non
     assert label_confidence(tokens, "sentiment", SENTIMENTS) is None
 
 
-def test_no_logprobs_no_confidences() -> None:
-    assert label_confidences(None, {"sentiment": SENTIMENTS}) is None
-    assert label_confidences([], {"sentiment": SENTIMENTS}) is None
+def test_no_logprobs_no_confidence() -> None:
+    assert label_confidence([], "sentiment", SENTIMENTS) is None
+    assert label_confidence([], 2, SENTIMENTS) is None
+
+
+def test_a_label_in_an_array_answer_is_found_by_its_position() -> None:
+    """The array answer has no keys: the label is the string at the field's position (commas and
+    escaped quotes inside the categorization do not shift it)."""
+    tokens = [tok('["'), tok('Says \\"hi, there\\", ok'), tok('","'), tok("Order"), tok('","'),
+              TokenLogprob("Ne", math.log(0.5), (("Ne", math.log(0.5)), ("Pos", math.log(0.3)))),
+              tok("gative"), tok('"]')]
+    found = label_confidence(tokens, 2, SENTIMENTS)
+    assert found is not None and found.label == "Negative"
+    assert found.confidence == pytest.approx(0.5 / 0.8 * 1.0)  # Ne: Neutral or Negative, split by what follows
+    assert label_confidence(tokens, 1, ["Order", "Refund"]).label == "Order"  # type: ignore[union-attr]
+    assert label_confidence(tokens, 3, SENTIMENTS) is None  # no fourth value
 
 
 # --- through the pipeline, with the fakes ---------------------------------------------------

@@ -127,10 +127,11 @@ def test_a_valid_answer_is_read_back(server: Server, transport: str) -> None:
     messages, schema = chat_messages(settings, CONVERSATION_A)
     result = chat(transport, settings)
     answer = json.loads(result.content)
-    assert list(answer) == schema["required"] == ["c", "i", "t", "s"]  # the fake answers what the schema asks
-    for key in ("i", "t", "s"):
-        assert answer[key] in schema["properties"][key]["enum"]
-    assert 0 < len(answer["c"]) <= schema["properties"]["c"]["maxLength"]
+    items = schema["prefixItems"]  # the fake answers what the schema asks: one value per position
+    assert isinstance(answer, list) and len(answer) == len(items) == 4
+    for value, spec in zip(answer[1:], items[1:], strict=True):
+        assert value in spec["enum"]
+    assert 0 < len(answer[0]) <= items[0]["maxLength"]
     assert result.model == "llama3" or result.model == "llama3:latest"
     assert result.done_reason == "stop"
     assert result.eval_count is not None and result.eval_count > 0
@@ -280,31 +281,46 @@ def classify(transport: str, settings: Settings) -> Classification:
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_the_compact_answer_schema_round_trips_through_both_providers(server: Server, transport: str) -> None:
-    """What the server is asked for (short keys, the bound) is what the parser reads back, confidence included."""
+    """What the server is asked for (an array of the categorization and label codes, the bound) is what the
+    parser reads back, confidences included; the few-shot answers in the prefix show the same form."""
     classification = classify(transport, server.settings())
     request = server.fake.chat_requests[0]
     schema = sent_schema(server.provider, request)
-    assert schema["required"] == list(schema["properties"]) == ["c", "i", "t", "s"]
-    assert schema["properties"]["c"] == {"type": "string", "minLength": 1, "maxLength": 60}
-    assert classification.categorization and len(classification.categorization) <= 60
+    assert schema["type"] == "array" and len(schema["prefixItems"]) == 4
+    assert schema["prefixItems"][0] == {"type": "string", "minLength": 1, "maxLength": 40}
+    assert "Order" in schema["prefixItems"][1]["enum"] and "Order Status" not in schema["prefixItems"][1]["enum"]
+    assert classification.categorization and len(classification.categorization) <= 41  # 40 and a "…"
     assert set(classification.labels) == {"intent", "topic", "sentiment"}
     assert classification.confidence == {"intent": 1.0, "topic": 1.0, "sentiment": 1.0}  # the fake is certain
-    # The few-shot answers in the prefix show the model the same compact form.
     few_shot = next(m["content"] for m in request["messages"] if m["role"] == "assistant")
-    assert list(json.loads(few_shot)) == schema["required"] and ", " not in few_shot and '": ' not in few_shot
+    assert few_shot == '["Order status, faster shipping","Order","Shipping","Neutral"]'
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_object_answer_for_servers_without_prefix_items(server: Server, transport: str) -> None:
+    """ANSWER_FORMAT=object: one-letter keys, the same labels and confidences."""
+    classification = classify(transport, server.settings(answer_format="object"))
+    request = server.fake.chat_requests[0]
+    schema = sent_schema(server.provider, request)
+    assert schema["required"] == list(schema["properties"]) == ["c", "i", "t", "s"]
+    assert schema["additionalProperties"] is False
+    assert set(classification.labels) == {"intent", "topic", "sentiment"}
+    assert classification.confidence == {"intent": 1.0, "topic": 1.0, "sentiment": 1.0}
+    few_shot = next(m["content"] for m in request["messages"] if m["role"] == "assistant")
+    assert few_shot == '{"c":"Order status, faster shipping","i":"Order","t":"Shipping","s":"Neutral"}'
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)
 def test_categorization_off_and_no_schema_bound(server: Server, transport: str) -> None:
     classification = classify(transport, server.settings(categorization=False, confidence=False))
     schema = sent_schema(server.provider, server.fake.chat_requests[0])
-    assert schema["required"] == ["i", "t", "s"]
+    assert len(schema["prefixItems"]) == 3 and all("enum" in item for item in schema["prefixItems"])
     assert classification.categorization is None and classification.confidence is None
     assert set(classification.labels) == {"intent", "topic", "sentiment"}
 
     server.fake.reset()
     classify(transport, server.settings(categorization_max_chars=0))
-    assert sent_schema(server.provider, server.fake.chat_requests[0])["properties"]["c"] == {"type": "string"}
+    assert sent_schema(server.provider, server.fake.chat_requests[0])["prefixItems"][0] == {"type": "string"}
 
 
 # --- what only the OpenAI-compatible provider has ----------------------------------------------
