@@ -13,22 +13,27 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
+import re
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import Body, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 from starlette.types import Message as ASGIMessage
 
+import access
+import conversations
 import dashboard
-from aggregator import ConversationIn, Message, Tweet
+from aggregator import ConversationIn, Message, Tweet, validate_conversation
 from api_dependencies import (
     ClassifierDep,
     ClientLeftError,
@@ -46,6 +51,7 @@ from error_handler import (
     InputError,
     LLMBusyError,
     LLMError,
+    NotAuthenticatedError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
     error_body,
@@ -154,7 +160,7 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
         503,
         "model_not_found",
         "Model 'llama3' is not available on the Ollama server at http://localhost:11434.",
-        "Run `ollama pull llama3` there, or set OLLAMA_MODEL to a model it has.",
+        "Run `ollama pull llama3` there, or set LLM_MODEL to a model it has.",
     ),
     504: _error_example(504, "llm_timeout", "Ollama at http://localhost:11434 did not answer within 120 s."),
 }
@@ -247,18 +253,20 @@ class JSONBodyOnlyMiddleware:
     Browsers send cross-site forms and ``text/plain`` bodies without asking the server first (no
     CORS preflight), so a web page could otherwise make a visitor's browser trigger
     classifications; a JSON Content-Type cannot be sent that way. Requests without a body
-    (GET, an empty POST) pass.
+    (GET, an empty POST) pass, and so do POSTs to ``form_paths`` (the login form, which guards
+    itself: access.py).
     """
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, form_paths: frozenset[str] = frozenset()) -> None:
         self.app = app
+        self.form_paths = form_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             headers = dict(scope.get("headers") or [])
             has_body = headers.get(b"content-length", b"0") not in (b"0", b"") or b"transfer-encoding" in headers
             content_type = headers.get(b"content-type", b"").decode("latin-1")
-            if has_body and not is_json_media_type(content_type):
+            if has_body and not is_json_media_type(content_type) and scope.get("path") not in self.form_paths:
                 error = UnsupportedMediaTypeError(content_type)
                 logger.warning("%s %s -> 415: %s", scope.get("method"), scope.get("path"), error.message)
                 await _error_response(error)(scope, receive, send)
@@ -284,26 +292,63 @@ def _reject_constant(name: str) -> Any:
     raise InputError(f"The body is not valid JSON: {name} is not a JSON value.", field="body", status_code=400)
 
 
-def _body_to_echo(body: bytes) -> dict[str, Any]:
-    """The request body as received, for the answer; a 400 if JSON cannot carry it back.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
-    Python's json module reads NaN, Infinity and unpaired surrogate escapes (``"\\ud800"``), which
-    the answer could not be encoded with: they fail here, before the LLM call, not as a 500 after it.
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999, -1E+400: Python reads infinity, which no JSON answer can carry
+        raise InputError(f"The body holds the number {text[:40]}, too large for a JSON number this API can "
+                         "answer with (it reads as infinity).", field="body", status_code=400)
+    return value
+
+
+def read_classify_body(body: bytes) -> tuple[dict[str, Any], ConversationIn]:
+    """The body of ``POST /classify`` parsed once: the JSON as received (echoed in the answer) and the
+    validated conversation. Run in a worker thread: a 1 MB body is milliseconds of CPU that the
+    event loop (``/health``, every other request) must not wait for.
+
+    Everything the answer could not carry back fails here with a 400, before the LLM call, not as a
+    500 after it: NaN and Infinity, numbers that read as infinity (``1e999``), unpaired surrogate
+    escapes (``"\\ud800"``); so does JSON nested too deeply for the decoder.
     """
-    raw = json.loads(body, parse_constant=_reject_constant)
+    if not body.strip():
+        raise InputError("The body is empty: send a JSON conversation.", field="body", status_code=400)
     try:
-        json.dumps(raw, ensure_ascii=False).encode("utf-8")
+        raw = json.loads(body, parse_constant=_reject_constant, parse_float=_finite_float)
+    except RecursionError as e:
+        raise InputError(f"The body is not valid JSON: it is nested too deeply ({e}).", field="body",
+                         status_code=400) from e
+    except ValueError as e:  # JSONDecodeError, not UTF-8, an integer of thousands of digits
+        if isinstance(e, InputError):
+            raise
+        raise InputError(f"The body is not valid JSON: {e}", field="body", status_code=400) from e
+    try:
+        # Unpaired surrogates come from \\uD800-\\uDFFF escapes (UTF-8 cannot carry them raw; UTF-16 and
+        # UTF-32 bodies can): without either, the whole body need not be encoded once more to find out.
+        if json.detect_encoding(body) != "utf-8" or _SURROGATE_ESCAPE.search(body):
+            json.dumps(raw, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as e:
         raise InputError(
             "The body is not valid JSON text: it holds an unpaired surrogate escape such as \\ud800.",
             field="body",
             status_code=400,
         ) from e
-    return raw
+    if not isinstance(raw, dict):  # well-formed JSON of the wrong shape: 422, as for any invalid conversation
+        kind = "an array" if isinstance(raw, list) else "a string" if isinstance(raw, str) else "a number or a constant"
+        raise InputError(f"Invalid conversation: the body must be a JSON object, not {kind}.", field="body")
+    return raw, validate_conversation(raw)
+
+
+async def _read_body(request: Request) -> bytes:
+    # Not request.body(): that keeps the bytes on the request until the answer; parsed, they can go.
+    return b"".join([chunk async for chunk in request.stream()])
 
 
 def _error_response(error: ClassifierError) -> JSONResponse:
     headers = {"Retry-After": str(error.retry_after_seconds)} if isinstance(error, LLMBusyError) else None
+    if isinstance(error, NotAuthenticatedError):
+        headers = {"WWW-Authenticate": 'Bearer realm="conversations"'}
     return JSONResponse(error_body(error), status_code=error.status_code, headers=headers)
 
 
@@ -349,7 +394,7 @@ async def _report_ollama_readiness(ollama: LLMPool) -> None:
     except LLMError as e:
         logger.warning("Ollama is not ready: %s /classify answers 503 until it is.", e)
     else:
-        logger.info("Ollama at %s is ready with model %s", _endpoint_names(ollama), ollama.settings.ollama_model)
+        logger.info("Ollama at %s is ready with model %s", _endpoint_names(ollama), ollama.settings.llm_model)
 
 
 def _endpoint_names(ollama: LLMPool) -> str:
@@ -365,11 +410,11 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, Any]]:
         pipeline = classifier or ConversationClassifier.from_settings(settings)
         pool_size = settings.api_max_concurrency + SPARE_CONNECTIONS
-        # One client per LLM server (OLLAMA_ENDPOINT may list several); each call to the least busy.
+        # One client per LLM server (LLM_ENDPOINT may list several); each call to the least busy.
         with LLMPool(settings, lambda server: create_llm_client(server, pool_size=pool_size)) as ollama:
             logger.info(
                 "API ready: model %s at %s, %s, prompt prefix %d chars",
-                settings.ollama_model,
+                settings.llm_model,
                 _endpoint_names(ollama),
                 pipeline.taxonomy.summary(),
                 pipeline.prompt_builder.prefix_chars,
@@ -378,8 +423,8 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
             # Say at once whether Ollama is there, without holding up start-up.
             startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
             # The lifespan state: every request sees it on request.state (see api_dependencies).
-            slots = LLMSlots(settings.api_max_concurrency, settings.api_queue_timeout)
-            yield lifespan_state(settings, pipeline, ollama, slots)
+            slots = LLMSlots(settings.api_max_concurrency, settings.api_queue_timeout, settings.api_max_waiting)
+            yield {**lifespan_state(settings, pipeline, ollama, slots), **access.lifespan_state(settings)}
             startup_check.cancel()
 
     app = FastAPI(
@@ -395,14 +440,17 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
         redoc_url=None,  # ReDoc loads its script from a CDN
     )
     # The last added runs first: the size limit, then the media type.
-    app.add_middleware(JSONBodyOnlyMiddleware)
+    app.add_middleware(JSONBodyOnlyMiddleware, form_paths=access.FORM_PATHS)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.api_max_body_bytes)
     _install_error_handlers(app)
     _document_label_fields(app, documented)
     _add_classification_routes(app)
+    _document_the_classify_body(app)
     # Routers of other parts are included here, one line each; they take what they need from
     # api_dependencies.
     dashboard.install(app)  # GET /dashboard, /api/stats, /api/jobs, /static, offline /docs
+    access.install(app)  # /login, /logout, /api/session
+    conversations.install(app)  # /api/conversations..., /conversations (its database is the dashboard's)
     return app
 
 
@@ -421,6 +469,25 @@ def _document_label_fields(app: FastAPI, taxonomies: list[Taxonomy]) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def _document_the_classify_body(app: FastAPI) -> None:
+    """Put ``ConversationIn`` (and the models it uses) into the OpenAPI components: ``/classify``
+    reads its body itself, so FastAPI does not know its schema; the route's ``openapi_extra`` refers
+    to it."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = generate()
+            schemas = document.setdefault("components", {}).setdefault("schemas", {})
+            schema = ConversationIn.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, definition in schema.pop("$defs", {}).items():
+                schemas.setdefault(name, definition)
+            schemas.setdefault("ConversationIn", schema)
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def _add_classification_routes(app: FastAPI) -> None:
     """``POST /classify``, ``GET /health``, ``GET /ready``."""
 
@@ -430,30 +497,47 @@ def _add_classification_routes(app: FastAPI) -> None:
         response_model=ClassifyResponse,
         response_model_exclude_none=True,
         responses=ERROR_RESPONSES,
+        openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
+            "schema": {"$ref": "#/components/schemas/ConversationIn"},
+            "examples": {
+                "messages": {"summary": "Chat transcript", "value": MESSAGES_EXAMPLE},
+                "tweets": {"summary": "Twitter thread (source schema)", "value": TWEETS_EXAMPLE},
+            },
+        }}}},
     )
     async def classify(
         request: Request,
         classifier: ClassifierDep,
         llm_client: LLMClientDep,
         llm_slots: LLMSlotsDep,
-        conversation: ConversationIn = Body(
-            openapi_examples={
-                "messages": {"summary": "Chat transcript", "value": MESSAGES_EXAMPLE},
-                "tweets": {"summary": "Twitter thread (source schema)", "value": TWEETS_EXAMPLE},
-            }
-        ),
+        _: conversations.FreshExamplesDep,
     ) -> Response:
+        # The body is read here, not declared as a parameter: FastAPI would parse and validate it on
+        # the event loop, before any bound on waiting requests applies (see read_classify_body).
         started = time.perf_counter()
-        raw = _body_to_echo(await request.body())  # the body as received, echoed unchanged
-        try:
-            outcome = await llm_slots.run(request, classifier.classify, conversation, llm_client)
-        except ClientLeftError:
-            logger.info(
-                "conversation %s: the client left before its turn; not sent to the model",
-                conversation.conversation_number,
-            )
-            return Response(status_code=CLIENT_CLOSED_REQUEST)
-        field = conversation.source_field
+        async with llm_slots.admitted(request):  # 503 llm_busy at once when API_MAX_WAITING wait already
+            try:
+                body = await _read_body(request)
+            except ClientDisconnect:
+                logger.info("a client left before its turn, its body unread; not sent to the model")
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            raw, conversation = await llm_slots.read(read_classify_body, body)
+            del body  # parsed: the bytes can go while the request waits for its turn
+            try:
+                outcome = await llm_slots.run(request, classifier.classify, conversation, llm_client)
+            except ClientLeftError:
+                logger.info(
+                    "conversation %s: the client left before its turn; not sent to the model",
+                    conversation.conversation_number,
+                )
+                return Response(status_code=CLIENT_CLOSED_REQUEST)
+            field = conversation.source_field
+            answer = {
+                "conversation_number": conversation.conversation_number,
+                field: raw[field],  # the body as received, echoed unchanged
+                "classification": outcome.classification.model_dump(),
+            }
+            response = await run_in_threadpool(JSONResponse, answer)  # serialising a large echo is CPU too
         logger.info(
             "classified conversation %s (%d %s) in %d ms: %s",
             conversation.conversation_number,
@@ -462,13 +546,7 @@ def _add_classification_routes(app: FastAPI) -> None:
             (time.perf_counter() - started) * 1000,
             " / ".join(outcome.classification.labels.values()),
         )
-        return JSONResponse(
-            {
-                "conversation_number": conversation.conversation_number,
-                field: raw[field],
-                "classification": outcome.classification.model_dump(),
-            }
-        )
+        return response
 
     @app.get("/health", summary="Liveness: the process answers (no Ollama call)")
     async def health() -> dict[str, str]:
@@ -480,10 +558,13 @@ def _add_classification_routes(app: FastAPI) -> None:
         responses={503: ERROR_RESPONSES[503]},
     )
     async def ready(settings: SettingsDep, llm_client: LLMClientDep) -> dict[str, Any]:
-        """Ready when at least one LLM server answers with the model; each server is reported."""
+        """Ready when at least one LLM server answers with the model; each server is reported.
+
+        It only reports: however slow or failed a server's answer here, its circuit breaker is left
+        as it is (only /classify calls move it), so an unauthenticated probe cannot pause a server."""
         # None ready: the first server's typed error (503 with its hint).
         statuses = await run_in_threadpool(lambda: llm_client.readiness(require_one=True))
-        return {"status": "ready", "model": settings.ollama_model, "endpoint": _endpoint_names(llm_client),
+        return {"status": "ready", "model": settings.llm_model, "endpoint": _endpoint_names(llm_client),
                 "servers": [status.as_dict() for status in statuses]}
 
 

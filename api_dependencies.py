@@ -11,6 +11,7 @@ Tests substitute a piece with ``app.dependency_overrides[get_classifier] = ...``
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,11 +20,14 @@ from typing import Annotated, Any, TypeVar
 import anyio.to_thread
 from anyio import CapacityLimiter
 from fastapi import Depends, Request
+from starlette.requests import ClientDisconnect
 
 from classifier import ConversationClassifier
 from config import Settings
 from error_handler import LLMBusyError
 from llm_pool import LLMPool
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
@@ -37,16 +41,50 @@ class LLMSlots:
 
     A request waits for a slot at most ``queue_timeout`` seconds (API_QUEUE_TIMEOUT), then gets
     503 ``llm_busy``: a burst queues here instead of piling onto the LLM server until every
-    request times out. A request whose client hangs up while it waits gives up its place: 60
+    request times out. At most ``max_waiting`` requests wait (API_MAX_WAITING): a request is
+    :meth:`admitted` before its body is read, and one more than ``limit + max_waiting`` gets 503
+    ``llm_busy`` at once, since each waiting request holds its body and its parsed conversation
+    in memory. A request whose client hangs up while it waits gives up its place: 60
     abandoned requests do not make 60 model calls. The calls run in worker threads of their own
     (as many as slots), so the limit is not silently capped by Starlette's shared thread pool.
     """
 
-    def __init__(self, limit: int, queue_timeout: float) -> None:
+    def __init__(self, limit: int, queue_timeout: float, max_waiting: int) -> None:
         self.limit = limit
         self.queue_timeout = queue_timeout
+        self.max_waiting = max_waiting
         self._semaphore = asyncio.Semaphore(limit)
         self._threads = CapacityLimiter(limit)
+        # Reading bodies is CPU under the GIL: one thread at a time, or a dozen large bodies parsed at
+        # once take turns with the event loop and /health waits behind all of them.
+        self._reading = CapacityLimiter(1)
+        self._admitted = 0  # requests from admission to their answer: in flight, or waiting (reading included)
+
+    @asynccontextmanager
+    async def admitted(self, request: Request) -> AsyncIterator[None]:
+        """A place for ``request`` from before its body is read to its answer, or :class:`LLMBusyError`
+        at once when ``limit`` are in flight and ``max_waiting`` wait already (its body is then read
+        and dropped unparsed, so that the client gets the answer rather than a reset connection)."""
+        if self._admitted >= self.limit + self.max_waiting:
+            await _discard_body(request)
+            raise LLMBusyError(
+                f"{self.max_waiting} requests already wait for the {self.limit} LLM slots of this API process.",
+                hint="Retry later (see Retry-After); raise API_MAX_WAITING (each waiting request holds its body "
+                "in memory), or API_MAX_CONCURRENCY if the LLM server has room for more parallel requests.",
+                max_concurrency=self.limit,
+                max_waiting=self.max_waiting,
+            )
+        self._admitted += 1
+        logger.debug("request admitted: %d in this process (%d slots, %d may wait)", self._admitted, self.limit,
+                     self.max_waiting)
+        try:
+            yield
+        finally:
+            self._admitted -= 1
+
+    async def read(self, function: Callable[..., T], *args: Any) -> T:
+        """``function(*args)`` (parsing and validating a body) in the one worker thread for reading."""
+        return await anyio.to_thread.run_sync(function, *args, limiter=self._reading)
 
     async def run(self, request: Request, function: Callable[..., T], *args: Any) -> T:
         """``function(*args)`` in a worker thread once a slot is free; raises :class:`LLMBusyError`
@@ -83,6 +121,14 @@ class LLMSlots:
             self._semaphore.release()
 
 
+async def _discard_body(request: Request) -> None:
+    try:
+        async for _chunk in request.stream():
+            pass
+    except ClientDisconnect:
+        pass
+
+
 async def _until_client_left(request: Request) -> None:
     """Return when the client disconnects. The body has been read: the server's next ASGI message
     for this request is ``http.disconnect``, sent when the connection closes."""
@@ -97,19 +143,20 @@ def lifespan_state(
     return {"settings": settings, "classifier": classifier, "llm_client": llm_client, "llm_slots": llm_slots}
 
 
-def get_settings(request: Request) -> Settings:
+# Coroutines: FastAPI would run plain functions in a worker thread, a needless hop per request.
+async def get_settings(request: Request) -> Settings:
     return request.state.settings
 
 
-def get_classifier(request: Request) -> ConversationClassifier:
+async def get_classifier(request: Request) -> ConversationClassifier:
     return request.state.classifier
 
 
-def get_llm_client(request: Request) -> LLMPool:
+async def get_llm_client(request: Request) -> LLMPool:
     return request.state.llm_client
 
 
-def get_llm_slots(request: Request) -> LLMSlots:
+async def get_llm_slots(request: Request) -> LLMSlots:
     return request.state.llm_slots
 
 

@@ -1,7 +1,8 @@
 """LLM chat client for the batch processor (asynchronous, ``aiohttp``), either provider.
 
-Same payload and answer parsing as ``llm_wrapper`` (the provider's :class:`~llm_wrapper.Protocol`,
-imported from there); one ``aiohttp.ClientSession`` per process, opened and closed by ``async with``.
+The same provider entry (:data:`llm_wrapper.PROVIDERS`) and the same pure functions as the sync
+client: only the transport differs. One ``aiohttp.ClientSession`` per client, opened and closed by
+``async with``.
 Build it with :func:`create_async_llm_client`.
 """
 
@@ -19,9 +20,12 @@ from llm_wrapper import (
     READY_TIMEOUT_SECONDS,
     ChatResult,
     dropped_error,
-    protocol_for,
+    embed_request,
+    provider_for,
+    read_chat,
+    read_embed,
+    read_ready,
     request_failed_error,
-    request_headers,
     timeout_error,
     unavailable_error,
 )
@@ -34,13 +38,13 @@ class AsyncLLMClient:
 
     def __init__(self, settings: Settings, *, max_connections: int | None = None) -> None:
         self.settings = settings
-        self.protocol = protocol_for(settings)
+        self.provider = provider_for(settings)
         self._max_connections = max_connections or settings.batch_max_concurrent
         self._session: aiohttp.ClientSession | None = None
 
     async def __aenter__(self) -> AsyncLLMClient:
         self._session = aiohttp.ClientSession(
-            headers=request_headers(self.settings),
+            headers=self.provider.headers(self.settings),
             connector=aiohttp.TCPConnector(limit=self._max_connections),
             timeout=aiohttp.ClientTimeout(
                 total=self.settings.ollama_timeout,
@@ -60,7 +64,7 @@ class AsyncLLMClient:
     async def _request(self, method: str, path: str, **kwargs: Any) -> tuple[int, bytes, Mapping[str, str]]:
         if self._session is None:
             raise RuntimeError("AsyncLLMClient used outside 'async with'")
-        url = f"{self.settings.ollama_endpoint}{path}"
+        url = f"{self.settings.llm_endpoint}{path}"
         try:
             async with self._session.request(method, url, **kwargs) as response:
                 return response.status, await response.read(), response.headers
@@ -77,15 +81,21 @@ class AsyncLLMClient:
 
     async def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult:
         """One classification call; raises an ``LLMError`` on any failure."""
-        payload = self.protocol.build_payload(self.settings, messages, schema)
-        status, body, headers = await self._request("POST", self.protocol.chat_path, json=payload)
-        return self.protocol.parse_chat(status, body, self.settings, headers)
+        payload = self.provider.build_payload(self.settings, messages, schema)
+        status, body, headers = await self._request("POST", self.provider.chat_path, json=payload)
+        return read_chat(self.provider, self.settings, status, body, headers)
+
+    async def embed(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text from EMBEDDING_MODEL; raises an ``LLMError`` on any failure."""
+        path, payload = embed_request(self.provider, self.settings, texts)
+        status, body, headers = await self._request("POST", path, json=payload)
+        return read_embed(self.provider, self.settings, status, body, len(texts), headers)
 
     async def check_ready(self) -> None:
         """Raise unless the server answers and has the configured model (lists its models, no inference)."""
         timeout = aiohttp.ClientTimeout(total=min(READY_TIMEOUT_SECONDS, self.settings.ollama_timeout))
-        status, body, headers = await self._request("GET", self.protocol.ready_path, timeout=timeout)
-        self.protocol.check_models(body, status, self.settings, headers)
+        status, body, headers = await self._request("GET", self.provider.ready_path, timeout=timeout)
+        read_ready(self.provider, self.settings, status, body, headers)
 
 
 def create_async_llm_client(settings: Settings, *, max_connections: int | None = None) -> AsyncLLMClient:

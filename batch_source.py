@@ -8,15 +8,18 @@ processor works on.
 MongoDB is the only coordinator between processors. A processor takes documents with a
 conditional update that only matches what nobody holds::
 
-    status pending | absent                       -> processing, claimed_by, claim_id, lease_expires_at
-    status processing with an expired lease        (its processor died: taken over)
-    status failed of an earlier job               (only with --retry-failed)
+    status pending | absent                       -> processing, claimed_by, claim_id, lease_expires_at,
+    status processing with an expired lease           claim_generation + 1
+    (its processor died: taken over)
+    status failed of an earlier run               (only with --retry-failed)
 
 ``claim_id`` is a fresh token per claim: only the holder of that token may move the
 document on (``processed`` / ``failed`` / ``skipped``), so a processor that lost its claim
 (lease expired and taken over, or a user reset the document to ``pending``) can never
-overwrite what happened since. Leases are renewed every third of ``BATCH_LEASE_SECONDS``
-for everything the worker still holds.
+overwrite what happened since. ``claim_generation`` grows with every claim of the document and
+fences its result: see :class:`Claim` and docs/architecture.md#exactly-once-the-fencing-rule.
+Leases are renewed every third of ``BATCH_LEASE_SECONDS`` for everything the worker still
+holds; every lease time is the database server's (:mod:`utils.server_clock`).
 
 Nothing here orders or compares ``_id`` values: MongoDB compares ``$gt`` within one BSON
 type only, and source ``_id`` values may be of any type. ``_id`` values are kept as they
@@ -29,6 +32,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterable
 from contextlib import suppress
@@ -56,10 +60,10 @@ from utils.batch_file_manager import (
     PendingBatch,
     RetryEntry,
     batch_id,
-    utc_now,
 )
 from utils.progress import ProgressTracker
 from utils.retry_utils import retrying
+from utils.server_clock import ServerClock
 
 logger = logging.getLogger(__name__)
 
@@ -68,8 +72,11 @@ T = TypeVar("T")
 #: Fields of a source document kept in batch files: what classification needs.
 CONVERSATION_FIELDS = ("conversation_number", "messages", "tweets")
 _CANONICAL = json_util.JSONOptions(json_mode=json_util.JSONMode.CANONICAL, tz_aware=True)
-#: Fields a claim adds to a source document (removed when the holder finishes it).
-CLAIM_FIELDS = ("claimed_by", "claim_id", "claim_home", "lease_expires_at", "claimed_at")
+#: Batch mode waits for other processors' claims until the latest lease seen would have expired, plus this.
+WAIT_MARGIN_SECONDS = 1.0
+#: Fields a claim adds to a source document (removed when the holder finishes it). ``claim_generation``
+#: is not among them: it stays, so that the next claim's generation is higher.
+CLAIM_FIELDS = ("claimed_by", "claim_id", "claim_run", "claim_home", "lease_expires_at", "claimed_at", "claim_parked")
 
 
 def conversation_payload(document: dict[str, Any]) -> dict[str, Any]:
@@ -85,28 +92,51 @@ def id_key(value: Any) -> str:
     return json_util.dumps(value, json_options=_CANONICAL, sort_keys=False)
 
 
+@dataclass(frozen=True)
+class Claim:
+    """This processor's hold on one document: the token of the claim (``claim_id``, shared by the
+    documents claimed together) and the document's ``claim_generation`` under it, the fencing token
+    that every result written under the claim carries."""
+
+    token: str
+    generation: int
+
+
 def claimable_filter(
-    now: datetime, *, include_failed: bool, run_id: str, home: str | None = None, started_at: datetime | None = None
+    now: datetime, *, include_failed: bool, run_id: str, home: str | None = None
 ) -> dict[str, Any]:
-    """Documents this worker may take now."""
+    """Documents this worker may take now (``now``: the database server's time)."""
     branches: list[dict[str, Any]] = [
         unprocessed_filter(include_failed=False),
         {"status": STATUS_PROCESSING, "lease_expires_at": {"$lt": now}},
         # 'processing' without a lease: left by a processor of before leases; nobody renews it.
         {"status": STATUS_PROCESSING, "lease_expires_at": {"$exists": False}},
     ]
-    if home is not None and started_at is not None:
-        # Claimed from this batch folder before this processor started: by a processor that
-        # crashed (the folder lock proves it is not running), and possibly lost from its files.
-        branches.append({"status": STATUS_PROCESSING, "claim_home": home, "claimed_at": {"$lt": started_at}})
+    if home is not None:
+        # Claimed from this batch folder by another run: a processor that crashed (the folder lock
+        # proves it is not running), whose claims may be lost from its files.
+        branches.append({"status": STATUS_PROCESSING, "claim_home": home, "claim_run": {"$ne": run_id}})
     if include_failed:
         # Failed in an earlier run only: a run never picks up its own failures again.
         branches.append({"status": STATUS_FAILED, "last_run_id": {"$ne": run_id}})
     return {"$or": branches}
 
 
+@dataclass(frozen=True)
+class OthersClaims:
+    """Live claims of other processors: ``working`` on, or only ``parked`` in their retry queues
+    until their next run; ``latest_expiry`` of the working ones (server time)."""
+
+    working: int = 0
+    parked: int = 0
+    latest_expiry: datetime | None = None
+
+
 class BatchSource:
-    """Claims, lease renewal and conditional status updates on the source collection."""
+    """Claims, lease renewal and conditional status updates on the source collection.
+
+    Every time here is the database server's (:class:`~utils.server_clock.ServerClock`, read by
+    :meth:`sync_clock` before the first claim and again with every renewal)."""
 
     def __init__(
         self,
@@ -117,7 +147,7 @@ class BatchSource:
         job_id: str,
         lease_seconds: float,
         include_failed: bool = False,
-        clock: Callable[[], datetime] = utc_now,
+        clock: ServerClock | None = None,
     ) -> None:
         self.store = store
         self.collection = store.source
@@ -125,24 +155,29 @@ class BatchSource:
         #: This processor's batch folder (host:path): its own claims from before a crash are its to recover.
         self.home = home
         self.job_id = job_id
-        #: Unique per run (job ids have a one-second resolution); marks what this run finished.
+        #: Unique per run (job ids have a one-second resolution); marks what this run claimed and finished.
         self.run_id = uuid.uuid4().hex
         self.lease = timedelta(seconds=lease_seconds)
         self.include_failed = include_failed
-        self._clock = clock
-        # At BSON's millisecond precision, so that no claim of this processor compares before it.
-        now = clock()
-        self.started_at = now.replace(microsecond=now.microsecond // 1000 * 1000)
+        self.clock = clock or ServerClock(store.server_time)
+
+    async def sync_clock(self) -> None:
+        await self.clock.sync()
+
+    def now(self) -> datetime:
+        return self.clock.now()
 
     def _filter(self) -> dict[str, Any]:
-        return claimable_filter(self._clock(), include_failed=self.include_failed, run_id=self.run_id,
-                                home=self.home, started_at=self.started_at)
+        return claimable_filter(self.now(), include_failed=self.include_failed, run_id=self.run_id, home=self.home)
 
     def _claim_update(self, token: str) -> dict[str, Any]:
-        now = self._clock()
+        now = self.now()
         return {"$set": {"status": STATUS_PROCESSING, "claimed_by": self.worker_id, "claim_id": token,
-                         "claim_home": self.home, "claimed_at": now, "lease_expires_at": now + self.lease,
-                         "last_processed_at": now}}
+                         "claim_run": self.run_id, "claim_home": self.home, "claimed_at": now,
+                         "lease_expires_at": now + self.lease, "last_processed_at": now},
+                # The fencing token: one more than any earlier claim of the document, whoever made it.
+                "$inc": {"claim_generation": 1},
+                "$unset": {"claim_parked": ""}}
 
     async def count_claimable(self) -> int:
         try:
@@ -151,7 +186,8 @@ class BatchSource:
             raise storage_error(e, "count of unprocessed conversations") from e
 
     async def claim(self, limit: int) -> tuple[str, list[dict[str, Any]]]:
-        """Claim up to ``limit`` documents; returns the claim token and the documents won.
+        """Claim up to ``limit`` documents; returns the claim token and the documents won (each
+        with its ``claim_generation``).
 
         Candidates are read first, then taken by one conditional ``update_many`` that
         re-checks the claimable filter document by document: when processors race for the
@@ -174,37 +210,64 @@ class BatchSource:
         except PyMongoError as e:
             raise storage_error(e, "claim of unprocessed conversations") from e
 
-    async def reclaim(self, ids: Iterable[Any]) -> tuple[str, set[str]]:
+    async def reclaim(self, ids: Iterable[Any]) -> tuple[str, dict[str, int]]:
         """Claim again documents named in this folder's batch files (recovery, retry queues).
 
         Taken when claimable, or when still claimed from this folder (by this processor or a
         crashed earlier one: the folder lock says it is not running). Returns the new token
-        and the :func:`id_key` of the documents won; the others were finished or taken over
-        by another processor since, and are not this processor's any more.
+        and the :func:`id_key` -> ``claim_generation`` of the documents won; the others were
+        finished or taken over by another processor since, and are not this processor's any more.
         """
         token = uuid.uuid4().hex
         wanted = list(ids)
         if not wanted:
-            return token, set()
+            return token, {}
         mine = {"status": STATUS_PROCESSING, "claim_home": self.home}
         query = {"$and": [{"_id": {"$in": wanted}}, {"$or": [self._filter(), mine]}]}
         try:
             await self.collection.update_many(query, self._claim_update(token))
-            won = await self.collection.find({"claim_id": token}, projection={"_id": 1}).to_list(length=None)
+            won = await self.collection.find({"claim_id": token}, projection={"_id": 1, "claim_generation": 1}
+                                             ).to_list(length=None)
         except PyMongoError as e:
             raise storage_error(e, "claim of recovered conversations") from e
-        return token, {id_key(doc["_id"]) for doc in won}
+        return token, {id_key(doc["_id"]): int(doc["claim_generation"]) for doc in won}
+
+    async def holding(self, source_id: Any, claim: Claim, *, conversation: bool = False) -> dict[str, Any] | None:
+        """The document while ``claim`` is still its current claim (with its conversation fields
+        when asked), else None: the claim was lost (taken over, released and taken, or reset)."""
+        projection = {key: 1 for key in CONVERSATION_FIELDS} if conversation else {"_id": 1}
+        try:
+            return await self.collection.find_one(
+                {"_id": source_id, "status": STATUS_PROCESSING, "claim_id": claim.token,
+                 "claim_generation": claim.generation},
+                projection=projection,
+            )
+        except PyMongoError as e:
+            raise storage_error(e, "check of a claim") from e
 
     async def renew(self) -> int:
-        """Extend the lease of everything this worker holds; returns how many documents."""
+        """Read the server's time again and extend the lease of everything this worker holds;
+        returns how many documents."""
+        await self.sync_clock()
         try:
             result = await self.collection.update_many(
                 {"status": STATUS_PROCESSING, "claimed_by": self.worker_id},
-                {"$set": {"lease_expires_at": self._clock() + self.lease}},
+                {"$set": {"lease_expires_at": self.now() + self.lease}},
             )
         except PyMongoError as e:
             raise storage_error(e, "lease renewal") from e
         return result.matched_count
+
+    async def park(self, ids: list[Any], token: str) -> None:
+        """Say that these claims only wait in this processor's retry queue for its next run: batch
+        mode elsewhere does not wait for them (the lease still keeps them this processor's)."""
+        try:
+            await self.collection.update_many(
+                {"_id": {"$in": ids}, "status": STATUS_PROCESSING, "claim_id": token},
+                {"$set": {"claim_parked": True}},
+            )
+        except PyMongoError as e:
+            raise storage_error(e, "update of parked claims") from e
 
     async def release(self) -> int:
         """Let the leases of what this worker still holds expire now (at exit): others may take
@@ -212,29 +275,39 @@ class BatchSource:
         try:
             result = await self.collection.update_many(
                 {"status": STATUS_PROCESSING, "claimed_by": self.worker_id},
-                {"$set": {"lease_expires_at": self._clock()}},
+                {"$set": {"lease_expires_at": self.now()}},
             )
         except PyMongoError as e:
             raise storage_error(e, "release of claims") from e
         return result.matched_count
 
-    async def live_claims_of_others(self) -> int:
-        """Documents other processors hold with a live lease (batch mode waits for them)."""
+    async def claims_of_others(self) -> OthersClaims:
+        """What other processors hold with a live lease (batch mode waits for the working ones)."""
         query = {"status": STATUS_PROCESSING, "claimed_by": {"$ne": self.worker_id},
-                 "lease_expires_at": {"$gte": self._clock()}}
+                 "lease_expires_at": {"$gte": self.now()}}
+        working = parked = 0
+        latest: datetime | None = None
         try:
-            return await self.collection.count_documents(query)
+            async for doc in self.collection.find(query, projection={"lease_expires_at": 1, "claim_parked": 1}):
+                if doc.get("claim_parked"):
+                    parked += 1
+                    continue
+                working += 1
+                expiry = doc.get("lease_expires_at")
+                if isinstance(expiry, datetime) and (latest is None or expiry > latest):
+                    latest = expiry
         except PyMongoError as e:
             raise storage_error(e, "count of claimed conversations") from e
+        return OthersClaims(working, parked, latest)
 
-    async def finish(self, source_id: Any, token: str, status: str, *, reason: str | None = None,
+    async def finish(self, source_id: Any, claim: Claim, status: str, *, reason: str | None = None,
                      error_type: str | None = None) -> bool:
-        """Move a claimed document to ``status``, only while this claim holds it.
+        """Move a claimed document to ``status``, only while ``claim`` holds it.
 
         False when the claim was lost (the lease expired and another processor took it, or
         the document was reset meanwhile): the newer state is left untouched.
         """
-        now = self._clock()
+        now = self.now()
         update: dict[str, Any] = {
             "$set": {"status": status, "last_processed_at": now, "last_job_id": self.job_id,
                      "last_run_id": self.run_id},
@@ -248,7 +321,9 @@ class BatchSource:
                                    "error_type": error_type or ""})
         try:
             result = await self.collection.update_one(
-                {"_id": source_id, "status": STATUS_PROCESSING, "claim_id": token}, update
+                {"_id": source_id, "status": STATUS_PROCESSING, "claim_id": claim.token,
+                 "claim_generation": claim.generation},
+                update,
             )
         except PyMongoError as e:
             raise storage_error(e, f"status update to {status}") from e
@@ -266,11 +341,14 @@ async def with_storage_retries(settings: Settings, what: str, operation: Callabl
 
 @dataclass
 class BatchState:
-    """A batch being worked on: its claim token, what is left of it and its retry queue."""
+    """A batch being worked on: its claim token, the generation of each document under it, what is
+    left of it and its retry queue."""
 
     number: int
     queue: list[RetryEntry]
     token: str
+    #: id_key -> claim_generation of the documents this processor holds under ``token``.
+    generations: dict[str, int] = field(default_factory=dict)
     unresolved: set[str] = field(default_factory=set)
     #: id_key -> content hash of results that existed when the batch was read.
     existing: dict[str, str | None] = field(default_factory=dict)
@@ -282,8 +360,33 @@ class BatchState:
     def batch_id(self) -> str:
         return batch_id(self.number)
 
+    def claim_of(self, key: str) -> Claim:
+        return Claim(self.token, self.generations[key])
+
 
 Batches = AsyncGenerator[tuple[BatchState, list[BatchConversation]], None]
+
+
+class _WaitForOthers:
+    """How long batch mode may still wait for other processors' claims: until the latest lease seen
+    when the wait began would have expired (plus a little for the time between two renewals)."""
+
+    def __init__(self, source: BatchSource) -> None:
+        self.source = source
+        self._deadline: float | None = None
+
+    def started(self, others: OthersClaims) -> bool:
+        """Whether the wait had begun already; begins it otherwise."""
+        if self._deadline is not None:
+            return True
+        lease_left = self.source.lease.total_seconds()
+        if others.latest_expiry is not None:
+            lease_left = min(lease_left, max((others.latest_expiry - self.source.now()).total_seconds(), 0.0))
+        self._deadline = time.monotonic() + lease_left + WAIT_MARGIN_SECONDS
+        return False
+
+    def seconds_left(self) -> float:
+        return 0.0 if self._deadline is None else self._deadline - time.monotonic()
 
 
 class BatchReader:
@@ -310,10 +413,10 @@ class BatchReader:
     async def _retrying(self, what: str, operation: Callable[[], Awaitable[T]]) -> T:
         return await with_storage_retries(self.settings, what, operation)
 
-    async def _reclaim(self, what: str, ids: list[Any]) -> tuple[str, set[str]]:
+    async def _reclaim(self, what: str, ids: list[Any]) -> tuple[str, dict[str, int]]:
         return await self._retrying(f"claim of {what}", lambda: self.source.reclaim(ids))
 
-    def _keep_claimed(self, number: int, queue: list[RetryEntry], won: set[str]) -> list[RetryEntry]:
+    def _keep_claimed(self, number: int, queue: list[RetryEntry], won: dict[str, int]) -> list[RetryEntry]:
         """The queue entries still this processor's; the others are dropped from the queue file."""
         kept = [entry for entry in queue if id_key(entry.conversation_id) in won]
         if len(kept) != len(queue):
@@ -335,7 +438,7 @@ class BatchReader:
             queued = {id_key(entry.conversation_id) for entry in queue}
             left = [c for c in pending.conversations if id_key(c.object_id) not in queued]
             todo = [c for c in left if id_key(c.object_id) in won]
-            state = BatchState(number, queue, token)
+            state = BatchState(number, queue, token, won)
             self.tracker.add_total(len(todo) + len(queue))
             await self._load_existing(state, todo)
             logger.info(
@@ -353,7 +456,7 @@ class BatchReader:
                 continue
             queue = self.files.load_retry_queue(number)
             token, won = await self._reclaim("queued conversations", [e.conversation_id for e in queue])
-            state = BatchState(number, self._keep_claimed(number, queue, won), token, has_pending_file=False)
+            state = BatchState(number, self._keep_claimed(number, queue, won), token, won, has_pending_file=False)
             self.tracker.add_total(len(state.queue))
             yield state
 
@@ -365,26 +468,23 @@ class BatchReader:
         expected = expected if remaining is None else min(expected, remaining)
         self.tracker.add_total(expected)
         fetched = 0
-        waiting_logged = False
+        waiting: _WaitForOthers | None = None
         while not self.stopping and (remaining is None or remaining > 0):
             want = size if remaining is None else min(size, remaining)
             token, documents = await self._retrying("claim of unprocessed conversations",
                                                     partial(self.source.claim, want))
             if not documents:
-                if await self._others_still_working():
-                    if not waiting_logged:
-                        logger.info("nothing left to claim; waiting for the claims of other processors to finish "
-                                    "or expire")
-                        waiting_logged = True
-                    with suppress(TimeoutError):
-                        await asyncio.wait_for(self._stop.wait(), timeout=self._claim_wait_seconds())
+                if waiting is None:
+                    waiting = _WaitForOthers(self.source)
+                if await self._wait_for_others(waiting):
                     continue
-                # No live claim of another processor is left, but a lease may have expired between
-                # the claim above and that check: claim once more before calling the run done.
+                # Nothing worth waiting for is left, but a lease may have expired between the claim
+                # above and that check: claim once more before calling the run done.
                 token, documents = await self._retrying("claim of unprocessed conversations",
                                                         partial(self.source.claim, want))
                 if not documents:
                     break
+            waiting = None
             fetched += len(documents)
             if fetched > expected:  # documents arrived (or were given back) during the run
                 self.tracker.add_total(fetched - expected)
@@ -395,13 +495,30 @@ class BatchReader:
         if fetched < expected:  # fewer than counted (taken by another processor, or the count was stale)
             self.tracker.add_total(fetched - expected)
 
-    async def _others_still_working(self) -> bool:
-        """Batch mode: whether other live processors hold claims (they may finish them, or die and
-        leave them to be taken over). Continuous mode polls again anyway."""
+    async def _wait_for_others(self, waiting: _WaitForOthers) -> bool:
+        """Batch mode, nothing claimable: whether to wait (a while) and claim again.
+
+        Other processors' claims may yet come back: finished, or expired when their processor
+        died. Waiting is for the working ones only (a claim parked in another processor's retry
+        queue stays there until that processor's next run), and never beyond the latest lease
+        seen when the wait began: a claim still live after that was renewed since, so its
+        processor lives and finishes it. Continuous mode polls again anyway.
+        """
         if self.settings.batch_processor_mode != "batch":
             return False
-        live = await self._retrying("count of claimed conversations", self.source.live_claims_of_others)
-        return live > 0
+        others = await self._retrying("count of claimed conversations", self.source.claims_of_others)
+        if not others.working:
+            return False
+        if not waiting.started(others):
+            logger.info("nothing left to claim; %d conversations claimed by other live processors: waiting up to "
+                        "%.0f s for them to finish or expire", others.working, waiting.seconds_left())
+        if waiting.seconds_left() <= 0:
+            logger.info("%d conversations are still claimed by other processors that renew their leases: they "
+                        "finish them; this run stops waiting", others.working)
+            return False
+        with suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), timeout=min(self._claim_wait_seconds(), waiting.seconds_left()))
+        return True
 
     def _claim_wait_seconds(self) -> float:
         return min(self.settings.batch_poll_interval, max(self.settings.batch_lease_seconds / 10, 0.1), 5.0)
@@ -416,7 +533,7 @@ class BatchReader:
             [BatchConversation(d["_id"], conversation_payload(d)) for d in documents],
         )
         self.files.write_pending(pending)
-        state = BatchState(number, [], token)
+        state = BatchState(number, [], token, {id_key(d["_id"]): int(d["claim_generation"]) for d in documents})
         await self._load_existing(state, pending.conversations)
         logger.info("%s: %d conversations claimed", state.batch_id, len(documents))
         return state, pending.conversations

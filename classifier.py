@@ -18,12 +18,13 @@ import json
 import logging
 import re
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from aggregator import ConversationIn, Transcript, build_transcript
+from aggregator import ConversationIn, Transcript, build_transcript, content_hash
 from confidence import label_confidence
 from config import Settings
 from error_handler import LLMOutputError
@@ -31,6 +32,7 @@ from prompt_builder import (
     ARRAY,
     CATEGORIZATION,
     AnswerFormat,
+    Example,
     LabelField,
     PromptBuilder,
     Taxonomy,
@@ -39,6 +41,7 @@ from prompt_builder import (
     load_few_shots,
     load_taxonomy,
 )
+from retrieval import FewShotRetriever
 
 if TYPE_CHECKING:
     from llm_wrapper import ChatResult
@@ -50,15 +53,20 @@ MAX_CATEGORIZATION_CHARS = 300
 
 
 class ChatClient(Protocol):
-    """What :meth:`ConversationClassifier.classify` needs: an LLM client or a pool of them (the API)."""
+    """What :meth:`ConversationClassifier.classify` needs: an LLM client or a pool of them (the API).
+    ``embed`` is called only with retrieved few-shot examples by embeddings (EMBEDDING_MODEL)."""
 
     def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult: ...
+
+    def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
 class AsyncChatClient(Protocol):
     """What :meth:`ConversationClassifier.classify_async` needs: a client or a pool (the batch processor)."""
 
     async def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult: ...
+
+    async def embed(self, texts: list[str]) -> list[list[float]]: ...
 
 
 Probability = Annotated[float, Field(ge=0, le=1)]
@@ -153,6 +161,13 @@ def extract_json_object(content: str, keys: list[str] | None = None, *, arrays: 
         except ValueError:
             position = _find_any(text, starts, position + 1)
             continue
+        except RecursionError as e:
+            # Nested past the interpreter's limit: every later "{" of the run is nested as deep, so
+            # scanning on would only repeat the failure (quadratic). An unusable answer, not a 500.
+            raise LLMOutputError(
+                "The model's answer holds no JSON object that can be read (nested too deeply).",
+                answer=_preview(content),
+            ) from e
         if isinstance(value, dict):
             if {label_key(k) for k in value} & wanted:
                 return value
@@ -249,40 +264,54 @@ class ClassificationOutcome:
 
 
 class ConversationClassifier:
-    """The shared pipeline: builds the prompt for a conversation and reads the model's answer."""
+    """The shared pipeline: builds the prompt for a conversation and reads the model's answer.
 
-    def __init__(self, taxonomy: Taxonomy, prompt_builder: PromptBuilder, *, confidence_threshold: float = 0.0) -> None:
+    With a ``retriever`` (FEW_SHOT_SOURCE reviewed or both), each prompt also carries the reviewed
+    conversations most similar to this one, after the fixed prefix (retrieval.py).
+    """
+
+    def __init__(self, taxonomy: Taxonomy, prompt_builder: PromptBuilder, *, confidence_threshold: float = 0.0,
+                 retriever: FewShotRetriever | None = None) -> None:
         self.taxonomy = taxonomy
         self.prompt_builder = prompt_builder
         self.answer = prompt_builder.answer
         self.confidence_threshold = confidence_threshold
+        self.retriever = retriever
 
     @classmethod
     def from_settings(cls, settings: Settings) -> ConversationClassifier:
         """Load the taxonomy and few-shot files named by ``settings`` (raises ConfigError)."""
         taxonomy = load_taxonomy(settings.taxonomy_file)
-        few_shots = load_few_shots(settings.few_shots_file, taxonomy)
         answer = AnswerFormat(taxonomy, settings.categorization, settings.categorization_max_chars,
                               settings.answer_format)
+        # FEW_SHOT_SOURCE=reviewed: the reviewed examples replace the file's; both: they follow them.
+        static = load_few_shots(settings.few_shots_file, taxonomy) if settings.few_shot_source != "reviewed" else []
+        retriever = FewShotRetriever(settings) if settings.few_shot_source != "static" else None
         return cls(
             taxonomy,
-            PromptBuilder(taxonomy, few_shots, settings.conversation_char_budget, answer),
+            PromptBuilder(taxonomy, static, settings.conversation_char_budget, answer),
             confidence_threshold=settings.confidence_threshold,
+            retriever=retriever,
         )
 
     @property
     def schema(self) -> dict[str, Any]:
         return self.prompt_builder.schema
 
-    def prepare(self, conversation: ConversationIn) -> PreparedConversation:
+    def transcript(self, conversation: ConversationIn) -> Transcript:
         transcript = build_transcript(
             conversation.turns(),
             self.prompt_builder.char_budget,
             conversation_number=conversation.conversation_number,
         )
         logger.debug("conversation %s transcript:\n%s", conversation.conversation_number, transcript.text)
+        return transcript
+
+    def prepare(self, conversation: ConversationIn, examples: Sequence[Example] = (),
+                transcript: Transcript | None = None) -> PreparedConversation:
+        transcript = transcript or self.transcript(conversation)
         return PreparedConversation(
-            conversation.conversation_number, self.prompt_builder.build_messages(transcript.text), transcript
+            conversation.conversation_number, self.prompt_builder.build_messages(transcript.text, examples), transcript
         )
 
     def _finish(self, prepared: PreparedConversation, chat: ChatResult, started: float) -> ClassificationOutcome:
@@ -306,13 +335,21 @@ class ConversationClassifier:
     def classify(self, conversation: ConversationIn, client: ChatClient) -> ClassificationOutcome:
         """Classify with the synchronous client (the API)."""
         started = time.perf_counter()
-        prepared = self.prepare(conversation)
+        transcript = self.transcript(conversation)
+        examples: Sequence[Example] = ()
+        if self.retriever is not None:
+            examples = self.retriever.select(transcript.text, content_hash(conversation), client.embed)
+        prepared = self.prepare(conversation, examples, transcript)
         chat = client.chat(prepared.messages, self.schema)
         return self._finish(prepared, chat, started)
 
     async def classify_async(self, conversation: ConversationIn, client: AsyncChatClient) -> ClassificationOutcome:
         """Classify with the asynchronous client (the batch processor)."""
         started = time.perf_counter()
-        prepared = self.prepare(conversation)
+        transcript = self.transcript(conversation)
+        examples: Sequence[Example] = ()
+        if self.retriever is not None:
+            examples = await self.retriever.select_async(transcript.text, content_hash(conversation), client.embed)
+        prepared = self.prepare(conversation, examples, transcript)
         chat = await client.chat(prepared.messages, self.schema)
         return self._finish(prepared, chat, started)

@@ -30,6 +30,7 @@ from error_handler import (
 from llm_pool import AsyncLLMPool
 from logger import configure_logging
 from mongo_client import MongoStore, data_identity
+from retrieval import mongo_source
 from utils.batch_file_manager import BatchFileManager
 from utils.command_line import command_parser, positive_float, positive_int, settings_epilog
 from utils.job_recorder import JobRecorder
@@ -113,8 +114,11 @@ def print_summary(summary: RunSummary, settings: Settings) -> None:
         f"  already done      {p.already_classified}",
         f"  skipped           {p.skipped}" + ("   (no customer turn: status 'skipped', nothing to classify)"
                                                if p.skipped else ""),
+        f"  lost claim        {p.lost_claims}" + ("   (taken over or reset while this processor worked: the newer "
+                                                  "result stands)" if p.lost_claims else ""),
         f"  rate              {p.successful / p.elapsed_seconds if p.elapsed_seconds else 0:.2f} conversations/s",
         f"  results           {settings.mongodb_database_name}.{settings.mongodb_results_collection}",
+        f"  left              {summary.left.describe()}",
     ]
     print("\n".join(lines), flush=True)
 
@@ -124,13 +128,16 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     classifier = ConversationClassifier.from_settings(settings)
     files = BatchFileManager(settings.batch_files_dir)
     with files.locked():
-        # One client per LLM server (OLLAMA_ENDPOINT may list several), routed by the pool.
+        # One client per LLM server (LLM_ENDPOINT may list several), routed by the pool.
         async with MongoStore.connect(settings) as store, AsyncLLMPool(settings, create_async_llm_client) as llm:
             await store.ping()
             # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
             files.claim(data_identity(settings))
-            await llm.check_ready()
+            await llm.check_ready(pause_failed=True)  # a server that fails it gets no call until its probe
             await store.ensure_indexes(classifier.taxonomy.field_names)
+            if classifier.retriever is not None:  # FEW_SHOT_SOURCE reviewed/both: examples from this database
+                classifier.retriever.source = mongo_source(store.results.database, settings, classifier.taxonomy,
+                                                           llm.embed if settings.embedding_model else None)
             async with build_progress(ProgressTracker(new_job_id()), components, files.directory) as progress:
                 progress.reporters.append(JobRecorder(store.uri, settings, progress.tracker.job_id))  # dashboard
                 processor = BatchProcessor(settings, store, llm, classifier, files, progress, options)

@@ -16,6 +16,10 @@ more than "the probability of the first token" (measured on llama.cpp with this 
 * the result is renormalised over the allowed labels. The chosen token's probability alone is
   never the answer: with ``Positive`` 0.41 chosen against ``Negative`` 0.52 in three spellings,
   the confidence of Positive is 0.44, not 0.41 (and not 1.0, which the grammar would suggest).
+
+A log-probability no model gives (above 0, NaN, infinite, not a number) where a label is read
+makes that label's confidence unknown (None), never an error: the answer was paid for, and its
+labels stand without it. ``-inf`` is a probability of 0.
 """
 
 from __future__ import annotations
@@ -26,6 +30,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from llm_wrapper import TokenLogprob
+
+#: Log-probabilities up to this much above 0 are rounding (servers send 1e-7 for a certain token).
+_ROUNDING = 1e-4
+
+
+class _Unreadable(Exception):
+    """A log-probability that is not one: the confidence of the label being read is unknown."""
+
+
+def _probability(logprob: object) -> float:
+    """``exp(logprob)``, or :class:`_Unreadable` for anything that is not a log-probability."""
+    if isinstance(logprob, bool) or not isinstance(logprob, (int, float)):
+        raise _Unreadable
+    try:
+        value = float(logprob)
+    except OverflowError:  # an integer of hundreds of digits
+        raise _Unreadable from None
+    if math.isnan(value) or value > _ROUNDING:  # +inf included; exp(1000) would overflow
+        raise _Unreadable
+    return min(1.0, math.exp(value))
 
 
 @dataclass(frozen=True)
@@ -108,7 +132,7 @@ def _distribution(
     shared: list[tuple[float, list[str]]] = []
     allowed = 0.0
     for text, logprob in alternatives.items():
-        p = math.exp(logprob)
+        p = _probability(logprob)
         rest = _after_lead(text, lead) if lead else text
         if rest is None:
             continue
@@ -142,8 +166,8 @@ def label_confidence(
     tokens: Sequence[TokenLogprob], key: str | int, allowed: Sequence[str]
 ) -> LabelConfidence | None:
     """The confidence of the label written for ``key`` (an object's key, or a position in an array answer);
-    None when it cannot be read from ``tokens`` (no such key, a label outside ``allowed``, or no
-    probability on any allowed label)."""
+    None when it cannot be read from ``tokens`` (no such key, a label outside ``allowed``, no probability
+    on any allowed label, or a log-probability that is not one where the label was read)."""
     text_parts, starts, offset = [], [], 0
     for token in tokens:
         starts.append(offset)
@@ -158,7 +182,10 @@ def label_confidence(
     if chosen is None or chosen not in allowed:
         return None
     index = next(i for i in range(len(tokens)) if starts[i] <= start < starts[i] + len(tokens[i].token))
-    result = _distribution(tokens, index, "", text[starts[index] : start], allowed)
+    try:
+        result = _distribution(tokens, index, "", text[starts[index] : start], allowed)
+    except _Unreadable:
+        return None
     if result is None:
         return None
     distribution, allowed_share = result

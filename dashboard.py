@@ -40,6 +40,7 @@ from config import Settings
 from error_handler import ClassifierError, InputError, StorageUnavailableError
 from mongo_client import invalid_uri_error, mongo_connection, unreachable_error
 from prompt_builder import Taxonomy
+from reviews import agreement_from, agreement_group, effective_label
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +88,12 @@ class ReviewShare(BaseModel):
     share: float | None = Field(description="needs_review / with_confidence; null when no result has confidences.")
 
 
+class Agreement(BaseModel):
+    n: int = Field(description="Results in the range whose current review set this field.")
+    accuracy: float | None = Field(description="Share of those where the model's label equals the reviewer's; "
+                                   "null when n is 0.")
+
+
 class Failure(BaseModel):
     conversation_number: str | None
     failure_type: str | None
@@ -104,6 +111,8 @@ class StatsResponse(BaseModel):
     fields: list[FieldCounts] = Field(description="Every label field of the taxonomy, in its order.")
     per_day: list[DayCounts]
     review: ReviewShare
+    agreement: dict[str, Agreement] = Field(
+        description="Per label field: how often the model agreed with the reviewers (the live quality figure).")
     statuses: dict[str, int] = Field(description="Source conversations per status (all jobs, all dates).")
     failures: list[Failure] = Field(description=f"The {FAILURES_SHOWN} latest failed conversations in the range.")
     job_ids: list[str] = Field(description="Batch jobs that wrote results (for the job filter).")
@@ -251,7 +260,8 @@ def results_match(date_from: date | None, date_to: date | None, job: str | None)
 
 
 def _label(field: str) -> dict[str, Any]:
-    return {"$ifNull": [f"$classification.{field}", NO_LABEL]}
+    # The effective label: a current review's, else the model's (reviews.py).
+    return {"$ifNull": [effective_label(field), NO_LABEL]}
 
 
 def _facet(field: str) -> str:
@@ -270,6 +280,7 @@ def stats_pipeline(match: dict[str, Any], label_fields: list[str]) -> list[dict[
             "needs_review": {"$sum": {"$cond": [{"$eq": ["$classification.needs_review", True]}, 1, 0]}},
         }}],
         "day_total": [{"$group": {"_id": day, "n": {"$sum": 1}}}],
+        "agreement": [agreement_group(label_fields)],
     }
     for field in label_fields:
         facets[_facet(field)] = [{"$group": {"_id": _label(field), "n": {"$sum": 1}}},
@@ -290,6 +301,7 @@ def shape_stats(facets: dict[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
             entry = days.get(row["_id"].get("day"))
             if entry is not None:
                 entry["labels"][field][str(row["_id"]["label"])] = row["n"]
+    agreement = agreement_from((facets.get("agreement") or [None])[0], taxonomy.field_names)
     review = (facets.get("review") or [{}])[0]
     with_confidence = int(review.get("with_confidence", 0))
     needs_review = int(review.get("needs_review", 0))
@@ -302,6 +314,7 @@ def shape_stats(facets: dict[str, Any], taxonomy: Taxonomy) -> dict[str, Any]:
             for f in taxonomy.fields
         ],
         "per_day": [days[d] for d in sorted(days)],
+        "agreement": agreement,
         "review": {
             "with_confidence": with_confidence,
             "needs_review": needs_review,
@@ -351,15 +364,19 @@ def job_view(doc: dict[str, Any], now: datetime) -> dict[str, Any]:
 
 
 # --- endpoints --------------------------------------------------------------------------------
-def _day(name: str, value: str | None) -> date | None:
+def query_day(name: str, value: str | None) -> date | None:
     """A query parameter's UTC day; a clear 422 (not a validation dump) when it is not YYYY-MM-DD."""
     if not value:
         return None
     try:
-        return date.fromisoformat(value)
+        day = date.fromisoformat(value)
     except ValueError as e:
         raise InputError(f"'{name}' must be a day written YYYY-MM-DD, got {value[:40]!r}.", field=name,
                          status_code=422) from e
+    if day == date.max:  # a range ends at the next day's start, which cannot be written (a 500 before)
+        raise InputError(f"'{name}' must be a day written YYYY-MM-DD up to {date.max - timedelta(days=1)}, "
+                         f"got {value[:40]!r}.", field=name, status_code=422)
+    return day
 
 
 def get_dashboard_database(request: Request) -> DashboardDatabase:
@@ -388,7 +405,7 @@ async def stats(
     job: Annotated[str | None, Query(max_length=200,
                                      description="A batch job id (processing_metadata.batch_job_id).")] = None,
 ) -> dict[str, Any]:
-    date_from, date_to = _day("from", from_), _day("to", to)
+    date_from, date_to = query_day("from", from_), query_day("to", to)
     if date_from and date_to and date_from > date_to:
         raise InputError(f"'from' ({date_from}) is after 'to' ({date_to}).", field="from", status_code=422)
     database = await holder.database(settings)

@@ -101,6 +101,27 @@ class UnsupportedMediaTypeError(InputError):
         )
 
 
+class NotAuthenticatedError(ClassifierError):
+    """No credentials, or wrong ones, for an endpoint that serves customer data (HTTP 401)."""
+
+    code = "unauthorized"
+    status_code = 401
+
+
+class ForbiddenError(ClassifierError):
+    """Credentials are not enough: a missing CSRF token, or no API_TOKENS on a non-loopback API (HTTP 403)."""
+
+    code = "forbidden"
+    status_code = 403
+
+
+class NotFoundError(ClassifierError):
+    """The thing named in the URL does not exist (HTTP 404)."""
+
+    code = "not_found"
+    status_code = 404
+
+
 class LLMError(ClassifierError):
     """Base of every failure of the classification call to Ollama."""
 
@@ -127,7 +148,7 @@ class ModelNotFoundError(LLMError):
     def __init__(self, model: str, endpoint: str, *, server: str = "Ollama server", hint: str | None = None) -> None:
         super().__init__(
             f"Model '{model}' is not available on the {server} at {endpoint}.",
-            hint=hint or f"Run `ollama pull {model}` there, or set OLLAMA_MODEL to a model it has.",
+            hint=hint or f"Run `ollama pull {model}` there, or set LLM_MODEL to a model it has.",
             model=model,
         )
         self.model = model

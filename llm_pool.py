@@ -1,15 +1,16 @@
 """Several LLM servers behind the interface of one client: least-busy routing, a breaker per server.
 
-``OLLAMA_ENDPOINT`` may list several base URLs (``settings.llm_endpoints``). A pool holds one
+``LLM_ENDPOINT`` may list several base URLs (``settings.llm_endpoints``). A pool holds one
 client per server, each built by the provider's factory from the settings with that server's URL
-(``settings.model_copy(update={"ollama_endpoint": url})``), so the pool knows nothing of the
-provider: Ollama's ``/api/chat`` or an OpenAI-compatible server alike. It offers what the
+(``settings.model_copy(update={"llm_endpoint": url})``), so the pool knows nothing of the
+provider (beyond the name log lines give a lone server: ``llm_wrapper.server_kind``): Ollama's
+``/api/chat`` or an OpenAI-compatible server alike. It offers what the
 classifier asks of a client, ``chat(messages, schema)`` and ``check_ready()``, so
 ``classifier.classify(conversation, pool)`` works unchanged.
 
 * Routing: each call goes to the server with the fewest calls in flight (ties in turn), among
   the servers whose circuit is closed, or open with its pause over (that call is the probe).
-* Each server has its own :class:`utils.retry_utils.CircuitBreaker`: consecutive failures that
+* Each server has its own :class:`utils.circuit_breaker.CircuitBreaker`: consecutive failures that
   say the server is in trouble (unreachable, busy, 5xx, timeouts; not a bad answer of a working
   model) open it, so its share moves to the others; after the pause one probe tries it again and
   its success brings the server back.
@@ -38,8 +39,9 @@ from urllib.parse import urlsplit
 
 from config import Settings
 from error_handler import LLMBusyError, LLMError, LLMOutputError, LLMUnavailableError, ModelNotFoundError
+from llm_wrapper import server_kind
 from logger import redact_url
-from utils.retry_utils import CircuitBreaker, CircuitState, counts_against_ollama
+from utils.circuit_breaker import CircuitBreaker, CircuitState
 
 logger = logging.getLogger(__name__)
 
@@ -66,40 +68,10 @@ def server_name(url: str) -> str:
     return f"{parts.scheme}://{host}:{port}"
 
 
-class ServerBreaker(CircuitBreaker):
-    """The project's circuit breaker, asked without waiting whether a call may go to its server now."""
-
-    def try_acquire(self) -> bool | None:
-        """None: not now (open and pausing, or its probe in flight). False: closed, call.
-        True: the pause is over and this call is the probe (it must end in record_success,
-        record_failure or cancel_probe)."""
-        if self._state is CircuitState.CLOSED:
-            return False
-        if self._state is CircuitState.OPEN and self.seconds_until_probe() <= 0:
-            logger.info("circuit %s half-open: sending one probe request", self.name)
-            self._transition(CircuitState.HALF_OPEN)
-            return True
-        return None
-
-    def seconds_until_probe(self) -> float:
-        """0 when a call may go now; the rest of the pause when open; inf while the probe is out."""
-        if self._state is CircuitState.CLOSED:
-            return 0.0
-        if self._state is CircuitState.HALF_OPEN:
-            return float("inf")
-        return max(0.0, self._opened_at + self.recovery_timeout - self._clock())
-
-    def probe_early(self) -> None:
-        """Make the next call the probe now, before the pause is over (every other server is paused too)."""
-        if self._state is CircuitState.OPEN:
-            logger.info("circuit %s half-open early: every server is paused, probing this one", self.name)
-            self._transition(CircuitState.HALF_OPEN)
-
-    def trip(self, error: BaseException) -> None:
-        """Open now (the server failed its readiness check): no call is wasted finding out again."""
-        if self._state is CircuitState.CLOSED:
-            self._consecutive_failures = max(self._consecutive_failures, self.failure_threshold - 1)
-            self.record_failure(error)
+def counts_against_server(error: BaseException) -> bool:
+    """Failures that say the LLM server itself is in trouble (unreachable, busy, 5xx, timeouts, a
+    missing model): they count towards its circuit. A bad answer of a working model does not."""
+    return isinstance(error, LLMError) and not isinstance(error, LLMOutputError)
 
 
 @dataclass
@@ -109,7 +81,7 @@ class Server:
     url: str
     name: str
     client: Any
-    breaker: ServerBreaker
+    breaker: CircuitBreaker
     in_flight: int = 0
     answered: int = 0  # calls it answered (a bad answer included: the server worked)
     failed: int = 0  # calls that failed against the server
@@ -153,11 +125,12 @@ class _Routing:
         urls = settings.llm_endpoints
         for url in urls:
             name = server_name(url)
-            # One server keeps the breaker's familiar name in the log ("circuit Ollama open ...").
-            breaker = ServerBreaker(settings.circuit_breaker_failure_threshold,
-                                    settings.circuit_breaker_recovery_seconds,
-                                    name="Ollama" if len(urls) == 1 else f"LLM server {name}", clock=clock)
-            self.servers.append(Server(url, name, factory(settings.model_copy(update={"ollama_endpoint": url})),
+            # One server keeps the name messages give it ("circuit Ollama open ...", or "the LLM server").
+            breaker = CircuitBreaker(settings.circuit_breaker_failure_threshold,
+                                     settings.circuit_breaker_recovery_seconds,
+                                     name=server_kind(settings) if len(urls) == 1 else f"LLM server {name}",
+                                     clock=clock)
+            self.servers.append(Server(url, name, factory(settings.model_copy(update={"llm_endpoint": url})),
                                        breaker))
         self.observer: CallObserver | None = None
         self._turn = 0
@@ -192,9 +165,9 @@ class _Routing:
         paused = [s for s in self.servers if s not in tried and s.breaker.state is CircuitState.OPEN]
         if paused:
             server = min(paused, key=lambda s: s.breaker.seconds_until_probe())
-            server.breaker.probe_early()
-            server.in_flight += 1
-            return server, True
+            if server.breaker.probe_early():
+                server.in_flight += 1
+                return server, True
         return None
 
     def release(self, server: Server, probe: bool, error: BaseException | None) -> None:
@@ -203,7 +176,7 @@ class _Routing:
         if error is None or isinstance(error, LLMOutputError):
             server.answered += 1
             server.breaker.record_success()  # the server answered; a bad answer is the model's fault
-        elif counts_against_ollama(error):
+        elif counts_against_server(error):
             server.failed += 1
             server.last_error = str(error)
             server.breaker.record_failure(error)
@@ -224,7 +197,7 @@ class _Routing:
         return LLMUnavailableError(
             f"No LLM server can take a call: each of the {len(self.servers)} server(s) is paused after failures "
             f"and being probed" + (f" (last failures: {failures})" if failures else "") + ".",
-            hint="Retry in a moment; check the servers named by OLLAMA_ENDPOINT (running, with the model?).",
+            hint="Retry in a moment; check the servers named by LLM_ENDPOINT (running, with the model?).",
             endpoint=", ".join(s.name for s in self.servers),
         )
 
@@ -239,6 +212,13 @@ class _Routing:
     def distribution(self) -> dict[str, int]:
         """Calls answered per server, by name."""
         return {s.name: s.answered for s in self.servers}
+
+    def pause_failed(self, errors: list[LLMError | None]) -> None:
+        """Open the circuit of each server whose readiness check failed (only for a check its owner
+        trusts to decide routing: the batch processor's start-up check; never /ready)."""
+        for server, error in zip(self.servers, errors, strict=True):
+            if error is not None:
+                server.breaker.trip(error)
 
 
 class _Failover:
@@ -281,7 +261,7 @@ def _ready_result(routing: _Routing, errors: list[LLMError | None]) -> None:
     failures = [error for error in errors if error is not None]
     for server, error in zip(routing.servers, errors, strict=True):
         if error is not None and len(routing.servers) > 1:
-            logger.warning("LLM server %s is not ready (its share goes to the others): %s", server.name, error)
+            logger.warning("LLM server %s is not ready: %s", server.name, error)
     if len(failures) == len(routing.servers):
         raise failures[0]
 
@@ -329,12 +309,15 @@ class LLMPool:
         """One classification call on the least busy server; raises an ``LLMError`` when none can answer."""
         return self._call("chat", messages, schema)
 
-    def _check(self, server: Server) -> LLMError | None:
+    def embed(self, texts: list[str]) -> Any:
+        """Embeddings of ``texts`` (EMBEDDING_MODEL) from the least busy server."""
+        return self._call("embed", texts)
+
+    @staticmethod
+    def _check(server: Server) -> LLMError | None:
         try:
             server.client.check_ready()
         except LLMError as e:
-            with self._lock:
-                server.breaker.trip(e)
             return e
         return None
 
@@ -346,8 +329,9 @@ class LLMPool:
             return list(threads.map(self._check, self.servers))
 
     def readiness(self, *, require_one: bool = False) -> list[ServerStatus]:
-        """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened.
-        With ``require_one``, raise the first server's error when none is ready."""
+        """Check every server (``check_ready`` of its client) and report; breakers are left as they are
+        (``/ready`` is unauthenticated: a slow answer to it must not pause a server). With
+        ``require_one``, raise the first server's error when none is ready."""
         errors = self._check_all()
         if require_one:
             _ready_result(self._routing, errors)
@@ -355,7 +339,8 @@ class LLMPool:
             return self._routing.statuses(errors)
 
     def check_ready(self) -> None:
-        """Raise the first server's error unless at least one server is ready; log each one that is not."""
+        """Raise the first server's error unless at least one server is ready; log each one that is not.
+        Reports only, like :meth:`readiness`."""
         _ready_result(self._routing, self._check_all())
 
 
@@ -419,6 +404,10 @@ class AsyncLLMPool:
         """One classification call on the least busy server; raises an ``LLMError`` when none can answer."""
         return await self._call("chat", messages, schema)
 
+    async def embed(self, texts: list[str]) -> Any:
+        """Embeddings of ``texts`` (EMBEDDING_MODEL) from the least busy server."""
+        return await self._call("embed", texts)
+
     async def wait_for_server(self) -> None:
         """Return when some server may take a call: at once unless every circuit is open.
 
@@ -440,23 +429,29 @@ class AsyncLLMPool:
             try:
                 await server.client.check_ready()
             except LLMError as e:
-                server.breaker.trip(e)
                 return e
             return None
 
         return list(await asyncio.gather(*(check(s) for s in self.servers)))
 
     async def readiness(self, *, require_one: bool = False) -> list[ServerStatus]:
-        """Check every server (``check_ready`` of its client); a server that fails gets its circuit opened.
+        """Check every server (``check_ready`` of its client) and report; breakers are left as they are.
         With ``require_one``, raise the first server's error when none is ready."""
         errors = await self._check_all()
         if require_one:
             _ready_result(self._routing, errors)
         return self._routing.statuses(errors)
 
-    async def check_ready(self) -> None:
-        """Raise the first server's error unless at least one server is ready; log each one that is not."""
-        _ready_result(self._routing, await self._check_all())
+    async def check_ready(self, *, pause_failed: bool = False) -> None:
+        """Raise the first server's error unless at least one server is ready; log each one that is not.
+
+        ``pause_failed``: also open the circuit of each server that failed, so that no call is spent
+        finding out again (the batch processor's start-up check, made once by the process itself
+        before any work; a readiness probe from outside only reports)."""
+        errors = await self._check_all()
+        if pause_failed:
+            self._routing.pause_failed(errors)
+        _ready_result(self._routing, errors)
 
 
 # --- --max-concurrent auto ------------------------------------------------------------------------

@@ -1,6 +1,11 @@
-"""LLM chat clients (synchronous, ``requests``) and the protocol parts both wrappers share.
+"""LLM chat clients (synchronous, ``requests``) and the provider table both clients read.
 
-Two providers, chosen by ``LLM_PROVIDER``:
+A provider is one entry of :data:`PROVIDERS`, chosen by ``LLM_PROVIDER``: a :class:`Provider` that
+holds everything that differs between LLM APIs, as data and pure functions (paths, the request
+body, reading an answer, mapping an error answer to a typed error, the readiness check, headers,
+how messages name the server, the hint for an unreachable one). The sync :class:`LLMClient` here
+and ``async_llm_wrapper.AsyncLLMClient`` call the same functions; only the transport differs. A
+third provider is a third entry (docs/architecture.md, "Change walk: add a provider").
 
 * ``ollama``: Ollama's ``POST /api/chat`` answers ``{"message": {"role", "content"}, "done",
   "done_reason", durations (ns), "prompt_eval_count", "eval_count", "logprobs"}``; failures are
@@ -12,8 +17,6 @@ Two providers, chosen by ``LLM_PROVIDER``:
   ``{"error": {"message", "type", "code"}}`` (vLLM: ``{"object": "error", "message", ...}``).
   Readiness: ``GET {endpoint}/models``.
 
-Each provider is a :class:`Protocol` of pure functions (build the body, read the answer, map an
-error); ``async_llm_wrapper`` uses the same ones, so only the transport differs between the two.
 :func:`create_llm_client` is the one way to get a client for a :class:`Settings`.
 """
 
@@ -95,32 +98,12 @@ class ChatResult:
         }
 
 
-def _keep_alive(value: str) -> str | int:
-    # Ollama reads a JSON number as seconds and a string as a Go duration ("5m");
-    # a bare "300" string would be rejected, so digits are sent as a number.
-    return int(value) if re.fullmatch(r"-?\d+", value.strip()) else value.strip()
-
-
 def _logprob_request(settings: Settings) -> dict[str, Any]:
     # Both APIs spell it the same way; the alternatives are what label confidences are computed from.
     # Only asked for when confidences are wanted (CONFIDENCE=on): the server ranks the vocabulary per token.
     if not settings.confidence or settings.llm_top_logprobs <= 0:
         return {}
     return {"logprobs": True, "top_logprobs": settings.llm_top_logprobs}
-
-
-def build_chat_payload(settings: Settings, messages: list[dict[str, str]], schema: dict[str, Any]) -> dict[str, Any]:
-    """The body of ``POST /api/chat``: non-streaming, no thinking, deterministic, bounded, schema-constrained."""
-    return {
-        "model": settings.ollama_model,
-        "messages": messages,
-        "stream": False,
-        "think": False,
-        "format": schema,
-        "options": {"temperature": 0, "num_predict": settings.ollama_num_predict},
-        "keep_alive": _keep_alive(settings.ollama_keep_alive),
-        **_logprob_request(settings),
-    }
 
 
 def _token_logprobs(entries: Any) -> tuple[TokenLogprob, ...] | None:
@@ -138,7 +121,7 @@ def _token_logprobs(entries: Any) -> tuple[TokenLogprob, ...] | None:
                 if isinstance(alt, dict) and isinstance(alt.get("token"), str)
             )
             tokens.append(TokenLogprob(entry["token"], float(entry["logprob"]), top))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # OverflowError: an integer of 400 digits
             return None  # a malformed entry: no confidence, never an error
     return tuple(tokens)
 
@@ -160,36 +143,20 @@ def _error_message(body: bytes, *keys: str) -> str:
     return text[:200] or "(empty body)"
 
 
-def _ollama_message(body: bytes) -> str:
-    """Ollama's ``{"error": "..."}`` text, or a preview of a body of another shape."""
-    return _error_message(body, "error")
-
-
-def _is_openai(settings: Settings) -> bool:
-    return settings.llm_provider == "openai"
-
-
 def server_kind(settings: Settings, *, capital: bool = False) -> str:
-    """How messages call the server: 'Ollama', or 'the LLM server' for an OpenAI-compatible one."""
-    if _is_openai(settings):
-        return "The LLM server" if capital else "the LLM server"
-    return "Ollama"
+    """How messages call the server: its provider's ``display_name`` ('Ollama', 'the LLM server')."""
+    return provider_for(settings).server_kind(capital=capital)
 
 
 def server_name(settings: Settings) -> str:
     """The LLM server's URL as errors and logs show it: without its password."""
-    return redact_url(settings.ollama_endpoint)
+    return redact_url(settings.llm_endpoint)
 
 
 def unavailable_error(settings: Settings, reason: str) -> LLMUnavailableError:
-    if _is_openai(settings):
-        hint = ("Start the OpenAI-compatible server (vLLM, llama-server, LM Studio, ...) or set OLLAMA_ENDPOINT "
-                "to its base URL, e.g. http://localhost:8000/v1.")
-    else:
-        hint = "Start Ollama (`ollama serve`) or set OLLAMA_ENDPOINT to where it runs."
     return LLMUnavailableError(
         f"Cannot reach {server_kind(settings)} at {server_name(settings)} ({reason}).",
-        hint=hint,
+        hint=provider_for(settings).unavailable_hint,
         endpoint=server_name(settings),
     )
 
@@ -201,7 +168,7 @@ def request_failed_error(settings: Settings, url: str, error: Exception) -> LLME
         if isinstance(error, ValueError):  # e.g. requests' InvalidURL: '/' in a password cuts the host short
             return LLMUnavailableError(
                 f"Cannot reach {server_kind(settings)} at {where}: the URL cannot be parsed ({type(error).__name__}).",
-                hint="Percent-encode special characters of the user name and password in OLLAMA_ENDPOINT "
+                hint="Percent-encode special characters of the user name and password in LLM_ENDPOINT "
                 "(/ as %2F, @ as %40, : as %3A, space as %20).",
                 endpoint=server_name(settings),
             )
@@ -248,13 +215,47 @@ def retry_after_seconds(headers: Mapping[str, str] | None, now: datetime | None 
     return min(max(seconds, 0.0), 300.0)
 
 
-def error_from_response(
-    status: int, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None
-) -> LLMError:
-    """The typed error for a non-200 answer of Ollama."""
+def _answer_json(body: bytes, who: str) -> Any:
+    """The JSON of an HTTP 200 answer; a body that is not JSON is the server's fault (LLMOutputError)."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested past the interpreter's limit
+        raise LLMOutputError(f"{who} answered HTTP 200 with a body that is not JSON: {body[:120]!r}") from e
+
+
+# --- Ollama ---------------------------------------------------------------------------------------
+
+
+def _keep_alive(value: str) -> str | int:
+    # Ollama reads a JSON number as seconds and a string as a Go duration ("5m");
+    # a bare "300" string would be rejected, so digits are sent as a number.
+    return int(value) if re.fullmatch(r"-?\d+", value.strip()) else value.strip()
+
+
+def build_ollama_payload(settings: Settings, messages: list[dict[str, str]], schema: dict[str, Any]) -> dict[str, Any]:
+    """Ollama: the body of ``POST /api/chat``: non-streaming, no thinking, deterministic, bounded, schema-bound."""
+    return {
+        "model": settings.llm_model,
+        "messages": messages,
+        "stream": False,
+        "think": False,
+        "format": schema,
+        "options": {"temperature": 0, "num_predict": settings.ollama_num_predict},
+        "keep_alive": _keep_alive(settings.ollama_keep_alive),
+        **_logprob_request(settings),
+    }
+
+
+def _ollama_message(body: bytes) -> str:
+    """Ollama's ``{"error": "..."}`` text, or a preview of a body of another shape."""
+    return _error_message(body, "error")
+
+
+def ollama_error(status: int, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None) -> LLMError:
+    """Ollama: the typed error for a non-200 answer."""
     message = _ollama_message(body)
     if status == 404:
-        return ModelNotFoundError(settings.ollama_model, server_name(settings))
+        return ModelNotFoundError(settings.llm_model, server_name(settings))
     if status in (429, 503):
         return LLMBusyError(
             f"Ollama is busy: {message}",
@@ -269,21 +270,9 @@ def error_from_response(
     )
 
 
-def _answer_json(body: bytes, who: str) -> Any:
-    """The JSON of an HTTP 200 answer; a body that is not JSON is the server's fault (LLMOutputError)."""
-    try:
-        return json.loads(body)
-    except ValueError as e:
-        raise LLMOutputError(f"{who} answered HTTP 200 with a body that is not JSON: {body[:120]!r}") from e
-
-
-def parse_chat_response(
-    status: int, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None
-) -> ChatResult:
-    """Read an ``/api/chat`` answer; raise the matching :class:`LLMError` unless it is a complete reply."""
-    if status != 200:
-        raise error_from_response(status, body, settings, headers)
-    data = _answer_json(body, "Ollama")
+def read_ollama_answer(data: Any, settings: Settings) -> ChatResult:
+    """Ollama: read the JSON of an HTTP 200 ``/api/chat`` answer; :class:`LLMOutputError` unless it is a
+    complete reply."""
     message = data.get("message") if isinstance(data, dict) else None
     if not isinstance(message, dict) or not isinstance(message.get("content"), str):
         raise LLMOutputError(f"Ollama's answer has no message.content: {str(data)[:200]}")
@@ -299,7 +288,7 @@ def parse_chat_response(
         raise LLMOutputError("The model answered with empty content.")
     return ChatResult(
         content=content,
-        model=str(data.get("model", settings.ollama_model)),
+        model=str(data.get("model", settings.llm_model)),
         done_reason=done_reason,
         total_duration_ns=data.get("total_duration"),
         load_duration_ns=data.get("load_duration"),
@@ -316,17 +305,16 @@ def _with_latest(name: str) -> str:
     return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
 
 
-def require_model(body: bytes, status: int, settings: Settings, headers: Mapping[str, str] | None = None) -> None:
-    """Check a ``GET /api/tags`` answer lists the configured model (``llama3`` == ``llama3:latest``)."""
-    if status != 200:
-        raise error_from_response(status, body, settings, headers)
+def check_ollama_models(body: bytes, settings: Settings) -> None:
+    """Ollama: check an HTTP 200 ``GET /api/tags`` answer lists the configured model (``llama3`` ==
+    ``llama3:latest``)."""
     try:
         models = json.loads(body).get("models") or []
         names = {_with_latest(str(m.get("name") or m.get("model"))) for m in models}
     except (ValueError, AttributeError) as e:
         raise LLMServerError(f"Ollama's /api/tags answer is not the expected JSON: {body[:120]!r}") from e
-    if _with_latest(settings.ollama_model) not in names:
-        raise ModelNotFoundError(settings.ollama_model, server_name(settings))
+    if _with_latest(settings.llm_model) not in names:
+        raise ModelNotFoundError(settings.llm_model, server_name(settings))
 
 
 # --- OpenAI-compatible servers ---------------------------------------------------------------
@@ -340,7 +328,7 @@ _MODEL_MISSING = re.compile(r"model\b.*\b(does not exist|not found|not exist|is 
 def build_openai_payload(settings: Settings, messages: list[dict[str, str]], schema: dict[str, Any]) -> dict[str, Any]:
     """The body of ``POST {endpoint}/chat/completions``: the same messages and schema as Ollama's."""
     return {
-        "model": settings.ollama_model,
+        "model": settings.llm_model,
         "messages": messages,
         "stream": False,
         "temperature": 0,
@@ -361,18 +349,16 @@ def _openai_message(body: bytes) -> str:
 def openai_model_missing(settings: Settings, served: list[str] | None = None) -> ModelNotFoundError:
     listed = f" It serves: {', '.join(served[:10])}." if served else ""
     return ModelNotFoundError(
-        settings.ollama_model,
+        settings.llm_model,
         server_name(settings),
         server="LLM server",
-        hint=f"Set OLLAMA_MODEL to a model the server serves (GET {server_name(settings)}/models lists them), "
-        f"and check that OLLAMA_ENDPOINT is its base URL, usually ending in /v1.{listed}",
+        hint=f"Set LLM_MODEL to a model the server serves (GET {server_name(settings)}/models lists them), "
+        f"and check that LLM_ENDPOINT is its base URL, usually ending in /v1.{listed}",
     )
 
 
-def openai_error_from_response(
-    status: int, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None
-) -> LLMError:
-    """The typed error for a non-200 answer of an OpenAI-compatible server (same types as Ollama's)."""
+def openai_error(status: int, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None) -> LLMError:
+    """OpenAI-compatible: the typed error for a non-200 answer (the same types as Ollama's)."""
     message = _openai_message(body)
     if status == 404 or (400 <= status < 500 and _MODEL_MISSING.search(message)):
         return openai_model_missing(settings)
@@ -408,13 +394,9 @@ def _ms_to_ns(value: Any) -> int | None:
     return int(value * 1_000_000) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def parse_openai_response(
-    status: int, body: bytes, settings: Settings, headers: Mapping[str, str] | None = None
-) -> ChatResult:
-    """Read a ``/chat/completions`` answer; raise the matching :class:`LLMError` unless it is a complete reply."""
-    if status != 200:
-        raise openai_error_from_response(status, body, settings, headers)
-    data = _answer_json(body, "The LLM server")
+def read_openai_answer(data: Any, settings: Settings) -> ChatResult:
+    """OpenAI-compatible: read the JSON of an HTTP 200 ``/chat/completions`` answer; :class:`LLMOutputError`
+    unless it is a complete reply."""
     choices = data.get("choices") if isinstance(data, dict) else None
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else None
     message = choice.get("message") if choice else None
@@ -447,7 +429,7 @@ def parse_openai_response(
     logprobs = _object(choice.get("logprobs"))
     return ChatResult(
         content=content.strip(),
-        model=str(data.get("model") or settings.ollama_model),
+        model=str(data.get("model") or settings.llm_model),
         done_reason=finish_reason,
         total_duration_ns=(prompt_ns or 0) + (predicted_ns or 0) if timings else None,
         prompt_eval_count=evaluated,
@@ -460,54 +442,201 @@ def parse_openai_response(
     )
 
 
-def require_openai_model(
-    body: bytes, status: int, settings: Settings, headers: Mapping[str, str] | None = None
-) -> None:
-    """Check a ``GET {endpoint}/models`` answer (``{"data": [{"id"}]}``) lists the configured model."""
-    if status != 200:
-        raise openai_error_from_response(status, body, settings, headers)
+def check_openai_models(body: bytes, settings: Settings) -> None:
+    """OpenAI-compatible: check an HTTP 200 ``GET {endpoint}/models`` answer (``{"data": [{"id"}]}``) lists
+    the configured model."""
     try:
         served = [str(m["id"]) for m in json.loads(body)["data"]]
     except (ValueError, KeyError, TypeError) as e:
         raise LLMServerError(
             f"The LLM server's /models answer is not the expected JSON: {body[:120]!r}",
-            hint="Check that OLLAMA_ENDPOINT is the server's OpenAI-compatible base URL, usually ending in /v1.",
+            hint="Check that LLM_ENDPOINT is the server's OpenAI-compatible base URL, usually ending in /v1.",
         ) from e
-    if settings.ollama_model not in served:
+    if settings.llm_model not in served:
         raise openai_model_missing(settings, served)
 
 
-# --- the provider, chosen once from the settings --------------------------------------------
+def bearer_headers(settings: Settings) -> dict[str, str]:
+    """OpenAI-compatible: ``Authorization: Bearer <LLM_API_KEY>`` when a key is set (never logged: SecretStr)."""
+    if settings.llm_api_key is None:
+        return {}
+    return {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"}
+
+
+def no_headers(settings: Settings) -> dict[str, str]:
+    return {}
+
+
+# --- embeddings (similar reviewed conversations, retrieval.py) ------------------------------
+
+#: How much of a transcript is embedded: embedding models have short contexts, and llama.cpp
+#: refuses (rather than cuts) an input longer than its batch.
+EMBED_CHARS = 2000
+
+
+def build_ollama_embed_payload(settings: Settings, texts: list[str]) -> dict[str, Any]:
+    """The body of Ollama's ``POST /api/embed``: EMBEDDING_MODEL, one input per text, cut to its context."""
+    return {"model": settings.embedding_model, "input": [text[:EMBED_CHARS] for text in texts], "truncate": True,
+            "keep_alive": _keep_alive(settings.ollama_keep_alive)}
+
+
+def build_openai_embed_payload(settings: Settings, texts: list[str]) -> dict[str, Any]:
+    """The body of ``POST {endpoint}/embeddings`` (OpenAI-compatible)."""
+    return {"model": settings.embedding_model, "input": [text[:EMBED_CHARS] for text in texts],
+            "encoding_format": "float"}
+
+
+def _vectors(rows: Any, count: int, who: str) -> list[list[float]]:
+    if not isinstance(rows, list) or len(rows) != count:
+        raise LLMOutputError(f"{who}'s embeddings answer has {len(rows) if isinstance(rows, list) else 'no'} "
+                             f"vectors for {count} inputs.")
+    vectors = []
+    for row in rows:
+        if not isinstance(row, list) or not row or not all(isinstance(v, (int, float)) for v in row):
+            raise LLMOutputError(f"{who}'s embeddings answer holds a vector that is not a list of numbers.")
+        vectors.append([float(v) for v in row])
+    if len({len(v) for v in vectors}) > 1:
+        raise LLMOutputError(f"{who}'s embeddings answer holds vectors of different lengths.")
+    return vectors
+
+
+def _embedding_model_missing(settings: Settings, error: LLMError) -> LLMError:
+    # The chat model's hint would be wrong here: it is EMBEDDING_MODEL that is missing.
+    if isinstance(error, ModelNotFoundError):
+        return ModelNotFoundError(settings.embedding_model, server_name(settings), server=server_kind(settings),
+                                  hint="Set EMBEDDING_MODEL to an embedding model the server has "
+                                  f"(Ollama: `ollama pull {settings.embedding_model}`), or leave it empty for "
+                                  "the lexical index.")
+    return error
+
+
+def read_ollama_embeddings(data: Any, count: int, who: str) -> list[list[float]]:
+    """Ollama's ``{"embeddings": [[...], ...]}``, one vector per input, in order."""
+    return _vectors(data.get("embeddings") if isinstance(data, dict) else None, count, who)
+
+
+def read_openai_embeddings(data: Any, count: int, who: str) -> list[list[float]]:
+    """``{"data": [{"index", "embedding"}, ...]}``, put back in input order by ``index``."""
+    rows = data.get("data") if isinstance(data, dict) else None
+    if isinstance(rows, list) and all(isinstance(r, dict) for r in rows):
+        rows = [r.get("embedding") for r in sorted(rows, key=lambda r: int(r.get("index", 0)))]
+    return _vectors(rows, count, who)
+
+
+# --- the provider table ------------------------------------------------------------------------
+
+
 
 
 @dataclass(frozen=True)
-class Protocol:
-    """One provider's API: paths and the pure functions both transports call."""
+class Provider:
+    """One LLM API: what differs between providers, as data and pure functions of the settings.
 
-    name: str
+    The transports do the I/O and call these; :func:`read_chat` and :func:`read_ready` apply the
+    parts every provider shares (a non-200 status is an error answer, a 200 chat answer is JSON).
+    """
+
+    #: How messages name the server: "Cannot reach {display_name} at ...".
+    display_name: str
+    #: Appended to the endpoint for a chat call and for the readiness check.
     chat_path: str
     ready_path: str
+    #: The request body of one chat call: (settings, messages, JSON schema of the answer) -> body.
     build_payload: Callable[[Settings, list[dict[str, str]], dict[str, Any]], dict[str, Any]]
-    parse_chat: Callable[[int, bytes, Settings, Mapping[str, str] | None], ChatResult]
-    check_models: Callable[[bytes, int, Settings, Mapping[str, str] | None], None]
+    #: The JSON of an HTTP 200 chat answer -> ChatResult; LLMOutputError unless a complete reply.
+    read_answer: Callable[[Any, Settings], ChatResult]
+    #: A non-200 answer (status, body, settings, headers) -> the typed LLMError to raise.
+    map_error: Callable[[int, bytes, Settings, Mapping[str, str] | None], LLMError]
+    #: The body of an HTTP 200 readiness answer: raise (ModelNotFoundError, ...) unless the model is served.
+    check_models: Callable[[bytes, Settings], None]
+    #: The hint of LLMUnavailableError: how to start the server or point the endpoint at it.
+    unavailable_hint: str
+    #: Headers every request carries (credentials).
+    headers: Callable[[Settings], dict[str, str]] = no_headers
+    #: Embeddings (retrieval of similar reviewed conversations): the path, the body of one call
+    #: (settings, texts), and the JSON of an HTTP 200 answer -> one vector per text (data, count,
+    #: server name). None: the provider has no embeddings API (retrieval then uses its lexical index).
+    embed_path: str | None = None
+    build_embed: Callable[[Settings, list[str]], dict[str, Any]] | None = None
+    read_embeddings: Callable[[Any, int, str], list[list[float]]] | None = None
+
+    def server_kind(self, *, capital: bool = False) -> str:
+        return self.display_name[:1].upper() + self.display_name[1:] if capital else self.display_name
 
 
-OLLAMA = Protocol("ollama", "/api/chat", "/api/tags", build_chat_payload, parse_chat_response, require_model)
-OPENAI = Protocol(
-    "openai", "/chat/completions", "/models", build_openai_payload, parse_openai_response, require_openai_model
-)
+#: LLM_PROVIDER -> its API. The settings accept exactly these names; a new provider is a new entry.
+PROVIDERS: dict[str, Provider] = {
+    "ollama": Provider(
+        display_name="Ollama",
+        chat_path="/api/chat",
+        ready_path="/api/tags",
+        build_payload=build_ollama_payload,
+        read_answer=read_ollama_answer,
+        map_error=ollama_error,
+        check_models=check_ollama_models,
+        unavailable_hint="Start Ollama (`ollama serve`) or set LLM_ENDPOINT to where it runs.",
+        embed_path="/api/embed",
+        build_embed=build_ollama_embed_payload,
+        read_embeddings=read_ollama_embeddings,
+    ),
+    "openai": Provider(
+        display_name="the LLM server",
+        chat_path="/chat/completions",
+        ready_path="/models",
+        build_payload=build_openai_payload,
+        read_answer=read_openai_answer,
+        map_error=openai_error,
+        check_models=check_openai_models,
+        unavailable_hint="Start the OpenAI-compatible server (vLLM, llama-server, LM Studio, ...) or set "
+        "LLM_ENDPOINT to its base URL, e.g. http://localhost:8000/v1.",
+        headers=bearer_headers,
+        embed_path="/embeddings",
+        build_embed=build_openai_embed_payload,
+        read_embeddings=read_openai_embeddings,
+    ),
+}
 
 
-def protocol_for(settings: Settings) -> Protocol:
-    return OPENAI if _is_openai(settings) else OLLAMA
+def provider_for(settings: Settings) -> Provider:
+    """The entry of :data:`PROVIDERS` that LLM_PROVIDER names (the settings accept no other name)."""
+    return PROVIDERS[settings.llm_provider]
 
 
-def request_headers(settings: Settings) -> dict[str, str]:
-    """Headers every request carries: ``Authorization: Bearer <LLM_API_KEY>`` for an OpenAI-compatible
-    server when a key is set (never logged: SecretStr); none for Ollama."""
-    if not _is_openai(settings) or settings.llm_api_key is None:
-        return {}
-    return {"Authorization": f"Bearer {settings.llm_api_key.get_secret_value()}"}
+def read_chat(
+    provider: Provider, settings: Settings, status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> ChatResult:
+    """The answer to a chat call: the provider's typed error unless HTTP 200, else its reading of the JSON."""
+    if status != 200:
+        raise provider.map_error(status, body, settings, headers)
+    return provider.read_answer(_answer_json(body, provider.server_kind(capital=True)), settings)
+
+
+def embed_request(provider: Provider, settings: Settings, texts: list[str]) -> tuple[str, dict[str, Any]]:
+    """The path and body of one embeddings call; LLMRequestRejectedError when the provider has none."""
+    if provider.embed_path is None or provider.build_embed is None:
+        raise LLMRequestRejectedError(f"{provider.server_kind(capital=True)} has no embeddings API in this project.")
+    return provider.embed_path, provider.build_embed(settings, texts)
+
+
+def read_embed(
+    provider: Provider, settings: Settings, status: int, body: bytes, count: int,
+    headers: Mapping[str, str] | None = None,
+) -> list[list[float]]:
+    """The answer to an embeddings call: one vector per text, in order, or the typed error."""
+    if status != 200:
+        raise _embedding_model_missing(settings, provider.map_error(status, body, settings, headers))
+    who = provider.server_kind(capital=True)
+    assert provider.read_embeddings is not None  # embed_request refused a provider without it
+    return provider.read_embeddings(_answer_json(body, who), count, who)
+
+
+def read_ready(
+    provider: Provider, settings: Settings, status: int, body: bytes, headers: Mapping[str, str] | None = None
+) -> None:
+    """The answer to the readiness check: raise the provider's typed error unless it serves the model."""
+    if status != 200:
+        raise provider.map_error(status, body, settings, headers)
+    provider.check_models(body, settings)
 
 
 def _could_not_connect(error: requests.exceptions.ConnectionError) -> bool:
@@ -521,14 +650,14 @@ def _could_not_connect(error: requests.exceptions.ConnectionError) -> bool:
 
 
 class LLMClient:
-    """Synchronous client of the configured provider over one pooled ``requests.Session``;
+    """Synchronous client of the configured provider (its :class:`Provider` entry) over one pooled ``requests.Session``;
     close it (or use ``with``). Build it with :func:`create_llm_client`."""
 
     def __init__(self, settings: Settings, *, pool_size: int = 64) -> None:
         self.settings = settings
-        self.protocol = protocol_for(settings)
+        self.provider = provider_for(settings)
         self._session = requests.Session()
-        self._session.headers.update(request_headers(settings))
+        self._session.headers.update(self.provider.headers(settings))
         # The API calls this from many worker threads at once; the pool must hold
         # that many connections or urllib3 discards and reopens them.
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
@@ -546,7 +675,7 @@ class LLMClient:
         self._session.close()
 
     def _request(self, method: str, path: str, timeout: Any, **kwargs: Any) -> requests.Response:
-        url = f"{self.settings.ollama_endpoint}{path}"
+        url = f"{self.settings.llm_endpoint}{path}"
         try:
             return self._session.request(method, url, timeout=timeout, **kwargs)
         except requests.exceptions.ConnectionError as e:
@@ -560,15 +689,22 @@ class LLMClient:
 
     def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult:
         """One classification call; raises an :class:`LLMError` on any failure."""
-        payload = self.protocol.build_payload(self.settings, messages, schema)
-        response = self._request("POST", self.protocol.chat_path, self._timeout, json=payload)
-        return self.protocol.parse_chat(response.status_code, response.content, self.settings, response.headers)
+        payload = self.provider.build_payload(self.settings, messages, schema)
+        response = self._request("POST", self.provider.chat_path, self._timeout, json=payload)
+        return read_chat(self.provider, self.settings, response.status_code, response.content, response.headers)
+
+    def embed(self, texts: list[str]) -> list[list[float]]:
+        """One vector per text from EMBEDDING_MODEL; raises an :class:`LLMError` on any failure."""
+        path, payload = embed_request(self.provider, self.settings, texts)
+        response = self._request("POST", path, self._timeout, json=payload)
+        return read_embed(self.provider, self.settings, response.status_code, response.content, len(texts),
+                          response.headers)
 
     def check_ready(self) -> None:
         """Raise unless the server answers and has the configured model (lists its models, no inference)."""
         timeout = min(READY_TIMEOUT_SECONDS, self.settings.ollama_timeout)
-        response = self._request("GET", self.protocol.ready_path, timeout)
-        self.protocol.check_models(response.content, response.status_code, self.settings, response.headers)
+        response = self._request("GET", self.provider.ready_path, timeout)
+        read_ready(self.provider, self.settings, response.status_code, response.content, response.headers)
 
 
 def create_llm_client(settings: Settings, *, pool_size: int = 64) -> LLMClient:

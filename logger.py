@@ -48,10 +48,17 @@ def redact_url(url: str) -> str:
     ``@`` that is followed by a host list (then the end, ``/``, ``?`` or ``#``): it errs on the
     side of hiding too much (an ``@`` in a path), never too little. The user name stays (it is
     not a secret, and says which account); a URL without a password is returned unchanged.
+
+    A URL that does not parse (a typo in the port, ``http://user:pw@127.0.0.1:1x``; nothing
+    after the ``@``; a host of characters no host has; no valid scheme) is exactly where a
+    password is at risk, as every library then quotes it whole: everything between ``://`` (or
+    the start, without one) and the last ``@`` is hidden, ``http://***@127.0.0.1:1x``.
     Use it for every URL that reaches a log line, an answer or an error message.
     """
     scheme, separator, rest = url.partition("://")
-    if not separator or not scheme or not set(scheme) <= _SCHEME_CHARS:
+    if not separator:
+        scheme, rest = "", url
+    if "@" not in rest:
         return url
     at = len(rest)
     while (at := rest.rfind("@", 0, at)) != -1:
@@ -59,12 +66,13 @@ def redact_url(url: str) -> str:
         end = min((i for i in (after.find(c) for c in "/?#") if i != -1), default=len(after))
         if _is_host_list(after[:end]):
             break
-    if at == -1:
-        return url
+    prefix = f"{scheme}://" if separator else ""
+    if at == -1 or not scheme or not set(scheme) <= _SCHEME_CHARS:
+        return f"{prefix}***@{rest.rpartition('@')[2]}"  # does not parse: hide all up to the last '@'
     user, colon, _password = rest[:at].partition(":")
     if not colon:
         return url
-    return f"{scheme}://{user}:***@{rest[at + 1 :]}"
+    return f"{prefix}{user}:***@{rest[at + 1 :]}"
 
 
 def _escape_table() -> dict[int, str]:

@@ -121,7 +121,8 @@ class ResultDocument:
 
     ``source_conversation_id`` is the source ``_id`` as it is, of any BSON type;
     ``content_hash`` (aggregator.content_hash) tells a later run whether the conversation
-    changed since it was classified.
+    changed since it was classified; ``claim_generation`` is the fencing token of the claim
+    it was written under (docs/architecture.md#exactly-once-the-fencing-rule).
     """
 
     conversation_number: str
@@ -129,15 +130,27 @@ class ResultDocument:
     classification: dict[str, Any]
     content_hash: str | None  # None only for a write_failed entry queued before hashes were kept
     processing_metadata: ProcessingMetadata
+    #: None only for a result written outside a claim (never by the batch processor).
+    claim_generation: int | None = None
 
     def to_mongo(self) -> dict[str, Any]:
-        return {
+        """The fields a result owns; everything else on the document (a review, ...) is someone else's."""
+        data = {
             "conversation_number": self.conversation_number,
             "source_conversation_id": self.source_conversation_id,
             "classification": self.classification,
             "content_hash": self.content_hash,
             "processing_metadata": self.processing_metadata.to_mongo(),
         }
+        if self.claim_generation is not None:
+            data["claim_generation"] = self.claim_generation
+        return data
+
+
+def not_newer_than(generation: int | None) -> dict[str, Any]:
+    """Filter on results that a claim of ``generation`` may replace: written under the same or an
+    older claim, or before generations existed (``$not $gt`` also matches a missing field)."""
+    return {} if generation is None else {"claim_generation": {"$not": {"$gt": generation}}}
 
 
 def unprocessed_filter(include_failed: bool) -> dict[str, Any]:
@@ -170,8 +183,17 @@ def _client_options(settings: Settings, appname: str) -> dict[str, Any]:
 
 
 def invalid_uri_error(uri: str, error: Exception) -> StorageUnavailableError:
+    shown = redact_url(uri)
+    if shown != uri:
+        # PyMongo split a URI with credentials in the wrong place: its message may quote a piece of
+        # the password ('Bad database name "word@host/db"' for an unencoded '/'). Its type only.
+        return StorageUnavailableError(
+            f"Invalid MongoDB connection string {shown!r}: PyMongo cannot parse it ({type(error).__name__}).",
+            hint="Fix MONGODB_CONNECTION_STRING (mongodb://user:password@host:27017); percent-encode special "
+            "characters of the user name and password (/ as %2F, @ as %40, : as %3A).",
+        )
     return StorageUnavailableError(
-        f"Invalid MongoDB connection string {redact_url(uri)!r}: {error}",
+        f"Invalid MongoDB connection string {shown!r}: {error}",
         hint="Fix MONGODB_CONNECTION_STRING (mongodb://host:27017 or 'embedded').",
     )
 
@@ -327,16 +349,49 @@ class MongoStore:
         except PyMongoError as e:
             raise storage_error(e, "read of existing results") from e
 
-    async def upsert_result(self, result: ResultDocument, created_at: datetime) -> None:
-        """Insert or replace the result of ``result.source_conversation_id`` (never a second one)."""
+    async def upsert_result(self, result: ResultDocument, created_at: datetime) -> bool:
+        """Insert or update the result of ``result.source_conversation_id`` (never a second one), unless a
+        result of a newer claim is there: then nothing is written and the answer is False.
+
+        Only the result's own fields are set (``$set``/``$setOnInsert``, never a replacement), so fields
+        others add to the document (a review) survive a new classification.
+        """
+        query = {"source_conversation_id": result.source_conversation_id,
+                 **not_newer_than(result.claim_generation)}
+        update = {"$set": result.to_mongo(), "$setOnInsert": {"created_at": created_at}}
         try:
-            await self.results.update_one(
-                {"source_conversation_id": result.source_conversation_id},
-                {"$set": result.to_mongo(), "$setOnInsert": {"created_at": created_at}},
-                upsert=True,
+            try:
+                await self.results.update_one(query, update, upsert=True)
+                return True
+            except DuplicateKeyError:
+                # The query matched nothing and the insert hit the unique index: either a result of a
+                # newer claim is there, or a racing writer inserted first. Try once more as an update.
+                written = await self.results.update_one(query, update)
+                return written.matched_count == 1
+        except PyMongoError as e:
+            raise storage_error(e, "result write") from e
+
+    async def stamp_result(self, source_id: Any, digest: str, generation: int) -> bool:
+        """Mark the existing result of ``source_id`` as this claim's (its transcript unchanged): a late
+        writer of an older claim can then no longer replace it. False when it is not there any more,
+        has another content hash, or belongs to a newer claim."""
+        try:
+            stamped = await self.results.update_one(
+                {"source_conversation_id": source_id, "content_hash": digest, **not_newer_than(generation)},
+                {"$set": {"claim_generation": generation}},
             )
         except PyMongoError as e:
             raise storage_error(e, "result write") from e
+        return stamped.matched_count == 1
+
+    async def server_time(self) -> datetime | None:
+        """The server's clock (``hello.localTime``; None when the server does not report it)."""
+        try:
+            reply = await self.client.admin.command("hello")
+        except PyMongoError as e:
+            raise storage_error(e, "read of the server's time") from e
+        local_time = reply.get("localTime")
+        return local_time if isinstance(local_time, datetime) else None
 
 
 __all__ = [

@@ -16,9 +16,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 from aggregator import Turn, build_transcript, validate_conversation
 from error_handler import ConfigError, InputError
@@ -526,6 +527,16 @@ def system_prompt(spec: AnswerFormat | Taxonomy) -> str:
     return "\n\n".join(parts)
 
 
+class Example(Protocol):
+    """A retrieved few-shot example (``retrieval.ReviewedExample``): a transcript and its answer."""
+
+    @property
+    def text(self) -> str: ...
+
+    @property
+    def output(self) -> dict[str, str]: ...
+
+
 class PromptBuilder:
     """Builds the chat for a conversation on top of a prefix computed once."""
 
@@ -543,7 +554,13 @@ class PromptBuilder:
         self.prefix: tuple[dict[str, str], ...] = tuple(prefix)
         self.prefix_chars = sum(len(m["content"]) for m in prefix)
 
-    def build_messages(self, transcript_text: str) -> list[dict[str, str]]:
-        """The full chat: the shared prefix, then the conversation as the last user message."""
+    def build_messages(self, transcript_text: str, examples: Sequence[Example] = ()) -> list[dict[str, str]]:
+        """The full chat: the shared prefix, the examples retrieved for this conversation (after the
+        prefix, so that it stays cached), then the conversation as the last user message."""
         # Copies: a caller changing a message must not change the prefix of every later request.
-        return [*(dict(m) for m in self.prefix), {"role": "user", "content": CONVERSATION_HEADER + transcript_text}]
+        messages = [dict(m) for m in self.prefix]
+        for example in examples:
+            messages.append({"role": "user", "content": CONVERSATION_HEADER + example.text})
+            messages.append({"role": "assistant", "content": self.answer.render(example.output)})
+        messages.append({"role": "user", "content": CONVERSATION_HEADER + transcript_text})
+        return messages

@@ -3,7 +3,7 @@
     python -m scripts.bench_wakeup [--inserts N] [--poll-interval S]
 
 Runs the REAL processor (``python batch_processor.py --mode continuous``) twice against SecantusDB
-(its own server, in memory) and the test suite's fake Ollama (zero latency): once with
+(its own server, in memory) and the fake Ollama of fakes/ollama.py (zero latency): once with
 ``BATCH_CHANGE_STREAMS=false`` (it sleeps ``--poll-interval`` between polls), once with change
 streams. Each run inserts N conversations one at a time, at a random moment of the poll cycle
 (a random pause of 0 to S seconds after the previous result), and measures the wall time from
@@ -13,10 +13,8 @@ the insert to the moment its result is readable. Prints a markdown table (for do
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -25,10 +23,9 @@ from typing import Any
 
 from pymongo import MongoClient
 
-from config import Settings, env_name
-from tests.fake_ollama import FakeOllama
-
-ROOT = Path(__file__).resolve().parents[1]
+from fakes.ollama import FakeOllama
+from scripts.bench.harness import ROOT, Processes, clean_env
+from scripts.tables import Column, markdown_table
 
 
 def wait_for(condition: Any, timeout: float, what: str) -> Any:
@@ -50,19 +47,17 @@ def conversation(i: int) -> dict[str, Any]:
 def measure(uri: str, ollama_url: str, *, change_streams: bool, inserts: int, interval: float,
             rng: random.Random) -> list[float]:
     database = f"wakeup_{'streams' if change_streams else 'polling'}"
-    env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in Settings.model_fields}}
-    with tempfile.TemporaryDirectory() as work, MongoClient[dict[str, Any]](uri) as client:
-        db = client[database]
-        env.update({
-            "MONGODB_CONNECTION_STRING": uri, "MONGODB_DATABASE_NAME": database, "OLLAMA_ENDPOINT": ollama_url,
-            "BATCH_FILES_DIR": str(Path(work) / "batch_files"), "BATCH_MONITORING_MODE": "production",
+    processes = Processes()
+    with tempfile.TemporaryDirectory() as temporary, MongoClient[dict[str, Any]](uri) as client:
+        db, work = client[database], Path(temporary)
+        env = clean_env({
+            "MONGODB_CONNECTION_STRING": uri, "MONGODB_DATABASE_NAME": database, "LLM_ENDPOINT": ollama_url,
+            "BATCH_FILES_DIR": str(work / "batch_files"), "BATCH_MONITORING_MODE": "production",
             "BATCH_CHANGE_STREAMS": "true" if change_streams else "false", "LOG_LEVEL": "WARNING",
         })
-        process = subprocess.Popen(
-            [sys.executable, str(ROOT / "batch_processor.py"), "--mode", "continuous",
-             "--poll-interval", str(interval)],
-            cwd=work, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
+        command = [sys.executable, str(ROOT / "batch_processor.py"), "--mode", "continuous",
+                   "--poll-interval", str(interval)]
+        process = processes.start("batch processor", command, cwd=work, env=env, log=work / "processor.log")
         try:
             # Warm-up: the first conversation proves the processor is up (not measured).
             db.conversation_set.insert_one(conversation(0))
@@ -77,12 +72,7 @@ def measure(uri: str, ollama_url: str, *, change_streams: bool, inserts: int, in
                 latencies.append(time.perf_counter() - started)
             return latencies
         finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
+            processes.stop(process)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,11 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(("change streams" if change_streams else f"polling every {args.poll_interval:g} s", values))
     print(f"{args.inserts} inserts per run, each at a random moment of the {args.poll_interval:g} s poll cycle; "
           "seconds from insert to result\n")
-    print("| wake-up | median | mean | min | max |")
-    print("|---|---:|---:|---:|---:|")
+    table = []
     for name, values in rows:
-        print(f"| {name} | {statistics.median(values):.2f} | {statistics.fmean(values):.2f} | "
-              f"{min(values):.2f} | {max(values):.2f} |")
+        figures = (statistics.median(values), statistics.fmean(values), min(values), max(values))
+        table.append([name, *(f"{figure:.2f}" for figure in figures)])
+    columns: list[Column] = [("wake-up", "left"), *((name, "right") for name in ("median", "mean", "min", "max"))]
+    print(markdown_table(columns, table))
     polling, streams = (statistics.median(v) for _, v in rows)
     print(f"\nmedian ratio polling / change streams: {polling / streams:.1f}")
     return 0

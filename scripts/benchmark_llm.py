@@ -66,11 +66,13 @@ def worker(config: dict[str, Any]) -> int:
     from aggregator import validate_conversation
     from async_llm_wrapper import create_async_llm_client
     from classifier import ConversationClassifier
-    from config import load_settings
+    from config import Settings, load_settings
     from error_handler import LLMError
 
-    settings = load_settings({"llm_provider": "openai", "ollama_endpoint": config["endpoint"],
-                              "ollama_model": config["model"], "ollama_timeout": 900, **config["settings"]},
+    # The setting names of the tree under test (LLM_ENDPOINT since main 9a34976; OLLAMA_ENDPOINT before).
+    prefix = "llm" if "llm_endpoint" in Settings.model_fields else "ollama"
+    settings = load_settings({"llm_provider": "openai", f"{prefix}_endpoint": config["endpoint"],
+                              f"{prefix}_model": config["model"], "ollama_timeout": 900, **config["settings"]},
                              environ={}, env_file=None)
     classifier = ConversationClassifier.from_settings(settings)
     conversations = json.loads(Path(config["conversations"]).read_text(encoding="utf-8"))[: config["limit"]]
@@ -245,6 +247,7 @@ def configurations(slots: int, levers: bool) -> list[Config]:
         configs += [Config("before", "before", slots), Config("after", "after", slots)]
     if levers:
         configs += [
+            Config("after, ANSWER_FORMAT=object", "after", 1, {"answer_format": "object"}),
             Config("after, CONFIDENCE=off", "after", 1, {"confidence": False}),
             Config("after, CATEGORIZATION=off", "after", 1, {"categorization": False}),
         ]
@@ -259,21 +262,19 @@ def _ratio(after: float, before: float) -> str:
 
 
 def run_table(runs: list[Run]) -> list[str]:
-    lines = [
-        "| run | slots | conversations | failed (cut off) | completion tokens | prompt tokens evaluated (not cached) "
-        "| prompt tokens cached | model s: prompt | model s: generation | model s | wall s | conversations/s |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for r in runs:
-        lines.append(
-            f"| {r.config.name} | {r.config.slots} | {r.n} | {len(r.failed)} "
-            f"| {r.per_conversation('tokens_predicted_total'):.1f} | {r.per_conversation('prompt_tokens_total'):.1f} "
-            f"| {r.per_conversation('prompt_tokens_cached_total'):.1f} "
-            f"| {r.per_conversation('prompt_seconds_total'):.3f} "
-            f"| {r.per_conversation('tokens_predicted_seconds_total'):.3f} | {r.model_seconds:.3f} "
-            f"| {r.wall / max(r.n, 1):.3f} | {r.n / r.wall:.3f} |"
-        )
-    return lines
+    from scripts.tables import Column, markdown_table
+
+    columns: list[Column] = [
+        ("run", "left"), ("slots", "right"), ("conversations", "right"), ("failed (cut off)", "right"),
+        ("completion tokens", "right"), ("prompt tokens evaluated (not cached)", "right"),
+        ("prompt tokens cached", "right"), ("model s: prompt", "right"), ("model s: generation", "right"),
+        ("model s", "right"), ("wall s", "right"), ("conversations/s", "right")]
+    rows = [[r.config.name, r.config.slots, r.n, len(r.failed),
+             *(f"{r.per_conversation(c):.1f}" for c in ("tokens_predicted_total", "prompt_tokens_total",
+                                                       "prompt_tokens_cached_total")),
+             *(f"{r.per_conversation(c):.3f}" for c in ("prompt_seconds_total", "tokens_predicted_seconds_total")),
+             f"{r.model_seconds:.3f}", f"{r.wall / max(r.n, 1):.3f}", f"{r.n / r.wall:.3f}"] for r in runs]
+    return markdown_table(columns, rows).splitlines()
 
 
 def ratio_lines(runs: list[Run]) -> list[str]:
@@ -340,6 +341,8 @@ def benchmark_section(runs: list[Run], args: argparse.Namespace, started: float)
 
 
 def quality_section(reports: dict[str, dict[str, Any]]) -> str:
+    from scripts.tables import Column, markdown_table
+
     now = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     fields = list(reports["before"]["fields"])
     out = [
@@ -350,15 +353,18 @@ def quality_section(reports: dict[str, dict[str, Any]]) -> str:
         "[benchmarks](benchmarks.md)): `scripts/evaluate.py` of each tree, a fresh one-slot llama-server, "
         f"one run each. Machine: {machine_line()}.",
         "",
-        "| run | commit | items | errors | s per item | " + " | ".join(f"{f} accuracy | {f} macro-F1" for f in fields)
-        + " |",
-        "|---|---|---:|---:|---:|" + "---:|---:|" * len(fields),
     ]
+    columns: list[Column] = [("run", "left"), ("commit", "left"), ("items", "right"), ("errors", "right"),
+                             ("s per item", "right")]
+    columns += [(f"{f} {measure}", "right") for f in fields for measure in ("accuracy", "macro-F1")]
+    rows = []
     for side, report in reports.items():
-        cells = " | ".join(f"{report['fields'][f]['accuracy'] * 100:.1f} % | {report['fields'][f]['macro_f1']:.3f}"
-                           if f in report["fields"] else "- | -" for f in fields)
-        out.append(f"| {side} | {report['commit']} | {report['n']} | {report['errors']} "
-                   f"| {report['seconds_per_item']:.2f} | {cells} |")
+        cells = [cell for f in fields for cell in (
+            (f"{report['fields'][f]['accuracy'] * 100:.1f} %", f"{report['fields'][f]['macro_f1']:.3f}")
+            if f in report["fields"] else ("-", "-"))]
+        rows.append([side, report["commit"], report["n"], report["errors"], f"{report['seconds_per_item']:.2f}",
+                     *cells])
+    out.append(markdown_table(columns, rows))
     out += ["", QUALITY_END]
     return "\n".join(out)
 

@@ -34,7 +34,7 @@ from pathlib import Path
 # The project (installed by `make install`) imports from anywhere; ROOT finds its data files.
 ROOT = Path(__file__).resolve().parents[1]
 
-from config import EMBEDDED_DATABASE, Settings, load_settings  # noqa: E402
+from config import EMBEDDED_DATABASE, Settings, env_name, env_names, load_settings  # noqa: E402
 from error_handler import EXIT_FAILURE, EXIT_OK, ConfigError, LLMError, fail  # noqa: E402
 from llm_wrapper import create_llm_client, server_kind  # noqa: E402
 from logger import configure_logging, redact_url  # noqa: E402
@@ -56,7 +56,7 @@ SMALL_WARNING = (
     "Note: SmolLM2-135M is a tiny model. It follows the schema (every label is a valid one), but its "
     "labels are rough and often wrong: this shows the whole pipeline, not the quality.\n"
     "For real use, run Ollama (`ollama pull llama3`, then `make demo`) or point the tool at any "
-    "OpenAI-compatible server: LLM_PROVIDER=openai OLLAMA_ENDPOINT=http://host:8000/v1 OLLAMA_MODEL=<model> "
+    "OpenAI-compatible server: LLM_PROVIDER=openai LLM_ENDPOINT=http://host:8000/v1 LLM_MODEL=<model> "
     "(see README, LLM providers)."
 )
 
@@ -102,7 +102,11 @@ def run_step(
     print(f"\n== {title}\n$ {shown}", flush=True)
     # The step reads its settings like any run would; only the batch files folder is the demo's
     # (and, with --small, the LLM server and database).
-    env = {**os.environ, **(extra_env or {}), "BATCH_FILES_DIR": str(batch_files)}
+    extra = {**(extra_env or {}), "BATCH_FILES_DIR": str(batch_files)}
+    # A setting given here replaces the user's under any of its names (OLLAMA_ENDPOINT as well as
+    # LLM_ENDPOINT): both in one environment with different values would be a configuration error.
+    replaced = {e for name in Settings.model_fields if env_name(name) in extra for e in env_names(name)}
+    env = {**{k: v for k, v in os.environ.items() if k not in replaced}, **extra}
     code = subprocess.run(command, cwd=ROOT, env=env, check=False).returncode
     if code not in ok_codes:
         print(f"error: step '{title}' failed with exit code {code}", file=sys.stderr)
@@ -136,8 +140,8 @@ def run_small(chart: Path, batch_files: Path) -> int:
             print(f"llama-server ready at {server.base_url} (model {server.alias})", flush=True)
             env = {
                 "LLM_PROVIDER": "openai",
-                "OLLAMA_ENDPOINT": server.base_url,
-                "OLLAMA_MODEL": server.alias,
+                "LLM_ENDPOINT": server.base_url,
+                "LLM_MODEL": server.alias,
                 "LLM_API_KEY": "",
                 "OLLAMA_TIMEOUT": "600",  # CPU only, and the machine may be busy
                 "BATCH_MAX_CONCURRENT": "2",
@@ -181,14 +185,14 @@ def main(argv: list[str] | None = None) -> int:
         code = run_small(chart, batch_files)
         rerun = "make demo-small"
     else:
-        print(f"Checking {server_kind(settings)} at {redact_url(settings.ollama_endpoint)} "
-              f"(model {settings.ollama_model}) ...", flush=True)
+        print(f"Checking {server_kind(settings)} at {redact_url(settings.llm_endpoint)} "
+              f"(model {settings.llm_model}) ...", flush=True)
         try:
             with create_llm_client(settings) as llm:
                 llm.check_ready()
         except LLMError as e:
             return fail(e, extra_hint=f"The demo classifies with a real model: start Ollama, run "
-                        f"`ollama pull {settings.ollama_model}`, then `make demo` again. "
+                        f"`ollama pull {settings.llm_model}`, then `make demo` again. "
                         "No Ollama? `make demo-small` runs the demo on a small model with llama.cpp, "
                         "built and started for you.")
         _say(remember_embedded_database(settings, Path.cwd()))

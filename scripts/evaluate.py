@@ -16,7 +16,8 @@ Input
   taxonomy (``intent``, ``topic``, ``sentiment`` by default; empty cells: not scored) and
   optionally ``conversation_number``.
 
-An item that cannot be read (not an object, no ``expected``, an invalid conversation) is named by
+An item that cannot be read (not an object, no ``expected``, an invalid conversation, nested too
+deeply for the JSON decoder) is named by
 its place (``item 3`` of a JSON list, ``line 7`` of JSON Lines, ``row 4`` of a CSV) and skipped.
 An expected label outside the taxonomy is reported and counted apart: that field of that item is
 not scored (its other fields are), because no prediction could ever match it.
@@ -24,7 +25,7 @@ not scored (its other fields are), because no prediction could ever match it.
 Classification
 --------------
 The same pipeline as the API: directly (``ConversationClassifier`` and the LLM client the settings
-name: ``OLLAMA_ENDPOINT``, ``OLLAMA_MODEL``, ...) or, with ``--url``, by ``POST /classify`` to a
+name: ``LLM_ENDPOINT``, ``LLM_MODEL``, ...) or, with ``--url``, by ``POST /classify`` to a
 running API. ``--max-concurrent`` defaults to 1 because a server that batches parallel requests
 (llama.cpp, vLLM) does not give repeatable answers at temperature 0; raise it for speed.
 
@@ -37,7 +38,8 @@ A table on the console; ``--output`` writes the report as JSON::
                 "per_label": {label: {"precision", "recall", "f1", "support"}},
                 "confusion": {"labels": [...], "matrix": [[...]]}}}}
 
-``n`` counts the items sent for classification, ``errors`` those whose classification failed;
+``n`` counts the items sent for classification, ``errors`` those whose classification failed
+(an unexpected exception too: ``unexpected_error``, logged with its traceback; the report goes on);
 a field's ``n`` counts the items scored on it (classified, with an expected label in the taxonomy),
 and a field nobody labelled is left out. Confusion rows are the expected labels, columns the
 predicted ones, both in ``labels`` order (the taxonomy's, for the labels present in the expected or
@@ -61,7 +63,8 @@ import os
 import re
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +72,6 @@ from typing import Any
 import aiohttp
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from aggregator import ConversationIn, validate_conversation
 from async_llm_wrapper import create_async_llm_client
@@ -89,14 +91,19 @@ from error_handler import (
 )
 from llm_pool import AsyncLLMPool
 from logger import configure_logging
+from mongo_client import MongoStore
 from prompt_builder import Taxonomy, load_taxonomy
+from retrieval import AsyncEmbed, ExampleIndex, Reviewed, build_index, mongo_source
+from scripts.tables import Column, console_table, markdown_table
 from utils.command_line import command_parser, positive_int
+from utils.json_items import UnreadableItem, json_list_items, json_value
 
 logger = logging.getLogger("evaluate")
 ROOT = Path(__file__).resolve().parents[1]
 
 NOT_IN_BODY = ("expected", "note")  # keys of a labelled item that are not part of the /classify body
 NOT_LABELS = ("categorization", "confidence", "needs_review")  # keys of a classification that are not label fields
+PROMPT_TOKENS = "_prompt_tokens"  # a direct run's prompt size, carried beside the classification
 MISSING_LABEL = "(missing)"  # a prediction without the field (an API of --url with another taxonomy)
 # EXIT_INCOMPLETE (5): the report is written, but some items were skipped or could not be classified
 CALIBRATION_EDGES = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
@@ -152,12 +159,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help="JSON list, JSON Lines or CSV of conversations with expected labels")
     parser.add_argument("--url", help="classify through a running API (e.g. http://localhost:8000) "
                         "instead of calling the LLM server directly [default: direct]")
-    parser.add_argument("--model", help="model to evaluate, overrides OLLAMA_MODEL (direct runs only)")
+    parser.add_argument("--model", help="model to evaluate, overrides LLM_MODEL (direct runs only)")
     parser.add_argument("--taxonomy", type=Path, metavar="FILE",
                         help="taxonomy file, overrides TAXONOMY_FILE [default: the setting]")
     parser.add_argument("--max-concurrent", type=positive_int, default=1, metavar="N",
                         help="conversations classified at once [default: 1, repeatable answers]")
     parser.add_argument("--limit", type=positive_int, metavar="N", help="only the first N usable items")
+    parser.add_argument("--few-shot-source", choices=("static", "reviewed", "both"),
+                        help="overrides FEW_SHOT_SOURCE (direct runs only) [default: the setting]")
+    parser.add_argument("--examples", type=Path, metavar="REVIEWED_FILE",
+                        help="the reviewed examples to retrieve from: a labelled file (export_reviewed's output) "
+                        "instead of MongoDB's reviewed conversations [default: MongoDB]")
     parser.add_argument("--output", type=_suffixed(".json"), metavar="report.json",
                         help="write the report as JSON")
     parser.add_argument("--markdown", type=_suffixed(".md"), metavar="report.md",
@@ -215,21 +227,26 @@ def read_raw_items(path: Path, fields: list[str]) -> tuple[list[tuple[str, Any]]
         raise UsageError(f"the labelled file {path} is empty")
     if stripped.startswith("[") and path.suffix.lower() not in (".jsonl", ".ndjson"):
         try:
-            data = json.loads(text)
+            data = json_list_items(text)  # an item nested too deeply is that item's problem
         except ValueError as e:
             raise UsageError(f"{path} is not valid JSON: {e}",
                              hint="Give a JSON list of items, JSON Lines, or a CSV file.") from e
-        return [(f"item {i}", value) for i, value in enumerate(data, 1)], []
+        return [(f"item {i}", _readable(value)) for i, value in enumerate(data, 1)], []
     items: list[tuple[str, Any]] = []
     broken: list[str] = []
     for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
         try:
-            items.append((f"line {number}", json.loads(line)))
+            items.append((f"line {number}", _readable(json_value(line))))
         except ValueError as e:
             broken.append(f"line {number}: not a JSON value ({e})")
     return items, broken
+
+
+def _readable(value: Any) -> Any:
+    """An item as read_item takes it: one the decoder could not hold becomes the ValueError saying why."""
+    return ValueError(value.reason) if isinstance(value, UnreadableItem) else value
 
 
 def parse_turns(conversation: str) -> list[dict[str, str]]:
@@ -289,7 +306,7 @@ def _check_expected(raw: Any, fields: list[str]) -> dict[str, str]:
 def read_item(where: str, raw: Any, index: int, taxonomy: Taxonomy, into: LabelledSet) -> None:
     """Validate one item; add it to ``into`` (usable, malformed, off-taxonomy labels)."""
     try:
-        if isinstance(raw, ValueError):  # a CSV row whose conversation could not be read
+        if isinstance(raw, ValueError):  # a CSV row whose conversation could not be read, an unreadable item
             raise raw
         if not isinstance(raw, dict):
             raise ValueError(f"an item must be a JSON object, not {type(raw).__name__}")
@@ -333,6 +350,7 @@ class Prediction:
     labels: dict[str, str] | None = None  # None: the classification failed
     confidence: dict[str, float | None] = field(default_factory=dict)
     error: str | None = None
+    prompt_tokens: int | None = None  # direct runs: the whole prompt, as the server counted it
 
 
 def _confidences(classification: dict[str, Any]) -> dict[str, float | None]:
@@ -349,7 +367,7 @@ def _confidences(classification: dict[str, Any]) -> dict[str, float | None]:
 
 def make_llm_client(settings: Settings) -> AsyncLLMPool:
     """The LLM client of a direct run, as the batch processor builds it: any provider, and every
-    server OLLAMA_ENDPOINT lists."""
+    server LLM_ENDPOINT lists."""
     return AsyncLLMPool(settings, create_async_llm_client)
 
 
@@ -368,10 +386,16 @@ async def classify_all(items: list[LabelledItem], classify: Classify, max_concur
             except ClassifierError as e:
                 logger.warning("%s (%s) failed: %s", item.where, item.conversation.conversation_number, e)
                 return Prediction(item, error=f"{e.code}: {e.message}")
+            except Exception as e:  # a bug or a server's garbage: this item's failure, not the report's
+                logger.warning("%s (%s) failed unexpectedly", item.where, item.conversation.conversation_number,
+                               exc_info=True)
+                return Prediction(item, error=f"unexpected_error: {type(e).__name__}: {e}")
             finally:
                 on_done()
+        tokens = classification.pop(PROMPT_TOKENS, None)
         labels = {name: str(value) for name, value in classification.items() if name not in NOT_LABELS}
-        return Prediction(item, labels, _confidences(classification))
+        return Prediction(item, labels, _confidences(classification),
+                          prompt_tokens=tokens if isinstance(tokens, int) else None)
 
     return list(await asyncio.gather(*(one(item) for item in items)))
 
@@ -382,19 +406,59 @@ def _progress(total: int) -> Progress:
                     console=console, transient=True, disable=not console.is_terminal or total == 0)
 
 
+def examples_from_file(path: Path, settings: Settings, taxonomy: Taxonomy,
+                       embed: AsyncEmbed | None) -> Callable[[], Awaitable[ExampleIndex]]:
+    """Retrieved examples read from a labelled file: ``labels`` (export_reviewed writes the effective
+    labels there) or else ``expected``; a conversation of the scored set is never its own example."""
+
+    async def load() -> ExampleIndex:
+        pool = load_labelled(path, taxonomy)
+        items = []
+        for item in pool.items:
+            labels = item.body.get("labels")
+            labels = {k: v for k, v in labels.items() if isinstance(v, str)} if isinstance(labels, dict) else {}
+            items.append(Reviewed(item.conversation, {**labels, **item.expected},
+                                  str(item.body.get("categorization") or "")))
+        return await build_index(items, settings, taxonomy.field_names, embed=embed)
+
+    return load
+
+
+@asynccontextmanager
+async def bound_examples(pipeline: ConversationClassifier, settings: Settings, client: AsyncLLMPool,
+                         examples: Path | None) -> AsyncIterator[None]:
+    """Bind the retriever (FEW_SHOT_SOURCE reviewed/both) to ``examples``, or else to MongoDB."""
+    retriever = pipeline.retriever
+    embed = client.embed if settings.embedding_model else None
+    if retriever is None:
+        yield
+    elif examples is not None:
+        retriever.source = examples_from_file(examples, settings, pipeline.taxonomy, embed)
+        yield
+    else:
+        async with MongoStore.connect(settings) as store:
+            await store.ping()
+            retriever.source = mongo_source(store.results.database, settings, pipeline.taxonomy, embed)
+            yield
+
+
 async def run_direct(items: list[LabelledItem], settings: Settings, pipeline: ConversationClassifier,
-                     max_concurrent: int) -> tuple[str, list[Prediction]]:
-    async with make_llm_client(settings) as client:
+                     max_concurrent: int, examples: Path | None = None) -> tuple[str, list[Prediction]]:
+    async with make_llm_client(settings) as client, bound_examples(pipeline, settings, client, examples):
         await client.check_ready()  # an unreachable server or a missing model stops here, once
+        if pipeline.retriever is not None:
+            await pipeline.retriever.refresh_if_stale()
+            logger.info("few-shot retrieval from %d reviewed example(s)", len(pipeline.retriever.index))
 
         async def classify(item: LabelledItem) -> dict[str, Any]:
             outcome = await pipeline.classify_async(item.conversation, client)
-            return outcome.classification.model_dump()  # its "confidence" is {field: float | None} or None
+            # Its "confidence" is {field: float | None} or None; the prompt's size rides along.
+            return {**outcome.classification.model_dump(), PROMPT_TOKENS: outcome.chat.prompt_tokens}
 
         with _progress(len(items)) as progress:
             task = progress.add_task("classify", total=len(items))
             predictions = await classify_all(items, classify, max_concurrent, lambda: progress.advance(task))
-    return settings.ollama_model, predictions
+    return settings.llm_model, predictions
 
 
 def _api_error(status: int, body: bytes) -> tuple[str, str]:
@@ -518,12 +582,14 @@ def build_report(predictions: list[Prediction], model: str, seconds: float, taxo
                 taxonomy.names(name),
                 [p.confidence.get(name) for p in scored],
             )
+    tokens = [p.prompt_tokens for p in predictions if p.prompt_tokens is not None]
     return {
         "n": len(predictions),
         "model": model,
         "fields": fields,
         "errors": sum(p.labels is None for p in predictions),
         "seconds_per_item": round(seconds / len(predictions), 3) if predictions else 0.0,
+        "prompt_tokens_per_item": round(sum(tokens) / len(tokens), 1) if tokens else None,
     }
 
 
@@ -559,25 +625,22 @@ def _pct(value: float) -> str:
 
 
 def print_report(report: dict[str, Any], labelled: LabelledSet, failures: list[Prediction], console: Console) -> None:
-    summary = Table(title=f"{report['n']} conversations, model {report['model']}, "
-                    f"{report['seconds_per_item']:.2f} s per conversation")
-    for column in ("field", "scored", "accuracy", "macro-F1"):
-        summary.add_column(column, justify="left" if column == "field" else "right")
+    summary = console_table(f"{report['n']} conversations, model {report['model']}, "
+                            f"{report['seconds_per_item']:.2f} s per conversation",
+                            [("field", "left"), ("scored", "right"), ("accuracy", "right"), ("macro-F1", "right")])
     for name, metrics in report["fields"].items():
         summary.add_row(name, str(metrics["n"]), _pct(metrics["accuracy"]), f"{metrics['macro_f1']:.3f}")
     console.print(summary)
     for name, metrics in report["fields"].items():
-        table = Table(title=f"{name}: per label")
-        for column in ("label", "precision", "recall", "F1", "support"):
-            table.add_column(column, justify="left" if column == "label" else "right")
+        table = console_table(f"{name}: per label", [("label", "left"), *((column, "right") for column in (
+            "precision", "recall", "F1", "support"))])
         for label, scores in metrics["per_label"].items():
             table.add_row(label, f"{scores['precision']:.2f}", f"{scores['recall']:.2f}", f"{scores['f1']:.2f}",
                           str(scores["support"]))
         console.print(table)
         if "calibration" in metrics:
-            table = Table(title=f"{name}: accuracy per confidence bucket")
-            for column in ("confidence", "n", "accuracy", "mean confidence"):
-                table.add_column(column, justify="right")
+            table = console_table(f"{name}: accuracy per confidence bucket",
+                                  [(column, "right") for column in ("confidence", "n", "accuracy", "mean confidence")])
             for bucket in metrics["calibration"]:
                 low, high = bucket["range"]
                 table.add_row(f"{low:.1f}-{high:.1f}", str(bucket["n"]), _pct(bucket["accuracy"]),
@@ -602,13 +665,10 @@ def not_scored_lines(labelled: LabelledSet, failures: list[Prediction]) -> list[
     return lines
 
 
-def _md_row(cells: list[Any]) -> str:
-    return "| " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
-
-
 def _md_table(header: list[str], rows: list[list[Any]], right_from: int = 1) -> list[str]:
-    align = ["---" if i < right_from else "---:" for i in range(len(header))]
-    return [_md_row(header), _md_row(align), *(_md_row(row) for row in rows), ""]
+    """The lines of a Markdown table (the columns from ``right_from`` on right-aligned) and a blank one."""
+    columns: list[Column] = [(name, "left" if i < right_from else "right") for i, name in enumerate(header)]
+    return [markdown_table(columns, rows), ""]
 
 
 def render_markdown(report: dict[str, Any], labelled: LabelledSet, failures: list[Prediction], source: str) -> str:
@@ -675,10 +735,17 @@ def render_chart(report: dict[str, Any]) -> bytes:
 
 def load_run_settings(args: argparse.Namespace) -> Settings:
     if args.url and args.model:
-        raise UsageError("--model only applies to direct runs: the API of --url uses its own OLLAMA_MODEL",
-                         hint="Restart the API with OLLAMA_MODEL set, or drop --url.")
-    return load_settings({"ollama_model": args.model, "taxonomy_file": args.taxonomy,
-                          "batch_max_concurrent": min(args.max_concurrent, 256)})
+        raise UsageError("--model only applies to direct runs: the API of --url uses its own LLM_MODEL",
+                         hint="Restart the API with LLM_MODEL set, or drop --url.")
+    if args.url and (args.few_shot_source or args.examples):
+        raise UsageError("--few-shot-source and --examples only apply to direct runs: the API of --url uses its own "
+                         "FEW_SHOT_SOURCE and reviewed conversations")
+    settings = load_settings({"llm_model": args.model, "taxonomy_file": args.taxonomy,
+                              "batch_max_concurrent": min(args.max_concurrent, 256),
+                              "few_shot_source": args.few_shot_source})
+    if args.examples is not None and settings.few_shot_source == "static":
+        raise UsageError("--examples needs retrieved examples: add --few-shot-source reviewed (or both)")
+    return settings
 
 
 def write_outputs(args: argparse.Namespace, report: dict[str, Any], labelled: LabelledSet,
@@ -711,7 +778,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
     if pipeline is None:
         model, predictions = asyncio.run(run_via_api(labelled.items, args.url, args.max_concurrent))
     else:
-        model, predictions = asyncio.run(run_direct(labelled.items, settings, pipeline, args.max_concurrent))
+        model, predictions = asyncio.run(run_direct(labelled.items, settings, pipeline, args.max_concurrent,
+                                                    args.examples))
     report = build_report(predictions, model, time.perf_counter() - started, taxonomy)
     failures = [p for p in predictions if p.labels is None]
     print_report(report, labelled, failures, Console())

@@ -30,7 +30,9 @@ Inputs
 
 Every document is checked with ``aggregator.validate_conversation`` (the processor's own
 check). Bad rows - unparseable ids, inbound not True/False, bad dates, wrong field count,
-duplicate tweet ids, invalid documents - are skipped, counted and reported by position
+duplicate tweet ids, invalid documents; in JSON also items nested too deeply for the decoder
+(``utils.json_items``) and documents MongoDB cannot store (an integer beyond 8 bytes, named
+by its field) - are skipped, counted and reported by position
 (CSV: the physical line where the record starts, counting '\\n'; JSON: the index in the
 list): the first 20 on screen, all of them in a TSV file when there are more.
 
@@ -72,7 +74,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import logging
 import re
 import sqlite3
@@ -88,6 +89,8 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
+import bson  # noqa: E402
+from bson.errors import InvalidDocument  # noqa: E402
 from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import BulkWriteError, OperationFailure, PyMongoError  # noqa: E402
 from rich.console import Console  # noqa: E402
@@ -114,11 +117,13 @@ from error_handler import (  # noqa: E402
     StorageError,
     UsageError,
     fail,
+    field_path,
     run_command,
 )
 from logger import configure_logging  # noqa: E402
 from mongo_client import SOURCE_INDEXES, STATUS_PENDING, storage_error, sync_database  # noqa: E402
 from utils.command_line import command_parser, positive_int  # noqa: E402
+from utils.json_items import UnreadableItem, json_list_items, json_value  # noqa: E402
 
 logger = logging.getLogger("import_data")
 
@@ -152,7 +157,8 @@ settings (environment or .env, as for the batch processor):
   MONGODB_TIMEOUT_MS         server selection timeout (default 30000)
 
 bad rows (unparseable ids, inbound not True/False, bad dates, wrong field count, duplicate
-tweet ids, documents that fail validation, e.g. no customer turn) are skipped and reported with
+tweet ids, documents that fail validation, e.g. no customer turn; JSON items nested too deeply
+to read, or holding an integer too large for MongoDB) are skipped and reported with
 their CSV line (where the record starts) or JSON list index; past {PRINTED_BAD_ROWS}, all go to
 --bad-rows-file (columns: line, kind, reason).
 
@@ -623,9 +629,12 @@ def twcs_documents(db: sqlite3.Connection, counts: Counts) -> Generator[tuple[in
 
 
 def read_json(path: Path) -> list[Any]:
-    """The items of a JSON file: a list as is, one object as a list of one."""
+    """The items of a JSON file: a list as is, one object as a list of one. An item the decoder cannot
+    hold (nested too deeply, an integer of thousands of digits) is an :class:`UnreadableItem` in its
+    place: a bad row, not the end of the import."""
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        text = path.read_text(encoding="utf-8-sig")
+        data = json_list_items(text) if text.lstrip().startswith("[") else json_value(text)
     except UnicodeDecodeError as e:
         raise UsageError(f"{path} is not UTF-8 text: {e.reason}", hint="Save it as UTF-8.") from e
     except ValueError as e:
@@ -633,7 +642,7 @@ def read_json(path: Path) -> list[Any]:
                          hint="Give a JSON list of conversation documents, or one document.") from e
     except OSError as e:
         raise UsageError(f"cannot read {path}: {e.strerror or e}") from e
-    if isinstance(data, dict):
+    if isinstance(data, (dict, UnreadableItem)):
         return [data]
     if isinstance(data, list):
         return data
@@ -643,6 +652,9 @@ def read_json(path: Path) -> list[Any]:
 def json_documents(items: list[Any], bad: BadRows) -> Generator[tuple[int, str, dict[str, Any]], None, None]:
     """``(index, label, document)`` for every object of the list; anything else is a bad row."""
     for index, item in enumerate(items):
+        if isinstance(item, UnreadableItem):
+            bad.add(index, item.reason)
+            continue
         if not isinstance(item, dict):
             bad.add(index, f"not a JSON object but {type(item).__name__}")
             continue
@@ -712,6 +724,37 @@ def insert_batch(collection: Collection[dict[str, Any]], batch: list[dict[str, A
                  counts.present)
 
 
+def _oversized_integer(document: dict[str, Any]) -> str | None:
+    """``path: value`` of the first integer BSON cannot hold (8 bytes), in document order; None if none.
+    Walked with a stack: a document's depth is the file's to choose."""
+    stack: list[tuple[tuple[Any, ...], Any]] = [((), document)]
+    while stack:
+        loc, value = stack.pop()
+        if isinstance(value, dict):
+            stack.extend(((*loc, key), item) for key, item in reversed(value.items()))
+        elif isinstance(value, list):
+            stack.extend(((*loc, i), item) for i, item in reversed(list(enumerate(value))))
+        elif isinstance(value, int) and not isinstance(value, bool) and not -MAX_ID - 1 <= value <= MAX_ID:
+            return f"{field_path(loc)}: {value}"
+    return None
+
+
+def unstorable(document: dict[str, Any]) -> str | None:
+    """Why MongoDB cannot store ``document`` (a JSON item is stored as given), or None.
+
+    PyMongo encodes a whole insert batch at once: one such document would fail the batch (and,
+    uncaught, the import), so each is checked on its own first."""
+    try:
+        bson.encode(document)
+    except (InvalidDocument, OverflowError, RecursionError, ValueError, TypeError) as e:
+        oversized = _oversized_integer(document)
+        if oversized is not None:
+            return (f"{oversized} is too large for MongoDB (integers of 8 bytes at most: up to {MAX_ID}); "
+                    "write it as a string")
+        return f"cannot be stored in MongoDB: {type(e).__name__}: {e}"
+    return None
+
+
 def takes_part(tweets: list[Any] | None, company: str) -> bool:
     """True when ``company`` wrote one of the company-side tweets (``inbound`` false, or an agent ``role``)."""
     return any(tweet.speaker == "agent" and normalise_author(tweet.author_id) == company for tweet in tweets or [])
@@ -726,9 +769,11 @@ def import_documents(
     company: str | None,
     limit: int | None,
     check_repeats: bool,
+    check_storable: bool = False,
     advance: Callable[[], None],
 ) -> None:
-    """Validate each candidate document, filter, and insert in batches of :data:`INSERT_BATCH`."""
+    """Validate each candidate document, filter, and insert in batches of :data:`INSERT_BATCH`.
+    ``check_storable``: documents as the user gave them (JSON), checked one by one with :func:`unstorable`."""
     first_seen: dict[str, int] = {}
     batch: list[dict[str, Any]] = []
     taken = 0
@@ -740,6 +785,13 @@ def import_documents(
             bad.add(position, label + e.message)
             continue
         number = conversation.conversation_number
+        document.pop("_id", None)
+        document["conversation_number"] = number
+        if document.get("status") is None:
+            document["status"] = STATUS_PENDING
+        if check_storable and (problem := unstorable(document)):
+            bad.add(position, label + problem)
+            continue
         if check_repeats:
             if number in first_seen:
                 bad.add(position, f"{label}conversation_number {number!r} repeats {bad.unit} {first_seen[number]}")
@@ -749,10 +801,6 @@ def import_documents(
         if company is not None and not takes_part(conversation.tweets, company):
             counts.other_company += 1
             continue
-        document.pop("_id", None)
-        document["conversation_number"] = number
-        if document.get("status") is None:
-            document["status"] = STATUS_PENDING
         batch.append(document)
         taken += 1
         if limit is not None and taken >= limit:
@@ -855,7 +903,8 @@ def run(args: argparse.Namespace, settings: Settings) -> int:
             try:
                 import_documents(
                     candidates, collection, bad, counts, company=args.company, limit=args.limit,
-                    check_repeats=kind == "json", advance=lambda: progress.advance(task),
+                    check_repeats=kind == "json", check_storable=kind == "json",
+                    advance=lambda: progress.advance(task),
                 )
             except StorageError as e:
                 e.hint = e.hint or (f"{counts.added} conversation(s) were added before it stopped; rerun the same "

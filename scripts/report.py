@@ -16,6 +16,9 @@ No result document is loaded into Python. The same pipeline takes the first and 
 ``processing_metadata.processed_at`` (a date as the batch processor writes it, or an
 ISO-8601 string as in the design document's example).
 
+The labels counted are the effective ones: a reviewer's correction (a current ``review``, see
+README 'Reviewing labels') wins over the model's label; a stale review does not count.
+
 Labels are listed in taxonomy order, each taxonomy label even with no results (zeros
 keep every report the same shape and the crossing tables rectangular). Labels found in
 the data but not in the taxonomy (an old taxonomy, a hand-edited result) follow the
@@ -64,7 +67,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from pymongo.collection import Collection  # noqa: E402
 from pymongo.errors import PyMongoError  # noqa: E402
@@ -82,7 +85,12 @@ from error_handler import (  # noqa: E402
 from logger import configure_logging  # noqa: E402
 from mongo_client import STATUS_SKIPPED, storage_error, sync_database  # noqa: E402
 from prompt_builder import Taxonomy, load_taxonomy  # noqa: E402
+from reviews import effective_label  # noqa: E402
+from scripts.tables import Column, console_table  # noqa: E402
 from utils.command_line import command_parser  # noqa: E402
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 logger = logging.getLogger("report")
 
@@ -246,7 +254,8 @@ def counts_pipeline(job: str | None, fields: list[str]) -> list[dict[str, Any]]:
     return [
         {"$match": _match(job)},
         {"$group": {
-            "_id": {kind: f"$classification.{kind}" for kind in fields},
+            # The effective labels: a current review's, else the model's (reviews.py).
+            "_id": {kind: effective_label(kind) for kind in fields},
             "count": {"$sum": 1},
             "needs_review": {"$sum": {"$cond": [{"$eq": ["$classification.needs_review", True]}, 1, 0]}},
             "first_date": {"$min": _typed(at, "date")},
@@ -391,10 +400,18 @@ def header_line(report: Report) -> str:
     return line
 
 
+def _counts_table(report: Report, kind: str, title: str, split_labels: list[str]) -> Table:
+    """A table of ``kind``'s labels: results and share of all, then a column per label of the split
+    field (``split_labels``); totals in the footer."""
+    columns: list[Column] = [(report.titles[kind], "left"), ("Results", "right"), ("% of all", "right"),
+                             *((label, "right") for label in split_labels)]
+    footers = ["Total", str(report.total), _percent(report.total, report.total),
+               *(str(report.counts[report.split][label]) for label in split_labels)]
+    return console_table(title, columns, footers)
+
+
 def print_tables(report: Report) -> None:
-    from rich import box
     from rich.console import Console
-    from rich.table import Table
 
     console = Console(file=sys.stdout, highlight=False)
     if not console.is_terminal:
@@ -408,14 +425,8 @@ def print_tables(report: Report) -> None:
     split = report.split
     columns = report.labels[split]
     for kind in report.others:
-        table = Table(title=f"{report.titles[kind]} by {split.replace('_', ' ')}", box=box.SIMPLE_HEAD,
-                      show_footer=True, title_justify="left")
-        table.add_column(report.titles[kind], footer="Total")
-        table.add_column("Results", justify="right", footer=str(report.total))
-        table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
+        table = _counts_table(report, kind, f"{report.titles[kind]} by {split.replace('_', ' ')}", columns)
         cells = report.crossings[kind, split]
-        for column in columns:
-            table.add_column(column, justify="right", footer=str(report.counts[split][column]))
         for label in report.labels[kind]:
             n = report.counts[kind][label]
             table.add_row(
@@ -424,10 +435,7 @@ def print_tables(report: Report) -> None:
                 style="dim" if n == 0 else None,
             )
         console.print(table)
-    table = Table(title=report.titles[split], box=box.SIMPLE_HEAD, show_footer=True, title_justify="left")
-    table.add_column(report.titles[split], footer="Total")
-    table.add_column("Results", justify="right", footer=str(report.total))
-    table.add_column("% of all", justify="right", footer=_percent(report.total, report.total))
+    table = _counts_table(report, split, report.titles[split], [])
     for label in columns:
         n = report.counts[split][label]
         table.add_row(_marked(report, split, label), str(n), _percent(n, report.total),

@@ -203,6 +203,22 @@
     canvas.dataset.rendered = "true";
   }
 
+  // The conversations page filtered like the dashboard (and by a field's label, when given).
+  function conversationsLink(field, label, extra) {
+    var query = new URLSearchParams(currentFilters());
+    if (field) { query.set(field, label); }
+    Object.keys(extra || {}).forEach(function (k) { query.set(k, extra[k]); });
+    return "/conversations?" + query.toString();
+  }
+
+  function drawAgreement(agreement) {
+    var parts = Object.keys(agreement || {}).filter(function (f) { return agreement[f].n > 0; }).map(function (f) {
+      var a = agreement[f];
+      return f + " " + Math.round(100 * a.accuracy) + "% (" + Math.round(a.accuracy * a.n) + " of " + a.n + ")";
+    });
+    $("agreement").textContent = parts.length ? parts.join("; ") : "no reviews yet";
+  }
+
   function drawDistribution(field) {
     var rows = field.counts;
     var labels = rows.map(function (r) { return r.label; });
@@ -233,6 +249,11 @@
           } } },
         },
         scales: { x: { beginAtZero: true, ticks: { precision: 0 } } },
+        // A bar opens the conversations with that label (in the same date range and job).
+        onClick: function (event, elements) {
+          if (elements.length) { window.location.href = conversationsLink(field.name, labels[elements[0].index]); }
+        },
+        onHover: function (event, elements) { event.native.target.style.cursor = elements.length ? "pointer" : ""; },
       },
     });
     fillTable(document.querySelector('[data-testid="table-' + field.name + '"]'), [field.name, "conversations", "share"],
@@ -296,6 +317,8 @@
     $("review").textContent = stats.review.share === null ? "no confidences"
       : (100 * stats.review.share).toFixed(1) + "% (" + fmtNumber(stats.review.needs_review) + " of " +
         fmtNumber(stats.review.with_confidence) + ")";
+    $("review-link").href = conversationsLink(null, null, { needs_review: "true", reviewed: "false", order: "confidence" });
+    drawAgreement(stats.agreement);
     $("pending").textContent = fmtNumber(stats.statuses.pending);
     $("failed").textContent = fmtNumber(stats.statuses.failed);
     drawFields(stats.fields);

@@ -1,6 +1,6 @@
 """Shared fixtures: real servers on loopback, each stopped by the fixture that started it.
 
-* ``fake_ollama``: the fake Ollama HTTP server of ``tests/fake_ollama.py`` (fresh per test).
+* ``fake_ollama``: the fake Ollama HTTP server of ``fakes/ollama.py`` (fresh per test).
 * ``make_settings``: settings that ignore the developer's environment and ``.env``.
 * ``api_server``: the real FastAPI app under uvicorn on a loopback port.
 * ``mongo_uri`` / ``mongo_db``: a SecantusDB server (MongoDB wire protocol) for the
@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 
 from config import Settings, load_settings
-from tests.fake_ollama import FakeOllama
+from fakes.ollama import FakeOllama
 
 SettingsFactory = Callable[..., Settings]
 
@@ -38,6 +38,22 @@ def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool 
     return None
 
 
+@pytest.fixture(autouse=True)
+def _root_logger_restored() -> Iterator[None]:
+    """Commands run in-process (``evaluate.main``, ``export_reviewed.main``, ...) configure logging for
+    the whole process (evaluate sets the root to ERROR): put the root logger back after each test, so
+    a test's log assertions never depend on which tests ran before it."""
+    import logging
+
+    root = logging.getLogger()
+    level, handlers = root.level, list(root.handlers)
+    yield
+    root.setLevel(level)
+    for handler in list(root.handlers):
+        if handler not in handlers and getattr(handler, "_classifier_handler", False):
+            root.removeHandler(handler)
+
+
 @pytest.fixture
 def fake_ollama() -> Iterator[FakeOllama]:
     with FakeOllama() as fake:
@@ -50,7 +66,7 @@ def make_settings(fake_ollama: FakeOllama, tmp_path: Path) -> SettingsFactory:
 
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
-            "ollama_endpoint": fake_ollama.url,
+            "llm_endpoint": fake_ollama.url,
             "ollama_timeout": 5,
             "batch_files_dir": tmp_path / "batch_files",
         }

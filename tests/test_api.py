@@ -19,8 +19,8 @@ import pytest
 import requests
 
 from config import Settings
+from fakes.ollama import BUSY, RUNNER_CRASHED, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from tests.conftest import RunningAPI
-from tests.fake_ollama import BUSY, RUNNER_CRASHED, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from tests.net_helpers import closed_port_url
 
 SettingsFactory = Callable[..., Settings]
@@ -284,10 +284,49 @@ INVALID_INPUTS: dict[str, tuple[dict[str, Any], tuple[int, ...], str | None, str
         "body",
         "Infinity",
     ),
+    # Python reads these as inf: not NaN, yet no JSON answer can carry them back (a 500 after the call).
+    "1e999 in an echoed field": (
+        {
+            "data": b'{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi", "score": 1e999}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "1e999",
+    ),
+    "-1e400 as a timestamp": (
+        {
+            "data": b'{"conversation_number": "1", '
+            b'"messages": [{"sender": "customer", "text": "hi", "timestamp": -1E+400}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "-1E+400",
+    ),
+    "1e999 as the conversation number": (
+        {
+            "data": b'{"conversation_number": 1e999, "messages": [{"sender": "customer", "text": "hi"}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "too large",
+    ),
     "unpaired surrogate in a text": (
         {
             "data": b'{"conversation_number": "1", '
             b'"messages": [{"sender": "customer", "text": "broken \\ud800 emoji"}]}',
+            "headers": {"Content-Type": "application/json"},
+        },
+        (400,),
+        "body",
+        "surrogate",
+    ),
+    "unpaired surrogate in a UTF-16 body (no escape needed)": (
+        {
+            "data": '{"conversation_number": "1", "messages": [{"sender": "customer", "text": "hi \ud800"}]}'.encode(
+                "utf-16-le", "surrogatepass"),
             "headers": {"Content-Type": "application/json"},
         },
         (400,),
@@ -496,7 +535,7 @@ def test_custom_small_limit(
 
 def test_ollama_unreachable(http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI) -> None:
     endpoint = closed_port_url()
-    api = start_api(make_settings(ollama_endpoint=endpoint))
+    api = start_api(make_settings(llm_endpoint=endpoint))
     error = error_of(post(http, api, CONVERSATION), 503)
     assert error["type"] == "llm_unavailable"
     assert endpoint in error["message"]
@@ -595,7 +634,7 @@ def test_health_makes_no_llm_call(http: requests.Session, api_server: RunningAPI
 def test_health_is_ok_even_without_ollama(
     http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI
 ) -> None:
-    api = start_api(make_settings(ollama_endpoint=closed_port_url()))
+    api = start_api(make_settings(llm_endpoint=closed_port_url()))
     assert http.get(f"{api.url}/health", timeout=10).status_code == 200
 
 
@@ -623,11 +662,30 @@ def test_ready_503_when_ollama_is_unreachable(
     http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI
 ) -> None:
     endpoint = closed_port_url()
-    api = start_api(make_settings(ollama_endpoint=endpoint))
+    api = start_api(make_settings(llm_endpoint=endpoint))
     error = error_of(http.get(f"{api.url}/ready", timeout=10), 503)
     assert error["type"] == "llm_unavailable"
     assert endpoint in error["message"]
     assert "ollama serve" in error["hint"]
+
+
+def test_a_slow_ready_never_pauses_a_server(
+    http: requests.Session, make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    # Issue 16 item 9: /ready is unauthenticated and only reports. A readiness answer that came too
+    # late (here at start-up and on /ready) must not open the server's circuit: its share of
+    # /classify would go to the others for CIRCUIT_BREAKER_RECOVERY_SECONDS (or be refused with 503).
+    with FakeOllama() as slow:
+        slow.ready_delay = 3.0  # beyond the readiness timeout: min(5 s, OLLAMA_TIMEOUT)
+        api = start_api(make_settings(llm_endpoint=f"{slow.url},{fake_ollama.url}", ollama_timeout=2))
+        response = http.get(f"{api.url}/ready", timeout=30)
+        assert response.status_code == 200, response.text  # the other server is ready
+        servers = {status["server"]: status for status in response.json()["servers"]}
+        assert servers[slow.url]["ready"] is False and "did not answer" in servers[slow.url]["error"]
+        assert servers[slow.url]["circuit"] == "closed"
+        for _ in range(4):
+            assert post(http, api, CONVERSATION).status_code == 200
+        assert (slow.chat_count, fake_ollama.chat_count) == (2, 2)  # the slow server keeps its share
 
 
 def test_docs_are_served(http: requests.Session, api_server: RunningAPI) -> None:
@@ -871,7 +929,7 @@ def test_a_request_that_cannot_start_in_time_gets_503_llm_busy(
 def test_requests_beyond_the_limit_wait_their_turn(
     make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
 ) -> None:
-    api = start_api(make_settings(api_max_concurrency=2, api_queue_timeout=60))
+    api = start_api(make_settings(api_max_concurrency=2, api_queue_timeout=60, api_max_waiting=6))
     fake_ollama.latency = 0.2
 
     def classify(i: int) -> int:
@@ -883,6 +941,55 @@ def test_requests_beyond_the_limit_wait_their_turn(
     assert statuses == [200] * 8
     assert fake_ollama.chat_count == 8
     assert fake_ollama.max_in_flight == 2
+
+
+def _wait_for_log(caplog: pytest.LogCaptureFixture, fragment: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not any(fragment in r.getMessage() for r in caplog.records):
+        assert time.monotonic() < deadline, f"no log record with {fragment!r}"
+        time.sleep(0.02)
+
+
+def test_requests_beyond_api_max_waiting_get_503_at_once(
+    http: requests.Session,
+    make_settings: SettingsFactory,
+    start_api: StartAPI,
+    fake_ollama: FakeOllama,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="api_dependencies")
+    api = start_api(make_settings(api_max_concurrency=1, api_max_waiting=2, api_queue_timeout=60, ollama_timeout=30))
+    with _occupy_the_only_slot(api, fake_ollama, seconds=4), ThreadPoolExecutor(2) as waiting:
+        waiters = [waiting.submit(requests.post, f"{api.url}/classify", json=CONVERSATION, timeout=60)
+                   for _ in range(2)]
+        _wait_for_log(caplog, "request admitted: 3 in this process")  # the slot's holder and two waiting
+        response = post(http, api, CONVERSATION)
+        error = error_of(response, 503)
+        assert error["type"] == "llm_busy" and "API_MAX_WAITING" in error["hint"]
+        assert error["max_waiting"] == 2
+        assert int(response.headers["Retry-After"]) > 0
+        assert fake_ollama.chat_count == 1  # answered before any of the waiting ones reached the model
+        assert [w.result().status_code for w in waiters] == [200, 200]  # the two waiting got their turn
+    assert fake_ollama.chat_count == 3
+
+
+def test_a_dozen_large_bodies_beyond_the_bound_are_refused_and_health_answers(
+    make_settings: SettingsFactory, start_api: StartAPI, fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings(api_max_concurrency=1, api_max_waiting=2, api_queue_timeout=60, ollama_timeout=30))
+    text = "My parcel has not arrived. " * 400  # ~10 KB a message, ~0.9 MB a body
+    body = {"conversation_number": "big", "messages": [
+        {"sender": "customer" if i % 2 == 0 else "agent", "text": text} for i in range(85)]}
+    assert 800_000 < len(json.dumps(body)) < api.settings.api_max_body_bytes
+
+    def classify(_: int) -> int:
+        return requests.post(f"{api.url}/classify", json=body, timeout=60).status_code
+
+    with _occupy_the_only_slot(api, fake_ollama, seconds=3), ThreadPoolExecutor(12) as pool:
+        statuses = pool.map(classify, range(12))
+        assert requests.get(f"{api.url}/health", timeout=30).json() == {"status": "ok"}
+        assert sorted(statuses) == [200] * 2 + [503] * 10  # every refused client got its answer
+    assert fake_ollama.chat_count == 3
 
 
 def _abandon_requests(api: RunningAPI, count: int) -> None:
@@ -908,7 +1015,7 @@ def test_a_client_that_left_before_its_turn_never_reaches_the_model(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, logger="api")
-    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=60, ollama_timeout=30))
+    api = start_api(make_settings(api_max_concurrency=1, api_queue_timeout=60, ollama_timeout=30, api_max_waiting=20))
     with _occupy_the_only_slot(api, fake_ollama, seconds=3):
         _abandon_requests(api, 20)
         # Wait until the API has seen every hang-up (or, as before the fix, the model got the requests).
@@ -922,7 +1029,7 @@ def test_a_client_that_left_before_its_turn_never_reaches_the_model(
     assert sum("left before its turn" in r.getMessage() for r in caplog.records) == 20
 
 
-# --- secrets: credentials in OLLAMA_ENDPOINT appear in no answer and no log line ------------
+# --- secrets: credentials in LLM_ENDPOINT appear in no answer and no log line ------------
 
 # Placeholder credentials (user:pass-...), written as users write them: not percent-encoded.
 PASSWORDS = ["pass-tok3n", "pass-7q/xZ@9k w0rd"]
@@ -949,8 +1056,8 @@ def test_credentials_in_the_endpoint_appear_in_no_answer_and_no_log_line(
 ) -> None:
     caplog.set_level(logging.DEBUG)
     answers: list[str] = []
-    served = start_api(make_settings(ollama_endpoint=_with_credentials(fake_ollama.url, password), ollama_timeout=1))
-    refused = start_api(make_settings(ollama_endpoint=_with_credentials(closed_port_url(), password)))
+    served = start_api(make_settings(llm_endpoint=_with_credentials(fake_ollama.url, password), ollama_timeout=1))
+    refused = start_api(make_settings(llm_endpoint=_with_credentials(closed_port_url(), password)))
     for api in (served, refused):
         for response in (http.get(f"{api.url}/ready", timeout=10), post(http, api, CONVERSATION)):
             answers.append(response.text)

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from config import Settings
+from fakes.ollama import RUNNER_CRASHED, FakeOllama, Reply, last_user_content
 from tests.conftest import RunningAPI
-from tests.fake_ollama import RUNNER_CRASHED, FakeOllama, Reply, last_user_content
 from tests.net_helpers import closed_port_url
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,8 +14,8 @@ import pytest
 from async_llm_wrapper import AsyncLLMClient
 from config import Settings
 from error_handler import LLMUnavailableError, ModelNotFoundError
-from llm_wrapper import build_chat_payload
-from tests.fake_ollama import FakeOllama, Reply
+from fakes.ollama import FakeOllama, Reply
+from llm_wrapper import build_ollama_payload
 from tests.net_helpers import closed_port_url
 from tests.test_llm_wrapper import CONVERSATION_A, CONVERSATION_B, ERROR_CASES, ErrorCase, chat_messages
 
@@ -33,7 +33,7 @@ async def test_payload_as_the_fake_received_it(settings: Settings, fake_ollama: 
         result = await client.chat(messages, schema)
 
     [request] = fake_ollama.chat_requests
-    assert request == build_chat_payload(settings, messages, schema)  # the shared payload, as sent by sync
+    assert request == build_ollama_payload(settings, messages, schema)  # the shared payload, as sent by sync
     assert request["model"] == "llama3"
     assert request["stream"] is False
     assert request["think"] is False
@@ -89,7 +89,7 @@ async def test_model_not_pulled_on_the_server(make_settings: SettingsFactory, fa
 
 async def test_connection_refused_names_the_endpoint(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
-    settings = make_settings(ollama_endpoint=endpoint)
+    settings = make_settings(llm_endpoint=endpoint)
     async with AsyncLLMClient(settings) as client:
         with pytest.raises(LLMUnavailableError) as info:
             await client.chat(*chat_messages(settings, CONVERSATION_A))
@@ -104,14 +104,14 @@ async def test_check_ready(make_settings: SettingsFactory, fake_ollama: FakeOlla
     async with AsyncLLMClient(make_settings()) as client:
         with pytest.raises(ModelNotFoundError):
             await client.check_ready()
-    async with AsyncLLMClient(make_settings(ollama_model="other")) as client:
+    async with AsyncLLMClient(make_settings(llm_model="other")) as client:
         await client.check_ready()  # "other" == "other:latest"
     assert fake_ollama.chat_count == 0
 
 
 async def test_check_ready_unreachable(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
-    async with AsyncLLMClient(make_settings(ollama_endpoint=endpoint)) as client:
+    async with AsyncLLMClient(make_settings(llm_endpoint=endpoint)) as client:
         with pytest.raises(LLMUnavailableError) as info:
             await client.check_ready()
     assert endpoint in info.value.message

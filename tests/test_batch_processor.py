@@ -27,7 +27,7 @@ import cli
 import error_handler
 from aggregator import content_hash, validate_conversation
 from config import Settings, env_name
-from tests.fake_ollama import ErrorReply, FakeOllama, Reply, last_user_content
+from fakes.ollama import ErrorReply, FakeOllama, Reply, last_user_content
 from tests.net_helpers import free_port
 from utils.batch_file_manager import BatchFileManager, RetryJournal
 
@@ -94,7 +94,7 @@ def batch_env(
     env = {
         "MONGODB_CONNECTION_STRING": mongo_uri,
         "MONGODB_DATABASE_NAME": mongo_db_name,
-        "OLLAMA_ENDPOINT": fake_ollama.url,
+        "LLM_ENDPOINT": fake_ollama.url,
         "OLLAMA_TIMEOUT": "10",
         "BATCH_FILES_DIR": str(tmp_path / "batch_files"),
         "BATCH_MONITORING_MODE": "production",
@@ -148,7 +148,8 @@ def test_result_documents_follow_the_design_schema(batch_env, mongo_db, fake_oll
 
     result = mongo_db[RESULTS].find_one({})
     assert set(result) == {"_id", "conversation_number", "source_conversation_id", "classification",
-                           "content_hash", "processing_metadata", "created_at"}
+                           "content_hash", "processing_metadata", "created_at", "claim_generation"}
+    assert result["claim_generation"] == 1  # the fencing token of the one claim it was written under
     assert result["content_hash"].startswith("sha256:")
     assert result["source_conversation_id"] == source_id
     assert result["_id"] != source_id
@@ -382,7 +383,7 @@ def test_unreachable_mongodb_is_a_one_line_error(batch_env, monkeypatch, capsys)
 
 def test_unreachable_ollama_is_a_one_line_error(batch_env, monkeypatch, mongo_db, capsys):
     port = free_port()
-    monkeypatch.setenv("OLLAMA_ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setenv("LLM_ENDPOINT", f"http://127.0.0.1:{port}")
     assert cli.main([]) == cli.EXIT_UNAVAILABLE
     err = capsys.readouterr().err
     assert f"error: Cannot reach Ollama at http://127.0.0.1:{port}" in err
@@ -391,7 +392,7 @@ def test_unreachable_ollama_is_a_one_line_error(batch_env, monkeypatch, mongo_db
 
 
 def test_missing_model_names_the_pull_command(batch_env, monkeypatch, mongo_db, capsys):
-    monkeypatch.setenv("OLLAMA_MODEL", "qwen3:8b")
+    monkeypatch.setenv("LLM_MODEL", "qwen3:8b")
     assert cli.main([]) == cli.EXIT_UNAVAILABLE
     assert "ollama pull qwen3:8b" in capsys.readouterr().err
 
@@ -667,8 +668,10 @@ def test_several_processors_share_a_collection_one_result_and_one_llm_call_each(
     assert statuses(mongo_db) == {"processed": 90}
     # Nothing of a claim is left on a finished document.
     assert mongo_db[SOURCE].count_documents({"claimed_by": {"$exists": True}}) == 0
-    workers = {r["processing_metadata"]["batch_job_id"] for r in mongo_db[RESULTS].find()}
-    assert workers  # (job ids may coincide; the split between workers is not asserted: it depends on timing)
+    # Started in the same second, they are three jobs (the split of the work is not asserted: timing).
+    assert mongo_db["jobs"].count_documents({}) == 3
+    assert {r["processing_metadata"]["batch_job_id"] for r in mongo_db[RESULTS].find()} <= set(
+        mongo_db["jobs"].distinct("_id"))
 
 
 def test_an_abandoned_claim_is_taken_over_and_a_live_one_is_waited_for(batch_env, mongo_db, fake_ollama, caplog):
@@ -689,7 +692,7 @@ def test_an_abandoned_claim_is_taken_over_and_a_live_one_is_waited_for(batch_env
     assert results_per_source(mongo_db) == {i: 1 for i in expired + legacy + live + fresh}
     assert statuses(mongo_db) == {"processed": 6}
     assert fake_ollama.chat_count == 6
-    assert any("waiting for the claims of other processors" in r.message for r in caplog.records)
+    assert any("claimed by other live processors: waiting up to" in r.message for r in caplog.records)
 
 
 def test_a_processor_that_lost_its_claim_never_overwrites_the_newer_state(batch_env, mongo_db, fake_ollama):
@@ -885,7 +888,7 @@ def test_a_job_whose_model_answers_are_mostly_unusable_stops_and_leaves_the_rest
 
     err = capsys.readouterr().err
     assert "error: Stopped:" in err and "failed because of the model" in err
-    assert "llm_bad_output" in err and "OLLAMA_MODEL" in err and "BATCH_MAX_FAILURE_RATE=0" in err
+    assert "llm_bad_output" in err and "LLM_MODEL" in err and "BATCH_MAX_FAILURE_RATE=0" in err
     assert "Traceback" not in err
     assert fake_ollama.chat_count < 30  # it stopped early, not after burning the collection
     # Nothing the model failed on was marked failed: all of it is recoverable.

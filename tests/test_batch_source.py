@@ -11,7 +11,7 @@ import asyncio
 from pathlib import Path
 from typing import Any
 
-from batch_source import BatchReader
+from batch_source import BatchReader, OthersClaims
 from config import load_settings
 from utils.batch_file_manager import BatchFileManager
 from utils.progress import ProgressTracker
@@ -33,10 +33,10 @@ class LeaseExpiresBetweenQueries:
 
     async def claim(self, want: int) -> tuple[str, list[dict[str, Any]]]:
         self.claims += 1
-        return f"token{self.claims}", ([self.orphan] if self.claims == 2 else [])
+        return f"token{self.claims}", ([{**self.orphan, "claim_generation": 1}] if self.claims == 2 else [])
 
-    async def live_claims_of_others(self) -> int:
-        return 0  # the dead processor's lease has just expired
+    async def claims_of_others(self) -> OthersClaims:
+        return OthersClaims()  # the dead processor's lease has just expired
 
     async def result_hashes(self, ids: list[Any]) -> list[tuple[Any, str]]:
         return []

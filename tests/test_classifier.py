@@ -14,9 +14,9 @@ from async_llm_wrapper import AsyncLLMClient
 from classifier import Classification, ConversationClassifier, extract_json_object, parse_classification
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError, LLMOutputError
+from fakes.ollama import FakeOllama, Reply
 from llm_wrapper import LLMClient
 from prompt_builder import CATEGORIZATION_MAX_CHARS, AnswerFormat, Taxonomy, load_taxonomy, short_keys
-from tests.fake_ollama import FakeOllama, Reply
 
 TAXONOMY = load_taxonomy(CONFIG_DIR / "taxonomy.json")
 URGENCY = load_taxonomy(CONFIG_DIR / "taxonomy-urgency.example.json")
@@ -236,12 +236,13 @@ def test_non_string_or_empty_label_is_unusable(value: object) -> None:
         "[1, 2, 3]",
         "<think>{\"intent\": \"Order Status\"}</think> no answer after thinking",
         "{\"intent\": \"Order Status\", \"topic\": ",  # cut off
+        '{"intent": ' * 5000 + '"Order Status"' + "}" * 5000,  # past the recursion limit: was RecursionError
     ],
 )
 def test_no_json_object_is_unusable(content: str) -> None:
     with pytest.raises(LLMOutputError) as info:
         extract_json_object(content)
-    assert "no JSON object" in info.value.message
+    assert "no JSON object" in info.value.message  # also when nested too deeply to read
 
 
 def test_wrapper_without_the_keys_is_unusable() -> None:

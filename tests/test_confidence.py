@@ -19,8 +19,8 @@ from aggregator import validate_conversation
 from classifier import ConversationClassifier
 from confidence import label_confidence
 from config import Settings
+from fakes.ollama import FakeOllama, Reply
 from llm_wrapper import TokenLogprob
-from tests.fake_ollama import FakeOllama, Reply
 from tests.test_llm_providers import TRANSPORTS, Server, run, server  # noqa: F401 - the fixture
 
 SENTIMENTS = ["Positive", "Neutral", "Negative"]
@@ -152,13 +152,8 @@ def scripted_answer(sentiment_token: TokenLogprob, sentiment: str) -> Reply:
 POSITIVE_041 = alts("Positive", 0.41, [("Negative", 0.40), ("Ne", 0.11), ("Neg", 0.01)])
 
 
-@pytest.mark.parametrize("transport", TRANSPORTS)
-@pytest.mark.parametrize("threshold, review", [(0.0, False), (0.4, False), (0.5, True)])
-def test_known_logprobs_give_known_confidence_with_both_providers(
-    server: Server, transport: str, threshold: float, review: bool  # noqa: F811
-) -> None:
-    settings = server.settings(confidence_threshold=threshold)
-    server.fake.enqueue(scripted_answer(POSITIVE_041, "Positive"))
+def classify_once(settings: Settings, transport: str) -> Any:
+    """One conversation classified through a fresh client of ``transport``; its classification."""
     classifier = ConversationClassifier.from_settings(settings)
     conversation = validate_conversation({"conversation_number": "7", "messages": [
         {"sender": "customer", "text": "Where is my order?"}]})
@@ -166,7 +161,17 @@ def test_known_logprobs_give_known_confidence_with_both_providers(
         outcome = run(transport, settings, lambda client: classifier.classify(conversation, client))
     else:
         outcome = run(transport, settings, lambda client: classifier.classify_async(conversation, client))
-    classification = outcome.classification
+    return outcome.classification
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("threshold, review", [(0.0, False), (0.4, False), (0.5, True)])
+def test_known_logprobs_give_known_confidence_with_both_providers(
+    server: Server, transport: str, threshold: float, review: bool  # noqa: F811
+) -> None:
+    settings = server.settings(confidence_threshold=threshold)
+    server.fake.enqueue(scripted_answer(POSITIVE_041, "Positive"))
+    classification = classify_once(settings, transport)
     assert classification.sentiment == "Positive"
     assert classification.confidence is not None
     assert classification.confidence == {
@@ -200,3 +205,82 @@ def test_a_server_without_logprobs_gives_null(
     assert classification["confidence"] is None
     assert classification["needs_review"] is False  # unknown is not "below"
     assert json.loads(json.dumps(classification))["intent"]
+
+
+# --- garbage from the server: no confidence for that field, never an error ----------------------
+
+#: Log-probabilities no model gives: above 0 (a probability above 1; exp(1000) overflows), NaN,
+#: infinity, and values of other types (a TokenLogprob is built from whatever JSON said).
+GARBAGE = {"1000": 1000.0, "0.5": 0.5, "NaN": math.nan, "infinity": math.inf, "a string": "-0.1",
+           "null": None, "true": True, "a 400-digit integer": 10**400}
+
+
+def _garbage_at_the_label(value: Any, *, in_alternatives: bool) -> list[TokenLogprob]:
+    if in_alternatives:  # the chosen token is sane, one alternative is not
+        label = TokenLogprob("Positive", LN(0.6), (("Positive", LN(0.6)), ("Negative", value)))
+    else:
+        label = TokenLogprob("Positive", value, (("Positive", value), ("Negative", LN(0.3))))
+    return [tok('{"intent": "Complaint", "sentiment": "'), label, tok('"}')]
+
+
+@pytest.mark.parametrize("in_alternatives", [False, True], ids=["chosen", "alternative"])
+@pytest.mark.parametrize("value", list(GARBAGE.values()), ids=list(GARBAGE))
+def test_a_garbage_logprob_gives_no_confidence_for_its_field_only(value: Any, in_alternatives: bool) -> None:
+    tokens = _garbage_at_the_label(value, in_alternatives=in_alternatives)
+    assert label_confidence(tokens, "sentiment", SENTIMENTS) is None
+    intent = label_confidence(tokens, "intent", INTENTS)
+    assert intent is not None and intent.confidence == pytest.approx(1.0)
+
+
+def test_minus_infinity_is_a_probability_of_zero() -> None:
+    tokens = stream(TokenLogprob("Positive", LN(0.6), (("Positive", LN(0.6)), ("Negative", -math.inf))))
+    found = label_confidence(tokens, "sentiment", SENTIMENTS)
+    assert found is not None and found.confidence == pytest.approx(1.0) and found.allowed_share == pytest.approx(0.6)
+
+
+def _garbage_answer(value: Any) -> Reply:
+    """A full answer whose sentiment token carries ``value`` as its log-probability (as JSON sends it)."""
+    head = '{"categorization": "Customer asks about an order", "intent": "Order Status", ' \
+           '"topic": "Shipping/Delivery", "sentiment": "'
+    entries = [{"token": head, "logprob": 0.0, "top_logprobs": [{"token": head, "logprob": 0.0}]},
+               {"token": "Negative", "logprob": value,
+                "top_logprobs": [{"token": "Negative", "logprob": value}, {"token": "Positive", "logprob": -2.0}]},
+               {"token": '"}', "logprob": 0.0, "top_logprobs": [{"token": '"}', "logprob": 0.0}]}]
+    return Reply(content=head + 'Negative"}', logprobs=entries)
+
+
+#: What a server can send (JSON: json.dumps writes NaN and Infinity as Python reads them back).
+WIRE_GARBAGE = {"1000": (1000, "sentiment"), "NaN": (math.nan, "sentiment"), "Infinity": (math.inf, "sentiment"),
+                "'1e999'": ("1e999", "sentiment"), "a 400-digit integer": (10**400, "all"),
+                "a word": ("certain", "all"), "an object": ({"value": -0.1}, "all")}
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+@pytest.mark.parametrize("case", list(WIRE_GARBAGE), ids=list(WIRE_GARBAGE))
+def test_garbage_logprobs_from_either_provider_never_fail_the_classification(
+    server: Server, transport: str, case: str  # noqa: F811
+) -> None:
+    value, lost = WIRE_GARBAGE[case]
+    settings = server.settings(confidence_threshold=0.5)
+    server.fake.enqueue(_garbage_answer(value))
+    classification = classify_once(settings, transport)
+    assert classification.sentiment == "Negative"  # the label is kept
+    if lost == "all":  # a log-probability that is not a number at all: the server's list is unreadable
+        assert classification.confidence is None
+    else:
+        assert classification.confidence is not None
+        # dict(): the confidence is a model here, a plain mapping once fields come from the taxonomy.
+        assert dict(classification.confidence) == {"intent": 1.0, "topic": 1.0, "sentiment": None}
+    assert classification.needs_review is False  # unknown is not "below"
+
+
+def test_the_api_answers_200_for_a_logprob_of_1000(
+    make_settings: Callable[..., Settings], start_api: Callable[[Settings], Any], fake_ollama: FakeOllama
+) -> None:
+    api = start_api(make_settings())
+    fake_ollama.enqueue(_garbage_answer(1000), _garbage_answer(math.nan))
+    body = {"conversation_number": "1", "messages": [{"sender": "customer", "text": "Where is my parcel?"}]}
+    for _ in range(2):
+        response = requests.post(f"{api.url}/classify", json=body, timeout=10)
+        assert response.status_code == 200, response.text
+        assert response.json()["classification"]["confidence"] == {"intent": 1.0, "topic": 1.0, "sentiment": None}

@@ -204,6 +204,25 @@ def test_stats_reject_a_reversed_or_malformed_range(dashboard_api: RunningAPI, m
                                         "message": "'from' must be a day written YYYY-MM-DD, got 'yesterday'."}
 
 
+@pytest.mark.parametrize("name", ["from", "to"])
+@pytest.mark.parametrize("day", ["9999-12-31", "10000-01-01", "0000-12-31", "2026-02-30"])
+def test_stats_reject_a_day_out_of_range_with_422(dashboard_api: RunningAPI, mongo_db: Any, name: str,
+                                                   day: str) -> None:
+    # 9999-12-31: its end (the next day's start) cannot be written; the others are no days at all.
+    response = requests.get(f"{dashboard_api.url}/api/stats", params={name: day}, timeout=30)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert (error["type"], error["field"]) == ("invalid_input", name)
+    assert day in error["message"] and "YYYY-MM-DD" in error["message"]
+
+
+def test_stats_accept_the_first_and_last_days_that_can_be_written(dashboard_api: RunningAPI, mongo_db: Any) -> None:
+    results = seed(mongo_db)
+    body = requests.get(f"{dashboard_api.url}/api/stats", params={"from": "0001-01-01", "to": "9999-12-30"},
+                        timeout=30).json()
+    assert body["total"] == len(results)
+
+
 def test_jobs_most_recent_first_and_silent_ones_unresponsive(dashboard_api: RunningAPI, mongo_db: Any) -> None:
     seed(mongo_db)
     body = requests.get(f"{dashboard_api.url}/api/jobs", timeout=30).json()

@@ -16,7 +16,7 @@ from tests.net_helpers import closed_port_url
 def _env(tmp_path: Path, ollama: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in {env_name(n) for n in Settings.model_fields}}
     env.update({
-        "OLLAMA_ENDPOINT": ollama,
+        "LLM_ENDPOINT": ollama,
         "MONGODB_CONNECTION_STRING": "embedded",
         "EMBEDDED_DB_PATH": str(tmp_path / "db"),
         "MONGODB_TIMEOUT_MS": "10000",
@@ -79,9 +79,9 @@ def test_with_the_development_database_and_no_env_file_the_demo_writes_one(tmp_p
 
 def test_an_existing_env_file_is_never_touched(tmp_path):
     env_file = tmp_path / ".env"
-    env_file.write_text("OLLAMA_MODEL=qwen2.5:7b\n")
+    env_file.write_text("LLM_MODEL=qwen2.5:7b\n")
     assert remember_embedded_database(_settings("embedded"), tmp_path) is None
-    assert env_file.read_text() == "OLLAMA_MODEL=qwen2.5:7b\n"
+    assert env_file.read_text() == "LLM_MODEL=qwen2.5:7b\n"
 
 
 def test_with_another_mongodb_no_env_file_is_written_and_the_user_is_told(tmp_path):

@@ -95,7 +95,7 @@ def test_only_the_api_service_has_the_http_health_check():
 
 
 def test_compose_pins_the_ollama_image_to_a_tested_version():
-    from tests.fake_ollama import FakeOllama
+    from fakes.ollama import FakeOllama
 
     services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
     images = {services[name]["image"] for name in ("ollama", "ollama-pull")}
@@ -160,6 +160,7 @@ def _dockerignored(path: str) -> bool:
         "twcs.csv", "answers.json", "conversations.jsonl", "logs/api.log", "run.log",
         ".git/config", ".venv/bin/python", "__pycache__/api.cpython-311.pyc", ".pytest_cache/v/x",
         ".mypy_cache/x", ".ruff_cache/x", "tests/test_api.py", "docs/benchmarks.md", "htmlcov/index.html",
+        "fakes/ollama.py",
     ],
 )
 def test_dockerignore_keeps_secrets_data_and_local_outputs_out_of_the_image(path):
@@ -168,8 +169,8 @@ def test_dockerignore_keeps_secrets_data_and_local_outputs_out_of_the_image(path
 
 def test_dockerignore_keeps_what_the_image_runs():
     tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
-    needed = [p for p in tracked.splitlines() if not p.startswith(("tests/", "docs/", ".ci/")) and "/." not in p
-              and not p.startswith(".") and p.endswith((".py", ".json", ".txt", ".toml"))
+    needed = [p for p in tracked.splitlines() if not p.startswith(("tests/", "fakes/", "docs/", ".ci/"))
+              and "/." not in p and not p.startswith(".") and p.endswith((".py", ".json", ".txt", ".toml"))
               and p != "data/labelled_conversations.json"]  # scripts/evaluate.py's set: not in the API image
     assert "main.py" in needed and "config/taxonomy.json" in needed and "scripts/healthcheck.py" in needed
     assert "data/sample_conversations.json" in needed  # the demo's sample set, part of the code
@@ -184,7 +185,7 @@ def test_compose_file_parses_and_wires_the_services():
         service = services[name]
         assert service["build"] == "."
         assert set(service["environment"]) <= SETTING_NAMES
-        assert service["environment"]["OLLAMA_ENDPOINT"] == "http://ollama:11434"
+        assert service["environment"]["LLM_ENDPOINT"] == "http://ollama:11434"
         assert service["environment"]["MONGODB_CONNECTION_STRING"].startswith("mongodb://mongodb:")
         assert service["depends_on"]["ollama-pull"]["condition"] == "service_completed_successfully"
     assert services["api"]["command"] == ["python", "main.py"]

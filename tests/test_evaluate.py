@@ -59,7 +59,7 @@ def test_labelled_set_holds_hard_cases_with_notes(labelled: list[dict]) -> None:
 
 # --- metrics against hand-computed values -----------------------------------------------------
 
-from tests.fake_ollama import FakeOllama, Reply  # noqa: E402
+from fakes.ollama import FakeOllama, Reply  # noqa: E402
 from tests.net_helpers import closed_port_url  # noqa: E402
 from tests.scripts import load_script  # noqa: E402
 
@@ -210,7 +210,7 @@ E2E_ITEMS = [
 
 
 def _respond(request: dict) -> Reply:
-    from tests.fake_ollama import last_user_content
+    from fakes.ollama import last_user_content
 
     content = last_user_content(request)
     for word, answer in ANSWERS.items():
@@ -222,9 +222,9 @@ def _respond(request: dict) -> Reply:
 def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, endpoint: str) -> None:
     """The script reads its settings from the environment and ./.env: only the test's count."""
     monkeypatch.chdir(tmp_path)
-    for name in ("OLLAMA_MODEL", "TAXONOMY_FILE", "FEW_SHOTS_FILE", "LLM_PROVIDER"):
+    for name in ("LLM_MODEL", "OLLAMA_MODEL", "TAXONOMY_FILE", "FEW_SHOTS_FILE", "LLM_PROVIDER"):
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("OLLAMA_ENDPOINT", endpoint)
+    monkeypatch.setenv("LLM_ENDPOINT", endpoint)
 
 
 @pytest.fixture
@@ -237,7 +237,7 @@ def e2e_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fake_ollama: FakeO
 
 
 def _check_e2e_report(report: dict) -> None:
-    assert set(report) == {"n", "model", "fields", "errors", "seconds_per_item"}
+    assert set(report) == {"n", "model", "fields", "errors", "seconds_per_item", "prompt_tokens_per_item"}
     assert report["n"] == 4 and report["errors"] == 1 and report["model"] == "llama3"
     assert isinstance(report["seconds_per_item"], float)
     assert set(report["fields"]) == {"intent", "topic", "sentiment"}
@@ -298,7 +298,7 @@ def test_every_field_of_the_taxonomy_present_in_expected_is_scored(
     urgency_of = {"parcel": "Medium", "refund": "High", "password": "High"}
 
     def respond(request: dict) -> Reply:
-        from tests.fake_ollama import last_user_content
+        from fakes.ollama import last_user_content
 
         word = next(w for w in ANSWERS if w in last_user_content(request))
         return Reply(json.dumps({"categorization": "scripted", **ANSWERS[word], "urgency": urgency_of[word]}))
@@ -386,7 +386,7 @@ def test_wrong_output_suffix_is_refused(e2e_file: Path, capsys: pytest.CaptureFi
 
 def test_unreachable_llm_server_exits_4(e2e_file: Path, monkeypatch: pytest.MonkeyPatch,
                                        capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setenv("OLLAMA_ENDPOINT", closed_port_url())
+    monkeypatch.setenv("LLM_ENDPOINT", closed_port_url())
     code, err = _run([str(e2e_file)], capsys)
     assert code == 4 and err.startswith("error: ") and "Traceback" not in err
 
@@ -426,7 +426,7 @@ def test_an_oracle_scores_100_percent_on_the_labelled_set(
     Together with the chance-level baseline of docs/quality.md, this shows that the scores come
     from the answers, and that every conversation of the set goes through the pipeline.
     """
-    from tests.fake_ollama import last_user_content
+    from fakes.ollama import last_user_content
 
     keys = [(" ".join(_first_customer_text(item).split()), item["expected"]) for item in labelled]
 
@@ -443,3 +443,73 @@ def test_an_oracle_scores_100_percent_on_the_labelled_set(
     assert report["n"] == len(labelled) and report["errors"] == 0
     for name in ("intent", "topic", "sentiment"):
         assert (report["fields"][name]["accuracy"], report["fields"][name]["macro_f1"]) == (1.0, 1.0), name
+
+
+# --- one bad item never stops the report -------------------------------------------------------
+
+
+def test_a_logprob_of_1000_for_one_item_still_gives_the_report(
+    e2e_file: Path, tmp_path: Path, fake_ollama: FakeOllama, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def respond(request: dict) -> Reply:
+        reply = _respond(request)
+        if reply.content and "Order Status" in reply.content:  # e1's answer: its first token is garbage
+            return Reply(reply.content, logprobs=[{"token": reply.content, "logprob": 1000.0, "top_logprobs": []}])
+        return reply
+
+    fake_ollama.responder = respond
+    out = tmp_path / "report.json"
+    assert evaluate.main([str(e2e_file), "--output", str(out)]) == evaluate.EXIT_INCOMPLETE, capsys.readouterr().err
+    _check_e2e_report(json.loads(out.read_text()))  # e1 scored as before, without a confidence
+
+
+def test_an_unexpected_error_of_one_item_is_recorded_and_the_others_classified() -> None:
+    from aggregator import validate_conversation
+
+    items = [evaluate.LabelledItem(f"item {i}", {}, validate_conversation(
+        {"conversation_number": str(i), "messages": [{"sender": "customer", "text": "hi"}]}), {"intent": "Other"})
+        for i in (1, 2, 3)]
+
+    async def classify(item: object) -> dict:
+        if item is items[1]:
+            raise RecursionError("maximum recursion depth exceeded while decoding a JSON object")
+        return {"intent": "Other", "topic": "Other", "sentiment": "Neutral"}
+
+    import asyncio
+
+    predictions = asyncio.run(evaluate.classify_all(items, classify, 2))
+    assert [p.labels is not None for p in predictions] == [True, False, True]
+    assert predictions[1].error == ("unexpected_error: RecursionError: maximum recursion depth exceeded while "
+                                    "decoding a JSON object")
+
+
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def test_an_item_nested_too_deeply_is_named_and_the_rest_read(tmp_path: Path) -> None:
+    good = json.dumps(_item("Where is my parcel?", intent="Order Status"))
+    deep = '{"messages": [{"sender": "customer", "text": "hi"}], "expected": {"intent": "Other"}, "x": ' + DEEP + "}"
+    listed, lines = tmp_path / "set.json", tmp_path / "set.jsonl"
+    listed.write_text(f"[{good}, {deep}, {good}]")
+    lines.write_text(f"{good}\n{deep}\n{good}\n")
+    for path, (first, bad, last) in ((listed, ("item 1", "item 2", "item 3")), (lines, ("line 1", "line 2", "line 3"))):
+        labelled = evaluate.load_labelled(path, _taxonomy())
+        assert [i.where for i in labelled.items] == [first, last]
+        assert len(labelled.malformed) == 1
+        assert labelled.malformed[0].startswith(f"{bad}: nested too deeply to read"), labelled.malformed
+
+
+def test_evaluate_with_a_deeply_nested_item_writes_the_report(
+    e2e_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    items = [json.dumps(item) for item in E2E_ITEMS]
+    items.insert(1, '{"messages": [{"sender": "customer", "text": "hi"}], "expected": {"intent": "Other"}, "x": '
+                 + DEEP + "}")
+    e2e_file.write_text("[" + ",".join(items) + "]")
+    out = tmp_path / "report.json"
+    code = evaluate.main([str(e2e_file), "--output", str(out)])
+    captured = capsys.readouterr()
+    assert code == evaluate.EXIT_INCOMPLETE, captured.err
+    assert "Traceback" not in captured.err
+    assert "item 2: nested too deeply to read" in captured.out
+    assert json.loads(out.read_text())["n"] == 4

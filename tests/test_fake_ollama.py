@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import requests
 
-from tests.fake_ollama import (
+from fakes.ollama import (
     BUSY,
     RUNNER_CRASHED,
     Disconnect,
@@ -215,7 +215,7 @@ def test_records_and_prompt_cache(http: requests.Session, fake_ollama: FakeOllam
 
 def test_standalone_help() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "tests.fake_ollama", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "fakes.ollama", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert result.returncode == 0
     assert "--latency" in result.stdout and "--model" in result.stdout

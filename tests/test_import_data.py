@@ -20,7 +20,7 @@ import pytest
 
 import cli
 from config import Settings, env_name
-from tests.fake_ollama import FakeOllama
+from fakes.ollama import FakeOllama
 from tests.net_helpers import free_port
 from tests.scripts import load_script
 
@@ -380,7 +380,7 @@ def test_imported_samples_are_all_classified_by_the_batch_processor(
     import_env, monkeypatch, tmp_path, mongo_db, fake_ollama: FakeOllama, capsys
 ):
     assert run_import(capsys, str(SAMPLES_FILE), "--no-progress")[0] == import_data.EXIT_OK
-    for key, value in {"OLLAMA_ENDPOINT": fake_ollama.url, "OLLAMA_TIMEOUT": "10",
+    for key, value in {"LLM_ENDPOINT": fake_ollama.url, "OLLAMA_TIMEOUT": "10",
                        "BATCH_FILES_DIR": str(tmp_path / "batch_files"), "BATCH_MONITORING_MODE": "production",
                        "OLLAMA_RETRY_BASE_SECONDS": "0.01", "MONGODB_RETRY_BASE_SECONDS": "0.01"}.items():
         monkeypatch.setenv(key, value)
@@ -526,3 +526,59 @@ def test_lone_company_reply_is_a_bad_row_saying_no_customer_turn(import_env, tmp
     [listed] = [line for line in out.splitlines() if line.startswith("    line ")]
     assert listed.startswith("    line 4: conversation 21 (line 4): Invalid conversation: the conversation has no "
                              "customer turn")
+
+
+# --- items the JSON decoder or MongoDB cannot hold: bad rows, never the whole import -----------------
+
+#: Arrays inside each other beyond the decoder's recursion limit.
+DEEP = "[" * 100_000 + "]" * 100_000
+
+
+def _json_list(*items: str) -> str:
+    return "[" + ", ".join(items) + "]"
+
+
+@pytest.mark.parametrize("where", ["tweet_id", "extra field"])
+def test_a_24_digit_integer_is_a_bad_row_and_the_others_are_imported(import_env, tmp_path, mongo_db, capsys, where):
+    big = SAMPLES[1] | {"conversation_number": "big"}
+    if where == "tweet_id":
+        big["tweets"] = [big["tweets"][0] | {"tweet_id": 123456789012345678901234}, *big["tweets"][1:]]
+    else:
+        big["score"] = {"raw": [1, 123456789012345678901234]}
+    path = tmp_path / "big.json"
+    path.write_text(json.dumps([SAMPLES[0], big, SAMPLES[2]]), encoding="utf-8")
+
+    code, out, err = run_import(capsys, str(path), "--no-progress")
+
+    assert code == import_data.EXIT_BAD_ROWS, err
+    assert numbers(mongo_db) == [SAMPLES[0]["conversation_number"], SAMPLES[2]["conversation_number"]]
+    [line] = [line for line in out.splitlines() if line.startswith("    item ")]
+    path_shown = "tweets[0].tweet_id" if where == "tweet_id" else "score.raw[1]"
+    assert line == (f"    item 1: conversation big: {path_shown}: 123456789012345678901234 is too large for MongoDB "
+                    "(integers of 8 bytes at most: up to 9223372036854775807); write it as a string")
+    assert summary_value(out, "bad rows") == "1"
+
+
+def test_a_deeply_nested_item_is_a_bad_row_and_the_others_are_imported(import_env, tmp_path, mongo_db, capsys):
+    path = tmp_path / "deep.json"
+    path.write_text(_json_list(json.dumps(SAMPLES[0]), '{"conversation_number": "deep", "x": ' + DEEP + "}",
+                               json.dumps(SAMPLES[2]), "9" * 5000), encoding="utf-8")
+
+    code, out, err = run_import(capsys, str(path), "--no-progress")
+
+    assert code == import_data.EXIT_BAD_ROWS, err
+    assert "Traceback" not in err
+    assert numbers(mongo_db) == [SAMPLES[0]["conversation_number"], SAMPLES[2]["conversation_number"]]
+    lines = [line for line in out.splitlines() if line.startswith("    item ")]
+    assert lines[0].startswith("    item 1: nested too deeply to read")
+    assert lines[1].startswith("    item 3: cannot be read: Exceeds the limit (4300 digits)")
+    assert summary_value(out, "documents read") == "4"
+
+
+def test_one_document_nested_too_deeply_is_a_bad_row(import_env, tmp_path, mongo_db, capsys):
+    path = tmp_path / "one.json"
+    path.write_text('{"conversation_number": "deep", "x": ' + DEEP + "}", encoding="utf-8")
+    code, out, err = run_import(capsys, str(path), "--no-progress")
+    assert code == import_data.EXIT_BAD_ROWS, err
+    assert "    item 0: nested too deeply to read" in out
+    assert numbers(mongo_db) == []

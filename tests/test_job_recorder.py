@@ -10,8 +10,8 @@ import pytest
 
 import cli
 from config import Settings, env_name
+from fakes.ollama import FakeOllama
 from tests.conftest import SettingsFactory
-from tests.fake_ollama import FakeOllama
 from tests.net_helpers import free_port
 from utils.job_recorder import JobRecorder
 from utils.progress import ProgressTracker
@@ -81,7 +81,7 @@ def batch_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, mongo_uri: str, m
     for key, value in {
         "MONGODB_CONNECTION_STRING": mongo_uri,
         "MONGODB_DATABASE_NAME": mongo_db_name,
-        "OLLAMA_ENDPOINT": fake_ollama.url,
+        "LLM_ENDPOINT": fake_ollama.url,
         "BATCH_FILES_DIR": str(tmp_path / "batch_files"),
         "BATCH_MONITORING_MODE": "production",
         "MONGODB_TIMEOUT_MS": "5000",

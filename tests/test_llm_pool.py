@@ -21,11 +21,30 @@ from async_llm_wrapper import AsyncLLMClient
 from classifier import ConversationClassifier
 from config import Settings, load_settings
 from config.settings import AUTO_CONCURRENCY_CEILING
-from error_handler import ConfigError, LLMServerError, LLMUnavailableError
-from llm_pool import AdaptiveLimiter, AsyncLLMPool, ConcurrencyController, LLMPool, concurrency_limit, server_name
+from error_handler import (
+    ConfigError,
+    InputError,
+    LLMBusyError,
+    LLMOutputError,
+    LLMRequestRejectedError,
+    LLMServerError,
+    LLMTimeoutError,
+    LLMUnavailableError,
+    ModelNotFoundError,
+    StorageUnavailableError,
+)
+from fakes.ollama import BUSY, RUNNER_CRASHED, FakeOllama, Reply
+from llm_pool import (
+    AdaptiveLimiter,
+    AsyncLLMPool,
+    ConcurrencyController,
+    LLMPool,
+    concurrency_limit,
+    counts_against_server,
+    server_name,
+)
 from llm_wrapper import LLMClient
-from tests.fake_ollama import BUSY, RUNNER_CRASHED, FakeOllama, Reply
-from utils.retry_utils import CircuitState
+from utils.circuit_breaker import CircuitState
 
 SCHEMA: dict[str, Any] = {"type": "object"}
 
@@ -42,7 +61,7 @@ def dead_url() -> str:
 
 
 def settings_for(*urls: str, **overrides: Any) -> Settings:
-    values: dict[str, Any] = {"ollama_endpoint": ",".join(urls), "ollama_timeout": 5,
+    values: dict[str, Any] = {"llm_endpoint": ",".join(urls), "ollama_timeout": 5,
                               "circuit_breaker_failure_threshold": 2, "circuit_breaker_recovery_seconds": 60}
     values.update(overrides)
     return load_settings(values, environ={}, env_file=None)
@@ -71,7 +90,7 @@ def fakes() -> Iterator[list[FakeOllama]]:
 
 def test_one_endpoint_works_as_before() -> None:
     settings = settings_for("http://localhost:11434/")
-    assert settings.ollama_endpoint == "http://localhost:11434"
+    assert settings.llm_endpoint == "http://localhost:11434"
     assert settings.llm_endpoints == ["http://localhost:11434"]
 
 
@@ -82,8 +101,8 @@ def test_a_comma_separated_list_names_several_servers() -> None:
 
 @pytest.mark.parametrize("value", ["http://a:1,b:2", "http://a:1,,http://b:2", "http://a:1,http://a:1/", " , "])
 def test_a_bad_list_is_a_clear_configuration_error(value: str) -> None:
-    with pytest.raises(ConfigError, match="OLLAMA_ENDPOINT"):
-        load_settings({}, environ={"OLLAMA_ENDPOINT": value}, env_file=None)
+    with pytest.raises(ConfigError, match="LLM_ENDPOINT"):
+        load_settings({}, environ={"LLM_ENDPOINT": value}, env_file=None)
 
 
 def test_max_concurrent_auto_turns_the_controller_on_with_a_ceiling() -> None:
@@ -171,6 +190,27 @@ async def test_the_classifier_uses_a_pool_as_it_uses_a_client(fakes: list[FakeOl
 # --- dead, busy and recovering servers ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("error", "counts"),
+    [
+        (LLMUnavailableError("down"), True),
+        (LLMTimeoutError("slow"), True),
+        (LLMServerError("500"), True),
+        (LLMBusyError("busy"), True),
+        (ModelNotFoundError("llama3", "http://localhost:11434"), True),
+        (LLMRequestRejectedError("400"), True),
+        (LLMOutputError("not JSON"), False),
+        (StorageUnavailableError("MongoDB down"), False),
+        (InputError("bad"), False),
+        (TimeoutError(), False),
+    ],
+    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
+)
+def test_what_counts_against_a_servers_circuit(error: BaseException, counts: bool) -> None:
+    assert counts_against_server(error) is counts
+
+
+
 async def test_a_dead_server_gets_no_share_and_no_call_fails(fakes: list[FakeOllama]) -> None:
     settings = settings_for(fakes[0].url, dead_url(), fakes[1].url)
     async with AsyncLLMPool(settings, AsyncLLMClient) as pool:
@@ -189,7 +229,7 @@ async def test_a_dead_server_gets_no_share_and_no_call_fails(fakes: list[FakeOll
 async def test_a_server_found_dead_at_start_up_is_skipped_from_the_first_call(fakes: list[FakeOllama]) -> None:
     settings = settings_for(dead_url(), fakes[0].url)
     async with AsyncLLMPool(settings, AsyncLLMClient) as pool:
-        await pool.check_ready()  # one server is enough
+        await pool.check_ready(pause_failed=True)  # the batch processor's start-up check; one server is enough
         statuses = await pool.readiness()
         assert [s.ready for s in statuses] == [False, True]
         assert statuses[0].circuit == "open" and "Cannot reach" in (statuses[0].error or "")
@@ -197,6 +237,22 @@ async def test_a_server_found_dead_at_start_up_is_skipped_from_the_first_call(fa
         for i in range(5):
             await pool.chat(messages(i), SCHEMA)
         assert pool.servers[0].failed == 0 and fakes[0].chat_count == 5
+
+
+async def test_readiness_reports_and_never_moves_a_breaker(fakes: list[FakeOllama]) -> None:
+    # Issue 16 item 9: /ready (the sync pool's readiness) is a report; only calls move breakers.
+    fakes[0].ready_delay = 2  # too slow for the readiness timeout, min(5 s, OLLAMA_TIMEOUT = 1 s)
+    settings = settings_for(fakes[0].url, dead_url(), fakes[1].url, ollama_timeout=1)
+    with LLMPool(settings, LLMClient) as pool:
+        pool.check_ready()
+        statuses = pool.readiness(require_one=True)
+        assert [(s.ready, s.circuit) for s in statuses] == [(False, "closed"), (False, "closed"), (True, "closed")]
+        assert "did not answer" in (statuses[0].error or "") and "Cannot reach" in (statuses[1].error or "")
+    async with AsyncLLMPool(settings, AsyncLLMClient) as async_pool:
+        await async_pool.check_ready()
+        assert [s.breaker.state for s in async_pool.servers] == [CircuitState.CLOSED] * 3
+        await async_pool.check_ready(pause_failed=True)  # only the start-up check that asks for it pauses
+        assert [s.breaker.state for s in async_pool.servers] == [CircuitState.OPEN] * 2 + [CircuitState.CLOSED]
 
 
 async def test_no_ready_server_raises_the_typed_error() -> None:
@@ -399,7 +455,7 @@ async def test_auto_concurrency_observes_the_pools_calls(fakes: list[FakeOllama]
 
 @pytest.fixture
 def batch_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, mongo_uri: str, mongo_db: Any) -> Any:
-    """``batch_run(urls, n, *flags)``: n pending conversations, then ``cli.main`` with OLLAMA_ENDPOINT=urls."""
+    """``batch_run(urls, n, *flags)``: n pending conversations, then ``cli.main`` with LLM_ENDPOINT=urls."""
     import cli
     from config import env_name
 
@@ -407,7 +463,7 @@ def batch_run(monkeypatch: pytest.MonkeyPatch, tmp_path: Any, mongo_uri: str, mo
         for name in Settings.model_fields:
             monkeypatch.delenv(env_name(name), raising=False)
         env = {"MONGODB_CONNECTION_STRING": mongo_uri, "MONGODB_DATABASE_NAME": mongo_db.name,
-               "OLLAMA_ENDPOINT": ",".join(urls), "OLLAMA_TIMEOUT": "10",
+               "LLM_ENDPOINT": ",".join(urls), "OLLAMA_TIMEOUT": "10",
                "BATCH_FILES_DIR": str(tmp_path / "batch_files"), "BATCH_MONITORING_MODE": "production",
                "OLLAMA_RETRY_BASE_SECONDS": "0.01", "MONGODB_RETRY_BASE_SECONDS": "0.01",
                "CIRCUIT_BREAKER_RECOVERY_SECONDS": "30", "MONGODB_TIMEOUT_MS": "5000"}

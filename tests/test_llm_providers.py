@@ -32,9 +32,9 @@ from error_handler import (
     LLMUnavailableError,
     ModelNotFoundError,
 )
+from fakes.ollama import Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply, fake_embedding
+from fakes.openai import FakeOpenAI
 from llm_wrapper import ChatResult, LLMClient, create_llm_client, retry_after_seconds
-from tests.fake_ollama import Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
-from tests.fake_openai import FakeOpenAI
 from tests.net_helpers import closed_port_url
 from tests.test_llm_wrapper import CONVERSATION_A, CONVERSATION_B, chat_messages
 
@@ -52,7 +52,7 @@ class Server:
     def settings(self, **overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "llm_provider": self.provider,
-            "ollama_endpoint": self.endpoint,
+            "llm_endpoint": self.endpoint,
             "ollama_timeout": 1,
             "batch_files_dir": self.tmp_path / "batch_files",
         }
@@ -100,7 +100,7 @@ class Case:
 
 
 CASES: dict[str, Case] = {
-    "404": Case(ErrorReply(404, "model 'llama3' not found"), ModelNotFoundError, ("'llama3'", "OLLAMA_MODEL")),
+    "404": Case(ErrorReply(404, "model 'llama3' not found"), ModelNotFoundError, ("'llama3'", "LLM_MODEL")),
     "503 busy": Case(ErrorReply(503, "server busy"), LLMBusyError, ("busy", "Retry later")),
     "429 too many": Case(ErrorReply(429, "too many requests"), LLMBusyError, ("busy", "too many requests")),
     "500": Case(ErrorReply(500, "runner crashed: exit status 2"), LLMServerError, ("HTTP 500", "runner crashed")),
@@ -407,7 +407,7 @@ def test_openai_error_bodies(
 
 def test_openai_models_answer_of_another_shape(fake_openai: FakeOpenAI, tmp_path: Path) -> None:
     # An endpoint without /v1: llama.cpp answers its web UI or a 404; both must say what to fix.
-    settings = openai_settings(fake_openai, tmp_path, ollama_endpoint=fake_openai.url)
+    settings = openai_settings(fake_openai, tmp_path, llm_endpoint=fake_openai.url)
     with pytest.raises(ModelNotFoundError) as info:
         check_ready("sync", settings)
     assert "/v1" in str(info.value)
@@ -428,7 +428,7 @@ def test_openai_model_missing_hides_the_endpoints_password(
     # The message and hint name the endpoint; like every other error they must not quote its password.
     fake_openai.models = ["smollm2"]
     endpoint = fake_openai.base_url.replace("http://", "http://user:s3cret-pw@")
-    settings = openai_settings(fake_openai, tmp_path, ollama_endpoint=endpoint)
+    settings = openai_settings(fake_openai, tmp_path, llm_endpoint=endpoint)
     with pytest.raises(ModelNotFoundError) as info:
         check_ready(transport, settings)
     assert "s3cret-pw" not in str(info.value) and "s3cret-pw" not in (info.value.hint or "")
@@ -449,3 +449,23 @@ def test_a_fake_with_its_slots_taken_and_no_queue_answers_busy(server: Server) -
             chat("sync", settings)
         assert first.result().content
     assert server.fake.busy_count == 1
+
+
+# --- embeddings (few-shot retrieval, EMBEDDING_MODEL) ---------------------------------------------
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_embeddings_come_back_one_per_text_in_order(server: Server, transport: str) -> None:
+    settings = server.settings(embedding_model="nomic-embed-text")
+    texts = ["where is my order", "refund please", "router is down"]
+    vectors = run(transport, settings, lambda client: client.embed(texts))
+    assert vectors == [fake_embedding(t) for t in texts]
+    assert server.fake.embed_requests == [texts]
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_missing_embedding_model_names_embedding_model(server: Server, transport: str) -> None:
+    settings = server.settings(embedding_model="no-such-embedder")
+    with pytest.raises(ModelNotFoundError) as error:
+        run(transport, settings, lambda client: client.embed(["hello"]))
+    assert "no-such-embedder" in str(error.value) and "EMBEDDING_MODEL" in str(error.value)

@@ -22,9 +22,9 @@ from error_handler import (
     LLMUnavailableError,
     ModelNotFoundError,
 )
+from fakes.ollama import BUSY, RUNNER_CRASHED, Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from llm_wrapper import LLMClient
 from prompt_builder import output_schema
-from tests.fake_ollama import BUSY, RUNNER_CRASHED, Behavior, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
 from tests.net_helpers import closed_port_url
 
 SettingsFactory = Callable[..., Settings]
@@ -80,6 +80,10 @@ ERROR_CASES: dict[str, ErrorCase] = {
     ),
     "200 not json": ErrorCase(
         RawReply(200, b"<html>captive portal</html>", "text/html"), LLMOutputError, ("not JSON", "captive portal")
+    ),
+    # json.loads recurses per level: a body nested past the recursion limit raised RecursionError (a 500).
+    "200 json nested too deeply": ErrorCase(
+        RawReply(200, b"[" * 100_000 + b"]" * 100_000, "application/json"), LLMOutputError, ("not JSON",)
     ),
     "200 json without message": ErrorCase(
         RawReply(200, b'{"done": true}', "application/json"), LLMOutputError, ("no message.content",)
@@ -142,7 +146,7 @@ def test_keep_alive_from_settings(
 
 def test_model_and_num_predict_from_settings(make_settings: SettingsFactory, fake_ollama: FakeOllama) -> None:
     fake_ollama.models = ["qwen3:4b"]
-    settings = make_settings(ollama_model="qwen3:4b", ollama_num_predict=128)
+    settings = make_settings(llm_model="qwen3:4b", ollama_num_predict=128)
     with LLMClient(settings) as client:
         client.chat(*chat_messages(settings, CONVERSATION_A))
     request = fake_ollama.chat_requests[0]
@@ -202,7 +206,7 @@ def test_model_not_pulled_on_the_server(make_settings: SettingsFactory, fake_oll
 
 def test_connection_refused_names_the_endpoint(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
-    settings = make_settings(ollama_endpoint=endpoint)
+    settings = make_settings(llm_endpoint=endpoint)
     with LLMClient(settings) as client, pytest.raises(LLMUnavailableError) as info:
         client.chat(*chat_messages(settings, CONVERSATION_A))
     assert endpoint in info.value.message
@@ -234,7 +238,7 @@ def test_check_ready_matches_model_names(
     make_settings: SettingsFactory, fake_ollama: FakeOllama, configured: str, served: list[str], ready: bool
 ) -> None:
     fake_ollama.models = [name if ":" in name else f"{name}:latest" for name in served]
-    settings = make_settings(ollama_model=configured)
+    settings = make_settings(llm_model=configured)
     with LLMClient(settings) as client:
         if ready:
             client.check_ready()
@@ -246,7 +250,7 @@ def test_check_ready_matches_model_names(
 
 def test_check_ready_with_a_fresh_server_lacking_the_model(make_settings: SettingsFactory) -> None:
     with FakeOllama(models=["other"]) as other:
-        settings = make_settings(ollama_endpoint=other.url)
+        settings = make_settings(llm_endpoint=other.url)
         with LLMClient(settings) as client, pytest.raises(ModelNotFoundError) as info:
             client.check_ready()
     assert other.url in info.value.message
@@ -254,6 +258,6 @@ def test_check_ready_with_a_fresh_server_lacking_the_model(make_settings: Settin
 
 def test_check_ready_unreachable(make_settings: SettingsFactory) -> None:
     endpoint = closed_port_url()
-    with LLMClient(make_settings(ollama_endpoint=endpoint)) as client, pytest.raises(LLMUnavailableError) as info:
+    with LLMClient(make_settings(llm_endpoint=endpoint)) as client, pytest.raises(LLMUnavailableError) as info:
         client.check_ready()
     assert endpoint in info.value.message

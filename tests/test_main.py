@@ -23,7 +23,7 @@ def clean_env(**variables: str) -> dict[str, str]:
     """Every setting at its default, then ``variables``: a developer's .env cannot leak in."""
     env = {"PATH": os.environ.get("PATH", ""), "PYTHONDONTWRITEBYTECODE": "1"}
     for name, info in Settings.model_fields.items():
-        env[env_name(name)] = str(info.default)
+        env[env_name(name)] = "" if info.default is None else str(info.default)  # unset, not the word "None"
     env.update(variables)
     return env
 
@@ -52,7 +52,7 @@ def test_help_documents_flags_with_env_names_and_defaults() -> None:
     "variables, fragment",
     [
         ({"OLLAMA_TIMEOUT": "abc"}, "OLLAMA_TIMEOUT='abc'"),
-        ({"OLLAMA_ENDPOINT": "localhost:11434"}, "OLLAMA_ENDPOINT"),
+        ({"LLM_ENDPOINT": "localhost:11434"}, "LLM_ENDPOINT"),
         ({"TAXONOMY_FILE": "/nonexistent/taxonomy.json"}, "TAXONOMY_FILE"),
     ],
 )
@@ -82,12 +82,12 @@ def test_invalid_flag_is_a_usage_error() -> None:
 
 @pytest.fixture
 def served_without_ollama(tmp_path: Path) -> Iterator[tuple[str, str, Path]]:
-    """``python main.py --port P`` with OLLAMA_ENDPOINT on a closed port; yields (api url, endpoint, log)."""
+    """``python main.py --port P`` with LLM_ENDPOINT on a closed port; yields (api url, endpoint, log)."""
     port = free_port()
     endpoint = closed_port_url()
     log = tmp_path / "main.log"
     # API_PORT says one port, --port another: the command line must win.
-    env = clean_env(OLLAMA_ENDPOINT=endpoint, API_HOST="127.0.0.1", API_PORT=str(free_port()), LOG_LEVEL="INFO")
+    env = clean_env(LLM_ENDPOINT=endpoint, API_HOST="127.0.0.1", API_PORT=str(free_port()), LOG_LEVEL="INFO")
     with log.open("w") as output:
         process = subprocess.Popen(
             [sys.executable, "main.py", "--port", str(port)], cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
@@ -145,7 +145,7 @@ def test_importing_main_reads_and_connects_nothing() -> None:
     result = subprocess.run(
         [sys.executable, "-c", code],
         cwd=ROOT,
-        env=clean_env(OLLAMA_TIMEOUT="not-a-number", OLLAMA_ENDPOINT=closed_port_url()),
+        env=clean_env(OLLAMA_TIMEOUT="not-a-number", LLM_ENDPOINT=closed_port_url()),
         capture_output=True,
         text=True,
         timeout=30,
@@ -159,7 +159,7 @@ def test_uvicorn_main_app_serves_with_settings_from_the_environment(tmp_path: Pa
     port = free_port()
     endpoint = closed_port_url()
     log = tmp_path / "uvicorn.log"
-    env = clean_env(OLLAMA_ENDPOINT=endpoint, API_MAX_BODY_BYTES="2048")
+    env = clean_env(LLM_ENDPOINT=endpoint, API_MAX_BODY_BYTES="2048")
     with log.open("w") as output:
         process = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "main:app", "--host", "127.0.0.1", "--port", str(port)],
@@ -210,7 +210,7 @@ def test_uvicorn_main_app_with_a_bad_setting_fails_to_start_with_one_line(
 
 
 def test_a_bad_endpoint_with_credentials_is_reported_without_the_password() -> None:
-    result = run_main(env=clean_env(OLLAMA_ENDPOINT="ftp://user:pass-s3cr/et@llm.example:11434"))
+    result = run_main(env=clean_env(LLM_ENDPOINT="ftp://user:pass-s3cr/et@llm.example:11434"))
     assert result.returncode == 3
-    assert "OLLAMA_ENDPOINT='ftp://user:***@llm.example:11434'" in result.stderr
+    assert "LLM_ENDPOINT: 'ftp://user:***@llm.example:11434', must start with http://" in result.stderr
     assert "s3cr" not in result.stderr

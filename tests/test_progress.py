@@ -30,7 +30,8 @@ DESIGN_FIELDS = {
     "current_rate", "estimated_completion", "percentage_complete",
 }
 # ... plus our additions.
-SNAPSHOT_FIELDS = DESIGN_FIELDS | {"queued_for_retry", "already_classified", "elapsed_seconds", "skipped"}
+SNAPSHOT_FIELDS = DESIGN_FIELDS | {"queued_for_retry", "already_classified", "elapsed_seconds", "skipped",
+                                   "lost_claims"}
 
 
 class FakeClock:

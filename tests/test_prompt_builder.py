@@ -16,6 +16,7 @@ from aggregator import build_transcript, validate_conversation
 from classifier import ConversationClassifier
 from config import CONFIG_DIR, Settings
 from error_handler import ConfigError
+from fakes.ollama import FakeOllama
 from llm_wrapper import LLMClient
 from prompt_builder import (
     CATEGORIZATION_MAX_CHARS,
@@ -32,7 +33,6 @@ from prompt_builder import (
     output_schema,
     system_prompt,
 )
-from tests.fake_ollama import FakeOllama
 
 TAXONOMY_FILE = CONFIG_DIR / "taxonomy.json"
 URGENCY_FILE = CONFIG_DIR / "taxonomy-urgency.example.json"

@@ -554,3 +554,18 @@ def test_results_needing_review_are_counted(report_env, mongo_db, capsys):
     assert code == report.EXIT_OK
     header = " ".join(out.split())  # the console may wrap the header line
     assert "5 results" in header and "2 need review" in header
+
+
+def test_reviewed_labels_win_and_stale_reviews_do_not(report_env, mongo_db, capsys):
+    docs = [result_document(i, "Order Status", "Shipping/Delivery", "Neutral", JOB_A, START_A) for i in range(4)]
+    for i, doc in enumerate(docs):
+        doc["content_hash"] = f"sha256:{i}"
+    # A reviewer corrected two intents; the second review was made before the text changed (stale).
+    docs[0]["review"] = {"labels": {"intent": "Complaint"}, "by": "alice", "content_hash": "sha256:0"}
+    docs[1]["review"] = {"labels": {"intent": "Complaint"}, "by": "alice", "content_hash": "sha256:old"}
+    mongo_db[RESULTS].insert_many(docs)
+
+    data = json_report(capsys)
+    assert data["by_intent"]["Complaint"] == 1 and data["by_intent"]["Order Status"] == 3
+    assert data["by_topic"]["Shipping/Delivery"] == 4  # fields nobody reviewed stay the model's
+    assert data["intent_by_sentiment"]["Complaint"]["Neutral"] == 1

@@ -1,15 +1,13 @@
-"""Unit tests of utils/retry_utils.py (the retry decision, backoff, the policy, the circuit breaker)
-and of mongo_client.storage_error (which driver errors are transient).
+"""Unit tests of utils/retry_utils.py (the retry decision, backoff, the policy) and of
+mongo_client.storage_error (which driver errors are transient).
 
-Pure logic: real exception objects (our own and PyMongo's, constructed directly), tenacity's
-own RetryCallState, and a fake clock for the circuit breaker.
+Pure logic: real exception objects (our own and PyMongo's, constructed directly) and tenacity's
+own RetryCallState. The circuit breaker's tests are in tests/test_circuit_breaker.py.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import time
 
 import pytest
 from pymongo.errors import (
@@ -27,7 +25,6 @@ from error_handler import (
     InputError,
     LLMBusyError,
     LLMOutputError,
-    LLMRequestRejectedError,
     LLMServerError,
     LLMTimeoutError,
     LLMUnavailableError,
@@ -36,13 +33,7 @@ from error_handler import (
     StorageUnavailableError,
 )
 from mongo_client import is_transient_mongo_error, storage_error
-from utils.retry_utils import (
-    CircuitBreaker,
-    CircuitState,
-    counts_against_ollama,
-    is_transient,
-    retrying,
-)
+from utils.retry_utils import is_transient, retrying
 
 # --- the retry decision: .transient ----------------------------------------------------------
 
@@ -196,227 +187,3 @@ async def test_retries_are_bounded_and_the_original_error_is_reraised(caplog: py
     assert operation.calls == 3
     assert raised.value is errors[2]  # the last error itself, not a tenacity RetryError
     assert len([r for r in caplog.records if r.name == "utils.retry_utils"]) == 2
-
-
-# --- CircuitBreaker ---------------------------------------------------------------------------
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
-async def _still_waiting(awaitable_task: asyncio.Task[None], seconds: float = 0.15) -> bool:
-    await asyncio.sleep(seconds)
-    return not awaitable_task.done()
-
-
-async def _until(predicate, timeout: float = 2.0) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.01)
-
-
-async def _cancel(tasks: list[asyncio.Task[None]]) -> None:
-    for task in tasks:
-        task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
-
-
-def _open(breaker: CircuitBreaker) -> None:
-    for _ in range(breaker.failure_threshold):
-        breaker.record_failure(LLMUnavailableError("down"))
-    assert breaker.state is CircuitState.OPEN
-
-
-async def test_closed_circuit_lets_calls_through() -> None:
-    breaker = CircuitBreaker(3, 300, clock=FakeClock())
-    for _ in range(5):
-        await asyncio.wait_for(breaker.before_call(), timeout=1)
-    assert breaker.state is CircuitState.CLOSED
-
-
-async def test_circuit_opens_after_threshold_consecutive_failures_not_before() -> None:
-    breaker = CircuitBreaker(3, 300, clock=FakeClock())
-    breaker.record_failure(LLMTimeoutError("slow"))
-    breaker.record_failure(LLMTimeoutError("slow"))
-    assert breaker.state is CircuitState.CLOSED
-    await asyncio.wait_for(breaker.before_call(), timeout=1)
-    breaker.record_failure(LLMTimeoutError("slow"))
-    assert breaker.state is CircuitState.OPEN
-    assert breaker.times_opened == 1
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(breaker.before_call(), timeout=0.1)
-
-
-async def test_a_success_in_between_resets_the_failure_count() -> None:
-    breaker = CircuitBreaker(3, 300, clock=FakeClock())
-    breaker.record_failure()
-    breaker.record_failure()
-    breaker.record_success()
-    assert breaker.consecutive_failures == 0
-    breaker.record_failure()
-    breaker.record_failure()
-    assert breaker.state is CircuitState.CLOSED
-    assert breaker.times_opened == 0
-    breaker.record_failure()
-    assert breaker.state is CircuitState.OPEN
-
-
-async def test_open_circuit_holds_callers_until_the_recovery_timeout_of_its_clock() -> None:
-    clock = FakeClock()
-    # 0.05 s of recovery: waiters re-check every 0.05 s of real time; only the fake clock lets them pass.
-    breaker = CircuitBreaker(2, 0.05, clock=clock)
-    _open(breaker)
-    waiters = [asyncio.create_task(breaker.before_call()) for _ in range(3)]
-    try:
-        clock.now += 0.04
-        await asyncio.sleep(0.2)  # several real recovery periods
-        assert not any(w.done() for w in waiters)
-        assert breaker.state is CircuitState.OPEN
-
-        clock.now += 0.01  # now the recovery timeout has passed
-        await _until(lambda: any(w.done() for w in waiters))
-        await asyncio.sleep(0.1)
-        assert sum(w.done() for w in waiters) == 1  # exactly one probe
-        assert breaker.state is CircuitState.HALF_OPEN
-    finally:
-        await _cancel(waiters)
-
-
-async def test_probe_success_closes_the_circuit_and_releases_every_waiter() -> None:
-    clock = FakeClock()
-    breaker = CircuitBreaker(2, 300, clock=clock)
-    _open(breaker)
-    clock.now += 300
-    await asyncio.wait_for(breaker.before_call(), timeout=1)  # the probe
-    assert breaker.state is CircuitState.HALF_OPEN
-    waiters = [asyncio.create_task(breaker.before_call()) for _ in range(3)]
-    try:
-        assert await _still_waiting(waiters[0])
-        assert not any(w.done() for w in waiters)
-        breaker.record_success()
-        await asyncio.wait_for(asyncio.gather(*waiters), timeout=1)
-        assert breaker.state is CircuitState.CLOSED
-        assert breaker.consecutive_failures == 0
-    finally:
-        await _cancel(waiters)
-
-
-async def test_probe_failure_reopens_the_circuit() -> None:
-    clock = FakeClock()
-    # Waiting is real (re-checked every 0.05 s); the fake clock decides when the pause is over.
-    breaker = CircuitBreaker(2, 0.05, clock=clock)
-    _open(breaker)
-    clock.now += 0.05
-    await asyncio.wait_for(breaker.before_call(), timeout=1)  # the probe
-    waiters = [asyncio.create_task(breaker.before_call()) for _ in range(2)]
-    try:
-        await asyncio.sleep(0.05)
-        breaker.record_failure(LLMTimeoutError("still slow"))  # one failure is enough in half-open
-        assert breaker.state is CircuitState.OPEN
-        assert breaker.times_opened == 2
-        assert await _still_waiting(waiters[0])
-        assert not waiters[1].done()
-
-        clock.now += 0.05  # another pause later, another single probe
-        await _until(lambda: any(w.done() for w in waiters))
-        await asyncio.sleep(0.05)
-        assert sum(w.done() for w in waiters) == 1
-        assert breaker.state is CircuitState.HALF_OPEN
-    finally:
-        await _cancel(waiters)
-
-
-async def test_cancel_probe_lets_the_next_caller_probe_at_once() -> None:
-    clock = FakeClock()
-    breaker = CircuitBreaker(2, 300, clock=clock)
-    _open(breaker)
-    clock.now += 300
-    await asyncio.wait_for(breaker.before_call(), timeout=1)  # the probe, cancelled below
-    waiters = [asyncio.create_task(breaker.before_call()) for _ in range(3)]
-    try:
-        assert await _still_waiting(waiters[0], 0.05)
-        breaker.cancel_probe()  # the clock has not moved: no new pause
-        await _until(lambda: any(w.done() for w in waiters), timeout=1)
-        await asyncio.sleep(0.05)
-        assert sum(w.done() for w in waiters) == 1
-        assert breaker.state is CircuitState.HALF_OPEN
-        assert breaker.times_opened == 1  # a cancelled probe is not a failure
-    finally:
-        await _cancel(waiters)
-
-
-async def test_cancel_probe_outside_half_open_changes_nothing() -> None:
-    breaker = CircuitBreaker(2, 300, clock=FakeClock())
-    breaker.cancel_probe()
-    assert breaker.state is CircuitState.CLOSED
-    _open(breaker)
-    breaker.cancel_probe()
-    assert breaker.state is CircuitState.OPEN
-    with pytest.raises(TimeoutError):
-        await asyncio.wait_for(breaker.before_call(), timeout=0.1)
-
-
-async def test_times_opened_counts_each_opening() -> None:
-    clock = FakeClock()
-    breaker = CircuitBreaker(1, 10, clock=clock)
-    assert breaker.times_opened == 0
-    for round_number in range(1, 4):
-        breaker.record_failure()
-        assert breaker.times_opened == round_number
-        clock.now += 10
-        await asyncio.wait_for(breaker.before_call(), timeout=1)  # probe
-        breaker.record_success()
-    assert breaker.state is CircuitState.CLOSED
-    assert breaker.times_opened == 3
-
-
-async def test_recovery_with_the_real_clock_waits_at_least_the_recovery_timeout() -> None:
-    breaker = CircuitBreaker(1, 0.05)
-    breaker.record_failure(LLMUnavailableError("down"))
-    started = time.monotonic()
-    await asyncio.wait_for(breaker.before_call(), timeout=2)
-    assert time.monotonic() - started >= 0.04
-    assert breaker.state is CircuitState.HALF_OPEN
-
-
-@pytest.mark.parametrize(
-    ("error", "counts"),
-    [
-        (LLMUnavailableError("down"), True),
-        (LLMTimeoutError("slow"), True),
-        (LLMServerError("500"), True),
-        (LLMBusyError("busy"), True),
-        (ModelNotFoundError("llama3", "http://localhost:11434"), True),
-        (LLMRequestRejectedError("400"), True),
-        (LLMOutputError("not JSON"), False),
-        (StorageUnavailableError("MongoDB down"), False),
-        (InputError("bad"), False),
-        (TimeoutError(), False),
-    ],
-    ids=lambda value: type(value).__name__ if isinstance(value, BaseException) else str(value),
-)
-def test_counts_against_ollama(error: BaseException, counts: bool) -> None:
-    assert counts_against_ollama(error) is counts
-
-
-async def test_before_call_tells_the_probe_apart() -> None:
-    clock = FakeClock()
-    breaker = CircuitBreaker(2, 300, clock=clock)
-    assert await asyncio.wait_for(breaker.before_call(), timeout=1) is False  # closed: not a probe
-    _open(breaker)
-    clock.now += 300
-    assert await asyncio.wait_for(breaker.before_call(), timeout=1) is True  # the one probe
-    waiter = asyncio.create_task(breaker.before_call())
-    try:
-        assert await _still_waiting(waiter)
-        breaker.record_success()
-        assert await asyncio.wait_for(waiter, timeout=1) is False  # released by the probe: not a probe
-    finally:
-        await _cancel([waiter])

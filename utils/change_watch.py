@@ -2,9 +2,9 @@
 
 Instead of sleeping ``--poll-interval`` between cycles, continuous mode waits on
 :meth:`ChangeWatcher.wait`, which returns as soon as a conversation to classify is inserted (or
-replaced) with status ``pending`` or none, or updated back to ``pending``. The processor's own
-status changes (``processing``, ``processed``, ``failed``) are filtered out on the server, so they
-never wake it.
+replaced) with status ``pending`` or none, or updated back to ``pending`` or to no status
+(``$unset``, or ``null``). The processor's own status changes (``processing``, ``processed``,
+``failed``) and lease renewals are filtered out on the server, so they never wake it.
 
 * **No change streams** (a standalone server answers "only supported on replica sets"): the
   watcher says so once and ``wait`` is the plain poll interval, as before.
@@ -15,12 +15,18 @@ never wake it.
   waits for the next poll.
 * The poll interval stays as a safety net: expired claims and changes no stream reports (a
   restored backup, a dropped event) are still picked up on time.
+* **Closing** never depends on cancelling the watch: on Python 3.11 ``asyncio.wait_for``, which
+  PyMongo's send uses, can swallow a cancellation that arrives as the send completes (CPython
+  gh-86296); the cancelled stream then went on with its getMores and the processor never exited.
+  The watch loop reads with ``try_next`` (each getMore waits at most ``MAX_AWAIT_MS``) and stops at
+  a closing flag; the exit waits a bounded time.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from contextlib import suppress
 from typing import Any
 
 from pymongo.errors import OperationFailure, PyMongoError
@@ -35,11 +41,19 @@ LOST_HISTORY_CODES = {280, 286, 260}
 RETRY_DELAYS = (1.0, 2.0, 4.0, 8.0, 16.0, 30.0)
 #: How long entering the context waits for the stream to open before the first cycle.
 OPEN_TIMEOUT_SECONDS = 10.0
+#: The longest one getMore waits on the server for a change: how soon the watch sees it must close.
+MAX_AWAIT_MS = 1000
+#: How long leaving the context waits for the watch to close (then again after cancelling it).
+CLOSE_TIMEOUT_SECONDS = 5.0
 
 #: Only what makes work for the processor reaches it.
 WAKE_PIPELINE: list[dict[str, Any]] = [{"$match": {"$or": [
     {"operationType": {"$in": ["insert", "replace"]}, "fullDocument.status": {"$in": ["pending", None]}},
     {"operationType": "update", "updateDescription.updatedFields.status": "pending"},
+    # Reset to "no status" ($unset, or $set to null), which also means "to classify". Not `: None`:
+    # that matches every update that leaves status alone (a lease renewal) too.
+    {"operationType": "update", "updateDescription.removedFields": "status"},
+    {"operationType": "update", "updateDescription.updatedFields.status": {"$type": "null"}},
 ]}}]
 
 
@@ -60,6 +74,7 @@ class ChangeWatcher:
         self.last_document_key: Any = None
         self._wake = asyncio.Event()
         self._opened = asyncio.Event()
+        self._closing = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     async def __aenter__(self) -> ChangeWatcher:
@@ -74,10 +89,19 @@ class ChangeWatcher:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
-            self._task = None
+        task, self._task = self._task, None
+        if task is None:
+            return
+        self._closing.set()
+        done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_SECONDS)
+        if not done:  # stuck opening the stream, say: cancel it, and still wait a bounded time only
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=CLOSE_TIMEOUT_SECONDS)
+        if not done:
+            logger.warning("the change stream of %s did not close within %.0f s; left to the client's close",
+                           self.collection.name, 2 * CLOSE_TIMEOUT_SECONDS)
+        elif not task.cancelled() and task.exception() is not None:
+            logger.error("the change stream watch of %s failed", self.collection.name, exc_info=task.exception())
 
     async def wait(self, stop: asyncio.Event, timeout: float) -> str:
         """Until a change ("change"), ``stop`` ("stop") or ``timeout`` seconds ("timeout")."""
@@ -99,9 +123,10 @@ class ChangeWatcher:
     # --- the stream -------------------------------------------------------------------------------
     async def _watch(self) -> None:
         failures = 0
-        while True:
+        while not self._closing.is_set():
             try:
-                async with await self.collection.watch(WAKE_PIPELINE, resume_after=self.resume_token) as stream:
+                async with await self.collection.watch(WAKE_PIPELINE, resume_after=self.resume_token,
+                                                       max_await_time_ms=MAX_AWAIT_MS) as stream:
                     if self.supported is not True:
                         logger.info("continuous mode wakes on change streams of %s", self.collection.name)
                     self.supported = True
@@ -112,11 +137,16 @@ class ChangeWatcher:
                                     self.collection.name, "resumed" if self.resume_token else "new")
                         self._wake.set()  # a full cycle picks up whatever the stream cannot replay
                     failures = 0
-                    async for change in stream:
-                        self.resume_token = stream.resume_token
-                        self.events += 1
-                        self.last_document_key = change.get("documentKey", {}).get("_id")
-                        self._wake.set()
+                    while stream.alive and not self._closing.is_set():
+                        change = await stream.try_next()  # one getMore, at most MAX_AWAIT_MS
+                        if stream.resume_token is not None:
+                            self.resume_token = stream.resume_token
+                        if change is not None:
+                            self.events += 1
+                            self.last_document_key = change.get("documentKey", {}).get("_id")
+                            self._wake.set()
+                if self._closing.is_set():
+                    return
                 # The stream ended without an error (invalidated: the collection was dropped or renamed).
                 self.resume_token = None
                 failures += 1
@@ -136,4 +166,6 @@ class ChangeWatcher:
                 logger.warning("change stream of %s interrupted (%s); reopening", self.collection.name, e)
             self.interruptions += 1
             self._opened.set()  # the first cycle need not wait for a server that is down
-            await asyncio.sleep(self.retry_delays[min(failures, len(self.retry_delays)) - 1])
+            with suppress(TimeoutError):
+                await asyncio.wait_for(self._closing.wait(),
+                                       timeout=self.retry_delays[min(failures, len(self.retry_delays)) - 1])

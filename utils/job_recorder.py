@@ -58,6 +58,7 @@ def job_fields(snapshot: ProgressSnapshot) -> dict[str, Any]:
         "failed": snapshot.failed,
         "queued_for_retry": snapshot.queued_for_retry,
         "already_classified": snapshot.already_classified,
+        "lost_claims": snapshot.lost_claims,
         "rate": snapshot.current_rate,
         "eta": _parse_time(snapshot.estimated_completion),
         "percentage": snapshot.percentage_complete,

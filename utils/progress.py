@@ -35,7 +35,7 @@ RATE_WINDOW_SECONDS = 60.0
 
 @dataclass(frozen=True)
 class ProgressSnapshot:
-    """The progress file schema of the design, plus the retry-queue and skip counts."""
+    """The progress file schema of the design, plus the retry-queue, skip and lost-claim counts."""
 
     job_id: str
     status: str
@@ -47,6 +47,9 @@ class ProgressSnapshot:
     queued_for_retry: int
     already_classified: int
     skipped: int  # no customer turn: nothing to classify (status 'skipped')
+    #: Dropped because the claim was no longer this processor's (taken over, or the document reset):
+    #: not this job's work, so not in ``processed`` nor the total.
+    lost_claims: int
     current_rate: float
     estimated_completion: str | None
     percentage_complete: float
@@ -65,6 +68,7 @@ class ProgressTracker:
         self.queued_for_retry = 0
         self.already_classified = 0
         self.skipped = 0
+        self.lost_claims = 0
         self.status = "running"
         self._clock = clock
         self._started = clock()
@@ -111,6 +115,9 @@ class ProgressTracker:
     def record_already_classified(self, count: int = 1) -> None:
         self.already_classified += count
 
+    def record_lost_claim(self) -> None:
+        self.lost_claims += 1
+
     def rate(self) -> float:
         """Conversations resolved per second over the last minute (or since the start)."""
         now = self._clock()
@@ -137,6 +144,7 @@ class ProgressTracker:
             queued_for_retry=self.queued_for_retry,
             already_classified=self.already_classified,
             skipped=self.skipped,
+            lost_claims=self.lost_claims,
             current_rate=round(rate, 3),
             estimated_completion=eta,
             percentage_complete=round(min(percentage, 100.0), 2),
@@ -196,10 +204,10 @@ class StructuredProgressLogger:
     def _log(self, snapshot: ProgressSnapshot) -> None:
         logger.info(
             "job %s %s: %d/%d conversations (%.1f%%), %d successful, %d failed, %d queued for retry, "
-            "%d already classified, %.2f/s",
+            "%d already classified, %d lost claims, %.2f/s",
             snapshot.job_id, snapshot.status, snapshot.processed, snapshot.total_conversations,
             snapshot.percentage_complete, snapshot.successful, snapshot.failed, snapshot.queued_for_retry,
-            snapshot.already_classified, snapshot.current_rate,
+            snapshot.already_classified, snapshot.lost_claims, snapshot.current_rate,
         )
 
     def update(self, snapshot: ProgressSnapshot) -> None:

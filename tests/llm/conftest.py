@@ -35,8 +35,8 @@ def real_settings(llama: LlamaServer, tmp_path: Path) -> Callable[..., Settings]
     def build(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "llm_provider": "openai",
-            "ollama_endpoint": llama.base_url,
-            "ollama_model": llama.alias,
+            "llm_endpoint": llama.base_url,
+            "llm_model": llama.alias,
             "ollama_timeout": 300,  # 2 shared cores: a cold prefix takes seconds
             "batch_files_dir": tmp_path / "batch_files",
         }

@@ -44,7 +44,7 @@ def assert_valid(classification: dict[str, Any], classifier: ConversationClassif
 def test_ready_lists_the_served_model(real_settings: SettingsFactory) -> None:
     with create_llm_client(real_settings()) as client:
         client.check_ready()
-    with create_llm_client(real_settings(ollama_model="llama3")) as client, pytest.raises(ModelNotFoundError) as info:
+    with create_llm_client(real_settings(llm_model="llama3")) as client, pytest.raises(ModelNotFoundError) as info:
         client.check_ready()
     assert "smollm2-135m" in str(info.value)  # the hint lists what the server serves
 
@@ -148,8 +148,8 @@ def test_batch_job_over_the_sample_conversations(
         monkeypatch.delenv(env_name(name), raising=False)
     env = {
         "LLM_PROVIDER": "openai",
-        "OLLAMA_ENDPOINT": settings.ollama_endpoint,
-        "OLLAMA_MODEL": settings.ollama_model,
+        "LLM_ENDPOINT": settings.llm_endpoint,
+        "LLM_MODEL": settings.llm_model,
         "OLLAMA_TIMEOUT": "300",
         "MONGODB_CONNECTION_STRING": mongo_uri,
         "MONGODB_DATABASE_NAME": mongo_db_name,

@@ -1,6 +1,6 @@
 """A fake OpenAI-compatible HTTP server on loopback (llama.cpp's llama-server, vLLM, LM Studio).
 
-It speaks the real shapes, under ``/v1`` as those servers do (so ``OLLAMA_ENDPOINT`` is
+It speaks the real shapes, under ``/v1`` as those servers do (so ``LLM_ENDPOINT`` is
 ``fake.url + "/v1"``, the way users configure them):
 
 * ``GET /v1/models`` -> ``{"object": "list", "data": [{"id", "object": "model", "created", "owned_by"}]}``
@@ -9,9 +9,12 @@ It speaks the real shapes, under ``/v1`` as those servers do (so ``OLLAMA_ENDPOI
   {"content": [{"token", "logprob", "bytes", "top_logprobs"}]}}], "usage": {"prompt_tokens",
   "completion_tokens", "total_tokens", "prompt_tokens_details": {"cached_tokens"}},
   "timings": {...}}`` (``timings`` as llama.cpp adds them);
+* ``POST /v1/embeddings`` -> ``{"object": "list", "data": [{"object": "embedding", "index",
+  "embedding"}], "model", "usage": {"prompt_tokens", "total_tokens"}}`` (vectors of
+  :func:`fakes.ollama.fake_embedding`);
 * failures as ``{"error": {"message", "type", "code"}}``: 404 ``model_not_found`` for a model it
   does not serve, 401 without the right ``Authorization: Bearer`` when ``api_key`` is set, and
-  whatever a test scripts with the behaviours of :mod:`tests.fake_ollama` (an ``ErrorReply`` is
+  whatever a test scripts with the behaviours of :mod:`fakes.ollama` (an ``ErrorReply`` is
   sent in the OpenAI error shape, with its headers, e.g. ``Retry-After``).
 
 A scripted ``Reply(done_reason="length")`` becomes ``finish_reason: "length"``. The default answer
@@ -30,7 +33,7 @@ from typing import Any
 
 from aiohttp import web
 
-from tests.fake_ollama import (
+from fakes.ollama import (
     CHARS_PER_TOKEN,
     Behavior,
     ChatRecord,
@@ -40,6 +43,7 @@ from tests.fake_ollama import (
     RawReply,
     Reply,
     default_classification,
+    fake_embedding,
     logprobs_for,
 )
 
@@ -60,11 +64,12 @@ class FakeOpenAI(FakeOllama):
         super().__init__(**kwargs)
         # OpenAI-compatible servers use model ids as given: no ":latest".
         self.models = list(models)
+        self.embedding_models = [m.removesuffix(":latest") for m in self.embedding_models]
         self.api_key = api_key
 
     @property
     def base_url(self) -> str:
-        """What users set OLLAMA_ENDPOINT to."""
+        """What users set LLM_ENDPOINT to."""
         return f"{self.url}/v1"
 
     def build_app(self) -> web.Application:
@@ -72,7 +77,33 @@ class FakeOpenAI(FakeOllama):
         app.router.add_get("/health", self._health)
         app.router.add_get("/v1/models", self._models)
         app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         return app
+
+    async def _read(self, request: web.Request) -> tuple[Any, web.Response | None]:
+        """The request's JSON body, or the answer to give instead (401 without the key, 400 not JSON)."""
+        denied = self._unauthorized(request)
+        if denied is not None:
+            return None, denied
+        try:
+            return await request.json(), None
+        except ValueError:
+            return None, web.json_response(openai_error(400, "Failed to parse the request body as JSON"), status=400)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        body, refused = await self._read(request)
+        if refused is not None:
+            return refused
+        status, message, texts = self._embed_request(
+            body, lambda model: model in self.embedding_models + self.models)
+        if status != 200:
+            return web.json_response(openai_error(status, message), status=status)
+        tokens = sum(max(1, len(t) // CHARS_PER_TOKEN) for t in texts)
+        return web.json_response({
+            "object": "list", "model": body["model"],
+            "data": [{"object": "embedding", "index": i, "embedding": fake_embedding(t)} for i, t in enumerate(texts)],
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        })
 
     async def _health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -83,6 +114,8 @@ class FakeOpenAI(FakeOllama):
         return web.json_response(openai_error(401, "Invalid API Key"), status=401)
 
     async def _models(self, request: web.Request) -> web.Response:
+        if self.ready_delay:
+            await asyncio.sleep(self.ready_delay)
         denied = self._unauthorized(request)
         if denied is not None:
             return denied
@@ -90,13 +123,9 @@ class FakeOpenAI(FakeOllama):
         return web.json_response({"object": "list", "data": data})
 
     async def _completions(self, request: web.Request) -> web.StreamResponse:
-        denied = self._unauthorized(request)
-        if denied is not None:
-            return denied
-        try:
-            body = await request.json()
-        except ValueError:
-            return web.json_response(openai_error(400, "Failed to parse the request body as JSON"), status=400)
+        body, refused = await self._read(request)
+        if refused is not None:
+            return refused
         if not isinstance(body, dict) or not isinstance(body.get("messages"), list):
             return web.json_response(openai_error(400, "'messages' is required"), status=400)
         if body.get("model") not in self.models:

@@ -7,6 +7,10 @@ It speaks Ollama's real shapes (docs/api.md of ollama/ollama):
   "done_reason", "total_duration", "load_duration", "prompt_eval_count",
   "prompt_eval_duration", "eval_count", "eval_duration"}``; streamed as NDJSON unless
   ``"stream": false`` (as Ollama does);
+* ``POST /api/embed`` -> ``{"model", "embeddings": [[float, ...], ...], "total_duration",
+  "load_duration", "prompt_eval_count"}``: one vector per ``input`` (a string or a list), for the
+  models of ``embedding_models`` (and the chat models); :func:`fake_embedding` makes them, so that
+  texts sharing words are near each other;
 * failures as ``{"error": "..."}``: 404 ``model 'x' not found, try pulling it first``
   for a model it does not have, and whatever a test scripts (500 runner errors,
   503 ``server busy``, malformed or truncated output, dropped connections, delays).
@@ -18,7 +22,7 @@ requests, in order) or :attr:`FakeOllama.responder` (a function of the request).
 ``prompt_eval_count`` simulates Ollama's prompt cache: only the part of the prompt
 that differs from the previous request is counted (about 4 characters a token).
 
-Run standalone (benchmarks): ``python -m tests.fake_ollama --port 11434 --latency 0.5``.
+Run standalone (benchmarks): ``python -m fakes.ollama --port 11434 --latency 0.5``.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ import argparse
 import asyncio
 import json
 import math
+import re
 import signal
 import socket
 import threading
@@ -133,6 +138,30 @@ def default_classification(request: dict[str, Any]) -> dict[str, str] | list[str
     return list(answer.values()) if items else answer
 
 
+EMBEDDING_DIMENSIONS = 64
+_WORD = re.compile(r"[a-z0-9]+")
+
+
+def fake_embedding(text: str, dimensions: int = EMBEDDING_DIMENSIONS) -> list[float]:
+    """A unit vector of the text's words hashed into ``dimensions`` buckets (feature hashing): texts
+    that share words get a high cosine similarity, as with a real embedding model, deterministically."""
+    vector = [0.0] * dimensions
+    for word in _WORD.findall(text.lower()):
+        if len(word) > 2:  # drop "a", "is", ... and the transcript's quoting
+            vector[zlib.crc32(word.encode()) % dimensions] += 1.0
+    norm = math.sqrt(sum(v * v for v in vector)) or 1.0
+    return [round(v / norm, 6) for v in vector]
+
+
+def embed_inputs(body: dict[str, Any]) -> list[str] | None:
+    """The texts of an embeddings request (``input``: a string or a list of strings), None when malformed."""
+    raw = body.get("input")
+    texts = [raw] if isinstance(raw, str) else raw
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        return None
+    return texts
+
+
 def logprobs_for(content: str, reply: Reply, top: Any) -> list[dict[str, Any]]:
     """The reply's scripted log-probabilities, or certain 4-character tokens spelling ``content``."""
     if reply.logprobs is not None:
@@ -171,11 +200,19 @@ class FakeOllama:
         latency: float = 0.0,
         parallel: int | None = None,
         max_queue: int | None = None,
+        embedding_models: tuple[str, ...] | list[str] = ("nomic-embed-text",),
     ) -> None:
         self.host = host
         self.port = port
         self.models = [_with_latest(m) for m in models]
+        self.embedding_models = [_with_latest(m) for m in embedding_models]
+        #: The texts of every embeddings request, oldest first (one list per request).
+        self.embed_requests: list[list[str]] = []
+        #: When set, embeddings requests get this error (e.g. a server without an embeddings endpoint).
+        self.embed_error: ErrorReply | None = None
         self.latency = latency
+        # Seconds the readiness answer (GET /api/tags, the OpenAI fake's /v1/models) takes.
+        self.ready_delay = 0.0
         # Like Ollama's OLLAMA_NUM_PARALLEL / OLLAMA_MAX_QUEUE: at most `parallel` chats are
         # served at a time, the rest wait; beyond `max_queue` waiting, 503 "server busy".
         self.parallel = parallel
@@ -207,6 +244,8 @@ class FakeOllama:
             self._script.clear()
             self._records.clear()
             self._previous_messages = []
+            self.embed_requests.clear()
+            self.embed_error = None
             self.responder = None
             self.max_in_flight = 0
             self.busy_count = 0
@@ -246,7 +285,36 @@ class FakeOllama:
         app.router.add_get("/api/version", self._version)
         app.router.add_get("/api/tags", self._tags)
         app.router.add_post("/api/chat", self._chat)
+        app.router.add_post("/api/embed", self._embed)
         return app
+
+    def _embed_request(self, body: Any, model_ok: Callable[[str], bool]) -> tuple[int, str, list[str]]:
+        """(status, error message, texts) of an embeddings request, the same checks for each provider."""
+        texts = embed_inputs(body) if isinstance(body, dict) else None
+        if texts is None:
+            return 400, "input must be a string or a non-empty list of strings", []
+        if not model_ok(str(body.get("model", ""))):
+            return 404, f"model '{body.get('model')}' not found", []
+        if self.embed_error is not None:
+            return self.embed_error.status, self.embed_error.message, []
+        with self._lock:
+            self.embed_requests.append(texts)
+        return 200, "", texts
+
+    async def _embed(self, request: web.Request) -> web.Response:
+        try:
+            body = await request.json()
+        except ValueError:
+            return web.json_response({"error": "invalid character in request body"}, status=400)
+        status, message, texts = self._embed_request(
+            body, lambda model: _with_latest(model) in self.embedding_models + self.models)
+        if status != 200:
+            return web.json_response({"error": message}, status=status)
+        return web.json_response({
+            "model": body["model"], "embeddings": [fake_embedding(text) for text in texts],
+            "total_duration": 14_000_000, "load_duration": 1_000_000,
+            "prompt_eval_count": sum(max(1, len(t) // CHARS_PER_TOKEN) for t in texts),
+        })
 
     async def _root(self, request: web.Request) -> web.Response:
         return web.Response(text="Ollama is running")
@@ -255,6 +323,8 @@ class FakeOllama:
         return web.json_response({"version": "0.12.6"})
 
     async def _tags(self, request: web.Request) -> web.Response:
+        if self.ready_delay:
+            await asyncio.sleep(self.ready_delay)
         models = [
             {
                 "name": name,
