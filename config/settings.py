@@ -103,8 +103,8 @@ class Settings(BaseModel):
     answer_format: Literal["array", "object"] = Field(
         "array",
         description="array: the model answers [categorization, label, ...] (the fewest tokens); object: "
-        '{"c": ..., "i": ...} with one-letter keys, for a server whose strict mode refuses prefixItems '
-        "(OpenAI's hosted API).",
+        '{"c": ..., "i": ...} with one-letter keys, for a server whose strict mode wants an object at the '
+        "root of the schema (OpenAI's hosted API).",
     )
     conversation_char_budget: int = Field(
         12000,
