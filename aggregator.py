@@ -40,6 +40,8 @@ logger = logging.getLogger(__name__)
 Role = Literal["customer", "agent"]
 ROLE_LABELS: dict[str, str] = {"customer": "Customer", "agent": "Agent"}
 _WHITESPACE = re.compile(r"\s+")
+#: The @mentions a reply starts with (``@ParcelPoint @mara_t_writes Thanks``): whom it answers.
+_REPLY_MENTIONS = re.compile(r"^(?:@\w+[\s,:]*)+")
 
 
 # Real exports spell the two sides in many ways (the seed data's own export says "Customer" and
@@ -217,13 +219,17 @@ class ConversationIn(BaseModel):
         """The conversation as speaker-labelled turns, in the order received."""
         if self.messages is not None:
             return [Turn(m.sender, m.text) for m in self.messages]
-        return [Turn(t.speaker, t.text) for t in self.tweets or []]
+        return [Turn(t.speaker, t.text, reply=i > 0) for i, t in enumerate(self.tweets or [])]
 
 
 @dataclass(frozen=True)
 class Turn:
     role: Role
     text: str
+    #: A tweet answering an earlier one: the @mentions it starts with only say whom it answers (Twitter
+    #: itself hides them in replies), so the transcript leaves them out; the opening tweet keeps its own,
+    #: which name whom the customer wrote to. Several tokens per reply the model need not read.
+    reply: bool = False
 
     def render(self, limit: int | None = None) -> str:
         """One line: the speaker label, then the text as a JSON string (``Customer: "Where is it?"``).
@@ -236,6 +242,8 @@ class Turn:
         """
         label = f"{ROLE_LABELS[self.role]}: "
         text = _WHITESPACE.sub(" ", self.text).strip()
+        if self.reply:
+            text = _REPLY_MENTIONS.sub("", text) or text  # a reply of mentions only keeps them
         line = label + _quote(text)
         if limit is None or len(line) <= limit:
             return line

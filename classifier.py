@@ -25,15 +25,18 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator import ConversationIn, Transcript, build_transcript, content_hash
-from confidence import label_confidences
+from confidence import label_confidence
 from config import Settings
 from error_handler import LLMOutputError
 from prompt_builder import (
+    ARRAY,
     CATEGORIZATION,
+    AnswerFormat,
     Example,
     LabelField,
     PromptBuilder,
     Taxonomy,
+    answer_format,
     label_key,
     load_few_shots,
     load_taxonomy,
@@ -77,7 +80,9 @@ class Classification(BaseModel):
     #: The label fields: field name -> label (the keys the taxonomy declares, so not declared here).
     __pydantic_extra__: dict[str, str] = Field(init=False)
 
-    categorization: str = Field(description="One line saying what the customer wants.")
+    categorization: str | None = Field(
+        description="A few words saying what the customer wants; null when the service runs with CATEGORIZATION=off."
+    )
     confidence: dict[str, Probability | None] | None = Field(
         None,
         description="Per label field, the probability of the chosen label among the field's labels (from the "
@@ -113,13 +118,19 @@ def document_label_fields(schema: dict[str, Any], taxonomy: Taxonomy) -> None:
 
 
 def with_confidence(
-    classification: Classification, chat: ChatResult, taxonomy: Taxonomy, threshold: float
+    classification: Classification, chat: ChatResult, answer: AnswerFormat, threshold: float
 ) -> Classification:
     """``classification`` with its label confidences and ``needs_review`` (below ``threshold``)."""
-    found = label_confidences(chat.logprobs, {field.name: field.names for field in taxonomy.fields})
-    if found is None:
+    if not chat.logprobs:
         return classification
-    values = {name: (round(c.confidence, 4) if c is not None else None) for name, c in found.items()}
+    values: dict[str, float | None] = {}
+    for field in answer.taxonomy.fields:
+        # Read where the model wrote the label's code: at its position in the array, or under its short key;
+        # else its name under the field's name (a server that ignored the schema).
+        where = answer.names.index(field.name) if answer.shape == ARRAY else answer.keys[field.name]
+        found = (label_confidence(chat.logprobs, where, list(answer.codes(field).values()))
+                 or label_confidence(chat.logprobs, field.name, field.names))
+        values[field.name] = round(found.confidence, 4) if found is not None else None
     # A label whose confidence could not be read is not "below" the threshold: it is unknown.
     needs_review = threshold > 0 and any(v is not None and v < threshold for v in values.values())
     return classification.model_copy(update={"confidence": values, "needs_review": needs_review})
@@ -130,23 +141,25 @@ def _preview(content: str, limit: int = 120) -> str:
     return text if len(text) <= limit else text[:limit] + "…"
 
 
-def extract_json_object(content: str, keys: list[str] | None = None) -> dict[str, Any]:
+def extract_json_object(content: str, keys: list[str] | None = None, *, arrays: bool = False) -> Any:
     """The first JSON object in ``content`` that looks like a classification (has one of ``keys``,
-    the answer's keys, or a ``classification`` key), else the first JSON object.
+    the answer's keys, or a ``classification`` key), else the first JSON object; with ``arrays``, a
+    JSON array of strings (the array answer) looks like one too.
 
     Skips ``<think>`` blocks, code fences and prose; raises :class:`LLMOutputError`
     when there is none.
     """
     text = _THINK_BLOCK.sub("", content)
     wanted = {"classification", *(label_key(k) for k in keys or [CATEGORIZATION])}
+    starts = "{[" if arrays else "{"
     decoder = json.JSONDecoder()
     first_object: dict[str, Any] | None = None
-    position = text.find("{")
+    position = _find_any(text, starts, 0)
     while position != -1:
         try:
             value, end = decoder.raw_decode(text, position)
         except ValueError:
-            position = text.find("{", position + 1)
+            position = _find_any(text, starts, position + 1)
             continue
         except RecursionError as e:
             # Nested past the interpreter's limit: every later "{" of the run is nested as deep, so
@@ -159,44 +172,68 @@ def extract_json_object(content: str, keys: list[str] | None = None) -> dict[str
             if {label_key(k) for k in value} & wanted:
                 return value
             first_object = first_object or value
-        position = text.find("{", end)
+        elif value and all(isinstance(v, str) for v in value):
+            return value
+        position = _find_any(text, starts, end)
     if first_object is not None:
         return first_object
     raise LLMOutputError("The model's answer holds no JSON object.", answer=_preview(content))
 
 
-def parse_classification(content: str, taxonomy: Taxonomy, *, conversation_number: str = "?") -> Classification:
-    """Parse and validate the model's answer against ``taxonomy``."""
-    obj = extract_json_object(content, taxonomy.output_keys)
-    by_key = {label_key(k): v for k, v in obj.items()}
-    wrapped = by_key.get("classification")
-    if isinstance(wrapped, dict):
-        by_key = {label_key(k): v for k, v in wrapped.items()}
+def _find_any(text: str, characters: str, start: int) -> int:
+    """The first position at or after ``start`` of any of ``characters``, -1 when there is none."""
+    found = [at for at in (text.find(c, start) for c in characters) if at != -1]
+    return min(found, default=-1)
 
-    values: dict[str, str] = {}
-    for key in taxonomy.output_keys:
-        value = by_key.get(label_key(key))
-        if isinstance(value, list) and len(value) == 1:
-            value = value[0]
-        if not isinstance(value, str) or not value.strip():
-            problem = "is missing" if value is None else f"is not a non-empty string ({value!r})"
-            raise LLMOutputError(f"The model's answer is unusable: '{key}' {problem}.", answer=_preview(content))
-        values[key] = value.strip()
 
-    for field in taxonomy.fields:
-        values[field.name] = _normalised_label(field, values[field.name], content, conversation_number)
+def parse_classification(
+    content: str, spec: AnswerFormat | Taxonomy, *, conversation_number: str = "?"
+) -> Classification:
+    """Parse and validate the model's answer, written in ``spec``'s format (an array, or an object with
+    short keys or whole names; a taxonomy: its default format)."""
+    answer = answer_format(spec)
+    value = extract_json_object(content, [*answer.keys.values(), *answer.names], arrays=answer.shape == ARRAY)
+    if isinstance(value, dict):
+        value = next((v for k, v in value.items() if label_key(str(k)) == "classification"), value)
+    if isinstance(value, list) and len(value) != len(answer.names):
+        raise LLMOutputError(f"The model's answer is unusable: {len(value)} values where {len(answer.names)} belong "
+                             f"({', '.join(answer.names)}).", answer=_preview(content))
+    found = answer.values(value)
 
-    categorization = " ".join(values[CATEGORIZATION].split())
-    if len(categorization) > MAX_CATEGORIZATION_CHARS:
-        categorization = categorization[: MAX_CATEGORIZATION_CHARS - 1] + "…"
-    values[CATEGORIZATION] = categorization
+    values: dict[str, Any] = {}
+    for name in answer.names:
+        item = found.get(name)
+        if isinstance(item, list) and len(item) == 1:
+            item = item[0]
+        if not isinstance(item, str) or not item.strip():
+            problem = "is missing" if item is None else f"is not a non-empty string ({item!r})"
+            where = answer.describe(name, keyed=isinstance(value, dict))
+            raise LLMOutputError(f"The model's answer is unusable: {where} {problem}.", answer=_preview(content))
+        values[name] = item.strip()
+
+    for field in answer.taxonomy.fields:
+        values[field.name] = _normalised_label(answer, field, values[field.name], content, conversation_number)
+    values[CATEGORIZATION] = _categorization(found[CATEGORIZATION], answer) if answer.categorization else None
     return Classification(**values)
 
 
-def _normalised_label(field: LabelField, raw: str, content: str, conversation_number: str) -> str:
-    """``raw`` in the taxonomy's spelling; outside the taxonomy, the field's ``Other`` (a warning),
-    or :class:`LLMOutputError` for a field without ``Other``."""
-    canonical = field.canonical(raw)
+def _categorization(raw: str, answer: AnswerFormat) -> str:
+    """Whitespace collapsed; cut at a word with ``…`` when it reached the schema's bound (the grammar then
+    closed it, most likely in the middle of a word) or is longer than any categorization should be."""
+    text = " ".join(raw.split())
+    limit = answer.categorization_max_chars
+    if limit and len(raw) >= limit:
+        head = text[:limit]
+        return (head.rsplit(" ", 1)[0] if " " in head else head).rstrip(" ,;:-") + "…"
+    if len(text) > MAX_CATEGORIZATION_CHARS:
+        return text[: MAX_CATEGORIZATION_CHARS - 1] + "…"
+    return text
+
+
+def _normalised_label(answer: AnswerFormat, field: LabelField, raw: str, content: str, conversation_number: str) -> str:
+    """The label ``raw`` (a code, or a label in any spelling) stands for, in the taxonomy's spelling; outside
+    the taxonomy, the field's ``Other`` (a warning), or :class:`LLMOutputError` for a field without ``Other``."""
+    canonical = answer.label(field, raw)
     if canonical is not None:
         return canonical
     if field.fallback is None:
@@ -237,6 +274,7 @@ class ConversationClassifier:
                  retriever: FewShotRetriever | None = None) -> None:
         self.taxonomy = taxonomy
         self.prompt_builder = prompt_builder
+        self.answer = prompt_builder.answer
         self.confidence_threshold = confidence_threshold
         self.retriever = retriever
 
@@ -244,12 +282,14 @@ class ConversationClassifier:
     def from_settings(cls, settings: Settings) -> ConversationClassifier:
         """Load the taxonomy and few-shot files named by ``settings`` (raises ConfigError)."""
         taxonomy = load_taxonomy(settings.taxonomy_file)
+        answer = AnswerFormat(taxonomy, settings.categorization, settings.categorization_max_chars,
+                              settings.answer_format)
         # FEW_SHOT_SOURCE=reviewed: the reviewed examples replace the file's; both: they follow them.
         static = load_few_shots(settings.few_shots_file, taxonomy) if settings.few_shot_source != "reviewed" else []
         retriever = FewShotRetriever(settings) if settings.few_shot_source != "static" else None
         return cls(
             taxonomy,
-            PromptBuilder(taxonomy, static, settings.conversation_char_budget),
+            PromptBuilder(taxonomy, static, settings.conversation_char_budget, answer),
             confidence_threshold=settings.confidence_threshold,
             retriever=retriever,
         )
@@ -275,10 +315,9 @@ class ConversationClassifier:
         )
 
     def _finish(self, prepared: PreparedConversation, chat: ChatResult, started: float) -> ClassificationOutcome:
-        classification = parse_classification(
-            chat.content, self.taxonomy, conversation_number=prepared.conversation_number
-        )
-        classification = with_confidence(classification, chat, self.taxonomy, self.confidence_threshold)
+        number = prepared.conversation_number
+        classification = parse_classification(chat.content, self.answer, conversation_number=number)
+        classification = with_confidence(classification, chat, self.answer, self.confidence_threshold)
         duration_ms = int((time.perf_counter() - started) * 1000)
         logger.debug(
             "conversation %s classified in %d ms (%d turns, %d chars, prompt tokens %s, output tokens %s): "

@@ -62,10 +62,42 @@ class LabelConfidence:
     allowed_share: float
 
 
-def _value_start(text: str, key: str) -> int | None:
-    """Offset of the first character of ``key``'s string value in the generated JSON text."""
+def _value_start(text: str, key: str | int) -> int | None:
+    """Offset of the first character of a string value in the generated JSON text: ``key``'s in an
+    object, or the one at position ``key`` (an int) of the first array."""
+    if isinstance(key, int):
+        return _element_start(text, key)
     match = re.search(rf'(?<!\\)"{re.escape(key)}"\s*:\s*"', text)
     return match.end() if match else None
+
+
+def _element_start(text: str, index: int) -> int | None:
+    """Offset of the first character of the string at position ``index`` of the first JSON array in ``text``."""
+    at = text.find("[")
+    if at == -1:
+        return None
+    depth, element, in_string, i = 0, 0, False, at
+    while i < len(text):
+        ch = text[i]
+        if in_string:
+            if ch == "\\":
+                i += 1  # the escaped character
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            if depth == 1 and element == index:
+                return i + 1
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+            if depth == 0:
+                return None
+        elif ch == "," and depth == 1:
+            element += 1
+        i += 1
+    return None
 
 
 def _after_lead(text: str, lead: str) -> str | None:
@@ -130,10 +162,12 @@ def _distribution(
     return {label: m / total for label, m in mass.items()}, allowed
 
 
-def label_confidence(tokens: Sequence[TokenLogprob], key: str, allowed: Sequence[str]) -> LabelConfidence | None:
-    """The confidence of the label written for ``key``; None when it cannot be read from ``tokens``
-    (no such key, a label outside ``allowed``, no probability on any allowed label, or a
-    log-probability that is not one where the label was read)."""
+def label_confidence(
+    tokens: Sequence[TokenLogprob], key: str | int, allowed: Sequence[str]
+) -> LabelConfidence | None:
+    """The confidence of the label written for ``key`` (an object's key, or a position in an array answer);
+    None when it cannot be read from ``tokens`` (no such key, a label outside ``allowed``, no probability
+    on any allowed label, or a log-probability that is not one where the label was read)."""
     text_parts, starts, offset = [], [], 0
     for token in tokens:
         starts.append(offset)
@@ -156,12 +190,3 @@ def label_confidence(tokens: Sequence[TokenLogprob], key: str, allowed: Sequence
         return None
     distribution, allowed_share = result
     return LabelConfidence(chosen, distribution[chosen], min(1.0, allowed_share))
-
-
-def label_confidences(
-    tokens: Sequence[TokenLogprob] | None, allowed: dict[str, Sequence[str]]
-) -> dict[str, LabelConfidence | None] | None:
-    """``label_confidence`` for every key of ``allowed`` (label field -> its labels); None without log-probabilities."""
-    if not tokens:
-        return None
-    return {key: label_confidence(tokens, key, labels) for key, labels in allowed.items()}

@@ -102,7 +102,8 @@ class ChatResult:
 
 def _logprob_request(settings: Settings) -> dict[str, Any]:
     # Both APIs spell it the same way; the alternatives are what label confidences are computed from.
-    if settings.llm_top_logprobs <= 0:
+    # Only asked for when confidences are wanted (CONFIDENCE=on): the server ranks the vocabulary per token.
+    if not settings.confidence or settings.llm_top_logprobs <= 0:
         return {}
     return {"logprobs": True, "top_logprobs": settings.llm_top_logprobs}
 

@@ -85,6 +85,11 @@ class Settings(BaseModel):
     llm_api_key: SecretStr | None = Field(
         None, description="Sent as 'Authorization: Bearer <key>' (OpenAI-compatible servers that need one)."
     )
+    confidence: bool = Field(
+        True,
+        description="on: ask the server for token log-probabilities and answer label confidences; off: ask for "
+        "none (confidence is null, CONFIDENCE_THRESHOLD has no effect).",
+    )
     llm_top_logprobs: int = Field(
         10, ge=0, le=20, description="Alternatives per token asked for to compute label confidences; 0: none."
     )
@@ -95,6 +100,23 @@ class Settings(BaseModel):
     # --- Prompt -------------------------------------------------------------------------
     taxonomy_file: Path = Field(CONFIG_DIR / "taxonomy.json", description="Label fields and labels.")
     few_shots_file: Path = Field(CONFIG_DIR / "few_shots.json", description="Few-shot examples.")
+    categorization: bool = Field(
+        True, description="on: the model also writes a few words saying what the customer wants; off: labels only "
+        "(fewer tokens; categorization is null)."
+    )
+    categorization_max_chars: int = Field(
+        40,
+        ge=0,
+        le=300,
+        description="Longest categorization (characters; the answer schema's maxLength, which the server enforces "
+        "while generating); 0: no maxLength in the schema, for a server that refuses it.",
+    )
+    answer_format: Literal["array", "object"] = Field(
+        "array",
+        description="array: the model answers [categorization, label, ...] (the fewest tokens); object: "
+        '{"c": ..., "i": ...} with one-letter keys, for a server whose strict mode wants an object at the '
+        "root of the schema (OpenAI's hosted API).",
+    )
     conversation_char_budget: int = Field(
         12000,
         ge=500,

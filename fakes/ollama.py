@@ -107,24 +107,35 @@ def last_user_content(request: dict[str, Any]) -> str:
     return ""
 
 
-def default_classification(request: dict[str, Any]) -> dict[str, str]:
-    """A valid answer for the request's schema, chosen by a hash of its last user message: each
-    ``enum`` property gets one of its values, each free-text property a sentence. Without a schema,
-    just a categorization."""
+FREE_TEXT = "Customer contacts support about their issue"
+
+
+def default_classification(request: dict[str, Any]) -> dict[str, str] | list[str]:
+    """A valid answer for the request's schema, chosen by a hash of its last user message: an object of
+    exactly the schema's properties in its order, or an array of its ``prefixItems``; each ``enum``
+    value gets one of its values, each free-text value a sentence (cut to its ``maxLength``). Without a
+    schema, just a categorization."""
     schema = request.get("format") if isinstance(request.get("format"), dict) else {}
     properties = schema.get("properties", {}) if isinstance(schema, dict) else {}
+    items = schema.get("prefixItems") if isinstance(schema, dict) else None
+    if isinstance(items, list) and items:
+        properties = {str(i): spec for i, spec in enumerate(items)}
+    if not properties:
+        return {"categorization": FREE_TEXT}
     digest = zlib.crc32(last_user_content(request).encode())
-    answer = {"categorization": "Customer contacts support about their issue"}
+    answer = {}
     enums = 0
     for key, spec in properties.items():
-        enum = spec.get("enum") if isinstance(spec, dict) else None
+        spec = spec if isinstance(spec, dict) else {}
+        enum = spec.get("enum")
         if enum:
             # A byte of the hash per field (the fifth field reuses the first byte, rotated).
             answer[key] = enum[((digest >> (8 * (enums % 4))) + enums // 4) % len(enum)]
             enums += 1
         else:
-            answer.setdefault(key, "Customer contacts support about their issue")
-    return answer
+            limit = spec.get("maxLength")
+            answer[key] = FREE_TEXT[:limit] if isinstance(limit, int) and limit > 0 else FREE_TEXT
+    return list(answer.values()) if items else answer
 
 
 EMBEDDING_DIMENSIONS = 64
@@ -409,7 +420,7 @@ class FakeOllama(LoopbackServer):
 
         content = behavior.content
         if content is None:
-            content = json.dumps(default_classification(body))
+            content = json.dumps(default_classification(body), separators=(",", ":"))
         eval_count = max(1, math.ceil(len(content) / CHARS_PER_TOKEN))
         now = datetime.now(UTC).isoformat().replace("+00:00", "Z")
         duration_ns = int(delay * 1e9)

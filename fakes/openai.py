@@ -148,7 +148,7 @@ class FakeOpenAI(FakeOllama):
         content = behavior.content
         if content is None:
             schema = (body.get("response_format") or {}).get("json_schema", {}).get("schema", {})
-            content = json.dumps(default_classification({**body, "format": schema}))
+            content = json.dumps(default_classification({**body, "format": schema}), separators=(",", ":"))
         prompt_tokens = max(1, math.ceil(record.prompt_chars / CHARS_PER_TOKEN))
         cached = min(prompt_tokens - 1, record.cached_chars // CHARS_PER_TOKEN)
         completion_tokens = max(1, math.ceil(len(content) / CHARS_PER_TOKEN))

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from aggregator import Turn, build_transcript, validate_conversation
+from aggregator import Turn, build_transcript, content_hash, validate_conversation
 from error_handler import InputError, NoCustomerTurnError
 
 MARKER = re.compile(r"^\[\.\.\. (\d+) turns? omitted \.\.\.\]$")
@@ -52,7 +52,29 @@ def test_tweets_inbound_true_is_the_customer() -> None:
         {"conversation_number": "t1", "tweets": [tweet(1, True, "help"), tweet(2, False, "DM us")]}
     )
     assert conversation.source_field == "tweets"
-    assert conversation.turns() == [Turn("customer", "help"), Turn("agent", "DM us")]
+    assert conversation.turns() == [Turn("customer", "help"), Turn("agent", "DM us", reply=True)]
+
+
+def test_a_reply_tweet_is_rendered_without_the_mentions_it_starts_with() -> None:
+    """Leading @mentions of a reply only say whom it answers: tokens the model need not read. The
+    opening tweet keeps them (whom the customer wrote to), and so do mentions inside the text."""
+    conversation = validate_conversation({"conversation_number": "t2", "tweets": [
+        tweet(1, True, "@ParcelPoint where is my parcel?"),
+        tweet(2, False, "@mara_t_writes, @ops Sorry to hear that. Ask @ParcelHelp too. ^RL"),
+        tweet(3, True, "@ParcelPoint @mara_t_writes"),  # nothing but mentions: kept as written
+    ]})
+    assert build_transcript(conversation.turns(), 12000).text == (
+        'Customer: "@ParcelPoint where is my parcel?"\n'
+        'Agent: "Sorry to hear that. Ask @ParcelHelp too. ^RL"\n'
+        'Customer: "@ParcelPoint @mara_t_writes"'
+    )
+    # Chat messages are not replies; the content hash is the turns' text as written.
+    assert Turn("agent", "@x hi").render() == 'Agent: "@x hi"'
+    without = [tweet(1, True, "@ParcelPoint where is my parcel?"),
+               tweet(2, False, "Sorry to hear that. Ask @ParcelHelp too. ^RL"),
+               tweet(3, True, "@ParcelPoint @mara_t_writes")]
+    assert content_hash(conversation) != content_hash(validate_conversation({"conversation_number": "t2",
+                                                                             "tweets": without}))
 
 
 def test_tweets_explicit_role_wins_over_inbound() -> None:

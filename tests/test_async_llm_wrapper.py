@@ -40,8 +40,9 @@ async def test_payload_as_the_fake_received_it(settings: Settings, fake_ollama: 
     assert request["options"] == {"temperature": 0, "num_predict": 256}
     assert request["keep_alive"] == "5m"
     assert request["format"] == schema
-    assert set(schema["properties"]["intent"]["enum"]) >= {"Order Status", "Other"}
-    assert json.loads(result.content)["sentiment"] in schema["properties"]["sentiment"]["enum"]
+    # The answer is an array of the categorization and label codes (AnswerFormat): intent second, sentiment last.
+    assert set(schema["prefixItems"][1]["enum"]) >= {"Order", "Other"}
+    assert json.loads(result.content)[-1] in schema["prefixItems"][-1]["enum"]
     assert result.prompt_eval_count == fake_ollama.chat_records[0].prompt_eval_count
 
 

@@ -40,9 +40,16 @@ make_conversation, insert, statuses, RESULTS, SOURCE = (
 
 
 def answer(categorization: str, delay: float | None = None) -> Any:
-    """A responder answering with ``categorization`` (valid labels) after ``delay`` seconds."""
-    return lambda request: Reply(content=json.dumps({**default_classification(request),
-                                                     "categorization": categorization}), delay=delay)
+    """A responder answering with ``categorization`` (valid labels) after ``delay`` seconds, in the answer's
+    shape: the array's first value (the default answer), or the key of an object."""
+
+    def reply(request: dict[str, Any]) -> Reply:
+        valid = default_classification(request)
+        written: Any = ([categorization, *valid[1:]] if isinstance(valid, list)
+                        else {**valid, "categorization": categorization})
+        return Reply(content=json.dumps(written), delay=delay)
+
+    return reply
 
 
 def summary_count(output: str, label: str) -> int:

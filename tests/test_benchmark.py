@@ -218,3 +218,23 @@ def test_code_must_be_a_checkout(tmp_path, capsys):
         benchmark.main(["--smoke", "--only", "startup", "--code", str(tmp_path)])
     assert exit_info.value.code == benchmark.EXIT_USAGE
     assert "has no main.py or batch_processor.py" in capsys.readouterr().err
+
+
+def test_the_real_model_benchmarks_client_runs_a_tree_against_a_server(tmp_path: Path) -> None:
+    """scripts/benchmark_llm's client side (the part that runs inside the tree under test, before or after)
+    against the fake OpenAI-compatible server: one line per conversation, with its labels and counts."""
+    from fakes.openai import FakeOpenAI
+    from scripts import benchmark_llm
+
+    with FakeOpenAI(models=["smollm2-135m"]) as fake:
+        job = {"endpoint": fake.base_url, "model": "smollm2-135m", "slots": 2, "settings": {"categorization": False},
+               "conversations": str(benchmark_llm.SAMPLE), "limit": 3}
+        wall, prefix_chars, answers = benchmark_llm.run_client(ROOT, job)
+        requests = fake.chat_requests
+    assert wall > 0 and prefix_chars > 1000
+    assert [a["number"] for a in answers] == ["1001", "1002", "1003"] and len(requests) == 3
+    for answer in answers:
+        assert set(answer["labels"]) == {"intent", "topic", "sentiment"} and answer["categorization"] is None
+        assert answer["completion"] > 0 and answer["expected"]
+    # The job's settings reached the pipeline: no categorization in the schema sent.
+    assert len(requests[0]["response_format"]["json_schema"]["schema"]["prefixItems"]) == 3

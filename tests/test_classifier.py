@@ -16,7 +16,7 @@ from config import CONFIG_DIR, Settings
 from error_handler import ConfigError, LLMOutputError
 from fakes.ollama import FakeOllama, Reply
 from llm_wrapper import LLMClient
-from prompt_builder import Taxonomy, load_taxonomy
+from prompt_builder import CATEGORIZATION_MAX_CHARS, AnswerFormat, Taxonomy, load_taxonomy, short_keys
 
 TAXONOMY = load_taxonomy(CONFIG_DIR / "taxonomy.json")
 URGENCY = load_taxonomy(CONFIG_DIR / "taxonomy-urgency.example.json")
@@ -27,15 +27,25 @@ GOOD = {
     "sentiment": "Neutral",
 }
 EXPECTED = Classification(**GOOD)
+#: The same answer as the schema asks for it: a compact array of the categorization and the label codes...
+ARRAY = json.dumps([GOOD["categorization"], "Order", "Shipping", "Neutral"], separators=(",", ":"))
+#: ... or, with ANSWER_FORMAT=object, one-letter keys.
+SHORT = json.dumps({"c": GOOD["categorization"], "i": "Order", "t": "Shipping", "s": "Neutral"},
+                   separators=(",", ":"))
+KEYED = AnswerFormat(TAXONOMY, shape="object")
 
 
-def parse(content: str, taxonomy: Taxonomy = TAXONOMY) -> Classification:
-    return parse_classification(content, taxonomy, conversation_number="c-1")
+def parse(content: str, spec: AnswerFormat | Taxonomy = TAXONOMY) -> Classification:
+    return parse_classification(content, spec, conversation_number="c-1")
 
 
 def unusable(content: str) -> LLMOutputError:
+    return unusable_with(content, TAXONOMY)
+
+
+def unusable_with(content: str, spec: AnswerFormat | Taxonomy) -> LLMOutputError:
     with pytest.raises(LLMOutputError) as info:
-        parse(content)
+        parse(content, spec)
     return info.value
 
 
@@ -59,7 +69,45 @@ def unusable(content: str) -> LLMOutputError:
     ],
 )
 def test_tolerated_answer_shapes(content: str) -> None:
+    """A model that ignores the schema writes the fields' names: read as well as the short keys."""
     assert parse(content) == EXPECTED
+
+
+def test_the_array_answer_is_read_by_position_and_its_codes_mapped_back() -> None:
+    assert parse(ARRAY) == EXPECTED
+    assert parse("Here: " + ARRAY.replace(",", ", ") + " (done)") == EXPECTED
+    # Codes or whole labels, in any case or spacing.
+    assert parse(json.dumps([GOOD["categorization"], "order status", "SHIPPING", " neutral "])) == EXPECTED
+    assert parse(json.dumps({"classification": json.loads(ARRAY)})) == EXPECTED
+    assert parse(ARRAY[:-1] + ',"High"]', URGENCY).labels["urgency"] == "High"
+    # A value out of place is a label of the wrong field, a value too few or too many is unusable.
+    assert "3 values where 4 belong (categorization, intent, topic, sentiment)" in unusable(ARRAY[:-11] + "]").message
+    assert "5 values where 4 belong" in unusable(ARRAY[:-1] + ',"High"]').message
+    assert "value 4 (sentiment) is not a non-empty string ('')" in unusable(ARRAY.replace("Neutral", "")).message
+
+
+def test_the_short_keys_of_the_object_answer_are_mapped_back_to_the_fields() -> None:
+    assert parse(SHORT, KEYED) == EXPECTED
+    # Codes or whole labels, in any case or spacing.
+    assert parse(json.dumps({"C": GOOD["categorization"], " I ": "order status", "t": "SHIPPING",
+                             "s": "neutral"}), KEYED) == EXPECTED
+    assert parse(json.dumps({"classification": json.loads(SHORT)}), KEYED) == EXPECTED
+    assert "'s' (sentiment) is missing" in unusable_with(SHORT.replace('"s"', '"x"'), KEYED).message
+    # A fourth field gets its own letter; a field named like another's start gets a longer key.
+    assert parse(SHORT[:-1] + ',"u":"high"}', AnswerFormat(URGENCY, shape="object")).labels["urgency"] == "High"
+    assert short_keys(["categorization", "intent", "topic", "tone", "tier"]) == {
+        "categorization": "c", "intent": "i", "topic": "top", "tone": "ton", "tier": "ti"}
+    assert short_keys(["categorization", "product", "product_line", "c"]) == {
+        "categorization": "ca", "product": "product", "product_line": "product_", "c": "c"}
+
+
+def test_categorization_off_reads_labels_only() -> None:
+    result = parse_classification('["Order","Shipping","Neutral"]', AnswerFormat(TAXONOMY, categorization=False))
+    assert result.categorization is None and result.labels == EXPECTED.labels
+    assert result.model_dump()["categorization"] is None  # the key stays in results and answers
+    keyed = AnswerFormat(TAXONOMY, categorization=False, shape="object")
+    assert keyed.schema()["required"] == ["i", "t", "s"]
+    assert parse_classification('{"i":"Order","t":"Shipping","s":"Neutral"}', keyed).labels == EXPECTED.labels
 
 
 def test_keys_in_odd_case_and_labels_in_odd_case_and_spacing() -> None:
@@ -86,9 +134,18 @@ def test_categorization_whitespace_is_collapsed() -> None:
 
 def test_very_long_categorization_is_bounded() -> None:
     content = json.dumps({**GOOD, "categorization": "word " * 500})
-    categorization = parse(content).categorization
-    assert len(categorization) <= 300
+    categorization = parse(content, AnswerFormat(TAXONOMY, categorization_max_chars=0)).categorization
+    assert categorization is not None and len(categorization) <= 300
     assert categorization.endswith("…")
+
+
+def test_a_categorization_that_reached_its_bound_is_cut_at_a_word() -> None:
+    """The grammar closes the string at maxLength, most likely inside a word: shown cut, not misspelt."""
+    cut = "BrightCart Hi, I ordered a desk lamp on Mo"[:CATEGORIZATION_MAX_CHARS]
+    answer = json.dumps([cut, "Order", "Shipping", "Neutral"])
+    assert parse(answer).categorization == "BrightCart Hi, I ordered a desk lamp…"
+    assert parse(json.dumps(["x" * 60, "Order", "Shipping", "Neutral"])).categorization == "x" * 40 + "…"
+    assert parse(json.dumps(["Refund, now", "Order", "Shipping", "Neutral"])).categorization == "Refund, now"
 
 
 @pytest.mark.parametrize("kind", ["intent", "topic"])
@@ -161,7 +218,7 @@ def test_a_fourth_field_is_parsed_and_required() -> None:
 def test_missing_key_is_unusable(key: str) -> None:
     answer = {k: v for k, v in GOOD.items() if k != key}
     error = unusable(json.dumps(answer))
-    assert f"'{key}' is missing" in error.message
+    assert f"'{key}' is missing" in error.message  # an object where the array belonged: named by the field
     assert error.status_code == 502
 
 
@@ -233,7 +290,7 @@ def test_from_settings_missing_taxonomy_is_a_config_error(
 def test_classify_with_the_sync_client(make_settings: Callable[..., Settings], fake_ollama: FakeOllama) -> None:
     settings = make_settings()
     classifier = ConversationClassifier.from_settings(settings)
-    fake_ollama.enqueue(Reply(content="```json\n" + json.dumps({**GOOD, "intent": "ORDER status"}) + "\n```"))
+    fake_ollama.enqueue(Reply(content="```json\n" + ARRAY.replace('"Order"', '"ORDER status"') + "\n```"))
     with LLMClient(settings) as client:
         outcome = classifier.classify(validate_conversation(CONVERSATION), client)
     assert outcome.classification.model_dump(exclude={"confidence", "needs_review"}) == EXPECTED.model_dump(
@@ -254,7 +311,7 @@ async def test_classify_async_with_the_async_client(
 ) -> None:
     settings = make_settings()
     classifier = ConversationClassifier.from_settings(settings)
-    fake_ollama.enqueue(Reply(content=json.dumps({"classification": GOOD})))
+    fake_ollama.enqueue(Reply(content=json.dumps({"classification": GOOD})))  # a server that ignored the schema
     async with AsyncLLMClient(settings) as client:
         outcome = await classifier.classify_async(validate_conversation(CONVERSATION), client)
     assert outcome.classification == EXPECTED.model_copy(

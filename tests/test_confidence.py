@@ -17,7 +17,7 @@ import requests
 
 from aggregator import validate_conversation
 from classifier import ConversationClassifier
-from confidence import label_confidence, label_confidences
+from confidence import label_confidence
 from config import Settings
 from fakes.ollama import FakeOllama, Reply
 from llm_wrapper import TokenLogprob
@@ -116,9 +116,22 @@ def test_no_confidence_when_it_cannot_be_read(tokens: list[TokenLogprob]) -> Non
     assert label_confidence(tokens, "sentiment", SENTIMENTS) is None
 
 
-def test_no_logprobs_no_confidences() -> None:
-    assert label_confidences(None, {"sentiment": SENTIMENTS}) is None
-    assert label_confidences([], {"sentiment": SENTIMENTS}) is None
+def test_no_logprobs_no_confidence() -> None:
+    assert label_confidence([], "sentiment", SENTIMENTS) is None
+    assert label_confidence([], 2, SENTIMENTS) is None
+
+
+def test_a_label_in_an_array_answer_is_found_by_its_position() -> None:
+    """The array answer has no keys: the label is the string at the field's position (commas and
+    escaped quotes inside the categorization do not shift it)."""
+    tokens = [tok('["'), tok('Says \\"hi, there\\", ok'), tok('","'), tok("Order"), tok('","'),
+              TokenLogprob("Ne", math.log(0.5), (("Ne", math.log(0.5)), ("Pos", math.log(0.3)))),
+              tok("gative"), tok('"]')]
+    found = label_confidence(tokens, 2, SENTIMENTS)
+    assert found is not None and found.label == "Negative"
+    assert found.confidence == pytest.approx(0.5 / 0.8 * 1.0)  # Ne: Neutral or Negative, split by what follows
+    assert label_confidence(tokens, 1, ["Order", "Refund"]).label == "Order"  # type: ignore[union-attr]
+    assert label_confidence(tokens, 3, SENTIMENTS) is None  # no fourth value
 
 
 # --- through the pipeline, with the fakes ---------------------------------------------------
@@ -213,11 +226,10 @@ def _garbage_at_the_label(value: Any, *, in_alternatives: bool) -> list[TokenLog
 @pytest.mark.parametrize("in_alternatives", [False, True], ids=["chosen", "alternative"])
 @pytest.mark.parametrize("value", list(GARBAGE.values()), ids=list(GARBAGE))
 def test_a_garbage_logprob_gives_no_confidence_for_its_field_only(value: Any, in_alternatives: bool) -> None:
-    found = label_confidences(_garbage_at_the_label(value, in_alternatives=in_alternatives),
-                              {"intent": INTENTS, "sentiment": SENTIMENTS})
-    assert found is not None
-    assert found["sentiment"] is None
-    assert found["intent"] is not None and found["intent"].confidence == pytest.approx(1.0)
+    tokens = _garbage_at_the_label(value, in_alternatives=in_alternatives)
+    assert label_confidence(tokens, "sentiment", SENTIMENTS) is None
+    intent = label_confidence(tokens, "intent", INTENTS)
+    assert intent is not None and intent.confidence == pytest.approx(1.0)
 
 
 def test_minus_infinity_is_a_probability_of_zero() -> None:

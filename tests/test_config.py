@@ -228,3 +228,30 @@ def test_api_max_waiting_follows_the_concurrency_unless_given() -> None:
     with pytest.raises(ConfigError) as raised:
         load(environ={"API_MAX_CONCURRENCY": "many"})
     assert "API_MAX_CONCURRENCY='many'" in str(raised.value) and "API_MAX_WAITING" not in str(raised.value)
+
+
+# --- what the model is asked for ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("value", "on"), [("on", True), ("off", False), ("ON", True), ("true", True), ("0", False)])
+def test_categorization_and_confidence_are_on_or_off(value: str, on: bool) -> None:
+    settings = load(environ={"CATEGORIZATION": value, "CONFIDENCE": value})
+    assert settings.categorization is on and settings.confidence is on
+
+
+def test_the_answer_settings_default_to_on_and_to_the_prompt_builders_bound() -> None:
+    from prompt_builder import CATEGORIZATION_MAX_CHARS
+
+    settings = load()
+    assert settings.categorization is True and settings.confidence is True
+    assert settings.categorization_max_chars == CATEGORIZATION_MAX_CHARS
+    assert load(environ={"CATEGORIZATION_MAX_CHARS": "0"}).categorization_max_chars == 0
+
+
+@pytest.mark.parametrize(("variable", "value"), [("CATEGORIZATION", "sometimes"), ("CONFIDENCE", "maybe"),
+                                                 ("CATEGORIZATION_MAX_CHARS", "-1"),
+                                                 ("CATEGORIZATION_MAX_CHARS", "301")])
+def test_invalid_answer_settings_name_the_variable(variable: str, value: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(environ={variable: value})
+    assert f"{variable}={value!r}" in str(info.value)

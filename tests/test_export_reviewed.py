@@ -9,9 +9,11 @@ from typing import Any
 
 import pytest
 
+from classifier import parse_classification
+from config import CONFIG_DIR
 from error_handler import EXIT_INCOMPLETE, EXIT_OK
 from fakes.ollama import FakeOllama, Reply, last_user_content
-from prompt_builder import CONVERSATION_HEADER
+from prompt_builder import CONVERSATION_HEADER, load_taxonomy
 from scripts import evaluate, export_reviewed
 from tests.review_data import CONVERSATIONS, seed_reviewable
 
@@ -128,7 +130,9 @@ def test_evaluate_with_retrieved_examples_from_a_file_and_from_mongodb(
     messages = fake_ollama.chat_requests[-1]["messages"]
     assert len(messages) == 1 + 2 * 3 + 1  # system, FEW_SHOT_K=3 examples, the conversation
     assert CONVERSATIONS[4][0] in messages[-3]["content"].removeprefix(CONVERSATION_HEADER)  # the router one, last
-    assert json.loads(messages[-2]["content"])["topic"] == "Network/Connectivity"
+    # The example's answer is written as the model writes its own (AnswerFormat): read it back as the parser does.
+    example = parse_classification(messages[-2]["content"], load_taxonomy(CONFIG_DIR / "taxonomy.json"))
+    assert example.model_dump()["topic"] == "Network/Connectivity"
 
     # Without --examples: the reviewed conversations of MongoDB; a scored one is never its own example.
     assert evaluate.main([str(pool), "--few-shot-source", "both"]) == EXIT_OK

@@ -18,7 +18,9 @@ from typing import Any
 
 import pytest
 
+from aggregator import validate_conversation
 from async_llm_wrapper import AsyncLLMClient, create_async_llm_client
+from classifier import Classification, ConversationClassifier
 from config import Settings, load_settings
 from error_handler import (
     LLMBusyError,
@@ -125,8 +127,11 @@ def test_a_valid_answer_is_read_back(server: Server, transport: str) -> None:
     messages, schema = chat_messages(settings, CONVERSATION_A)
     result = chat(transport, settings)
     answer = json.loads(result.content)
-    for kind in ("intent", "topic", "sentiment"):
-        assert answer[kind] in schema["properties"][kind]["enum"]
+    items = schema["prefixItems"]  # the fake answers what the schema asks: one value per position
+    assert isinstance(answer, list) and len(answer) == len(items) == 4
+    for value, spec in zip(answer[1:], items[1:], strict=True):
+        assert value in spec["enum"]
+    assert 0 < len(answer[0]) <= items[0]["maxLength"]
     assert result.model == "llama3" or result.model == "llama3:latest"
     assert result.done_reason == "stop"
     assert result.eval_count is not None and result.eval_count > 0
@@ -240,6 +245,82 @@ def test_logprobs_are_asked_for_and_read(server: Server, transport: str) -> None
     result = chat(transport, server.settings(llm_top_logprobs=0))
     assert "logprobs" not in server.fake.chat_requests[0]
     assert result.logprobs is None
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_confidence_off_asks_for_no_logprobs(server: Server, transport: str) -> None:
+    result = chat(transport, server.settings(confidence=False, llm_top_logprobs=5))
+    request = server.fake.chat_requests[0]
+    assert "logprobs" not in request and "top_logprobs" not in request
+    assert result.logprobs is None
+
+
+def sent_schema(provider: str, request: dict[str, Any]) -> dict[str, Any]:
+    """The answer schema as the server received it: Ollama's ``format``, OpenAI's ``response_format``."""
+    if provider == "ollama":
+        return request["format"]
+    assert request["response_format"]["type"] == "json_schema"
+    assert request["response_format"]["json_schema"]["strict"] is True
+    return request["response_format"]["json_schema"]["schema"]
+
+
+def classify(transport: str, settings: Settings) -> Classification:
+    """CONVERSATION_A through the whole pipeline (prompt, the provider's request, parsing, confidence)."""
+    classifier = ConversationClassifier.from_settings(settings)
+    conversation = validate_conversation(CONVERSATION_A)
+    if transport == "sync":
+        with create_llm_client(settings) as client:
+            return classifier.classify(conversation, client).classification
+
+    async def go() -> Classification:
+        async with create_async_llm_client(settings) as client:
+            return (await classifier.classify_async(conversation, client)).classification
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_compact_answer_schema_round_trips_through_both_providers(server: Server, transport: str) -> None:
+    """What the server is asked for (an array of the categorization and label codes, the bound) is what the
+    parser reads back, confidences included; the few-shot answers in the prefix show the same form."""
+    classification = classify(transport, server.settings())
+    request = server.fake.chat_requests[0]
+    schema = sent_schema(server.provider, request)
+    assert schema["type"] == "array" and len(schema["prefixItems"]) == 4
+    assert schema["prefixItems"][0] == {"type": "string", "minLength": 1, "maxLength": 40}
+    assert "Order" in schema["prefixItems"][1]["enum"] and "Order Status" not in schema["prefixItems"][1]["enum"]
+    assert classification.categorization and len(classification.categorization) <= 41  # 40 and a "…"
+    assert set(classification.labels) == {"intent", "topic", "sentiment"}
+    assert classification.confidence == {"intent": 1.0, "topic": 1.0, "sentiment": 1.0}  # the fake is certain
+    few_shot = next(m["content"] for m in request["messages"] if m["role"] == "assistant")
+    assert few_shot == '["Order status, faster shipping","Order","Shipping","Neutral"]'
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_the_object_answer_for_servers_without_prefix_items(server: Server, transport: str) -> None:
+    """ANSWER_FORMAT=object: one-letter keys, the same labels and confidences."""
+    classification = classify(transport, server.settings(answer_format="object"))
+    request = server.fake.chat_requests[0]
+    schema = sent_schema(server.provider, request)
+    assert schema["required"] == list(schema["properties"]) == ["c", "i", "t", "s"]
+    assert schema["additionalProperties"] is False
+    assert set(classification.labels) == {"intent", "topic", "sentiment"}
+    assert classification.confidence == {"intent": 1.0, "topic": 1.0, "sentiment": 1.0}
+    few_shot = next(m["content"] for m in request["messages"] if m["role"] == "assistant")
+    assert few_shot == '{"c":"Order status, faster shipping","i":"Order","t":"Shipping","s":"Neutral"}'
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_categorization_off_and_no_schema_bound(server: Server, transport: str) -> None:
+    classification = classify(transport, server.settings(categorization=False, confidence=False))
+    schema = sent_schema(server.provider, server.fake.chat_requests[0])
+    assert len(schema["prefixItems"]) == 3 and all("enum" in item for item in schema["prefixItems"])
+    assert classification.categorization is None and classification.confidence is None
+    assert set(classification.labels) == {"intent", "topic", "sentiment"}
+
+    server.fake.reset()
+    classify(transport, server.settings(categorization_max_chars=0))
+    assert sent_schema(server.provider, server.fake.chat_requests[0])["prefixItems"][0] == {"type": "string"}
 
 
 # --- what only the OpenAI-compatible provider has ----------------------------------------------

@@ -19,10 +19,14 @@ from error_handler import ConfigError
 from fakes.ollama import FakeOllama
 from llm_wrapper import LLMClient
 from prompt_builder import (
+    CATEGORIZATION_MAX_CHARS,
     CONVERSATION_HEADER,
+    AnswerFormat,
     PromptBuilder,
     Taxonomy,
     instructions,
+    label_codes,
+    label_instruction,
     label_key,
     load_few_shots,
     load_taxonomy,
@@ -108,8 +112,10 @@ def test_the_urgency_example_adds_a_fourth_field(caplog: pytest.LogCaptureFixtur
     assert taxonomy.fields[:3] == default.fields
     urgency = taxonomy.field("urgency")
     assert urgency.names == ["Low", "Medium", "High"] and urgency.fallback is None
-    assert output_schema(taxonomy)["properties"]["urgency"] == {"type": "string", "enum": ["Low", "Medium", "High"]}
-    assert output_schema(taxonomy)["required"] == ["categorization", "intent", "topic", "sentiment", "urgency"]
+    items = output_schema(taxonomy)["prefixItems"]
+    assert len(items) == 5 and items[4] == {"type": "string", "enum": ["Low", "Medium", "High"]}
+    keyed = AnswerFormat(taxonomy, shape="object").schema()
+    assert keyed["properties"]["u"] == items[4] and keyed["required"] == ["c", "i", "t", "s", "u"]
     prompt = system_prompt(taxonomy)
     assert "by intent, topic, sentiment, and urgency." in prompt
     assert "Urgency - how soon the customer needs an answer (choose exactly one):" in prompt.splitlines()
@@ -122,8 +128,42 @@ def test_the_urgency_example_adds_a_fourth_field(caplog: pytest.LogCaptureFixtur
     notes = [r.getMessage() for r in caplog.records if r.name == "prompt_builder"]
     assert len(notes) == 1
     assert "no label for urgency (5 of 5)" in notes[0] and "FEW_SHOTS_FILE" in notes[0]
+    answer = RAW_FEW_SHOTS[0]["classification"]
+    assert answer["intent"] == "Order Status" and answer["topic"] == "Shipping/Delivery"
+    # The array answer shows the four values the example has (urgency, the last, is missing)...
     builder = PromptBuilder(taxonomy, examples, 12000)
-    assert json.loads(builder.prefix[2]["content"]) == RAW_FEW_SHOTS[0]["classification"]
+    assert json.loads(builder.prefix[2]["content"]) == [answer["categorization"], "Order", "Shipping", "Neutral"]
+    # ... the object answer the keys it has.
+    builder = PromptBuilder(taxonomy, examples, 12000, AnswerFormat(taxonomy, shape="object"))
+    assert json.loads(builder.prefix[2]["content"]) == {
+        "c": answer["categorization"], "i": "Order", "t": "Shipping", "s": answer["sentiment"]}
+
+
+def test_an_array_answer_stops_before_an_examples_first_missing_value(taxonomy: Taxonomy) -> None:
+    """Values keep their positions: an example without a topic shows the categorization and the intent."""
+    output = {"categorization": "Refund please", "intent": "Refund Request", "sentiment": "Negative"}
+    assert AnswerFormat(taxonomy).render(output) == '["Refund please","Refund"]'
+    assert AnswerFormat(taxonomy, shape="object").render(output) == '{"c":"Refund please","i":"Refund","s":"Negative"}'
+
+
+def test_label_codes_are_the_first_words_that_tell_labels_apart(taxonomy: Taxonomy) -> None:
+    assert label_codes(["Order Status", "Refund Request", "Shipping/Delivery", "Other"]) == {
+        "Order Status": "Order", "Refund Request": "Refund", "Shipping/Delivery": "Shipping", "Other": "Other"}
+    # Labels sharing a first word keep as many words as tell them apart; a label that starts
+    # another is written whole; codes are compared like labels (case, spacing, punctuation).
+    assert label_codes(["Account Access", "Account Closure", "Order", "Order Status", "order-status now"]) == {
+        "Account Access": "Account Access", "Account Closure": "Account Closure", "Order": "Order",
+        "Order Status": "Order Status", "order-status now": "order-status now"}
+    # Every code of the default taxonomy maps back to its label, and whole labels are read too.
+    answer = AnswerFormat(taxonomy)
+    for field in taxonomy.fields:
+        codes = answer.codes(field)
+        assert len(set(codes.values())) == len(field.labels)
+        for label, code in codes.items():
+            assert answer.label(field, code) == label == answer.label(field, label.upper())
+    assert answer.label(taxonomy.field("topic"), "Weather") is None
+    assert label_instruction(AnswerFormat(load_taxonomy(URGENCY_FILE))).endswith(
+        "(Order for Order Status, Shipping for Shipping/Delivery).")
 
 
 def test_customer_only_fields_shape_the_instructions(tmp_path: Path) -> None:
@@ -137,7 +177,10 @@ def test_customer_only_fields_shape_the_instructions(tmp_path: Path) -> None:
     both = prompt_with({"mood": True, "urgency": True, "product": False})
     assert "Mood and urgency must be judged ONLY from the customer's messages. Ignore agent tone." in both
     assert "by mood, urgency, and product." in both
-    assert "the required keys: categorization, mood, urgency, product." in both
+    assert "array of these values, in this order: the categorization, the mood, the urgency, the product." in both
+    taxonomy = load_taxonomy(tmp_path / "t.json")
+    assert 'only these keys, in this order: "c" (categorization), "m" (mood), "u" (urgency), "p" (product).' in (
+        instructions(AnswerFormat(taxonomy, shape="object")))
 
 
 @pytest.mark.parametrize(
@@ -239,14 +282,22 @@ def test_fields_without_other_are_allowed(tmp_path: Path) -> None:
 
 
 def test_schema_enums_are_the_taxonomy_names(taxonomy: Taxonomy) -> None:
+    assert AnswerFormat(taxonomy).names == ["categorization", "intent", "topic", "sentiment"]
+    categorization = {"type": "string", "minLength": 1, "maxLength": CATEGORIZATION_MAX_CHARS}
+    # Each label as its code, in the taxonomy's order.
+    enums = [{"type": "string", "enum": [label.split()[0].split("/")[0] for label in taxonomy.names(name)]}
+             for name in DEFAULT_FIELDS]
+    assert enums[1]["enum"][:2] == ["Shipping", "Account"]
+    # The array answer (default): one schema per position, exactly four values.
     schema = output_schema(taxonomy)
-    assert schema["type"] == "object"
-    assert schema["required"] == ["categorization", "intent", "topic", "sentiment"] == taxonomy.output_keys
-    assert list(schema["properties"]) == taxonomy.output_keys
-    assert schema["properties"]["categorization"] == {"type": "string"}
-    for name in DEFAULT_FIELDS:
-        assert schema["properties"][name] == {"type": "string", "enum": taxonomy.names(name)}
-    assert schema["additionalProperties"] is False
+    assert schema == {"type": "array", "prefixItems": [categorization, *enums], "minItems": 4, "maxItems": 4}
+    # The object answer: one-letter keys, every key required, nothing else.
+    keyed = AnswerFormat(taxonomy, shape="object").schema()
+    assert keyed == {"type": "object", "properties": dict(zip("cits", [categorization, *enums], strict=True)),
+                     "required": ["c", "i", "t", "s"], "additionalProperties": False}
+    # CATEGORIZATION=off: the labels only; CATEGORIZATION_MAX_CHARS=0: no bound.
+    assert AnswerFormat(taxonomy, categorization=False).schema()["prefixItems"] == enums
+    assert AnswerFormat(taxonomy, categorization_max_chars=0).schema()["prefixItems"][0] == {"type": "string"}
     json.dumps(schema)  # serialisable as Ollama's "format"
 
 
@@ -260,8 +311,13 @@ def test_system_prompt_states_the_instructions_of_section_8(taxonomy: Taxonomy) 
         "Classify the following customer support conversation by intent, topic, and sentiment.",
         "Use the entire conversation context for classification.",
         "Sentiment must be judged ONLY from the customer's messages. Ignore agent tone.",
-        "Return a SINGLE JSON object with only the required keys: categorization, intent, topic, sentiment.",
-        "No extra keys, no explanations, no commentary.",
+        "Return a SINGLE compact JSON array of these values, in this order: the categorization, the intent, the "
+        "topic, the sentiment.",
+        "No extra values, no explanations, no commentary.",
+        f"The categorization is a few words (at most {CATEGORIZATION_MAX_CHARS} characters) saying what the "
+        "customer wants.",
+        "Use only the labels listed below; write a label's first word only (Order for Order Status, Shipping for "
+        "Shipping/Delivery).",
     ):
         assert sentence in prompt
 
@@ -300,9 +356,13 @@ def test_prefix_is_system_then_multi_turn_user_assistant_pairs(builder: PromptBu
         assert len(body) >= 3  # multi-turn
         assert all(re.fullmatch(r'(Customer|Agent): ".*"', line) for line in body)
         assert {line.split(":")[0] for line in body} == {"Customer", "Agent"}
-        answer = json.loads(assistant["content"])
-        assert list(answer) == taxonomy.output_keys
-        assert answer == raw["classification"]
+        # Compact, the schema's order, label codes: what the model is asked to write.
+        answer, written = builder.answer, json.loads(assistant["content"])
+        assert assistant["content"] == json.dumps(written, separators=(",", ":"))
+        assert written[0] == raw["classification"]["categorization"]
+        for position, name in enumerate(DEFAULT_FIELDS, start=1):
+            assert written[position] in builder.schema["prefixItems"][position]["enum"]
+            assert answer.label(taxonomy.field(name), written[position]) == raw["classification"][name]
 
 
 def test_the_conversation_is_rendered_like_the_few_shots(builder: PromptBuilder) -> None:

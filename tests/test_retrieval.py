@@ -8,7 +8,6 @@ SecantusDB, and what reaches the model is read from the fake server's record of 
 from __future__ import annotations
 
 import asyncio
-import json
 import subprocess
 import sys
 from collections.abc import Callable
@@ -18,9 +17,10 @@ from typing import Any
 import pytest
 import requests
 
-from config import Settings
+from classifier import parse_classification
+from config import CONFIG_DIR, Settings
 from fakes.ollama import FakeOllama, fake_embedding
-from prompt_builder import CONVERSATION_HEADER
+from prompt_builder import CONVERSATION_HEADER, load_taxonomy
 from retrieval import ExampleIndex, ReviewedExample, unit_rows
 from tests.conftest import RunningAPI, SettingsFactory
 from tests.review_data import CONVERSATIONS, seed_reviewable
@@ -104,11 +104,15 @@ def classify(api: RunningAPI, text: str, number: str = "new-1") -> requests.Resp
 
 
 def example_pairs(chat_request: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    """The (transcript, answer) pairs of a chat request, after the system prompt, before the conversation."""
+    """The (transcript, answer) pairs of a chat request, after the system prompt, before the conversation;
+    each answer read back as the parser reads the model's (it is written in the answer's compact form)."""
     messages = chat_request["messages"]
     assert messages[0]["role"] == "system" and messages[-1]["role"] == "user"
     middle = messages[1:-1]
-    return [(middle[i]["content"].removeprefix(CONVERSATION_HEADER), json.loads(middle[i + 1]["content"]))
+    taxonomy = load_taxonomy(CONFIG_DIR / "taxonomy.json")
+    unlabelled = {"confidence", "needs_review"}
+    return [(middle[i]["content"].removeprefix(CONVERSATION_HEADER),
+             parse_classification(middle[i + 1]["content"], taxonomy).model_dump(exclude=unlabelled))
             for i in range(0, len(middle), 2)]
 
 

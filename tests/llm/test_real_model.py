@@ -93,6 +93,36 @@ def test_a_fourth_label_field_from_the_taxonomy_file(real_settings: SettingsFact
     assert_valid(classification, classifier)
 
 
+def test_the_compact_answer_and_its_bound_hold_on_the_real_server(real_settings: SettingsFactory) -> None:
+    """The grammar llama.cpp builds from the schema keeps the answer to its shape (an array of the
+    categorization and the label codes by default, one-letter keys with ANSWER_FORMAT=object) and the
+    categorization within its maxLength, so no answer can run to the token limit (before the bound, 1 to 3
+    in 30 looped in the categorization until max_tokens); a label's confidence is read at its position."""
+    from aggregator import validate_conversation
+
+    runs = ((real_settings(), 4, None), (real_settings(answer_format="object"), 4, ["c", "i", "t", "s"]),
+            (real_settings(categorization=False, confidence=False), 3, None))
+    for settings, size, keys in runs:
+        classifier = ConversationClassifier.from_settings(settings)
+        conversations = SAMPLE[:6] if settings.categorization and keys is None else SAMPLE[:3]
+        with create_llm_client(settings) as client:
+            for conversation in conversations:
+                outcome = classifier.classify(validate_conversation(conversation), client)
+                answer = json.loads(outcome.chat.content)
+                if keys is None:
+                    assert isinstance(answer, list) and len(answer) == size, outcome.chat.content
+                else:
+                    assert list(answer) == keys, outcome.chat.content
+                values = answer if keys is None else list(answer.values())
+                assert outcome.chat.eval_count is not None and outcome.chat.eval_count < 100  # limit: 256
+                c = outcome.classification
+                if settings.categorization:
+                    assert c.categorization and len(values[0]) <= settings.categorization_max_chars
+                    assert c.confidence is not None and all(v is not None for v in c.confidence.values())
+                else:
+                    assert c.categorization is None and c.confidence is None
+
+
 def test_a_prompt_beyond_the_context_is_rejected_not_truncated(real_settings: SettingsFactory) -> None:
     # 60,000 characters do not fit a slot's context: llama.cpp refuses with 400, which must
     # become a typed, non-transient error (the batch processor does not retry it).
@@ -143,17 +173,16 @@ def test_batch_job_over_the_sample_conversations(
     caplog.set_level("WARNING", logger="batch_processor")
     code = cli.main([])
 
-    # A 135M model now and then loops until max_tokens: that answer is cut off, so it is refused as
-    # llm_bad_output and queued for retry, never stored. The retry pass at the end of the job may
-    # then succeed (other requests batched with it), or leave it queued (exit code 5).
+    # Before the categorization had a bound (maxLength), a 135M model now and then looped in it until
+    # max_tokens: 1 to 3 answers of these 30 were cut off and queued for retry. Now every answer ends.
+    # (A retry for another reason, e.g. a timeout on a crowded machine, is not the model's doing.)
     retried = [r.getMessage() for r in caplog.records if "queued for retry" in r.getMessage()]
-    assert all("cut off" in message for message in retried), retried
+    assert not [message for message in retried if "cut off" in message], retried
     classifier = ConversationClassifier.from_settings(settings)
     results = list(mongo_db["sentimental_analysis"].find({}))
     numbers = {r["conversation_number"] for r in results}
     assert numbers <= {c["conversation_number"] for c in conversations}
-    # Measured: 1 to 3 loops in 30 answers; more than 5 would mean something else broke.
-    assert len(results) == len(numbers) >= len(conversations) - len(retried) >= 25
+    assert len(results) == len(numbers) >= len(conversations) - len(retried)
     assert code == (cli.EXIT_OK if len(results) == len(conversations) else 5)
     tokens = []
     for result in results:
