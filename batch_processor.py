@@ -183,6 +183,10 @@ class BatchProcessor:
         self.recorder = Recorder(self.source, files, progress, self.policy, window, on_halt=self._halt)
         # BATCH_MAX_CONCURRENT in total across the LLM servers (the pool spreads it), or AIMD with auto.
         self._semaphore = concurrency_limit(settings, llm)
+        # Recordings wait for the database, not the model: they get their own slots, as many as the LLM's,
+        # so that behind a database slower than the model they queue here rather than as connections and
+        # commands piling up on the database (shared by every processor of the collection).
+        self._recording = asyncio.Semaphore(settings.batch_max_concurrent)
         self._stop = asyncio.Event()
         self._stop_requests = 0
         self._tasks: set[asyncio.Task[None]] = set()
@@ -376,7 +380,8 @@ class BatchProcessor:
         """The batch item loop's edge: every outcome, expected or not, is recorded.
 
         The LLM slot is held for the attempt only: recording (the status update, the retry queue)
-        runs after it is given back, so the next conversation's LLM call does not wait for it."""
+        runs after it is given back, so the next conversation's LLM call does not wait for it; at
+        most BATCH_MAX_CONCURRENT recordings run at once."""
         async with self._semaphore:
             if self.stopping:
                 return  # not started: stays in the pending file / queue for the next run
@@ -385,7 +390,8 @@ class BatchProcessor:
             except Exception as e:  # a bug, not a known failure: say so loudly, keep the conversation
                 logger.exception("conversation %s failed unexpectedly", item.number)
                 attempt = Attempt(Outcome.LLM_FAILED, error=e)
-        await self.recorder.record(state, item, attempt)
+        async with self._recording:
+            await self.recorder.record(state, item, attempt)
 
     # --- retry queues -------------------------------------------------------------------
     async def _retry_pass(self, state: BatchState) -> None:

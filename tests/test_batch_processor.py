@@ -6,6 +6,7 @@ process can show: a SIGKILL mid-batch, continuous mode, SIGTERM/SIGINT.
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import json
 import os
@@ -976,3 +977,41 @@ def test_identical_conversations_are_classified_once_per_job(batch_env, mongo_db
         assert original["classification"] == result["classification"]
         assert result["conversation_number"] != original["conversation_number"]
     assert statuses(mongo_db) == {"processed": 13}
+
+
+def test_recordings_in_flight_are_bounded_by_the_concurrency(batch_env, monkeypatch, mongo_db, fake_ollama):
+    # The LLM slot is given back before the status update (issue 17), but the recordings must not pile up
+    # without bound behind a database slower than the model: they were up to a whole batch per processor
+    # (18 MongoDB commands in flight per process instead of 6-7 before, 3 processors on one SecantusDB,
+    # counted in /tmp by a CommandListener: the extra load on the shared database). Counted, not timed: at
+    # most BATCH_MAX_CONCURRENT recordings at once while each one is held back.
+    monkeypatch.setenv("BATCH_MAX_CONCURRENT", "2")
+    monkeypatch.setenv("MONGODB_BATCH_SIZE", "20")
+    in_flight = 0
+    most = 0
+
+    class SlowRecording(BatchProcessor):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            record = self.recorder.record
+
+            async def held_back(*record_args: Any) -> None:
+                nonlocal in_flight, most
+                in_flight += 1
+                most = max(most, in_flight)
+                try:
+                    await asyncio.sleep(0.05)  # a database slower than the (instant) fake model
+                    await record(*record_args)
+                finally:
+                    in_flight -= 1
+
+            self.recorder.record = held_back  # type: ignore[method-assign]
+
+    monkeypatch.setattr(cli, "BatchProcessor", SlowRecording)
+    insert(mongo_db, [make_conversation(i) for i in range(20)])
+
+    assert cli.main([]) == cli.EXIT_OK
+
+    assert statuses(mongo_db) == {"processed": 20}
+    assert fake_ollama.chat_count == 20
+    assert 1 <= most <= 2
