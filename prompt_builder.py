@@ -18,6 +18,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -309,11 +310,19 @@ def short_keys(names: list[str]) -> dict[str, str]:
     return keys
 
 
-def label_codes(names: list[str]) -> dict[str, str]:
+def label_codes(names: Sequence[str]) -> dict[str, str]:
     """Label -> the code the model writes for it: its first word (``Order`` for ``Order Status``,
     ``Shipping`` for ``Shipping/Delivery``), or as many first words as no other label starts with
     (compared like labels, :func:`label_key`); the whole label when it is the start of another.
     Codes are unique, and none is another label's name."""
+    return dict(_label_codes(tuple(names)))
+
+
+# Worked out once per field: the search compares every label's starts with every other's (quadratic,
+# with a regex per comparison), and the parser, the schema and the confidences ask for the codes of
+# every field on every request (12 ms of CPU per /classify before this cache; docs/benchmarks.md).
+@lru_cache(maxsize=256)
+def _label_codes(names: tuple[str, ...]) -> dict[str, str]:
     words = {name: re.findall(r"[^\s/]+[\s/]*", name) for name in names}
 
     def start(name: str, n: int) -> str:
@@ -329,6 +338,15 @@ def label_codes(names: list[str]) -> dict[str, str]:
             name,
         )
     return codes
+
+
+@lru_cache(maxsize=256)
+def _code_index(names: tuple[str, ...]) -> dict[str, str]:
+    """The codes of ``names`` compared like labels (:func:`label_key`) -> the label each stands for."""
+    index: dict[str, str] = {}
+    for name, code in _label_codes(names).items():
+        index.setdefault(label_key(code), name)  # the first, as a search in label order would find
+    return index
 
 
 #: The shapes of the answer (ANSWER_FORMAT).
@@ -385,9 +403,7 @@ class AnswerFormat:
     def label(self, field: LabelField, raw: str) -> str | None:
         """The label ``raw`` stands for: a code, or a label in any spelling (a server that ignored the
         schema); None when it is neither."""
-        key = label_key(raw)
-        code = next((name for name, code in self.codes(field).items() if label_key(code) == key), None)
-        return code or field.canonical(raw)
+        return _code_index(tuple(field.names)).get(label_key(raw)) or field.canonical(raw)
 
     def _value_schema(self, name: str) -> dict[str, Any]:
         if name == CATEGORIZATION:

@@ -166,6 +166,26 @@ def test_label_codes_are_the_first_words_that_tell_labels_apart(taxonomy: Taxono
         "(Order for Order Status, Shipping for Shipping/Delivery).")
 
 
+def test_label_codes_are_worked_out_once_per_field_not_per_answer(taxonomy: Taxonomy) -> None:
+    # The search is quadratic in a field's labels; the parser, the schema and the confidences ask for
+    # every field's codes on every request (12 ms of CPU per /classify before the cache, issue 19).
+    import prompt_builder
+
+    answer = AnswerFormat(taxonomy)
+    for field in taxonomy.fields:  # warm: each field's codes once
+        answer.label(field, field.names[0])
+        answer.codes(field)
+    before = prompt_builder._label_codes.cache_info().misses
+    for _ in range(50):
+        for field in taxonomy.fields:
+            assert answer.label(field, answer.codes(field)[field.names[-1]]) == field.names[-1]
+    assert prompt_builder._label_codes.cache_info().misses == before
+    # The copy handed out is the caller's: changing it changes nothing for the next caller.
+    field = taxonomy.fields[0]
+    answer.codes(field)[field.names[0]] = "changed"
+    assert answer.codes(field)[field.names[0]] != "changed"
+
+
 def test_customer_only_fields_shape_the_instructions(tmp_path: Path) -> None:
     def prompt_with(flags: dict[str, bool]) -> str:
         fields = [{"name": name, "customer_only": flag, "labels": ["A", "B"]} for name, flag in flags.items()]
