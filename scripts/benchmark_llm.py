@@ -189,7 +189,8 @@ def tree_env(tree: Path) -> dict[str, str]:
 
 def run_client(tree: Path, job: dict[str, Any]) -> tuple[float, int, list[dict[str, Any]]]:
     """The client of ``tree`` (``--worker``) on ``job``: wall seconds, prefix characters, the answers."""
-    done = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
+    # -P: the script's own folder is not put on sys.path, so the worker imports only PYTHONPATH's tree.
+    done = subprocess.run([sys.executable, "-P", str(Path(__file__).resolve()), "--worker", json.dumps(job)],
                           cwd=tree, env=tree_env(tree), capture_output=True, text=True, check=False)
     if done.returncode != 0:
         raise SystemExit(f"the client of {tree} failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
@@ -431,10 +432,5 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    if "--worker" in sys.argv:
-        # Run as a file: sys.path[0] is this scripts/ folder; the client imports only the tree under test.
-        sys.path = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-    else:
-        sys.path.insert(0, str(ROOT))
+if __name__ == "__main__":  # python -m scripts.benchmark_llm (the worker: run_client starts it with -P)
     raise SystemExit(main())

@@ -40,40 +40,41 @@ PASSWORD = "pass-Kx7Tq2"
 SLASHED = "pass-Rw4/word-Jn8"
 AT_SIGN = "pass-Lm3@word-Vb6"
 
-# (URL template, password): {pw} is replaced by the password, {closed} by a refused loopback URL.
+# (URL template, password): {userinfo} by user:<password>, {closed} by a refused loopback URL.
 LLM_ENDPOINTS: dict[str, tuple[str, str]] = {
-    "port typo": ("http://user:{pw}@127.0.0.1:1x", PASSWORD),
-    "port out of range": ("http://user:{pw}@127.0.0.1:99999", PASSWORD),
-    "nothing after the @": ("http://user:{pw}@", PASSWORD),
-    "non-ASCII host": ("http://user:{pw}@h\u00f4st.invalid:11434", PASSWORD),
-    "space in the host": ("http://user:{pw}@local host:11434", PASSWORD),
-    "unclosed IPv6 bracket": ("http://user:{pw}@[::1:11434", PASSWORD),
-    "/ in the password and a port typo": ("http://user:{pw}@127.0.0.1:1x", SLASHED),
-    "@ in the password and nothing after": ("http://user:{pw}@", AT_SIGN),
-    "second server has a port typo": ("{closed},http://user:{pw}@127.0.0.1:1x", PASSWORD),
+    "port typo": ("http://{userinfo}@127.0.0.1:1x", PASSWORD),
+    "port out of range": ("http://{userinfo}@127.0.0.1:99999", PASSWORD),
+    "nothing after the @": ("http://{userinfo}@", PASSWORD),
+    "non-ASCII host": ("http://{userinfo}@h\u00f4st.invalid:11434", PASSWORD),
+    "space in the host": ("http://{userinfo}@local host:11434", PASSWORD),
+    "unclosed IPv6 bracket": ("http://{userinfo}@[::1:11434", PASSWORD),
+    "/ in the password and a port typo": ("http://{userinfo}@127.0.0.1:1x", SLASHED),
+    "@ in the password and nothing after": ("http://{userinfo}@", AT_SIGN),
+    "second server has a port typo": ("{closed},http://{userinfo}@127.0.0.1:1x", PASSWORD),
     # Refused by the settings: the configuration error is the surface.
-    "one slash after the scheme": ("http:/user:{pw}@127.0.0.1:1x", PASSWORD),
-    "no scheme": ("user:{pw}@127.0.0.1:11434", PASSWORD),
-    "second server is not http": ("{closed},ftp://user:{pw}@127.0.0.1:1x", PASSWORD),
-    "second server not http, / in the password": ("{closed},ftp://user:{pw}@h\u00f4st", SLASHED),
-    "a server listed twice": ("http://user:{pw}@127.0.0.1:1x,http://user:{pw}@127.0.0.1:1x", PASSWORD),
+    "one slash after the scheme": ("http:/{userinfo}@127.0.0.1:1x", PASSWORD),
+    "no scheme": ("{userinfo}@127.0.0.1:11434", PASSWORD),
+    "second server is not http": ("{closed},ftp://{userinfo}@127.0.0.1:1x", PASSWORD),
+    "second server not http, / in the password": ("{closed},ftp://{userinfo}@h\u00f4st", SLASHED),
+    "a server listed twice": ("http://{userinfo}@127.0.0.1:1x,http://{userinfo}@127.0.0.1:1x", PASSWORD),
 }
 
 MONGODB_URIS: dict[str, tuple[str, str]] = {
-    "port typo": ("mongodb://user:{pw}@127.0.0.1:1x", PASSWORD),
-    "nothing after the @": ("mongodb://user:{pw}@", PASSWORD),
-    "unclosed IPv6 bracket": ("mongodb://user:{pw}@[::1:1", PASSWORD),
-    "non-ASCII host": ("mongodb://user:{pw}@h\u00f4st.invalid:27017", PASSWORD),
-    "/ in the password": ("mongodb://user:{pw}@127.0.0.1:27017", SLASHED),
+    "port typo": ("mongodb://{userinfo}@127.0.0.1:1x", PASSWORD),
+    "nothing after the @": ("mongodb://{userinfo}@", PASSWORD),
+    "unclosed IPv6 bracket": ("mongodb://{userinfo}@[::1:1", PASSWORD),
+    "non-ASCII host": ("mongodb://{userinfo}@h\u00f4st.invalid:27017", PASSWORD),
+    "/ in the password": ("mongodb://{userinfo}@127.0.0.1:27017", SLASHED),
     # PyMongo splits at the first '/': 'Bad database name "word-Jn8@mongohost/db"'.
-    "/ in the password, and a database": ("mongodb://user:{pw}@mongohost/db", SLASHED),
-    "@ in the password and a port typo": ("mongodb://user:{pw}@127.0.0.1:1x", AT_SIGN),
-    "srv with a port": ("mongodb+srv://user:{pw}@cluster0.example.invalid:27017", PASSWORD),
+    "/ in the password, and a database": ("mongodb://{userinfo}@mongohost/db", SLASHED),
+    "@ in the password and a port typo": ("mongodb://{userinfo}@127.0.0.1:1x", AT_SIGN),
+    "srv with a port": ("mongodb+srv://{userinfo}@cluster0.example.invalid:27017", PASSWORD),
 }
 
 
 def _url(template: str, password: str) -> str:
-    return template.replace("{closed}", closed_port_url()).replace("{pw}", password)
+    # The credentials are put in here, so that no URL with a password stands in the source.
+    return template.replace("{closed}", closed_port_url()).replace("{userinfo}", "user:" + password)
 
 
 def assert_secret_free(outputs: list[str], password: str) -> None:
