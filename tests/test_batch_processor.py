@@ -32,6 +32,7 @@ from batch_processor import BatchProcessor
 from config import Settings, env_name
 from fakes.ollama import ErrorReply, FakeOllama, Reply, last_user_content
 from retry_policy import Attempts, Decision, RetryPolicy, Verdict
+from scripts.bench.harness import make_conversation as sample_conversation
 from tests.net_helpers import free_port
 from utils.batch_file_manager import BatchFileManager
 from utils.retry_queue import RetryQueue
@@ -43,21 +44,12 @@ RESULTS = "sentimental_analysis"
 
 
 def make_conversation(i: int, text: str | None = None, **extra: Any) -> dict[str, Any]:
-    """A source document in the design's conversation_set schema (a customer tweet and a reply)."""
-    base = 100_000 + 10 * i
-    return {
-        "conversation_number": str(5000 + i),
-        "tweets": [
-            {"tweet_id": base, "author_id": f"cust{i}", "inbound": True,
-             "created_at": "Tue Oct 31 21:45:10 +0000 2017",
-             "text": text or f"@AcmeCare my order {i} has not arrived and I am annoyed"},
-            {"tweet_id": base + 1, "author_id": "AcmeCare", "inbound": False,
-             "created_at": "Tue Oct 31 21:50:10 +0000 2017",
-             "text": f"@cust{i} Sorry to hear that, please DM us your order number."},
-        ],
-        "status": "pending",
-        **extra,
-    }
+    """A source document in the design's conversation_set schema (a customer tweet and a reply): the
+    benchmark's, with the customer's text replaced when given."""
+    document = sample_conversation(i)
+    if text:
+        document["tweets"][0]["text"] = text
+    return {**document, **extra}
 
 
 def insert(db: Any, docs: list[dict[str, Any]]) -> list[Any]:

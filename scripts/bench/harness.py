@@ -341,7 +341,7 @@ class Context:
 
 
 def make_conversation(i: int) -> dict[str, Any]:
-    """A source document in the conversation_set schema (as tests/test_batch_processor.py builds them)."""
+    """A source document in the conversation_set schema (tests/test_batch_processor.py builds its own from it)."""
     base = 100_000 + 10 * i
     return {
         "conversation_number": str(5000 + i),
