@@ -685,6 +685,7 @@ class LLMClient:
         adapter = HTTPAdapter(pool_connections=1, pool_maxsize=pool_size, max_retries=0)
         self._session.mount("http://", adapter)
         self._session.mount("https://", adapter)
+        self._adapter = adapter
         _environment_once(self._session, settings.llm_endpoint)
         self._timeout = (min(CONNECT_TIMEOUT_SECONDS, settings.ollama_timeout), settings.ollama_timeout)
 
@@ -697,12 +698,12 @@ class LLMClient:
     def close(self) -> None:
         self._session.close()
 
-    def _request(self, method: str, path: str, timeout: Any, **kwargs: Any) -> requests.Response:
+    def _request(self, method: str, path: str, timeout: Any, payload: Any = None) -> requests.Response:
         import requests  # (imported already by __init__: a dictionary lookup)
 
         url = f"{self.settings.llm_endpoint}{path}"
         try:
-            return self._session.request(method, url, timeout=timeout, **kwargs)
+            return self._send(method, url, timeout, payload)
         except requests.exceptions.ConnectionError as e:
             if _could_not_connect(e):
                 raise unavailable_error(self.settings, "connection refused or host unknown") from e
@@ -712,16 +713,44 @@ class LLMClient:
         except requests.exceptions.RequestException as e:
             raise request_failed_error(self.settings, url, e) from e
 
+    def _send(self, method: str, url: str, timeout: Any, payload: Any) -> requests.Response:
+        """One request, prepared here and handed to the session's transport adapter.
+
+        ``Session.request`` merges the session's settings into every request (runtime-checked
+        Protocols, hooks, cookies, redirects): about a third of the API's CPU per ``/classify``
+        outside the model's answer (cProfile, issue 19). Every call goes to the one endpoint whose
+        environment was read once (:func:`_environment_once`), so this prepares the request from
+        those settings directly, the way ``Session.send`` hands it to the adapter. A redirect is
+        still followed, by the session, as before."""
+        import requests
+
+        session = self._session
+        prepared = requests.PreparedRequest()
+        if payload is None:
+            prepared.prepare(method=method, url=url, headers=session.headers, auth=session.auth)
+        else:
+            body = json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+            prepared.prepare(method=method, url=url, headers={**session.headers, "Content-Type": "application/json"},
+                             data=body, auth=session.auth)
+        verify = True if session.verify is None else session.verify  # (requests' own default)
+        response = self._adapter.send(prepared, timeout=timeout, proxies=session.proxies, verify=verify,
+                                      cert=session.cert)
+        if response.is_redirect:  # rare for an LLM server (a proxy in front of it): let the session follow it
+            response.close()
+            return session.request(method, url, timeout=timeout, **({} if payload is None else {"json": payload}))
+        response.content  # noqa: B018  (read it now, within the timeout, as Session.request does)
+        return response
+
     def chat(self, messages: list[dict[str, str]], schema: dict[str, Any]) -> ChatResult:
         """One classification call; raises an :class:`LLMError` on any failure."""
         payload = self.provider.build_payload(self.settings, messages, schema)
-        response = self._request("POST", self.provider.chat_path, self._timeout, json=payload)
+        response = self._request("POST", self.provider.chat_path, self._timeout, payload)
         return read_chat(self.provider, self.settings, response.status_code, response.content, response.headers)
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         """One vector per text from EMBEDDING_MODEL; raises an :class:`LLMError` on any failure."""
         path, payload = embed_request(self.provider, self.settings, texts)
-        response = self._request("POST", path, self._timeout, json=payload)
+        response = self._request("POST", path, self._timeout, payload)
         return read_embed(self.provider, self.settings, response.status_code, response.content, len(texts),
                           response.headers)
 

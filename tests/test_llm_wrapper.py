@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
@@ -165,6 +167,34 @@ def test_the_environment_s_proxy_is_used(make_settings: SettingsFactory, fake_ol
         client.chat(*chat_messages(settings, CONVERSATION_A))
     [record] = fake_ollama.chat_records
     assert record.headers["Host"] == "llm.invalid:11434"  # sent to the proxy, for the endpoint
+
+
+def test_a_redirect_is_followed(settings: Settings, fake_ollama: FakeOllama) -> None:
+    # The client hands requests to the transport adapter itself (issue 19); a server behind a proxy
+    # that redirects (307 keeps the method and body) is still reached, as with Session.request.
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(307)
+            self.send_header("Location", f"{fake_ollama.url}{self.path}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Redirect)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        redirected = settings.model_copy(update={"llm_endpoint": f"http://127.0.0.1:{server.server_port}"})
+        with LLMClient(redirected) as client:
+            result = client.chat(*chat_messages(redirected, CONVERSATION_A))
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert result.content and len(fake_ollama.chat_requests) == 1
 
 
 def test_prefix_is_byte_identical_across_conversations(settings: Settings, fake_ollama: FakeOllama) -> None:
