@@ -86,10 +86,12 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
         assert float(row[1].replace(",", "")) > 10  # MiB: a Python process is never smaller
     assert NUMBER.match(memory[2][1])
     api = table_after(text, "### 4. API latency")
-    assert [row[0] for row in api] == ["1", "1", "10", "10", "50", "50"]
+    assert [row[0] for row in api] == ["1", "1", "1", "10", "10", "50", "50"]
     for row in api:
         assert all(NUMBER.match(cell) for cell in row[2:8]), row
     assert all(NUMBER.match(row[8]) for row in api if "/classify" in row[1])
+    assert "minimal FastAPI app: the floor" in api[2][1]  # the stack's own cost, beside the API's
+    assert re.search(r"The floor \(1 client\): .* It adds -?\d+\.\d\d ms to the fake's p50", text)
     prompt = table_after(text, "### 5. Prompt size")
     assert len(prompt) == 4
     for row in prompt:
@@ -128,7 +130,8 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
 
     # Every subprocess was stopped and reaped; every port it listened on is closed.
     started = STARTED_PROCESSES
-    assert {name for name, _, _ in started} >= {"SecantusDB", "fake Ollama", "API", "batch processor"}
+    assert {name for name, _, _ in started} >= {"SecantusDB", "fake Ollama", "API", "batch processor",
+                                                 "minimal FastAPI app"}
     assert child_pids() <= before
     for name, pid, port in started:
         assert not Path(f"/proc/{pid}").exists(), f"{name} (pid {pid}) is still there"

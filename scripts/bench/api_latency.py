@@ -188,7 +188,8 @@ def section_api(ctx: Context) -> SectionResult:
     # waiting requests (API_MAX_WAITING, by default 2 x API_MAX_CONCURRENCY = 16, would answer the
     # clients beyond it 503 at once); that bound is measured below (measure_waiting_bodies).
     waiting = {"API_MAX_WAITING": str(max(preset.api_levels))}
-    with ctx.fake_ollama(0.0) as fake, ctx.api(fake.url, waiting) as api:
+    floor_at_1: float | None = None
+    with ctx.fake_ollama(0.0) as fake, ctx.api(fake.url, waiting) as api, ctx.floor_api(fake.url) as floor:
         fake_url, api_url = fake.url, api.url
         settings = load_settings({"llm_endpoint": fake_url, "llm_model": MODEL}, environ={}, env_file=None)
         classifier = ConversationClassifier.from_settings(settings)
@@ -200,13 +201,16 @@ def section_api(ctx: Context) -> SectionResult:
         ]
         for clients in preset.api_levels:
             measured: dict[str, LoadResult] = {}
-            for name, path, url, bodies in (("fake", "/api/chat", f"{fake_url}/api/chat", fake_bodies),
-                                            ("api", "/classify", f"{api_url}/classify", api_bodies)):
+            targets_here = [("fake", "/api/chat", f"{fake_url}/api/chat", fake_bodies, api.pid),
+                            ("api", "/classify", f"{api_url}/classify", api_bodies, api.pid)]
+            if clients == 1:  # the stack's floor, at the level of the target
+                targets_here.append(("floor", "/classify", f"{floor.url}/classify", api_bodies, floor.pid))
+            for name, path, url, bodies, server_pid in targets_here:
                 ctx.say(f"  {clients} client(s): {preset.api_requests} x POST {path} ({name}) ...")
-                before = (cpu_seconds(api.pid), cpu_seconds(fake.pid), _own_cpu())
+                before = (cpu_seconds(server_pid), cpu_seconds(fake.pid), _own_cpu())
                 result = asyncio.run(load_test(url, bodies, clients=clients, requests=preset.api_requests,
                                                warmup=preset.api_warmup))
-                after = (cpu_seconds(api.pid), cpu_seconds(fake.pid), _own_cpu())
+                after = (cpu_seconds(server_pid), cpu_seconds(fake.pid), _own_cpu())
                 result.cpu = [cpu_delta(b, a) for b, a in zip(before, after, strict=True)]
                 if not result.latencies_ms:
                     raise BenchmarkError(f"api ({clients} clients): every request to {url} failed "
@@ -221,8 +225,12 @@ def section_api(ctx: Context) -> SectionResult:
                 overhead_at_1 = overhead
             if clients == 50:
                 errors_at_50 = api_result.errors
-            for label, result, extra in (("POST /classify (API)", api_result, fmt(overhead, 2)),
-                                         ("POST /api/chat (fake, direct)", fake_result, "")):
+            shown = [("POST /classify (API)", api_result, fmt(overhead, 2)),
+                     ("POST /api/chat (fake, direct)", fake_result, "")]
+            if "floor" in measured:
+                floor_at_1 = measured["floor"].p(50) - fake_result.p(50)
+                shown.append(("POST /classify (minimal FastAPI app: the floor)", measured["floor"], fmt(floor_at_1, 2)))
+            for label, result, extra in shown:
                 rows.append([str(clients), label, f"{result.requests:,}", str(result.errors), fmt(result.p(50), 2),
                              fmt(result.p(95), 2), fmt(result.p(99), 2), fmt(result.requests / result.seconds, 1),
                              extra, " / ".join(cpu_text(c) for c in result.cpu)])
@@ -232,6 +240,13 @@ def section_api(ctx: Context) -> SectionResult:
     waiting_note, waiting_target = measure_waiting_bodies(ctx)
     notes.append(waiting_note)
     targets = [waiting_target]
+    if floor_at_1 is not None:
+        notes.append(
+            f"The floor (1 client): a minimal FastAPI app under the same uvicorn (python -m scripts.bench.floor_api, "
+            "this tree's) that parses the body, posts the payload the API would send with one requests.Session in "
+            "a worker thread and answers the model's message: no validation, prompt, parsing, slots, middleware or "
+            f"logging. It adds {floor_at_1:.2f} ms to the fake's p50: the stack's own cost per request, "
+            "under the API's.")
     if overhead_at_1 is not None:
         targets.append(Target(f"API: p50 overhead (API p50 - fake p50) at most {OVERHEAD_TARGET_MS:g} ms at 1 client",
                               f"{overhead_at_1:.2f} ms", overhead_at_1 <= OVERHEAD_TARGET_MS))
@@ -252,8 +267,8 @@ def section_api(ctx: Context) -> SectionResult:
         rows,
         notes=notes + [f"The load generator, the API and the fake share the machine's {os.cpu_count()} core(s): "
                        "at 10 and 50 clients the latencies include waiting for a CPU. CPU s: user + system CPU "
-                       "seconds of each process during the measured requests of that row (the API's stays near "
-                       "0 on the fake rows)."],
+                       "seconds of each process during the measured requests of that row (the first: the API's, "
+                       "the minimal app's on its row; near 0 on the fake rows)."],
         targets=targets,
         chart=chart,
     )

@@ -337,6 +337,24 @@ class Context:
             self.processes.stop(process)
 
 
+    @contextmanager
+    def floor_api(self, ollama_url: str) -> Iterator[Service]:
+        """``python -m scripts.bench.floor_api`` (this tree's: the least a FastAPI + requests service does
+        per request) on a free loopback port, once /health answers."""
+        directory = self.new_dir("floor_api")
+        log = directory / "floor_api.log"
+        port = free_port()
+        command = [sys.executable, "-m", "scripts.bench.floor_api", "--port", str(port), "--llm", ollama_url]
+        process = self.processes.start("minimal FastAPI app", command, cwd=ROOT,
+                                       env=clean_env({"PYTHONPATH": str(ROOT)}), log=log, port=port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            _wait_until(lambda: _http_ok(f"{url}/health"), process, "the minimal FastAPI app", log)
+            yield Service(url, process.pid)
+        finally:
+            self.processes.stop(process)
+
+
 # --- data -------------------------------------------------------------------------------------
 
 
