@@ -36,17 +36,17 @@ import dashboard
 from aggregator import ConversationIn, Message, Tweet, validate_conversation
 from api_dependencies import (
     INLINE_BYTES,
-    ClassifierDep,
+    ClassifyingDep,
     ClientLeftError,
     EmbeddedLLMDep,
     LLMClientDep,
     LLMSlots,
-    LLMSlotsDep,
     SettingsDep,
     lifespan_state,
 )
 from classifier import Classification, ConversationClassifier, document_label_fields
 from config import Settings, load_settings
+from dashboard import DashboardDatabaseDep
 from error_handler import (
     ClassifierError,
     ConfigError,
@@ -557,16 +557,12 @@ def _add_classification_routes(app: FastAPI) -> None:
             },
         }}}},
     )
-    async def classify(
-        request: Request,
-        classifier: ClassifierDep,
-        llm_client: LLMClientDep,
-        llm_slots: LLMSlotsDep,
-        _: conversations.FreshExamplesDep,
-    ) -> Response:
+    async def classify(request: Request, using: ClassifyingDep, holder: DashboardDatabaseDep) -> Response:
         # The body is read here, not declared as a parameter: FastAPI would parse and validate it on
         # the event loop, before any bound on waiting requests applies (see read_classify_body).
         started = time.perf_counter()
+        classifier, llm_client, llm_slots = using.classifier, using.llm_client, using.llm_slots
+        await conversations.fresh_examples(using.settings, classifier, llm_client, holder)
         async with llm_slots.admitted(request):  # 503 llm_busy at once when API_MAX_WAITING wait already
             try:
                 body = await _read_body(request)

@@ -5,7 +5,8 @@ lifespan state (:func:`lifespan_state`); Starlette hands that state to every req
 ``request.state``. A route declares what it needs by type (``settings: SettingsDep``), and any
 router included in the app (the dashboard's, say) does the same by importing from here, not
 from ``api`` (which includes those routers: importing ``api`` from them would be a cycle).
-Tests substitute a piece with ``app.dependency_overrides[get_classifier] = ...``.
+Tests substitute a piece with ``app.dependency_overrides[get_classifier] = ...`` (for ``/classify``:
+``get_classifying``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import logging
 import sys
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from typing import Annotated, Any, TypeVar
 
 import anyio.to_thread
@@ -153,6 +155,18 @@ async def _until_client_left(request: Request) -> None:
         await asyncio.sleep(0.05)  # not expected after the body; never spin
 
 
+@dataclass(frozen=True)
+class Classifying:
+    """What ``POST /classify`` uses, as one dependency built once per process: FastAPI solves every
+    declared dependency, and each of theirs, on every request; with five (nested) that was about a
+    tenth of the API's CPU per ``/classify`` (yappi, issue 19)."""
+
+    settings: Settings
+    classifier: ConversationClassifier
+    llm_client: LLMPool
+    llm_slots: LLMSlots
+
+
 def lifespan_state(
     settings: Settings, classifier: ConversationClassifier, llm_client: LLMPool, llm_slots: LLMSlots,
     *, embedded_llm: str | None = None,
@@ -160,7 +174,7 @@ def lifespan_state(
     """The lifespan state the dependencies below read: one place names its keys. ``embedded_llm``
     describes the embedded model when the API runs it (LLM_ENDPOINT=embedded), else None."""
     return {"settings": settings, "classifier": classifier, "llm_client": llm_client, "llm_slots": llm_slots,
-            "embedded_llm": embedded_llm}
+            "embedded_llm": embedded_llm, "classifying": Classifying(settings, classifier, llm_client, llm_slots)}
 
 
 # Coroutines: FastAPI would run plain functions in a worker thread, a needless hop per request.
@@ -184,8 +198,13 @@ async def get_embedded_llm(request: Request) -> str | None:
     return request.state.embedded_llm
 
 
+async def get_classifying(request: Request) -> Classifying:
+    return request.state.classifying
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 ClassifierDep = Annotated[ConversationClassifier, Depends(get_classifier)]
 LLMClientDep = Annotated[LLMPool, Depends(get_llm_client)]
 LLMSlotsDep = Annotated[LLMSlots, Depends(get_llm_slots)]
 EmbeddedLLMDep = Annotated[str | None, Depends(get_embedded_llm)]
+ClassifyingDep = Annotated[Classifying, Depends(get_classifying)]

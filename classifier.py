@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from aggregator import ConversationIn, Transcript, build_transcript, content_hash
-from confidence import label_confidence
+from confidence import join_tokens, label_confidence
 from config import Settings
 from error_handler import LLMOutputError
 from prompt_builder import (
@@ -124,12 +124,13 @@ def with_confidence(
     if not chat.logprobs:
         return classification
     values: dict[str, float | None] = {}
+    joined = join_tokens(chat.logprobs)
     for field in answer.taxonomy.fields:
         # Read where the model wrote the label's code: at its position in the array, or under its short key;
         # else its name under the field's name (a server that ignored the schema).
         where = answer.names.index(field.name) if answer.shape == ARRAY else answer.keys[field.name]
-        found = (label_confidence(chat.logprobs, where, list(answer.codes(field).values()))
-                 or label_confidence(chat.logprobs, field.name, field.names))
+        found = (label_confidence(chat.logprobs, where, list(answer.codes(field).values()), joined)
+                 or label_confidence(chat.logprobs, field.name, field.names, joined))
         values[field.name] = round(found.confidence, 4) if found is not None else None
     # A label whose confidence could not be read is not "below" the threshold: it is unknown.
     needs_review = threshold > 0 and any(v is not None and v < threshold for v in values.values())

@@ -162,18 +162,32 @@ def _distribution(
     return {label: m / total for label, m in mass.items()}, allowed
 
 
+@dataclass(frozen=True)
+class Joined:
+    """The generated text and where each token starts in it: worked out once per answer, read per label."""
+
+    text: str
+    starts: tuple[int, ...]
+
+
+def join_tokens(tokens: Sequence[TokenLogprob]) -> Joined:
+    starts, offset = [], 0
+    for token in tokens:
+        starts.append(offset)
+        offset += len(token.token)
+    return Joined("".join(token.token for token in tokens), tuple(starts))
+
+
 def label_confidence(
-    tokens: Sequence[TokenLogprob], key: str | int, allowed: Sequence[str]
+    tokens: Sequence[TokenLogprob], key: str | int, allowed: Sequence[str], joined: Joined | None = None
 ) -> LabelConfidence | None:
     """The confidence of the label written for ``key`` (an object's key, or a position in an array answer);
     None when it cannot be read from ``tokens`` (no such key, a label outside ``allowed``, no probability
-    on any allowed label, or a log-probability that is not one where the label was read)."""
-    text_parts, starts, offset = [], [], 0
-    for token in tokens:
-        starts.append(offset)
-        text_parts.append(token.token)
-        offset += len(token.token)
-    text = "".join(text_parts)
+    on any allowed label, or a log-probability that is not one where the label was read). ``joined``:
+    :func:`join_tokens` of ``tokens``, when the caller reads several labels of one answer."""
+    if joined is None:
+        joined = join_tokens(tokens)
+    text, starts = joined.text, joined.starts
     start = _value_start(text, key)
     if start is None:
         return None

@@ -27,7 +27,7 @@ from typing import Annotated, Any
 
 import bson
 from bson.errors import BSONError
-from fastapi import APIRouter, Depends, FastAPI, Path, Request
+from fastapi import APIRouter, FastAPI, Path, Request
 from fastapi.responses import FileResponse
 from pymongo import ASCENDING, DESCENDING
 from pymongo.errors import PyMongoError
@@ -35,9 +35,18 @@ from starlette.concurrency import run_in_threadpool
 
 from access import ReaderDep
 from aggregator import validate_conversation
-from api_dependencies import ClassifierDep, LLMClientDep, SettingsDep
-from dashboard import STATIC_DIR, DashboardDatabaseDep, query_day, results_match  # query_day: one from/to rule
+from api_dependencies import ClassifierDep, SettingsDep
+from classifier import ConversationClassifier
+from config import Settings
+from dashboard import (  # query_day: one from/to rule
+    STATIC_DIR,
+    DashboardDatabase,
+    DashboardDatabaseDep,
+    query_day,
+    results_match,
+)
 from error_handler import InputError, NotFoundError
+from llm_pool import LLMPool
 from retrieval import ExampleIndex, mongo_source
 from reviews import (
     CURRENT_REVIEW,
@@ -332,10 +341,12 @@ async def conversations_page() -> FileResponse:
                         headers={"Cache-Control": "no-store"})
 
 
-async def fresh_examples(settings: SettingsDep, classifier: ClassifierDep, llm_client: LLMClientDep,
-                         holder: DashboardDatabaseDep) -> None:
-    """Before a classification: the reviewed few-shot examples are read (the first time, waiting
-    for them) or refreshed in the background when old. Nothing without FEW_SHOT_SOURCE reviewed/both."""
+async def fresh_examples(settings: Settings, classifier: ConversationClassifier, llm_client: LLMPool,
+                         holder: DashboardDatabase) -> None:
+    """Before a classification (``POST /classify`` awaits it first): the reviewed few-shot examples
+    are read (the first time, waiting for them) or refreshed in the background when old. Nothing
+    without FEW_SHOT_SOURCE reviewed/both. A plain coroutine, not a dependency of the route: its own
+    four dependencies were solved on every request (issue 19)."""
     retriever = classifier.retriever
     if retriever is None:
         return
@@ -353,8 +364,6 @@ async def fresh_examples(settings: SettingsDep, classifier: ClassifierDep, llm_c
         retriever.source = load
     await retriever.refresh_if_stale()
 
-
-FreshExamplesDep = Annotated[None, Depends(fresh_examples)]
 
 
 def install(app: FastAPI) -> None:

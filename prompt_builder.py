@@ -18,7 +18,7 @@ import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
@@ -379,12 +379,14 @@ class AnswerFormat:
     #: ARRAY (the values in :attr:`names` order) or OBJECT (one-letter keys).
     shape: Shape = ARRAY
 
-    @property
+    # cached_property (in the instance's __dict__, which a frozen dataclass allows): read on every
+    # answer, worked out once per format.
+    @cached_property
     def names(self) -> list[str]:
         """The names of the answer's values, in the order the model writes them."""
         return [*([CATEGORIZATION] if self.categorization else []), *self.taxonomy.field_names]
 
-    @property
+    @cached_property
     def keys(self) -> dict[str, str]:
         """Name -> the key the model writes for it in the object shape."""
         return short_keys([CATEGORIZATION, *self.taxonomy.field_names])

@@ -6,6 +6,7 @@ here; every failing answer is checked to be JSON ``{"error": {"type", "message",
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import logging
@@ -18,6 +19,7 @@ from typing import Any
 
 import pytest
 import requests
+from starlette.requests import Request
 
 from config import Settings
 from fakes.ollama import BUSY, RUNNER_CRASHED, Disconnect, ErrorReply, FakeOllama, RawReply, Reply
@@ -865,7 +867,6 @@ def test_body_limit_middleware_takes_its_limit_as_a_parameter(
     http: requests.Session, serve_asgi: Callable[[Any], str]
 ) -> None:
     from starlette.applications import Starlette
-    from starlette.requests import Request
     from starlette.responses import PlainTextResponse
     from starlette.routing import Route
 
@@ -918,7 +919,7 @@ def test_routes_get_their_classifier_through_a_dependency(
     # The routes declare what they need (Annotated[..., Depends()]), so a test or another part can
     # substitute one piece: here a classifier whose taxonomy has an intent "Zebra" (the default's has not).
     from api import create_app
-    from api_dependencies import get_classifier
+    from api_dependencies import Classifying, get_classifying
     from classifier import ConversationClassifier
 
     taxonomy = json.loads(json.dumps(TAXONOMY))
@@ -929,7 +930,11 @@ def test_routes_get_their_classifier_through_a_dependency(
     other = ConversationClassifier.from_settings(make_settings(taxonomy_file=tmp_path / "taxonomy.json",
                                                                few_shots_file=few_shots))
     app = create_app(make_settings())
-    app.dependency_overrides[get_classifier] = lambda: other
+
+    async def classifying_with_other(request: Request) -> Classifying:
+        return dataclasses.replace(request.state.classifying, classifier=other)
+
+    app.dependency_overrides[get_classifying] = classifying_with_other
     url = serve_asgi(app)
     fake_ollama.enqueue(Reply(content=json.dumps({**GOOD_ANSWER, "intent": "zebra"})))
     response = http.post(f"{url}/classify", json=CONVERSATION, timeout=30)
