@@ -71,17 +71,24 @@ def _value_start(text: str, key: str | int) -> int | None:
     return match.end() if match else None
 
 
+#: The characters that matter when walking JSON text: the rest are skipped by the regex, not one by one in Python.
+_STRUCTURE = re.compile(r'[\\"\[\]{},]')
+
+
 def _element_start(text: str, index: int) -> int | None:
     """Offset of the first character of the string at position ``index`` of the first JSON array in ``text``."""
     at = text.find("[")
     if at == -1:
         return None
-    depth, element, in_string, i = 0, 0, False, at
-    while i < len(text):
+    depth, element, in_string, escaped_until = 0, 0, False, -1
+    for match in _STRUCTURE.finditer(text, at):
+        i = match.start()
+        if i < escaped_until:  # the character after a backslash
+            continue
         ch = text[i]
         if in_string:
             if ch == "\\":
-                i += 1  # the escaped character
+                escaped_until = i + 2
             elif ch == '"':
                 in_string = False
         elif ch == '"':
@@ -96,7 +103,6 @@ def _element_start(text: str, index: int) -> int | None:
                 return None
         elif ch == "," and depth == 1:
             element += 1
-        i += 1
     return None
 
 
