@@ -109,7 +109,7 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
     assert [row[0] for row in servers][:4] == ["1 server(s)", "2 server(s)", "4 server(s)",
                                                "3 servers, 1 dead from the start"]
     assert servers[4][0].startswith("3 servers, 1 SIGKILLed")
-    assert [row[1] for row in servers] == ["1", "2", "4", "3", "3"]
+    assert [row[1] for row in servers] == ["1", "2", "4", "3", "3", "1", "3"]  # the last two: issue 19's pair
     for row in servers:
         assert all(NUMBER.match(cell) for cell in row[1:8]), row
         assert float(row[5].replace(",", "")) > 0
@@ -123,7 +123,7 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
 
     targets = table_after(text, "**Targets**")
     # (+1: /health at worst while large bodies wait for the API's one LLM slot; +1: the fixed cost)
-    assert len(targets) == 5 + 3 + 2 * len(skewed) + 4 + 1 + 1 and all(row[2] in ("PASS", "MISS") for row in targets)
+    assert len(targets) == 5 + 3 + 2 * len(skewed) + 5 + 1 + 1 and all(row[2] in ("PASS", "MISS") for row in targets)
     assert re.search(r"Large bodies waiting: 2 POST /classify .* answers 2 x 200\. GET /health alone: p50 ", text)
 
     assert chart.read_bytes()[:8] == PNG_SIGNATURE

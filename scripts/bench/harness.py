@@ -69,6 +69,9 @@ class Preset:
     servers_latency: float = 0.5
     servers_parallel: int = 2
     servers_per_server: int = 40  # conversations per live server (so every run lasts about as long)
+    # Issue 19's pair: 1 and 3 servers of 2 slots at 0.25 s, 120 conversations per server (its figure: 0.74 of linear).
+    servers_issue_latency: float = 0.25
+    servers_issue_per_server: int = 120
     # Large bodies waiting at once for the API's one LLM slot (issue 16: /health took 5.4 s behind 12).
     waiting_bodies: int = 12
     waiting_latency: float = 0.3
@@ -84,7 +87,8 @@ PRESETS = {
     # Seconds, not minutes: proves the harness works end to end; the numbers mean nothing.
     "smoke": Preset("smoke", 0.05, {1: 10, 5: 10, 10: 10, 20: 10}, 10, (10, 20), 20, 2,
                     processors_size=60, processors_latency=0.05, processors_lease=1.5, servers_latency=0.05,
-                    servers_per_server=6, waiting_bodies=2, waiting_latency=0.05, startup_repeats=1),
+                    servers_per_server=6, servers_issue_latency=0.05, servers_issue_per_server=6,
+                    waiting_bodies=2, waiting_latency=0.05, startup_repeats=1),
 }
 
 

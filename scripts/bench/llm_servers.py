@@ -42,7 +42,7 @@ def section_servers(ctx: Context) -> SectionResult:
     throughput: dict[str, float] = {}
 
     def measure(key: str, label: str, fakes: list[Service], endpoint: str, live: float, n: int,
-                during: Callable[[Path], None] | None = None) -> None:
+                during: Callable[[Path], None] | None = None, latency: float = latency) -> None:
         servers = len(endpoint.split(","))
         ctx.say(f"  {label}: {n} conversations ...")
         run = run_processor(ctx, what=label, fake=fakes[0], n=n, max_concurrent=parallel * servers,
@@ -76,9 +76,22 @@ def section_servers(ctx: Context) -> SectionResult:
         killed = killer.killed_at is not None
         chart["labels"][-1] = "3 servers, 1 killed"
 
+    # Issue 19's pair: its sizes and latency (0.25 s: shorter calls, so the processor's own work per
+    # conversation weighs more than at the preset's latency above).
+    issue_latency, issue_n = preset.servers_issue_latency, preset.servers_issue_per_server
+    with contextlib.ExitStack() as stack:
+        fakes = [stack.enter_context(ctx.fake_ollama(issue_latency, parallel)) for _ in range(3)]
+        measure("issue 1", f"1 server, {issue_latency:g} s", fakes, fakes[0].url, 1, issue_n, latency=issue_latency)
+        measure("issue 3", f"3 servers, {issue_latency:g} s", fakes, ",".join(f.url for f in fakes), 3, 3 * issue_n,
+                latency=issue_latency)
+
     one = throughput["1"]
     targets = [Target(f"Servers: {k} servers' throughput >= 0.9 of {k} x 1 server's",
                       fmt(throughput[str(k)] / (k * one), 3), throughput[str(k)] >= 0.9 * k * one) for k in (2, 4)]
+    issue_linear = throughput["issue 3"] / (3 * throughput["issue 1"])
+    targets.append(Target(f"Servers: 3 servers' throughput >= 0.9 of 3 x 1 server's at {issue_latency:g} s, "
+                          f"{3 * issue_n} conversations, --max-concurrent {3 * parallel} (issue 19)",
+                          fmt(issue_linear, 3), issue_linear >= 0.9))
     two = throughput["2"]
     targets.append(Target("Servers: 3 with 1 dead from the start: throughput >= 0.9 of 2 servers'",
                           fmt(throughput["dead"] / two, 3), throughput["dead"] >= 0.9 * two))
@@ -93,7 +106,9 @@ def section_servers(ctx: Context) -> SectionResult:
         "per server listed, the same per-server concurrency in every run; conversations in proportion to the "
         "live servers. A fresh SecantusDB per run. Ideal = live servers x parallel / latency; throughput is "
         "the processor's own job clock, as in section 1. A dead server is a loopback port where nothing "
-        "listens; a killed one gets SIGKILL while the job runs (its calls in flight are retried elsewhere).",
+        "listens; a killed one gets SIGKILL while the job runs (its calls in flight are retried elsewhere). "
+        f"The last two rows are issue 19's pair: 1 and 3 servers at {preset.servers_issue_latency:g} s, "
+        f"{preset.servers_issue_per_server} conversations per server.",
         [("servers", "left"), ("listed", "right"), ("conversations", "right"), ("--max-concurrent", "right"),
          ("job time (s)", "right"), ("throughput (conv/s)", "right"), ("ideal (conv/s)", "right"),
          ("efficiency", "right")],
