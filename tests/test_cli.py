@@ -252,9 +252,11 @@ def test_free_port_is_free() -> None:
 
 #: Libraries the batch processor's start-up must not import (issue 19: its fixed cost is mostly
 #: imports): the API's synchronous HTTP client (requests, urllib3) and web framework (fastapi,
-#: starlette), the retrieval's numpy/scipy/bm25s, the console bar's rich, and aiohttp, which the
-#: first chat imports (the readiness check is a GET over http.client).
-NOT_AT_START_UP = ("requests", "urllib3", "fastapi", "starlette", "numpy", "scipy", "bm25s", "rich", "aiohttp")
+#: starlette), the retrieval's numpy/scipy/bm25s, the console bar's rich, aiohttp, which the first
+#: chat imports (the readiness check is a GET over http.client), python-dotenv (only with a .env
+#: file) and ctypes (only to start a child server).
+NOT_AT_START_UP = ("requests", "urllib3", "fastapi", "starlette", "numpy", "scipy", "bm25s", "rich", "aiohttp",
+                   "dotenv", "ctypes")
 
 
 def test_start_up_imports_only_what_a_batch_run_uses() -> None:
