@@ -134,6 +134,20 @@ def test_a_run_that_never_reaches_mongodb_does_not_tie_the_folder(batch_env, fil
     assert (files_dir / "target.json").exists()
 
 
+def test_with_both_services_down_the_error_is_mongodbs(batch_env, files_dir, monkeypatch, capsys):
+    # The LLM check runs alongside MongoDB's round trips (cli.check_services); the error reported is
+    # still the one of the first service the run needs, as when the checks ran one after the other.
+    monkeypatch.setenv("MONGODB_CONNECTION_STRING", f"mongodb://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MONGODB_TIMEOUT_MS", "500")
+    monkeypatch.setenv("LLM_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pymongo_monitor_socket_leak_ignored():
+        assert cli.main([]) == cli.EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert _one_line_error(err).startswith("error: Cannot reach MongoDB at "), err
+    assert "Ollama" not in err
+    assert not (files_dir / "target.json").exists()
+
+
 def test_two_spellings_of_one_address_are_the_same_database(batch_env, files_dir, monkeypatch, mongo_db,
                                                             fake_ollama):
     uri = batch_env["MONGODB_CONNECTION_STRING"]
