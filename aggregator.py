@@ -103,7 +103,7 @@ def _note_unknown_role(value: Any) -> None:
 class Message(BaseModel):
     """One turn of a chat transcript."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     sender: Role = Field(
         description="Who wrote the message: customer / user / client or agent / service provider / support / "
@@ -121,7 +121,7 @@ class Message(BaseModel):
 class Tweet(BaseModel):
     """One tweet of a Twitter support thread (the source collection's schema)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
 
     tweet_id: int | str = Field(description="Tweet id.")
     author_id: str = Field(description="Author handle or id.")
@@ -179,7 +179,7 @@ NO_CUSTOMER_TURN = (
 class ConversationIn(BaseModel):
     """A conversation to classify: ``messages`` or ``tweets``, exactly one, non-empty."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", defer_build=True)
 
     conversation_number: str = Field(min_length=1, max_length=200, description="Your id for the conversation.")
     messages: list[Message] | None = Field(None, description="Chat turns, oldest first.")

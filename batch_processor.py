@@ -26,6 +26,18 @@ source status, retry queue, progress, checkpoint, failure-rate window. How a fai
 
 from __future__ import annotations
 
+if __name__ == "__main__":
+    # `python batch_processor.py` (the design's entry point) runs the command line of cli.py, which
+    # imports this module: run it by name, so that neither module imports the other in a cycle, and
+    # before this file's imports, which cli's import of the module would otherwise run a second time.
+    # The cyclic garbage collector is off while the modules load: their objects live until the exit,
+    # and collections during the imports only traversed them (cli turns it on again, issue 19).
+    import gc
+    import runpy
+
+    gc.disable()
+    runpy.run_module("cli", run_name="__main__", alter_sys=True)
+
 import asyncio
 import logging
 import socket
@@ -420,10 +432,3 @@ class BatchProcessor:
             logger.warning("%s: could not mark %d queued conversations as parked (%s); processors in batch mode "
                            "may wait for them up to a lease", state.batch_id, len(ids), e)
 
-
-if __name__ == "__main__":
-    # `python batch_processor.py` (the design's entry point) runs the command line of cli.py, which
-    # imports this module: run it by name so that neither module imports the other in a cycle.
-    import runpy
-
-    runpy.run_module("cli", run_name="__main__", alter_sys=True)

@@ -76,7 +76,7 @@ class Classification(BaseModel):
     """The labels of a conversation: ``categorization`` (free text) and one key per label field of
     the taxonomy (``intent``, ``topic``, ``sentiment`` by default), each a label of that field."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", defer_build=True)
     #: The label fields: field name -> label (the keys the taxonomy declares, so not declared here).
     __pydantic_extra__: dict[str, str] = Field(init=False)
 

@@ -11,6 +11,7 @@ import asyncio
 import gc
 import logging
 import signal
+from collections.abc import Iterable
 from typing import Any, NoReturn
 
 from async_llm_wrapper import create_async_llm_client
@@ -125,6 +126,28 @@ def print_summary(summary: RunSummary, settings: Settings) -> None:
     print("\n".join(lines), flush=True)
 
 
+async def check_services(settings: Settings, store: MongoStore, llm: AsyncLLMPool, files: BatchFileManager,
+                         label_fields: Iterable[str]) -> None:
+    """Ping MongoDB, tie the folder to it, create the indexes; check the LLM servers meanwhile.
+
+    The LLM check (a GET per server in a worker thread) overlaps MongoDB's round trips instead of
+    following them (issue 19). Its outcome is taken (logged, raised) once MongoDB's steps are done,
+    as when the checks ran one after the other: without MongoDB, its error alone is reported. A
+    server that fails its check gets no call until its probe.
+    """
+    checking = asyncio.create_task(llm.check_all())
+    try:
+        await store.ping()
+        # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
+        files.tie_to(data_identity(settings))
+        await store.ensure_indexes(label_fields)
+    except BaseException:
+        checking.cancel()
+        await asyncio.gather(checking, return_exceptions=True)  # its outcome matters no more
+        raise
+    llm.settle_check(await checking, pause_failed=True)
+
+
 async def run(settings: Settings, options: RunOptions, components: set[str]) -> int:
     """Check the services, run the processor until done or stopped, print the summary."""
     classifier = ConversationClassifier.from_settings(settings)
@@ -132,11 +155,7 @@ async def run(settings: Settings, options: RunOptions, components: set[str]) -> 
     with files.locked():
         # One client per LLM server (LLM_ENDPOINT may list several), routed by the pool.
         async with MongoStore.connect(settings) as store, AsyncLLMPool(settings, create_async_llm_client) as llm:
-            await store.ping()
-            # Tied only once MongoDB answered: a run that never reached it must not claim the folder.
-            files.tie_to(data_identity(settings))
-            await llm.check_ready(pause_failed=True)  # a server that fails it gets no call until its probe
-            await store.ensure_indexes(classifier.taxonomy.field_names)
+            await check_services(settings, store, llm, files, classifier.taxonomy.field_names)
             if classifier.retriever is not None:  # FEW_SHOT_SOURCE reviewed/both: examples from this database
                 classifier.retriever.source = mongo_source(store.results.database, settings, classifier.taxonomy,
                                                            llm.embed if settings.embedding_model else None)
@@ -193,5 +212,14 @@ def exit_fast(code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def collect_after_imports() -> None:
+    """Turn the cyclic garbage collector on (``python batch_processor.py`` turns it off before the
+    imports), the imported modules' objects frozen first: they live until the exit, and leaving them
+    out of the collections of the run saves every full collection a traversal of them all (issue 19)."""
+    gc.freeze()
+    gc.enable()
+
+
 if __name__ == "__main__":
+    collect_after_imports()
     exit_fast(main())

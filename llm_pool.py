@@ -465,7 +465,16 @@ class AsyncLLMPool:
         ``pause_failed``: also open the circuit of each server that failed, so that no call is spent
         finding out again (the batch processor's start-up check, made once by the process itself
         before any work; a readiness probe from outside only reports)."""
-        errors = await self._check_all()
+        self.settle_check(await self.check_all(), pause_failed=pause_failed)
+
+    async def check_all(self) -> list[LLMError | None]:
+        """The first half of :meth:`check_ready`: each server's error (None: ready), nothing logged or
+        paused yet (the batch processor checks while it reaches MongoDB, and says nothing of the LLM
+        when MongoDB is not there)."""
+        return await self._check_all()
+
+    def settle_check(self, errors: list[LLMError | None], *, pause_failed: bool = False) -> None:
+        """The second half of :meth:`check_ready`, on the errors :meth:`check_all` returned."""
         if pause_failed:
             self._routing.pause_failed(errors)
         _ready_result(self._routing, errors)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
-from dotenv import dotenv_values
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from error_handler import ConfigError
@@ -457,6 +456,8 @@ def load_settings(
     environ = os.environ if environ is None else environ
     file_values: dict[str, str | None] = {}
     if env_file is not None and Path(env_file).is_file():
+        from dotenv import dotenv_values  # only with a .env file: not every start-up (issue 19)
+
         file_values = dotenv_values(env_file)
 
     values: dict[str, Any] = {}

@@ -134,6 +134,20 @@ def test_a_run_that_never_reaches_mongodb_does_not_tie_the_folder(batch_env, fil
     assert (files_dir / "target.json").exists()
 
 
+def test_with_both_services_down_the_error_is_mongodbs(batch_env, files_dir, monkeypatch, capsys):
+    # The LLM check runs alongside MongoDB's round trips (cli.check_services); the error reported is
+    # still the one of the first service the run needs, as when the checks ran one after the other.
+    monkeypatch.setenv("MONGODB_CONNECTION_STRING", f"mongodb://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MONGODB_TIMEOUT_MS", "500")
+    monkeypatch.setenv("LLM_ENDPOINT", f"http://127.0.0.1:{free_port()}")
+    with pymongo_monitor_socket_leak_ignored():
+        assert cli.main([]) == cli.EXIT_UNAVAILABLE
+    err = capsys.readouterr().err
+    assert _one_line_error(err).startswith("error: Cannot reach MongoDB at "), err
+    assert "Ollama" not in err
+    assert not (files_dir / "target.json").exists()
+
+
 def test_two_spellings_of_one_address_are_the_same_database(batch_env, files_dir, monkeypatch, mongo_db,
                                                             fake_ollama):
     uri = batch_env["MONGODB_CONNECTION_STRING"]
@@ -250,12 +264,27 @@ def test_free_port_is_free() -> None:
         sock.bind(("127.0.0.1", port))
 
 
+#: Libraries the batch processor's start-up must not import (issue 19: its fixed cost is mostly
+#: imports): the API's synchronous HTTP client (requests, urllib3) and web framework (fastapi,
+#: starlette), the retrieval's numpy/scipy/bm25s, the console bar's rich, aiohttp, which the first
+#: chat imports (the readiness check is a GET over http.client), python-dotenv (only with a .env
+#: file) and ctypes (only to start a child server).
+NOT_AT_START_UP = ("requests", "urllib3", "fastapi", "starlette", "numpy", "scipy", "bm25s", "rich", "aiohttp",
+                   "dotenv", "ctypes")
+
+
 def test_start_up_imports_only_what_a_batch_run_uses() -> None:
-    # The processor's fixed cost is mostly imports (issue 19): the API's synchronous HTTP client
-    # (requests, urllib3), the retrieval's numpy/scipy/bm25s and the console bar's rich are loaded
-    # where they are used.
-    probe = ("import sys, cli; print(sorted(m for m in ('requests', 'urllib3', 'numpy', 'scipy', 'bm25s', "
-             "'rich') if m in sys.modules))")
+    probe = f"import sys, cli; print(sorted(m for m in {NOT_AT_START_UP!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parents[1]).stdout.strip()
     assert out == "[]"
+
+
+def test_a_run_with_nothing_to_classify_imports_none_of_them(batch_env: dict[str, str], files_dir: Path) -> None:
+    # The whole run, the MongoDB and LLM checks included: the readiness check reached the fake
+    # Ollama (exit 0, not 4) without aiohttp.
+    probe = (f"import sys, cli; code = cli.main(['--mode', 'batch']); "
+             f"print(code, sorted(m for m in {NOT_AT_START_UP!r} if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip().splitlines()[-1] == f"{EXIT_OK} []", result.stdout

@@ -7,12 +7,15 @@ of the server must become the same typed error whichever provider and transport 
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +220,46 @@ def test_model_the_server_does_not_have(server: Server, transport: str) -> None:
 def test_ready_without_inference(server: Server, transport: str) -> None:
     check_ready(transport, server.settings())
     assert server.fake.chat_count == 0
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_readiness_answer_slower_than_the_timeout_is_a_timeout(server: Server, transport: str) -> None:
+    server.fake.ready_delay = 1.5  # OLLAMA_TIMEOUT is 1 s here
+    with pytest.raises(LLMTimeoutError, match="did not answer within 1 s"):
+        check_ready(transport, server.settings())
+
+
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_a_user_and_password_in_the_endpoint_go_as_basic_auth(tmp_path: Path, transport: str) -> None:
+    # The async client's readiness check is a GET of its own (http.client, not the aiohttp
+    # session): it must authenticate as the session's calls and the sync client do.
+    seen: list[tuple[str, str | None]] = []
+
+    class Tags(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers.get("Authorization")))
+            body = json.dumps({"models": [{"name": "llama3:latest"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    user, password = "ops@example", "pass-Qz8:word"  # percent-encoded in the URL, as the README says
+    with ThreadingHTTPServer(("127.0.0.1", 0), Tags) as httpd:
+        serving = threading.Thread(target=httpd.serve_forever, daemon=True)
+        serving.start()
+        try:
+            userinfo = f"{user.replace('@', '%40')}:{password.replace(':', '%3A')}"
+            endpoint = f"http://{userinfo}@127.0.0.1:{httpd.server_port}/llm"
+            check_ready(transport, Server("ollama", FakeOllama(), endpoint, tmp_path).settings())
+        finally:
+            httpd.shutdown()
+            serving.join()
+    assert seen == [("/llm/api/tags", "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode())]
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)

@@ -18,7 +18,6 @@ which error a failed start is.
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -62,6 +61,8 @@ def die_with_parent() -> Callable[[], None] | None:
     """
     if not sys.platform.startswith("linux"):
         return None
+    import ctypes  # only where a child is started: not every start-up of the processor (issue 19)
+
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl  # resolved here: the child only calls it
     except (OSError, AttributeError):

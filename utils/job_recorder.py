@@ -29,7 +29,7 @@ from contextlib import suppress
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import DESCENDING, AsyncMongoClient
+from pymongo import DESCENDING, AsyncMongoClient, IndexModel
 from pymongo.errors import PyMongoError
 
 from config import Settings
@@ -163,8 +163,7 @@ class JobRecorder:
 
     async def _ensure_indexes(self, jobs: Any) -> None:
         try:
-            for keys in JOB_INDEXES:
-                await jobs.create_index(keys)
+            await jobs.create_indexes([IndexModel(keys) for keys in JOB_INDEXES])  # one round trip
         except PyMongoError as e:
             logger.warning("job %s: cannot create the jobs collection's indexes (%s)", self.job_id, e)
 
