@@ -42,7 +42,8 @@ from functools import partial
 from typing import Any, TypeVar
 
 from bson import json_util
-from pymongo.errors import PyMongoError
+from pymongo import UpdateOne
+from pymongo.errors import BulkWriteError, PyMongoError, WriteError
 
 from config import Settings
 from error_handler import StorageError
@@ -56,6 +57,7 @@ from mongo_client import (
     unprocessed_filter,
 )
 from utils.batch_file_manager import BatchConversation, BatchFileManager, PendingBatch, batch_id
+from utils.group_commit import GroupCommit
 from utils.retry_queue import RetryQueue
 from utils.retry_utils import retrying
 from utils.server_clock import ServerClock
@@ -155,6 +157,7 @@ class BatchSource:
         self.lease = timedelta(seconds=lease_seconds)
         self.include_failed = include_failed
         self.clock = clock or ServerClock(store.server_time)
+        self._finishes: GroupCommit[_Finish, bool] = GroupCommit(self._finish_all)
 
     async def sync_clock(self) -> None:
         await self.clock.sync()
@@ -300,29 +303,83 @@ class BatchSource:
         """Move a claimed document to ``status``, only while ``claim`` holds it.
 
         False when the claim was lost (the lease expired and another processor took it, or
-        the document was reset meanwhile): the newer state is left untouched.
+        the document was reset meanwhile): the newer state is left untouched. Status updates that
+        come while one is being sent go together in the next statement (:class:`GroupCommit`).
         """
-        now = self.now()
+        return await self._finishes.submit(_Finish(source_id, claim, status, reason, error_type))
+
+    def _finish_update(self, finish: _Finish, now: datetime) -> UpdateOne:
         update: dict[str, Any] = {
-            "$set": {"status": status, "last_processed_at": now, "last_job_id": self.job_id,
+            "$set": {"status": finish.status, "last_processed_at": now, "last_job_id": self.job_id,
                      "last_run_id": self.run_id},
             "$unset": {field: "" for field in CLAIM_FIELDS},
         }
-        if status == STATUS_PROCESSED:
+        if finish.status == STATUS_PROCESSED:
             update["$unset"].update({"failure_reason": "", "failure_type": "", "error_type": ""})
         else:
-            assert status in (STATUS_FAILED, STATUS_SKIPPED), status
-            update["$set"].update({"failure_reason": (reason or "")[:1000], "failure_type": error_type or "",
-                                   "error_type": error_type or ""})
+            assert finish.status in (STATUS_FAILED, STATUS_SKIPPED), finish.status
+            update["$set"].update({"failure_reason": (finish.reason or "")[:1000],
+                                   "failure_type": finish.error_type or "", "error_type": finish.error_type or ""})
+        return UpdateOne({"_id": finish.source_id, "status": STATUS_PROCESSING, "claim_id": finish.claim.token,
+                          "claim_generation": finish.claim.generation}, update)
+
+    async def _finish_all(self, finishes: list[_Finish]) -> list[bool | StorageError]:
+        """One unordered ``bulk_write`` of status updates; each answers whether its claim still held."""
+        what = f"status update to {'/'.join(sorted({f.status for f in finishes}))}"
+        now = self.now()
+        answers: list[bool | StorageError | None] = [None] * len(finishes)
         try:
-            result = await self.collection.update_one(
-                {"_id": source_id, "status": STATUS_PROCESSING, "claim_id": claim.token,
-                 "claim_generation": claim.generation},
-                update,
-            )
+            try:
+                written = await self.collection.bulk_write([self._finish_update(f, now) for f in finishes],
+                                                           ordered=False)
+                matched = written.matched_count
+            except BulkWriteError as e:
+                matched = int(e.details.get("nMatched", 0))
+                for error in e.details.get("writeErrors", []):
+                    failure = WriteError(str(error.get("errmsg", "write error")), error.get("code"), error)
+                    answers[int(error["index"])] = storage_error(failure, what)
+            unknown = [i for i, answer in enumerate(answers) if answer is None]
+            if matched == len(unknown):
+                return [True if answer is None else answer for answer in answers]
+            # Some claims were lost: the count does not say which. A document this statement finished
+            # carries this run's id, the status given and the claim's generation, without a claim.
+            found = {id_key(doc["_id"]): doc async for doc in self.collection.find(
+                {"_id": {"$in": [finishes[i].source_id for i in unknown]}},
+                projection={"status": 1, "last_run_id": 1, "claim_generation": 1, "claim_id": 1})}
         except PyMongoError as e:
-            raise storage_error(e, f"status update to {status}") from e
-        return result.matched_count == 1
+            raise storage_error(e, what) from e
+        for i in unknown:
+            doc, finish = found.get(id_key(finishes[i].source_id)), finishes[i]
+            answers[i] = (doc is not None and doc.get("status") == finish.status and "claim_id" not in doc
+                          and doc.get("last_run_id") == self.run_id
+                          and doc.get("claim_generation") == finish.claim.generation)
+        return [False if answer is None else answer for answer in answers]
+
+    async def held(self, claims: list[tuple[Any, Claim]]) -> list[bool]:
+        """For each (source id, claim): whether the claim is still the document's current one. One
+        read for them all (the check before a group of result writes: the fencing rule)."""
+        if not claims:
+            return []
+        try:
+            current = {id_key(doc["_id"]): Claim(doc["claim_id"], int(doc["claim_generation"]))
+                       async for doc in self.collection.find(
+                           {"_id": {"$in": [source_id for source_id, _ in claims]}, "status": STATUS_PROCESSING,
+                            "claim_id": {"$in": sorted({claim.token for _, claim in claims})}},
+                           projection={"claim_id": 1, "claim_generation": 1})}
+        except PyMongoError as e:
+            raise storage_error(e, "check of a claim") from e
+        return [current.get(id_key(source_id)) == claim for source_id, claim in claims]
+
+
+@dataclass(frozen=True)
+class _Finish:
+    """One status update of :meth:`BatchSource.finish`, waiting for its group."""
+
+    source_id: Any
+    claim: Claim
+    status: str
+    reason: str | None
+    error_type: str | None
 
 
 class LeaseRenewal:
