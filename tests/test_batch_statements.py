@@ -10,12 +10,10 @@ from collections import Counter
 from datetime import UTC, datetime
 from typing import Any
 
-from pymongo import AsyncMongoClient
-
 import cli
 import tests.test_batch_processor as batch
 from batch_source import BatchSource, Claim
-from mongo_client import MongoStore, ProcessingMetadata, ResultDocument
+from tests.test_batch_claims import result_of, result_store
 from utils.group_commit import GroupCommit
 
 batch_env, files_dir = batch.batch_env, batch.files_dir
@@ -54,10 +52,7 @@ def test_results_and_statuses_of_conversations_ready_together_are_written_togeth
 async def test_in_a_group_only_the_writes_whose_claim_was_lost_are_dropped(make_settings, mongo_uri, mongo_db_name,
                                                                            mongo_db):
     settings = make_settings(mongodb_connection_string=mongo_uri, mongodb_database_name=mongo_db_name)
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri, tz_aware=True)
-    try:
-        store = MongoStore(client, settings, uri=mongo_uri)
-        await store.ensure_indexes(("intent", "topic", "sentiment"))
+    async with result_store(settings, mongo_uri) as store:
         source = BatchSource(store, worker_id="w", home="h:/b", job_id="job", lease_seconds=60)
         await source.sync_clock()
         insert(mongo_db, [make_conversation(i, _id=i) for i in range(4)])
@@ -69,21 +64,16 @@ async def test_in_a_group_only_the_writes_whose_claim_was_lost_are_dropped(make_
 
         assert await source.held([(i, claims[i]) for i in range(4)]) == [True, False, False, True]
 
-        def result(i: int, generation: int) -> ResultDocument:
-            metadata = ProcessingMetadata(datetime.now(UTC), "llama3", 5, "t", "job")
-            return ResultDocument(str(i), i, {"categorization": f"gen {generation}"}, "sha256:x", metadata, generation)
-
-        await store.upsert_result(result(3, claims[3].generation + 1), datetime.now(UTC))  # a newer result
-        written = await store.upsert_results([result(i, claims[i].generation) for i in (0, 3)], datetime.now(UTC))
-        assert written == [True, False]
+        await store.upsert_result(result_of(3, claims[3].generation + 1, "newer"), datetime.now(UTC))
+        written = await store.upsert_results([result_of(i, claims[i].generation, "mine") for i in (0, 3)],
+                                             datetime.now(UTC))
+        assert written == [True, False]  # 3: a result of a newer claim is there
 
         # Sent at once, the four go as one statement; each still answers for itself.
         finished = await asyncio.gather(*(source.finish(i, claims[i], "processed") for i in range(4)))
         assert finished == [True, False, False, True]
         assert (source._finishes.groups, source._finishes.writes) == (1, 4)
         assert statuses(mongo_db) == {"processed": 2, "pending": 1, "processing": 1}
-    finally:
-        await client.close()
 
 
 # --- GroupCommit: pure logic --------------------------------------------------------------------------
