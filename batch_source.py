@@ -207,8 +207,7 @@ class BatchSource:
         read says; almost always only ``pending``), never the whole ``$or`` beside the ids: with the
         ``$or`` SecantusDB walks every claimable document of the collection and compares each with
         the id list (about 1 s per batch of 100 in a collection of 2,000), with a conjunction it looks
-        the ids up (0.2 s). A document that moved on since the read matches no branch it is tried
-        with; one that a branch's update took matches none of the branches after it.
+        the ids up (0.2 s): :meth:`_take`.
         """
         token = uuid.uuid4().hex
         try:
@@ -218,17 +217,24 @@ class BatchSource:
                                                         ).limit(limit).to_list(length=limit)
                 if not candidates:
                     return token, []
-                update = self._claim_update(token)
-                for branch in branches:
-                    accepted = _accepted_statuses(branch)
-                    ids = [doc["_id"] for doc in candidates if doc.get("status") in accepted]
-                    if ids:
-                        await self.collection.update_many({"_id": {"$in": ids}, **branch}, update)
+                await self._take(candidates, branches, token)
                 won = await self.collection.find({"claim_id": token}, projection=CLAIMED_FIELDS).to_list(length=None)
                 if won:
                     return token, won
         except PyMongoError as e:
             raise storage_error(e, "claim of unprocessed conversations") from e
+
+    async def _take(self, candidates: list[dict[str, Any]], branches: list[dict[str, Any]], token: str) -> None:
+        """Claim ``candidates`` (documents read with their ``status``) under ``token``: one conditional
+        update per branch of the filter that accepts the status of some of them, a conjunction of the
+        branch and their ids. A document that moved on since the read matches no branch it is tried
+        with; one that a branch took (it carries the token now) is not taken again by a later one."""
+        update = self._claim_update(token)
+        for branch in branches:
+            accepted = _accepted_statuses(branch)
+            ids = [doc["_id"] for doc in candidates if doc.get("status") in accepted]
+            if ids:
+                await self.collection.update_many({"_id": {"$in": ids}, **branch, "claim_id": {"$ne": token}}, update)
 
     async def reclaim(self, ids: Iterable[Any]) -> tuple[str, dict[str, int]]:
         """Claim again documents named in this folder's batch files (recovery, retry queues).
@@ -243,9 +249,10 @@ class BatchSource:
         if not wanted:
             return token, {}
         mine = {"status": STATUS_PROCESSING, "claim_home": self.home}
-        query = {"$and": [{"_id": {"$in": wanted}}, {"$or": [self._filter(), mine]}]}
         try:
-            await self.collection.update_many(query, self._claim_update(token))
+            found = await self.collection.find({"_id": {"$in": wanted}}, projection={"_id": 1, "status": 1}
+                                               ).to_list(length=None)
+            await self._take(found, [*self._branches(), mine], token)
             won = await self.collection.find({"claim_id": token}, projection={"_id": 1, "claim_generation": 1}
                                              ).to_list(length=None)
         except PyMongoError as e:
