@@ -47,7 +47,7 @@ from collections.abc import Awaitable, Callable
 from contextlib import aclosing, suppress
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from batch_outcome import Attempt, Outcome, WorkItem
 from batch_recorder import FailureWindow, Recorder
@@ -77,6 +77,8 @@ from utils.progress import ProgressReporter, ProgressSnapshot, ProgressTracker
 from utils.retry_queue import RetryEntry
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 #: Batches in flight at once: the next one is read and queued while the current one finishes.
 BATCH_LOOKAHEAD = 2
@@ -391,19 +393,28 @@ class BatchProcessor:
     async def _process_item(self, state: BatchState, item: WorkItem) -> None:
         """The batch item loop's edge: every outcome, expected or not, is recorded.
 
-        The LLM slot is held for the attempt only: recording (the status update, the retry queue)
-        runs after it is given back, so the next conversation's LLM call does not wait for it; at
-        most BATCH_MAX_CONCURRENT recordings run at once."""
+        The LLM slot is held for the model's part of the attempt only: the result write and the
+        recording (the status update, the retry queue) run after it is given back, so the next
+        conversation's LLM call does not wait for the database; at most BATCH_MAX_CONCURRENT of them
+        run at once, and writes that meet there go to the database together (``BatchWorker.write``,
+        ``BatchSource.finish``)."""
         async with self._semaphore:
             if self.stopping:
                 return  # not started: stays in the pending file / queue for the next run
-            try:
-                attempt = await self.worker.attempt(item, state.existing.get(item.key))
-            except Exception as e:  # a bug, not a known failure: say so loudly, keep the conversation
-                logger.exception("conversation %s failed unexpectedly", item.number)
-                attempt = Attempt(Outcome.LLM_FAILED, error=e)
+            step = await self._unexpected(item, lambda: self.worker.attempt(item, state.existing.get(item.key)))
         async with self._recording:
+            attempt = step if isinstance(step, Attempt) else await self._unexpected(
+                item, lambda: self.worker.write(item, step))
             await self.recorder.record(state, item, attempt)
+
+    @staticmethod
+    async def _unexpected(item: WorkItem, step: Callable[[], Awaitable[T]]) -> T | Attempt:
+        """``step()``; an exception is a bug, not a known failure: said loudly, the conversation kept."""
+        try:
+            return await step()
+        except Exception as e:
+            logger.exception("conversation %s failed unexpectedly", item.number)
+            return Attempt(Outcome.LLM_FAILED, error=e)
 
     # --- retry queues -------------------------------------------------------------------
     async def _retry_pass(self, state: BatchState) -> None:

@@ -4,6 +4,11 @@
 Like arq's ``run_job`` and procrastinate's worker: it decides what came of the conversation and
 writes nothing but the result itself (the fenced upsert, or the stamp of an identical existing
 result); the recorder (:mod:`batch_recorder`) writes the rest. Raises only for bugs.
+
+Two steps, so that the processor can give the LLM slot back between them: :meth:`BatchWorker.attempt`
+(validation, the model) ends in an :class:`Attempt` or a result :class:`Unwritten` yet, and
+:meth:`BatchWorker.write` writes that result under the claim, together with the results of other
+conversations that are ready at the same time (one claim check and one upsert statement per group).
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from aggregator import ConversationIn, content_hash, validate_conversation
@@ -21,6 +27,7 @@ from error_handler import InputError, LLMError, NoCustomerTurnError, StorageErro
 from llm_pool import AsyncLLMPool
 from mongo_client import MongoStore, ProcessingMetadata, ResultDocument
 from retry_policy import Policy, retried
+from utils.group_commit import GroupCommit
 from utils.identical_cache import IdenticalCache, Reusable
 
 logger = logging.getLogger(__name__)
@@ -28,6 +35,24 @@ logger = logging.getLogger(__name__)
 PROCESSOR_VERSION = "1.1.0"
 
 T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Unwritten:
+    """A result to write under the item's claim (``checked``: the claim was just checked)."""
+
+    result: ResultDocument
+    checked: bool = False
+
+
+@dataclass(frozen=True)
+class _Write:
+    item: WorkItem
+    unwritten: Unwritten
+
+
+#: What a group write answers for one result: written, not written (a newer result), lost claim (None).
+Written = bool | None
 
 
 class BatchWorker:
@@ -43,9 +68,11 @@ class BatchWorker:
         self.policy = policy
         #: content hash -> what copies of its first classification in this job need.
         self.identical = identical
+        self._writes: GroupCommit[_Write, Written] = GroupCommit(self._write_all)
 
-    async def attempt(self, item: WorkItem, existing_hash: str | None) -> Attempt:
-        """The conversation's attempt; ``existing_hash``: the content hash of its result when the batch was read."""
+    async def attempt(self, item: WorkItem, existing_hash: str | None) -> Attempt | Unwritten:
+        """The conversation's attempt, or its result still to :meth:`write`; ``existing_hash``: the content
+        hash of its result when the batch was read."""
         entry = item.entry
         if entry is not None and Outcome(entry.status) is Outcome.WRITE_FAILED and entry.result is not None:
             replayed = await self._replay(item, entry.result)
@@ -70,9 +97,9 @@ class BatchWorker:
             result = await self._classified(conversation, item, digest)
         except LLMError as e:
             return Attempt(Outcome.LLM_FAILED, error=e)
-        return await self._write(item, result)
+        return Unwritten(result)
 
-    async def _replay(self, item: WorkItem, stored: dict[str, Any]) -> Attempt | None:
+    async def _replay(self, item: WorkItem, stored: dict[str, Any]) -> Attempt | Unwritten | None:
         """Write a result paid for earlier (a write_failed entry) without asking the LLM again, if the
         claim holds and the conversation is still the one classified; None when it changed
         (``item.data`` then holds its current text, to classify)."""
@@ -93,7 +120,7 @@ class BatchWorker:
                         item.number)
             item.data = conversation_payload(current)
             return None
-        return await self._write(item, result, checked=True)
+        return Unwritten(result, checked=True)
 
     async def _classified(self, conversation: ConversationIn, item: WorkItem, digest: str) -> ResultDocument:
         """The classification of ``conversation``: from the model, or reused from an identical
@@ -143,25 +170,34 @@ class BatchWorker:
                 outcome = await self.classifier.classify_async(conversation, self.llm)
         return outcome
 
-    async def _write(self, item: WorkItem, result: ResultDocument, *, checked: bool = False) -> Attempt:
+    async def write(self, item: WorkItem, unwritten: Unwritten) -> Attempt:
         """Upsert the result under the item's claim: SUCCESS, WRITE_FAILED (kept for a retry without the
         LLM) or LOST_CLAIM (the claim is no longer current: nothing was written).
 
         The fence (docs/architecture.md#exactly-once-the-fencing-rule): the claim must still be the
-        document's current one (unless the caller just ``checked``), and the upsert only replaces a
-        result of the same or an older generation. Failures are retried in place.
+        document's current one (unless it was just ``checked``), and the upsert only replaces a result
+        of the same or an older generation. Failures are retried in place.
         """
+        result = unwritten.result
         try:
-            if not checked and await self._storage("check of a claim", lambda: self.source.holding(
-                    item.source_id, item.claim), item) is None:
-                return Attempt(Outcome.LOST_CLAIM, result=result)
-            written = await self._storage(
-                f"result write for conversation {result.conversation_number}",
-                lambda: self.store.upsert_result(result, created_at=self.source.now()), item,
-            )
+            written = await self._storage(f"result write for conversation {result.conversation_number}",
+                                          lambda: self._writes.submit(_Write(item, unwritten)), item)
         except StorageError as e:
             return Attempt(Outcome.WRITE_FAILED, error=e, result=result)
         return Attempt(Outcome.SUCCESS if written else Outcome.LOST_CLAIM, result=result)
+
+    async def _write_all(self, writes: list[_Write]) -> list[Written | StorageError]:
+        """A group of results: one read for the claims to check, one upsert statement for those that hold."""
+        checks = [i for i, w in enumerate(writes) if not w.unwritten.checked]
+        held = await self.source.held([(writes[i].item.source_id, writes[i].item.claim) for i in checks])
+        lost = {i for i, holds in zip(checks, held, strict=True) if not holds}
+        ready = [i for i in range(len(writes)) if i not in lost]
+        answers: list[Written | StorageError] = [None] * len(writes)  # None: the claim was lost
+        written = await self.store.upsert_results([writes[i].unwritten.result for i in ready],
+                                                  created_at=self.source.now())
+        for i, answer in zip(ready, written, strict=True):
+            answers[i] = answer
+        return answers
 
     async def _storage(self, what: str, operation: Callable[[], Awaitable[T]], item: WorkItem) -> T:
         return await retried(self.policy, Outcome.WRITE_FAILED, what, operation, item.passes)

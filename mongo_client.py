@@ -22,9 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import pymongo
-from pymongo import ASCENDING, AsyncMongoClient, IndexModel, MongoClient
+from pymongo import ASCENDING, AsyncMongoClient, IndexModel, MongoClient, UpdateOne
 from pymongo.database import Database
-from pymongo.errors import ConnectionFailure, DuplicateKeyError, OperationFailure, PyMongoError, WriteConcernError
+from pymongo.errors import (
+    BulkWriteError,
+    ConnectionFailure,
+    DuplicateKeyError,
+    OperationFailure,
+    PyMongoError,
+    WriteConcernError,
+    WriteError,
+)
 
 from config import Settings
 from error_handler import StorageError, StorageUnavailableError
@@ -44,6 +52,8 @@ STATUS_SKIPPED = "skipped"
 BATCH_APPNAME = "support-classifier-batch"
 #: Seconds the start-up check waits for MongoDB before giving up.
 PING_TIMEOUT_SECONDS = 10.0
+#: The server's code of a unique-index violation.
+DUPLICATE_KEY = 11000
 
 # Created by the batch processor (MongoStore.ensure_indexes) and the importer (scripts/import_data.py).
 SOURCE_INDEXES: list[tuple[list[tuple[str, int]], dict[str, Any]]] = [
@@ -370,26 +380,46 @@ class MongoStore:
             raise storage_error(e, "read of existing results") from e
 
     async def upsert_result(self, result: ResultDocument, created_at: datetime) -> bool:
-        """Insert or update the result of ``result.source_conversation_id`` (never a second one), unless a
-        result of a newer claim is there: then nothing is written and the answer is False.
+        """:meth:`upsert_results` of one result; its own failure raised."""
+        [written] = await self.upsert_results([result], created_at)
+        if isinstance(written, StorageError):
+            raise written
+        return written
+
+    async def upsert_results(self, results: list[ResultDocument], created_at: datetime) -> list[bool | StorageError]:
+        """Insert or update the result of each ``result.source_conversation_id`` (never a second one), unless a
+        result of a newer claim is there: then nothing is written and its answer is False. One statement for
+        them all (an unordered ``bulk_write``); a write the server refused alone (a validator) answers with
+        its :class:`StorageError`, a failure of the whole statement is raised.
 
         Only the result's own fields are set (``$set``/``$setOnInsert``, never a replacement), so fields
         others add to the document (a review) survive a new classification.
         """
-        query = {"source_conversation_id": result.source_conversation_id,
-                 **not_newer_than(result.claim_generation)}
-        update = {"$set": result.to_mongo(), "$setOnInsert": {"created_at": created_at}}
+        if not results:
+            return []
+        writes = [({"source_conversation_id": result.source_conversation_id, **not_newer_than(result.claim_generation)},
+                   {"$set": result.to_mongo(), "$setOnInsert": {"created_at": created_at}}) for result in results]
+        answers: list[bool | StorageError] = [True] * len(writes)
         try:
             try:
-                await self.results.update_one(query, update, upsert=True)
-                return True
-            except DuplicateKeyError:
-                # The query matched nothing and the insert hit the unique index: either a result of a
-                # newer claim is there, or a racing writer inserted first. Try once more as an update.
-                written = await self.results.update_one(query, update)
-                return written.matched_count == 1
+                await self.results.bulk_write([UpdateOne(query, update, upsert=True) for query, update in writes],
+                                              ordered=False)
+                return answers
+            except BulkWriteError as e:
+                refused = e.details.get("writeErrors", [])
+            for error in refused:
+                index = int(error["index"])
+                if error.get("code") == DUPLICATE_KEY:
+                    # The query matched nothing and the insert hit the unique index: either a result of a
+                    # newer claim is there, or a racing writer inserted first. Try once more as an update.
+                    written = await self.results.update_one(*writes[index])
+                    answers[index] = written.matched_count == 1
+                else:
+                    failure = WriteError(str(error.get("errmsg", "write error")), error.get("code"), error)
+                    answers[index] = storage_error(failure, "result write")
         except PyMongoError as e:
             raise storage_error(e, "result write") from e
+        return answers
 
     async def stamp_result(self, source_id: Any, digest: str, generation: int) -> bool:
         """Mark the existing result of ``source_id`` as this claim's (its transcript unchanged): a late

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -110,33 +111,41 @@ def test_a_queued_classification_is_not_written_over_an_edited_conversation(batc
     assert any("changed since its classification was queued" in r.message for r in caplog.records)
 
 
+@contextlib.asynccontextmanager
+async def result_store(settings: Any, uri: str) -> AsyncIterator[MongoStore]:
+    """A MongoStore on the test database, its indexes created (the unique one on results among them)."""
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(uri, tz_aware=True)
+    try:
+        store = MongoStore(client, settings, uri=uri)
+        await store.ensure_indexes(("intent", "topic", "sentiment"))
+        yield store
+    finally:
+        await client.close()
+
+
+def result_of(source_id: int, generation: int, label: str) -> ResultDocument:
+    """A result of conversation ``source_id`` written under a claim of ``generation``."""
+    metadata = ProcessingMetadata(datetime.now(UTC), "llama3", 5, "t", "job")
+    return ResultDocument(str(source_id), source_id, {"categorization": label}, "sha256:x", metadata, generation)
+
+
 async def test_the_result_upsert_is_fenced_by_the_claim_generation(make_settings, mongo_uri, mongo_db_name,
                                                                   mongo_db):
     # The race between a claim check and the write: the result of an older claim never replaces a
     # newer one, and fields others own (a review) survive every write.
     settings = make_settings(mongodb_connection_string=mongo_uri, mongodb_database_name=mongo_db_name)
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri, tz_aware=True)
-    try:
-        store = MongoStore(client, settings, uri=mongo_uri)
-        await store.ensure_indexes(("intent", "topic", "sentiment"))
-
-        def result(generation: int, label: str) -> ResultDocument:
-            metadata = ProcessingMetadata(datetime.now(UTC), "llama3", 5, "t", "job")
-            return ResultDocument("7", 7, {"categorization": label}, "sha256:x", metadata, generation)
-
+    async with result_store(settings, mongo_uri) as store:
         now = datetime.now(UTC)
-        assert await store.upsert_result(result(5, "newer"), now) is True
+        assert await store.upsert_result(result_of(7, 5, "newer"), now) is True
         mongo_db[RESULTS].update_one({"source_conversation_id": 7}, {"$set": {"review": {"intent": "Refund"}}})
-        assert await store.upsert_result(result(4, "older"), now) is False
+        assert await store.upsert_result(result_of(7, 4, "older"), now) is False
         assert mongo_db[RESULTS].find_one()["classification"] == {"categorization": "newer"}
-        assert await store.upsert_result(result(5, "same claim, written again"), now) is True
-        assert await store.upsert_result(result(6, "next claim"), now) is True
+        assert await store.upsert_result(result_of(7, 5, "same claim, written again"), now) is True
+        assert await store.upsert_result(result_of(7, 6, "next claim"), now) is True
         assert await store.stamp_result(7, "sha256:x", 5) is False  # an older claim cannot take it over
         [stored] = mongo_db[RESULTS].find()
         assert (stored["classification"], stored["claim_generation"]) == ({"categorization": "next claim"}, 6)
         assert stored["review"] == {"intent": "Refund"}
-    finally:
-        await client.close()
 
 
 # --- 2. batch mode ends whatever the others hold ---------------------------------------------------
