@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import importlib
 import logging
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, cast
@@ -182,6 +183,13 @@ def plain_get(
         return response.status, body, cast(Mapping[str, str], response.headers)
     finally:
         connection.close()
+
+
+async def import_transport() -> None:
+    """Import aiohttp in a worker thread: for a run that has conversations to classify, while its
+    first batch is claimed (database round trips), so that the first chat does not pay for the
+    import on the job's clock (about a quarter of a second; issue 19)."""
+    await asyncio.to_thread(importlib.import_module, "aiohttp")
 
 
 def create_async_llm_client(settings: Settings, *, max_connections: int | None = None) -> AsyncLLMClient:

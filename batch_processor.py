@@ -49,6 +49,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+from async_llm_wrapper import import_transport
 from batch_outcome import Attempt, Outcome, WorkItem
 from batch_recorder import FailureWindow, Recorder
 from batch_source import (
@@ -292,7 +293,13 @@ class BatchProcessor:
         read = 0
         if not self.stopping:
             expected = _Expected(self.tracker, await self.reader.claimable(limit))
-            read = await self._pipeline(self.reader.claimed(limit), expected.batch)
+            # Conversations ahead: the model's HTTP client is imported meanwhile (an empty run never imports it).
+            importing = asyncio.create_task(import_transport()) if expected.expected else None
+            try:
+                read = await self._pipeline(self.reader.claimed(limit), expected.batch)
+            finally:
+                if importing is not None:
+                    await asyncio.gather(importing, return_exceptions=True)  # a failed import fails the first chat
             expected.end()
         self.progress.refresh(force=True)
         return read
