@@ -441,7 +441,10 @@ class AsyncLLMPool:
             with suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=None if wait == float("inf") else wait)
 
-    async def _check_all(self) -> list[LLMError | None]:
+    async def check_all(self) -> list[LLMError | None]:
+        """Each server's readiness error (None: ready), all checked at once; nothing logged or paused
+        (:meth:`settle_check` does that: the batch processor checks while it reaches MongoDB, and says
+        nothing of the LLM when MongoDB is not there)."""
         async def check(server: Server) -> LLMError | None:
             try:
                 await server.client.check_ready()
@@ -454,7 +457,7 @@ class AsyncLLMPool:
     async def readiness(self, *, require_one: bool = False) -> list[ServerStatus]:
         """Check every server (``check_ready`` of its client) and report; breakers are left as they are.
         With ``require_one``, raise the first server's error when none is ready."""
-        errors = await self._check_all()
+        errors = await self.check_all()
         if require_one:
             _ready_result(self._routing, errors)
         return self._routing.statuses(errors)
@@ -466,12 +469,6 @@ class AsyncLLMPool:
         finding out again (the batch processor's start-up check, made once by the process itself
         before any work; a readiness probe from outside only reports)."""
         self.settle_check(await self.check_all(), pause_failed=pause_failed)
-
-    async def check_all(self) -> list[LLMError | None]:
-        """The first half of :meth:`check_ready`: each server's error (None: ready), nothing logged or
-        paused yet (the batch processor checks while it reaches MongoDB, and says nothing of the LLM
-        when MongoDB is not there)."""
-        return await self._check_all()
 
     def settle_check(self, errors: list[LLMError | None], *, pause_failed: bool = False) -> None:
         """The second half of :meth:`check_ready`, on the errors :meth:`check_all` returned."""
