@@ -43,7 +43,7 @@ from typing import Any, TypeVar
 
 from bson import json_util
 from pymongo import UpdateOne
-from pymongo.errors import BulkWriteError, PyMongoError, WriteError
+from pymongo.errors import BulkWriteError, PyMongoError
 
 from config import Settings
 from error_handler import StorageError
@@ -53,6 +53,7 @@ from mongo_client import (
     STATUS_PROCESSING,
     STATUS_SKIPPED,
     MongoStore,
+    refused_write,
     storage_error,
     unprocessed_filter,
 )
@@ -365,8 +366,7 @@ class BatchSource:
             except BulkWriteError as e:
                 matched = int(e.details.get("nMatched", 0))
                 for error in e.details.get("writeErrors", []):
-                    failure = WriteError(str(error.get("errmsg", "write error")), error.get("code"), error)
-                    answers[int(error["index"])] = storage_error(failure, what)
+                    answers[int(error["index"])] = refused_write(error, what)
             unknown = [i for i, answer in enumerate(answers) if answer is None]
             if matched == len(unknown):
                 return [True if answer is None else answer for answer in answers]

@@ -51,10 +51,6 @@ class _Write:
     unwritten: Unwritten
 
 
-#: What a group write answers for one result: written, not written (a newer result), lost claim (None).
-Written = bool | None
-
-
 class BatchWorker:
     """Validates, classifies (or reuses an identical conversation's classification) and writes the
     result under the item's claim; failed calls are retried in place as the ``policy`` says."""
@@ -68,7 +64,7 @@ class BatchWorker:
         self.policy = policy
         #: content hash -> what copies of its first classification in this job need.
         self.identical = identical
-        self._writes: GroupCommit[_Write, Written] = GroupCommit(self._write_all)
+        self._writes: GroupCommit[_Write, bool] = GroupCommit(self._write_all)
 
     async def attempt(self, item: WorkItem, existing_hash: str | None) -> Attempt | Unwritten:
         """The conversation's attempt, or its result still to :meth:`write`; ``existing_hash``: the content
@@ -186,13 +182,14 @@ class BatchWorker:
             return Attempt(Outcome.WRITE_FAILED, error=e, result=result)
         return Attempt(Outcome.SUCCESS if written else Outcome.LOST_CLAIM, result=result)
 
-    async def _write_all(self, writes: list[_Write]) -> list[Written | StorageError]:
-        """A group of results: one read for the claims to check, one upsert statement for those that hold."""
+    async def _write_all(self, writes: list[_Write]) -> list[bool | StorageError]:
+        """A group of results: one read for the claims to check, one upsert statement for those that hold.
+        Each answers whether it was written (False: its claim was lost, or a newer claim's result is there)."""
         checks = [i for i, w in enumerate(writes) if not w.unwritten.checked]
         held = await self.source.held([(writes[i].item.source_id, writes[i].item.claim) for i in checks])
         lost = {i for i, holds in zip(checks, held, strict=True) if not holds}
         ready = [i for i in range(len(writes)) if i not in lost]
-        answers: list[Written | StorageError] = [None] * len(writes)  # None: the claim was lost
+        answers: list[bool | StorageError] = [False] * len(writes)
         written = await self.store.upsert_results([writes[i].unwritten.result for i in ready],
                                                   created_at=self.source.now())
         for i, answer in zip(ready, written, strict=True):

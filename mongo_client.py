@@ -379,13 +379,6 @@ class MongoStore:
         except PyMongoError as e:
             raise storage_error(e, "read of existing results") from e
 
-    async def upsert_result(self, result: ResultDocument, created_at: datetime) -> bool:
-        """:meth:`upsert_results` of one result; its own failure raised."""
-        [written] = await self.upsert_results([result], created_at)
-        if isinstance(written, StorageError):
-            raise written
-        return written
-
     async def upsert_results(self, results: list[ResultDocument], created_at: datetime) -> list[bool | StorageError]:
         """Insert or update the result of each ``result.source_conversation_id`` (never a second one), unless a
         result of a newer claim is there: then nothing is written and its answer is False. One statement for
@@ -415,8 +408,7 @@ class MongoStore:
                     written = await self.results.update_one(*writes[index])
                     answers[index] = written.matched_count == 1
                 else:
-                    failure = WriteError(str(error.get("errmsg", "write error")), error.get("code"), error)
-                    answers[index] = storage_error(failure, "result write")
+                    answers[index] = refused_write(error, "result write")
         except PyMongoError as e:
             raise storage_error(e, "result write") from e
         return answers
@@ -473,6 +465,12 @@ def is_transient_mongo_error(error: PyMongoError) -> bool:
     return isinstance(error, (OperationFailure, WriteConcernError)) and (
         code in TRANSIENT_MONGO_CODES or code in RESOURCE_MONGO_CODES
     )
+
+
+def refused_write(error: dict[str, Any], operation: str) -> StorageError:
+    """The :class:`StorageError` of one write a ``bulk_write`` reports refused (an entry of
+    ``BulkWriteError.details["writeErrors"]``): that write alone failed, not its statement."""
+    return storage_error(WriteError(str(error.get("errmsg", "write error")), error.get("code"), error), operation)
 
 
 def storage_error(error: PyMongoError, operation: str) -> StorageError:

@@ -136,12 +136,12 @@ async def test_the_result_upsert_is_fenced_by_the_claim_generation(make_settings
     settings = make_settings(mongodb_connection_string=mongo_uri, mongodb_database_name=mongo_db_name)
     async with result_store(settings, mongo_uri) as store:
         now = datetime.now(UTC)
-        assert await store.upsert_result(result_of(7, 5, "newer"), now) is True
+        assert (await store.upsert_results([result_of(7, 5, "newer")], now))[0] is True
         mongo_db[RESULTS].update_one({"source_conversation_id": 7}, {"$set": {"review": {"intent": "Refund"}}})
-        assert await store.upsert_result(result_of(7, 4, "older"), now) is False
+        assert (await store.upsert_results([result_of(7, 4, "older")], now))[0] is False
         assert mongo_db[RESULTS].find_one()["classification"] == {"categorization": "newer"}
-        assert await store.upsert_result(result_of(7, 5, "same claim, written again"), now) is True
-        assert await store.upsert_result(result_of(7, 6, "next claim"), now) is True
+        assert (await store.upsert_results([result_of(7, 5, "same claim, written again")], now))[0] is True
+        assert (await store.upsert_results([result_of(7, 6, "next claim")], now))[0] is True
         assert await store.stamp_result(7, "sha256:x", 5) is False  # an older claim cannot take it over
         [stored] = mongo_db[RESULTS].find()
         assert (stored["classification"], stored["claim_generation"]) == ({"categorization": "next claim"}, 6)

@@ -64,7 +64,7 @@ async def test_in_a_group_only_the_writes_whose_claim_was_lost_are_dropped(make_
 
         assert await source.held([(i, claims[i]) for i in range(4)]) == [True, False, False, True]
 
-        await store.upsert_result(result_of(3, claims[3].generation + 1, "newer"), datetime.now(UTC))
+        await store.upsert_results([result_of(3, claims[3].generation + 1, "newer")], datetime.now(UTC))
         written = await store.upsert_results([result_of(i, claims[i].generation, "mine") for i in (0, 3)],
                                              datetime.now(UTC))
         assert written == [True, False]  # 3: a result of a newer claim is there
