@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import resource
 import time
@@ -188,8 +189,10 @@ def section_api(ctx: Context) -> SectionResult:
     # waiting requests (API_MAX_WAITING, by default 2 x API_MAX_CONCURRENCY = 16, would answer the
     # clients beyond it 503 at once); that bound is measured below (measure_waiting_bodies).
     waiting = {"API_MAX_WAITING": str(max(preset.api_levels))}
-    floor_at_1: float | None = None
-    with ctx.fake_ollama(0.0) as fake, ctx.api(fake.url, waiting) as api, ctx.floor_api(fake.url) as floor:
+    floors_at_1: dict[str, float] = {}
+    cpu_ms_at_1: dict[str, float] = {}  # the server's CPU ms per request at 1 client: steadier than latency
+    with ctx.fake_ollama(0.0) as fake, ctx.api(fake.url, waiting) as api, ctx.floor_api(fake.url) as floor, \
+            ctx.floor_api(fake.url, "aiohttp") as floor_async:
         fake_url, api_url = fake.url, api.url
         settings = load_settings({"llm_endpoint": fake_url, "llm_model": MODEL}, environ={}, env_file=None)
         classifier = ConversationClassifier.from_settings(settings)
@@ -205,6 +208,8 @@ def section_api(ctx: Context) -> SectionResult:
                             ("api", "/classify", f"{api_url}/classify", api_bodies, api.pid)]
             if clients == 1:  # the stack's floor, at the level of the target
                 targets_here.append(("floor", "/classify", f"{floor.url}/classify", api_bodies, floor.pid))
+                targets_here.append(("floor-async", "/classify", f"{floor_async.url}/classify", api_bodies,
+                                     floor_async.pid))
             for name, path, url, bodies, server_pid in targets_here:
                 ctx.say(f"  {clients} client(s): {preset.api_requests} x POST {path} ({name}) ...")
                 before = (cpu_seconds(server_pid), cpu_seconds(fake.pid), _own_cpu())
@@ -223,13 +228,17 @@ def section_api(ctx: Context) -> SectionResult:
             overhead = api_result.p(50) - fake_result.p(50)
             if clients == 1:
                 overhead_at_1 = overhead
+                cpu_ms_at_1 = {name: result.cpu[0] / result.requests * 1000 for name, result in measured.items()
+                               if name != "fake" and result.cpu[0] is not None and result.requests}
             if clients == 50:
                 errors_at_50 = api_result.errors
             shown = [("POST /classify (API)", api_result, fmt(overhead, 2)),
                      ("POST /api/chat (fake, direct)", fake_result, "")]
-            if "floor" in measured:
-                floor_at_1 = measured["floor"].p(50) - fake_result.p(50)
-                shown.append(("POST /classify (minimal FastAPI app: the floor)", measured["floor"], fmt(floor_at_1, 2)))
+            for name, label in (("floor", "POST /classify (minimal FastAPI app: the floor)"),
+                                ("floor-async", "POST /classify (minimal FastAPI app, aiohttp on the loop)")):
+                if name in measured:
+                    floors_at_1[name] = measured[name].p(50) - fake_result.p(50)
+                    shown.append((label, measured[name], fmt(floors_at_1[name], 2)))
             for label, result, extra in shown:
                 rows.append([str(clients), label, f"{result.requests:,}", str(result.errors), fmt(result.p(50), 2),
                              fmt(result.p(95), 2), fmt(result.p(99), 2), fmt(result.requests / result.seconds, 1),
@@ -240,13 +249,23 @@ def section_api(ctx: Context) -> SectionResult:
     waiting_note, waiting_target = measure_waiting_bodies(ctx)
     notes.append(waiting_note)
     targets = [waiting_target]
-    if floor_at_1 is not None:
+    if floors_at_1:
         notes.append(
-            f"The floor (1 client): a minimal FastAPI app under the same uvicorn (python -m scripts.bench.floor_api, "
+            "The floor (1 client): a minimal FastAPI app under the same uvicorn (python -m scripts.bench.floor_api, "
             "this tree's) that parses the body, posts the payload the API would send with one requests.Session in "
             "a worker thread and answers the model's message: no validation, prompt, parsing, slots, middleware or "
-            f"logging. It adds {floor_at_1:.2f} ms to the fake's p50: the stack's own cost per request, "
-            "under the API's.")
+            f"logging. It adds {floors_at_1.get('floor', math.nan):.2f} ms to the fake's p50: the stack's own cost "
+            "per request, under the API's. The same app posting with one aiohttp session on the event loop (no "
+            f"worker thread; not the design's synchronous wrapper) adds {floors_at_1.get('floor-async', math.nan):.2f}"
+            " ms: what leaving requests would win back, and what it would not.")
+        if {"api", "floor", "floor-async"} <= cpu_ms_at_1.keys():
+            notes.append(
+                "CPU per request at 1 client (the server process's user + system CPU over the measured requests, "
+                "steadier than a latency on a shared machine): the API "
+                f"{cpu_ms_at_1['api']:.2f} ms, the minimal app with requests {cpu_ms_at_1['floor']:.2f} ms, with "
+                f"aiohttp {cpu_ms_at_1['floor-async']:.2f} ms. At one client nearly all of a request's CPU in the "
+                "server lies on its path (the client waits meanwhile): a server spending more CPU per request than "
+                "the target adds about that much latency at least.")
     if overhead_at_1 is not None:
         targets.append(Target(f"API: p50 overhead (API p50 - fake p50) at most {OVERHEAD_TARGET_MS:g} ms at 1 client",
                               f"{overhead_at_1:.2f} ms", overhead_at_1 <= OVERHEAD_TARGET_MS))

@@ -342,13 +342,14 @@ class Context:
 
 
     @contextmanager
-    def floor_api(self, ollama_url: str) -> Iterator[Service]:
-        """``python -m scripts.bench.floor_api`` (this tree's: the least a FastAPI + requests service does
-        per request) on a free loopback port, once /health answers."""
-        directory = self.new_dir("floor_api")
+    def floor_api(self, ollama_url: str, client: str = "requests") -> Iterator[Service]:
+        """``python -m scripts.bench.floor_api --client CLIENT`` (this tree's: the least a FastAPI service
+        calling the model with that client does per request) on a free loopback port, once /health answers."""
+        directory = self.new_dir(f"floor_api_{client}")
         log = directory / "floor_api.log"
         port = free_port()
-        command = [sys.executable, "-m", "scripts.bench.floor_api", "--port", str(port), "--llm", ollama_url]
+        command = [sys.executable, "-m", "scripts.bench.floor_api", "--port", str(port), "--llm", ollama_url,
+                   "--client", client]
         process = self.processes.start("minimal FastAPI app", command, cwd=ROOT,
                                        env=clean_env({"PYTHONPATH": str(ROOT)}), log=log, port=port)
         url = f"http://127.0.0.1:{port}"
