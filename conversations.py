@@ -224,7 +224,8 @@ def transcript_of(source: dict[str, Any] | None) -> list[dict[str, Any]] | None:
     except InputError:
         return None
     if conversation.messages is not None:
-        return [{"role": m.sender, "text": m.text, "time": _time(m.timestamp)} for m in conversation.messages]
+        return [{"role": m["sender"], "text": m["text"], "time": _time(m.get("timestamp"))}
+                for m in conversation.messages]
     return [{"role": t.speaker, "text": t.text, "time": _time(t.created_at)} for t in conversation.tweets or []]
 
 

@@ -86,7 +86,7 @@ def body_of(source: dict[str, Any]) -> dict[str, Any] | None:
         return None
     if conversation.messages is not None:
         return {"conversation_number": number, "messages": [
-            m.model_dump(mode="json", include=set(Message.model_fields), exclude_none=True)
+            {key: value for key, value in m.items() if key in Message.__annotations__ and value is not None}
             for m in conversation.messages]}
     tweets = conversation.tweets or []
     return {"conversation_number": number, "tweets": [
