@@ -86,11 +86,14 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
         assert float(row[1].replace(",", "")) > 10  # MiB: a Python process is never smaller
     assert NUMBER.match(memory[2][1])
     api = table_after(text, "### 4. API latency")
-    assert [row[0] for row in api] == ["1", "1", "1", "10", "10", "50", "50"]
+    assert [row[0] for row in api] == ["1", "1", "1", "1", "10", "10", "50", "50"]  # 1: API, fake, two floors
     for row in api:
         assert all(NUMBER.match(cell) for cell in row[2:8]), row
     assert all(NUMBER.match(row[8]) for row in api if "/classify" in row[1])
     assert "minimal FastAPI app: the floor" in api[2][1]  # the stack's own cost, beside the API's
+    assert "aiohttp on the loop" in api[3][1]  # and without the design's synchronous client
+    assert re.search(r"CPU per request at 1 client .*: the API \d+\.\d\d ms, the minimal app with requests "
+                     r"\d+\.\d\d ms, with aiohttp \d+\.\d\d ms", text)
     assert re.search(r"The floor \(1 client\): .* It adds -?\d+\.\d\d ms to the fake's p50", text)
     prompt = table_after(text, "### 5. Prompt size")
     assert len(prompt) == 4
@@ -116,9 +119,11 @@ def test_smoke_run_writes_every_section_and_leaves_no_process(tmp_path):
 
     startup = table_after(text, "### 8. Fixed cost of a run")
     assert [row[0] for row in startup] == ["wall time, start to exit (s)", "CPU seconds of the process",
-                                           "job clock (s)"]
+                                           "job clock (s)", "floor: `python -c pass`, wall time (s)",
+                                           "floor: `python -c 'import asyncio, pydantic, pymongo'`, wall time (s)"]
     for row in startup:
         assert NUMBER.match(row[1]) and float(row[1]) > 0, row
+    assert float(startup[4][1]) > float(startup[3][1])  # importing the three packages takes longer than nothing
     assert "load avg:" in text
 
     targets = table_after(text, "**Targets**")

@@ -81,6 +81,16 @@ def test_the_images_code_is_not_writable_by_the_app_user():
     assert max(copies) < user_at  # everything is in place before the app user takes over
 
 
+def test_the_image_carries_its_codes_bytecode():
+    # PYTHONDONTWRITEBYTECODE and read-only code: without a compile step in the build, every process
+    # of the image would compile every module at its start.
+    instructions = _dockerfile_instructions()
+    compiles = [i for i, (kind, arg) in enumerate(instructions) if kind == "RUN" and "compileall" in arg]
+    copies = [i for i, (kind, _) in enumerate(instructions) if kind in ("COPY", "ADD")]
+    user_at = [i for i, (kind, _) in enumerate(instructions) if kind == "USER"][-1]
+    assert compiles and max(copies) < compiles[-1] < user_at
+    assert "/app" in instructions[compiles[-1]][1]
+
 def test_only_the_api_service_has_the_http_health_check():
     # The image carries no HEALTHCHECK: a batch processor started from it would be "unhealthy" for ever.
     assert "HEALTHCHECK" not in [kind for kind, _ in _dockerfile_instructions()]
