@@ -96,6 +96,13 @@ PRESETS = {
 # --- subprocesses ---------------------------------------------------------------------------
 
 
+def model_env(endpoint: str) -> dict[str, str]:
+    """The model server's settings, also under their former names (OLLAMA_ENDPOINT, OLLAMA_MODEL): a
+    checkout from before the rename (a60a31f) runs under ``--code`` too; this tree reads the new names
+    first and stays quiet when both say the same."""
+    return {"LLM_ENDPOINT": endpoint, "LLM_MODEL": MODEL, "OLLAMA_ENDPOINT": endpoint, "OLLAMA_MODEL": MODEL}
+
+
 def clean_env(values: dict[str, str]) -> dict[str, str]:
     """The environment for a subprocess: none of the developer's settings, then ``values``."""
     settings_names = {variable for name in Settings.model_fields for variable in env_names(name)}
@@ -326,7 +333,7 @@ class Context:
         directory = self.new_dir("api")
         log = directory / "api.log"
         port = free_port()
-        env = clean_env({"LLM_ENDPOINT": ollama_url, "LLM_MODEL": MODEL, "OLLAMA_TIMEOUT": "30",
+        env = clean_env({**model_env(ollama_url), "OLLAMA_TIMEOUT": "30",
                          "LOG_LEVEL": "INFO", **(settings or {})})
         command = [sys.executable, str(self.code / "main.py"), "--host", "127.0.0.1", "--port", str(port)]
         process = self.processes.start("API", command, cwd=directory, env=env, log=log, port=port)
@@ -448,8 +455,7 @@ def run_processor(ctx: Context, *, what: str, fake: Service, n: int, max_concurr
             "MONGODB_RESULTS_COLLECTION": RESULTS_COLLECTION,
             "MONGODB_BATCH_SIZE": str(batch_size),
             "MONGODB_TIMEOUT_MS": "30000",
-            "LLM_ENDPOINT": endpoint or fake.url,  # endpoint: several servers, comma-separated
-            "LLM_MODEL": MODEL,
+            **model_env(endpoint or fake.url),  # endpoint: several servers, comma-separated
             "OLLAMA_TIMEOUT": "60",
             "BATCH_PROCESSOR_MODE": "batch",
             "BATCH_MAX_CONCURRENT": str(max_concurrent),

@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 from scripts.bench.harness import (
-    MODEL,
     RESULTS_COLLECTION,
     SOURCE_COLLECTION,
     STARTED_PROCESSES,
@@ -22,6 +21,7 @@ from scripts.bench.harness import (
     check_written,
     clean_env,
     log_tail,
+    model_env,
     seed_database,
 )
 from scripts.bench.results import SectionResult, Target, fmt
@@ -46,7 +46,7 @@ def _start_processor(ctx: Context, db: Database, database: str, fake_url: str, n
         "MONGODB_CONNECTION_STRING": db.uri, "MONGODB_DATABASE_NAME": database,
         "MONGODB_SOURCE_COLLECTION": SOURCE_COLLECTION, "MONGODB_RESULTS_COLLECTION": RESULTS_COLLECTION,
         "MONGODB_BATCH_SIZE": str(PROCESSORS_BATCH_SIZE), "MONGODB_TIMEOUT_MS": "30000",
-        "LLM_ENDPOINT": fake_url, "LLM_MODEL": MODEL, "OLLAMA_TIMEOUT": "60",
+        **model_env(fake_url), "OLLAMA_TIMEOUT": "60",
         "BATCH_MAX_CONCURRENT": str(max_concurrent), "BATCH_FILES_DIR": str(directory / "batch_files"),
         "BATCH_MONITORING_MODE": "production", "BATCH_LEASE_SECONDS": repr(lease), "BATCH_WORKER_ID": name,
         "LOG_LEVEL": "INFO",
