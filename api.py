@@ -483,12 +483,12 @@ def create_app(settings: Settings, *, classifier: ConversationClassifier | None 
                 pipeline.prompt_builder.prefix_chars,
             )
             documented.append(pipeline.taxonomy)  # /openapi.json names the taxonomy's label fields
+            _freeze_startup_objects()  # before the readiness task: nothing short-lived is frozen
             # Say at once whether Ollama is there, without holding up start-up.
             startup_check = asyncio.create_task(_report_ollama_readiness(ollama))
             # The lifespan state: every request sees it on request.state (see api_dependencies).
             slots = LLMSlots(settings.api_max_concurrency, settings.api_queue_timeout, settings.api_max_waiting)
             embedded = EMBEDDED_NOTE if settings.uses_embedded_llm else None
-            _freeze_startup_objects()
             yield {**lifespan_state(llm_settings, pipeline, ollama, slots, embedded_llm=embedded),
                    **access.lifespan_state(settings)}
             startup_check.cancel()
