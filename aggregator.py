@@ -76,14 +76,22 @@ _ROLE_BY_KEY: dict[str, Role] = {
 
 def parse_role(value: Any) -> Role | None:
     """``"Service Provider"`` -> ``"agent"``; None when ``value`` names no known speaker."""
-    return _role_of(value) if isinstance(value, str) else None
+    if not isinstance(value, str):
+        return None
+    if len(value) > _CACHED_LABEL_CHARS:  # no known spelling is this long; nor is it kept in the cache
+        return _ROLE_BY_KEY.get(role_key(value))
+    return _role_of(value)
+
+
+#: The longest speaker label the cache keeps: 256 entries of at most this many characters, whatever
+#: a client sends (the longest known spelling, "customer support", is 16).
+_CACHED_LABEL_CHARS = 64
 
 
 @functools.lru_cache(maxsize=256)
 def _role_of(value: str) -> Role | None:
     # Cached: a conversation spells its speakers the same way turn after turn, and a 15,000-turn body
-    # spent most of its validation (~0.1 s of CPU the event loop waits behind) on this regex. Bounded:
-    # any number of distinct spellings cost a cache miss each, never memory.
+    # spent most of its validation (~0.1 s of CPU the event loop waits behind) on this regex.
     return _ROLE_BY_KEY.get(role_key(value))
 
 

@@ -138,6 +138,16 @@ def test_a_long_chat_leaves_nothing_for_the_garbage_collector_to_walk() -> None:
     assert conversation.messages is not None and [m["sender"] for m in conversation.messages[:2]] == [
         "customer", "agent"]
 
+
+def test_speaker_labels_are_cached_only_when_short() -> None:
+    # The cache of spellings keeps its keys: a client's megabyte-long "sender" must not stay in memory.
+    from aggregator import _role_of, parse_role
+
+    assert parse_role("Service_Provider") == "agent" and parse_role(" CUSTOMER ") == "customer"
+    cached = _role_of.cache_info().currsize
+    assert parse_role("x" * 100_000) is None and parse_role("customer" + " " * 100_000) == "customer"
+    assert _role_of.cache_info().currsize == cached
+
 # --- invalid input --------------------------------------------------------------------------
 
 
