@@ -74,18 +74,18 @@ _ROLE_BY_KEY: dict[str, Role] = {
 }
 
 
+#: The longest speaker label the cache keeps: 256 entries of at most this many characters, whatever
+#: a client sends (the longest known spelling, "customer support", is 16).
+_CACHED_LABEL_CHARS = 64
+
+
 def parse_role(value: Any) -> Role | None:
     """``"Service Provider"`` -> ``"agent"``; None when ``value`` names no known speaker."""
     if not isinstance(value, str):
         return None
-    if len(value) > _CACHED_LABEL_CHARS:  # no known spelling is this long; nor is it kept in the cache
+    if len(value) > _CACHED_LABEL_CHARS:  # looked up without the cache, which would keep it
         return _ROLE_BY_KEY.get(role_key(value))
     return _role_of(value)
-
-
-#: The longest speaker label the cache keeps: 256 entries of at most this many characters, whatever
-#: a client sends (the longest known spelling, "customer support", is 16).
-_CACHED_LABEL_CHARS = 64
 
 
 @functools.lru_cache(maxsize=256)

@@ -53,7 +53,7 @@ def build_app(llm_url: str, client: str = "requests") -> FastAPI:
         response = session.post(url, data=payloads[number], headers={"Content-Type": "application/json"}, timeout=30)
         return json.loads(response.content)
 
-    sessions: list[Any] = []  # the aiohttp session, opened on the server's loop
+    sessions: list[Any] = []  # --client aiohttp: its session, opened on the server's loop by the lifespan
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -71,13 +71,17 @@ def build_app(llm_url: str, client: str = "requests") -> FastAPI:
                                     timeout=30) as response:
             return json.loads(await response.read())
 
+    async def call_in_thread(number: str) -> Any:
+        return await run_in_threadpool(call, number)
+
+    post = call_async if client == "aiohttp" else call_in_thread
     app = FastAPI(lifespan=lifespan)
 
     @app.post("/classify")
     async def classify(request: Request) -> JSONResponse:
         body = json.loads(await request.body())
         number = str(body["conversation_number"])
-        answer = (await call_async(number)) if sessions else (await run_in_threadpool(call, number))
+        answer = await post(number)
         return JSONResponse({"conversation_number": number, "classification": answer.get("message")})
 
     @app.get("/health")
